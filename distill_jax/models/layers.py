@@ -1,0 +1,230 @@
+"""Building blocks shared by the BERT teacher and the Transformer student.
+
+Every parameter is created with logical axis names (``nn.with_logical_partitioning``)
+so that one table of rules (``distill_jax.sharding.LOGICAL_AXIS_RULES``) decides how
+it is laid out on the device mesh. Parameter logical axes:
+
+  vocab   rows of an embedding table / columns of an output projection
+  embed   the model width (d_model / hidden_size)
+  heads   attention heads
+  kv      per-head width
+  mlp     the feed-forward inner width
+  (None)  axes that are never sharded (positions, token types)
+
+Activations are annotated with ``activation_*`` names through
+``nn.with_logical_constraint``.
+
+Masks are boolean and broadcast to ``[batch, heads, q_length, kv_length]``;
+``True`` means "may attend".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# Attention logits of masked positions. Large but finite, so that a fully masked row
+# (padding queries) gives a uniform distribution instead of NaNs.
+MASK_VALUE = -1e9
+
+
+def padding_mask(q_valid: jax.Array, kv_valid: jax.Array) -> jax.Array:
+    """[batch, q], [batch, kv] booleans -> [batch, 1, q, kv] attention mask."""
+    return (q_valid[:, None, :, None] & kv_valid[:, None, None, :])
+
+
+def causal_mask(length: int) -> jax.Array:
+    """[1, 1, length, length] lower-triangular mask (position i sees j <= i)."""
+    return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+
+
+def sinusoidal_positions(max_len: int, features: int, dtype: Dtype = jnp.float32) -> np.ndarray:
+    """[max_len, features] sinusoid table (Vaswani et al.), sin on the first half, cos on
+    the second half (the tensor2tensor / fairseq layout)."""
+    half = features // 2
+    scale = math.log(10000.0) / max(half - 1, 1)
+    inv_freq = np.exp(np.arange(half, dtype=np.float64) * -scale)  # [half]
+    angles = np.arange(max_len, dtype=np.float64)[:, None] * inv_freq[None, :]  # [max_len, half]
+    table = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)  # [max_len, 2*half]
+    if features % 2:
+        table = np.concatenate([table, np.zeros((max_len, 1))], axis=1)
+    return table.astype(dtype)
+
+
+def layer_norm(epsilon: float, dtype: Dtype, name: Optional[str] = None) -> nn.LayerNorm:
+    """LayerNorm whose scale and bias are laid out along ``embed``; statistics in fp32."""
+    return nn.LayerNorm(
+        epsilon=epsilon,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head dot-product attention with biased q/k/v/out projections.
+
+    Parameter layout (names follow BERT so that Hugging Face weights map one to one):
+      query/key/value kernel [embed, heads, kv], bias [heads, kv]
+      out kernel [heads, kv, embed], bias [embed]
+
+    Incremental decoding (``decode=True``), variables in the ``cache`` collection:
+      * self-attention (``inputs_kv is inputs_q``): ``cached_key``/``cached_value``
+        ``[batch, max_len, heads, kv]`` and ``cache_index``. The first call (the one that
+        creates the cache) only allocates zeros sized by its input length; every later
+        call takes one new position, writes its key/value at ``cache_index`` and attends
+        to positions ``<= cache_index``.
+      * cross-attention: the first call projects ``inputs_kv`` (the encoder output) once
+        and stores it; later calls read the stored keys/values and ignore ``inputs_kv``.
+    """
+
+    num_heads: int
+    head_dim: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.xavier_uniform()
+    bias_init: Initializer = nn.initializers.zeros
+    is_cross_attention: bool = False
+
+    def _projection(self, name: str) -> nn.DenseGeneral:
+        return nn.DenseGeneral(
+            features=(self.num_heads, self.head_dim),
+            axis=-1,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "heads", "kv")),
+            bias_init=nn.with_logical_partitioning(self.bias_init, ("heads", "kv")),
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: jax.Array,  # [batch, q_len, embed]
+        inputs_kv: jax.Array,  # [batch, kv_len, embed]
+        mask: Optional[jax.Array] = None,  # bool, broadcastable to [batch, heads, q_len, kv_len]
+        *,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> jax.Array:
+        features = inputs_q.shape[-1]
+        query = self._projection("query")(inputs_q)  # [batch, q_len, heads, kv]
+        query = nn.with_logical_constraint(
+            query, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+
+        if decode and self.is_cross_attention:
+            key, value = self._cross_attention_cache(inputs_kv)
+        else:
+            key = self._projection("key")(inputs_kv)  # [batch, kv_len, heads, kv]
+            value = self._projection("value")(inputs_kv)  # [batch, kv_len, heads, kv]
+            if decode:
+                key, value, mask = self._self_attention_cache(key, value, mask)
+        key = nn.with_logical_constraint(
+            key, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+        value = nn.with_logical_constraint(
+            value, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+
+        query = query / jnp.sqrt(self.head_dim).astype(self.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask, logits, MASK_VALUE)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [batch, heads, q, kv]
+        if self.dropout_rate > 0.0 and not deterministic:
+            weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
+        context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)  # [batch, q_len, heads, kv]
+
+        out = nn.DenseGeneral(
+            features=features,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
+            bias_init=nn.with_logical_partitioning(self.bias_init, ("embed",)),
+            name="out",
+        )(context)
+        return out  # [batch, q_len, embed]
+
+    def _self_attention_cache(self, key, value, mask):
+        """Writes this step's key/value into the cache; returns the whole cache and a mask
+        that hides the positions not decoded yet."""
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+        if not initialized:
+            return key, value, mask
+        batch, max_len, heads, head_dim = cached_key.value.shape
+        if key.shape[1] != 1:
+            raise ValueError(
+                f"incremental decoding takes one position per call, got {key.shape[1]}")
+        index = cache_index.value
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, value, (0, index, 0, 0))
+        cache_index.value = index + 1
+        step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, max_len]
+        mask = step_mask if mask is None else (mask & step_mask)
+        return cached_key.value, cached_value.value, mask
+
+    def _cross_attention_cache(self, inputs_kv):
+        """Projects the encoder output once (first call) and reuses it afterwards."""
+        if self.has_variable("cache", "cached_key"):
+            return (self.get_variable("cache", "cached_key"),
+                    self.get_variable("cache", "cached_value"))
+        key = self._projection("key")(inputs_kv)
+        value = self._projection("value")(inputs_kv)
+        self.put_variable("cache", "cached_key", key)
+        self.put_variable("cache", "cached_value", value)
+        return key, value
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward block: dense(embed->mlp), activation, dropout, dense(mlp->embed)."""
+
+    mlp_dim: int
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.xavier_uniform()
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        features = x.shape[-1]
+        h = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "mlp")),
+            bias_init=nn.with_logical_partitioning(self.bias_init, ("mlp",)),
+            name="intermediate",
+        )(x)  # [batch, length, mlp]
+        h = nn.with_logical_constraint(
+            h, ("activation_batch", "activation_length", "activation_mlp"))
+        h = self.activation(h)
+        if self.dropout_rate > 0.0 and not deterministic:
+            h = nn.Dropout(rate=self.dropout_rate)(h, deterministic=False)
+        return nn.Dense(
+            features,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(self.kernel_init, ("mlp", "embed")),
+            bias_init=nn.with_logical_partitioning(self.bias_init, ("embed",)),
+            name="output",
+        )(h)  # [batch, length, embed]
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """GELU with the erf form, as BERT and transformers' ``"gelu"`` use."""
+    return jax.nn.gelu(x, approximate=False)
