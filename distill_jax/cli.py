@@ -11,18 +11,20 @@ import argparse
 import importlib
 import sys
 
+from distill_jax.errors import UserError  # noqa: F401  (re-exported for subcommands)
+
 # (subcommand, module, one-line help)
 SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
     ("prepare", "distill_jax.data.prepare",
      "build a dataset (TFDS, array_record) and the student vocabulary"),
+    ("evaluate", "distill_jax.evaluate",
+     "score generated text against references: sacreBLEU, ROUGE-1/2/L"),
 )
 
 
-class UserError(Exception):
-    """An error caused by the user's input: printed without a traceback, exit status 2."""
 
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s module is imported to add its arguments."""
     parser = argparse.ArgumentParser(
         prog="distill-jax",
         description="Distil a C-MLM fine-tuned BERT into a Transformer seq2seq student.")
@@ -30,22 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name, help_text in SUBCOMMANDS:
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         sub_parser.set_defaults(_module=module_name)
-        # Arguments are added lazily (see main) so --help of one command imports only it.
+        if name == command:
+            importlib.import_module(module_name).add_arguments(sub_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    # First pass: find the subcommand, then let its module add its own arguments.
-    known, _ = parser.parse_known_args(argv) if argv and argv[0] not in ("-h", "--help") \
-        else (parser.parse_args(argv), None)
-    module = importlib.import_module(known._module)
-    sub_parser = next(
-        action.choices[known.command] for action in parser._subparsers._group_actions
-        if isinstance(action, argparse._SubParsersAction))
-    module.add_arguments(sub_parser)
-    args = parser.parse_args(argv)
+    names = {name for name, _, _ in SUBCOMMANDS}
+    command = next((arg for arg in argv if arg in names), None)
+    args = build_parser(command).parse_args(argv)
+    module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)
     except UserError as err:
