@@ -1,0 +1,64 @@
+"""Config files and command-line overrides."""
+
+import dataclasses
+from typing import Optional
+
+import pytest
+
+from distill_jax import configlib
+from distill_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    steps: int = 10  # number of steps
+    rate: float = 0.5  # a rate in [0, 1]
+    name: Optional[str] = None  # optional name
+    shape: tuple[int, ...] = (1, 2)  # a shape
+
+    def __post_init__(self):
+        if not 0 <= self.rate <= 1:
+            raise ValueError(f"rate must be in [0, 1], got {self.rate}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    inner: Inner = Inner()
+    flag: bool = False
+
+
+def test_overrides_parse_by_annotation():
+    cfg = configlib.override(Outer(), ["inner.steps=7", "inner.rate=0.25", "flag=true",
+                                       "inner.name=abc", "inner.shape=(4,1,2)"])
+    assert cfg == Outer(Inner(7, 0.25, "abc", (4, 1, 2)), True)
+    assert configlib.override(cfg, ["inner.name=none"]).inner.name is None
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("inner.stpes=3", "Inner has no field 'stpes'"),
+    ("inner.steps=three", "override inner.steps=three: invalid literal"),
+    ("inner.rate=2", "rate must be in \\[0, 1\\], got 2.0"),
+    ("flag=maybe", "expected a boolean"),
+    ("flag", "not of the form"),
+])
+def test_bad_overrides_name_the_field(assignment, message):
+    with pytest.raises(UserError, match=message):
+        configlib.override(Outer(), [assignment])
+
+
+def test_config_file_round_trip_and_diff(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text("import dataclasses\n"
+                    "@dataclasses.dataclass(frozen=True)\n"
+                    "class Inner:\n    steps: int = 10\n"
+                    "@dataclasses.dataclass(frozen=True)\n"
+                    "class Outer:\n    inner: Inner = Inner()\n"
+                    "def get_config():\n    return Outer()\n")
+    cfg = configlib.load_config_file(str(path))
+    configlib.save_json(cfg, str(tmp_path / "c.json"))
+    changed = configlib.override(cfg, ["inner.steps=11"])
+    import json
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert configlib.diff(saved, configlib.to_dict(changed)) == ["inner.steps: 10 -> 11"]
+    with pytest.raises(UserError, match="does not exist"):
+        configlib.load_config_file(str(tmp_path / "missing.py"))
