@@ -1,0 +1,84 @@
+"""A prepared dataset directory: the TFDS dataset, its vocabulary and per-split lengths.
+
+Layout written by ``distill-jax prepare``::
+
+    OUT/dataset.json          what was built: corpus, direction, TFDS name, counts, vocabulary
+    OUT/vocab.json            the student vocabulary the ids refer to
+    OUT/lengths/SPLIT.npy     [n, 2] int32 source / target lengths of record i (for bucketing)
+    OUT/tfds/...              the TFDS dataset (array_record), read with tfds.data_source
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distill_jax.data.vocab import Vocabulary
+
+DATASET_FORMAT = "distill-jax-dataset/1"
+
+
+def _error(message: str) -> Exception:
+    from distill_jax.cli import UserError
+    return UserError(message)
+
+
+@dataclass
+class PreparedDataset:
+    """A dataset directory written by ``distill-jax prepare``."""
+
+    path: Path                   # the directory
+    meta: dict                   # the content of dataset.json
+    vocab: Vocabulary            # the vocabulary the stored ids refer to
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    def source(self, split: str):
+        """``tfds.data_source`` of one split: random access to examples (dicts of numpy)."""
+        import tensorflow_datasets as tfds
+        import distill_jax.data.builders  # noqa: F401  (registers the builder class)
+        self._check_split(split)
+        return tfds.data_source(self.meta["tfds_name"], data_dir=os.fspath(self.path / "tfds"),
+                                split=split)
+
+    def lengths(self, split: str) -> np.ndarray:
+        """[n, 2] int32: source and target length of each record of ``split``."""
+        self._check_split(split)
+        return np.load(self.path / "lengths" / f"{split}.npy")
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.meta["splits"]:
+            raise _error(f"{self.path} has no split {split!r} (splits: {self.splits})")
+
+
+def open_prepared(path: str | os.PathLike, vocab: Vocabulary | str | os.PathLike | None = None
+                  ) -> PreparedDataset:
+    """Opens a prepared dataset; with ``vocab`` (a Vocabulary or a vocab.json path), refuses a
+    dataset whose ids refer to another vocabulary."""
+    path = Path(path)
+    meta_path = path / "dataset.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _error(f"{path} is not a prepared dataset (no dataset.json); "
+                     f"run `distill-jax prepare`") from None
+    if meta.get("format") != DATASET_FORMAT:
+        raise _error(f"{meta_path}: format {meta.get('format')!r}, expected {DATASET_FORMAT!r}")
+    stored = Vocabulary.load(path / "vocab.json")
+    if stored.sha256 != meta["vocab"]["sha256"]:
+        raise _error(f"{path}/vocab.json ({stored.name}) is not the vocabulary the dataset was "
+                     f"encoded with ({meta['vocab']['name']})")
+    if vocab is not None:
+        wanted = vocab if isinstance(vocab, Vocabulary) else Vocabulary.load(vocab)
+        if wanted.sha256 != stored.sha256:
+            raise _error(f"dataset {path} was prepared with vocabulary {stored.name}, but this "
+                         f"run uses vocabulary {wanted.name}; prepare the data again with "
+                         f"--vocab, or use the dataset's vocab.json")
+        stored.tokenizer = wanted.tokenizer
+    return PreparedDataset(path, meta, stored)

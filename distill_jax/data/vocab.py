@@ -1,0 +1,262 @@
+"""The student's shared source/target vocabulary, made of the teacher's WordPiece pieces.
+
+Ids (``docs/interfaces.md``): 0 ``<pad>``, 1 ``<s>``, 2 ``</s>``, 3 ``<unk>``, then the pieces of
+the training split by decreasing frequency (ties by piece), then ``<fill_i>`` fillers so that
+the size is a multiple of 8 (or of a given multiple). ``teacher_ids`` maps every student id to
+the teacher (BERT) id of the same string.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+FILLER = "<fill_{}>"
+VOCAB_FORMAT = "distill-jax-vocab/1"
+# The teacher tokenizer's clean-up of decoded text: no space before these marks.
+_SPACE_BEFORE_PUNCT = re.compile(r" ([.?!,])")
+
+
+def _error(message: str) -> Exception:
+    """A ``distill_jax.cli.UserError`` (imported late: the CLI module imports nothing heavy)."""
+    from distill_jax.cli import UserError
+    return UserError(message)
+
+
+class TeacherTokenizer:
+    """The teacher's WordPiece tokenizer, splitting text into pieces without specials.
+
+    Wraps a Hugging Face tokenizer's fast backend with padding and truncation turned off (a
+    checkpoint's ``tokenizer.json`` may pad or truncate to 128, which would corrupt data).
+    """
+
+    def __init__(self, hf_tokenizer, name: str):
+        from tokenizers import Tokenizer
+        backend = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+        backend.no_padding()
+        backend.no_truncation()
+        self._backend = backend
+        self.name = name                                    # path or hub name it came from
+        self.vocab: dict[str, int] = hf_tokenizer.get_vocab()  # teacher piece -> teacher id
+        self.special_ids = {                                # the teacher ids the data code uses
+            "cls": hf_tokenizer.cls_token_id, "sep": hf_tokenizer.sep_token_id,
+            "pad": hf_tokenizer.pad_token_id, "unk": hf_tokenizer.unk_token_id,
+            "mask": hf_tokenizer.mask_token_id}
+        missing = [k for k, v in self.special_ids.items() if v is None]
+        if missing:
+            raise _error(f"teacher tokenizer {name!r} lacks the special tokens {missing}")
+
+    @classmethod
+    def load(cls, path_or_name: str | os.PathLike) -> "TeacherTokenizer":
+        """Loads ``AutoTokenizer.from_pretrained(path_or_name)``."""
+        from transformers import AutoTokenizer
+        try:
+            hf = AutoTokenizer.from_pretrained(str(path_or_name))
+        except (OSError, ValueError) as err:
+            raise _error(f"cannot load the teacher tokenizer {str(path_or_name)!r}: {err}") from err
+        return cls(hf, str(path_or_name))
+
+    @property
+    def vocab_sha256(self) -> str:
+        """Hash of the teacher's piece -> id table (identifies the tokenizer's vocabulary)."""
+        items = sorted(self.vocab.items(), key=lambda kv: kv[1])
+        return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[str]]:
+        """WordPiece pieces of each text (lowercased / accents stripped when uncased)."""
+        return [e.tokens for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def detokenize(pieces: Iterable[str]) -> str:
+    """Joins WordPiece pieces into text: ``##`` continuations glued, no space before . ? ! ,"""
+    words: list[str] = []
+    for piece in pieces:
+        if piece.startswith("##") and words:
+            words[-1] += piece[2:]
+        else:
+            words.append(piece)
+    return _SPACE_BEFORE_PUNCT.sub(r"\1", " ".join(words))
+
+
+@dataclass
+class Vocabulary:
+    """Student vocabulary: ``pieces[i]`` is the string of id ``i``; see the module docstring."""
+
+    pieces: tuple[str, ...]            # every token string, indexed by student id
+    teacher_ids: np.ndarray            # [V] int32, student id -> teacher id
+    teacher: str                       # the teacher tokenizer's path or hub name
+    teacher_vocab_sha256: str          # hash of the teacher vocabulary the ids refer to
+    teacher_special_ids: dict          # teacher ids of cls, sep, pad, unk, mask
+    tokenizer: TeacherTokenizer | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.ids = {p: i for i, p in enumerate(self.pieces)}   # piece -> student id
+        self._split_cache: dict[str, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    @property
+    def sha256(self) -> str:
+        """Content hash: pieces, teacher ids and the teacher vocabulary's hash."""
+        payload = json.dumps([list(self.pieces), self.teacher_ids.tolist(),
+                              self.teacher_vocab_sha256], ensure_ascii=False)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    @property
+    def name(self) -> str:
+        """A short readable identifier: teacher folder name, size and hash prefix."""
+        return f"{Path(self.teacher).name}-{len(self)}-{self.sha256[:12]}"
+
+    # --- building -------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, tokenized_train: Iterable[Sequence[str]], tokenizer: TeacherTokenizer, *,
+              min_count: int = 1, size_multiple: int = 8) -> "Vocabulary":
+        """Vocabulary of the pieces in ``tokenized_train`` (source and target lines).
+
+        Pieces seen fewer than ``min_count`` times are left out, except single characters
+        (``x`` and ``##x``), which are kept so that rarer pieces can be spelled with them.
+        """
+        if min_count < 1 or size_multiple < 1:
+            raise _error(f"min_count ({min_count}) and size_multiple ({size_multiple}) "
+                         f"must be >= 1")
+        counts = collections.Counter(p for line in tokenized_train for p in line)
+        for special in SPECIAL_TOKENS:
+            counts.pop(special, None)
+        kept = sorted((p for p, c in counts.items()
+                       if c >= min_count or len(p.removeprefix("##")) == 1),
+                      key=lambda p: (-counts[p], p))
+        pieces = list(SPECIAL_TOKENS) + kept
+        pieces += [FILLER.format(i) for i in range(-len(pieces) % size_multiple)]
+        sp = tokenizer.special_ids
+        special_teacher = {"<pad>": sp["pad"], "<s>": sp["cls"], "</s>": sp["sep"]}
+        teacher_ids = np.array(
+            [special_teacher.get(p, tokenizer.vocab.get(p, sp["unk"])) for p in pieces],
+            dtype=np.int32)
+        return cls(tuple(pieces), teacher_ids, tokenizer.name, tokenizer.vocab_sha256,
+                   dict(sp), tokenizer)
+
+    # --- encoding / decoding ---------------------------------------------------------------
+
+    def _piece_ids(self, piece: str) -> list[int]:
+        """Student ids of one teacher piece: itself, else re-split greedily into known pieces
+        (longest match first, as WordPiece does), else ``<unk>``."""
+        if piece in self.ids:
+            return [self.ids[piece]]
+        if piece in self._split_cache:
+            return self._split_cache[piece]
+        continued = piece.startswith("##")
+        body = piece[2:] if continued else piece
+        out, start = [], 0
+        while start < len(body):
+            for end in range(len(body), start, -1):
+                candidate = ("##" if continued or start else "") + body[start:end]
+                if candidate in self.ids:
+                    out.append(self.ids[candidate])
+                    start = end
+                    break
+            else:
+                out = [UNK]
+                break
+        self._split_cache[piece] = out
+        return out
+
+    def encode_pieces(self, pieces: Sequence[str]) -> list[int]:
+        """Student ids of teacher pieces (no ``</s>`` added)."""
+        return [i for p in pieces for i in self._piece_ids(p)]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Student ids of each text (no ``</s>`` added)."""
+        return [self.encode_pieces(p) for p in self._require_tokenizer().tokenize_batch(texts)]
+
+    def encode(self, text: str) -> list[int]:
+        """Student ids of ``text`` (no ``</s>`` added)."""
+        return self.encode_batch([text])[0]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of student ids: stops at the first ``</s>``, drops ``<pad>``, ``<s>`` and
+        fillers, joins ``##`` continuations. ``<unk>`` stays visible as ``<unk>``."""
+        pieces = []
+        for i in ids:
+            i = int(i)
+            if i == EOS:
+                break
+            if i in (PAD, BOS) or not 0 <= i < len(self.pieces) or self.pieces[i].startswith("<fill_"):
+                continue
+            pieces.append(self.pieces[i])
+        return detokenize(pieces)
+
+    def _require_tokenizer(self) -> TeacherTokenizer:
+        """The attached teacher tokenizer; loaded from ``self.teacher`` on first use."""
+        if self.tokenizer is None:
+            self.attach_tokenizer(TeacherTokenizer.load(self.teacher))
+        return self.tokenizer
+
+    def attach_tokenizer(self, tokenizer: TeacherTokenizer) -> None:
+        """Uses ``tokenizer`` for encoding after checking it is the teacher's."""
+        if tokenizer.vocab_sha256 != self.teacher_vocab_sha256:
+            raise _error(
+                f"tokenizer {tokenizer.name!r} (vocabulary sha256 {tokenizer.vocab_sha256[:16]}) "
+                f"is not the one this vocabulary was built with, {self.teacher!r} "
+                f"(vocabulary sha256 {self.teacher_vocab_sha256[:16]})")
+        self.tokenizer = tokenizer
+
+    # --- persistence -----------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        """A JSON-able dict with everything needed to rebuild the vocabulary."""
+        return {"format": VOCAB_FORMAT, "name": self.name, "sha256": self.sha256,
+                "teacher": self.teacher, "teacher_vocab_sha256": self.teacher_vocab_sha256,
+                "teacher_special_ids": self.teacher_special_ids,
+                "pieces": list(self.pieces), "teacher_ids": self.teacher_ids.tolist()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the vocabulary as JSON (atomically)."""
+        _atomic_write_text(Path(path), json.dumps(self.to_json(), ensure_ascii=False, indent=0))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, tokenizer: TeacherTokenizer | None = None) -> "Vocabulary":
+        """Reads a vocabulary saved by ``save``; checks its format and hash."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise _error(f"cannot read the vocabulary {path}: {err}") from err
+        if not isinstance(data, dict) or data.get("format") != VOCAB_FORMAT:
+            raise _error(f"{path} is not a distill-jax vocabulary (format "
+                         f"{data.get('format') if isinstance(data, dict) else None!r}, "
+                         f"expected {VOCAB_FORMAT!r})")
+        vocab = cls(tuple(data["pieces"]), np.asarray(data["teacher_ids"], np.int32),
+                    data["teacher"], data["teacher_vocab_sha256"], data["teacher_special_ids"])
+        if vocab.sha256 != data["sha256"]:
+            raise _error(f"{path}: content hash {vocab.sha256} differs from the recorded "
+                         f"{data['sha256']} (the file was edited or is corrupt)")
+        if tokenizer is not None:
+            vocab.attach_tokenizer(tokenizer)
+        return vocab
