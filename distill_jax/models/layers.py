@@ -72,6 +72,17 @@ def layer_norm(epsilon: float, dtype: Dtype, name: Optional[str] = None) -> nn.L
     )
 
 
+def matrix_init(init: Initializer, in_dims: int) -> Initializer:
+    """Runs ``init`` on the 2-D matrix ``[prod(shape[:in_dims]), prod(shape[in_dims:])]`` and
+    reshapes, so that fan-in/fan-out (and the values) are those of a ``DenseGeneral`` kernel."""
+
+    def init_reshaped(rng, shape, dtype=jnp.float32):
+        matrix = (math.prod(shape[:in_dims]), math.prod(shape[in_dims:]))
+        return jnp.reshape(init(rng, matrix, dtype), shape)
+
+    return init_reshaped
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head dot-product attention with biased q/k/v/out projections.
 
@@ -97,13 +108,18 @@ class MultiHeadAttention(nn.Module):
     bias_init: Initializer = nn.initializers.zeros
     is_cross_attention: bool = False
 
-    def _projection(self, name: str) -> nn.DenseGeneral:
-        return nn.DenseGeneral(
-            features=(self.num_heads, self.head_dim),
-            axis=-1,
+    def _projection(self, name: str, in_features: int) -> nn.Einsum:
+        """[..., embed] -> [..., heads, kv]. An Einsum, not a DenseGeneral: DenseGeneral
+        initialises a flattened kernel and applies the 3-axis logical constraint to it,
+        which fails whenever a mesh and logical rules are active (even in ``apply``,
+        where flax re-traces the initialiser to check shapes)."""
+        return nn.Einsum(
+            shape=(in_features, self.num_heads, self.head_dim),
+            einsum_str="...e,ehd->...hd",
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "heads", "kv")),
+            kernel_init=nn.with_logical_partitioning(
+                matrix_init(self.kernel_init, 1), ("embed", "heads", "kv")),
             bias_init=nn.with_logical_partitioning(self.bias_init, ("heads", "kv")),
             name=name,
         )
@@ -119,15 +135,16 @@ class MultiHeadAttention(nn.Module):
         decode: bool = False,
     ) -> jax.Array:
         features = inputs_q.shape[-1]
-        query = self._projection("query")(inputs_q)  # [batch, q_len, heads, kv]
+        query = self._projection("query", features)(inputs_q)  # [batch, q_len, heads, kv]
         query = nn.with_logical_constraint(
             query, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
 
         if decode and self.is_cross_attention:
             key, value = self._cross_attention_cache(inputs_kv)
         else:
-            key = self._projection("key")(inputs_kv)  # [batch, kv_len, heads, kv]
-            value = self._projection("value")(inputs_kv)  # [batch, kv_len, heads, kv]
+            kv_features = inputs_kv.shape[-1]
+            key = self._projection("key", kv_features)(inputs_kv)  # [batch, kv_len, heads, kv]
+            value = self._projection("value", kv_features)(inputs_kv)  # [batch, kv_len, heads, kv]
             if decode:
                 key, value, mask = self._self_attention_cache(key, value, mask)
         key = nn.with_logical_constraint(
@@ -144,12 +161,13 @@ class MultiHeadAttention(nn.Module):
             weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
         context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)  # [batch, q_len, heads, kv]
 
-        out = nn.DenseGeneral(
-            features=features,
-            axis=(-2, -1),
+        out = nn.Einsum(
+            shape=(self.num_heads, self.head_dim, features),
+            einsum_str="...hd,hde->...e",
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
+            kernel_init=nn.with_logical_partitioning(
+                matrix_init(self.kernel_init, 2), ("heads", "kv", "embed")),
             bias_init=nn.with_logical_partitioning(self.bias_init, ("embed",)),
             name="out",
         )(context)
@@ -182,8 +200,8 @@ class MultiHeadAttention(nn.Module):
         if self.has_variable("cache", "cached_key"):
             return (self.get_variable("cache", "cached_key"),
                     self.get_variable("cache", "cached_value"))
-        key = self._projection("key")(inputs_kv)
-        value = self._projection("value")(inputs_kv)
+        key = self._projection("key", inputs_kv.shape[-1])(inputs_kv)
+        value = self._projection("value", inputs_kv.shape[-1])(inputs_kv)
         self.put_variable("cache", "cached_key", key)
         self.put_variable("cache", "cached_value", value)
         return key, value
