@@ -1,0 +1,328 @@
+"""Jitted decoding for the student: beam search, greedy search and sampling.
+
+Each search is a pure function with one ``lax.while_loop`` over target positions; the
+decoder runs incrementally through its ``cache`` collection (see
+``distill_jax.models.transformer``). The functions are ``jax.jit``-compiled with the model
+and the length settings static.
+
+Conventions shared by all searches:
+  * ``params`` is the model's ``"params"`` collection (e.g. ``TrainState.params``).
+  * Output sequences exclude BOS; they hold the generated tokens, the EOS included when it
+    was produced, and ``pad_id`` after it. ``pad_id`` and ``bos_id`` are never generated
+    (their log-probabilities are set to -inf without renormalising).
+  * Length of a hypothesis = number of generated tokens, EOS included.
+  * Length bound: ``max_len=None`` uses ``config.max_len``; an int is a fixed bound; a pair
+    ``(a, b)`` bounds each sentence by ``floor(a * src_len + b)`` tokens, where ``src_len``
+    counts the source tokens that are neither pad nor EOS, capped by ``config.max_len``. A
+    hypothesis that reaches its bound without EOS ends there and is scored as it is.
+
+Sharding: the functions take globally sharded arrays. Put ``src`` on a mesh with its batch
+axis sharded (e.g. ``NamedSharding(mesh, P(("data", "fsdp")))``) and call the function;
+everything, the beam bookkeeping included, stays batch-sharded and runs without host
+synchronisation (beams are gathered within each sentence, never across the batch). To also
+apply the models' logical activation constraints, call inside ``jax.set_mesh(mesh)`` and
+``nn.logical_axis_rules(LOGICAL_AXIS_RULES)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from distill_jax.models.transformer import Transformer, init_decode_cache
+
+MaxLen = Optional[Union[int, tuple[float, float]]]
+
+NEG_INF = -jnp.inf
+
+
+def gnmt_length_penalty(length: jax.Array, alpha: float) -> jax.Array:
+    """GNMT length penalty ``((5 + length) / 6) ** alpha`` (Wu et al., 2016)."""
+    return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def length_limits(model: Transformer, src: jax.Array, max_len: MaxLen) -> tuple[int, jax.Array]:
+    """(static number of decoding steps, per-sentence bound [batch] int32); see the module doc."""
+    cfg = model.config
+    batch, src_width = src.shape
+    if max_len is None:
+        steps = cfg.max_len
+        limits = jnp.full((batch,), steps, jnp.int32)  # [batch]
+    elif isinstance(max_len, int):
+        if not 1 <= max_len <= cfg.max_len:
+            raise ValueError(f"max_len must be in [1, config.max_len={cfg.max_len}], got {max_len}")
+        steps = max_len
+        limits = jnp.full((batch,), steps, jnp.int32)  # [batch]
+    elif isinstance(max_len, tuple) and len(max_len) == 2:
+        a, b = max_len
+        if a < 0:
+            raise ValueError(f"max_len=(a, b) needs a >= 0, got a={a}")
+        steps = min(cfg.max_len, math.floor(a * src_width + b))
+        if steps < 1:
+            raise ValueError(f"max_len={max_len} allows no target token for sources of width {src_width}")
+        src_len = jnp.sum((src != cfg.pad_id) & (src != cfg.eos_id), axis=1)  # [batch]
+        limits = jnp.floor(a * src_len + b).astype(jnp.int32)  # [batch]
+        limits = jnp.clip(limits, 1, steps)  # [batch]
+    else:
+        raise ValueError(f"max_len must be None, an int or a pair (a, b), got {max_len!r}")
+    return steps, limits
+
+
+def _start_decoding(model: Transformer, params: Any, src: jax.Array, copies: int, steps: int):
+    """Encodes ``src`` [batch, src] and builds the cache for ``batch * copies`` hypotheses.
+
+    Returns (encoded [batch*copies, src, embed], src [batch*copies, src], cache).
+    """
+    if src.ndim != 2:
+        raise ValueError(f"src must be [batch, length], got shape {src.shape}")
+    encoded = model.apply({"params": params}, src, method=Transformer.encode)  # [batch, src, embed]
+    encoded = jnp.repeat(encoded, copies, axis=0)  # [batch*copies, src, embed]
+    src = jnp.repeat(src, copies, axis=0)  # [batch*copies, src]
+    cache = init_decode_cache(model, params, encoded, src, steps)
+    return encoded, src, cache
+
+
+def _next_log_probs(model, params, cache, encoded, src, tokens):
+    """One decoder step: tokens [n] -> (log-probs [n, vocab] with pad/bos at -inf, new cache)."""
+    cfg = model.config
+    logits, variables = model.apply(
+        {"params": params, "cache": cache}, encoded, src, tokens[:, None],
+        decode=True, mutable=["cache"], method=Transformer.decode)  # [n, 1, vocab]
+    log_probs = jax.nn.log_softmax(logits[:, 0], axis=-1)  # [n, vocab]
+    never = jnp.zeros((cfg.vocab_size,), bool).at[jnp.array([cfg.pad_id, cfg.bos_id])].set(True)
+    log_probs = jnp.where(never[None, :], NEG_INF, log_probs)  # [n, vocab]
+    return log_probs, variables["cache"]
+
+
+def _gather_beams(x: jax.Array, origin: jax.Array) -> jax.Array:
+    """x [batch, beams, ...], origin [batch, new_beams] -> x[b, origin[b, j]] [batch, new_beams, ...]."""
+    index = origin.reshape(origin.shape + (1,) * (x.ndim - 2))  # [batch, new_beams, 1...]
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def _reorder_cache(cache: Any, origin: jax.Array) -> Any:
+    """Reorders every per-hypothesis cache entry [batch*beams, ...] by origin [batch, beams].
+
+    Cross-attention entries (the projected encoder output) are identical across the beams of
+    a sentence and scalars are step counters, so both are left as they are.
+    """
+    batch, beams = origin.shape
+
+    def reorder(path, x):
+        if x.ndim == 0 or any(getattr(k, "key", None) == "cross_attention" for k in path):
+            return x
+        x = x.reshape((batch, beams) + x.shape[1:])  # [batch, beams, ...]
+        x = _gather_beams(x, origin)  # [batch, beams, ...]
+        return x.reshape((batch * beams,) + x.shape[2:])  # [batch*beams, ...]
+
+    return jax.tree_util.tree_map_with_path(reorder, cache)
+
+
+class _BeamState(NamedTuple):
+    """Loop carry of ``beam_search``."""
+
+    step: jax.Array  # [] tokens generated so far
+    live_seqs: jax.Array  # [batch, beams, steps] unfinished hypotheses (pad-filled)
+    live_log_probs: jax.Array  # [batch, beams] their summed log-probs (-inf: empty slot)
+    finished_seqs: jax.Array  # [batch, beams, steps] best finished hypotheses
+    finished_scores: jax.Array  # [batch, beams] their penalised scores, sorted (-inf: empty)
+    cache: Any  # decoder cache, leaves [batch*beams, ...]
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "beam_size", "length_penalty", "max_len"))
+def beam_search(
+    model: Transformer,
+    params: Any,
+    src: jax.Array,  # [batch, src] int32, pad_id-padded
+    *,
+    beam_size: int = 5,
+    length_penalty: float = 0.6,
+    max_len: MaxLen = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Beam search with the GNMT length penalty.
+
+    Score of a finished hypothesis of length n (EOS included when present) =
+    sum of its token log-probs / ((5 + n) / 6) ** length_penalty.
+
+    At each step the ``2 * beam_size`` best extensions (by summed log-prob) are kept; an
+    extension ending in EOS is finished if it ranks among the first ``beam_size`` (as in
+    fairseq, so that ``beam_size=1`` with no length penalty is greedy search), the best
+    ``beam_size`` others stay live. A sentence stops when no live hypothesis can still beat
+    the worst of its ``beam_size`` best finished ones, or at its length bound.
+
+    Returns (sequences [batch, beam_size, steps] best first, scores [batch, beam_size]);
+    unused slots have score -inf and pad tokens.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    cfg = model.config
+    batch = src.shape[0]
+    vocab = cfg.vocab_size
+    steps, limits = length_limits(model, src, max_len)  # limits [batch]
+    encoded, src_beams, cache = _start_decoding(model, params, src, beam_size, steps)
+    rank = jnp.arange(2 * beam_size)  # [2*beams]
+
+    def max_penalty(step):
+        """Largest penalty any live hypothesis can still receive -> [batch]."""
+        return jnp.maximum(gnmt_length_penalty(step + 1, length_penalty),
+                           gnmt_length_penalty(limits, length_penalty))  # [batch]
+
+    def sentence_done(state: _BeamState) -> jax.Array:
+        """[batch] bool: the sentence's finished list can no longer change."""
+        best_live = state.live_log_probs[:, 0]  # [batch]
+        worst_finished = state.finished_scores[:, -1]  # [batch]
+        cannot_win = best_live / max_penalty(state.step) < worst_finished  # [batch]
+        return (state.step >= limits) | (best_live == NEG_INF) | cannot_win
+
+    def cond(state: _BeamState) -> jax.Array:
+        return (state.step < steps) & ~jnp.all(sentence_done(state))
+
+    def body(state: _BeamState) -> _BeamState:
+        step = state.step
+        previous = jax.lax.dynamic_index_in_dim(
+            state.live_seqs, jnp.maximum(step - 1, 0), axis=2, keepdims=False)  # [batch, beams]
+        tokens = jnp.where(step == 0, cfg.bos_id, previous)  # [batch, beams]
+        log_probs, cache = _next_log_probs(
+            model, params, state.cache, encoded, src_beams, tokens.reshape(-1))  # [batch*beams, vocab]
+        log_probs = log_probs.reshape(batch, beam_size, vocab)  # [batch, beams, vocab]
+        candidates = state.live_log_probs[:, :, None] + log_probs  # [batch, beams, vocab]
+        top_log_probs, top_index = jax.lax.top_k(
+            candidates.reshape(batch, beam_size * vocab), 2 * beam_size)  # [batch, 2*beams]
+        top_origin = top_index // vocab  # [batch, 2*beams]
+        top_tokens = top_index % vocab  # [batch, 2*beams]
+        top_seqs = _gather_beams(state.live_seqs, top_origin)  # [batch, 2*beams, steps]
+        top_seqs = top_seqs.at[:, :, step].set(top_tokens)  # [batch, 2*beams, steps]
+
+        ends = (top_tokens == cfg.eos_id) | (step + 1 >= limits)[:, None]  # [batch, 2*beams]
+        new_scores = top_log_probs / gnmt_length_penalty(step + 1, length_penalty)  # [batch, 2*beams]
+        new_scores = jnp.where(ends & (rank < beam_size)[None, :], new_scores, NEG_INF)
+        all_scores = jnp.concatenate([state.finished_scores, new_scores], axis=1)  # [batch, 3*beams]
+        all_seqs = jnp.concatenate([state.finished_seqs, top_seqs], axis=1)  # [batch, 3*beams, steps]
+        finished_scores, keep = jax.lax.top_k(all_scores, beam_size)  # [batch, beams]
+        finished_seqs = _gather_beams(all_seqs, keep)  # [batch, beams, steps]
+
+        live_candidates = jnp.where(ends, NEG_INF, top_log_probs)  # [batch, 2*beams]
+        live_log_probs, keep = jax.lax.top_k(live_candidates, beam_size)  # [batch, beams]
+        live_seqs = _gather_beams(top_seqs, keep)  # [batch, beams, steps]
+        origin = _gather_beams(top_origin, keep)  # [batch, beams]
+        cache = _reorder_cache(cache, origin)
+        return _BeamState(step + 1, live_seqs, live_log_probs, finished_seqs, finished_scores, cache)
+
+    first_beam_only = jnp.where(jnp.arange(beam_size) == 0, 0.0, NEG_INF)  # [beams]
+    init = _BeamState(
+        step=jnp.array(0, jnp.int32),
+        live_seqs=jnp.full((batch, beam_size, steps), cfg.pad_id, jnp.int32),
+        live_log_probs=jnp.broadcast_to(first_beam_only, (batch, beam_size)),
+        finished_seqs=jnp.full((batch, beam_size, steps), cfg.pad_id, jnp.int32),
+        finished_scores=jnp.full((batch, beam_size), NEG_INF, jnp.float32),
+        cache=cache,
+    )
+    final = jax.lax.while_loop(cond, body, init)
+    sequences = jnp.where(final.finished_scores[:, :, None] > NEG_INF,
+                          final.finished_seqs, cfg.pad_id)  # [batch, beams, steps]
+    return sequences, final.finished_scores
+
+
+class _SampleState(NamedTuple):
+    """Loop carry of the one-hypothesis-per-sentence searches."""
+
+    step: jax.Array  # [] tokens generated so far
+    seqs: jax.Array  # [batch, steps] generated tokens (pad-filled)
+    log_probs: jax.Array  # [batch] summed log-probs of the generated tokens
+    done: jax.Array  # [batch] bool, EOS produced or bound reached
+    cache: Any  # decoder cache, leaves [batch, ...]
+
+
+def _left_to_right(
+    model: Transformer,
+    params: Any,
+    src: jax.Array,  # [batch, src]
+    max_len: MaxLen,
+    choose: Callable[[jax.Array, jax.Array], jax.Array],
+) -> tuple[jax.Array, jax.Array]:
+    """Decodes one token per step with ``choose(log_probs [batch, vocab], step) -> [batch]``.
+
+    Returns (sequences [batch, steps], summed log-probs [batch], EOS included, no penalty).
+    """
+    cfg = model.config
+    batch = src.shape[0]
+    steps, limits = length_limits(model, src, max_len)  # limits [batch]
+    encoded, src, cache = _start_decoding(model, params, src, 1, steps)
+
+    def cond(state: _SampleState) -> jax.Array:
+        return (state.step < steps) & ~jnp.all(state.done)
+
+    def body(state: _SampleState) -> _SampleState:
+        step = state.step
+        previous = jax.lax.dynamic_index_in_dim(
+            state.seqs, jnp.maximum(step - 1, 0), axis=1, keepdims=False)  # [batch]
+        tokens = jnp.where(step == 0, cfg.bos_id, previous)  # [batch]
+        log_probs, cache = _next_log_probs(model, params, state.cache, encoded, src, tokens)  # [batch, vocab]
+        chosen = jnp.where(state.done, cfg.pad_id, choose(log_probs, step))  # [batch]
+        chosen_log_prob = jnp.take_along_axis(log_probs, chosen[:, None], axis=1)[:, 0]  # [batch]
+        total = state.log_probs + jnp.where(state.done, 0.0, chosen_log_prob)  # [batch]
+        seqs = state.seqs.at[:, step].set(chosen)  # [batch, steps]
+        done = state.done | (chosen == cfg.eos_id) | (step + 1 >= limits)  # [batch]
+        return _SampleState(step + 1, seqs, total, done, cache)
+
+    init = _SampleState(
+        step=jnp.array(0, jnp.int32),
+        seqs=jnp.full((batch, steps), cfg.pad_id, jnp.int32),
+        log_probs=jnp.zeros((batch,), jnp.float32),
+        done=jnp.zeros((batch,), bool),
+        cache=cache,
+    )
+    final = jax.lax.while_loop(cond, body, init)
+    return final.seqs, final.log_probs
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_len"))
+def greedy_search(
+    model: Transformer,
+    params: Any,
+    src: jax.Array,  # [batch, src] int32
+    *,
+    max_len: MaxLen = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Most probable next token at every step.
+
+    Returns (sequences [batch, steps], summed log-probs [batch]).
+    """
+    return _left_to_right(
+        model, params, src, max_len, lambda log_probs, step: jnp.argmax(log_probs, axis=-1))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_len", "temperature", "top_k"))
+def sample(
+    model: Transformer,
+    params: Any,
+    src: jax.Array,  # [batch, src] int32
+    rng: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    max_len: MaxLen = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Ancestral sampling from ``softmax(log_probs / temperature)``, restricted to the
+    ``top_k`` most probable tokens when ``top_k > 0``.
+
+    Returns (sequences [batch, steps], summed model log-probs [batch] at temperature 1).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if top_k < 0 or top_k > model.config.vocab_size:
+        raise ValueError(f"top_k must be in [0, vocab_size={model.config.vocab_size}], got {top_k}")
+
+    def choose(log_probs: jax.Array, step: jax.Array) -> jax.Array:
+        logits = log_probs / temperature  # [batch, vocab]
+        if top_k:
+            kth_best = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [batch, 1]
+            logits = jnp.where(logits >= kth_best, logits, NEG_INF)  # [batch, vocab]
+        return jax.random.categorical(jax.random.fold_in(rng, step), logits, axis=-1)  # [batch]
+
+    return _left_to_right(model, params, src, max_len, choose)

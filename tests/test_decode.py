@@ -1,0 +1,243 @@
+"""Beam search, greedy search and sampling against brute force and against each other.
+
+Score convention (the one ``beam_search`` documents): a hypothesis is the list of
+generated tokens, EOS included when produced; its score is the sum of the model's
+log-probs of those tokens divided by ((5 + length) / 6) ** alpha. A hypothesis that
+reaches the length bound without EOS is scored as it is. Pad and BOS are never generated.
+"""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from distill_jax.decode import beam_search, greedy_search, sample
+from distill_jax.models.transformer import Transformer, TransformerConfig
+from distill_jax.sharding import LOGICAL_AXIS_RULES
+
+PAD, BOS, EOS = 0, 1, 2
+VOCAB = 7
+MAX_LEN = 4  # decoding bound of the exhaustive tests
+ALPHA = 0.6
+# Sentences of different lengths (pieces + EOS), 0-padded.
+SOURCES = np.array([
+    [4, 5, 6, 3, 2, 0, 0, 0],
+    [6, 2, 0, 0, 0, 0, 0, 0],
+    [3, 3, 4, 5, 6, 4, 5, 2],
+], np.int32)  # [batch, src]
+
+
+MODEL = Transformer(TransformerConfig(
+    vocab_size=VOCAB, d_model=16, num_heads=2, mlp_dim=32, num_encoder_layers=1,
+    num_decoder_layers=1, max_len=8))
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    """Random weights with a fixed seed. The shared table is scaled up so that the
+    next-token distributions are peaked (near-ties between hypotheses are unlikely), and
+    the EOS row is pulled towards token 3's so that EOS competes with the pieces (a random
+    model with tied embeddings mostly repeats its input token and would rarely stop)."""
+    params = nn.unbox(jax.jit(MODEL.init)(jax.random.key(3), SOURCES, SOURCES[:, :4])["params"])
+    table = params["shared_embedding"]["embedding"]  # [vocab, embed]
+    table = table.at[EOS].set(0.2 * table[EOS] + 0.8 * table[3])
+    params["shared_embedding"]["embedding"] = 2.0 * table
+    return MODEL, params
+
+
+def all_hypotheses(max_len: int) -> list[tuple[int, ...]]:
+    """Every sequence the search can produce: pieces then EOS, or max_len pieces."""
+    pieces = [t for t in range(VOCAB) if t not in (PAD, BOS, EOS)]
+    hyps = []
+    for length in range(1, max_len + 1):
+        hyps += [p + (EOS,) for p in itertools.product(pieces, repeat=length - 1)]
+    hyps += list(itertools.product(pieces, repeat=max_len))
+    return hyps
+
+
+@jax.jit
+def _log_probs(params, src, tgt_in):
+    """Full (non-incremental) forward pass -> log-probs [batch, tgt, vocab]."""
+    return jax.nn.log_softmax(MODEL.apply({"params": params}, src, tgt_in), axis=-1)
+
+
+def brute_force_scores(params, src_rows, hyps, alpha):
+    """Scores of hypotheses hyps[i] given sources src_rows[i], from full forward passes."""
+    width = MAX_LEN + 2  # one shape for every call: a single compile
+    tgt_in = np.full((len(hyps), width), PAD, np.int32)  # [hyps, width]
+    labels = np.full((len(hyps), width), PAD, np.int32)  # [hyps, width]
+    for i, h in enumerate(hyps):
+        tgt_in[i, :len(h)] = (BOS,) + h[:-1]
+        labels[i, :len(h)] = h
+    log_probs = np.asarray(_log_probs(params, src_rows, tgt_in), np.float64)  # [hyps, width, vocab]
+    token_lp = np.take_along_axis(log_probs, labels[:, :, None], axis=2)[:, :, 0]  # [hyps, width]
+    lengths = np.array([len(h) for h in hyps])  # [hyps]
+    summed = np.where(np.arange(width)[None] < lengths[:, None], token_lp, 0.0).sum(1)  # [hyps]
+    return summed / ((5.0 + lengths) / 6.0) ** alpha
+
+
+def exhaustive_scores(params, src_row, alpha):
+    """(all hypotheses of length <= MAX_LEN, their scores) for one source sentence."""
+    hyps = all_hypotheses(MAX_LEN)
+    return hyps, brute_force_scores(params, np.repeat(src_row[None], len(hyps), 0), hyps, alpha)
+
+
+def as_tuple(row) -> tuple[int, ...]:
+    """Strip the trailing pads of a decoded row."""
+    return tuple(int(t) for t in row if t != PAD)
+
+
+def test_beam_search_is_exhaustive_with_a_wide_beam(model_and_params):
+    """With 320 beams no candidate is ever dropped (at most 4**3 * 5 = 320 extensions per
+    step), so the finished list must be exactly the 320 best of all 341 hypotheses."""
+    model, params = model_and_params
+    assert len(all_hypotheses(MAX_LEN)) == 341
+    seqs, scores = beam_search(model, params, SOURCES[:2], beam_size=320,
+                               length_penalty=ALPHA, max_len=MAX_LEN)
+    for row in range(2):
+        hyps, reference = exhaustive_scores(params, SOURCES[row], ALPHA)
+        order = np.argsort(-reference, kind="stable")
+        assert reference[order[0]] - reference[order[1]] > 1e-3  # no tie for the best
+        np.testing.assert_allclose(scores[row], reference[order[:320]], rtol=0, atol=1e-5)
+        assert as_tuple(seqs[row, 0]) == hyps[order[0]]
+        found = {as_tuple(s) for s in seqs[row]}
+        assert found == {hyps[i] for i in order[:320]}
+
+
+def test_beam_search_with_vocab_size_beams_finds_the_best(model_and_params):
+    model, params = model_and_params
+    seqs, scores = beam_search(model, params, SOURCES, beam_size=VOCAB,
+                               length_penalty=ALPHA, max_len=MAX_LEN)
+    assert seqs.shape == (3, VOCAB, MAX_LEN) and scores.shape == (3, VOCAB)
+    for row in range(3):
+        hyps, reference = exhaustive_scores(params, SOURCES[row], ALPHA)
+        best = int(np.argmax(reference))
+        assert as_tuple(seqs[row, 0]) == hyps[best]
+        np.testing.assert_allclose(scores[row, 0], reference[best], rtol=0, atol=1e-5)
+        assert np.all(np.diff(np.asarray(scores[row])) <= 0)  # best first
+
+
+def reference_beam_search(params, src_row, beam, alpha, max_len):
+    """Plain-Python beam search with the same rules as ``beam_search`` (2*beam candidates,
+    EOS finishes only within the first beam ranks) but no early stopping; next-token
+    log-probs come from full forward passes over the prefixes."""
+    live = [((), 0.0)]  # (prefix, summed log-prob)
+    finished = []  # (score, hypothesis)
+    for step in range(max_len):
+        tgt_in = np.full((beam, MAX_LEN + 2), PAD, np.int32)  # [beam, width]
+        for i, (prefix, _) in enumerate(live):
+            tgt_in[i, :len(prefix) + 1] = (BOS,) + prefix
+        log_probs = np.asarray(_log_probs(params, np.repeat(src_row[None], beam, 0), tgt_in))
+        candidates = [(total + log_probs[i, len(prefix), t], prefix + (t,))
+                      for i, (prefix, total) in enumerate(live)
+                      for t in range(VOCAB) if t not in (PAD, BOS)]
+        candidates = sorted(candidates, key=lambda c: -c[0])[:2 * beam]
+        live = []
+        for rank, (total, hyp) in enumerate(candidates):
+            if hyp[-1] == EOS or step + 1 == max_len:
+                if rank < beam:
+                    finished.append((total / ((5.0 + len(hyp)) / 6.0) ** alpha, hyp))
+            elif len(live) < beam:
+                live.append((hyp, total))
+        if not live:
+            break
+    return sorted(finished, key=lambda f: -f[0])[:beam]
+
+
+def test_early_stopping_loses_nothing(model_and_params):
+    """A strong length penalty makes long hypotheses win late; stopping early must not
+    change the result of searching to the length bound."""
+    model, params = model_and_params
+    alpha, bound = 2.0, MAX_LEN + 2
+    seqs, scores = beam_search(model, params, SOURCES, beam_size=3, length_penalty=alpha,
+                               max_len=bound)
+    for row in range(3):
+        reference = reference_beam_search(params, SOURCES[row], 3, alpha, bound)
+        np.testing.assert_allclose(scores[row], [r[0] for r in reference], rtol=0, atol=1e-5)
+        assert [as_tuple(s) for s in seqs[row]] == [r[1] for r in reference]
+
+
+def test_beam_of_one_is_greedy(model_and_params):
+    """Without a length penalty a single beam makes the greedy choices."""
+    model, params = model_and_params
+    greedy_seqs, greedy_lp = greedy_search(model, params, SOURCES, max_len=MAX_LEN + 2)
+    seqs, scores = beam_search(model, params, SOURCES, beam_size=1, length_penalty=0.0,
+                               max_len=MAX_LEN + 2)
+    np.testing.assert_array_equal(seqs[:, 0], greedy_seqs)
+    np.testing.assert_allclose(scores[:, 0], greedy_lp, rtol=0, atol=1e-5)
+    # Greedy's summed log-probs are those of a full forward pass over its output.
+    reference = brute_force_scores(params, SOURCES, [as_tuple(r) for r in greedy_seqs], 0.0)
+    np.testing.assert_allclose(greedy_lp, reference, rtol=0, atol=1e-5)
+
+
+def test_output_does_not_depend_on_batch_composition(model_and_params):
+    model, params = model_and_params
+    bound = (1.0, 1)  # source-relative: floor(src_len + 1) tokens
+    alone_src = SOURCES[:1, :5]  # sentence 0 without padding
+    alone_seqs, alone_scores = beam_search(model, params, alone_src, beam_size=3, max_len=bound)
+    batch_seqs, batch_scores = beam_search(model, params, SOURCES, beam_size=3, max_len=bound)
+    width = alone_seqs.shape[-1]
+    assert width == 6 and batch_seqs.shape[-1] == 8  # floor(5 + 1), capped floor(8 + 1)
+    np.testing.assert_array_equal(batch_seqs[0, :, :width], alone_seqs[0])
+    assert np.all(np.asarray(batch_seqs[0, :, width:]) == PAD)
+    np.testing.assert_allclose(batch_scores[0], alone_scores[0], rtol=0, atol=1e-5)
+
+
+def test_sharded_batch_gives_the_same_result(model_and_params):
+    model, params = model_and_params
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 8, size=8)
+    src = np.zeros((8, 8), np.int32)  # [batch, src]
+    for i, n in enumerate(lengths):
+        src[i, :n] = rng.integers(3, VOCAB, size=n)
+        src[i, n] = EOS
+    single_seqs, single_scores = beam_search(model, params, src, beam_size=3, max_len=6)
+    single_greedy, _ = greedy_search(model, params, src, max_len=6)
+
+    mesh = Mesh(np.array(jax.devices()).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
+    sharded_src = jax.device_put(src, NamedSharding(mesh, P(("data", "fsdp"))))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        seqs, scores = beam_search(model, params, sharded_src, beam_size=3, max_len=6)
+        greedy, _ = greedy_search(model, params, sharded_src, max_len=6)
+    assert seqs.sharding.shard_shape(seqs.shape)[0] == 1  # still one sentence per device
+    np.testing.assert_array_equal(seqs, single_seqs)
+    np.testing.assert_allclose(scores, single_scores, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(greedy, single_greedy)
+
+
+def test_sampling_with_top_1_is_greedy(model_and_params):
+    model, params = model_and_params
+    greedy_seqs, greedy_lp = greedy_search(model, params, SOURCES, max_len=MAX_LEN + 2)
+    seqs, lp = sample(model, params, SOURCES, jax.random.key(7), top_k=1, temperature=0.7,
+                      max_len=MAX_LEN + 2)
+    np.testing.assert_array_equal(seqs, greedy_seqs)
+    np.testing.assert_allclose(lp, greedy_lp, rtol=0, atol=1e-6)
+    # Unrestricted sampling at a high temperature does leave the greedy path.
+    hot, _ = sample(model, params, SOURCES, jax.random.key(7), temperature=5.0,
+                    max_len=MAX_LEN + 2)
+    assert not np.array_equal(hot, greedy_seqs)
+
+
+def test_length_bounds_are_respected(model_and_params):
+    model, params = model_and_params
+    bound = (0.5, 1)
+    src_len = np.sum((SOURCES != PAD) & (SOURCES != EOS), axis=1)  # [batch]
+    limits = np.floor(0.5 * src_len + 1).astype(int)  # [batch]: 3, 1, 4
+    outputs = [beam_search(model, params, SOURCES, beam_size=2, max_len=bound)[0][:, 0],
+               greedy_search(model, params, SOURCES, max_len=bound)[0],
+               sample(model, params, SOURCES, jax.random.key(0), max_len=bound)[0]]
+    hit_bound_without_eos = False
+    for seqs in outputs:
+        assert seqs.shape == (3, 5)  # floor(0.5 * 8 + 1)
+        for row, limit in zip(np.asarray(seqs), limits):
+            hyp = as_tuple(row)
+            assert 1 <= len(hyp) <= limit
+            assert EOS not in hyp[:-1]
+            hit_bound_without_eos |= len(hyp) == limit and hyp[-1] != EOS
+    assert hit_bound_without_eos  # the bound was actually what stopped some hypothesis
+    with pytest.raises(ValueError, match="max_len"):
+        greedy_search(model, params, SOURCES, max_len=9)
