@@ -17,6 +17,14 @@ from distill_jax.errors import UserError  # noqa: F401  (re-exported for subcomm
 SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
     ("prepare", "distill_jax.data.prepare",
      "build a dataset (TFDS, array_record) and the student vocabulary"),
+    ("train-teacher", "distill_jax.teacher",
+     "fine-tune BERT as a conditional masked language model (C-MLM) over the student vocabulary"),
+    ("soft-targets", "distill_jax.soft_targets",
+     "write the fine-tuned teacher's top-K soft targets for a split into a memory-mapped cache"),
+    ("train-student", "distill_jax.student",
+     "train the Transformer student: distill.kd=none (baseline), offline or online"),
+    ("generate", "distill_jax.generate",
+     "translate / summarize text with a trained student (beam search, greedy, sampling)"),
     ("evaluate", "distill_jax.evaluate",
      "score generated text against references: sacreBLEU, ROUGE-1/2/L"),
 )

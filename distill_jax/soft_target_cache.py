@@ -127,7 +127,7 @@ class CacheWriter:
         with open(os.path.join(work, _HEADER), "w") as f:
             json.dump(header, f, indent=2)
         for name in os.listdir(work):
-            if name.startswith("done-"):
+            if name.startswith("done-") or name == "identity.json":
                 os.remove(os.path.join(work, name))
         if os.path.exists(self.path):
             shutil.rmtree(self.path)

@@ -1,0 +1,132 @@
+"""The experiment config: everything ``train-teacher``, ``soft-targets``, ``train-student``
+and ``generate`` read. Config files in ``configs/`` return an ``ExperimentConfig`` from
+``get_config()``; any field can be overridden with ``--set section.field=value``.
+
+A work directory holds one experiment::
+
+    WORKDIR/config.json               the config of the first run (later runs are compared)
+    WORKDIR/teacher/                  C-MLM fine-tuning: checkpoints/, metrics.jsonl
+    WORKDIR/soft_targets/SPLIT/       the teacher's top-K cache (see soft_target_cache)
+    WORKDIR/students/NAME/            one student run: checkpoints/, metrics.jsonl, *.txt
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from distill_jax.models.transformer import TransformerConfig
+from distill_jax.sharding import MeshConfig
+
+KD_KINDS = ("none", "offline", "online")
+TEACHER_INITS = ("pretrained", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which prepared dataset to read and how to batch it."""
+
+    prepared: str = ""  # directory written by `distill-jax prepare` ("" = WORKDIR/data)
+    train_split: str = "train"  # split to train on
+    valid_split: str = "val"  # split for validation and checkpoint selection
+    test_splits: tuple[str, ...] = ("test2016",)  # splits scored at the end
+    tokens_per_batch: int = 4096  # global token budget of a training batch
+    bucket_step: int = 8  # padded lengths are multiples of this
+    max_src_len: int = 128  # longer training sources (</s> included) are dropped
+    max_tgt_len: int = 128  # longer training targets (</s> included) are dropped
+    seed: int = 0  # shuffling and C-MLM masking seed
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """C-MLM fine-tuning of BERT (DESIGN.md step 1) and soft-target extraction (step 2)."""
+
+    checkpoint: str = "sentence-transformers/all-MiniLM-L6-v2"  # HF folder or hub name
+    init: str = "pretrained"  # "pretrained" weights, or "random" (ablation: same shapes)
+    steps: int = 2000  # fine-tuning updates
+    learning_rate: float = 5e-5  # AdamW peak learning rate
+    warmup_fraction: float = 0.05  # linear warm-up share of the steps, then linear decay
+    weight_decay: float = 0.01  # AdamW decay (not on biases / LayerNorm)
+    grad_clip_norm: float = 1.0  # global gradient-norm clip
+    dropout: float = 0.1  # hidden and attention dropout
+    tokens_per_batch: int = 4096  # global token budget of a batch (source + target)
+    mask_rate: float = 0.15  # probability of masking each target position
+    eval_every: int = 500  # validate (masked-token loss / accuracy) every N steps
+    save_every: int = 500  # checkpoint every N steps
+    top_k: int = 8  # soft targets kept per position (K)
+    stride: int = 7  # soft-target extraction masks positions i, i+S, ... in copy i
+
+    def __post_init__(self):
+        if self.init not in TEACHER_INITS:
+            raise ValueError(f"teacher.init must be one of {TEACHER_INITS}, got {self.init!r}")
+        if not 0 < self.mask_rate < 1:
+            raise ValueError(f"teacher.mask_rate must be in (0, 1), got {self.mask_rate}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """How the student uses the teacher (DESIGN.md step 3)."""
+
+    kd: str = "offline"  # "none" (baseline), "offline" (soft-target cache), "online" (in-step)
+    alpha: float = 0.5  # weight of the distillation term
+    temperature: float = 10.0  # teacher temperature
+    kd_mode: str = "paper"  # losses.KD_MODES: "paper", "kl", "soft_ce_t"
+    top_k: int = 8  # teacher entries used per position (<= teacher.top_k for offline)
+
+    def __post_init__(self):
+        if self.kd not in KD_KINDS:
+            raise ValueError(f"distill.kd must be one of {KD_KINDS}, got {self.kd!r}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Student optimisation, validation and checkpointing."""
+
+    steps: int = 20000  # updates
+    learning_rate: float = 5e-4  # Adam peak learning rate (inverse-sqrt schedule)
+    warmup_steps: int = 4000  # linear warm-up updates
+    grad_clip_norm: Optional[float] = None  # global gradient-norm clip (None = off)
+    label_smoothing: float = 0.1  # label smoothing of the cross-entropy term
+    accum_steps: int = 1  # gradient-accumulation micro-batches per update
+    compute_dtype: str = "float32"  # "float32" or "bfloat16" (params stay float32)
+    seed: int = 0  # parameter init and dropout seed
+    eval_every: int = 1000  # validation loss / accuracy / BLEU every N steps
+    save_every: int = 1000  # checkpoint every N steps
+    keep_last: int = 3  # checkpoints kept besides the best one
+    average_last: int = 0  # average the last N checkpoints at the end (0 = off)
+    bleu_sentences: int = 0  # validation sentences decoded for BLEU (0 = the whole split)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Generation settings (DESIGN.md step 4)."""
+
+    method: str = "beam"  # "beam", "greedy" or "sample"
+    beam_size: int = 5  # beams
+    length_penalty: float = 0.6  # GNMT length-penalty alpha
+    max_len_a: float = 1.5  # max output length = a * source length + b ...
+    max_len_b: int = 10  # ... capped by the model's max_len
+    temperature: float = 1.0  # sampling temperature
+    top_k: int = 0  # sample from the k most likely tokens (0 = all)
+    tokens_per_batch: int = 4096  # source-token budget of a decoding batch
+
+
+def default_student() -> TransformerConfig:
+    """The reference student; ``vocab_size`` is replaced by the dataset vocabulary's size."""
+    return TransformerConfig(vocab_size=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: data, teacher, student, distillation, optimisation, mesh."""
+
+    name: str = "experiment"  # a label for logs and result tables
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: TransformerConfig = dataclasses.field(default_factory=default_student)
+    distill: DistillConfig = DistillConfig()
+    train: TrainConfig = TrainConfig()
+    decode: DecodeConfig = DecodeConfig()
+    mesh: MeshConfig = MeshConfig()

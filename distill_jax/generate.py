@@ -1,0 +1,154 @@
+"""Generation with a trained student: batched, jitted beam search / greedy / sampling over
+the mesh's data axis, from token ids or text (``distill-jax generate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from distill_jax import runner
+from distill_jax.errors import UserError
+from distill_jax.experiment import DecodeConfig
+
+MAX_ROWS = 128  # sentences per decoding batch (before beams)
+
+
+def _round_up(x: int, step: int) -> int:
+    return -(-x // step) * step
+
+
+def decode_batches(sources: Sequence[np.ndarray], config: DecodeConfig, shards: int,
+                   bucket_step: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Groups sources (id arrays ending in </s>) into padded batches of similar length.
+
+    Returns a list of (row indices into ``sources`` ([rows], -1 = filler), src [rows, S]).
+    Rows are a multiple of ``shards`` and S a multiple of ``bucket_step``, so only a few
+    shapes get compiled.
+    """
+    order = np.argsort([len(s) for s in sources], kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = _round_up(len(sources[order[min(start + MAX_ROWS, len(order)) - 1]]),
+                            bucket_step)
+        rows = max(shards, min(MAX_ROWS, config.tokens_per_batch // max(longest, 1)))
+        rows = _round_up(rows, shards)
+        chosen = order[start:start + rows]
+        src_len = _round_up(max(len(sources[i]) for i in chosen), bucket_step)
+        src = np.zeros((rows, src_len), np.int32)
+        index = np.full(rows, -1, np.int64)
+        for row, i in enumerate(chosen):
+            src[row, :len(sources[i])] = sources[i]
+            index[row] = i
+        batches.append((index, src))
+        start += len(chosen)
+    return batches
+
+
+def search(model, params, src: jax.Array, config: DecodeConfig,
+           rng: Optional[jax.Array] = None) -> np.ndarray:
+    """Best output ids [rows, steps] of one batch, by ``config.method``."""
+    from distill_jax import decode
+
+    max_len = (config.max_len_a, config.max_len_b)
+    if config.method == "beam":
+        sequences, _ = decode.beam_search(model, params, src, beam_size=config.beam_size,
+                                          length_penalty=config.length_penalty, max_len=max_len)
+        return np.asarray(jax.device_get(sequences[:, 0]))
+    if config.method == "greedy":
+        sequences, _ = decode.greedy_search(model, params, src, max_len=max_len)
+        return np.asarray(jax.device_get(sequences))
+    if config.method == "sample":
+        sequences, _ = decode.sample(model, params, src, rng, temperature=config.temperature,
+                                     top_k=config.top_k, max_len=max_len)
+        return np.asarray(jax.device_get(sequences))
+    raise UserError(f"decode.method must be beam, greedy or sample, got {config.method!r}")
+
+
+def translate_ids(model, params, sources: Sequence[np.ndarray], config: DecodeConfig, mesh,
+                  *, seed: int = 0, progress: bool = False) -> list[np.ndarray]:
+    """Output ids (without </s> and padding) for every source, in input order."""
+    shards = runner.data_shards(mesh)
+    outputs: list[Optional[np.ndarray]] = [None] * len(sources)
+    batches = decode_batches(sources, config, shards)
+    bar = runner.progress(len(sources), 0, "generate", disable=not progress)
+    for number, (index, src) in enumerate(batches):
+        ids = search(model, params, _global_from_full(src, mesh), config,
+                     jax.random.fold_in(jax.random.PRNGKey(seed), number))
+        for row, i in enumerate(index):
+            if i >= 0:
+                seq = ids[row]
+                stop = np.flatnonzero((seq == model.config.eos_id) | (seq == model.config.pad_id))
+                outputs[i] = seq[:stop[0]] if len(stop) else seq
+        bar.update(int((index >= 0).sum()))
+    bar.close()
+    return outputs
+
+
+def _global_from_full(src: np.ndarray, mesh) -> jax.Array:
+    """A batch-sharded global array from a batch that every process holds whole (each
+    process reads all sources, so no exchange is needed)."""
+    from distill_jax import sharding
+    return jax.make_array_from_callback(src.shape, sharding.batch_sharding(mesh),
+                                        lambda index: src[index])
+
+
+def translate_texts(model, params, vocab, texts: Sequence[str], config: DecodeConfig, mesh,
+                    *, seed: int = 0, progress: bool = False) -> list[str]:
+    """Detokenized outputs for raw source sentences."""
+    from distill_jax.data.vocab import EOS
+
+    max_src = model.config.max_len
+    sources = []
+    for text in texts:
+        ids = vocab.encode(text)[:max_src - 1]
+        sources.append(np.asarray(ids + [EOS], np.int32))
+    outputs = translate_ids(model, params, sources, config, mesh, seed=seed, progress=progress)
+    return [vocab.decode(ids.tolist()) for ids in outputs]
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    runner.add_common_arguments(parser)
+    parser.add_argument("--name", default=None,
+                        help="student run under WORKDIR/students (default: from distill.kd)")
+    parser.add_argument("--checkpoint", default="best",
+                        help="'best' (validation BLEU), 'latest', 'averaged' or a step number")
+    parser.add_argument("--input", default="-", help="source sentences, one per line (- = stdin)")
+    parser.add_argument("--output", default="-", help="where to write outputs (- = stdout)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def run(args: argparse.Namespace) -> int:
+    from distill_jax import sharding, student
+    from distill_jax.evaluate import read_lines
+
+    runner.initialize_processes(args)
+    config = runner.load_experiment(args)
+    workdir = Path(args.workdir)
+    name = args.name or student.default_name(config)
+    mesh = sharding.make_mesh(config.mesh)
+    model, params, vocab = student.load_trained(config, workdir, name, args.checkpoint, mesh)
+    try:
+        texts = sys.stdin.read().splitlines() if args.input == "-" else read_lines(args.input)
+    except (OSError, ValueError) as err:
+        raise UserError(str(err)) from None
+    outputs = translate_texts(model, params, vocab, texts, config.decode, mesh, seed=args.seed,
+                              progress=not args.no_progress and args.output != "-")
+    if not runner.is_chief():
+        return 0
+    text = "".join(line + "\n" for line in outputs)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        tmp = Path(args.output + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(args.output)
+    return 0

@@ -1,0 +1,247 @@
+"""What the training subcommands share: the work directory, the config check on resume,
+metrics logging, the device mesh, and the resumable training loop.
+
+Only process 0 writes logs, metrics and progress bars; every process takes part in the
+jitted steps and in Orbax's (collective) checkpoint saves and restores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill_jax import configlib
+from distill_jax.errors import UserError
+from distill_jax.experiment import ExperimentConfig
+
+logger = logging.getLogger("distill_jax")
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, --workdir, --set and the multi-process flags of every training command."""
+    parser.add_argument("--config", required=True, help="experiment config file (configs/*.py)")
+    parser.add_argument("--workdir", required=True, help="directory of the experiment")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="FIELD=VALUE", help="override a config field, e.g. train.steps=100")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group = parser.add_argument_group("multi-process (TPU pods, GPU clusters)")
+    group.add_argument("--coordinator", default=os.environ.get("DISTILL_JAX_COORDINATOR"),
+                       help="host:port of process 0 (env DISTILL_JAX_COORDINATOR)")
+    group.add_argument("--num-processes", type=int,
+                       default=_env_int("DISTILL_JAX_NUM_PROCESSES"),
+                       help="number of processes (env DISTILL_JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, default=_env_int("DISTILL_JAX_PROCESS_ID"),
+                       help="this process's id (env DISTILL_JAX_PROCESS_ID)")
+    group.add_argument("--distributed-auto", action="store_true",
+                       help="let jax.distributed.initialize() detect the cluster (TPU pods, SLURM)")
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def initialize_processes(args: argparse.Namespace) -> None:
+    """Joins the processes of a multi-process run (no-op for a single process)."""
+    if getattr(args, "distributed_auto", False):
+        jax.distributed.initialize()
+        return
+    if args.coordinator or (args.num_processes or 1) > 1:
+        if args.coordinator is None or args.num_processes is None or args.process_id is None:
+            raise UserError("a multi-process run needs --coordinator, --num-processes and "
+                            "--process-id (or their DISTILL_JAX_* environment variables)")
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+
+
+def is_chief() -> bool:
+    return jax.process_index() == 0
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def load_experiment(args: argparse.Namespace) -> ExperimentConfig:
+    """The config file with the command-line overrides applied."""
+    config = configlib.load_config_file(args.config)
+    if not isinstance(config, ExperimentConfig):
+        raise UserError(f"{args.config}: get_config() must return an ExperimentConfig, "
+                        f"got {type(config).__name__}")
+    return configlib.override(config, args.overrides)
+
+
+def check_or_save_config(config: Any, path: Path, *, what: str) -> None:
+    """Saves ``config`` at ``path`` on the first run; refuses to resume ``what`` with a
+    different config (the differing fields are named)."""
+    current = configlib.to_dict(config)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = configlib.diff(saved, current)
+        if changed:
+            raise UserError(
+                f"{path.parent} holds a {what} run with another config; changed fields: "
+                + "; ".join(changed) + ". Use another --workdir (or name) or remove it.")
+        return
+    if is_chief():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        configlib.save_json(config, str(path))
+
+
+def prepared_dir(config: ExperimentConfig, workdir: Path) -> Path:
+    return Path(config.data.prepared) if config.data.prepared else workdir / "data"
+
+
+def compute_dtype(config: ExperimentConfig):
+    try:
+        return COMPUTE_DTYPES[config.train.compute_dtype]
+    except KeyError:
+        raise UserError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got "
+                        f"{config.train.compute_dtype!r}") from None
+
+
+def data_shards(mesh) -> int:
+    """How many ways the batch dimension is split (data * fsdp)."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricsLog:
+    """Appends metrics records to ``metrics.jsonl`` (and TensorBoard when tensorboardX is
+    installed); only process 0 writes."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / "metrics.jsonl"
+        self.enabled = is_chief()
+        self._tb = None
+        if self.enabled:
+            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                from tensorboardX import SummaryWriter  # optional
+                self._tb = SummaryWriter(str(directory / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, "time": time.time(),
+                  **{k: float(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+
+    def truncate_after(self, step: int) -> None:
+        """Drops records past ``step`` (left by a run killed after its last checkpoint), so a
+        resumed run's log reads as one run."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+
+def host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """(sum, count) device pairs -> floats (sum / count)."""
+    out = {}
+    for name, (total, count) in jax.device_get(dict(metrics)).items():
+        out[name] = float(total) / max(float(count), 1e-9)
+    return out
+
+
+def add_metrics(total: Optional[dict], metrics: Mapping[str, Any]) -> dict:
+    """Accumulates (sum, count) pairs on the host."""
+    metrics = jax.device_get(dict(metrics))
+    if total is None:
+        return {k: (float(s), float(c)) for k, (s, c) in metrics.items()}
+    return {k: (total[k][0] + float(s), total[k][1] + float(c)) for k, (s, c) in metrics.items()}
+
+
+def progress(total: int, initial: int, desc: str, disable: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                disable=disable or not is_chief(), file=sys.stderr, smoothing=0.1)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_loop(
+    *,
+    state: Any,
+    train_step: Callable[[Any, dict, jax.Array], tuple[Any, dict]],
+    batches: Iterator[dict],
+    to_device: Callable[[dict], dict],
+    total_steps: int,
+    rng: jax.Array,
+    checkpoints: Any,
+    data_state: Callable[[], dict],
+    log: MetricsLog,
+    evaluate: Optional[Callable[[Any, int], dict[str, float]]],
+    eval_every: int,
+    save_every: int,
+    desc: str,
+    no_progress: bool,
+    log_every: int = 10,
+) -> Any:
+    """Runs ``train_step`` from ``state.step`` up to ``total_steps``.
+
+    Every ``save_every`` steps (and at the end) the state and ``data_state()`` are
+    checkpointed; every ``eval_every`` steps ``evaluate(state, step)`` is logged and, when
+    it falls on a checkpoint step, handed to the checkpoint manager, which keeps the best
+    checkpoint by its configured metric. Training metrics are logged every ``log_every`` steps.
+    """
+    start = int(jax.device_get(state.step))
+    bar = progress(total_steps, start, desc, no_progress)
+    window: Optional[dict] = None
+    tokens_since, time_since = 0.0, time.perf_counter()
+    step = start
+    while step < total_steps:
+        batch = next(batches)
+        state, metrics = train_step(state, to_device(batch), rng)
+        step += 1
+        window = add_metrics(window, metrics)
+        tokens_since += float(np.count_nonzero(batch["tgt_out"]))
+        if step % log_every == 0 or step == total_steps:
+            values = {k: s / max(c, 1e-9) for k, (s, c) in window.items()}
+            elapsed = time.perf_counter() - time_since
+            values["target_tokens_per_s"] = tokens_since * jax.process_count() / max(elapsed, 1e-9)
+            log.write(step, "train", values)
+            bar.set_postfix(loss=f"{values['loss']:.3f}",
+                            tok_s=f"{values['target_tokens_per_s']:.0f}")
+            window, tokens_since, time_since = None, 0.0, time.perf_counter()
+        bar.update(1)
+        eval_values = None
+        if evaluate is not None and (step % eval_every == 0 or step == total_steps):
+            eval_values = evaluate(state, step)
+            log.write(step, "valid", eval_values)
+            if is_chief():
+                bar.write(f"[{desc}] step {step}: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in eval_values.items()))
+        if step % save_every == 0 or step == total_steps:
+            # Validation metrics (when this step has them) feed the keep-best policy.
+            checkpoints.save(step, state, extra={"data": data_state()},
+                             metrics=eval_values, force=True)
+    bar.close()
+    checkpoints.wait()
+    return state

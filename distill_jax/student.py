@@ -1,0 +1,318 @@
+"""``distill-jax train-student``: the Transformer student with ``--set distill.kd=none``
+(baseline), ``offline`` (soft-target cache) or ``online`` (teacher inside the step).
+
+Validation reports loss / accuracy and BLEU on the validation split; the best
+checkpoint by validation BLEU is kept. At the end the best (or averaged) parameters
+translate the validation and test splits into ``WORKDIR/students/NAME/SPLIT.hyp.txt`` and
+their scores go to ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill_jax import runner
+from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
+from distill_jax.data.prepared import PreparedDataset, open_prepared
+from distill_jax.data.vocab import Vocabulary
+from distill_jax.errors import UserError
+from distill_jax.experiment import ExperimentConfig
+from distill_jax.models.transformer import Transformer
+
+DEFAULT_NAMES = {"none": "baseline", "offline": "distilled", "online": "distilled-online"}
+
+
+def default_name(config: ExperimentConfig) -> str:
+    return DEFAULT_NAMES[config.distill.kd]
+
+
+def build_model(config: ExperimentConfig, vocab: Vocabulary, dtype: Any) -> Transformer:
+    """The student with the dataset vocabulary's size and the run's compute dtype."""
+    return Transformer(dataclasses.replace(config.student, vocab_size=len(vocab), dtype=dtype))
+
+
+def abstract_init(model: Transformer, rng: jax.Array):
+    """``() -> boxed params`` of the student (for sharded creation)."""
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    return lambda: model.init(rng, dummy, dummy)["params"]
+
+
+def make_optimizer(config: ExperimentConfig):
+    from distill_jax import optim
+    return optim.make_optimizer(optim.OptimizerConfig.student(
+        learning_rate=config.train.learning_rate, warmup_steps=config.train.warmup_steps,
+        grad_clip_norm=config.train.grad_clip_norm))
+
+
+def student_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: str,
+                     shards: int, *, training: bool) -> BatchPipeline:
+    pipeline_config = PipelineConfig(
+        seed=config.data.seed, shuffle=training, num_epochs=None if training else 1,
+        tokens_per_batch=config.data.tokens_per_batch, batch_multiple=shards,
+        bucket_step=config.data.bucket_step,
+        max_src_len=config.data.max_src_len if training else None,
+        max_tgt_len=config.data.max_tgt_len if training else None)
+    return BatchPipeline(dataset.source(split), dataset.lengths(split), pipeline_config)
+
+
+def attach_soft_targets(batch: dict, cache, top_k: int) -> dict:
+    """Adds ``kd_logits`` / ``kd_indices`` ``[rows, T, K]`` from the cache, by record index.
+
+    Row t of an example's cached targets belongs to ``tgt_out[t]``; filler rows and
+    positions past the target get zeros (their loss weight is 0)."""
+    rows, tgt_len = batch["tgt_out"].shape
+    logits = np.zeros((rows, tgt_len, top_k), np.float32)  # [rows, T, K]
+    indices = np.zeros((rows, tgt_len, top_k), np.int32)  # [rows, T, K]
+    for row, record in enumerate(batch["index"]):
+        if record < 0:
+            continue
+        cached_logits, cached_ids = cache[int(record)]  # [len(tgt_out), K_cache]
+        length = int(np.count_nonzero(batch["tgt_out"][row]))
+        if len(cached_logits) != length:
+            raise UserError(
+                f"soft-target cache {cache.path}: record {int(record)} has {len(cached_logits)} "
+                f"target rows, the batch has {length} target tokens (cache made for other data?)")
+        logits[row, :length] = cached_logits[:, :top_k]
+        indices[row, :length] = cached_ids[:, :top_k]
+    return {**batch, "kd_logits": logits, "kd_indices": indices}
+
+
+def cache_identity(config: ExperimentConfig, dataset: PreparedDataset, split: str,
+                   top_k: int):
+    """What a soft-target cache for this experiment must have been made from."""
+    from distill_jax.soft_target_cache import CacheIdentity
+    teacher = f"{config.teacher.checkpoint}|init={config.teacher.init}|steps={config.teacher.steps}"
+    fingerprint = hashlib.sha256(json.dumps(dataset.meta, sort_keys=True).encode()).hexdigest()
+    return CacheIdentity(teacher=teacher, vocabulary=dataset.vocab.sha256,
+                         dataset=f"{dataset.meta['tfds_name']}@{fingerprint[:16]}", split=split,
+                         top_k=top_k, stride=config.teacher.stride)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def reference_texts(dataset: PreparedDataset, split: str, limit: int = 0):
+    """(source id arrays, reference target texts) of a split, in record order."""
+    source = dataset.source(split)
+    count = len(source) if not limit else min(limit, len(source))
+    records = source.__getitems__(list(range(count)))
+    return ([np.asarray(r["src"], np.int32) for r in records],
+            [r["tgt_text"].decode() if isinstance(r["tgt_text"], bytes) else str(r["tgt_text"])
+             for r in records])
+
+
+def score_split(model, params, vocab, dataset, split, decode_config, mesh, *, limit=0,
+                progress=False) -> tuple[dict, list[str]]:
+    """BLEU (case-insensitive: the uncased teacher's pieces lowercase the output) of the
+    student's translations of ``split``; returns (scores, hypotheses)."""
+    from distill_jax import evaluate, generate
+
+    sources, references = reference_texts(dataset, split, limit)
+    outputs = generate.translate_ids(model, params, sources, decode_config, mesh,
+                                     progress=progress)
+    hypotheses = [vocab.decode(ids.tolist()) for ids in outputs]
+    scores = evaluate.bleu(hypotheses, references, lowercase=True)
+    return {"bleu": scores["bleu"], "bleu_signature": scores["signature"]}, hypotheses
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    runner.add_common_arguments(parser)
+    parser.add_argument("--name", default=None,
+                        help="run name under WORKDIR/students (default: baseline / distilled / "
+                             "distilled-online from distill.kd)")
+
+
+def checkpointer(directory: Path, config: ExperimentConfig):
+    """The student's checkpoints: the last ones (enough to average) plus the best by
+    validation BLEU."""
+    from distill_jax import checkpoint
+    return checkpoint.Checkpointer(checkpoint.CheckpointConfig(
+        str(directory), save_every=config.train.save_every,
+        keep_last=max(config.train.keep_last, config.train.average_last),
+        best_metric="bleu", best_mode="max"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from distill_jax import sharding, train
+    from distill_jax.soft_target_cache import CacheError, open_cache
+
+    runner.initialize_processes(args)
+    config = runner.load_experiment(args)
+    workdir = Path(args.workdir)
+    name = args.name or default_name(config)
+    out = workdir / "students" / name
+    runner.check_or_save_config(config, out / "config.json", what="train-student")
+    dataset = open_prepared(runner.prepared_dir(config, workdir))
+    vocab = dataset.vocab
+    dtype = runner.compute_dtype(config)
+    mesh = sharding.make_mesh(config.mesh)
+    rng = jax.random.PRNGKey(config.train.seed)
+    model = build_model(config, vocab, dtype)
+    optimizer = make_optimizer(config)
+    init_params = abstract_init(model, jax.random.fold_in(rng, 1))
+    state, shardings = sharding.create_sharded_state(
+        lambda: train.TrainState.create(init_params(), optimizer), mesh)
+
+    kd = config.distill.kd
+    keys = ["src", "tgt_in", "tgt_out"]
+    teacher_fn, cache, frozen, frozen_shardings = None, None, None, None
+    if kd == "offline":
+        try:
+            cache = open_cache(str(workdir / "soft_targets" / config.data.train_split),
+                               cache_identity(config, dataset, config.data.train_split,
+                                              config.distill.top_k),
+                               num_examples=len(dataset.source(config.data.train_split)))
+        except CacheError as err:
+            raise UserError(f"{err} (run `distill-jax soft-targets` first)") from None
+        keys += ["kd_logits", "kd_indices"]
+    elif kd == "online":
+        from distill_jax import teacher as teacher_lib
+        teacher, frozen, frozen_shardings = teacher_lib.load_finetuned(
+            config, workdir, vocab, mesh, dtype)
+
+        def teacher_fn(batch, teacher_params):
+            return teacher_lib.stride_topk(teacher, teacher_params, batch["src"], batch["tgt_out"],
+                                           stride=config.teacher.stride,
+                                           top_k=config.distill.top_k)
+
+    settings = train.StudentLossConfig(
+        alpha=config.distill.alpha if kd != "none" else 0.0,
+        label_smoothing=config.train.label_smoothing, kd_mode=config.distill.kd_mode,
+        temperature=config.distill.temperature)
+    loss_fn = train.student_loss_fn(model, settings, teacher_fn)
+    batch_shardings = {k: sharding.batch_sharding(mesh) for k in keys}
+    train_step = train.make_train_step(
+        loss_fn, optimizer, mesh, shardings, batch_shardings,
+        accum_steps=config.train.accum_steps, compute_dtype=dtype,
+        frozen_shardings=frozen_shardings)
+    eval_keys = ["src", "tgt_in", "tgt_out"]
+    eval_loss = train.student_loss_fn(model, dataclasses.replace(settings, alpha=0.0))
+    eval_step = train.make_eval_step(eval_loss, mesh, shardings.params,
+                                     {k: sharding.batch_sharding(mesh) for k in eval_keys},
+                                     compute_dtype=dtype)
+
+    shards = runner.data_shards(mesh)
+    pipeline = student_pipeline(config, dataset, config.data.train_split, shards, training=True)
+    valid = student_pipeline(config, dataset, config.data.valid_split, shards, training=False)
+    batches = iter(pipeline)
+
+    def to_device(batch):
+        if cache is not None:
+            batch = attach_soft_targets(batch, cache, config.distill.top_k)
+        return sharding.shard_batch({k: batch[k] for k in keys}, mesh)
+
+    manager = checkpointer(out / "checkpoints", config)
+    log = runner.MetricsLog(out)
+    latest = manager.latest_step()
+    if latest is not None:
+        state, extra = manager.restore(latest, sharding.abstract_with_shardings(state, shardings))
+        batches.set_state(extra["data"])
+        log.truncate_after(latest)
+
+    def evaluate(state, step):
+        total = None
+        for i in range(valid.batches_per_epoch):
+            batch = valid.load_batch(i)
+            total = runner.add_metrics(total, eval_step(
+                state.params, sharding.shard_batch({k: batch[k] for k in eval_keys}, mesh)))
+        scores, _ = score_split(model, state.params, vocab, dataset, config.data.valid_split,
+                                config.decode, mesh, limit=config.train.bleu_sentences)
+        return {"loss": total["loss"][0] / total["loss"][1],
+                "nll": total["nll"][0] / total["nll"][1],
+                "accuracy": total["accuracy"][0] / total["accuracy"][1],
+                "bleu": scores["bleu"]}
+
+    step_fn = train_step if frozen is None else (
+        lambda state, batch, rng: train_step(state, batch, rng, frozen))
+    state = runner.train_loop(
+        state=state, train_step=step_fn, batches=batches, to_device=to_device,
+        total_steps=config.train.steps, rng=jax.random.fold_in(rng, 2), checkpoints=manager,
+        data_state=batches.get_state, log=log, evaluate=evaluate,
+        eval_every=config.train.eval_every, save_every=config.train.save_every,
+        desc=f"student {name}", no_progress=args.no_progress)
+
+    final_params, which = final_parameters(config, manager, state, shardings)
+    results = {"name": name, "experiment": config.name, "kd": kd, "steps": config.train.steps,
+               "seed": config.train.seed, "checkpoint": which, "splits": {}}
+    for split in (config.data.valid_split, *config.data.test_splits):
+        scores, hypotheses = score_split(model, final_params, vocab, dataset, split,
+                                         config.decode, mesh, progress=not args.no_progress)
+        results["splits"][split] = scores
+        if runner.is_chief():
+            (out / f"{split}.hyp.txt").write_text("".join(h + "\n" for h in hypotheses))
+            print(f"[{name}] {split}: BLEU {scores['bleu']:.2f} ({which})", flush=True)
+    if runner.is_chief():
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(out / "results.json")
+    return 0
+
+
+def final_parameters(config: ExperimentConfig, manager, state, shardings) -> tuple[Any, str]:
+    """The parameters to report: the average of the last N checkpoints when requested,
+    else the best checkpoint by validation BLEU (else the last state). Closes ``manager``."""
+    from distill_jax import checkpoint, sharding
+
+    abstract = sharding.abstract_with_shardings(state, shardings)
+    best = manager.best_step()
+    directory = manager.cfg.directory
+    manager.close()
+    if config.train.average_last > 1:
+        params = checkpoint.average_checkpoints(directory, config.train.average_last, abstract)
+        return params, f"average of the last {config.train.average_last} checkpoints"
+    if best is not None and best != int(jax.device_get(state.step)):
+        with checkpointer(Path(directory), config) as reader:
+            restored, _ = reader.restore(best, abstract)
+        return restored.params, f"best validation BLEU, step {best}"
+    return state.params, f"step {int(jax.device_get(state.step))}"
+
+
+def load_trained(config: ExperimentConfig, workdir: Path, name: str, which: str, mesh):
+    """(model, params, vocab) of a trained student; ``which`` is best, latest, averaged or a
+    step number."""
+    from distill_jax import checkpoint, sharding, train
+
+    out = workdir / "students" / name
+    directory = out / "checkpoints"
+    if not directory.is_dir():
+        raise UserError(f"no student checkpoints in {directory}; run `distill-jax train-student`"
+                        f" (runs: {sorted(p.name for p in (workdir / 'students').glob('*'))})"
+                        if (workdir / "students").is_dir() else
+                        f"no student checkpoints in {directory}; run `distill-jax train-student`")
+    dataset = open_prepared(runner.prepared_dir(config, workdir))
+    vocab = dataset.vocab
+    model = build_model(config, vocab, runner.compute_dtype(config))
+    optimizer = make_optimizer(config)
+    init_params = abstract_init(model, jax.random.PRNGKey(0))
+    abstract_state = jax.eval_shape(lambda: train.TrainState.create(init_params(), optimizer))
+    shardings = sharding.tree_shardings(abstract_state, mesh)
+    abstract = sharding.abstract_with_shardings(abstract_state, shardings)
+    if which == "averaged":
+        params = checkpoint.average_checkpoints(str(directory),
+                                                max(config.train.average_last, 2), abstract)
+        return model, params, vocab
+    with checkpointer(directory, config) as manager:
+        if which in ("best", "latest"):
+            step = manager.best_step() if which == "best" else None
+            step = step if step is not None else manager.latest_step()
+        elif which.isdigit() and int(which) in manager.all_steps():
+            step = int(which)
+        else:
+            raise UserError(f"--checkpoint {which!r}: expected best, latest, averaged or one of "
+                            f"the saved steps {manager.all_steps()} in {directory}")
+        if step is None:
+            raise UserError(f"{directory} has no checkpoint")
+        params = manager.restore(step, abstract)[0].params
+    return model, params, vocab

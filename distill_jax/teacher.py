@@ -1,0 +1,239 @@
+"""The C-MLM teacher: building it from a BERT checkpoint, fine-tuning it
+(``distill-jax train-teacher``), and computing its top-K soft targets with stride
+masking (used by ``soft-targets`` and by online distillation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill_jax import runner
+from distill_jax.data.cmlm import build_cmlm_inputs
+from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
+from distill_jax.data.prepared import PreparedDataset, open_prepared
+from distill_jax.data.vocab import TeacherTokenizer, Vocabulary
+from distill_jax.errors import UserError
+from distill_jax.experiment import ExperimentConfig
+from distill_jax.models.bert import BertConfig, BertModel, init_cmlm_head
+
+
+@dataclasses.dataclass
+class Teacher:
+    """A C-MLM teacher over a student vocabulary."""
+
+    model: BertModel
+    config: BertConfig
+    teacher_ids: np.ndarray  # [student vocab] student id -> BERT id
+    cls_id: int  # BERT's [CLS]
+    mask_id: int  # BERT's [MASK]
+    pretrained_params: Optional[dict]  # loaded BERT + initialised head, None for random init
+
+
+def check_tokenizer(config: ExperimentConfig, vocab: Vocabulary) -> None:
+    """Refuses a teacher checkpoint whose WordPiece vocabulary is not the one the dataset
+    was prepared with (the student ids map to that vocabulary's ids)."""
+    tokenizer = TeacherTokenizer.load(config.teacher.checkpoint)
+    if tokenizer.vocab_sha256 != vocab.teacher_vocab_sha256:
+        raise UserError(
+            f"teacher.checkpoint {config.teacher.checkpoint!r} has another WordPiece vocabulary "
+            f"(sha256 {tokenizer.vocab_sha256[:16]}) than the one the dataset was prepared with "
+            f"({vocab.teacher!r}, sha256 {vocab.teacher_vocab_sha256[:16]})")
+
+
+def build_teacher(config: ExperimentConfig, vocab: Vocabulary, dtype: Any,
+                  rng: jax.Array) -> Teacher:
+    """Loads BERT (or only its config, for ``teacher.init = "random"``) with a C-MLM head
+    over the student vocabulary whose rows start from BERT's embeddings of the same pieces."""
+    from distill_jax.hf import load_bert
+
+    check_tokenizer(config, vocab)
+    _, params, bert_config = load_bert(config.teacher.checkpoint, cmlm_vocab_size=len(vocab),
+                                       dtype=dtype)
+    bert_config = dataclasses.replace(
+        bert_config, hidden_dropout_prob=config.teacher.dropout,
+        attention_probs_dropout_prob=config.teacher.dropout)
+    if config.teacher.init == "pretrained":
+        params = init_cmlm_head(bert_config, params, vocab.teacher_ids, rng)
+    else:
+        params = None  # same architecture, random weights (the "does pretraining matter" ablation)
+    special = vocab.teacher_special_ids
+    return Teacher(BertModel(bert_config), bert_config, np.asarray(vocab.teacher_ids, np.int32),
+                   int(special["cls"]), int(special["mask"]), params)
+
+
+def abstract_init(teacher: Teacher, rng: jax.Array):
+    """``() -> boxed params`` of the teacher with its C-MLM head (for sharded creation)."""
+    dummy = jnp.zeros((1, 8), jnp.int32)
+
+    def init():
+        return teacher.model.init(rng, dummy, method=teacher.model.cmlm_logits)["params"]
+
+    return init
+
+
+def target_logits(module: BertModel, inputs: dict, src_len: int,
+                  deterministic: bool = True) -> jax.Array:
+    """C-MLM logits of the target part of ``build_cmlm_inputs`` -> [batch, T, student vocab]."""
+    hidden = module(inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"],
+                    inputs["position_ids"], deterministic=deterministic)  # [b, 1+S+T, hidden]
+    return module.cmlm_head(hidden[:, 1 + src_len:])  # [b, T, V]
+
+
+def stride_topk(teacher: Teacher, params: Any, src: jax.Array, tgt_out: jax.Array, *,
+                stride: int, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """The teacher's top-K soft targets for every target position (DESIGN.md step 2).
+
+    Copy ``i`` of the batch masks target positions ``i, i+S, i+2S, ...``; position ``t``
+    takes its prediction from copy ``t % S``, where it (and only the other positions of
+    that copy) is masked. Jittable.
+
+    Returns (raw logits [batch, T, K] sorted decreasing, student ids [batch, T, K]).
+    """
+    batch, tgt_len = tgt_out.shape
+    positions = jnp.arange(tgt_len)  # [T]
+    teacher_ids = jnp.asarray(teacher.teacher_ids)
+    best_logits = jnp.zeros((batch, tgt_len, top_k), jnp.float32)  # [b, T, K]
+    best_ids = jnp.zeros((batch, tgt_len, top_k), jnp.int32)  # [b, T, K]
+    for copy in range(min(stride, tgt_len)):
+        masked = (positions % stride == copy)[None, :] & (tgt_out != 0)  # [b, T]
+        inputs = build_cmlm_inputs(src, tgt_out, teacher_ids, masked,
+                                   cls_id=teacher.cls_id, mask_id=teacher.mask_id)
+        logits = teacher.model.apply({"params": params}, inputs, src.shape[1],
+                                     method=target_logits)  # [b, T, V]
+        values, ids = jax.lax.top_k(logits, top_k)  # [b, T, K] each
+        take = masked[:, :, None]  # [b, T, 1]
+        best_logits = jnp.where(take, values, best_logits)
+        best_ids = jnp.where(take, ids.astype(jnp.int32), best_ids)
+    return best_logits, best_ids
+
+
+# ----------------------------------------------------------------------------- train-teacher
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    runner.add_common_arguments(parser)
+
+
+def teacher_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: str,
+                     shards: int, *, training: bool) -> BatchPipeline:
+    """Student batches with C-MLM masks (random, rate ``teacher.mask_rate``)."""
+    pipeline_config = PipelineConfig(
+        seed=config.data.seed, shuffle=training, num_epochs=None if training else 1,
+        tokens_per_batch=config.teacher.tokens_per_batch, batch_multiple=shards,
+        bucket_step=config.data.bucket_step,
+        max_src_len=config.data.max_src_len if training else None,
+        max_tgt_len=config.data.max_tgt_len if training else None,
+        mlm_mask_rate=config.teacher.mask_rate)
+    return BatchPipeline(dataset.source(split), dataset.lengths(split), pipeline_config)
+
+
+def teacher_optimizer(config: ExperimentConfig):
+    """AdamW with warm-up and linear decay (DESIGN.md step 1)."""
+    from distill_jax import optim
+    return optim.make_optimizer(optim.OptimizerConfig.teacher(
+        config.teacher.steps, learning_rate=config.teacher.learning_rate,
+        warmup_fraction=config.teacher.warmup_fraction,
+        weight_decay=config.teacher.weight_decay, grad_clip_norm=config.teacher.grad_clip_norm))
+
+
+def checkpointer(directory: Path, config: ExperimentConfig):
+    """The teacher's checkpoints: the last two plus the best by validation loss."""
+    from distill_jax import checkpoint
+    return checkpoint.Checkpointer(checkpoint.CheckpointConfig(
+        str(directory), save_every=config.teacher.save_every, keep_last=2,
+        best_metric="loss", best_mode="min"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from distill_jax import sharding, train
+
+    runner.initialize_processes(args)
+    config = runner.load_experiment(args)
+    workdir = Path(args.workdir)
+    out = workdir / "teacher"
+    runner.check_or_save_config(config.teacher, out / "config.json", what="train-teacher")
+    dataset = open_prepared(runner.prepared_dir(config, workdir))
+    dtype = runner.compute_dtype(config)
+    mesh = sharding.make_mesh(config.mesh)
+    rng = jax.random.PRNGKey(config.train.seed)
+    teacher = build_teacher(config, dataset.vocab, dtype, jax.random.fold_in(rng, 1))
+
+    optimizer = teacher_optimizer(config)
+    init_params = abstract_init(teacher, jax.random.fold_in(rng, 2))
+    state, shardings = sharding.create_sharded_state(
+        lambda: train.TrainState.create(init_params(), optimizer), mesh)
+    if teacher.pretrained_params is not None:
+        state = state.replace(params=sharding.place_tree(teacher.pretrained_params,
+                                                         shardings.params))
+
+    keys = ("src", "tgt_out", "mlm_mask")
+    batch_shardings = {k: sharding.batch_sharding(mesh) for k in keys}
+    loss_fn = train.cmlm_loss_fn(teacher.model, teacher.teacher_ids, cls_id=teacher.cls_id,
+                                 mask_id=teacher.mask_id)
+    train_step = train.make_train_step(loss_fn, optimizer, mesh, shardings, batch_shardings,
+                                       accum_steps=config.train.accum_steps, compute_dtype=dtype)
+    eval_step = train.make_eval_step(loss_fn, mesh, shardings.params, batch_shardings,
+                                     compute_dtype=dtype)
+
+    shards = runner.data_shards(mesh)
+    pipeline = teacher_pipeline(config, dataset, config.data.train_split, shards, training=True)
+    valid = teacher_pipeline(config, dataset, config.data.valid_split, shards, training=False)
+    batches = iter(pipeline)
+    to_device = lambda batch: sharding.shard_batch({k: batch[k] for k in keys}, mesh)  # noqa: E731
+
+    manager = checkpointer(out / "checkpoints", config)
+    log = runner.MetricsLog(out)
+    latest = manager.latest_step()
+    if latest is not None:
+        state, extra = manager.restore(latest, sharding.abstract_with_shardings(state, shardings))
+        batches.set_state(extra["data"])
+        log.truncate_after(latest)
+
+    def evaluate(state, step):
+        total = None
+        for i in range(valid.batches_per_epoch):
+            total = runner.add_metrics(total, eval_step(state.params, to_device(valid.load_batch(i))))
+        return {"loss": total["loss"][0] / total["loss"][1],
+                "masked_accuracy": total["accuracy"][0] / total["accuracy"][1]}
+
+    runner.train_loop(
+        state=state, train_step=train_step, batches=batches, to_device=to_device,
+        total_steps=config.teacher.steps, rng=jax.random.fold_in(rng, 3), checkpoints=manager,
+        data_state=batches.get_state, log=log, evaluate=evaluate,
+        eval_every=config.teacher.eval_every, save_every=config.teacher.save_every,
+        desc="teacher", no_progress=args.no_progress)
+    manager.close()
+    return 0
+
+
+def load_finetuned(config: ExperimentConfig, workdir: Path, vocab: Vocabulary, mesh,
+                   dtype: Any) -> tuple[Teacher, Any, Any]:
+    """The fine-tuned teacher's parameters (best validation checkpoint), sharded on ``mesh``.
+
+    Returns (teacher, params, param shardings)."""
+    from distill_jax import sharding, train
+
+    directory = workdir / "teacher" / "checkpoints"
+    if not directory.is_dir():
+        raise UserError(f"no teacher checkpoint in {directory}; run `distill-jax train-teacher`")
+    with checkpointer(directory, config) as manager:
+        step = manager.best_step() or manager.latest_step()
+        if step is None:
+            raise UserError(
+                f"no teacher checkpoint in {directory}; run `distill-jax train-teacher`")
+        teacher = dataclasses.replace(
+            build_teacher(config, vocab, dtype, jax.random.PRNGKey(0)), pretrained_params=None)
+        init_params = abstract_init(teacher, jax.random.PRNGKey(0))
+        optimizer = teacher_optimizer(config)
+        abstract = jax.eval_shape(lambda: train.TrainState.create(init_params(), optimizer))
+        shardings = sharding.tree_shardings(abstract, mesh)
+        state, _ = manager.restore(step, sharding.abstract_with_shardings(abstract, shardings))
+    return teacher, state.params, shardings.params
