@@ -1,0 +1,346 @@
+"""Shared helpers of the comparison benchmarks (``scripts/bench_*.py``).
+
+What every benchmark does with them:
+
+* **Timing**: ``time_runs`` calls a function ``warmup`` times (compilation, caches,
+  allocator), then ``runs`` (>= 5) more times, each timed with ``time.perf_counter``
+  around the call and a ``block_until_ready`` of its result (JAX dispatches
+  asynchronously; torch on CPU is synchronous), and reports the median.
+* **Peak**: ``matmul_peak_gflops`` is the machine's measured matmul peak, the best
+  GFLOP/s of a jitted 2048 x 2048 float32 JAX matmul (2 * 2048^3 FLOPs) over 10
+  timings, taken before the benchmarks and again after them (``remeasure_peak``; the
+  larger is kept). Utilisation = achieved GFLOP/s / that peak, for both sides of a comparison.
+  torch's matmul rate is measured as well and reported in the machine description,
+  because the two libraries use different GEMM kernels (XLA's vs MKL/oneDNN).
+* **FLOPs** are counted analytically on the padded shapes (what is computed, not only
+  the real tokens): a dense layer on ``n`` rows is ``2 * n * d_in * d_out``; attention
+  is ``4 * q_len * kv_len * width`` per sequence (``Q K^T`` and ``weights @ V``);
+  element-wise work (LayerNorm, softmax, dropout, the optimizer) is not counted.
+* **Output**: a markdown table on stdout and, with ``--json PATH``, a JSON list of
+  records, one per (configuration, system), each with the machine description.
+* **Threads**: torch runs with ``torch.set_num_threads(os.cpu_count())``; JAX's CPU
+  backend sizes its own thread pool to the machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Optional, Sequence
+
+MIN_RUNS = 5
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclasses.dataclass
+class Timing:
+    """Wall-clock seconds of the timed runs of one benchmarked function."""
+
+    runs_s: list[float]  # every timed run, in order
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.runs_s)
+
+    @property
+    def min_s(self) -> float:
+        return min(self.runs_s)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: how noisy the runs were."""
+        return (max(self.runs_s) - min(self.runs_s)) / self.median_s
+
+
+def block(x: Any) -> Any:
+    """Waits for every JAX array in ``x`` (other leaves, e.g. torch tensors, are ignored)."""
+    import jax
+
+    return jax.block_until_ready(x)
+
+
+def time_runs(fn: Callable[[], Any], *, warmup: int = 2, runs: int = MIN_RUNS,
+              sync: Callable[[Any], Any] = block, label: Optional[str] = None) -> Timing:
+    """Times ``fn()`` ``runs`` times after ``warmup`` untimed calls; ``sync(result)``
+    (default: ``jax.block_until_ready``) is inside the timed region. With ``label``, the
+    runs are printed when done."""
+    if runs < MIN_RUNS:
+        raise ValueError(f"need at least {MIN_RUNS} timed runs for a median, got {runs}")
+    for _ in range(warmup):
+        sync(fn())
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - start)
+    timing = Timing(times)
+    if label:
+        print(f"{label}: median {timing.median_s * 1e3:.1f} ms, runs "
+              + " ".join(f"{t * 1e3:.0f}" for t in times) + " ms", flush=True)
+    return timing
+
+
+# --------------------------------------------------------------------------- peak
+
+
+_PEAK_CACHE: dict[str, float] = {}
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Best GFLOP/s of a jitted ``n x n`` float32 JAX matmul over ``repeats`` timings."""
+    key = f"jax{n}"
+    if key not in _PEAK_CACHE:
+        import jax
+        import jax.numpy as jnp
+
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        matmul = jax.jit(jnp.matmul)
+        jax.block_until_ready(matmul(a, b))
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(matmul(a, b))
+            best = min(best, time.perf_counter() - start)
+        _PEAK_CACHE[key] = 2 * n ** 3 / best / 1e9
+    return _PEAK_CACHE[key]
+
+
+def remeasure_peak(records: Sequence[dict]) -> float:
+    """Measures the matmul peak again (after the benchmarks) and keeps the larger of the
+    two measurements, updating every record's machine description and utilisation.
+
+    A single measurement taken while something else used the CPU understates the peak;
+    two measurements minutes apart make that less likely.
+    """
+    before = matmul_peak_gflops()
+    _PEAK_CACHE.pop("jax2048", None)
+    peak = max(before, matmul_peak_gflops())
+    _PEAK_CACHE["jax2048"] = peak
+    for record in records:
+        record["machine"]["matmul_peak_gflops"] = round(peak, 2)
+        record["machine"]["matmul_peak_definition"] = (
+            "best of 2 x 10 jitted 2048x2048 float32 JAX matmuls, before and after the runs")
+        record["utilisation"] = record["gflop_per_s"] / peak
+    return peak
+
+
+def torch_matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Best GFLOP/s of an ``n x n`` float32 torch matmul (for the machine description)."""
+    key = f"torch{n}"
+    if key not in _PEAK_CACHE:
+        import torch
+
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.matmul(a, b)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            best = min(best, time.perf_counter() - start)
+        _PEAK_CACHE[key] = 2 * n ** 3 / best / 1e9
+    return _PEAK_CACHE[key]
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def set_torch_threads(threads: Optional[int] = None) -> int:
+    """``torch.set_num_threads(threads or os.cpu_count())``; returns the thread count."""
+    import torch
+
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def warn_if_loaded(info: dict, threshold: float = 0.5) -> None:
+    """Prints a warning when the 1-minute load average exceeds ``threshold`` x cores.
+
+    On an oversubscribed CPU torch's OpenMP thread team waits at every operator's
+    barrier for descheduled threads, so torch timings (many small ops: decoding) can be
+    several times slower than on a quiet machine; JAX suffers less. Compare only
+    numbers taken on a quiet machine.
+    """
+    load, cores = info.get("load_average_1m"), info.get("cpu_count") or 1
+    if load is not None and load > threshold * cores:
+        print(f"WARNING: load average {load:.1f} on {cores} cores: the machine is busy and "
+              "the timings (torch's especially) are not representative")
+
+
+def cpu_model() -> str:
+    """The CPU's ``model name`` from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def machine_info(*, with_torch: bool = True) -> dict:
+    """CPU model, core counts, library versions, thread settings and the matmul peak."""
+    import jax
+
+    info = {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": _version("jaxlib"),
+        "flax": _version("flax"),
+        "optax": _version("optax"),
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "matmul_peak_gflops": round(matmul_peak_gflops(), 2),
+        "matmul_peak_definition": "best of 10 jitted 2048x2048 float32 JAX matmuls",
+    }
+    if with_torch:
+        import torch
+
+        info.update({
+            "torch": torch.__version__,
+            "transformers": _version("transformers"),
+            "torch_threads": torch.get_num_threads(),
+            "torch_matmul_gflops": round(torch_matmul_gflops(), 2),
+        })
+    return info
+
+
+def describe_machine(info: dict) -> str:
+    """One line for the report header."""
+    parts = [f"{info['cpu_model']}, {info['cpu_count']} cores",
+             f"load {info['load_average_1m']:.2f}" if info.get("load_average_1m") is not None else "",
+             f"jax {info['jax']} ({info['jax_backend']})"]
+    if "torch" in info:
+        parts.append(f"torch {info['torch']} ({info['torch_threads']} threads)")
+    parts.append(f"matmul peak {info['matmul_peak_gflops']:.1f} GFLOP/s (JAX)")
+    if "torch_matmul_gflops" in info:
+        parts.append(f"torch matmul {info['torch_matmul_gflops']:.1f} GFLOP/s")
+    return ", ".join(p for p in parts if p)
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def dense_flops(rows: int, d_in: int, d_out: int) -> int:
+    """A matmul of ``[rows, d_in] @ [d_in, d_out]``: ``2 * rows * d_in * d_out``."""
+    return 2 * rows * d_in * d_out
+
+
+def attention_flops(sequences: int, q_len: int, kv_len: int, width: int) -> int:
+    """Scores ``Q K^T`` and context ``weights @ V`` over all heads (``width = heads *
+    head_dim``): ``2 * 2 * sequences * q_len * kv_len * width``."""
+    return 4 * sequences * q_len * kv_len * width
+
+
+def jax_compiled_flops(compiled: Any) -> Optional[float]:
+    """XLA's own FLOP count of a compiled function (``cost_analysis()['flops']``), or None."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        return None
+    return float(analysis["flops"])
+
+
+# --------------------------------------------------------------------------- records
+
+
+def make_record(*, benchmark: str, config: dict, system: str, timing: Timing,
+                flops: float, items: float, item_unit: str, peak_gflops: float,
+                machine: dict, extra: Optional[dict] = None) -> dict:
+    """One JSON record: a system's result on one configuration (ratio added later)."""
+    gflop_per_s = flops / timing.median_s / 1e9
+    record = {
+        "benchmark": benchmark,
+        "config": config,
+        "system": system,
+        "median_s": timing.median_s,
+        "min_s": timing.min_s,
+        "runs_s": timing.runs_s,
+        "throughput": items / timing.median_s,
+        "throughput_unit": f"{item_unit}/s",
+        "gflop": flops / 1e9,
+        "gflop_per_s": gflop_per_s,
+        "utilisation": gflop_per_s / peak_gflops,
+        "machine": machine,
+    }
+    if extra:
+        record.update(extra)
+    return record
+
+
+def add_ratio(ours: dict, theirs: dict) -> float:
+    """Stores throughput(ours) / throughput(theirs) on both records and returns it."""
+    ratio = ours["throughput"] / theirs["throughput"]
+    for record in (ours, theirs):
+        record["ratio_ours_over_theirs"] = ratio
+    return ratio
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; floats are printed with 3 significant digits."""
+    def cell(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def record_rows(records: Sequence[dict], config_text: Callable[[dict], str]) -> list[list]:
+    """Table rows (config, system, median ms, throughput, GFLOP/s, utilisation, ratio)."""
+    return [[config_text(r["config"]), r["system"], r["median_s"] * 1e3,
+             f"{r['throughput']:.4g} {r['throughput_unit']}", r["gflop_per_s"],
+             f"{100 * r['utilisation']:.1f}%", f"{r.get('ratio_ours_over_theirs', float('nan')):.2f}x"]
+            for r in records]
+
+
+TABLE_HEADER = ("config", "system", "median ms", "throughput", "GFLOP/s", "util. of peak",
+                "ours/theirs")
+
+
+def write_json(path: Optional[str], records: Sequence[dict]) -> None:
+    """Writes the records as a JSON list (no-op when ``path`` is None)."""
+    if not path:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(list(records), f, indent=2)
+        f.write("\n")
+    print(f"wrote {len(records)} records to {path}")
+
+
+def add_common_args(parser, *, warmup: int = 2) -> None:
+    """--runs, --warmup, --json, --torch-threads."""
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads value (default: os.cpu_count())")
+    parser.add_argument("--runs", type=int, default=MIN_RUNS,
+                        help=f"timed runs per system (median reported; >= {MIN_RUNS})")
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help="untimed runs before timing")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write JSON records here")
