@@ -28,6 +28,7 @@ class DataConfig:
 
     prepared: str = ""  # directory written by `distill-jax prepare` ("" = WORKDIR/data)
     train_split: str = "train"  # split to train on
+    train_examples: int = 0  # train on the first N pairs of train_split only (0 = all)
     valid_split: str = "val"  # split for validation and checkpoint selection
     test_splits: tuple[str, ...] = ("test2016",)  # splits scored at the end
     tokens_per_batch: int = 4096  # global token budget of a training batch

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         config, workdir, dataset.vocab, mesh, dtype)
 
     identity = student.cache_identity(config, dataset, split, config.teacher.top_k)
-    lengths = dataset.lengths(split)  # [n, 2]; column 1 = len(tgt_out)
+    records, lengths = student.split_records(config, dataset, split)  # lengths [n, 2]
     cache_path = str(workdir / "soft_targets" / split)
     # Process 0 creates (or checks) the files; the others open them once they exist.
     if jax.process_index() == 0:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         writer = create_or_resume(cache_path, identity, lengths[:, 1],
                                   process_index=jax.process_index())
 
-    pipeline = BatchPipeline(dataset.source(split), lengths, PipelineConfig(
+    pipeline = BatchPipeline(records, lengths, PipelineConfig(
         seed=config.data.seed, shuffle=False, num_epochs=1,
         tokens_per_batch=config.teacher.tokens_per_batch,
         batch_multiple=runner.data_shards(mesh), bucket_step=config.data.bucket_step))

@@ -53,6 +53,12 @@ def make_optimizer(config: ExperimentConfig):
         grad_clip_norm=config.train.grad_clip_norm))
 
 
+def split_records(config: ExperimentConfig, dataset: PreparedDataset, split: str):
+    """(records, lengths) of a split; the training split honours ``data.train_examples``."""
+    limit = config.data.train_examples if split == config.data.train_split else 0
+    return dataset.records(split, limit)
+
+
 def student_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: str,
                      shards: int, *, training: bool) -> BatchPipeline:
     pipeline_config = PipelineConfig(
@@ -61,7 +67,7 @@ def student_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: 
         bucket_step=config.data.bucket_step,
         max_src_len=config.data.max_src_len if training else None,
         max_tgt_len=config.data.max_tgt_len if training else None)
-    return BatchPipeline(dataset.source(split), dataset.lengths(split), pipeline_config)
+    return BatchPipeline(*split_records(config, dataset, split), pipeline_config)
 
 
 def attach_soft_targets(batch: dict, cache, top_k: int) -> dict:
@@ -173,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
             cache = open_cache(str(workdir / "soft_targets" / config.data.train_split),
                                cache_identity(config, dataset, config.data.train_split,
                                               config.distill.top_k),
-                               num_examples=len(dataset.source(config.data.train_split)))
+                               num_examples=len(split_records(config, dataset,
+                                                              config.data.train_split)[0]))
         except CacheError as err:
             raise UserError(f"{err} (run `distill-jax soft-targets` first)") from None
         keys += ["kd_logits", "kd_indices"]

@@ -132,7 +132,8 @@ def teacher_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: 
         max_src_len=config.data.max_src_len if training else None,
         max_tgt_len=config.data.max_tgt_len if training else None,
         mlm_mask_rate=config.teacher.mask_rate)
-    return BatchPipeline(dataset.source(split), dataset.lengths(split), pipeline_config)
+    from distill_jax.student import split_records
+    return BatchPipeline(*split_records(config, dataset, split), pipeline_config)
 
 
 def teacher_optimizer(config: ExperimentConfig):

@@ -47,6 +47,13 @@ class PreparedDataset:
         return tfds.data_source(self.meta["tfds_name"], data_dir=os.fspath(self.path / "tfds"),
                                 split=split)
 
+    def records(self, split: str, limit: int = 0) -> tuple["RecordView", np.ndarray]:
+        """(random-access records, ``[n, 2]`` lengths) of the first ``limit`` records of
+        ``split`` (all when ``limit`` is 0): how a run trains on part of a corpus."""
+        source, lengths = self.source(split), self.lengths(split)
+        count = len(source) if not limit else min(limit, len(source))
+        return RecordView(source, count), lengths[:count]
+
     def lengths(self, split: str) -> np.ndarray:
         """[n, 2] int32: source and target length of each record of ``split``."""
         self._check_split(split)
@@ -55,6 +62,28 @@ class PreparedDataset:
     def _check_split(self, split: str) -> None:
         if split not in self.meta["splits"]:
             raise _error(f"{self.path} has no split {split!r} (splits: {self.splits})")
+
+
+class RecordView:
+    """The first ``count`` records of a data source, with the same random-access API."""
+
+    def __init__(self, source, count: int):
+        self.source = source
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _check(self, index: int) -> int:
+        if not 0 <= index < self.count:
+            raise IndexError(f"record {index} is outside the first {self.count} records")
+        return index
+
+    def __getitem__(self, index: int):
+        return self.source[self._check(int(index))]
+
+    def __getitems__(self, indices):
+        return self.source.__getitems__([self._check(int(i)) for i in indices])
 
 
 def open_prepared(path: str | os.PathLike, vocab: Vocabulary | str | os.PathLike | None = None
