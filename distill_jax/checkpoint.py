@@ -1,0 +1,183 @@
+"""Orbax checkpoints of the train state: async saves, retention, restore onto any mesh,
+and averaging of the last N checkpoints.
+
+A checkpoint step holds two items: ``state`` (the ``TrainState`` pytree, written by each
+process for its own shards) and ``extra`` (a JSON-able dict: data-iterator position,
+config, anything the loop needs to resume). Restoring takes an abstract state whose
+leaves are ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` built for the *new*
+mesh (``sharding.abstract_with_shardings``), so a checkpoint written on one mesh is read
+straight onto another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_preservation
+
+STATE = "state"
+EXTRA = "extra"
+BEST_MODES = ("min", "max")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how often checkpoints are written, and which are kept."""
+
+    directory: str  # checkpoint root folder (one sub-folder per step)
+    save_every: int = 1000  # save when step % save_every == 0
+    keep_last: int = 3  # the most recent checkpoints kept
+    best_metric: Optional[str] = None  # a metric name passed to save(); keeps the best one
+    best_mode: str = "min"  # "min" or "max": which value of best_metric is best
+    keep_best: int = 1  # how many best-by-metric checkpoints are kept besides the last ones
+    async_save: bool = True  # write in a background thread (call wait() before reading)
+
+    def __post_init__(self):
+        if self.save_every < 1 or self.keep_last < 1 or self.keep_best < 0:
+            raise ValueError(
+                f"save_every ({self.save_every}) and keep_last ({self.keep_last}) must be >= 1 "
+                f"and keep_best ({self.keep_best}) >= 0")
+        if self.best_mode not in BEST_MODES:
+            raise ValueError(f"best_mode must be one of {BEST_MODES}, got {self.best_mode!r}")
+
+
+def _metric_getter(name: str):
+    """metrics dict -> float value of ``name``."""
+    return lambda metrics: float(metrics[name])
+
+
+def _preservation_policy(cfg: CheckpointConfig):
+    """Keep the last ``keep_last`` steps, plus the ``keep_best`` best by ``best_metric``."""
+    policies = [ocp_preservation.LatestN(n=cfg.keep_last)]
+    if cfg.best_metric is not None and cfg.keep_best > 0:
+        metric = cfg.best_metric
+        policies.append(ocp_preservation.BestN(
+            get_metric_fn=_metric_getter(metric),
+            reverse=cfg.best_mode == "min",
+            n=cfg.keep_best,
+            keep_checkpoints_without_metrics=False))
+    return ocp_preservation.AnyPreservationPolicy(policies)
+
+
+class Checkpointer:
+    """A thin wrapper over ``orbax.checkpoint.CheckpointManager`` (use as a context
+    manager, or call ``close()``)."""
+
+    def __init__(self, cfg: CheckpointConfig):
+        self.cfg = cfg
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=cfg.save_every,
+            preservation_policy=_preservation_policy(cfg),
+            # Orbax writes the per-step metrics only when it has a best_fn.
+            best_fn=None if cfg.best_metric is None else _metric_getter(cfg.best_metric),
+            best_mode=cfg.best_mode,
+            enable_async_checkpointing=cfg.async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            pathlib.Path(cfg.directory).absolute(), options=options,
+            item_names=(STATE, EXTRA))
+
+    def save(self, step: int, state: Any, *, extra: Optional[Mapping] = None,
+             metrics: Optional[Mapping[str, float]] = None, force: bool = False) -> bool:
+        """Saves ``state`` (and the JSON-able ``extra``) at ``step`` if ``step`` is due
+        (or ``force``). ``metrics`` (floats) feed the keep-best policy. Returns whether a
+        save was started."""
+        if self.cfg.best_metric is not None and metrics is not None \
+                and self.cfg.best_metric not in metrics:
+            raise ValueError(f"metrics {sorted(metrics)} lack the best_metric "
+                             f"{self.cfg.best_metric!r}")
+        args = ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state),
+            EXTRA: ocp.args.JsonSave(dict(extra or {})),
+        })
+        metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        return self._manager.save(step, args=args, metrics=metrics, force=force)
+
+    def all_steps(self) -> list[int]:
+        """Steps with a finished checkpoint, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def best_step(self) -> Optional[int]:
+        """The best step by ``best_metric`` among the kept checkpoints (None without one)."""
+        if self.cfg.best_metric is None:
+            return None
+        scored = [(m[self.cfg.best_metric], s) for s, m in self._metrics().items()]
+        if not scored:
+            return None
+        pick = min if self.cfg.best_mode == "min" else max
+        return pick(scored)[1]
+
+    def _metrics(self) -> dict[int, dict]:
+        out = {}
+        for step in self.all_steps():
+            metrics = self._manager.metrics(step)
+            if metrics and self.cfg.best_metric in metrics:
+                out[step] = metrics
+        return out
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """``(state, extra)`` of ``step``, laid out as the shardings in ``abstract_state``."""
+        args = ocp.args.Composite(**{
+            STATE: ocp.args.StandardRestore(abstract_state),
+            EXTRA: ocp.args.JsonRestore(),
+        })
+        restored = self._manager.restore(step, args=args)
+        return restored[STATE], dict(restored[EXTRA] or {})
+
+    def restore_latest(self, abstract_state: Any) -> Optional[tuple[Any, dict]]:
+        """``restore`` of the latest step, or None when there is no checkpoint."""
+        step = self.latest_step()
+        return None if step is None else self.restore(step, abstract_state)
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are written."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def average_checkpoints(directory: str, last_n: int, abstract_state: Any) -> Any:
+    """Float32 mean of the ``params`` of the last ``last_n`` checkpoints in ``directory``.
+
+    ``abstract_state`` is the abstract ``TrainState`` (with shardings) to restore into;
+    returns a params tree with the same shardings. Non-float leaves come from the latest.
+    """
+    if last_n < 1:
+        raise ValueError(f"last_n must be >= 1, got {last_n}")
+    manager = Checkpointer(CheckpointConfig(directory, keep_last=10 ** 9, async_save=False))
+    try:
+        steps = manager.all_steps()
+        if len(steps) < last_n:
+            raise ValueError(
+                f"asked to average the last {last_n} checkpoints but {directory} has "
+                f"{len(steps)} ({steps})")
+        total = None
+        for step in steps[-last_n:]:
+            params = manager.restore(step, abstract_state)[0].params
+            params32 = jax.tree.map(lambda x: x.astype(jnp.float32) if
+                                    jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+            total = params32 if total is None else jax.tree.map(
+                lambda a, b: a + b if jnp.issubdtype(a.dtype, jnp.floating) else b,
+                total, params32)
+    finally:
+        manager.close()
+    return jax.tree.map(
+        lambda x: x / last_n if jnp.issubdtype(x.dtype, jnp.floating) else x, total)
