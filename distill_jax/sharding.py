@@ -121,19 +121,12 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
 
 @contextlib.contextmanager
 def logical_context(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Iterator[None]:
-    """The trace-time context of a jitted step on ``mesh``: the logical axis rules.
-
-    Parameters and batches are placed by the jit's ``in_shardings``/``out_shardings``,
-    and XLA propagates those through the activations. The activation annotations of the
-    models (``nn.with_logical_constraint``) take effect only under a global (abstract)
-    mesh; that is not set here because flax 0.12's ``nn.DenseGeneral`` (used by
-    ``layers.MultiHeadAttention``) then applies the kernel's 3-axis logical constraint
-    to its flattened 2-D initialiser output inside ``Module.apply``'s parameter shape
-    check, which fails. Once the attention kernels are created without that reshape,
-    enter ``jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`` here as well.
-    """
-    del mesh  # see the docstring: the abstract mesh is not entered yet
-    with nn.logical_axis_rules(rules):
+    """The trace-time context of a jitted step on ``mesh``: the logical axis rules and
+    the mesh itself, so that the models' activation annotations
+    (``nn.with_logical_constraint``: batch over data x fsdp, heads / feed-forward width /
+    vocabulary over tensor) become sharding constraints. Parameters and batches are placed
+    by the jit's ``in_shardings``/``out_shardings``."""
+    with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         yield
 
 
