@@ -1,0 +1,146 @@
+"""The distillation pipeline end to end on a tiny teacher and a slice of Multi30k:
+train-teacher -> soft-targets -> train-student, exact resume after SIGKILL, and online
+vs offline distillation."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tiny_experiment
+
+pytestmark = pytest.mark.slow
+
+CONFIG = "configs/tiny.py"
+
+
+def _cli(workdir, teacher, command, *extra, check=True):
+    args = [sys.executable, "-m", "distill_jax.cli", command, "--config", CONFIG,
+            "--workdir", str(workdir), "--set", f"teacher.checkpoint={teacher}", "--no-progress",
+            *extra]
+    return subprocess.run(args, check=check, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, minilm_dir, shared_data):
+    root = tmp_path_factory.mktemp("pipeline")
+    teacher = tiny_experiment.save_tiny_teacher(root / "teacher", minilm_dir)
+    specs = tiny_experiment.write_corpus(shared_data, root / "corpus")
+    workdir = root / "work"
+    tiny_experiment.prepare(teacher, root / "corpus", specs, workdir / "data")
+    _cli(workdir, teacher, "train-teacher", "--set", "teacher.steps=2")
+    _cli(workdir, teacher, "soft-targets", "--set", "teacher.steps=2")
+    return workdir, teacher
+
+
+def _final_params(workdir, name):
+    from distill_jax import configlib
+    from distill_jax.sharding import MeshConfig, make_mesh
+    from distill_jax.student import load_trained
+    config = configlib.load_config_file(CONFIG)
+    _, params, _ = load_trained(config, workdir, name, "latest", make_mesh(MeshConfig()))
+    return jax.tree.map(np.asarray, params)
+
+
+def test_sigkill_and_rerun_finishes_like_an_uninterrupted_run(experiment):
+    workdir, teacher = experiment
+    common = ["--set", "teacher.steps=2", "--set", "train.steps=8", "--set", "train.save_every=2",
+              "--set", "train.eval_every=100"]
+    _cli(workdir, teacher, "train-student", "--name", "straight", *common)
+
+    # Kill at a random checkpoint (seeded: the test is deterministic).
+    kill_after = random.Random(0).choice([2, 4, 6])
+    args = [sys.executable, "-m", "distill_jax.cli", "train-student", "--config", CONFIG,
+            "--workdir", str(workdir), "--set", f"teacher.checkpoint={teacher}",
+            "--no-progress", "--name", "killed", *common]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = workdir / "students" / "killed" / "checkpoints"
+    deadline = time.time() + 600
+    while not (checkpoints / str(kill_after)).is_dir():
+        assert process.poll() is None, "train-student ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared in time"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    steps_before = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert max(steps_before) < 8, "the run finished before the kill; nothing was resumed"
+
+    rerun = _cli(workdir, teacher, "train-student", "--name", "killed", *common)
+    assert "test2016: BLEU" in rerun.stdout
+    straight, resumed = _final_params(workdir, "straight"), _final_params(workdir, "killed")
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+    # The resumed run's training log reads as one run: each step logged once.
+    import json
+    lines = (workdir / "students" / "killed" / "metrics.jsonl").read_text().splitlines()
+    train_steps = [json.loads(x)["step"] for x in lines if json.loads(x)["split"] == "train"]
+    assert train_steps == sorted(set(train_steps))
+
+
+def test_foreign_cache_and_changed_config_are_refused(experiment):
+    workdir, teacher = experiment
+    # Another teacher run (teacher.steps=3) than the one the cache was made with.
+    result = _cli(workdir, teacher, "train-student", "--name", "refused", "--set",
+                  "teacher.steps=3", check=False)
+    assert result.returncode == 2
+    assert "was made for teacher" in result.stderr and "soft-targets" in result.stderr
+    # Its config was recorded; rerunning the same run with another config is refused.
+    result = _cli(workdir, teacher, "train-student", "--name", "refused", "--set",
+                  "teacher.steps=3", "--set", "train.steps=9", check=False)
+    assert result.returncode == 2
+    assert "changed fields: train.steps: 8 -> 9." in result.stderr
+
+
+def test_online_and_offline_distillation_give_the_same_loss(experiment):
+    from distill_jax import configlib, sharding, student, train
+    from distill_jax import teacher as teacher_lib
+    from distill_jax.data.prepared import open_prepared
+    from distill_jax.soft_target_cache import open_cache
+
+    workdir, teacher_dir = experiment
+    config = configlib.override(configlib.load_config_file(CONFIG),
+                                [f"teacher.checkpoint={teacher_dir}", "teacher.steps=2"])
+    dataset = open_prepared(workdir / "data")
+    mesh = sharding.make_mesh(config.mesh)
+    model = student.build_model(config, dataset.vocab, jnp.float32)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
+                                 jnp.zeros((1, 8), jnp.int32))["params"])
+    pipeline = student.student_pipeline(config, dataset, "train", 8, training=True)
+    batch = pipeline.load_batch(0)
+    cache = open_cache(str(workdir / "soft_targets" / "train"))
+    offline_batch = student.attach_soft_targets(batch, cache, config.distill.top_k)
+
+    teacher, teacher_params, _ = teacher_lib.load_finetuned(config, workdir, dataset.vocab, mesh,
+                                                            jnp.float32)
+    settings = train.StudentLossConfig(alpha=0.5, label_smoothing=0.1, kd_mode="paper",
+                                       temperature=10.0)
+
+    def online_teacher(b, p):
+        return teacher_lib.stride_topk(teacher, p, b["src"], b["tgt_out"],
+                                       stride=config.teacher.stride, top_k=config.distill.top_k)
+
+    offline = train.student_loss_fn(model, settings)
+    online = train.student_loss_fn(model, settings, online_teacher)
+    keys = ("src", "tgt_in", "tgt_out")
+    off_sum, off_metrics = offline(params, {k: offline_batch[k] for k in
+                                            keys + ("kd_logits", "kd_indices")}, None)
+    on_sum, on_metrics = online(params, {k: batch[k] for k in keys}, None,
+                                jax.device_get(teacher_params))
+    assert float(off_metrics["kd"][0]) > 0
+    # The cache stores float16 logits; the online teacher computes them in float32.
+    np.testing.assert_allclose(float(on_sum), float(off_sum), rtol=2e-3)
+    np.testing.assert_allclose(float(on_metrics["kd"][0]), float(off_metrics["kd"][0]), rtol=2e-3)
+    # And the online teacher's top-K ids are exactly the cached ones.
+    _, ids = jax.jit(lambda b: online_teacher(b, teacher_params))(
+        {k: batch[k] for k in keys})
+    mask = batch["tgt_out"] != 0
+    np.testing.assert_array_equal(np.asarray(ids)[mask], offline_batch["kd_indices"][mask])
