@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 from distill_jax.errors import UserError  # noqa: F401  (re-exported for subcommands)
 
@@ -55,7 +57,23 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except UserError as err:
         print(f"distill-jax {args.command}: error: {err}", file=sys.stderr)
+        _exit_if_multiprocess(2)
         return 2
+    except Exception:
+        # In a multi-process run a normal exit would wait in jax.distributed's shutdown
+        # barrier while the other processes wait in a collective: fail fast instead, so
+        # the launcher (or the cluster) sees the failure and stops the job.
+        traceback.print_exc()
+        _exit_if_multiprocess(1)
+        raise
+
+
+def _exit_if_multiprocess(status: int) -> None:
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.process_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,14 @@ def decode_batches(sources: Sequence[np.ndarray], config: DecodeConfig, shards: 
     return batches
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (batch-sharded) global array on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def search(model, params, src: jax.Array, config: DecodeConfig,
            rng: Optional[jax.Array] = None) -> np.ndarray:
     """Best output ids [rows, steps] of one batch, by ``config.method``."""
@@ -59,14 +67,14 @@ def search(model, params, src: jax.Array, config: DecodeConfig,
     if config.method == "beam":
         sequences, _ = decode.beam_search(model, params, src, beam_size=config.beam_size,
                                           length_penalty=config.length_penalty, max_len=max_len)
-        return np.asarray(jax.device_get(sequences[:, 0]))
+        return to_host(sequences)[:, 0]
     if config.method == "greedy":
         sequences, _ = decode.greedy_search(model, params, src, max_len=max_len)
-        return np.asarray(jax.device_get(sequences))
+        return to_host(sequences)
     if config.method == "sample":
         sequences, _ = decode.sample(model, params, src, rng, temperature=config.temperature,
                                      top_k=config.top_k, max_len=max_len)
-        return np.asarray(jax.device_get(sequences))
+        return to_host(sequences)
     raise UserError(f"decode.method must be beam, greedy or sample, got {config.method!r}")
 
 

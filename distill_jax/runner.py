@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from distill_jax import configlib
 from distill_jax.errors import UserError
@@ -238,10 +239,17 @@ def train_loop(
             if is_chief():
                 bar.write(f"[{desc}] step {step}: " + ", ".join(
                     f"{k} {v:.4g}" for k, v in eval_values.items()))
-        if step % save_every == 0 or step == total_steps:
+        preempted = jax.process_count() > 1 and \
+            multihost_utils.reached_preemption_sync_point(step)
+        if step % save_every == 0 or step == total_steps or preempted:
             # Validation metrics (when this step has them) feed the keep-best policy.
             checkpoints.save(step, state, extra={"data": data_state()},
                              metrics=eval_values, force=True)
+        if preempted:
+            # SIGTERM (TPU maintenance, scancel) reached every process at this step: the
+            # checkpoint above lets the rerun resume exactly here.
+            logger.warning("preemption notice at step %d: checkpointed, stopping", step)
+            break
     bar.close()
     checkpoints.wait()
     return state

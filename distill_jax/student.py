@@ -249,6 +249,9 @@ def run(args: argparse.Namespace) -> int:
         data_state=batches.get_state, log=log, evaluate=evaluate,
         eval_every=config.train.eval_every, save_every=config.train.save_every,
         desc=f"student {name}", no_progress=args.no_progress)
+    if int(jax.device_get(state.step)) < config.train.steps:  # preempted; rerun resumes
+        manager.close()
+        return 0
 
     final_params, which = final_parameters(config, manager, state, shardings)
     results = {"name": name, "experiment": config.name, "kd": kd, "steps": config.train.steps,
