@@ -162,14 +162,6 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
 
-def host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """(sum, count) device pairs -> floats (sum / count)."""
-    out = {}
-    for name, (total, count) in jax.device_get(dict(metrics)).items():
-        out[name] = float(total) / max(float(count), 1e-9)
-    return out
-
-
 def add_metrics(total: Optional[dict], metrics: Mapping[str, Any]) -> dict:
     """Accumulates (sum, count) pairs on the host."""
     metrics = jax.device_get(dict(metrics))
@@ -185,6 +177,29 @@ def progress(total: int, initial: int, desc: str, disable: bool):
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+def resume(checkpoints: Any, state: Any, shardings: Any, batches: Any, log: MetricsLog) -> Any:
+    """Restores the latest checkpoint, if any, onto ``shardings`` (any mesh): the state,
+    the data iterator's position and a metrics log without the steps after it."""
+    from distill_jax import sharding
+
+    latest = checkpoints.latest_step()
+    if latest is None:
+        return state
+    state, extra = checkpoints.restore(latest, sharding.abstract_with_shardings(state, shardings))
+    batches.set_state(extra["data"])
+    log.truncate_after(latest)
+    return state
+
+
+def evaluate_split(eval_step: Callable, params: Any, pipeline: Any,
+                   to_device: Callable[[dict], dict]) -> dict:
+    """(sum, count) metrics of ``eval_step`` over one pass of ``pipeline``, on the host."""
+    total = None
+    for i in range(pipeline.batches_per_epoch):
+        total = add_metrics(total, eval_step(params, to_device(pipeline.load_batch(i))))
+    return total
 
 
 def train_loop(

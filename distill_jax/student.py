@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -189,10 +189,11 @@ def run(args: argparse.Namespace) -> int:
         teacher, frozen, frozen_shardings = teacher_lib.load_finetuned(
             config, workdir, vocab, mesh, dtype)
 
-        def teacher_fn(batch, teacher_params):
+        def online_teacher(batch, teacher_params):
             return teacher_lib.stride_topk(teacher, teacher_params, batch["src"], batch["tgt_out"],
                                            stride=config.teacher.stride,
                                            top_k=config.distill.top_k)
+        teacher_fn = online_teacher
 
     settings = train.StudentLossConfig(
         alpha=config.distill.alpha if kd != "none" else 0.0,
@@ -222,18 +223,12 @@ def run(args: argparse.Namespace) -> int:
 
     manager = checkpointer(out / "checkpoints", config)
     log = runner.MetricsLog(out)
-    latest = manager.latest_step()
-    if latest is not None:
-        state, extra = manager.restore(latest, sharding.abstract_with_shardings(state, shardings))
-        batches.set_state(extra["data"])
-        log.truncate_after(latest)
+    state = runner.resume(manager, state, shardings, batches, log)
 
     def evaluate(state, step):
-        total = None
-        for i in range(valid.batches_per_epoch):
-            batch = valid.load_batch(i)
-            total = runner.add_metrics(total, eval_step(
-                state.params, sharding.shard_batch({k: batch[k] for k in eval_keys}, mesh)))
+        total = runner.evaluate_split(
+            eval_step, state.params, valid,
+            lambda batch: sharding.shard_batch({k: batch[k] for k in eval_keys}, mesh))
         scores, _ = score_split(model, state.params, vocab, dataset, config.data.valid_split,
                                 config.decode, mesh, limit=config.train.bleu_sentences)
         return {"loss": total["loss"][0] / total["loss"][1],

@@ -10,7 +10,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,16 +191,10 @@ def run(args: argparse.Namespace) -> int:
 
     manager = checkpointer(out / "checkpoints", config)
     log = runner.MetricsLog(out)
-    latest = manager.latest_step()
-    if latest is not None:
-        state, extra = manager.restore(latest, sharding.abstract_with_shardings(state, shardings))
-        batches.set_state(extra["data"])
-        log.truncate_after(latest)
+    state = runner.resume(manager, state, shardings, batches, log)
 
     def evaluate(state, step):
-        total = None
-        for i in range(valid.batches_per_epoch):
-            total = runner.add_metrics(total, eval_step(state.params, to_device(valid.load_batch(i))))
+        total = runner.evaluate_split(eval_step, state.params, valid, to_device)
         return {"loss": total["loss"][0] / total["loss"][1],
                 "masked_accuracy": total["accuracy"][0] / total["accuracy"][1]}
 

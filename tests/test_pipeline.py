@@ -2,7 +2,6 @@
 train-teacher -> soft-targets -> train-student, exact resume after SIGKILL, and online
 vs offline distillation."""
 
-import os
 import random
 import signal
 import subprocess

@@ -1,6 +1,5 @@
 """The teacher's stride-masked top-K soft targets (DESIGN.md step 2)."""
 
-import pathlib
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,6 @@ through ``UpstreamSpec``; their own builders need TensorFlow.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator

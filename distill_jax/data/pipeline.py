@@ -11,13 +11,11 @@ produces exactly the batches the saved one would have.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
-from distill_jax.data.cmlm import DEFAULT_MASK_RATE, random_target_mask
+from distill_jax.data.cmlm import random_target_mask
 from distill_jax.data.vocab import BOS, EOS
 
 
