@@ -250,7 +250,12 @@ def run(args: argparse.Namespace) -> int:
 
     final_params, which = final_parameters(config, manager, state, shardings)
     results = {"name": name, "experiment": config.name, "kd": kd, "steps": config.train.steps,
-               "seed": config.train.seed, "checkpoint": which, "splits": {}}
+               "seed": config.train.seed, "checkpoint": which,
+               "teacher": None if kd == "none" else {
+                   "checkpoint": config.teacher.checkpoint, "init": config.teacher.init,
+                   "steps": config.teacher.steps, "top_k": config.distill.top_k,
+                   "alpha": config.distill.alpha},
+               "splits": {}}
     for split in (config.data.valid_split, *config.data.test_splits):
         scores, hypotheses = score_split(model, final_params, vocab, dataset, split,
                                          config.decode, mesh, progress=not args.no_progress)

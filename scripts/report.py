@@ -4,14 +4,20 @@
 
 Reads WORKDIR/students/*/results.json and the metrics.jsonl logs; writes
 WORKDIR/curves.png (teacher and student losses, validation BLEU) when matplotlib is
-installed.
+installed. Runs named ``STEM`` and ``STEM-s<seed>`` (scripts/seeds.sh) are also summarised
+per stem as mean +- sample standard deviation over their seeds.
 """
 
 import argparse
 import json
 import pathlib
 import platform
+import re
+import statistics
 import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from benchlib import cpu_model  # noqa: E402
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:
@@ -34,13 +40,34 @@ def results_table(workdir: pathlib.Path) -> tuple[str, list[dict]]:
         lines.append(f"| {r['name']} | {r['kd']} | {r['steps']} | {r['checkpoint']} | "
                      + " | ".join(f"{r['splits'][s]['bleu']:.2f}" for s in splits) + " |")
         for s in splits:
-            records.append({"system": r["name"], "kd": r["kd"], "seed": r.get("seed"),
-                            "split": s, "metric": "bleu", "value": r["splits"][s]["bleu"],
+            records.append({"system": r["name"], "kd": r["kd"], "teacher": r.get("teacher"),
+                            "seed": r.get("seed"), "split": s, "metric": "bleu",
+                            "value": r["splits"][s]["bleu"],
                             "signature": r["splits"][s]["bleu_signature"],
-                            "steps": r["steps"], "hardware": platform.processor() or
-                            platform.machine()})
+                            "checkpoint": r["checkpoint"], "steps": r["steps"],
+                            "hardware": f"{cpu_model()} ({platform.machine()}), CPU"})
     signature = results[0]["splits"][splits[0]]["bleu_signature"]
-    return "\n".join(lines) + f"\n\nsacreBLEU signature: {signature}", records
+    table = "\n".join(lines) + f"\n\nsacreBLEU signature: {signature}"
+    summary = seed_summary(records, splits)
+    return table + ("\n\n" + summary if summary else ""), records
+
+
+def seed_summary(records: list[dict], splits: list[str]) -> str:
+    """Mean +- sample std over the seeds of every ``STEM[-s<seed>]`` group with >= 2 runs."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        stem = re.sub(r"-s\d+$", "", r["system"])
+        groups.setdefault(stem, {}).setdefault(r["split"], []).append(r["value"])
+    groups = {k: v for k, v in groups.items() if min(len(x) for x in v.values()) >= 2}
+    if not groups:
+        return ""
+    lines = ["| system | seeds | " + " | ".join(f"{s} BLEU (mean ± std)" for s in splits) + " |",
+             "|---|---|" + "---|" * len(splits)]
+    for stem, by_split in groups.items():
+        cells = [f"{statistics.mean(by_split[s]):.2f} ± {statistics.stdev(by_split[s]):.2f}"
+                 for s in splits]
+        lines.append(f"| {stem} | {len(by_split[splits[0]])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(workdir: pathlib.Path) -> pathlib.Path | None:

@@ -1,0 +1,41 @@
+"""scripts/report.py: the per-run table, the per-seed summary and the JSON records."""
+
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+import report  # noqa: E402
+
+SIGNATURE = "nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|version:2.6.0"
+
+
+def _write(workdir, name, kd, seed, val, test):
+    run = workdir / "students" / name
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({
+        "name": name, "kd": kd, "steps": 500, "seed": seed, "checkpoint": "step 500",
+        "teacher": None if kd == "none" else {"checkpoint": "minilm", "init": "pretrained"},
+        "splits": {"val": {"bleu": val, "bleu_signature": SIGNATURE},
+                   "test2016": {"bleu": test, "bleu_signature": SIGNATURE}}}))
+
+
+def test_seed_groups_are_summarised_and_recorded(tmp_path):
+    _write(tmp_path, "baseline", "none", 0, 10.0, 11.0)
+    _write(tmp_path, "baseline-s1", "none", 1, 12.0, 13.0)
+    _write(tmp_path, "baseline-s2", "none", 2, 14.0, 12.0)
+    _write(tmp_path, "distilled", "offline", 0, 9.0, 9.5)
+    _write(tmp_path, "distilled-s1", "offline", 1, 9.0, 10.5)
+    _write(tmp_path, "lonely", "offline", 0, 1.0, 1.0)  # one run: no summary row
+    table, records = report.results_table(tmp_path)
+    assert len(records) == 12  # 6 runs x 2 splits
+    baseline_row = next(line for line in table.splitlines() if line.startswith("| baseline | 3 |"))
+    std = statistics.stdev([11.0, 13.0, 12.0])
+    assert f"12.00 ± {std:.2f}" in baseline_row  # test2016 mean of 11, 13, 12
+    assert "| distilled | 2 | 9.00 ± 0.00 | 10.00 ± 0.71 |" in table
+    assert "| lonely | 1 |" not in table
+    record = next(r for r in records if r["system"] == "distilled-s1" and r["split"] == "test2016")
+    assert record["value"] == 10.5 and record["seed"] == 1 and record["kd"] == "offline"
+    assert record["teacher"]["init"] == "pretrained" and record["metric"] == "bleu"
+    assert record["hardware"] and record["steps"] == 500
