@@ -160,6 +160,42 @@ def test_early_stopping_loses_nothing(model_and_params):
         assert [as_tuple(s) for s in seqs[row]] == [r[1] for r in reference]
 
 
+def test_early_stopping_ends_the_loop_before_the_bound(model_and_params, monkeypatch):
+    """Without a length penalty log-probs only fall, so once ``beam`` finished hypotheses
+    outrank every live one the sentence is done. Here EOS is made the likeliest token for
+    the two sentences that otherwise repeat token 4: the loop must stop long before the
+    bound (decoder steps are counted from inside the jitted loop), with the same result as
+    the reference search that runs to the bound."""
+    import distill_jax.decode as decode_lib
+
+    model, params = model_and_params
+    table = params["shared_embedding"]["embedding"]
+    params = {**params, "shared_embedding": {"embedding": table.at[EOS].set(1.3 * table[4])}}
+    sources = SOURCES[[0, 2]]
+    calls = []
+    original = decode_lib._next_log_probs
+
+    def counted(*args):
+        jax.debug.callback(lambda: calls.append(1))
+        return original(*args)
+
+    monkeypatch.setattr(decode_lib, "_next_log_probs", counted)
+    jax.clear_caches()  # trace beam_search again, with the counter
+    try:
+        bound = MAX_LEN + 2
+        seqs, scores = beam_search(model, params, sources, beam_size=2, length_penalty=0.0,
+                                   max_len=bound)
+        jax.block_until_ready(seqs)
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()  # later tests must not reuse the counting trace
+    assert 1 <= len(calls) < bound - 2
+    for row in range(2):
+        reference = reference_beam_search(params, sources[row], 2, 0.0, bound)
+        np.testing.assert_allclose(scores[row], [r[0] for r in reference], rtol=0, atol=1e-5)
+        assert [as_tuple(s) for s in seqs[row]] == [r[1] for r in reference]
+
+
 def test_beam_of_one_is_greedy(model_and_params):
     """Without a length penalty a single beam makes the greedy choices."""
     model, params = model_and_params
