@@ -224,6 +224,11 @@ def run(args: argparse.Namespace) -> int:
     manager = checkpointer(out / "checkpoints", config)
     log = runner.MetricsLog(out)
     state = runner.resume(manager, state, shardings, batches, log)
+    if int(jax.device_get(state.step)) >= config.train.steps and (out / "results.json").exists():
+        if runner.is_chief():  # a finished run: nothing to redo (delete results.json to rescore)
+            print(f"[{name}] already finished: {out / 'results.json'}", flush=True)
+        manager.close()
+        return 0
 
     def evaluate(state, step):
         total = runner.evaluate_split(

@@ -32,3 +32,13 @@ def test_quick_demo_runs_end_to_end(tmp_path, minilm_dir, shared_data):
         assert (work / "students" / name / "results.json").is_file()
         hypotheses = (work / "students" / name / "test2016.hyp.txt").read_text().splitlines()
         assert len(hypotheses) == 1000
+
+    # Rerunning the same command redoes nothing: every stage finds its work done.
+    mtime = (work / "students" / "baseline" / "results.json").stat().st_mtime_ns
+    again = subprocess.run(["bash", "scripts/demo.sh", "--quick"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[baseline] already finished" in again.stdout
+    assert "[distilled] already finished" in again.stdout
+    assert (work / "students" / "baseline" / "results.json").stat().st_mtime_ns == mtime
+    assert "| distilled | offline |" in again.stdout
