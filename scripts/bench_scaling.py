@@ -361,6 +361,7 @@ def plot(records: list[dict], path: str) -> None:
             ax.plot([r["devices"] for r in rs], [r["target_tokens_per_s"] for r in rs],
                     "o-" if label != "mixed" else "s", label=label)
         ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("simulated CPU devices")
         ax.set_ylabel("target tokens / s")
         ax.set_title(f"{suite} scaling (2 CPU cores shared)")
@@ -389,9 +390,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--plot", default=None, help="write a PNG here (process 0)")
     parser.add_argument("--compare", nargs=2, metavar=("ONE_PROC.json", "TWO_PROC.json"),
                         help="print the 1-vs-2-process table of two --suite processes runs")
+    parser.add_argument("--from-json", default=None, metavar="PATH",
+                        help="print the tables (and --plot) of earlier records; measure nothing")
     args = parser.parse_args(argv)
     if args.compare:
         compare(*args.compare)
+        return 0
+    if args.from_json:
+        records = json.load(open(args.from_json))
+        print_table(records)
+        if args.plot:
+            plot(records, args.plot)
         return 0
     _init_processes()
     import jax
