@@ -85,6 +85,46 @@ def test_sigkill_and_rerun_finishes_like_an_uninterrupted_run(experiment):
     assert train_steps == sorted(set(train_steps))
 
 
+def test_train_student_command_runs_as_two_processes(experiment):
+    """The unchanged `distill-jax train-student` command as 2 processes x 4 CPU devices
+    (through the local launcher) on a (2,2,2) mesh trains like 1 process x 8 devices:
+    same final parameters; only process 0 logs metrics and prints results."""
+    import json
+
+    from test_multiprocess import NOISE_LEAVES, REPO, clean_env
+
+    workdir, teacher = experiment
+    common = ["--set", "teacher.steps=2", "--set", "train.steps=4", "--set", "train.save_every=2",
+              "--set", "train.eval_every=100", "--set", "mesh.data=2", "--set", "mesh.fsdp=2",
+              "--set", "mesh.tensor=2"]
+    command = [sys.executable, "-m", "distill_jax.cli", "train-student", "--config", CONFIG,
+               "--workdir", str(workdir), "--set", f"teacher.checkpoint={teacher}",
+               "--no-progress", *common]
+    one = subprocess.run(command + ["--name", "one-process"], cwd=REPO, capture_output=True,
+                         text=True, timeout=900,
+                         env=clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "distill_jax.launch", "--local-processes", "2",
+         "--devices-per-process", "4", "--", *command, "--name", "two-processes"],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env=clean_env())
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "[0] [two-processes] test2016: BLEU" in two.stdout
+    assert "[1] [two-processes]" not in two.stdout  # only the chief prints results
+    run = workdir / "students" / "two-processes"
+    assert (run / "results.json").is_file() and (run / "checkpoints" / "4").is_dir()
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in lines if r["split"] == "train"]
+    assert train_steps == sorted(set(train_steps)), "metrics written by more than one process"
+
+    ones, twos = _final_params(workdir, "one-process"), _final_params(workdir, "two-processes")
+    flat_one = jax.tree_util.tree_leaves_with_path(ones)
+    for (path, a), b in zip(flat_one, jax.tree.leaves(twos)):
+        noise = NOISE_LEAVES in jax.tree_util.keystr(path)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=4e-3 if noise else 1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 def test_foreign_cache_and_changed_config_are_refused(experiment):
     workdir, teacher = experiment
     # Another teacher run (teacher.steps=3) than the one the cache was made with.
