@@ -80,9 +80,12 @@ def _start_decoding(model: Transformer, params: Any, src: jax.Array, copies: int
     if src.ndim != 2:
         raise ValueError(f"src must be [batch, length], got shape {src.shape}")
     encoded = model.apply({"params": params}, src, method=Transformer.encode)  # [batch, src, embed]
+    # The cross-attention keys/values are projected once per sentence, then copied to its
+    # hypotheses (with the zero self-attention caches); scalars are step counters.
+    cache = init_decode_cache(model, params, encoded, src, steps)  # leaves [batch, ...]
+    cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, copies, axis=0), cache)
     encoded = jnp.repeat(encoded, copies, axis=0)  # [batch*copies, src, embed]
     src = jnp.repeat(src, copies, axis=0)  # [batch*copies, src]
-    cache = init_decode_cache(model, params, encoded, src, steps)
     return encoded, src, cache
 
 
