@@ -5,11 +5,13 @@
 #
 #   scripts/seeds.sh CONFIG WORKDIR RESULTS_JSON "SEEDS" [--set FIELD=VALUE ...]
 #   scripts/seeds.sh configs/demo_multi30k.py runs/demo results/multi30k_demo_seeds.json "0 1 2" \
-#       --set teacher.checkpoint=.cache/distill-jax/all-MiniLM-L6-v2
+#       --set teacher.checkpoint="$PWD/.cache/distill-jax/all-MiniLM-L6-v2"
 #
-# Runs are named baseline / distilled for seed 0 (the names scripts/demo.sh uses, so its
-# runs count as seed 0) and baseline-s<seed> / distilled-s<seed> otherwise; train.seed =
-# seed (parameter initialisation and dropout; the data order stays that of data.seed).
+# The overrides must be those the teacher and soft targets were made with (the demo passes
+# the teacher's absolute path, as printed by scripts/fetch_minilm.sh). Runs are named
+# baseline / distilled for seed 0 (the names scripts/demo.sh uses, so its runs count as
+# seed 0) and baseline-s<seed> / distilled-s<seed> otherwise; train.seed = seed
+# (parameter initialisation and dropout; the data order stays that of data.seed).
 # A finished run is not repeated and an interrupted one resumes.
 set -euo pipefail
 if [[ $# -lt 4 ]]; then
