@@ -403,4 +403,8 @@ def test_killed_process_stops_the_job(jobs, tmp_path):
     assert elapsed < STOP_WITHIN_S, job.tail()
     assert status != 0
     assert wait_dead(list(pids.values()), 5) == [], job.tail()
-    assert any("process 1 was killed by signal 9" in line for line in job.lines), job.tail()
+    # The launcher names the kill, unless process 0 saw its peer's socket close and exited
+    # first (a race): then its summary still shows process 1's SIGKILL status, 128 + 9.
+    assert any("process 1 was killed by signal 9" in line
+               or ("exit statuses:" in line and line.rstrip().endswith(", 137]"))
+               for line in job.lines), job.tail()
