@@ -20,6 +20,7 @@ from distill_jax.sharding import MeshConfig
 
 KD_KINDS = ("none", "offline", "online")
 TEACHER_INITS = ("pretrained", "random")
+SELECT_METRICS = ("bleu", "rouge1", "rouge2", "rougeL")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,12 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept besides the best one
     average_last: int = 0  # average the last N checkpoints at the end (0 = off)
     bleu_sentences: int = 0  # validation sentences decoded for BLEU (0 = the whole split)
+    select_metric: str = "bleu"  # validation score that picks the best checkpoint (max)
+
+    def __post_init__(self):
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"train.select_metric must be one of {SELECT_METRICS}, "
+                             f"got {self.select_metric!r}")
 
 
 @dataclasses.dataclass(frozen=True)

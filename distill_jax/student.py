@@ -1,8 +1,8 @@
 """``distill-jax train-student``: the Transformer student with ``--set distill.kd=none``
 (baseline), ``offline`` (soft-target cache) or ``online`` (teacher inside the step).
 
-Validation reports loss / accuracy and BLEU on the validation split; the best
-checkpoint by validation BLEU is kept. At the end the best (or averaged) parameters
+Validation reports loss / accuracy, BLEU and ROUGE on the validation split; the best
+checkpoint by ``train.select_metric`` (BLEU unless configured) is kept. At the end the best (or averaged) parameters
 translate the validation and test splits into ``WORKDIR/students/NAME/SPLIT.hyp.txt`` and
 their scores go to ``results.json``.
 """
@@ -25,7 +25,7 @@ from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
 from distill_jax.data.prepared import PreparedDataset, open_prepared
 from distill_jax.data.vocab import Vocabulary
 from distill_jax.errors import UserError
-from distill_jax.experiment import ExperimentConfig
+from distill_jax.experiment import SELECT_METRICS, ExperimentConfig
 from distill_jax.models.transformer import Transformer
 
 DEFAULT_NAMES = {"none": "baseline", "offline": "distilled", "online": "distilled-online"}
@@ -118,8 +118,9 @@ def reference_texts(dataset: PreparedDataset, split: str, limit: int = 0):
 
 def score_split(model, params, vocab, dataset, split, decode_config, mesh, *, limit=0,
                 progress=False) -> tuple[dict, list[str]]:
-    """BLEU (case-insensitive: the uncased teacher's pieces lowercase the output) of the
-    student's translations of ``split``; returns (scores, hypotheses)."""
+    """BLEU (case-insensitive: the uncased teacher's pieces lowercase the output) and
+    ROUGE-1/2/L F-measures of the student's outputs for ``split`` (translation reports BLEU,
+    summarisation ROUGE; both are cheap); returns (scores, hypotheses)."""
     from distill_jax import evaluate, generate
 
     sources, references = reference_texts(dataset, split, limit)
@@ -127,7 +128,8 @@ def score_split(model, params, vocab, dataset, split, decode_config, mesh, *, li
                                      progress=progress)
     hypotheses = [vocab.decode(ids.tolist()) for ids in outputs]
     scores = evaluate.bleu(hypotheses, references, lowercase=True)
-    return {"bleu": scores["bleu"], "bleu_signature": scores["signature"]}, hypotheses
+    return ({"bleu": scores["bleu"], "bleu_signature": scores["signature"],
+             **evaluate.rouge(hypotheses, references)}, hypotheses)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -142,12 +144,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def checkpointer(directory: Path, config: ExperimentConfig):
     """The student's checkpoints: the last ones (enough to average) plus the best by
-    validation BLEU."""
+    ``train.select_metric`` on the validation split (BLEU unless configured)."""
     from distill_jax import checkpoint
     return checkpoint.Checkpointer(checkpoint.CheckpointConfig(
         str(directory), save_every=config.train.save_every,
         keep_last=max(config.train.keep_last, config.train.average_last),
-        best_metric="bleu", best_mode="max"))
+        best_metric=config.train.select_metric, best_mode="max"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         return {"loss": total["loss"][0] / total["loss"][1],
                 "nll": total["nll"][0] / total["nll"][1],
                 "accuracy": total["accuracy"][0] / total["accuracy"][1],
-                "bleu": scores["bleu"]}
+                **{metric: scores[metric] for metric in SELECT_METRICS}}
 
     step_fn = train_step if frozen is None else (
         lambda state, batch, rng: train_step(state, batch, rng, frozen))
@@ -267,7 +269,9 @@ def run(args: argparse.Namespace) -> int:
         results["splits"][split] = scores
         if runner.is_chief():
             (out / f"{split}.hyp.txt").write_text("".join(h + "\n" for h in hypotheses))
-            print(f"[{name}] {split}: BLEU {scores['bleu']:.2f} ({which})", flush=True)
+            print(f"[{name}] {split}: BLEU {scores['bleu']:.2f}, ROUGE-1/2/L "
+                  f"{scores['rouge1']:.2f}/{scores['rouge2']:.2f}/{scores['rougeL']:.2f} "
+                  f"({which})", flush=True)
     if runner.is_chief():
         tmp = out / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))
@@ -277,7 +281,8 @@ def run(args: argparse.Namespace) -> int:
 
 def final_parameters(config: ExperimentConfig, manager, state, shardings) -> tuple[Any, str]:
     """The parameters to report: the average of the last N checkpoints when requested,
-    else the best checkpoint by validation BLEU (else the last state). Closes ``manager``."""
+    else the best checkpoint by the validation ``train.select_metric`` (else the last state).
+    Closes ``manager``."""
     from distill_jax import checkpoint, sharding
 
     abstract = sharding.abstract_with_shardings(state, shardings)
@@ -290,7 +295,9 @@ def final_parameters(config: ExperimentConfig, manager, state, shardings) -> tup
     if best is not None and best != int(jax.device_get(state.step)):
         with checkpointer(Path(directory), config) as reader:
             restored, _ = reader.restore(best, abstract)
-        return restored.params, f"best validation BLEU, step {best}"
+        metric = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2",
+                  "rougeL": "ROUGE-L"}[config.train.select_metric]
+        return restored.params, f"best validation {metric}, step {best}"
     return state.params, f"step {int(jax.device_get(state.step))}"
 
 

@@ -183,3 +183,38 @@ def test_online_and_offline_distillation_give_the_same_loss(experiment):
         {k: batch[k] for k in keys})
     mask = batch["tgt_out"] != 0
     np.testing.assert_array_equal(np.asarray(ids)[mask], offline_batch["kd_indices"][mask])
+
+
+def test_student_selects_its_checkpoint_by_the_configured_metric(experiment):
+    """train.select_metric=rougeL: validation logs BLEU and ROUGE, the reported parameters
+    are those of the step with the best validation ROUGE-L, and results.json carries
+    ROUGE-1/2/L for every scored split (what summarisation reports)."""
+    import json
+
+    workdir, teacher = experiment
+    _cli(workdir, teacher, "train-student", "--name", "by-rouge", "--set", "teacher.steps=2",
+         "--set", "train.steps=6", "--set", "train.save_every=2", "--set", "train.eval_every=2",
+         "--set", "train.select_metric=rougeL", "--set", "train.bleu_sentences=16")
+    run = workdir / "students" / "by-rouge"
+    valid = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["split"] == "valid"]
+    assert [r["step"] for r in valid] == [2, 4, 6]
+    assert all({"bleu", "rouge1", "rouge2", "rougeL"} <= set(r) for r in valid)
+    results = json.loads((run / "results.json").read_text())
+    chosen = int(results["checkpoint"].rsplit(" ", 1)[1])
+    best = max(r["rougeL"] for r in valid)
+    assert next(r["rougeL"] for r in valid if r["step"] == chosen) == best
+    if chosen != 6:
+        assert results["checkpoint"].startswith("best validation ROUGE-L")
+    for scores in results["splits"].values():
+        assert {"bleu", "rouge1", "rouge2", "rougeL"} <= set(scores)
+        assert 0 <= scores["rouge2"] <= scores["rouge1"] <= 100
+
+
+def test_an_unknown_selection_metric_is_refused(experiment):
+    workdir, teacher = experiment
+    bad = _cli(workdir, teacher, "train-student", "--name", "bad-metric", "--set",
+               "train.select_metric=meteor", check=False)
+    assert bad.returncode != 0
+    assert "train.select_metric must be one of" in bad.stderr
+    assert not (workdir / "students" / "bad-metric").exists()

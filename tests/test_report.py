@@ -39,3 +39,37 @@ def test_seed_groups_are_summarised_and_recorded(tmp_path):
     assert record["value"] == 10.5 and record["seed"] == 1 and record["kd"] == "offline"
     assert record["teacher"]["init"] == "pretrained" and record["metric"] == "bleu"
     assert record["hardware"] and record["steps"] == 500
+
+
+def _write_scores(workdir, name, seed, **scores):
+    run = workdir / "students" / name
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({
+        "name": name, "kd": "none", "steps": 10, "seed": seed, "checkpoint": "step 10",
+        "teacher": None, "splits": {"valid": {"bleu_signature": SIGNATURE, **scores}}}))
+
+
+def test_rouge_columns_appear_when_every_run_has_them(tmp_path):
+    _write_scores(tmp_path, "baseline", 0, bleu=5.0, rouge1=30.0, rouge2=10.0, rougeL=28.0)
+    _write_scores(tmp_path, "baseline-s1", 1, bleu=7.0, rouge1=32.0, rouge2=12.0, rougeL=30.0)
+    table, records = report.results_table(tmp_path)
+    assert "valid ROUGE-2" in table and "valid BLEU" in table
+    assert "| baseline | 2 | 6.00 ± 1.41 | 31.00 ± 1.41 | 11.00 ± 1.41 | 29.00 ± 1.41 |" in table
+    assert sorted(r["metric"] for r in records if r["seed"] == 1) == [
+        "bleu", "rouge1", "rouge2", "rougeL"]
+    assert all(("signature" in r) == (r["metric"] == "bleu") for r in records)
+    table, records = report.results_table(tmp_path, ["rougeL"])
+    assert "BLEU" not in table and {r["metric"] for r in records} == {"rougeL"}
+
+
+def test_a_run_without_the_asked_metric_is_named(tmp_path):
+    _write_scores(tmp_path, "baseline", 0, bleu=5.0, rouge1=30.0, rouge2=10.0, rougeL=28.0)
+    _write_scores(tmp_path, "old", 0, bleu=5.0)  # scored before ROUGE was recorded
+    table, _ = report.results_table(tmp_path)
+    assert "ROUGE" not in table  # default: only what every run has
+    try:
+        report.results_table(tmp_path, ["rougeL"])
+    except SystemExit as exit_:
+        assert "old/results.json" in str(exit_) and "rougeL" in str(exit_)
+    else:
+        raise AssertionError("a missing metric must stop the report")
