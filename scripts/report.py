@@ -1,10 +1,13 @@
 """Prints the results table of an experiment work directory and draws its training curves.
 
-  python scripts/report.py WORKDIR [--json results/NAME.json] [--metrics bleu,rougeL]
+  python scripts/report.py WORKDIR [WORKDIR ...] [--runs NAME,...] [--json results/NAME.json]
+                          [--metrics bleu,rougeL]
 
-Reads WORKDIR/students/*/results.json (BLEU, and ROUGE-1/2/L when the runs recorded it) and the metrics.jsonl logs; writes
-WORKDIR/curves.png (teacher and student losses, validation BLEU) when matplotlib is
-installed. Runs named ``STEM`` and ``STEM-s<seed>`` (scripts/seeds.sh) are also summarised
+Reads WORKDIR/students/*/results.json (BLEU, and ROUGE-1/2/L when the runs recorded it) of
+every WORKDIR (e.g. a second work directory with another teacher; run names must not
+repeat across them), optionally only the runs named by --runs, and the metrics.jsonl logs;
+writes WORKDIR/curves.png (teacher and student losses, validation BLEU) for the first
+WORKDIR when matplotlib is installed. Runs named ``STEM`` and ``STEM-s<seed>`` (scripts/seeds.sh) are also summarised
 per stem as mean +- sample standard deviation over their seeds.
 """
 
@@ -29,13 +32,48 @@ def read_jsonl(path: pathlib.Path) -> list[dict]:
 METRICS = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
 
 
-def results_table(workdir: pathlib.Path, metrics: list[str] | None = None
+def distillation(r: dict) -> str:
+    """How a run used its teacher: ``none``, or e.g. ``offline, K 8, α 0.5, random teacher``."""
+    t = r.get("teacher")
+    if r["kd"] == "none" or not t:
+        return r["kd"]
+    parts = [r["kd"]]
+    if "top_k" in t:
+        parts.append(f"K {t['top_k']}")
+    if "alpha" in t:
+        parts.append(f"α {t['alpha']}")
+    parts.append(f"{t.get('init', 'pretrained')} teacher")
+    return ", ".join(parts)
+
+
+def results_table(workdir: pathlib.Path | list[pathlib.Path], metrics: list[str] | None = None,
+                  names: list[str] | None = None, baseline: str | None = None
                   ) -> tuple[str, list[dict]]:
-    """The per-run table (and per-seed summary) of ``metrics`` on every scored split; by
-    default BLEU, plus ROUGE-1/2/L when every run recorded them. Returns (text, records)."""
-    runs = sorted((workdir / "students").glob("*/results.json"))
-    if not runs:
-        sys.exit(f"no students/*/results.json in {workdir}: run train-student first")
+    """The per-run table (and per-seed summary) of ``metrics`` on every scored split of the
+    runs in ``workdir`` (one or several; only those called ``names``, in that order, when
+    given); by default BLEU, plus ROUGE-1/2/L when every run recorded them. With
+    ``baseline`` (a run name), every score also shows its difference from that run's.
+    Returns (text, records)."""
+    workdirs = [workdir] if isinstance(workdir, pathlib.Path) else list(workdir)
+    runs = []
+    for w in workdirs:
+        found = sorted((w / "students").glob("*/results.json"))
+        if not found:
+            sys.exit(f"no students/*/results.json in {w}: run train-student first")
+        runs += found
+    by_name: dict[str, pathlib.Path] = {}
+    for path in runs:
+        name = path.parent.name
+        if name in by_name:
+            sys.exit(f"run name {name!r} is in both {by_name[name].parent.parent.parent} and "
+                     f"{path.parent.parent.parent}: rename one (train-student --name)")
+        by_name[name] = path
+    if names is not None:
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            sys.exit(f"no finished run called {', '.join(missing)} in "
+                     f"{', '.join(map(str, workdirs))}")
+        runs = [by_name[n] for n in names]
     results = [json.loads(p.read_text()) for p in runs]
     splits = list(results[0]["splits"])
     if metrics is None:
@@ -48,13 +86,26 @@ def results_table(workdir: pathlib.Path, metrics: list[str] | None = None
                 sys.exit(f"{path}: split {s!r} has no {', '.join(missing)} "
                          "(rerun train-student to rescore, or choose --metrics)")
     columns = [(s, m) for s in splits for m in metrics]
+    reference = None
+    if baseline is not None:
+        reference = next((r for r in results if r["name"] == baseline), None)
+        if reference is None:
+            sys.exit(f"--baseline {baseline!r} is not among the tabled runs "
+                     f"({', '.join(r['name'] for r in results)})")
+
+    def cell(r: dict, s: str, m: str) -> str:
+        value = r["splits"][s][m]
+        if reference is None or r is reference:
+            return f"{value:.2f}"
+        return f"{value:.2f} ({value - reference['splits'][s][m]:+.2f})"
+
     lines = ["| student | distillation | steps | checkpoint | "
              + " | ".join(f"{s} {METRICS[m]}" for s, m in columns) + " |",
              "|---|---|---|---|" + "---|" * len(columns)]
     records = []
     for r in results:
-        lines.append(f"| {r['name']} | {r['kd']} | {r['steps']} | {r['checkpoint']} | "
-                     + " | ".join(f"{r['splits'][s][m]:.2f}" for s, m in columns) + " |")
+        lines.append(f"| {r['name']} | {distillation(r)} | {r['steps']} | {r['checkpoint']} | "
+                     + " | ".join(cell(r, s, m) for s, m in columns) + " |")
         for s, m in columns:
             records.append({"system": r["name"], "kd": r["kd"], "teacher": r.get("teacher"),
                             "seed": r.get("seed"), "split": s, "metric": m,
@@ -64,6 +115,8 @@ def results_table(workdir: pathlib.Path, metrics: list[str] | None = None
                             "checkpoint": r["checkpoint"], "steps": r["steps"],
                             "hardware": f"{cpu_model()} ({platform.machine()}), CPU"})
     table = "\n".join(lines)
+    if reference is not None:
+        table += f"\n\n(in brackets: the difference from {baseline})"
     if "bleu" in metrics:
         table += f"\n\nsacreBLEU signature: {results[0]['splits'][splits[0]]['bleu_signature']}"
     summary = seed_summary(records, columns)
@@ -127,7 +180,11 @@ def plot(workdir: pathlib.Path) -> pathlib.Path | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workdir", type=pathlib.Path)
+    parser.add_argument("workdir", type=pathlib.Path, nargs="+")
+    parser.add_argument("--runs", default=None,
+                        help="comma-separated run names to table, in this order (default: all)")
+    parser.add_argument("--baseline", default=None,
+                        help="a run name: also show every score's difference from that run's")
     parser.add_argument("--json", type=pathlib.Path, help="also write the records as JSON")
     parser.add_argument("--metrics", default=None,
                         help=f"comma-separated, from {', '.join(METRICS)} (default: BLEU, and "
@@ -140,12 +197,13 @@ def main() -> None:
         if unknown:
             parser.error(f"--metrics: unknown {', '.join(unknown)}; choose from "
                          f"{', '.join(METRICS)}")
-    table, records = results_table(args.workdir, metrics)
+    names = [n.strip() for n in args.runs.split(",") if n.strip()] if args.runs else None
+    table, records = results_table(args.workdir, metrics, names, args.baseline)
     print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=2))
-    out = plot(args.workdir)
+    out = plot(args.workdir[0])
     if out:
         print(f"training curves: {out}")
 

@@ -73,3 +73,37 @@ def test_a_run_without_the_asked_metric_is_named(tmp_path):
         assert "old/results.json" in str(exit_) and "rougeL" in str(exit_)
     else:
         raise AssertionError("a missing metric must stop the report")
+
+
+def test_ablations_across_work_directories_show_their_difference_from_the_baseline(tmp_path):
+    main, other = tmp_path / "main", tmp_path / "random"
+    _write(main, "baseline", "none", 0, 10.0, 11.0)
+    _write(main, "distilled", "offline", 0, 12.0, 12.5)
+    _write(main, "unwanted", "offline", 0, 1.0, 1.0)
+    _write(other, "distilled-random-teacher", "offline", 0, 9.0, 10.25)
+    table, records = report.results_table(
+        [main, other], names=["baseline", "distilled-random-teacher", "distilled"],
+        baseline="baseline")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split(" | ")[0] for row in rows[1:]] == [
+        "| baseline", "| distilled-random-teacher", "| distilled"]  # the asked order
+    assert "| 9.00 (-1.00) | 10.25 (-0.75) |" in rows[2]
+    assert "| 12.00 (+2.00) | 12.50 (+1.50) |" in rows[3]
+    assert "| 10.00 | 11.00 |" in rows[1]  # the reference itself has no difference
+    assert "unwanted" not in table and len(records) == 6
+
+
+def test_report_refuses_ambiguous_or_missing_runs(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    _write(first, "distilled", "offline", 0, 1.0, 1.0)
+    _write(second, "distilled", "offline", 1, 2.0, 2.0)
+    for call, words in (
+            (lambda: report.results_table([first, second]), ["distilled", str(second)]),
+            (lambda: report.results_table([first], names=["distilled", "k32"]), ["k32"]),
+            (lambda: report.results_table([first], baseline="baseline"), ["baseline"])):
+        try:
+            call()
+        except SystemExit as exit_:
+            assert all(w in str(exit_) for w in words), str(exit_)
+        else:
+            raise AssertionError("the report must stop")
