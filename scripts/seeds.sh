@@ -22,13 +22,16 @@ config="$1" workdir="$2" results="$3" seeds="$4"
 shift 4
 root="$(cd "$(dirname "$0")/.." && pwd)"
 py="${PYTHON:-$root/.venv/bin/python}"
+runs=()
 for seed in $seeds; do
   for kd in none offline; do
     name="$([[ $kd == none ]] && echo baseline || echo distilled)"
     [[ $seed == 0 ]] || name="$name-s$seed"
+    runs+=("$name")
     echo "== $name"
     "$py" -m distill_jax.cli train-student --config "$config" --workdir "$workdir" \
       --name "$name" --set distill.kd=$kd --set train.seed=$seed "$@"
   done
 done
-"$py" "$root/scripts/report.py" "$workdir" --json "$results"
+# Only these runs: the work directory may also hold ablations (scripts/ablations.sh).
+"$py" "$root/scripts/report.py" "$workdir" --runs "$(IFS=,; echo "${runs[*]}")" --json "$results"

@@ -24,7 +24,7 @@ def test_quick_demo_runs_end_to_end(tmp_path, minilm_dir, shared_data):
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    assert "| baseline | none |" in out and "| distilled | offline |" in out
+    assert "| baseline | none |" in out and "| distilled | offline, K 8, α 0.5, pretrained teacher |" in out
     assert "val BLEU" in out and "test2016 BLEU" in out
     work = tmp_path / "demo"
     assert (work / "curves.png").stat().st_size > 10_000
@@ -41,4 +41,4 @@ def test_quick_demo_runs_end_to_end(tmp_path, minilm_dir, shared_data):
     assert "[baseline] already finished" in again.stdout
     assert "[distilled] already finished" in again.stdout
     assert (work / "students" / "baseline" / "results.json").stat().st_mtime_ns == mtime
-    assert "| distilled | offline |" in again.stdout
+    assert "| distilled | offline, K 8, α 0.5, pretrained teacher |" in again.stdout
