@@ -107,3 +107,18 @@ def test_report_refuses_ambiguous_or_missing_runs(tmp_path):
             assert all(w in str(exit_) for w in words), str(exit_)
         else:
             raise AssertionError("the report must stop")
+
+
+def test_ablations_script_names_what_it_needs_first(tmp_path):
+    import subprocess
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text("{}")
+    result = subprocess.run(
+        ["bash", "scripts/ablations.sh", "configs/multi30k_cpu.py", str(tmp_path),
+         str(tmp_path / "out.json")], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"{tmp_path}/teacher is missing" in result.stderr
+    assert "scripts/experiment.sh" in result.stderr
+    assert not (tmp_path / "out.json").exists() and not (tmp_path.parent / (
+        tmp_path.name + "-random")).exists()
