@@ -116,10 +116,12 @@ def main(argv=None):
     from distill_jax import decode
     from distill_jax.models.transformer import Transformer, TransformerConfig
 
-    machine = benchlib.machine_info()
+    machine = benchlib.machine_info(dtype=args.dtype)
+    device = benchlib.torch_device()
     peak = machine["matmul_peak_gflops"]
     print(f"machine: {benchlib.describe_machine(machine)}")
-    print(f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()})")
+    print(f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()}); torch on "
+          f"{device}; compute dtype {args.dtype}")
     benchlib.warn_if_loaded(machine)
     src_np = make_sources(args.batch, args.src_len, args.vocab, args.padded_rows)
 
@@ -128,7 +130,7 @@ def main(argv=None):
                             mlp_dim=args.mlp_dim, num_encoder_layers=args.layers,
                             num_decoder_layers=args.layers, dropout_rate=0.3,
                             max_len=max(args.src_len, steps), pad_id=PAD, bos_id=BOS,
-                            eos_id=BOS)
+                            eos_id=BOS, dtype=jnp.dtype(args.dtype))
     model = Transformer(cfg)
     x = jnp.ones((1, 4), jnp.int32)
     params = nn.unbox(model.init(jax.random.PRNGKey(0), x, x)["params"])
@@ -148,9 +150,9 @@ def main(argv=None):
         scale_embedding=True, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=BOS,
         forced_eos_token_id=None, share_encoder_decoder_embeddings=True, tie_word_embeddings=True)
     torch.manual_seed(0)
-    marian = transformers.MarianMTModel(marian_cfg).eval()
+    marian = transformers.MarianMTModel(marian_cfg).eval().to(device, getattr(torch, args.dtype))
     attn_impl = getattr(marian.config, "_attn_implementation", "?")
-    input_ids = torch.from_numpy(src_np.astype(np.int64))
+    input_ids = torch.from_numpy(src_np.astype(np.int64)).to(device)
     attention_mask = (input_ids != PAD).long()
 
     def theirs_search():
@@ -162,7 +164,7 @@ def main(argv=None):
 
     # ---- both generate exactly N tokens
     ours_seqs, ours_scores = jax.device_get(ours_search())  # [B, beams, N], [B, beams]
-    theirs_seqs = theirs_search().numpy()  # [B, 1 + N]
+    theirs_seqs = theirs_search().cpu().numpy()  # [B, 1 + N]
     assert ours_seqs.shape == (args.batch, args.beams, steps), ours_seqs.shape
     assert np.all(np.isfinite(ours_scores)), "ours: a beam slot is empty"
     assert not np.isin(ours_seqs, [PAD, BOS, EOS]).any(), "ours: pad/bos/eos generated"
@@ -175,7 +177,7 @@ def main(argv=None):
     ours = benchlib.time_runs(ours_search, warmup=args.warmup, runs=args.runs,
                                label="ours")
     theirs = benchlib.time_runs(theirs_search, warmup=args.warmup, runs=args.runs,
-                                sync=lambda x: x, label="theirs")
+                                sync=benchlib.torch_sync, label="theirs")
 
     flops = beam_flops(args.batch, args.beams, args.src_len, steps, args.d_model, args.mlp_dim,
                        args.vocab, args.layers, args.layers)
@@ -183,7 +185,7 @@ def main(argv=None):
     shapes = {"batch": args.batch, "beams": args.beams, "src_len": args.src_len,
               "new_tokens": steps, "vocab": args.vocab, "padded_rows": args.padded_rows,
               "d_model": args.d_model, "mlp_dim": args.mlp_dim, "heads": args.heads,
-              "layers": args.layers, "length_penalty": args.length_penalty, "dtype": "float32"}
+              "layers": args.layers, "length_penalty": args.length_penalty, "dtype": args.dtype}
     rows = []
     common = dict(benchmark="beam_search", config=shapes, flops=flops, items=args.batch * steps,
                   item_unit="tokens", peak_gflops=peak, machine=machine)
@@ -195,6 +197,7 @@ def main(argv=None):
     theirs_rec = benchlib.make_record(
         system=f"transformers MarianMTModel.generate (torch, {attn_impl})", timing=theirs,
         extra={"sentences_per_s": args.batch / theirs.median_s, "torch_threads": threads,
+               "torch_device": device,
                "forcing": "min_new_tokens=max_new_tokens=N, forced_eos_token_id=None"},
         **common)
     ratio = benchlib.add_ratio(ours_rec, theirs_rec)

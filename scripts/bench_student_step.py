@@ -107,11 +107,20 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--layers", type=int, default=6, help="encoder and decoder layers each")
     parser.add_argument("--torch-adam", choices=("fused", "foreach", "for-loop"), default="fused")
+    parser.add_argument("--dropout", type=float, default=0.3, help="both sides' dropout rate")
+    parser.add_argument("--attention", default="einsum", choices=("einsum", "xla"),
+                        help="our attention kernel (TransformerConfig.attention_impl)")
+    parser.add_argument("--prng-impl", default=None,
+                        choices=("threefry2x32", "rbg", "unsafe_rbg"),
+                        help="JAX's default PRNG (our dropout masks; default: JAX's threefry)")
     benchlib.add_common_args(parser)
     args = parser.parse_args(argv)
 
     threads = benchlib.set_torch_threads(args.torch_threads)
     import jax
+
+    if args.prng_impl:
+        jax.config.update("jax_default_prng_impl", args.prng_impl)
     import jax.numpy as jnp
     import torch
 
@@ -119,16 +128,21 @@ def main(argv=None):
     from distill_jax import optim, sharding, train
     from distill_jax.models.transformer import Transformer, TransformerConfig
 
-    machine = benchlib.machine_info()
+    machine = benchlib.machine_info(dtype=args.dtype)
+    device = benchlib.torch_device()
+    compute_dtype = jnp.dtype(args.dtype)
+    torch_dtype = getattr(torch, args.dtype)
     peak = machine["matmul_peak_gflops"]
     print(f"machine: {benchlib.describe_machine(machine)}")
-    print(f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()})")
+    print(f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()}); torch on "
+          f"{device}; compute dtype {args.dtype}")
     benchlib.warn_if_loaded(machine)
 
     cfg = TransformerConfig(vocab_size=args.vocab, d_model=args.d_model, num_heads=args.heads,
                             mlp_dim=args.mlp_dim, num_encoder_layers=args.layers,
-                            num_decoder_layers=args.layers, dropout_rate=0.3,
-                            max_len=max(args.src_len, args.tgt_len))
+                            num_decoder_layers=args.layers, dropout_rate=args.dropout,
+                            max_len=max(args.src_len, args.tgt_len), dtype=compute_dtype,
+                            attention_impl=args.attention)
     loss_settings = train.StudentLossConfig(alpha=0.5, label_smoothing=0.1, kd_mode="paper",
                                             temperature=10.0)
     opt_cfg = optim.OptimizerConfig.student()  # Adam (0.9, 0.98), inverse-sqrt, warm-up 4000
@@ -149,30 +163,34 @@ def main(argv=None):
     state, state_shardings = sharding.create_sharded_state(init_state, mesh)
     batch = sharding.shard_batch(batch_np, mesh)
     step = train.make_train_step(loss_fn, optimizer, mesh, state_shardings,
-                                 sharding.batch_shardings(batch_np, mesh))
+                                 sharding.batch_shardings(batch_np, mesh),
+                                 compute_dtype=compute_dtype)
     rng = jax.random.PRNGKey(1)
 
     # ---- theirs, with our initial parameters
     torch_model = torch_student.TorchStudent(
         args.vocab, args.d_model, args.heads, args.mlp_dim, args.layers, args.layers,
-        dropout=0.3, max_len=cfg.max_len)
+        dropout=args.dropout, max_len=cfg.max_len)
     torch_student.load_flax_params(torch_model, jax.tree.map(np.asarray, state.params))
-    torch_batch = {k: torch.from_numpy(v.astype(np.int64) if v.dtype == np.int32 else v)
+    torch_model.to(device)
+    torch_batch = {k: torch.from_numpy(v.astype(np.int64) if v.dtype == np.int32 else v).to(device)
                    for k, v in batch_np.items()}
     loss_kwargs = dict(alpha=loss_settings.alpha, label_smoothing=loss_settings.label_smoothing,
                        temperature=loss_settings.temperature)
 
     # ---- same computation: loss and gradient norm without dropout
     def ours_eval(params):
-        loss_sum, metrics = loss_fn(params, batch, None)
+        loss_sum, metrics = loss_fn(train.cast_floats(params, compute_dtype), batch, None)
         return loss_sum / metrics["loss"][1]
 
     ours_loss, ours_grads = jax.jit(jax.value_and_grad(ours_eval))(state.params)
     ours_norm = float(jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(ours_grads))))
     torch_model.eval()
-    logits = torch_model(torch_batch["src"], torch_batch["tgt_in"])
-    metrics = torch_student.combined_loss(logits, torch_batch["tgt_out"], torch_batch["kd_logits"],
-                                          torch_batch["kd_indices"], **loss_kwargs)
+    with torch_student.autocast(device, torch_dtype):
+        logits = torch_model(torch_batch["src"], torch_batch["tgt_in"])
+        metrics = torch_student.combined_loss(logits, torch_batch["tgt_out"],
+                                              torch_batch["kd_logits"], torch_batch["kd_indices"],
+                                              **loss_kwargs)
     torch_loss_tensor = metrics["loss"] / metrics["tokens"]
     torch_loss_tensor.backward()
     torch_loss = torch_loss_tensor.item()
@@ -205,13 +223,15 @@ def main(argv=None):
     ours = benchlib.time_runs(ours_step, warmup=args.warmup, runs=args.runs, label="ours")
     theirs = benchlib.time_runs(
         lambda: torch_student.train_step(torch_model, torch_optimizer, torch_schedule,
-                                         torch_batch, **loss_kwargs),
-        warmup=args.warmup, runs=args.runs, sync=lambda x: x, label="theirs")
+                                         torch_batch, compute_dtype=torch_dtype, **loss_kwargs),
+        warmup=args.warmup, runs=args.runs, sync=benchlib.torch_sync, label="theirs")
 
     shapes = {"batch": args.batch, "src_len": args.src_len, "tgt_len": args.tgt_len,
               "vocab": args.vocab, "top_k": args.top_k, "padded_rows": args.padded_rows,
               "d_model": args.d_model, "mlp_dim": args.mlp_dim, "heads": args.heads,
-              "layers": args.layers, "dropout": 0.3, "dtype": "float32",
+              "layers": args.layers, "dropout": args.dropout, "dtype": args.dtype,
+              "prng_impl": args.prng_impl or "threefry2x32 (default)",
+              "attention_impl": args.attention,
               "real_target_tokens": int((batch_np["tgt_out"] != PAD).sum())}
     common = dict(benchmark="student_train_step", config=shapes, flops=flops,
                   items=args.batch * args.tgt_len, item_unit="target tokens", peak_gflops=peak,
@@ -219,12 +239,15 @@ def main(argv=None):
     check = {"loss_ours": float(ours_loss), "loss_torch": torch_loss,
              "grad_norm_ours": ours_norm, "grad_norm_torch": torch_norm}
     ours_rec = benchlib.make_record(
-        system="distill-jax (jitted train step, 1-device mesh)", timing=ours,
+        system="distill-jax (jitted train step, 1-device mesh"
+               + (f", {args.attention} attention)" if args.attention != "einsum" else ")"),
+        timing=ours,
         extra={**check, "xla_cost_analysis_gflop": xla_flops / 1e9 if xla_flops else None},
         **common)
     theirs_rec = benchlib.make_record(
-        system=f"torch nn.Transformer*Layer eager, Adam {args.torch_adam}", timing=theirs,
-        extra={**check, "torch_threads": threads}, **common)
+        system=f"torch nn.Transformer*Layer eager, Adam {args.torch_adam}"
+               + (f", autocast {args.dtype}" if args.dtype != "float32" else ""), timing=theirs,
+        extra={**check, "torch_threads": threads, "torch_device": device}, **common)
     benchlib.add_ratio(ours_rec, theirs_rec)
     records = [ours_rec, theirs_rec]
     peak = benchlib.remeasure_peak(records)

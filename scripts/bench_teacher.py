@@ -78,6 +78,8 @@ def main(argv=None):
     parser.add_argument("--padded-rows", type=int, default=4, help="rows shorter than the length")
     parser.add_argument("--attn-implementation", default=None,
                         help="transformers attention implementation (default: its own choice)")
+    parser.add_argument("--attention", default="einsum", choices=("einsum", "xla", "cudnn"),
+                        help="our attention kernel (BertConfig.attention_impl)")
     benchlib.add_common_args(parser)
     args = parser.parse_args(argv)
 
@@ -88,17 +90,23 @@ def main(argv=None):
 
     from distill_jax.hf import load_bert
 
-    machine = benchlib.machine_info()
+    machine = benchlib.machine_info(dtype=args.dtype)
+    device = benchlib.torch_device()
     peak = machine["matmul_peak_gflops"]
     print(f"machine: {benchlib.describe_machine(machine)}")
-    print(f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()})")
+    print(f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()}); torch on "
+          f"{device}; compute dtype {args.dtype}")
     benchlib.warn_if_loaded(machine)
 
-    model, params, config = load_bert(args.checkpoint)
+    model, params, config = load_bert(args.checkpoint, dtype=jax.numpy.dtype(args.dtype),
+                                      attention_impl=args.attention)
+    if args.dtype != "float32":  # both sides hold the weights in the compute dtype
+        params = jax.tree.map(lambda x: x.astype(args.dtype), params)
     kwargs = {"add_pooling_layer": False}
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
     torch_model = transformers.BertModel.from_pretrained(args.checkpoint, **kwargs).eval()
+    torch_model.to(device, getattr(torch, args.dtype))
     attn_impl = getattr(torch_model.config, "_attn_implementation", "?")
     print(f"checkpoint: {args.checkpoint} (layers {config.num_hidden_layers}, hidden "
           f"{config.hidden_size}, heads {config.num_attention_heads}, ff "
@@ -113,7 +121,8 @@ def main(argv=None):
     for length in args.lengths:
         batch = make_batch(args.batch, length, config.vocab_size, args.padded_rows)
         shapes = {"batch": args.batch, "length": length, "padded_rows": args.padded_rows,
-                  "real_tokens": int(batch["attention_mask"].sum()), "dtype": "float32",
+                  "real_tokens": int(batch["attention_mask"].sum()), "dtype": args.dtype,
+                  "attention_impl": args.attention,
                   "checkpoint": os.path.basename(os.path.normpath(args.checkpoint))}
         flops = forward_flops(args.batch, length, config.hidden_size, config.intermediate_size,
                               config.num_hidden_layers)
@@ -126,17 +135,18 @@ def main(argv=None):
         ours = benchlib.time_runs(lambda: forward(*jax_args), warmup=args.warmup, runs=args.runs,
                                       label=f"ours   L={length}")
 
-        torch_batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
+        torch_batch = {k: torch.from_numpy(v.astype(np.int64)).to(device)
+                       for k, v in batch.items()}
 
         def torch_forward():
             with torch.inference_mode():
                 return torch_model(**torch_batch).last_hidden_state
 
         theirs = benchlib.time_runs(torch_forward, warmup=args.warmup, runs=args.runs,
-                                    sync=lambda x: x, label=f"theirs L={length}")
+                                    sync=benchlib.torch_sync, label=f"theirs L={length}")
 
-        ours_out = np.asarray(forward(*jax_args))
-        theirs_out = torch_forward().numpy()
+        ours_out = np.asarray(forward(*jax_args), np.float32)
+        theirs_out = torch_forward().float().cpu().numpy()
         real = batch["attention_mask"].astype(bool)
         diff_all = float(np.max(np.abs(ours_out - theirs_out)))
         diff_real = float(np.max(np.abs(ours_out - theirs_out)[real]))
@@ -147,13 +157,16 @@ def main(argv=None):
         common = dict(benchmark="teacher_forward", config=shapes, flops=flops, items=tokens,
                       item_unit="tokens", peak_gflops=peak, machine=machine)
         ours_rec = benchlib.make_record(
-            system="distill-jax (jax.jit Flax BERT)", timing=ours,
+            system="distill-jax (jax.jit Flax BERT"
+                   + (f", {args.attention} attention)" if args.attention != "einsum" else ")"),
+            timing=ours,
             extra={"max_abs_diff": diff_real, "max_abs_diff_all_positions": diff_all,
                    "xla_cost_analysis_gflop": xla_flops / 1e9 if xla_flops else None},
             **common)
         theirs_rec = benchlib.make_record(
             system=f"transformers BertModel (torch, {attn_impl})", timing=theirs,
-            extra={"max_abs_diff": diff_real, "torch_threads": threads}, **common)
+            extra={"max_abs_diff": diff_real, "torch_threads": threads, "torch_device": device},
+            **common)
         benchlib.add_ratio(ours_rec, theirs_rec)
         records += [ours_rec, theirs_rec]
 

@@ -20,6 +20,12 @@ What every benchmark does with them:
   records, one per (configuration, system), each with the machine description.
 * **Threads**: torch runs with ``torch.set_num_threads(os.cpu_count())``; JAX's CPU
   backend sizes its own thread pool to the machine.
+* **Accelerators**: when JAX's default backend is a GPU, torch runs on CUDA too
+  (``torch_device``), each torch run ends with ``torch.cuda.synchronize()`` inside the
+  timed region (``torch_sync``), and the matmul peak is taken on 8192 x 8192 operands in
+  the benchmark's ``--dtype`` (bfloat16 is what GPUs are benchmarked in: with float32,
+  XLA's GPU matmuls default to TF32 while torch's do not, so the two sides would not
+  compute alike).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 MIN_RUNS = 5
+DTYPES = ("float32", "bfloat16")
 
 
 # --------------------------------------------------------------------------- timing
@@ -92,15 +99,29 @@ def time_runs(fn: Callable[[], Any], *, warmup: int = 2, runs: int = MIN_RUNS,
 _PEAK_CACHE: dict[str, float] = {}
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Best GFLOP/s of a jitted ``n x n`` float32 JAX matmul over ``repeats`` timings."""
-    key = f"jax{n}"
+_PEAK_DTYPE = {"dtype": "float32"}  # set by machine_info(dtype=...); remeasure_peak uses it
+
+
+def peak_size() -> int:
+    """The matmul peak's operand size: 2048 on CPUs, 8192 on accelerators (to fill them)."""
+    import jax
+
+    return 2048 if jax.default_backend() == "cpu" else 8192
+
+
+def matmul_peak_gflops(n: Optional[int] = None, repeats: int = 10,
+                       dtype: Optional[str] = None) -> float:
+    """Best GFLOP/s of a jitted ``n x n`` JAX matmul (random operands of ``dtype``,
+    default: the dtype given to ``machine_info``) over ``repeats`` timings."""
+    n = n or peak_size()
+    dtype = dtype or _PEAK_DTYPE["dtype"]
+    key = f"jax{n}{dtype}"
     if key not in _PEAK_CACHE:
         import jax
         import jax.numpy as jnp
 
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
         matmul = jax.jit(jnp.matmul)
         jax.block_until_ready(matmul(a, b))
         best = float("inf")
@@ -119,36 +140,69 @@ def remeasure_peak(records: Sequence[dict]) -> float:
     A single measurement taken while something else used the CPU understates the peak;
     two measurements minutes apart make that less likely.
     """
+    n, dtype = peak_size(), _PEAK_DTYPE["dtype"]
+    key = f"jax{n}{dtype}"
     before = matmul_peak_gflops()
-    _PEAK_CACHE.pop("jax2048", None)
+    _PEAK_CACHE.pop(key, None)
     peak = max(before, matmul_peak_gflops())
-    _PEAK_CACHE["jax2048"] = peak
+    _PEAK_CACHE[key] = peak
     for record in records:
         record["machine"]["matmul_peak_gflops"] = round(peak, 2)
         record["machine"]["matmul_peak_definition"] = (
-            "best of 2 x 10 jitted 2048x2048 float32 JAX matmuls, before and after the runs")
+            f"best of 2 x 10 jitted {n}x{n} {dtype} JAX matmuls, before and after the runs")
         record["utilisation"] = record["gflop_per_s"] / peak
     return peak
 
 
-def torch_matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Best GFLOP/s of an ``n x n`` float32 torch matmul (for the machine description)."""
-    key = f"torch{n}"
-    if key not in _PEAK_CACHE:
-        import torch
+def torch_matmul_dtype(dtype: Optional[str] = None) -> str:
+    """The dtype ``torch_matmul_gflops`` measures: the benchmark's on GPUs, float32 on CPUs."""
+    return (dtype or _PEAK_DTYPE["dtype"]) if torch_device() == "cuda" else "float32"
 
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.matmul(a, b)
+
+def torch_matmul_gflops(n: Optional[int] = None, repeats: int = 10,
+                        dtype: Optional[str] = None) -> float:
+    """Best GFLOP/s of an ``n x n`` torch matmul on ``torch_device()`` (for the machine
+    description)."""
+    import torch
+
+    device = torch_device()
+    n = n or peak_size()
+    # torch's CPU bfloat16 matmul is unoptimised here (seconds per 1024^3 product): on
+    # CPUs the description always measures float32.
+    dtype = torch_matmul_dtype(dtype)
+    key = f"torch{n}{dtype}"
+    if key not in _PEAK_CACHE:
+        a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+        b = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+        torch_sync(torch.matmul(a, b))
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            torch.matmul(a, b)
+            torch_sync(torch.matmul(a, b))
             best = min(best, time.perf_counter() - start)
         _PEAK_CACHE[key] = 2 * n ** 3 / best / 1e9
     return _PEAK_CACHE[key]
 
 
 # --------------------------------------------------------------------------- machine
+
+
+def torch_device() -> str:
+    """"cuda" when JAX runs on a GPU and torch sees one, else "cpu": both sides of a
+    comparison run on the same kind of device."""
+    import jax
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def torch_sync(x: Any) -> Any:
+    """Waits for queued CUDA work (torch launches asynchronously on GPUs); returns ``x``."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return x
 
 
 def set_torch_threads(threads: Optional[int] = None) -> int:
@@ -193,10 +247,13 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
-def machine_info(*, with_torch: bool = True) -> dict:
-    """CPU model, core counts, library versions, thread settings and the matmul peak."""
+def machine_info(*, with_torch: bool = True, dtype: str = "float32") -> dict:
+    """CPU model, core counts, accelerator, library versions, thread settings and the
+    matmul peak in ``dtype`` (also the dtype of later peak measurements)."""
     import jax
 
+    _PEAK_DTYPE["dtype"] = dtype
+    n = peak_size()
     info = {
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -209,8 +266,10 @@ def machine_info(*, with_torch: bool = True) -> dict:
         "optax": _version("optax"),
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
+        "matmul_peak_dtype": dtype,
         "matmul_peak_gflops": round(matmul_peak_gflops(), 2),
-        "matmul_peak_definition": "best of 10 jitted 2048x2048 float32 JAX matmuls",
+        "matmul_peak_definition": f"best of 10 jitted {n}x{n} {dtype} JAX matmuls",
     }
     if with_torch:
         import torch
@@ -219,7 +278,9 @@ def machine_info(*, with_torch: bool = True) -> dict:
             "torch": torch.__version__,
             "transformers": _version("transformers"),
             "torch_threads": torch.get_num_threads(),
+            "torch_device": torch_device(),
             "torch_matmul_gflops": round(torch_matmul_gflops(), 2),
+            "torch_matmul_dtype": torch_matmul_dtype(),
         })
     return info
 
@@ -228,12 +289,15 @@ def describe_machine(info: dict) -> str:
     """One line for the report header."""
     parts = [f"{info['cpu_model']}, {info['cpu_count']} cores",
              f"load {info['load_average_1m']:.2f}" if info.get("load_average_1m") is not None else "",
-             f"jax {info['jax']} ({info['jax_backend']})"]
+             f"jax {info['jax']} ({info['jax_backend']}"
+             + (f": {info['device_kind']})" if info.get("jax_backend", "cpu") != "cpu" else ")")]
     if "torch" in info:
         parts.append(f"torch {info['torch']} ({info['torch_threads']} threads)")
-    parts.append(f"matmul peak {info['matmul_peak_gflops']:.1f} GFLOP/s (JAX)")
+    dtype = info.get("matmul_peak_dtype", "float32")
+    parts.append(f"{dtype} matmul peak {info['matmul_peak_gflops']:.1f} GFLOP/s (JAX)")
     if "torch_matmul_gflops" in info:
-        parts.append(f"torch matmul {info['torch_matmul_gflops']:.1f} GFLOP/s")
+        parts.append(f"torch {info.get('torch_matmul_dtype', 'float32')} matmul "
+                     f"{info['torch_matmul_gflops']:.1f} GFLOP/s")
     return ", ".join(p for p in parts if p)
 
 
@@ -336,7 +400,7 @@ def write_json(path: Optional[str], records: Sequence[dict]) -> None:
 
 
 def add_common_args(parser, *, warmup: int = 2) -> None:
-    """--runs, --warmup, --json, --torch-threads."""
+    """--runs, --warmup, --json, --torch-threads, --dtype."""
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads value (default: os.cpu_count())")
     parser.add_argument("--runs", type=int, default=MIN_RUNS,
@@ -344,3 +408,6 @@ def add_common_args(parser, *, warmup: int = 2) -> None:
     parser.add_argument("--warmup", type=int, default=warmup,
                         help="untimed runs before timing")
     parser.add_argument("--json", default=None, metavar="PATH", help="write JSON records here")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="compute dtype of both sides and of the matmul peak (parameters "
+                             "stay float32 where the side keeps a float32 master copy)")

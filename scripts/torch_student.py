@@ -149,13 +149,23 @@ def grad_norm(model: nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
+def autocast(device: str, dtype: Optional[torch.dtype]):
+    """``torch.autocast`` to ``dtype`` on ``device`` (a no-op context for None/float32)."""
+    enabled = dtype is not None and dtype != torch.float32
+    return torch.autocast(device_type=device, dtype=dtype if enabled else None, enabled=enabled)
+
+
 def train_step(model: nn.Module, optimizer, schedule, batch: dict[str, torch.Tensor],
+               compute_dtype: Optional[torch.dtype] = None,
                **loss_kwargs) -> dict[str, torch.Tensor]:
-    """Forward, backward of the token-normalised loss, Adam update, schedule step."""
+    """Forward, backward of the token-normalised loss, Adam update, schedule step. With
+    ``compute_dtype`` (e.g. ``torch.bfloat16``) forward and loss run under autocast (the
+    mixed precision recipe: float32 parameters and optimizer, bf16 matmuls)."""
     optimizer.zero_grad(set_to_none=True)
-    logits = model(batch["src"], batch["tgt_in"])
-    metrics = combined_loss(logits, batch["tgt_out"], batch["kd_logits"], batch["kd_indices"],
-                            **loss_kwargs)
+    with autocast(batch["src"].device.type, compute_dtype):
+        logits = model(batch["src"], batch["tgt_in"])
+        metrics = combined_loss(logits, batch["tgt_out"], batch["kd_logits"],
+                                batch["kd_indices"], **loss_kwargs)
     (metrics["loss"] / metrics["tokens"].clamp(min=1.0)).backward()
     metrics["grad_norm"] = grad_norm(model)
     optimizer.step()
