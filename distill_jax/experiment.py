@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from distill_jax.models.layers import ATTENTION_IMPLS
 from distill_jax.models.transformer import TransformerConfig
 from distill_jax.sharding import MeshConfig
 
@@ -57,10 +58,17 @@ class TeacherConfig:
     save_every: int = 500  # checkpoint every N steps
     top_k: int = 8  # soft targets kept per position (K)
     stride: int = 7  # soft-target extraction masks positions i, i+S, ... in copy i
+    # attention kernel of the fine-tuned teacher's forward passes (soft targets, online
+    # distillation): "einsum", "xla", or "cudnn" (fused, NVIDIA GPUs with bfloat16; 1.2x
+    # faster on an H100, BENCHMARKS.md). Fine-tuning always uses "einsum".
+    inference_attention: str = "einsum"
 
     def __post_init__(self):
         if self.init not in TEACHER_INITS:
             raise ValueError(f"teacher.init must be one of {TEACHER_INITS}, got {self.init!r}")
+        if self.inference_attention not in ATTENTION_IMPLS:
+            raise ValueError(f"teacher.inference_attention must be one of {ATTENTION_IMPLS}, "
+                             f"got {self.inference_attention!r}")
         if not 0 < self.mask_rate < 1:
             raise ValueError(f"teacher.mask_rate must be in (0, 1), got {self.mask_rate}")
 

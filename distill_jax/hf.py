@@ -235,7 +235,8 @@ def _read_params(files: list[Path], sources: dict[str, tuple[Path, str]],
 
 
 def load_bert(path_or_name, *, cmlm_vocab_size: Optional[int] = None, dtype: Any = jnp.float32,
-              revision: Optional[str] = None) -> tuple[BertModel, dict, BertConfig]:
+              revision: Optional[str] = None,
+              attention_impl: str = "einsum") -> tuple[BertModel, dict, BertConfig]:
     """Loads a Hugging Face BERT checkpoint into ``(model, params, config)``.
 
     ``params`` is the plain ``params`` collection (nested dict of float32 arrays, use as
@@ -244,11 +245,12 @@ def load_bert(path_or_name, *, cmlm_vocab_size: Optional[int] = None, dtype: Any
     checkpoint that carries BERT's MLM transform (``cls.predictions.transform.*``), the
     transform is also loaded into ``params["cmlm_head"]`` (``dense``, ``LayerNorm``);
     ``distill_jax.models.bert.init_cmlm_head`` then adds the output projection.
-    ``dtype`` is the compute dtype. Keys may carry the ``bert.`` prefix or not.
+    ``dtype`` is the compute dtype and ``attention_impl`` the attention kernel
+    (``layers.MultiHeadAttention.implementation``). Keys may carry the ``bert.`` prefix or not.
     """
     folder = resolve_checkpoint(path_or_name, revision=revision)
     config = BertConfig.from_hf_dict(_read_config(folder), cmlm_vocab_size=cmlm_vocab_size,
-                                     dtype=dtype)
+                                     dtype=dtype, attention_impl=attention_impl)
     model = BertModel(config)
     files = _safetensors_files(folder)
     sources = _index_keys(files)

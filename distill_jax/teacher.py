@@ -245,6 +245,10 @@ def load_finetuned(config: ExperimentConfig, workdir: Path, vocab: Vocabulary, m
         teacher = dataclasses.replace(
             build_teacher(config, vocab, dtype, jax.random.PRNGKey(0)), pretrained_params=None)
         init_params = abstract_init(teacher, jax.random.PRNGKey(0))
+        # Forward passes only from here on: the configured attention kernel.
+        bert_config = dataclasses.replace(
+            teacher.config, attention_impl=config.teacher.inference_attention)
+        teacher = dataclasses.replace(teacher, model=BertModel(bert_config), config=bert_config)
         optimizer = teacher_optimizer(config)
         abstract = jax.eval_shape(lambda: train.TrainState.create(init_params(), optimizer))
         shardings = sharding.tree_shardings(abstract, mesh)

@@ -62,3 +62,20 @@ def test_config_file_round_trip_and_diff(tmp_path):
     assert configlib.diff(saved, configlib.to_dict(changed)) == ["inner.steps: 10 -> 11"]
     with pytest.raises(UserError, match="does not exist"):
         configlib.load_config_file(str(tmp_path / "missing.py"))
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("teacher.inference_attention=flash", "teacher.inference_attention must be one of"),
+    ("student.attention_impl=cudnn", "forward-only"),
+])
+def test_attention_kernel_settings_are_checked(assignment, message):
+    """The experiment config names the attention kernels a user may pick, and refuses
+    the fused cudnn kernel for the (trained) student."""
+    from distill_jax.experiment import ExperimentConfig
+
+    config = configlib.load_config_file("configs/tiny.py")
+    assert isinstance(config, ExperimentConfig)
+    with pytest.raises(UserError, match=message):
+        configlib.override(config, [assignment])
+    cudnn_teacher = configlib.override(config, ["teacher.inference_attention=cudnn"])
+    assert cudnn_teacher.teacher.inference_attention == "cudnn"

@@ -63,12 +63,16 @@ class BertConfig:
     initializer_range: float = 0.02  # stddev of the normal initialiser of kernels/embeddings
     cmlm_vocab_size: Optional[int] = None  # C-MLM output vocabulary (the student's); None: no head
     dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
+    attention_impl: str = "einsum"  # see layers.MultiHeadAttention.implementation
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"BertConfig.hidden_act={self.hidden_act!r} is not supported; "
                 f"supported: {sorted(ACTIVATIONS)}")
+        if self.attention_impl not in layers.ATTENTION_IMPLS:
+            raise ValueError(f"BertConfig.attention_impl={self.attention_impl!r} is not one of "
+                             f"{layers.ATTENTION_IMPLS}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"BertConfig.hidden_size={self.hidden_size} is not a multiple of "
@@ -112,7 +116,7 @@ class BertConfig:
             raise ValueError(f"config is missing required BERT field(s) {missing}")
         # Only architecture fields come from the file; its "dtype" is the storage dtype
         # of the weights, not our compute dtype.
-        hf_fields = field_names - {"cmlm_vocab_size", "dtype"}
+        hf_fields = field_names - {"cmlm_vocab_size", "dtype", "attention_impl"}
         values = {k: d[k] for k in hf_fields if k in d}
         values.update(overrides)
         return cls(**values)
@@ -160,6 +164,7 @@ class BertLayer(nn.Module):
             dropout_rate=cfg.attention_probs_dropout_prob,
             dtype=cfg.dtype,
             kernel_init=_normal(cfg),
+            implementation=cfg.attention_impl,
             name="attention",
         )(x, x, mask, deterministic=deterministic)  # [batch, length, hidden]
         attn = nn.Dropout(rate=cfg.hidden_dropout_prob)(attn, deterministic=deterministic)

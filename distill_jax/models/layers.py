@@ -83,6 +83,9 @@ def matrix_init(init: Initializer, in_dims: int) -> Initializer:
     return init_reshaped
 
 
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head dot-product attention with biased q/k/v/out projections.
 
@@ -107,6 +110,15 @@ class MultiHeadAttention(nn.Module):
     kernel_init: Initializer = nn.initializers.xavier_uniform()
     bias_init: Initializer = nn.initializers.zeros
     is_cross_attention: bool = False
+    # How softmax(Q K^T) V is computed (ATTENTION_IMPLS): "einsum" (ours: two einsums and
+    # a float32 softmax; the only one with attention dropout and the decoding cache),
+    # "xla" / "cudnn" (``jax.nn.dot_product_attention`` with that implementation; cudnn
+    # is a fused flash-attention kernel on NVIDIA GPUs, bf16/fp16 only). Calls that need
+    # what only "einsum" has (attention dropout while training, incremental decoding)
+    # use "einsum" whatever is set. "cudnn" is for forward passes only (teacher
+    # inference): with our boolean padding masks its gradient came out NaN on an H100
+    # (jax 0.11.2, BENCHMARKS.md), so the student's config refuses it.
+    implementation: str = "einsum"
 
     def _projection(self, name: str, in_features: int) -> nn.Einsum:
         """[..., embed] -> [..., heads, kv]. An Einsum, not a DenseGeneral: DenseGeneral
@@ -152,6 +164,18 @@ class MultiHeadAttention(nn.Module):
         value = nn.with_logical_constraint(
             value, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
 
+        if self.implementation not in ATTENTION_IMPLS:
+            raise ValueError(f"attention implementation {self.implementation!r} is not one of "
+                             f"{ATTENTION_IMPLS}")
+        dropout = self.dropout_rate > 0.0 and not deterministic
+        if self.implementation != "einsum" and not decode and not dropout:
+            if mask is not None:  # the fused kernels want the full [.., q_len, kv_len] extent
+                mask = jnp.broadcast_to(mask, mask.shape[:2] + (query.shape[1], key.shape[1]))
+            context = jax.nn.dot_product_attention(
+                query, key, value, mask=mask, scale=1.0 / float(np.sqrt(self.head_dim)),
+                implementation=self.implementation)  # [batch, q_len, heads, kv]
+            return self._output(context, features)
+
         query = query / jnp.sqrt(self.head_dim).astype(self.dtype)
         # Heads-major copies, so that both attention matmuls are batched over leading
         # (batch, heads) dimensions: XLA's CPU backend runs "bqhd,bkhd->bhqk" on the
@@ -165,12 +189,15 @@ class MultiHeadAttention(nn.Module):
         if mask is not None:
             logits = jnp.where(mask, logits, MASK_VALUE)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [batch, heads, q, kv]
-        if self.dropout_rate > 0.0 and not deterministic:
+        if dropout:
             weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
         context = jnp.einsum("bhqk,bhkd->bhqd", weights, value_h)  # [batch, heads, q_len, kv]
         context = context.transpose(0, 2, 1, 3)  # [batch, q_len, heads, kv]
+        return self._output(context, features)
 
-        out = nn.Einsum(
+    def _output(self, context: jax.Array, features: int) -> jax.Array:
+        """[batch, q_len, heads, kv] -> [batch, q_len, embed] (the "out" projection)."""
+        return nn.Einsum(
             shape=(self.num_heads, self.head_dim, features),
             einsum_str="...hd,hde->...e",
             dtype=self.dtype,
@@ -179,8 +206,7 @@ class MultiHeadAttention(nn.Module):
                 matrix_init(self.kernel_init, 2), ("heads", "kv", "embed")),
             bias_init=nn.with_logical_partitioning(self.bias_init, ("embed",)),
             name="out",
-        )(context)
-        return out  # [batch, q_len, embed]
+        )(context)  # [batch, q_len, embed]
 
     def _self_attention_cache(self, key, value, mask):
         """Writes this step's key/value into the cache; returns the whole cache and a mask

@@ -27,6 +27,9 @@ from distill_jax.models import layers
 POSITION_KINDS = ("sinusoidal", "learned")
 
 
+STUDENT_ATTENTION_IMPLS = ("einsum", "xla")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Hyper-parameters of the student; defaults are the IWSLT reference (6+6, d 512)."""
@@ -46,6 +49,9 @@ class TransformerConfig:
     scale_embeddings: bool = True  # multiply token embeddings by sqrt(d_model) (fairseq)
     layer_norm_eps: float = 1e-5  # LayerNorm epsilon
     dtype: Any = jnp.float32  # compute dtype; parameters are always float32
+    # softmax(QK^T)V: "einsum" (portable, ours) or "xla" (jax.nn.dot_product_attention);
+    # see layers.MultiHeadAttention.implementation
+    attention_impl: str = "einsum"
     pad_id: int = 0  # padding id (x != pad_id marks real tokens)
     bos_id: int = 1  # first decoder input
     eos_id: int = 2  # end of sequence
@@ -61,6 +67,11 @@ class TransformerConfig:
             raise ValueError(f"positions must be one of {POSITION_KINDS}, got {self.positions!r}")
         if self.max_len < 1:
             raise ValueError(f"max_len must be positive, got {self.max_len}")
+        if self.attention_impl not in STUDENT_ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl must be one of {STUDENT_ATTENTION_IMPLS}, got "
+                f"{self.attention_impl!r} (\"cudnn\" is forward-only: its gradient with "
+                "padding masks was NaN on an H100, see BENCHMARKS.md)")
         for name in ("pad_id", "bos_id", "eos_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(
@@ -137,6 +148,7 @@ class EncoderLayer(nn.Module):
         h = layers.MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim,
             dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype,
+            implementation=cfg.attention_impl,
             name="self_attention")(normed, normed, mask, deterministic=deterministic)
         x = attn_block.finish(x, h, deterministic)  # [batch, src, embed]
         ff_block = Sublayer(cfg, name="feed_forward_block")
@@ -168,13 +180,15 @@ class DecoderLayer(nn.Module):
         h = layers.MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim,
             dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype,
+            implementation=cfg.attention_impl,
             name="self_attention")(normed, normed, self_mask,
                                    deterministic=deterministic, decode=decode)
         x = block.finish(x, h, deterministic)  # [batch, tgt, embed]
         block = Sublayer(cfg, name="cross_attention_block")
         h = layers.MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-            dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype, is_cross_attention=True,
+            dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype,
+            implementation=cfg.attention_impl, is_cross_attention=True,
             name="cross_attention")(block(x), encoded, cross_mask,
                                     deterministic=deterministic, decode=decode)
         x = block.finish(x, h, deterministic)  # [batch, tgt, embed]
