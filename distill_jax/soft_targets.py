@@ -23,6 +23,8 @@ FLUSH_EVERY = 20  # batches between durable flushes of the cache
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     runner.add_common_arguments(parser)
     parser.add_argument("--split", default=None, help="split to score (default: data.train_split)")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute even if a finished cache for this teacher and data exists")
 
 
 def local_rows(array: jax.Array) -> np.ndarray:
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from distill_jax import sharding, student
     from distill_jax import teacher as teacher_lib
     from distill_jax.data.prepared import open_prepared
-    from distill_jax.soft_target_cache import create_or_resume
+    from distill_jax.soft_target_cache import CacheError, create_or_resume, open_cache
 
     runner.initialize_processes(args)
     config = runner.load_experiment(args)
@@ -49,13 +51,26 @@ def run(args: argparse.Namespace) -> int:
     split = args.split or config.data.train_split
     dataset = open_prepared(runner.prepared_dir(config, workdir))
     dtype = runner.compute_dtype(config)
-    mesh = sharding.make_mesh(config.mesh)
-    teacher, params, param_shardings = teacher_lib.load_finetuned(
-        config, workdir, dataset.vocab, mesh, dtype)
-
     identity = student.cache_identity(config, dataset, split, config.teacher.top_k)
     records, lengths = student.split_records(config, dataset, split)  # lengths [n, 2]
     cache_path = str(workdir / "soft_targets" / split)
+    if not args.force and (Path(cache_path) / "header.json").is_file():
+        # A finished cache made from this teacher and data is reused, not recomputed.
+        try:
+            cache = open_cache(cache_path, identity, num_examples=len(lengths))
+        except CacheError as error:
+            if runner.is_chief():
+                print(f"recomputing the soft targets: {error}", flush=True)
+        else:
+            if runner.is_chief():
+                print(f"soft targets of {len(cache)} {split} examples (K={cache.top_k}) are "
+                      f"already in {cache_path}; nothing to do (--force recomputes them)",
+                      flush=True)
+            return 0
+
+    mesh = sharding.make_mesh(config.mesh)
+    teacher, params, param_shardings = teacher_lib.load_finetuned(
+        config, workdir, dataset.vocab, mesh, dtype)
     # Process 0 creates (or checks) the files; the others open them once they exist.
     if jax.process_index() == 0:
         writer = create_or_resume(cache_path, identity, lengths[:, 1])

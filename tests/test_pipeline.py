@@ -125,6 +125,22 @@ def test_train_student_command_runs_as_two_processes(experiment):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_soft_targets_rerun_reuses_a_finished_cache(experiment):
+    """A second `soft-targets` with the same teacher and data keeps the finished cache
+    (same files, untouched); --force recomputes it (same values: extraction is
+    deterministic)."""
+    workdir, teacher = experiment
+    cache = workdir / "soft_targets" / "train"
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in cache.iterdir()}
+    again = _cli(workdir, teacher, "soft-targets", "--set", "teacher.steps=2")
+    assert "already in" in again.stdout and "nothing to do" in again.stdout
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in cache.iterdir()} == before
+    forced = _cli(workdir, teacher, "soft-targets", "--set", "teacher.steps=2", "--force")
+    assert "already in" not in forced.stdout and "soft targets of" in forced.stdout
+    after = {p.name: p.read_bytes() for p in cache.iterdir()}
+    assert after == {name: data for name, (_, data) in before.items()}
+
+
 def test_foreign_cache_and_changed_config_are_refused(experiment):
     workdir, teacher = experiment
     # Another teacher run (teacher.steps=3) than the one the cache was made with.
