@@ -122,3 +122,18 @@ def test_ablations_script_names_what_it_needs_first(tmp_path):
     assert "scripts/experiment.sh" in result.stderr
     assert not (tmp_path / "out.json").exists() and not (tmp_path.parent / (
         tmp_path.name + "-random")).exists()
+
+
+def test_online_cost_script_names_what_it_needs_first(tmp_path):
+    """scripts/online_cost.sh refuses a work directory without the teacher stages and
+    trains nothing there."""
+    import subprocess
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    (tmp_path / "teacher" / "checkpoints").mkdir(parents=True)
+    result = subprocess.run(
+        ["bash", "scripts/online_cost.sh", "configs/multi30k_cpu.py", str(tmp_path), "20"],
+        cwd=repo, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"{tmp_path}/soft_targets/train is missing" in result.stderr
+    assert "scripts/experiment.sh" in result.stderr
+    assert not (tmp_path / "students").exists()
