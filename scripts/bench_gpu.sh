@@ -5,7 +5,8 @@
 #     peak (target >= 45%) and the ratio to the PyTorch nn.Transformer step;
 #   * beam search (beam 5, 32 forced tokens) at batch 32 and 256: sentences/s, ratio to
 #     transformers' MarianMTModel.generate on the GPU;
-#   * teacher forward (MiniLM shapes: 6 layers, 384 wide) at B32 x 64/128 and B256 x 128.
+#   * teacher forward (MiniLM shapes: 6 layers, 384 wide) at B32 x 64/128 and B256 x 128,
+#     the last also with the fused cuDNN attention kernel.
 # Usage: bash scripts/bench_gpu.sh OUT_DIR [TEACHER_CHECKPOINT]
 # Without a checkpoint, a randomly initialised BERT of all-MiniLM-L6-v2's shape is saved
 # in Hugging Face format first (timings do not depend on the weights' values).
@@ -46,4 +47,7 @@ python3 "$here/scripts/bench_teacher.py" --dtype bfloat16 --runs 10 --checkpoint
   --batch 32 --lengths 64 128 --json "$out/teacher_b32.json"
 python3 "$here/scripts/bench_teacher.py" --dtype bfloat16 --runs 10 --checkpoint "$checkpoint" \
   --batch 256 --lengths 128 --padded-rows 32 --json "$out/teacher_b256.json"
+# the fused cuDNN attention kernel (teacher.inference_attention = "cudnn")
+python3 "$here/scripts/bench_teacher.py" --dtype bfloat16 --runs 10 --checkpoint "$checkpoint" \
+  --attention cudnn --batch 256 --lengths 128 --padded-rows 32 --json "$out/teacher_b256_cudnn.json"
 [ -n "${2:-}" ] || rm -rf "$checkpoint"
