@@ -121,6 +121,22 @@ def test_middle_padding_equals_packed(tiny_dir):
     assert np.abs(hidden[1, real] - hidden[0, :7]).max() < np.abs(hidden[0, 4:7]).mean()
 
 
+def test_attention_kernel_choice_keeps_the_outputs(tiny_dir):
+    """load_bert(attention_impl="xla") (jax.nn.dot_product_attention, the API of the
+    GPU's fused cuDNN kernel) gives the einsum attention's hidden states, padding
+    included; an unknown kernel is refused by name."""
+    model, params, _ = hf.load_bert(tiny_dir)
+    fused, fused_params, config = hf.load_bert(tiny_dir, attention_impl="xla")
+    assert config.attention_impl == "xla"
+    ids = np.array([[CLS, 10, 11, SEP, 12, SEP, PAD], [CLS, 13, SEP, 14, 15, 16, SEP]])
+    mask = (ids != PAD).astype(np.int32)
+    want = np.asarray(model.apply({"params": params}, ids, None, mask))
+    got = np.asarray(fused.apply({"params": fused_params}, ids, None, mask))
+    np.testing.assert_allclose(got[mask == 1], want[mask == 1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        hf.load_bert(tiny_dir, attention_impl="flash")
+
+
 def test_cmlm_head_init_and_logits(tiny_dir):
     """The loaded MLM transform is kept, output columns come from BERT's embeddings of the
     mapped ids, and the logits equal transformers' transform followed by that projection."""
