@@ -5,7 +5,9 @@ Builds the reference student step exactly as ``scripts/bench_student_step.py`` d
 ``--dtype``), runs ``--warmup`` steps, then records ``--steps`` steps under
 ``jax.profiler.trace(..., create_perfetto_trace=True)`` and prints the device ops that
 took the most time (summed over the traced steps, divided by the number of steps),
-grouped by name, with their share of the device time.
+grouped by name, with their share of the device time. The table is meant for GPUs,
+whose kernels form one flat timeline; on CPUs it sums the host's XLA thread events,
+which nest, so its totals there overstate the step (the trace itself is still useful).
 
 Run: ``python scripts/trace_student_step.py OUT_DIR [--batch 512 --src-len 64 --tgt-len 64]``
 (``OUT_DIR/trace`` then holds the trace, viewable in Perfetto or TensorBoard).
