@@ -132,14 +132,43 @@ def save_json(config: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted names of fields whose values differ between two config dicts."""
+_NO_DEFAULT = "<no default>"
+
+
+def declared_defaults(config: Any) -> dict:
+    """The declared default of every field of a (nested) dataclass config, JSON-able, nested
+    like :func:`to_dict` (fields without a default map to a marker that equals no value)."""
+    out = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            out[field.name] = declared_defaults(value)
+        elif field.default is not dataclasses.MISSING:
+            out[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            out[field.name] = field.default_factory()
+        else:
+            out[field.name] = _NO_DEFAULT
+    return json.loads(json.dumps(out, default=str))
+
+
+def diff(saved: dict, current: dict, prefix: str = "", defaults: dict | None = None
+         ) -> list[str]:
+    """Dotted names of fields whose values differ between two config dicts.
+
+    With ``defaults`` (:func:`declared_defaults` of the current config), a field that the
+    saved config lacks -- one added to the code after that run was saved -- counts as
+    unchanged while it keeps its default, so older runs still resume."""
     out = []
+    defaults = defaults or {}
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         name = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(diff(a, b, name + "."))
+            sub = defaults.get(key)
+            out.extend(diff(a, b, name + ".", sub if isinstance(sub, dict) else None))
+        elif key not in saved and key in defaults and defaults[key] == b:
+            continue
         elif a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out

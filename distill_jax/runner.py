@@ -92,7 +92,7 @@ def check_or_save_config(config: Any, path: Path, *, what: str) -> None:
     current = configlib.to_dict(config)
     if path.exists():
         saved = json.loads(path.read_text())
-        changed = configlib.diff(saved, current)
+        changed = configlib.diff(saved, current, defaults=configlib.declared_defaults(config))
         if changed:
             raise UserError(
                 f"{path.parent} holds a {what} run with another config; changed fields: "

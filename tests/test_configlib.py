@@ -64,6 +64,22 @@ def test_config_file_round_trip_and_diff(tmp_path):
         configlib.load_config_file(str(tmp_path / "missing.py"))
 
 
+def test_fields_added_after_a_run_was_saved_keep_it_resumable():
+    """A saved config from an older version lacks fields added since; they count as
+    unchanged while they hold their declared default, and as changed otherwise."""
+    saved = configlib.to_dict(Outer())
+    del saved["flag"], saved["inner"]["name"]
+    defaults = configlib.declared_defaults(Outer())
+    assert defaults == {"inner": {"steps": 10, "rate": 0.5, "name": None, "shape": [1, 2]},
+                        "flag": False}
+    assert configlib.diff(saved, configlib.to_dict(Outer()), defaults=defaults) == []
+    # without the defaults an added field with a non-None value reads as a change
+    assert configlib.diff(saved, configlib.to_dict(Outer())) == ["flag: None -> False"]
+    changed = configlib.override(Outer(), ["flag=true", "inner.name=x"])
+    assert configlib.diff(saved, configlib.to_dict(changed), defaults=defaults) == [
+        "flag: None -> True", "inner.name: None -> 'x'"]
+
+
 @pytest.mark.parametrize("assignment,message", [
     ("teacher.inference_attention=flash", "teacher.inference_attention must be one of"),
     ("student.attention_impl=cudnn", "forward-only"),
@@ -79,3 +95,20 @@ def test_attention_kernel_settings_are_checked(assignment, message):
         configlib.override(config, [assignment])
     cudnn_teacher = configlib.override(config, ["teacher.inference_attention=cudnn"])
     assert cudnn_teacher.teacher.inference_attention == "cudnn"
+
+
+def test_resuming_a_run_saved_before_a_field_was_added(tmp_path):
+    """runner.check_or_save_config resumes a run whose saved config predates a new field
+    (left at its default) and names the field when the new run sets it."""
+    import json
+
+    from distill_jax import runner
+
+    path = tmp_path / "run" / "config.json"
+    runner.check_or_save_config(Outer(), path, what="test")
+    saved = json.loads(path.read_text())
+    del saved["flag"]
+    path.write_text(json.dumps(saved))
+    runner.check_or_save_config(Outer(), path, what="test")  # no error
+    with pytest.raises(UserError, match=r"changed fields: flag: None -> True\."):
+        runner.check_or_save_config(Outer(flag=True), path, what="test")
