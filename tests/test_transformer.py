@@ -134,3 +134,51 @@ def test_fused_attention_path_matches_einsum():
     full, incremental = full_and_incremental(fused, params, SRC, TGT_IN)
     real = TGT_IN != 0
     np.testing.assert_allclose(incremental[real], full[real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_dims,x_shape,k_shape", [
+    (1, (3, 5, 8), (8, 6)),          # feed-forward: [batch, len, embed] @ [embed, mlp]
+    (1, (3, 5, 8), (8, 2, 4)),       # q/k/v projections: -> [batch, len, heads, kv]
+    (2, (3, 5, 2, 4), (2, 4, 8)),    # output projection: [.., heads, kv] -> [.., embed]
+])
+def test_matmul_2d_matches_einsum_values_and_gradients(in_dims, x_shape, k_shape):
+    """layers.matmul_2d (flattened rows, custom backward with the CPU transpose copy)
+    computes the einsum over the trailing axes, and so do its two gradients."""
+    from distill_jax.models import layers
+
+    kx, kk, kg = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, x_shape)
+    kernel = jax.random.normal(kk, k_shape)
+    letters = "abcdefg"[:len(k_shape)]
+    spec = f"...{letters[:in_dims]},{letters}->...{letters[in_dims:]}"
+    out_shape = x_shape[:len(x_shape) - in_dims] + k_shape[in_dims:]
+    cotangent = jax.random.normal(kg, out_shape)
+
+    def loss(f, x, kernel):
+        return jnp.sum(f(x, kernel) * cotangent)
+
+    ours = functools.partial(layers.matmul_2d, in_dims=in_dims)
+    ref = functools.partial(jnp.einsum, spec, precision="highest")
+    np.testing.assert_allclose(jax.jit(ours)(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1)))(x, kernel)
+    want = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(x, kernel)
+    for got, expected in zip(grads, want):
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_2d_keeps_dtypes():
+    """bf16 inputs give bf16 gradients; a float32 result (the logits) of bf16 inputs
+    differentiates back to bf16 activations and kernels."""
+    from distill_jax.models import layers
+
+    x = jnp.ones((2, 3, 4), jnp.bfloat16)
+    kernel = jnp.ones((4, 5), jnp.bfloat16)
+    out = layers.matmul_2d(x, kernel, 1, out_dtype=jnp.float32)
+    assert out.dtype == jnp.float32 and out.shape == (2, 3, 5)
+    assert layers.matmul_2d(x, kernel, 1).dtype == jnp.bfloat16
+    dx, dk = jax.grad(lambda x, k: jnp.sum(layers.matmul_2d(x, k, 1, out_dtype=jnp.float32)),
+                      argnums=(0, 1))(x, kernel)
+    assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.full((2, 3, 4), 5.0))
+    np.testing.assert_array_equal(np.asarray(dk, np.float32), np.full((4, 5), 6.0))

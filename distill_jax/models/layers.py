@@ -20,6 +20,7 @@ Masks are boolean and broadcast to ``[batch, heads, q_length, kv_length]``;
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -83,6 +84,100 @@ def matrix_init(init: Initializer, in_dims: int) -> Initializer:
     return init_reshaped
 
 
+def _dot_2d(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+    return jnp.dot(x, w, preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_rows(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+    """``[rows, in] @ [in, out]`` with a backward pass that XLA's CPU backend runs fast."""
+    return _dot_2d(x, w, out_dtype)
+
+
+def _matmul_rows_fwd(x, w, out_dtype):
+    return _dot_2d(x, w, out_dtype), (x, w)
+
+
+def _kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+    """``x^T @ g``. On CPUs the transposed copy of ``x`` is made first (the barrier keeps
+    XLA from folding the transpose back into the dot): XLA's CPU backend runs a dot that
+    contracts the lhs's leading axis about 30% slower than the copy plus a plain dot
+    (1024x512 by 1024x2048). Other backends fold the transpose into their GEMM for free."""
+    def cpu(x, g):
+        return jnp.dot(jax.lax.optimization_barrier(x.T), g)
+
+    def default(x, g):
+        return jnp.dot(x.T, g)
+
+    return jax.lax.platform_dependent(x, g, cpu=cpu, default=default)
+
+
+def _matmul_rows_bwd(out_dtype, residuals, g):
+    x, w = residuals
+    # The gradient matmuls run in the forward's compute dtype: a float32 cotangent (the
+    # logits') is rounded to bfloat16 first under bf16 compute, so that they stay bf16
+    # GEMMs instead of float32 ones (in float32 nothing changes).
+    g = g.astype(jnp.result_type(x, w))
+    dx = jnp.dot(g, w.T).astype(x.dtype)
+    dw = _kernel_grad(x, g).astype(w.dtype)
+    return dx, dw
+
+
+_matmul_rows.defvjp(_matmul_rows_fwd, _matmul_rows_bwd)
+
+
+def matmul_2d(x: jax.Array, kernel: jax.Array, in_dims: int,
+              out_dtype: Optional[Dtype] = None) -> jax.Array:
+    """``x [..., *kernel.shape[:in_dims]] @ kernel`` -> ``[..., *kernel.shape[in_dims:]]``
+    computed as one 2-D matmul ``[rows, in] @ [in, out]`` (``out_dtype``: the result's
+    dtype, default the inputs' promoted dtype).
+
+    Same values as the einsum over the trailing axes, but every leading axis is folded
+    into the rows first, so the gradients are plain 2-D matmuls too: the kernel's
+    gradient is ``x^T @ dy`` instead of a contraction over the batch *and* length axes,
+    which XLA's CPU backend runs markedly slower (the whole student train step 12% slower;
+    ``scripts/bench_student_step.py``). On accelerators the reshapes are free.
+    """
+    in_shape, out_shape = kernel.shape[:in_dims], kernel.shape[in_dims:]
+    lead = x.shape[:x.ndim - in_dims]
+    out_dtype = out_dtype or jnp.result_type(x, kernel)
+    rows = x.reshape((-1, math.prod(in_shape)))
+    out = _matmul_rows(rows, kernel.reshape((math.prod(in_shape), math.prod(out_shape))),
+                       jnp.dtype(out_dtype))
+    return out.reshape(lead + out_shape)
+
+
+class Projection(nn.Module):
+    """A biased linear map from the last ``len(in_shape)`` axes of the input to
+    ``out_shape``: kernel ``[*in_shape, *out_shape]`` and bias ``[*out_shape]`` with the
+    given logical axes (the parameter names and layout of ``nn.Dense`` / ``nn.Einsum``,
+    so checkpoints and the Hugging Face weight mapping are unaffected), applied with
+    :func:`matmul_2d`."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    kernel_axes: tuple[Optional[str], ...]
+    bias_axes: tuple[Optional[str], ...]
+    kernel_init: Initializer = nn.initializers.xavier_uniform()
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_dims = len(self.in_shape)
+        if tuple(x.shape[x.ndim - in_dims:]) != tuple(self.in_shape):
+            raise ValueError(f"{self.name}: input's trailing axes {x.shape[x.ndim - in_dims:]} "
+                             f"are not {self.in_shape}")
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(matrix_init(self.kernel_init, in_dims),
+                                                   self.kernel_axes),
+            tuple(self.in_shape) + tuple(self.out_shape), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.bias_axes),
+                          tuple(self.out_shape), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return matmul_2d(x, kernel, in_dims) + bias
+
+
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
@@ -120,21 +215,13 @@ class MultiHeadAttention(nn.Module):
     # (jax 0.11.2, BENCHMARKS.md), so the student's config refuses it.
     implementation: str = "einsum"
 
-    def _projection(self, name: str, in_features: int) -> nn.Einsum:
-        """[..., embed] -> [..., heads, kv]. An Einsum, not a DenseGeneral: DenseGeneral
-        initialises a flattened kernel and applies the 3-axis logical constraint to it,
-        which fails whenever a mesh and logical rules are active (even in ``apply``,
-        where flax re-traces the initialiser to check shapes)."""
-        return nn.Einsum(
-            shape=(in_features, self.num_heads, self.head_dim),
-            einsum_str="...e,ehd->...hd",
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=nn.with_logical_partitioning(
-                matrix_init(self.kernel_init, 1), ("embed", "heads", "kv")),
-            bias_init=nn.with_logical_partitioning(self.bias_init, ("heads", "kv")),
-            name=name,
-        )
+    def _projection(self, name: str, in_features: int) -> Projection:
+        """[..., embed] -> [..., heads, kv]."""
+        return Projection(
+            in_shape=(in_features,), out_shape=(self.num_heads, self.head_dim),
+            kernel_axes=("embed", "heads", "kv"), bias_axes=("heads", "kv"),
+            kernel_init=self.kernel_init, bias_init=self.bias_init, dtype=self.dtype,
+            name=name)
 
     @nn.compact
     def __call__(
@@ -197,14 +284,10 @@ class MultiHeadAttention(nn.Module):
 
     def _output(self, context: jax.Array, features: int) -> jax.Array:
         """[batch, q_len, heads, kv] -> [batch, q_len, embed] (the "out" projection)."""
-        return nn.Einsum(
-            shape=(self.num_heads, self.head_dim, features),
-            einsum_str="...hd,hde->...e",
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=nn.with_logical_partitioning(
-                matrix_init(self.kernel_init, 2), ("heads", "kv", "embed")),
-            bias_init=nn.with_logical_partitioning(self.bias_init, ("embed",)),
+        return Projection(
+            in_shape=(self.num_heads, self.head_dim), out_shape=(features,),
+            kernel_axes=("heads", "kv", "embed"), bias_axes=("embed",),
+            kernel_init=self.kernel_init, bias_init=self.bias_init, dtype=self.dtype,
             name="out",
         )(context)  # [batch, q_len, embed]
 
@@ -255,26 +338,20 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
         features = x.shape[-1]
-        h = nn.Dense(
-            self.mlp_dim,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "mlp")),
-            bias_init=nn.with_logical_partitioning(self.bias_init, ("mlp",)),
-            name="intermediate",
+        h = Projection(
+            in_shape=(features,), out_shape=(self.mlp_dim,), kernel_axes=("embed", "mlp"),
+            bias_axes=("mlp",), kernel_init=self.kernel_init, bias_init=self.bias_init,
+            dtype=self.dtype, name="intermediate",
         )(x)  # [batch, length, mlp]
         h = nn.with_logical_constraint(
             h, ("activation_batch", "activation_length", "activation_mlp"))
         h = self.activation(h)
         if self.dropout_rate > 0.0 and not deterministic:
             h = nn.Dropout(rate=self.dropout_rate)(h, deterministic=False)
-        return nn.Dense(
-            features,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=nn.with_logical_partitioning(self.kernel_init, ("mlp", "embed")),
-            bias_init=nn.with_logical_partitioning(self.bias_init, ("embed",)),
-            name="output",
+        return Projection(
+            in_shape=(self.mlp_dim,), out_shape=(features,), kernel_axes=("mlp", "embed"),
+            bias_axes=("embed",), kernel_init=self.kernel_init, bias_init=self.bias_init,
+            dtype=self.dtype, name="output",
         )(h)  # [batch, length, embed]
 
 

@@ -324,8 +324,9 @@ class Transformer(nn.Module):
         """
         h = self.decoder(encoded, src, tgt_in, deterministic=deterministic, decode=decode)
         table = self.shared_embedding.embedding.astype(self.config.dtype)  # [vocab, embed]
-        logits = jnp.einsum("bte,ve->btv", h, table,
-                            preferred_element_type=jnp.float32)  # [batch, tgt, vocab]
+        # One 2-D matmul [batch*tgt, embed] @ [embed, vocab] (layers.matmul_2d: the
+        # table's gradient is then a plain matmul, not a contraction over batch and tgt).
+        logits = layers.matmul_2d(h, table.T, 1, out_dtype=jnp.float32)  # [batch, tgt, vocab]
         return nn.with_logical_constraint(
             logits.astype(jnp.float32),
             ("activation_batch", "activation_length", "activation_vocab"))
