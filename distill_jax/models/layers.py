@@ -198,12 +198,13 @@ class MultiHeadAttention(nn.Module):
 
     Incremental decoding (``decode=True``), variables in the ``cache`` collection:
       * self-attention (``inputs_kv is inputs_q``): ``cached_key``/``cached_value``
-        ``[batch, max_len, heads, kv]`` and ``cache_index``. The first call (the one that
+        ``[batch, heads, max_len, kv]`` (heads-major) and ``cache_index``. The first call (the one that
         creates the cache) only allocates zeros sized by its input length; every later
         call takes one new position, writes its key/value at ``cache_index`` and attends
         to positions ``<= cache_index``.
       * cross-attention: the first call projects ``inputs_kv`` (the encoder output) once
-        and stores it; later calls read the stored keys/values and ignore ``inputs_kv``.
+        and stores it (``[batch, heads, src_len, kv]``); later calls read the stored
+        keys/values and ignore ``inputs_kv``.
     """
 
     num_heads: int
@@ -246,24 +247,23 @@ class MultiHeadAttention(nn.Module):
         query = nn.with_logical_constraint(
             query, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
 
-        if decode and self.is_cross_attention:
-            key, value = self._cross_attention_cache(inputs_kv)
-        else:
-            kv_features = inputs_kv.shape[-1]
-            key = self._projection("key", kv_features)(inputs_kv)  # [batch, kv_len, heads, kv]
-            value = self._projection("value", kv_features)(inputs_kv)  # [batch, kv_len, heads, kv]
-            if decode:
-                key, value, mask = self._self_attention_cache(key, value, mask)
-        key = nn.with_logical_constraint(
-            key, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
-        value = nn.with_logical_constraint(
-            value, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
-
         if self.implementation not in ATTENTION_IMPLS:
             raise ValueError(f"attention implementation {self.implementation!r} is not one of "
                              f"{ATTENTION_IMPLS}")
+        if decode:
+            # The decoding caches hold keys/values heads-major, so that no step transposes
+            # the whole cache (beam search on a CPU spent a quarter of its time on those
+            # transposes): [batch, heads, kv_len, kv].
+            if self.is_cross_attention:
+                key_h, value_h = self._cross_attention_cache(inputs_kv)
+            else:
+                key, value = self._key_value(inputs_kv)
+                key_h, value_h, mask = self._self_attention_cache(key, value, mask)
+            return self._attend(query, key_h, value_h, mask, features, deterministic)
+        key, value = self._key_value(inputs_kv)  # [batch, kv_len, heads, kv] each
+
         dropout = self.dropout_rate > 0.0 and not deterministic
-        if self.implementation != "einsum" and not decode and not dropout:
+        if self.implementation != "einsum" and not dropout:
             if mask is not None:  # the fused kernels want the full [.., q_len, kv_len] extent
                 mask = jnp.broadcast_to(mask, mask.shape[:2] + (query.shape[1], key.shape[1]))
             context = jax.nn.dot_product_attention(
@@ -271,20 +271,36 @@ class MultiHeadAttention(nn.Module):
                 implementation=self.implementation)  # [batch, q_len, heads, kv]
             return self._output(context, features)
 
-        query = query / jnp.sqrt(self.head_dim).astype(self.dtype)
         # Heads-major copies, so that both attention matmuls are batched over leading
         # (batch, heads) dimensions: XLA's CPU backend runs "bqhd,bkhd->bhqk" on the
         # [batch, len, heads, kv] layout about 4x slower than on [batch, heads, len, kv]
         # (scripts/bench_teacher.py, length 128); the transposes are cheap copies.
-        query_h = query.transpose(0, 2, 1, 3)  # [batch, heads, q_len, kv]
         key_h = key.transpose(0, 2, 1, 3)  # [batch, heads, kv_len, kv]
         value_h = value.transpose(0, 2, 1, 3)  # [batch, heads, kv_len, kv]
+        return self._attend(query, key_h, value_h, mask, features, deterministic)
+
+    def _key_value(self, inputs_kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[batch, kv_len, embed] -> key, value [batch, kv_len, heads, kv]."""
+        kv_features = inputs_kv.shape[-1]
+        names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+        key = self._projection("key", kv_features)(inputs_kv)
+        value = self._projection("value", kv_features)(inputs_kv)
+        return (nn.with_logical_constraint(key, names), nn.with_logical_constraint(value, names))
+
+    def _attend(self, query, key_h, value_h, mask, features, deterministic):
+        """Our einsum attention: query [batch, q_len, heads, kv], heads-major key/value
+        [batch, heads, kv_len, kv] -> [batch, q_len, embed]."""
+        names = ("activation_batch", "activation_heads", "activation_length", "activation_kv")
+        key_h = nn.with_logical_constraint(key_h, names)
+        value_h = nn.with_logical_constraint(value_h, names)
+        query = query / jnp.sqrt(self.head_dim).astype(self.dtype)
+        query_h = query.transpose(0, 2, 1, 3)  # [batch, heads, q_len, kv]
         logits = jnp.einsum("bhqd,bhkd->bhqk", query_h, key_h,
                             preferred_element_type=jnp.float32)  # [batch, heads, q, kv]
         if mask is not None:
             logits = jnp.where(mask, logits, MASK_VALUE)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [batch, heads, q, kv]
-        if dropout:
+        if self.dropout_rate > 0.0 and not deterministic:
             weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
         context = jnp.einsum("bhqk,bhkd->bhqd", weights, value_h)  # [batch, heads, q_len, kv]
         context = context.transpose(0, 2, 1, 3)  # [batch, q_len, heads, kv]
@@ -300,37 +316,43 @@ class MultiHeadAttention(nn.Module):
         )(context)  # [batch, q_len, embed]
 
     def _self_attention_cache(self, key, value, mask):
-        """Writes this step's key/value into the cache; returns the whole cache and a mask
-        that hides the positions not decoded yet."""
+        """Writes this step's key/value [batch, 1, heads, kv] into the heads-major cache
+        [batch, heads, max_len, kv]; returns the whole cache and a mask that hides the
+        positions not decoded yet. The first call (the one that creates the cache) only
+        allocates zeros sized by its input length and attends over its input."""
         initialized = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        key_h = key.transpose(0, 2, 1, 3)  # [batch, heads, len, kv]
+        value_h = value.transpose(0, 2, 1, 3)
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key_h.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value_h.shape,
+                                     value.dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
         if not initialized:
-            return key, value, mask
-        batch, max_len, heads, head_dim = cached_key.value.shape
+            return key_h, value_h, mask
+        batch, heads, max_len, head_dim = cached_key.value.shape
         if key.shape[1] != 1:
             raise ValueError(
                 f"incremental decoding takes one position per call, got {key.shape[1]}")
         index = cache_index.value
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key_h, (0, 0, index, 0))
         cached_value.value = jax.lax.dynamic_update_slice(
-            cached_value.value, value, (0, index, 0, 0))
+            cached_value.value, value_h, (0, 0, index, 0))
         cache_index.value = index + 1
         step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, max_len]
         mask = step_mask if mask is None else (mask & step_mask)
         return cached_key.value, cached_value.value, mask
 
     def _cross_attention_cache(self, inputs_kv):
-        """Projects the encoder output once (first call) and reuses it afterwards."""
+        """Projects the encoder output once (first call) and keeps it heads-major
+        [batch, heads, src_len, kv]; later calls reuse it."""
         if self.has_variable("cache", "cached_key"):
             return (self.get_variable("cache", "cached_key"),
                     self.get_variable("cache", "cached_value"))
-        key = self._projection("key", inputs_kv.shape[-1])(inputs_kv)
-        value = self._projection("value", inputs_kv.shape[-1])(inputs_kv)
-        self.put_variable("cache", "cached_key", key)
-        self.put_variable("cache", "cached_value", value)
-        return key, value
+        key, value = self._key_value(inputs_kv)
+        key_h, value_h = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+        self.put_variable("cache", "cached_key", key_h)
+        self.put_variable("cache", "cached_value", value_h)
+        return key_h, value_h
 
 
 class FeedForward(nn.Module):
