@@ -89,13 +89,26 @@ def _start_decoding(model: Transformer, params: Any, src: jax.Array, copies: int
     return encoded, src, cache
 
 
+def log_softmax(logits: jax.Array) -> jax.Array:
+    """``jax.nn.log_softmax`` over the last axis (same values), written so that XLA's CPU
+    backend keeps its reductions out of the logits' matmul: it otherwise fuses the
+    matmul, the row max and the subtraction into one YNNPACK graph that ran 2x slower
+    than the matmul and the reductions apart (160 x 512 @ 512 x 10,000: 34 vs 17 ms,
+    a fifth of beam search's time). ``reduce_precision`` to the dtype's own precision
+    changes no value, and YNNPACK does not take it, so the fusion stops there."""
+    info = jnp.finfo(logits.dtype)
+    exact = jax.lax.reduce_precision(logits, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    shifted = logits - jax.lax.stop_gradient(jnp.max(exact, axis=-1, keepdims=True))
+    return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+
+
 def _next_log_probs(model, params, cache, encoded, src, tokens):
     """One decoder step: tokens [n] -> (log-probs [n, vocab] with pad/bos at -inf, new cache)."""
     cfg = model.config
     logits, variables = model.apply(
         {"params": params, "cache": cache}, encoded, src, tokens[:, None],
         decode=True, mutable=["cache"], method=Transformer.decode)  # [n, 1, vocab]
-    log_probs = jax.nn.log_softmax(logits[:, 0], axis=-1)  # [n, vocab]
+    log_probs = log_softmax(logits[:, 0])  # [n, vocab]
     never = jnp.zeros((cfg.vocab_size,), bool).at[jnp.array([cfg.pad_id, cfg.bos_id])].set(True)
     log_probs = jnp.where(never[None, :], NEG_INF, log_probs)  # [n, vocab]
     return log_probs, variables["cache"]

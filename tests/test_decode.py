@@ -276,3 +276,23 @@ def test_length_bounds_are_respected(model_and_params):
     assert hit_bound_without_eos  # the bound was actually what stopped some hypothesis
     with pytest.raises(ValueError, match="max_len"):
         greedy_search(model, params, SOURCES, max_len=9)
+
+
+def test_log_softmax_equals_jax_log_softmax():
+    """decode.log_softmax (kept out of the logits matmul's fusion on CPUs) gives
+    jax.nn.log_softmax's values, large logits and bf16 (to its rounding) included, inside a jitted matmul."""
+    import jax.numpy as jnp
+
+    from distill_jax.decode import log_softmax
+
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(6, 16)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(40, 16)) * 30.0, jnp.float32)  # logits up to ~1e3
+    ours = jax.jit(lambda h, t: log_softmax(h @ t.T))(h, table)
+    want = jax.nn.log_softmax(h @ table.T, axis=-1)
+    np.testing.assert_allclose(ours, want, rtol=1e-6, atol=1e-4)
+    assert np.all(np.isfinite(np.asarray(ours)))
+    x = jnp.asarray(rng.normal(size=(3, 7)), jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(log_softmax(x), np.float32),  # bf16 rounding
+                               np.asarray(jax.nn.log_softmax(x, axis=-1), np.float32),
+                               rtol=2 ** -7, atol=2 ** -6)
