@@ -52,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     names = {name for name, _, _ in SUBCOMMANDS}
     command = next((arg for arg in argv if arg in names), None)
     args = build_parser(command).parse_args(argv)
+    # Before any JAX computation: keep freed host memory for reuse (distill_jax.runtime).
+    from distill_jax import runtime
+
+    try:
+        runtime.configure_host()
+    except ValueError as err:
+        print(f"distill-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)

@@ -30,6 +30,7 @@ A dense teacher is the special case K = vocab, idx = arange(vocab).
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Mapping
 
@@ -116,6 +117,60 @@ def _weighted_sum(per_token, weights):
     return jnp.sum(jnp.where(weights != 0, per_token * weights, 0.0))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def log_softmax_at(logits, indices, temperature=1.0):
+    """``log_softmax(logits / T)`` over the vocabulary, read at ``indices``, and its mean
+    over the vocabulary, without materialising the log-softmax.
+
+    Args:
+      logits: [batch, length, vocab] (any float dtype; computed in >= float32).
+      indices: [batch, length, n] int ids in [0, vocab).
+      temperature: T > 0 (a Python float).
+
+    Returns:
+      (log_p_at [batch, length, n], mean_log_p [batch, length]), float32 (or wider).
+
+    Forward: one max and one sum of exponentials over the vocabulary (the log-sum-exp),
+    a gather and a mean. Backward: with ``g_at`` and ``g_mean`` the cotangents,
+    ``d/dz = scatter(g_at at indices) + g_mean / V - softmax(z) * (sum g_at + g_mean)``
+    (z = logits / T), one fused pass over the logits that recomputes the softmax from the
+    saved log-sum-exp, plus a scatter of n values per position. Differentiating
+    ``jax.nn.log_softmax`` + ``take_along_axis`` + ``mean`` instead materialises several
+    float32 [batch, length, vocab] intermediates (the log-softmax, the gather's dense
+    zero-filled cotangent, the broadcast mean) on both passes; on a CPU they were a
+    tenth of the student step's non-matmul time, on a GPU the loss's memory-bound share.
+    """
+    return _log_softmax_at_fwd(logits, indices, temperature)[0]
+
+
+def _log_softmax_at_fwd(logits, indices, temperature):
+    z = _as_float(logits) / temperature if temperature != 1.0 else _as_float(logits)  # [b, t, V]
+    top = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))             # [b, t, 1]
+    lse = top + jnp.log(jnp.sum(jnp.exp(z - top), axis=-1, keepdims=True))      # [b, t, 1]
+    at = jnp.take_along_axis(z, indices.astype(jnp.int32), axis=-1) - lse       # [b, t, n]
+    mean = jnp.mean(z, axis=-1) - lse[..., 0]                                   # [b, t]
+    return (at, mean), (logits, indices, lse)
+
+
+def _log_softmax_at_bwd(temperature, residuals, cotangents):
+    logits, indices, lse = residuals
+    g_at, g_mean = cotangents                                                   # [b, t, n], [b, t]
+    z = _as_float(logits) / temperature if temperature != 1.0 else _as_float(logits)
+    vocab = z.shape[-1]
+    total = (jnp.sum(g_at, axis=-1) + g_mean)[..., None]                        # [b, t, 1]
+    dz = (g_mean[..., None] / vocab - jnp.exp(z - lse) * total).astype(g_at.dtype)  # [b, t, V]
+    batch, length, n = indices.shape
+    b_idx = jnp.arange(batch)[:, None, None]                                    # [b, 1, 1]
+    t_idx = jnp.arange(length)[None, :, None]                                   # [1, t, 1]
+    dz = dz.at[b_idx, t_idx, indices.astype(jnp.int32)].add(g_at)               # [b, t, V]
+    if temperature != 1.0:
+        dz = dz / temperature
+    return dz.astype(logits.dtype), None
+
+
+log_softmax_at.defvjp(_log_softmax_at_fwd, _log_softmax_at_bwd)
+
+
 # --------------------------------------------------------------------------- cross-entropy
 
 
@@ -146,10 +201,14 @@ def cross_entropy(logits, targets, weights, label_smoothing=0.0):
     """
     _check_logits_targets(logits, targets, weights)
     eps = _check_number("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
-    log_p = jax.nn.log_softmax(_as_float(logits), axis=-1)                       # [b, t, V]
-    nll = -jnp.take_along_axis(log_p, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]  # [b, t]
-    smooth = -jnp.mean(log_p, axis=-1)                                           # [b, t]
-    loss = (1.0 - eps) * nll + eps * smooth                                      # [b, t]
+    log_p_y, mean_log_p = log_softmax_at(logits, targets[..., None])            # [b, t, 1], [b, t]
+    return _smoothed_sums(log_p_y[..., 0], mean_log_p, weights, eps)
+
+
+def _smoothed_sums(log_p_y, mean_log_p, weights, eps):
+    """(smoothed loss sum, nll sum) from log p_y and mean_v log p_v, both [b, t]."""
+    nll = -log_p_y                                                               # [b, t]
+    loss = (1.0 - eps) * nll + eps * (-mean_log_p)                               # [b, t]
     return _weighted_sum(loss, weights), _weighted_sum(nll, weights)
 
 
@@ -168,10 +227,9 @@ def _student_log_probs_at(student_logits, teacher_indices, temperature):
 
     Returns [b, t, K] (K = vocab when teacher_indices is None).
     """
-    log_q = jax.nn.log_softmax(_as_float(student_logits) / temperature, axis=-1)  # [b, t, V]
     if teacher_indices is None:
-        return log_q
-    return jnp.take_along_axis(log_q, teacher_indices.astype(jnp.int32), axis=-1)  # [b, t, K]
+        return jax.nn.log_softmax(_as_float(student_logits) / temperature, axis=-1)  # [b, t, V]
+    return log_softmax_at(student_logits, teacher_indices, temperature)[0]      # [b, t, K]
 
 
 def distillation_per_token(student_logits, teacher_logits, teacher_indices=None, *,
@@ -193,9 +251,15 @@ def distillation_per_token(student_logits, teacher_logits, teacher_indices=None,
     temp = _check_number("temperature", temperature, 0.0, float("inf"), low_open=True,
                          high_open=True)
     _check_teacher(student_logits, teacher_logits, teacher_indices)
-    log_p, p = _teacher_probs(teacher_logits, temp)                              # [b, t, K]
     student_temp = 1.0 if mode == "paper" else temp
     log_q = _student_log_probs_at(student_logits, teacher_indices, student_temp)  # [b, t, K]
+    return _distillation_terms(teacher_logits, log_q, mode, temp)
+
+
+def _distillation_terms(teacher_logits, log_q, mode, temp):
+    """Per-token distillation loss [b, t] from the teacher's logits and the student's
+    log-probabilities at the same entries (both [b, t, K])."""
+    log_p, p = _teacher_probs(teacher_logits, temp)                              # [b, t, K]
     if mode == "paper":
         terms = -p * log_q                                                       # [b, t, K]
     elif mode == "soft_ce_t":
@@ -262,7 +326,25 @@ def combined_loss(student_logits, targets, weights, *, alpha=0.5, label_smoothin
     alpha = _check_number("alpha", alpha, 0.0, 1.0)
     if teacher_logits is None and teacher_indices is not None:
         raise ValueError("teacher_indices was given without teacher_logits")
-    xe_sum, nll_sum = cross_entropy(student_logits, targets, weights, label_smoothing)
+    kd_sum = None
+    if teacher_logits is not None and teacher_indices is not None and kd_mode == "paper":
+        # Both terms read the same log_softmax(logits) (the paper's student is at T = 1):
+        # one log-sum-exp pass, one gather of [target, the K teacher ids], and one fused
+        # backward pass over the logits for the two terms together.
+        _check_logits_targets(student_logits, targets, weights)
+        eps = _check_number("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+        temp = _check_number("temperature", temperature, 0.0, float("inf"), low_open=True,
+                             high_open=True)
+        _check_teacher(student_logits, teacher_logits, teacher_indices)
+        indices = jnp.concatenate([targets[..., None].astype(jnp.int32),
+                                   teacher_indices.astype(jnp.int32)], axis=-1)  # [b, t, 1+K]
+        log_p_at, mean_log_p = log_softmax_at(student_logits, indices)           # [b, t, 1+K], [b, t]
+        xe_sum, nll_sum = _smoothed_sums(log_p_at[..., 0], mean_log_p, weights, eps)
+        teacher_logits = jnp.where(weights[..., None] != 0, teacher_logits, 0)   # [b, t, K]
+        kd_sum = _weighted_sum(
+            _distillation_terms(teacher_logits, log_p_at[..., 1:], "paper", temp), weights)
+    else:
+        xe_sum, nll_sum = cross_entropy(student_logits, targets, weights, label_smoothing)
     count = jnp.sum(weights.astype(xe_sum.dtype))
     correct = (jnp.argmax(student_logits, axis=-1) == targets).astype(xe_sum.dtype)  # [b, t]
     metrics = {
@@ -273,8 +355,9 @@ def combined_loss(student_logits, targets, weights, *, alpha=0.5, label_smoothin
     if teacher_logits is None:
         total = xe_sum
     else:
-        kd_sum = distillation_loss(student_logits, teacher_logits, teacher_indices, weights,
-                                   mode=kd_mode, temperature=temperature)
+        if kd_sum is None:
+            kd_sum = distillation_loss(student_logits, teacher_logits, teacher_indices,
+                                       weights, mode=kd_mode, temperature=temperature)
         total = (1.0 - alpha) * xe_sum + alpha * kd_sum
         metrics["kd"] = (kd_sum, count)
     metrics["loss"] = (total, count)

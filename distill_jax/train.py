@@ -174,7 +174,22 @@ def make_train_step(
         in_shardings=in_shardings,
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
+        compiler_options=donated_state_compiler_options(mesh),
     )
+
+
+def donated_state_compiler_options(mesh: Mesh) -> dict[str, Any]:
+    """XLA options for a step that updates a donated state in place.
+
+    On CPUs: copy insertion with region analysis (``xla_cpu_copy_insertion_use_region_analysis``,
+    the default of XLA's GPU compiler). Without it XLA's CPU compiler copies every
+    parameter that the step both reads (forward and backward) and overwrites (the
+    update) before using it: 156 copies, 176 MB per step for the reference student, which
+    region analysis proves unnecessary. Other platforms: no options.
+    """
+    if mesh.devices.flat[0].platform == "cpu":
+        return {"xla_cpu_copy_insertion_use_region_analysis": True}
+    return {}
 
 
 def make_eval_step(

@@ -106,6 +106,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     steps = args.new_tokens
 
+    benchlib.configure_host(args)  # before JAX starts
     threads = benchlib.set_torch_threads(args.torch_threads)
     import flax.linen as nn
     import jax
@@ -174,10 +175,9 @@ def main(argv=None):
           f"[batch, beams, N], theirs {theirs_seqs.shape} [batch, 1 + N] "
           f"(transformers attention: {attn_impl})")
 
-    ours = benchlib.time_runs(ours_search, warmup=args.warmup, runs=args.runs,
-                               label="ours")
-    theirs = benchlib.time_runs(theirs_search, warmup=args.warmup, runs=args.runs,
-                                sync=benchlib.torch_sync, label="theirs")
+    ours, theirs = benchlib.time_interleaved(
+        {"ours": (ours_search, benchlib.block), "theirs": (theirs_search, benchlib.torch_sync)},
+        warmup=args.warmup, runs=args.runs).values()
 
     flops = beam_flops(args.batch, args.beams, args.src_len, steps, args.d_model, args.mlp_dim,
                        args.vocab, args.layers, args.layers)

@@ -116,6 +116,7 @@ def main(argv=None):
     benchlib.add_common_args(parser)
     args = parser.parse_args(argv)
 
+    benchlib.configure_host(args)  # before JAX starts
     threads = benchlib.set_torch_threads(args.torch_threads)
     import jax
 
@@ -220,11 +221,13 @@ def main(argv=None):
         holder["state"], metrics = step(holder["state"], batch, rng)
         return holder["state"], metrics
 
-    ours = benchlib.time_runs(ours_step, warmup=args.warmup, runs=args.runs, label="ours")
-    theirs = benchlib.time_runs(
-        lambda: torch_student.train_step(torch_model, torch_optimizer, torch_schedule,
-                                         torch_batch, compute_dtype=torch_dtype, **loss_kwargs),
-        warmup=args.warmup, runs=args.runs, sync=benchlib.torch_sync, label="theirs")
+    def theirs_step():
+        return torch_student.train_step(torch_model, torch_optimizer, torch_schedule,
+                                        torch_batch, compute_dtype=torch_dtype, **loss_kwargs)
+
+    ours, theirs = benchlib.time_interleaved(
+        {"ours": (ours_step, benchlib.block), "theirs": (theirs_step, benchlib.torch_sync)},
+        warmup=args.warmup, runs=args.runs).values()
 
     shapes = {"batch": args.batch, "src_len": args.src_len, "tgt_len": args.tgt_len,
               "vocab": args.vocab, "top_k": args.top_k, "padded_rows": args.padded_rows,

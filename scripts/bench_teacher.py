@@ -83,6 +83,7 @@ def main(argv=None):
     benchlib.add_common_args(parser)
     args = parser.parse_args(argv)
 
+    benchlib.configure_host(args)  # before JAX starts
     threads = benchlib.set_torch_threads(args.torch_threads)
     import jax
     import torch
@@ -132,9 +133,6 @@ def main(argv=None):
         jax_args = (params, jax_batch["input_ids"], jax_batch["token_type_ids"],
                     jax_batch["attention_mask"])
         xla_flops = benchlib.jax_compiled_flops(forward.lower(*jax_args).compile())
-        ours = benchlib.time_runs(lambda: forward(*jax_args), warmup=args.warmup, runs=args.runs,
-                                      label=f"ours   L={length}")
-
         torch_batch = {k: torch.from_numpy(v.astype(np.int64)).to(device)
                        for k, v in batch.items()}
 
@@ -142,8 +140,11 @@ def main(argv=None):
             with torch.inference_mode():
                 return torch_model(**torch_batch).last_hidden_state
 
-        theirs = benchlib.time_runs(torch_forward, warmup=args.warmup, runs=args.runs,
-                                    sync=benchlib.torch_sync, label=f"theirs L={length}")
+        timings = benchlib.time_interleaved(
+            {f"ours   L={length}": (lambda: forward(*jax_args), benchlib.block),
+             f"theirs L={length}": (torch_forward, benchlib.torch_sync)},
+            warmup=args.warmup, runs=args.runs)
+        ours, theirs = timings.values()
 
         ours_out = np.asarray(forward(*jax_args), np.float32)
         theirs_out = torch_forward().float().cpu().numpy()

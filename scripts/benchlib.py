@@ -5,7 +5,9 @@ What every benchmark does with them:
 * **Timing**: ``time_runs`` calls a function ``warmup`` times (compilation, caches,
   allocator), then ``runs`` (>= 5) more times, each timed with ``time.perf_counter``
   around the call and a ``block_until_ready`` of its result (JAX dispatches
-  asynchronously; torch on CPU is synchronous), and reports the median.
+  asynchronously; torch on CPU is synchronous), and reports the median. The
+  comparisons use ``time_interleaved``: the same, with the two sides' runs alternating
+  (A B, B A, ...) so that both see the same machine.
 * **Peak**: ``matmul_peak_gflops`` is the machine's measured matmul peak, the best
   GFLOP/s of a jitted 2048 x 2048 float32 JAX matmul (2 * 2048^3 FLOPs) over 10
   timings, taken before the benchmarks and again after them (``remeasure_peak``; the
@@ -91,6 +93,52 @@ def time_runs(fn: Callable[[], Any], *, warmup: int = 2, runs: int = MIN_RUNS,
         print(f"{label}: median {timing.median_s * 1e3:.1f} ms, runs "
               + " ".join(f"{t * 1e3:.0f}" for t in times) + " ms", flush=True)
     return timing
+
+
+def configure_host(args) -> dict:
+    """Applies ``distill_jax.runtime.configure_host`` as ``--host-memory`` says, before JAX
+    starts; returns what was applied (recorded in every record's machine description).
+    The setting is process-wide, so it holds for both sides of a comparison."""
+    from distill_jax import runtime
+
+    os.environ[runtime.ENV_VAR] = args.host_memory
+    applied = runtime.configure_host()
+    _HOST_SETTINGS.update(applied)
+    _HOST_SETTINGS["host_memory"] = args.host_memory
+    return applied
+
+
+_HOST_SETTINGS: dict[str, Any] = {}
+
+
+def time_interleaved(fns: "dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]]", *,
+                     warmup: int = 2, runs: int = MIN_RUNS, label: bool = True) -> dict[str, Timing]:
+    """Times several functions, ``{name: (fn, sync)}``, in alternating rounds: each round
+    calls every function once, in the given order on even rounds and the reverse order
+    on odd ones (A B, B A, A B, ...). Each side of a comparison therefore runs under the
+    same conditions: this machine's speed drifts by 10-20% over minutes (other tenants
+    of the host), which timing one side's runs after the other's would put into the
+    ratio. ``warmup`` untimed calls of each function come first."""
+    if runs < MIN_RUNS:
+        raise ValueError(f"need at least {MIN_RUNS} timed runs for a median, got {runs}")
+    names = list(fns)
+    for name in names:
+        fn, sync = fns[name]
+        for _ in range(warmup):
+            sync(fn())
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(runs):
+        for name in (names if round_index % 2 == 0 else names[::-1]):
+            fn, sync = fns[name]
+            start = time.perf_counter()
+            sync(fn())
+            times[name].append(time.perf_counter() - start)
+    timings = {name: Timing(t) for name, t in times.items()}
+    if label:
+        for name, timing in timings.items():
+            print(f"{name}: median {timing.median_s * 1e3:.1f} ms, runs "
+                  + " ".join(f"{t * 1e3:.0f}" for t in timing.runs_s) + " ms", flush=True)
+    return timings
 
 
 # --------------------------------------------------------------------------- peak
@@ -270,6 +318,7 @@ def machine_info(*, with_torch: bool = True, dtype: str = "float32") -> dict:
         "matmul_peak_dtype": dtype,
         "matmul_peak_gflops": round(matmul_peak_gflops(), 2),
         "matmul_peak_definition": f"best of 10 jitted {n}x{n} {dtype} JAX matmuls",
+        "host_settings": dict(_HOST_SETTINGS),
     }
     if with_torch:
         import torch
@@ -298,6 +347,9 @@ def describe_machine(info: dict) -> str:
     if "torch_matmul_gflops" in info:
         parts.append(f"torch {info.get('torch_matmul_dtype', 'float32')} matmul "
                      f"{info['torch_matmul_gflops']:.1f} GFLOP/s")
+    host = info.get("host_settings") or {}
+    if host:
+        parts.append(f"host memory {host.get('host_memory')}")
     return ", ".join(p for p in parts if p)
 
 
@@ -408,6 +460,10 @@ def add_common_args(parser, *, warmup: int = 2) -> None:
     parser.add_argument("--warmup", type=int, default=warmup,
                         help="untimed runs before timing")
     parser.add_argument("--json", default=None, metavar="PATH", help="write JSON records here")
+    parser.add_argument("--host-memory", choices=("keep", "system"), default="keep",
+                        help="distill_jax.runtime.configure_host's allocator setting for the "
+                             "process (both sides run in it): keep freed memory for reuse "
+                             "(default, what distill-jax does) or glibc's defaults")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="compute dtype of both sides and of the matmul peak (parameters "
                              "stay float32 where the side keeps a float32 master copy)")

@@ -279,6 +279,75 @@ def test_paper_gradient_matches_finite_differences_and_closed_form():
     assert np.all(grad[1, 1] == 0.0)                              # the padded position
 
 
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_log_softmax_at_values_and_gradient_match_the_dense_log_softmax(temp):
+    """The fused primitive against jax.nn.log_softmax + take_along_axis + mean, with
+    duplicate ids in a row (their cotangents must add up) and a zero-cotangent row."""
+    rng = np.random.default_rng(7)
+    logits = jnp.asarray(rng.normal(scale=3.0, size=(2, 3, 9)), jnp.float32)
+    idx = rng.integers(0, 9, size=(2, 3, 4)).astype(np.int32)
+    idx[0, 0] = [5, 5, 2, 5]                                      # duplicates
+    idx = jnp.asarray(idx)
+    g_at = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32).at[1, 2].set(0.0)
+    g_mean = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32).at[1, 2].set(0.0)
+
+    def reference(z):
+        log_p = jax.nn.log_softmax(z / temp, axis=-1)
+        return jnp.take_along_axis(log_p, idx, axis=-1), jnp.mean(log_p, axis=-1)
+
+    def fused(z):
+        return losses.log_softmax_at(z, idx, temp)
+
+    for got, want in zip(fused(logits), reference(logits)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+    def project(fn):
+        return lambda z: sum(jnp.sum(a * g) for a, g in zip(fn(z), (g_at, g_mean)))
+
+    got = np.asarray(jax.jit(jax.grad(project(fused)))(logits))
+    want = np.asarray(jax.grad(project(reference))(logits))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.all(got[1, 2] == 0.0)
+
+
+def test_combined_loss_gradient_matches_the_unfused_terms():
+    """combined_loss (paper mode) shares one log-sum-exp between its two terms: its
+    gradient equals that of (1 - alpha) * cross_entropy + alpha * distillation_loss, each
+    of which runs the primitive on its own; and that of a float64 finite difference."""
+    logits, targets, weights, sparse, indices, _ = _inputs(seed=4)
+    indices[0, 0, 0] = targets[0, 0]                              # target among the K ids
+    alpha, eps, temp = 0.4, 0.1, 10.0
+
+    def combined(z):
+        return losses.combined_loss(z, targets, weights, alpha=alpha, label_smoothing=eps,
+                                    teacher_logits=sparse, teacher_indices=indices,
+                                    temperature=temp)[0]
+
+    def separate(z):
+        return ((1 - alpha) * losses.cross_entropy(z, targets, weights, eps)[0]
+                + alpha * losses.distillation_loss(z, sparse, indices, weights,
+                                                   temperature=temp))
+
+    z = jnp.asarray(logits)
+    np.testing.assert_allclose(float(combined(z)), float(separate(z)), rtol=1e-6)
+    g = np.asarray(jax.grad(combined)(z))
+    np.testing.assert_allclose(g, np.asarray(jax.grad(separate)(z)), rtol=1e-5, atol=1e-6)
+    assert np.all(g[weights == 0] == 0.0)
+    # closed form: weights * (softmax - target distribution), the target distribution
+    # (1-alpha)((1-eps) onehot(y) + eps/V) + alpha * scatter(p) summing to 1
+    closed = np.zeros_like(logits, dtype=np.float64)
+    for b in range(B):
+        for t in range(T):
+            q = np.exp(_np_log_softmax(logits[b, t]))
+            p = np.exp(_np_log_softmax(np.asarray(sparse[b, t], np.float64) / temp))
+            target = np.full(V, (1 - alpha) * eps / V)
+            target[targets[b, t]] += (1 - alpha) * (1 - eps)
+            for k in range(K):
+                target[indices[b, t, k]] += alpha * p[k]
+            closed[b, t] = weights[b, t] * (q - target)
+    np.testing.assert_allclose(g, closed, atol=2e-6)
+
+
 # --------------------------------------------------------------------------- combined + metrics
 
 
