@@ -6,10 +6,18 @@ moves the LayerNorms in front of each block and adds a final LayerNorm to the en
 and to the decoder.
 
 Incremental decoding: ``Transformer.decode(..., decode=True)`` takes one target position
-per call and keeps its state in the ``cache`` collection (keys/values of the decoder
-self-attention, the projected encoder output of the cross-attention and a step counter
-that gives the position of the token being fed). ``init_decode_cache`` creates that state
-for a batch.
+of every hypothesis per call and keeps its state in the ``cache`` collection: keys/values
+of the decoder self-attention (one slot per hypothesis of a sentence), the projected
+encoder output of the cross-attention (one per sentence), a step counter that gives the
+position of the token being fed and ``beam_ancestry``. ``init_decode_cache`` creates that
+state for a batch of sentences and ``beams`` hypotheses each.
+
+``beam_ancestry`` ``[batch, beams, max_len]`` says, for hypothesis ``j`` of a sentence and
+a position ``p``, in which beam slot the key/value of its token at ``p`` was written. Each
+step writes every hypothesis's new key into its own slot; a search that reorders its
+hypotheses (beam search) reorders only this table, never the key/value caches
+(``distill_jax.decode``), and the self-attention mask lets hypothesis ``j`` see slot ``i``
+at position ``p`` iff ``beam_ancestry[b, j, p] == i`` and ``p`` is decoded.
 """
 
 from __future__ import annotations
@@ -168,11 +176,12 @@ class DecoderLayer(nn.Module):
         self,
         x: jax.Array,  # [batch, tgt, embed]
         encoded: jax.Array,  # [batch, src, embed]
-        self_mask: Optional[jax.Array],  # [1, 1, tgt, tgt] or None (decode mode)
-        cross_mask: jax.Array,  # [batch, 1, 1, src]
+        self_mask: Optional[jax.Array],  # [1, 1, tgt, tgt]; decoding: [batch, 1, beams, max_len*beams]
+        cross_mask: jax.Array,  # [batch, 1, 1, src] (one row per sentence)
         *,
         deterministic: bool,
         decode: bool,
+        beams: int = 1,
     ) -> jax.Array:
         cfg = self.config
         block = Sublayer(cfg, name="self_attention_block")
@@ -182,7 +191,7 @@ class DecoderLayer(nn.Module):
             dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype,
             implementation=cfg.attention_impl,
             name="self_attention")(normed, normed, self_mask,
-                                   deterministic=deterministic, decode=decode)
+                                   deterministic=deterministic, decode=decode, beams=beams)
         x = block.finish(x, h, deterministic)  # [batch, tgt, embed]
         block = Sublayer(cfg, name="cross_attention_block")
         h = layers.MultiHeadAttention(
@@ -249,12 +258,13 @@ class Decoder(nn.Module):
         self,
         encoded: jax.Array,  # [batch, src, embed]
         src: jax.Array,  # [batch, src] int
-        tgt_in: jax.Array,  # [batch, tgt] int
+        tgt_in: jax.Array,  # [batch, tgt] int; decoding: [batch * beams, 1]
         *,
         deterministic: bool,
         decode: bool,
+        beams: int = 1,
     ) -> jax.Array:
-        """-> final hidden states [batch, tgt, embed]."""
+        """-> final hidden states [batch, tgt, embed] ([batch * beams, 1, embed] decoding)."""
         cfg = self.config
         length = tgt_in.shape[1]
         position_ids = jnp.arange(length)  # [tgt]
@@ -262,12 +272,15 @@ class Decoder(nn.Module):
         if decode:
             initialized = self.has_variable("cache", "position_index")
             index = self.variable("cache", "position_index", lambda: jnp.array(0, jnp.int32))
-            self_mask = None  # the self-attention cache hides the future positions
+            ancestry = self.variable("cache", "beam_ancestry", jnp.zeros,
+                                     (tgt_in.shape[0], beams, length), jnp.int32)
+            self_mask = None  # the cache-creating call's output is discarded
             if initialized:
                 if length != 1:
                     raise ValueError(
                         f"incremental decoding takes one target position per call, got {length}")
                 position_ids = index.value[None]  # [1]
+                self_mask = self._step_mask(ancestry, index.value)
                 index.value = index.value + 1
         x = _embed_tokens(
             self.shared_embedding, PositionEmbedding(cfg, name="positions"),
@@ -275,10 +288,26 @@ class Decoder(nn.Module):
         cross_mask = (src != cfg.pad_id)[:, None, None, :]  # [batch, 1, 1, src]
         for i in range(cfg.num_decoder_layers):
             x = DecoderLayer(cfg, name=f"layer_{i}")(
-                x, encoded, self_mask, cross_mask, deterministic=deterministic, decode=decode)
+                x, encoded, self_mask, cross_mask, deterministic=deterministic, decode=decode,
+                beams=beams)
         if cfg.pre_layer_norm:
             x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="final_norm")(x)
         return x  # [batch, tgt, embed]
+
+    @staticmethod
+    def _step_mask(ancestry, index: jax.Array) -> jax.Array:
+        """Records that every hypothesis writes position ``index`` into its own slot and
+        returns the self-attention mask [batch, 1, beams, max_len * beams] over the
+        position-major keys (position p of slot i is key p * beams + i): hypothesis j sees
+        key (p, i) iff p <= index and ancestry[b, j, p] == i."""
+        batch, beams, max_len = ancestry.value.shape
+        own_slot = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[None, :, None],
+                                    (batch, beams, 1))
+        ancestry.value = jax.lax.dynamic_update_slice(ancestry.value, own_slot, (0, 0, index))
+        slots = jnp.arange(beams, dtype=jnp.int32)[None, None, None, :]  # [1, 1, 1, beams]
+        decoded = (jnp.arange(max_len) <= index)[None, None, :, None]  # [1, 1, max_len, 1]
+        visible = (ancestry.value[:, :, :, None] == slots) & decoded  # [batch, j, max_len, i]
+        return visible.reshape(batch, 1, beams, max_len * beams)
 
 
 class Transformer(nn.Module):
@@ -316,13 +345,17 @@ class Transformer(nn.Module):
         *,
         deterministic: bool = True,
         decode: bool = False,
+        beams: int = 1,
     ) -> jax.Array:
         """Decoder logits [batch, tgt, vocab] float32.
 
-        With ``decode=True`` and an existing ``cache`` collection, ``tgt_in`` is one position
-        ``[batch, 1]`` and ``encoded`` is ignored (the cache holds its projection).
+        With ``decode=True`` and an existing ``cache`` collection (``init_decode_cache``),
+        ``tgt_in`` is one position of every hypothesis, ``[batch * beams, 1]``, ``src`` is
+        still ``[batch, src]`` (one row per sentence) and ``encoded`` is ignored (the cache
+        holds its projection). ``beams`` is read only when the cache is created.
         """
-        h = self.decoder(encoded, src, tgt_in, deterministic=deterministic, decode=decode)
+        h = self.decoder(encoded, src, tgt_in, deterministic=deterministic, decode=decode,
+                         beams=beams)
         table = self.shared_embedding.embedding.astype(self.config.dtype)  # [vocab, embed]
         # One 2-D matmul [batch*tgt, embed] @ [embed, vocab] (layers.matmul_2d: the
         # table's gradient is then a plain matmul, not a contraction over batch and tgt).
@@ -332,26 +365,31 @@ class Transformer(nn.Module):
             ("activation_batch", "activation_length", "activation_vocab"))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_len"))
+@functools.partial(jax.jit, static_argnames=("model", "max_len", "beams"))
 def init_decode_cache(
     model: Transformer,
     params: Any,
     encoded: jax.Array,  # [batch, src, embed]
     src: jax.Array,  # [batch, src] int
     max_len: int,
+    beams: int = 1,
 ) -> Any:
-    """The ``cache`` collection for decoding up to ``max_len`` target positions.
+    """The ``cache`` collection for decoding ``beams`` hypotheses of each of the ``batch``
+    sentences, up to ``max_len`` target positions.
 
     ``params`` is the ``"params"`` collection. Runs ``decode`` once on a dummy
     ``[batch, max_len]`` target: the self-attention layers allocate zero caches of that
-    length and the cross-attention layers store the projected encoder output. Only the
-    cache is returned, so XLA drops the dummy forward pass.
+    length for every beam and the cross-attention layers store the projected encoder
+    output (once per sentence). Only the cache is returned, so XLA drops the dummy
+    forward pass.
     """
+    if beams < 1:
+        raise ValueError(f"beams must be >= 1, got {beams}")
     if not 1 <= max_len <= model.config.max_len:
         raise ValueError(
             f"max_len must be in [1, config.max_len={model.config.max_len}], got {max_len}")
     dummy = jnp.full((src.shape[0], max_len), model.config.bos_id, jnp.int32)  # [batch, max_len]
     _, variables = model.apply(
-        {"params": params}, encoded, src, dummy, decode=True, mutable=["cache"],
+        {"params": params}, encoded, src, dummy, decode=True, beams=beams, mutable=["cache"],
         method=Transformer.decode)
     return variables["cache"]
