@@ -159,10 +159,11 @@ def _log_softmax_at_bwd(temperature, residuals, cotangents):
     vocab = z.shape[-1]
     total = (jnp.sum(g_at, axis=-1) + g_mean)[..., None]                        # [b, t, 1]
     dz = (g_mean[..., None] / vocab - jnp.exp(z - lse) * total).astype(g_at.dtype)  # [b, t, V]
-    batch, length, n = indices.shape
-    b_idx = jnp.arange(batch)[:, None, None]                                    # [b, 1, 1]
-    t_idx = jnp.arange(length)[None, :, None]                                   # [1, t, 1]
-    dz = dz.at[b_idx, t_idx, indices.astype(jnp.int32)].add(g_at)               # [b, t, V]
+    # n entries per position, scattered with (batch, length) as batching dimensions (the
+    # vmaps), so that XLA's SPMD partitioner keeps the scatter local to each batch shard
+    # (with explicit (b, t, id) coordinates it all-gathered the indices and updates).
+    scatter = jax.vmap(jax.vmap(lambda row, ids, g: row.at[ids].add(g)))
+    dz = scatter(dz, indices.astype(jnp.int32), g_at)                           # [b, t, V]
     if temperature != 1.0:
         dz = dz / temperature
     return dz.astype(logits.dtype), None
