@@ -17,7 +17,10 @@ client's asynchronous dispatch (``jax_cpu_enable_async_dispatch``), which would 
 allocate for) each computation on a worker thread. Nothing waits longer because of that:
 the training loop reads every step's metrics anyway.
 
-The cost: the process keeps its peak heap size until it exits. Opt out with
+The heap still grows (and faults) when a block does not fit in the freed space, e.g. in
+the first steps while other allocations settle around the big blocks; after that a
+training loop runs without faults (``tests/test_runtime.py``). The cost: the process
+keeps its peak heap size until it exits. Opt out with
 ``DISTILL_JAX_HOST_MEMORY=system``. On other C libraries (macOS, musl) only the dispatch
 setting applies. Accelerator backends are unaffected (their memory is the device's).
 """

@@ -118,13 +118,13 @@ def time_interleaved(fns: "dict[str, tuple[Callable[[], Any], Callable[[Any], An
     on odd ones (A B, B A, A B, ...). Each side of a comparison therefore runs under the
     same conditions: this machine's speed drifts by 10-20% over minutes (other tenants
     of the host), which timing one side's runs after the other's would put into the
-    ratio. ``warmup`` untimed calls of each function come first."""
+    ratio. ``warmup`` untimed rounds come first."""
     if runs < MIN_RUNS:
         raise ValueError(f"need at least {MIN_RUNS} timed runs for a median, got {runs}")
     names = list(fns)
-    for name in names:
-        fn, sync = fns[name]
-        for _ in range(warmup):
+    for round_index in range(warmup):  # alternating too: both sides' memory use settles
+        for name in (names if round_index % 2 == 0 else names[::-1]):
+            fn, sync = fns[name]
             sync(fn())
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(runs):
