@@ -70,3 +70,23 @@ def test_data_parallel_step_all_reduces_exactly_the_gradients():
     # same batch, same initialisation: the step computes the same loss on 1 and 2 devices
     assert data["loss_after_timed_steps"] == pytest.approx(single["loss_after_timed_steps"],
                                                            rel=1e-5)
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices")
+def test_fsdp_step_gathers_each_kernel_once():
+    """On a (1,2,1) mesh every parameter is sharded over fsdp and all-gathered for use.
+    The backward's input gradient must reuse the forward's gathered kernel: when it started
+    again from the sharded kernel the partitioner gathered every kernel a second time, in
+    the transposed layout (about twice the bytes). Allowed on top of one gather of the
+    parameters: the tied embedding's second, transposed use (the output layer) and the
+    layer-norm vectors, which autodiff gathers again for the backward (a few hundred
+    bytes each)."""
+    single = bench_scaling.measure(bench_scaling.Case("t", (1, 1, 1), 8), "tiny", runs=5, warmup=1)
+    fsdp = bench_scaling.measure(bench_scaling.Case("t", (1, 2, 1), 8), "tiny", runs=5, warmup=1)
+    params = single["per_device_param_bytes"]
+    assert fsdp["per_device_param_bytes"] < params  # the parameters really are sharded
+    gathered = fsdp["collectives"]["all-gather"]["payload_bytes"]
+    embedding = 64 * 32 * 4  # tiny: vocab 64 x d_model 32, float32
+    assert params <= gathered <= params + 2 * embedding
+    assert fsdp["loss_after_timed_steps"] == pytest.approx(single["loss_after_timed_steps"],
+                                                           rel=1e-5)

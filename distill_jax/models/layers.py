@@ -126,7 +126,11 @@ def _matmul_rows_bwd(out_dtype, residuals, g):
     # logits') is rounded to bfloat16 first under bf16 compute, so that they stay bf16
     # GEMMs instead of float32 ones (in float32 nothing changes).
     g = g.astype(jnp.result_type(x, w))
-    dx = jnp.dot(g, w.T).astype(x.dtype)
+    # g @ w^T as one dot_general on w itself, not on a transposed w: under fsdp the
+    # partitioner then gathers w as the forward did and XLA reuses that gather, where a
+    # transposed operand got a second, transposed all-gather of every kernel (twice the
+    # bytes, and more temporaries). One device compiles to the same program either way.
+    dx = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ()))).astype(x.dtype)
     dw = _kernel_grad(x, g).astype(w.dtype)
     return dx, dw
 
