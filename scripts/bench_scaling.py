@@ -303,11 +303,13 @@ def print_table(records: list[dict]) -> None:
                   "v5e ms", "v5p ms"]
         table = []
         for r in rows:
-            rel = r["target_tokens_per_s"] / base["target_tokens_per_s"] if base else float("nan")
+            # a suite without a one-device case (processes) has no baseline to compare with
+            rel = (f"{r['target_tokens_per_s'] / base['target_tokens_per_s']:.2f}"
+                   if base else "-")
             mem = r["memory_analysis"] or {}
             table.append([
                 _mesh(r["mesh"]), r["devices"], r["global_rows"], r["median_s"],
-                r["target_tokens_per_s"], f"{rel:.2f}",
+                r["target_tokens_per_s"], rel,
                 _mb(r["per_device_param_bytes"] + r["per_device_opt_state_bytes"]),
                 _mb(mem.get("temp_bytes", float("nan"))), _kinds(r["collectives"]),
                 _mb(r["collective_ring_bytes_per_device"]),

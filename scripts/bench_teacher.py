@@ -23,6 +23,11 @@ Throughput is tokens (B * L, padded) per second. The outputs of both sides are c
 (max absolute difference of the hidden states over all positions) so that the timing
 compares the same computation.
 
+``--compiler-option KEY=VALUE`` (repeatable) adds a third side timed in the same rounds: our
+forward pass compiled with those XLA options (e.g.
+``xla_cpu_experimental_ynn_fusion_type=`` for XLA's CPU dots without YNNPACK), so that a
+compiler setting is compared with the default in one process, against the same torch runs.
+
 Run: ``python scripts/bench_teacher.py [--lengths 64 128] [--json out.json]``.
 """
 
@@ -78,6 +83,8 @@ def main(argv=None):
     parser.add_argument("--padded-rows", type=int, default=4, help="rows shorter than the length")
     parser.add_argument("--attn-implementation", default=None,
                         help="transformers attention implementation (default: its own choice)")
+    parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="also time our forward compiled with these XLA options")
     parser.add_argument("--attention", default="einsum", choices=("einsum", "xla", "cudnn"),
                         help="our attention kernel (BertConfig.attention_impl)")
     benchlib.add_common_args(parser)
@@ -113,10 +120,19 @@ def main(argv=None):
           f"{config.hidden_size}, heads {config.num_attention_heads}, ff "
           f"{config.intermediate_size}); transformers attention: {attn_impl}")
 
-    @jax.jit
-    def forward(params, input_ids, token_type_ids, attention_mask):
+    def apply(params, input_ids, token_type_ids, attention_mask):
         return model.apply({"params": params}, input_ids, token_type_ids, attention_mask,
                            deterministic=True)  # [batch, length, hidden]
+
+    forward = jax.jit(apply)
+    options = {}
+    for item in args.compiler_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--compiler-option {item!r}: expected KEY=VALUE")
+        options[key] = value
+    variant = jax.jit(apply, compiler_options=options) if options else None
+    variant_label = ", ".join(f"{k}={v!r}" for k, v in options.items())
 
     records = []
     for length in args.lengths:
@@ -140,11 +156,13 @@ def main(argv=None):
             with torch.inference_mode():
                 return torch_model(**torch_batch).last_hidden_state
 
-        timings = benchlib.time_interleaved(
-            {f"ours   L={length}": (lambda: forward(*jax_args), benchlib.block),
-             f"theirs L={length}": (torch_forward, benchlib.torch_sync)},
-            warmup=args.warmup, runs=args.runs)
-        ours, theirs = timings.values()
+        sides = {f"ours   L={length}": (lambda: forward(*jax_args), benchlib.block),
+                 f"theirs L={length}": (torch_forward, benchlib.torch_sync)}
+        if variant is not None:
+            sides[f"ours ({variant_label}) L={length}"] = (lambda: variant(*jax_args),
+                                                          benchlib.block)
+        timings = benchlib.time_interleaved(sides, warmup=args.warmup, runs=args.runs)
+        ours, theirs = list(timings.values())[:2]
 
         ours_out = np.asarray(forward(*jax_args), np.float32)
         theirs_out = torch_forward().float().cpu().numpy()
@@ -170,6 +188,18 @@ def main(argv=None):
             **common)
         benchlib.add_ratio(ours_rec, theirs_rec)
         records += [ours_rec, theirs_rec]
+        if variant is not None:
+            variant_out = np.asarray(variant(*jax_args), np.float32)
+            variant_rec = benchlib.make_record(
+                system=f"distill-jax, compiled with {variant_label}",
+                timing=list(timings.values())[2],
+                extra={"compiler_options": options,
+                       "max_abs_diff": float(np.max(np.abs(variant_out - theirs_out)[real]))},
+                **common)
+            # (not add_ratio: the torch record keeps the default side's ratio)
+            variant_rec["ratio_ours_over_theirs"] = (variant_rec["throughput"]
+                                                     / theirs_rec["throughput"])
+            records.append(variant_rec)
 
     peak = benchlib.remeasure_peak(records)
     print(f"matmul peak (best before/after): {peak:.1f} GFLOP/s")

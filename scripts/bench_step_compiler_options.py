@@ -1,0 +1,98 @@
+"""The student train step compiled with XLA's default options against the same step
+compiled with extra ones, timed in alternating rounds in one process.
+
+  python scripts/bench_step_compiler_options.py xla_cpu_experimental_ynn_fusion_type=
+
+The step is the issue-#6 reference one (6+6 layers, d 512, vocabulary 10,000, offline KD
+with K = 8, alpha 0.5; 32 sentences of 32 source and 32 target tokens, random ids), built
+by ``train.make_train_step`` on one device; both programs keep the project's own options
+(``train.donated_state_compiler_options``) and each updates its own copy of the state.
+Prints both medians (>= 5 runs after warm-up) and the ratio of the times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from distill_jax import runtime  # noqa: E402
+
+
+def parse_options(items: list[str]) -> dict[str, str]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"compiler option {item!r}: expected KEY=VALUE")
+        options[key] = value
+    return options
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("options", nargs="+", metavar="KEY=VALUE")
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    extra = parse_options(args.options)
+    runtime.configure_host()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import benchlib
+    from distill_jax import optim, sharding, train
+    from distill_jax.models.transformer import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(vocab_size=10_000)
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    model = Transformer(cfg)
+    tx = optim.make_optimizer(optim.OptimizerConfig.student())
+
+    def init():
+        params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32),
+                            jnp.ones((1, 4), jnp.int32))["params"]
+        return train.TrainState.create(params, tx)
+
+    state, state_shardings = sharding.create_sharded_state(init, mesh)
+    rng = np.random.default_rng(0)
+    rows, length, top_k, vocab = 32, 32, 8, cfg.vocab_size
+    kd_logits = np.sort(rng.normal(size=(rows, length, top_k)).astype(np.float32), -1)
+    batch = {"src": rng.integers(4, vocab, (rows, length)).astype(np.int32),
+             "tgt_in": rng.integers(4, vocab, (rows, length)).astype(np.int32),
+             "tgt_out": rng.integers(4, vocab, (rows, length)).astype(np.int32),
+             "kd_logits": np.ascontiguousarray(kd_logits[..., ::-1]),
+             "kd_indices": rng.integers(4, vocab, (rows, length, top_k)).astype(np.int32)}
+    loss_fn = train.student_loss_fn(model, train.StudentLossConfig(alpha=0.5))
+    step = train.make_train_step(loss_fn, tx, mesh, state_shardings,
+                                 sharding.batch_shardings(batch, mesh))
+    batch = sharding.shard_batch(batch, mesh)
+    key = jax.random.PRNGKey(1)
+    lowered = step.lower(state, batch, key)
+    base = dict(train.donated_state_compiler_options(mesh))
+    programs = {"default": lowered.compile(compiler_options=base),
+                "with " + ", ".join(f"{k}={v!r}" for k, v in extra.items()):
+                    lowered.compile(compiler_options={**base, **extra})}
+    states = {name: jax.tree.map(lambda x: x.copy(), state) for name in programs}
+
+    def runner(name):
+        def one():
+            states[name], metrics = programs[name](states[name], batch, key)
+            return metrics
+        return one
+
+    timings = benchlib.time_interleaved(
+        {name: (runner(name), benchlib.block) for name in programs},
+        warmup=args.warmup, runs=args.runs)
+    default, variant = (t.median_s for t in timings.values())
+    print(f"time with the options / default: {variant / default:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
