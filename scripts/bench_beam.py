@@ -101,6 +101,9 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--layers", type=int, default=6, help="encoder and decoder layers each")
     parser.add_argument("--length-penalty", type=float, default=0.6)
+    parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="also time our search compiled with these XLA options (a third "
+                             "side in the same rounds)")
     # the output check below is one more untimed call of each side
     benchlib.add_common_args(parser, warmup=1)
     args = parser.parse_args(argv)
@@ -175,9 +178,18 @@ def main(argv=None):
           f"[batch, beams, N], theirs {theirs_seqs.shape} [batch, 1 + N] "
           f"(transformers attention: {attn_impl})")
 
-    ours, theirs = benchlib.time_interleaved(
-        {"ours": (ours_search, benchlib.block), "theirs": (theirs_search, benchlib.torch_sync)},
-        warmup=args.warmup, runs=args.runs).values()
+    sides = {"ours": (ours_search, benchlib.block), "theirs": (theirs_search, benchlib.torch_sync)}
+    options = benchlib.parse_compiler_options(args.compiler_option)
+    if options:
+        variant = decode.beam_search.lower(
+            model, params, src, beam_size=args.beams, length_penalty=args.length_penalty,
+            max_len=steps).compile(compiler_options=options)
+        variant_seqs, _ = jax.device_get(variant(params, src))
+        print(f"compiled with {benchlib.describe_options(options)}: same sequences as the "
+              f"default program: {bool(np.array_equal(variant_seqs, ours_seqs))}")
+        sides["variant"] = (lambda: variant(params, src), benchlib.block)
+    timings = benchlib.time_interleaved(sides, warmup=args.warmup, runs=args.runs)
+    ours, theirs = timings["ours"], timings["theirs"]
 
     flops = beam_flops(args.batch, args.beams, args.src_len, steps, args.d_model, args.mlp_dim,
                        args.vocab, args.layers, args.layers)
@@ -200,15 +212,23 @@ def main(argv=None):
                "torch_device": device,
                "forcing": "min_new_tokens=max_new_tokens=N, forced_eos_token_id=None"},
         **common)
-    ratio = benchlib.add_ratio(ours_rec, theirs_rec)
+    benchlib.add_ratio(ours_rec, theirs_rec)
     records = [ours_rec, theirs_rec]
+    if options:
+        variant_rec = benchlib.make_record(
+            system=f"distill-jax beam_search, compiled with {benchlib.describe_options(options)}",
+            timing=timings["variant"],
+            extra={"sentences_per_s": args.batch / timings["variant"].median_s,
+                   "compiler_options": options}, **common)
+        variant_rec["ratio_ours_over_theirs"] = variant_rec["throughput"] / theirs_rec["throughput"]
+        records.append(variant_rec)
     peak = benchlib.remeasure_peak(records)
     print(f"matmul peak (best before/after): {peak:.1f} GFLOP/s")
     for r in records:
         rows.append([f"B{args.batch} k{args.beams} S{args.src_len} N{steps} V{args.vocab}",
                      r["system"], r["median_s"] * 1e3, r["sentences_per_s"],
                      r["throughput"], r["gflop_per_s"], f"{100 * r['utilisation']:.1f}%",
-                     f"{ratio:.2f}x"])
+                     f"{r['ratio_ours_over_theirs']:.2f}x"])
     print()
     print(benchlib.markdown_table(
         ("config", "system", "median ms", "sentences/s", "tokens/s", "GFLOP/s", "util. of peak",

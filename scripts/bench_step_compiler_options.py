@@ -22,23 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill_jax import runtime  # noqa: E402
 
 
-def parse_options(items: list[str]) -> dict[str, str]:
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"compiler option {item!r}: expected KEY=VALUE")
-        options[key] = value
-    return options
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("options", nargs="+", metavar="KEY=VALUE")
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
-    extra = parse_options(args.options)
     runtime.configure_host()
 
     import jax
@@ -49,6 +38,7 @@ def main(argv=None) -> int:
     from distill_jax import optim, sharding, train
     from distill_jax.models.transformer import Transformer, TransformerConfig
 
+    extra = benchlib.parse_compiler_options(args.options)
     cfg = TransformerConfig(vocab_size=10_000)
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     model = Transformer(cfg)
@@ -76,7 +66,7 @@ def main(argv=None) -> int:
     lowered = step.lower(state, batch, key)
     base = dict(train.donated_state_compiler_options(mesh))
     programs = {"default": lowered.compile(compiler_options=base),
-                "with " + ", ".join(f"{k}={v!r}" for k, v in extra.items()):
+                "with " + benchlib.describe_options(extra):
                     lowered.compile(compiler_options={**base, **extra})}
     states = {name: jax.tree.map(lambda x: x.copy(), state) for name in programs}
 

@@ -125,14 +125,9 @@ def main(argv=None):
                            deterministic=True)  # [batch, length, hidden]
 
     forward = jax.jit(apply)
-    options = {}
-    for item in args.compiler_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--compiler-option {item!r}: expected KEY=VALUE")
-        options[key] = value
+    options = benchlib.parse_compiler_options(args.compiler_option)
     variant = jax.jit(apply, compiler_options=options) if options else None
-    variant_label = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    variant_label = benchlib.describe_options(options)
 
     records = []
     for length in args.lengths:

@@ -451,6 +451,22 @@ def write_json(path: Optional[str], records: Sequence[dict]) -> None:
     print(f"wrote {len(records)} records to {path}")
 
 
+def parse_compiler_options(items: Sequence[str]) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` -> ``{KEY: VALUE}`` for ``compile(compiler_options=...)``
+    (an empty VALUE is allowed: it clears a list-valued XLA option)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"compiler option {item!r}: expected KEY=VALUE")
+        options[key] = value
+    return options
+
+
+def describe_options(options: dict[str, str]) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in options.items())
+
+
 def add_common_args(parser, *, warmup: int = 2) -> None:
     """--runs, --warmup, --json, --torch-threads, --dtype."""
     parser.add_argument("--torch-threads", type=int, default=None,
