@@ -203,19 +203,15 @@ def _per_device_bytes(tree: Any) -> int:
     return total
 
 
-def measure(case: Case, model_name: str, runs: int, warmup: int) -> dict:
+def init_student(cfg, mesh):
+    """(model, optimizer, sharded TrainState, its shardings) of a student ``cfg``, Adam as
+    in training, initialised from PRNGKey(0)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    import benchlib
-    from bench_step import analytic_flops
     from distill_jax import optim, sharding, train
-    from distill_jax.models.transformer import Transformer, TransformerConfig
+    from distill_jax.models.transformer import Transformer
 
-    cfg = TransformerConfig(**MODELS[model_name])
-    mesh = sharding.make_mesh(sharding.MeshConfig(*case.mesh),
-                              devices=jax.devices()[:case.devices])
     model = Transformer(cfg)
     tx = optim.make_optimizer(optim.OptimizerConfig.student())
 
@@ -225,14 +221,38 @@ def measure(case: Case, model_name: str, runs: int, warmup: int) -> dict:
         return train.TrainState.create(params, tx)
 
     state, state_shardings = sharding.create_sharded_state(init, mesh)
-    rng = np.random.default_rng(0)
+    return model, tx, state, state_shardings
+
+
+def random_kd_batch(vocab: int, rows: int, src_len: int, tgt_len: int, top_k: int,
+                    seed: int = 0) -> dict:
+    """An offline-KD student batch of random ids (>= 4: no special tokens) and sorted
+    random teacher logits, as numpy arrays."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    kd_logits = np.sort(rng.normal(size=(rows, tgt_len, top_k)).astype(np.float32), -1)
+    return {"src": rng.integers(4, vocab, (rows, src_len)).astype(np.int32),
+            "tgt_in": rng.integers(4, vocab, (rows, tgt_len)).astype(np.int32),
+            "tgt_out": rng.integers(4, vocab, (rows, tgt_len)).astype(np.int32),
+            "kd_logits": np.ascontiguousarray(kd_logits[..., ::-1]),
+            "kd_indices": rng.integers(4, vocab, (rows, tgt_len, top_k)).astype(np.int32)}
+
+
+def measure(case: Case, model_name: str, runs: int, warmup: int) -> dict:
+    import jax
+
+    import benchlib
+    from bench_step import analytic_flops
+    from distill_jax import sharding, train
+    from distill_jax.models.transformer import TransformerConfig
+
+    cfg = TransformerConfig(**MODELS[model_name])
+    mesh = sharding.make_mesh(sharding.MeshConfig(*case.mesh),
+                              devices=jax.devices()[:case.devices])
+    model, tx, state, state_shardings = init_student(cfg, mesh)
     rows = case.rows
-    kd_logits = np.sort(rng.normal(size=(rows, TGT_LEN, TOP_K)).astype(np.float32), -1)[..., ::-1]
-    batch = {"src": rng.integers(4, cfg.vocab_size, (rows, SRC_LEN)).astype(np.int32),
-             "tgt_in": rng.integers(4, cfg.vocab_size, (rows, TGT_LEN)).astype(np.int32),
-             "tgt_out": rng.integers(4, cfg.vocab_size, (rows, TGT_LEN)).astype(np.int32),
-             "kd_logits": np.ascontiguousarray(kd_logits),
-             "kd_indices": rng.integers(4, cfg.vocab_size, (rows, TGT_LEN, TOP_K)).astype(np.int32)}
+    batch = random_kd_batch(cfg.vocab_size, rows, SRC_LEN, TGT_LEN, TOP_K)
     local = rows // jax.process_count()
     start = jax.process_index() * local
     batch = {k: v[start:start + local] for k, v in batch.items()}

@@ -31,33 +31,17 @@ def main(argv=None) -> int:
     runtime.configure_host()
 
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     import benchlib
-    from distill_jax import optim, sharding, train
-    from distill_jax.models.transformer import Transformer, TransformerConfig
+    from bench_scaling import init_student, random_kd_batch
+    from distill_jax import sharding, train
+    from distill_jax.models.transformer import TransformerConfig
 
     extra = benchlib.parse_compiler_options(args.options)
     cfg = TransformerConfig(vocab_size=10_000)
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    model = Transformer(cfg)
-    tx = optim.make_optimizer(optim.OptimizerConfig.student())
-
-    def init():
-        params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32),
-                            jnp.ones((1, 4), jnp.int32))["params"]
-        return train.TrainState.create(params, tx)
-
-    state, state_shardings = sharding.create_sharded_state(init, mesh)
-    rng = np.random.default_rng(0)
-    rows, length, top_k, vocab = 32, 32, 8, cfg.vocab_size
-    kd_logits = np.sort(rng.normal(size=(rows, length, top_k)).astype(np.float32), -1)
-    batch = {"src": rng.integers(4, vocab, (rows, length)).astype(np.int32),
-             "tgt_in": rng.integers(4, vocab, (rows, length)).astype(np.int32),
-             "tgt_out": rng.integers(4, vocab, (rows, length)).astype(np.int32),
-             "kd_logits": np.ascontiguousarray(kd_logits[..., ::-1]),
-             "kd_indices": rng.integers(4, vocab, (rows, length, top_k)).astype(np.int32)}
+    model, tx, state, state_shardings = init_student(cfg, mesh)
+    batch = random_kd_batch(cfg.vocab_size, rows=32, src_len=32, tgt_len=32, top_k=8)
     loss_fn = train.student_loss_fn(model, train.StudentLossConfig(alpha=0.5))
     step = train.make_train_step(loss_fn, tx, mesh, state_shardings,
                                  sharding.batch_shardings(batch, mesh))
