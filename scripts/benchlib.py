@@ -33,6 +33,8 @@ What every benchmark does with them:
 from __future__ import annotations
 
 import dataclasses
+import glob
+import gzip
 import json
 import os
 import platform
@@ -437,6 +439,17 @@ def record_rows(records: Sequence[dict], config_text: Callable[[dict], str]) -> 
 
 TABLE_HEADER = ("config", "system", "median ms", "throughput", "GFLOP/s", "util. of peak",
                 "ours/theirs")
+
+
+def perfetto_events(trace_dir: str) -> list[dict]:
+    """The events of the newest ``perfetto_trace.json.gz`` that ``jax.profiler.trace(...,
+    create_perfetto_trace=True)`` wrote under ``trace_dir``."""
+    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise SystemExit(f"no perfetto trace (perfetto_trace.json.gz) under {trace_dir}")
+    with gzip.open(sorted(paths)[-1], "rt") as f:
+        trace = json.load(f)
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
 def write_json(path: Optional[str], records: Sequence[dict]) -> None:

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
 import re
 import sys
@@ -50,14 +47,8 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
 
 def trace_table(trace_dir: str, names: dict[str, str], steps: int) -> list[tuple[str, str, float]]:
     """(fusion kind, op_name, ms per step) of the trace's XLA thunks, largest first."""
-    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-    if not paths:
-        raise SystemExit(f"no perfetto trace under {trace_dir}")
-    with gzip.open(sorted(paths)[-1], "rt") as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
     totals: collections.Counter = collections.Counter()
-    for event in events:
+    for event in benchlib.perfetto_events(trace_dir):
         if event.get("ph") == "X" and event.get("name") in names:
             kind = re.sub(r"\.\d+$", "", event["name"])
             totals[(kind, names[event["name"]])] += event.get("dur", 0)

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_student_step  # noqa: E402
+import benchlib  # noqa: E402
 
 
 MATMUL_WORDS = ("gemm", "dot", "xmma", "cutlass", "cublas", "matmul", "wgmma", "nvjet")
@@ -32,12 +30,7 @@ MATMUL_WORDS = ("gemm", "dot", "xmma", "cutlass", "cublas", "matmul", "wgmma", "
 
 def kernel_table(trace_dir: str, steps: int, top: int = 30) -> str:
     """Sums the durations of the trace's device events by name (perfetto JSON)."""
-    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-    if not paths:
-        raise SystemExit(f"no perfetto trace (perfetto_trace.json.gz) under {trace_dir}")
-    with gzip.open(sorted(paths)[-1], "rt") as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    events = benchlib.perfetto_events(trace_dir)
     # Device timelines are the processes whose name mentions the device ("/device:GPU:0").
     device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                    and "/device:" in str(e.get("args", {}).get("name", ""))}
