@@ -33,7 +33,7 @@ if [[ $quick == 1 ]]; then
   sets+=(--set teacher.steps=6 --set teacher.eval_every=6 --set teacher.save_every=6
          --set data.train_examples=512 --set train.steps=12 --set train.eval_every=6
          --set train.save_every=6 --set train.warmup_steps=4 --set train.bleu_sentences=32
-         --set data.test_splits=test2016 --set decode.beam_size=2)
+         --set data.test_splits=test2016 --set decode.beam_size=2 --set data.bucket_step=32)
 fi
 
 start=$SECONDS

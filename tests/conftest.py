@@ -8,7 +8,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import atexit
 import pathlib
+import shutil
+import tempfile
+
+# One persistent XLA compilation cache for the session, inherited by the `distill-jax`
+# processes the tests start: a program that one test or process compiled (the tiny
+# experiment's train step, the beam search of each length bucket) is loaded from it by
+# the next one that builds the same program instead of being compiled again, which is most
+# of what the end-to-end tests spent their time on. A cached program is the same binary,
+# so results do not change. The cache starts empty and is removed when the session ends;
+# set JAX_COMPILATION_CACHE_DIR yourself to keep one (e.g. across local reruns).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _xla_cache = tempfile.mkdtemp(prefix="distill-jax-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+    atexit.register(shutil.rmtree, _xla_cache, True)
 
 import pytest
 

@@ -42,9 +42,11 @@ NOISE_LEAVES = "['key']['bias']"
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without the multi-process variables, plus ``extra``."""
+    """This environment without the multi-process variables and the session's compilation
+    cache (see ``run_worker``), plus ``extra``."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("DISTILL_JAX_") and k not in ("XLA_FLAGS", "DEVICES_PER_PROCESS")}
+           if not k.startswith("DISTILL_JAX_")
+           and k not in ("XLA_FLAGS", "DEVICES_PER_PROCESS", "JAX_COMPILATION_CACHE_DIR")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
     env.update(extra)
