@@ -127,6 +127,7 @@ class DecodeConfig:
     temperature: float = 1.0  # sampling temperature
     top_k: int = 0  # sample from the k most likely tokens (0 = all)
     tokens_per_batch: int = 4096  # source-token budget of a decoding batch
+    bucket_step: int = 8  # padded source lengths of decoding batches are multiples of this
 
 
 def default_student() -> TransformerConfig:
@@ -146,3 +147,13 @@ class ExperimentConfig:
     train: TrainConfig = TrainConfig()
     decode: DecodeConfig = DecodeConfig()
     mesh: MeshConfig = MeshConfig()
+
+    def check(self) -> None:
+        """Checks between sections (run once all overrides are applied, so that fields can
+        be raised together in any order); raises ValueError naming the fields."""
+        for side in ("src", "tgt"):
+            limit = getattr(self.data, f"max_{side}_len")
+            if limit > self.student.max_len:
+                raise ValueError(
+                    f"data.max_{side}_len {limit} is longer than student.max_len "
+                    f"{self.student.max_len} (the size of the student's position table)")

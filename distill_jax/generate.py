@@ -24,22 +24,29 @@ def _round_up(x: int, step: int) -> int:
 
 
 def decode_batches(sources: Sequence[np.ndarray], config: DecodeConfig, shards: int,
-                   bucket_step: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
+                   max_len: Optional[int] = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Groups sources (id arrays ending in </s>) into padded batches of similar length.
 
     Returns a list of (row indices into ``sources`` ([rows], -1 = filler), src [rows, S]).
-    Rows are a multiple of ``shards`` and S a multiple of ``bucket_step``, so only a few
-    shapes get compiled.
+    Rows are a multiple of ``shards`` and S a multiple of ``config.bucket_step`` (or
+    ``max_len``, which no source may exceed), so only a few shapes get compiled.
     """
+    bucket_step = config.bucket_step
+    if max_len is not None:
+        longest = max((len(s) for s in sources), default=0)
+        if longest > max_len:
+            raise ValueError(f"a source of {longest} ids is longer than max_len {max_len}")
+        bucket = lambda n: min(_round_up(n, bucket_step), max_len)  # noqa: E731
+    else:
+        bucket = lambda n: _round_up(n, bucket_step)  # noqa: E731
     order = np.argsort([len(s) for s in sources], kind="stable")
     batches, start = [], 0
     while start < len(order):
-        longest = _round_up(len(sources[order[min(start + MAX_ROWS, len(order)) - 1]]),
-                            bucket_step)
+        longest = bucket(len(sources[order[min(start + MAX_ROWS, len(order)) - 1]]))
         rows = max(shards, min(MAX_ROWS, config.tokens_per_batch // max(longest, 1)))
         rows = _round_up(rows, shards)
         chosen = order[start:start + rows]
-        src_len = _round_up(max(len(sources[i]) for i in chosen), bucket_step)
+        src_len = bucket(max(len(sources[i]) for i in chosen))
         src = np.zeros((rows, src_len), np.int32)
         index = np.full(rows, -1, np.int64)
         for row, i in enumerate(chosen):
@@ -80,10 +87,14 @@ def search(model, params, src: jax.Array, config: DecodeConfig,
 
 def translate_ids(model, params, sources: Sequence[np.ndarray], config: DecodeConfig, mesh,
                   *, seed: int = 0, progress: bool = False) -> list[np.ndarray]:
-    """Output ids (without </s> and padding) for every source, in input order."""
+    """Output ids (without </s> and padding) for every source, in input order.
+
+    Sources longer than the model's ``max_len`` (its position table) are cut to their first
+    ``max_len - 1`` ids and ``</s>``; a note on stderr says how many."""
     shards = runner.data_shards(mesh)
     outputs: list[Optional[np.ndarray]] = [None] * len(sources)
-    batches = decode_batches(sources, config, shards)
+    sources = truncate_sources(sources, model.config.max_len, model.config.eos_id)
+    batches = decode_batches(sources, config, shards, max_len=model.config.max_len)
     bar = runner.progress(len(sources), 0, "generate", disable=not progress)
     for number, (index, src) in enumerate(batches):
         ids = search(model, params, _global_from_full(src, mesh), config,
@@ -96,6 +107,18 @@ def translate_ids(model, params, sources: Sequence[np.ndarray], config: DecodeCo
         bar.update(int((index >= 0).sum()))
     bar.close()
     return outputs
+
+
+def truncate_sources(sources: Sequence[np.ndarray], max_len: int, eos_id: int
+                     ) -> list[np.ndarray]:
+    """Sources cut to ``max_len`` ids (the last one ``eos_id``); notes on stderr how many."""
+    cut = [np.append(np.asarray(s)[:max_len - 1], eos_id).astype(np.int32)
+           if len(s) > max_len else s for s in sources]
+    longer = sum(len(s) > max_len for s in sources)
+    if longer and runner.is_chief():
+        print(f"note: {longer} of {len(sources)} sources are longer than the model's max_len "
+              f"{max_len} and were truncated", file=sys.stderr, flush=True)
+    return cut
 
 
 def _global_from_full(src: np.ndarray, mesh) -> jax.Array:
@@ -111,11 +134,7 @@ def translate_texts(model, params, vocab, texts: Sequence[str], config: DecodeCo
     """Detokenized outputs for raw source sentences."""
     from distill_jax.data.vocab import EOS
 
-    max_src = model.config.max_len
-    sources = []
-    for text in texts:
-        ids = vocab.encode(text)[:max_src - 1]
-        sources.append(np.asarray(ids + [EOS], np.int32))
+    sources = [np.asarray(vocab.encode(text) + [EOS], np.int32) for text in texts]
     outputs = translate_ids(model, params, sources, config, mesh, seed=seed, progress=progress)
     return [vocab.decode(ids.tolist()) for ids in outputs]
 

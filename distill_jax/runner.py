@@ -83,7 +83,12 @@ def load_experiment(args: argparse.Namespace) -> ExperimentConfig:
     if not isinstance(config, ExperimentConfig):
         raise UserError(f"{args.config}: get_config() must return an ExperimentConfig, "
                         f"got {type(config).__name__}")
-    return configlib.override(config, args.overrides)
+    config = configlib.override(config, args.overrides)
+    try:
+        config.check()
+    except ValueError as err:
+        raise UserError(f"{args.config}: {err}") from None
+    return config
 
 
 def check_or_save_config(config: Any, path: Path, *, what: str) -> None:

@@ -61,12 +61,17 @@ def split_records(config: ExperimentConfig, dataset: PreparedDataset, split: str
 
 def student_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: str,
                      shards: int, *, training: bool) -> BatchPipeline:
+    # Training drops pairs over the data limits; evaluation keeps every pair and truncates
+    # what the student's position table cannot hold (ExperimentConfig checks that the
+    # training limits fit in it).
+    max_len = config.student.max_len
     pipeline_config = PipelineConfig(
         seed=config.data.seed, shuffle=training, num_epochs=None if training else 1,
         tokens_per_batch=config.data.tokens_per_batch, batch_multiple=shards,
         bucket_step=config.data.bucket_step,
-        max_src_len=config.data.max_src_len if training else None,
-        max_tgt_len=config.data.max_tgt_len if training else None)
+        max_src_len=config.data.max_src_len if training else max_len,
+        max_tgt_len=config.data.max_tgt_len if training else max_len,
+        truncate=not training, max_padded_len=max_len)
     return BatchPipeline(*split_records(config, dataset, split), pipeline_config)
 
 

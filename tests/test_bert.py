@@ -121,6 +121,13 @@ def test_middle_padding_equals_packed(tiny_dir):
     assert np.abs(hidden[1, real] - hidden[0, :7]).max() < np.abs(hidden[0, 4:7]).mean()
 
 
+def test_input_longer_than_the_position_table_is_refused(tiny_dir):
+    model, params, config = hf.load_bert(tiny_dir)
+    ids = np.full((1, config.max_position_embeddings + 1), CLS)
+    with pytest.raises(ValueError, match="longer than BERT's max_position_embeddings"):
+        model.apply({"params": params}, ids)
+
+
 def test_attention_kernel_choice_keeps_the_outputs(tiny_dir):
     """load_bert(attention_impl="xla") (jax.nn.dot_product_attention, the API of the
     GPU's fused cuDNN kernel) gives the einsum attention's hidden states, padding

@@ -17,6 +17,7 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_loads_and_is_consistent(path):
     config = configlib.load_config_file(str(path))
+    config.check()
     assert config.name
     # Offline distillation reads K entries from a cache that kept teacher.top_k.
     assert config.distill.top_k <= config.teacher.top_k
@@ -24,3 +25,23 @@ def test_config_loads_and_is_consistent(path):
     assert config.train.eval_every <= config.train.steps
     assert config.teacher.eval_every <= config.teacher.steps
     assert config.student.max_len >= max(config.data.max_src_len, config.data.max_tgt_len)
+
+
+def test_training_lengths_must_fit_the_student(tmp_path):
+    """data.max_src_len / max_tgt_len beyond student.max_len are refused once all
+    overrides are in (so both can be raised together, in either order), naming the fields."""
+    import argparse
+
+    from distill_jax import runner
+    from distill_jax.errors import UserError
+
+    def load(*overrides):
+        return runner.load_experiment(argparse.Namespace(config="configs/tiny.py",
+                                                         overrides=list(overrides)))
+
+    with pytest.raises(UserError, match="data.max_tgt_len 65 is longer than student.max_len 64"):
+        load("data.max_tgt_len=65")
+    for order in (("data.max_src_len=100", "student.max_len=128"),
+                  ("student.max_len=128", "data.max_src_len=100")):
+        config = load(*order)
+        assert (config.data.max_src_len, config.student.max_len) == (100, 128)

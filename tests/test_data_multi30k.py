@@ -112,6 +112,42 @@ def test_bucketing_padding_and_shapes(prepared):
     assert _pipeline(prepared, bucket_step=4).statistics()["padding_fraction"] < 0.15
 
 
+def test_padded_lengths_stay_within_the_cap(prepared):
+    """max_padded_len (the student's position table) caps rounded-up lengths: with
+    bucket_step 16 and a cap of 20, pairs of 17-20 ids pad to 20, not 32; longer pairs are
+    truncated (truncate=True) or dropped, and counted."""
+    lengths = prepared.lengths("train")
+    over = int((lengths > 20).any(axis=1).sum())
+    assert over > 0
+    for truncate in (True, False):
+        pipeline = _pipeline(prepared, bucket_step=16, max_padded_len=20, truncate=truncate)
+        shapes = pipeline.statistics()["shapes"]
+        assert {s for _, s, _ in shapes} <= {16, 20} and {t for _, _, t in shapes} <= {16, 20}
+        assert any(s == 20 for _, s, _ in shapes)
+        counts = pipeline.counts
+        assert counts["truncated" if truncate else "dropped_too_long"] == over
+        batch = pipeline.load_batch(0)
+        assert batch["src"].shape[1] <= 20 and batch["tgt_in"].shape[1] <= 20
+
+
+def test_student_evaluation_batches_fit_the_position_table(prepared):
+    """Validation keeps every pair but never pads past student.max_len: with bucket_step
+    48 and max_len 64, a 50-id sentence pads to 64, not 96 (which gave a NaN validation
+    loss before the cap)."""
+    import dataclasses
+
+    from distill_jax import configlib
+    from distill_jax.student import student_pipeline
+
+    config = configlib.load_config_file("configs/tiny.py")
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, bucket_step=48))
+    pipeline = student_pipeline(config, prepared, "val", 8, training=False)
+    assert pipeline.counts["kept"] == 1014
+    shapes = pipeline.statistics()["shapes"]
+    assert max(max(s, t) for _, s, t in shapes) <= config.student.max_len
+    assert any(s == 64 or t == 64 for _, s, t in shapes)  # some pair is longer than 48
+
+
 def test_batches_hold_every_record_once_and_are_well_formed(prepared):
     pipeline = _pipeline(prepared, num_epochs=1, mlm_mask_rate=0.15)
     source = prepared.source("train")

@@ -113,6 +113,21 @@ def test_config_rejects_bad_values(overrides, message):
         tiny_config(**overrides)
 
 
+def test_sequences_longer_than_the_position_table_are_refused():
+    """A padded length past max_len would read NaN rows from the position table (jnp.take
+    fills out-of-range rows) and turn the whole batch into NaN; it is refused by name."""
+    model, variables = init(tiny_config(max_len=6))  # SRC is 6 wide, TGT_IN 5
+    params = variables["params"]
+    long_src = np.pad(SRC, ((0, 0), (0, 1)))
+    with pytest.raises(ValueError, match="source length 7 is longer than the model's max_len 6"):
+        model.apply({"params": params}, long_src, TGT_IN)
+    long_tgt = np.pad(TGT_IN, ((0, 0), (0, 2)))
+    with pytest.raises(ValueError, match="target length 7 is longer than the model's max_len 6"):
+        model.apply({"params": params}, SRC, long_tgt)
+    # At the limit the forward pass is finite.
+    assert np.isfinite(np.asarray(model.apply({"params": params}, SRC, TGT_IN))).all()
+
+
 def test_fused_attention_path_matches_einsum():
     """``attention_impl="xla"`` (jax.nn.dot_product_attention, the API behind the GPU's
     cudnn kernel) computes what our einsum attention computes, padding and causal masks

@@ -37,6 +37,7 @@ class PipelineConfig:
     max_src_len: int | None = None      # longer sources (</s> included) dropped or truncated
     max_tgt_len: int | None = None      # longer targets (</s> included) dropped or truncated
     truncate: bool = False              # truncate over-long pairs instead of dropping them
+    max_padded_len: int | None = None   # padded lengths never exceed this (a position table)
     mlm_mask_rate: float | None = None  # add "mlm_mask" (C-MLM) drawn with this rate; None: no
     num_threads: int = 2                # grain reader threads
     prefetch: int = 8                   # batches read ahead
@@ -63,6 +64,12 @@ def _round_up(x: np.ndarray | int, step: int):
     return -(-x // step) * step
 
 
+def _padded(lengths: np.ndarray | int, config: PipelineConfig):
+    """Lengths rounded up to ``bucket_step``, capped at ``max_padded_len``."""
+    padded = _round_up(lengths, config.bucket_step)
+    return padded if config.max_padded_len is None else np.minimum(padded, config.max_padded_len)
+
+
 def select_records(lengths: np.ndarray, config: PipelineConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     """Applies the length limits.
 
@@ -71,8 +78,10 @@ def select_records(lengths: np.ndarray, config: PipelineConfig) -> tuple[np.ndar
       and counts ``{"records", "kept", "dropped_too_long", "truncated"}``.
     """
     lengths = np.asarray(lengths, np.int64).reshape(-1, 2)
-    limit = np.array([config.max_src_len or np.iinfo(np.int64).max,
-                      config.max_tgt_len or np.iinfo(np.int64).max])
+    unlimited = np.iinfo(np.int64).max
+    cap = config.max_padded_len or unlimited    # a longer record would not fit any batch
+    limit = np.array([min(config.max_src_len or unlimited, cap),
+                      min(config.max_tgt_len or unlimited, cap)])
     over = (lengths > limit).any(axis=1)                      # [N]
     if config.truncate:
         keep = np.arange(len(lengths))
@@ -88,7 +97,7 @@ def select_records(lengths: np.ndarray, config: PipelineConfig) -> tuple[np.ndar
 
 def bucket_for(src_len: int, tgt_len: int, config: PipelineConfig) -> Bucket:
     """The padded shape of a pair of lengths and its token-budget batch size."""
-    s, t = _round_up(int(src_len), config.bucket_step), _round_up(int(tgt_len), config.bucket_step)
+    s, t = int(_padded(int(src_len), config)), int(_padded(int(tgt_len), config))
     rows = config.tokens_per_batch // max(s, t) // config.batch_multiple * config.batch_multiple
     return Bucket(s, t, max(rows, config.batch_multiple))
 
@@ -114,7 +123,7 @@ def plan_epoch(records: np.ndarray, lengths: np.ndarray, config: PipelineConfig,
     """
     rng = np.random.default_rng([config.seed, epoch])
     order = rng.permutation(len(records)) if config.shuffle else np.arange(len(records))
-    padded = _round_up(lengths[order], config.bucket_step)      # [n, 2]
+    padded = _padded(lengths[order], config)                   # [n, 2]
     keys = [tuple(int(x) for x in k) for k in np.unique(padded, axis=0)]  # sorted
     members = {k: list(records[order[(padded == k).all(axis=1)]]) for k in keys}
     batches, buckets = [], []

@@ -247,6 +247,11 @@ class BertModel(nn.Module):
                  *, deterministic: bool = True) -> jax.Array:
         """Last hidden states ``[batch, length, hidden]``."""
         batch, length = input_ids.shape
+        if length > self.config.max_position_embeddings:
+            # jnp.take would fill the missing position rows with NaN.
+            raise ValueError(
+                f"input length {length} is longer than BERT's max_position_embeddings "
+                f"{self.config.max_position_embeddings}")
         if token_type_ids is None:
             token_type_ids = jnp.zeros((batch, length), jnp.int32)
         if position_ids is None:

@@ -113,6 +113,15 @@ class PositionEmbedding(nn.Module):
         return jnp.take(table, positions, axis=0)[None].astype(cfg.dtype)  # [1, length, embed]
 
 
+def _check_length(what: str, length: int, cfg: TransformerConfig) -> None:
+    """Refuses (at trace time) a padded length beyond the position table: ``jnp.take`` would
+    fill the missing rows with NaN and the whole batch would silently become NaN."""
+    if length > cfg.max_len:
+        raise ValueError(
+            f"{what} length {length} is longer than the model's max_len {cfg.max_len} (the size "
+            f"of its position table); truncate or drop longer sequences, or raise max_len")
+
+
 def _constrain_hidden(x: jax.Array) -> jax.Array:
     """Logical sharding constraint for [batch, length, embed] activations."""
     return nn.with_logical_constraint(
@@ -235,6 +244,7 @@ class Encoder(nn.Module):
     def __call__(self, src: jax.Array, *, deterministic: bool) -> jax.Array:
         """src [batch, src] int -> [batch, src, embed]."""
         cfg = self.config
+        _check_length("source", src.shape[1], cfg)
         x = _embed_tokens(
             self.shared_embedding, PositionEmbedding(cfg, name="positions"),
             nn.Dropout(cfg.dropout_rate), cfg, src, jnp.arange(src.shape[1]), deterministic)
@@ -266,7 +276,8 @@ class Decoder(nn.Module):
     ) -> jax.Array:
         """-> final hidden states [batch, tgt, embed] ([batch * beams, 1, embed] decoding)."""
         cfg = self.config
-        length = tgt_in.shape[1]
+        length = tgt_in.shape[1]  # decoding: the cache-creating call passes the step bound
+        _check_length("target", length, cfg)
         position_ids = jnp.arange(length)  # [tgt]
         self_mask = layers.causal_mask(length)  # [1, 1, tgt, tgt]
         if decode:
