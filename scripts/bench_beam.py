@@ -88,8 +88,27 @@ def beam_flops(batch: int, beams: int, src_len: int, steps: int, d: int, ff: int
     return total
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def make_model(args):
+    """Our randomly initialised student of the benchmark's dimensions, with EOS = BOS (so
+    that beam search never finishes a hypothesis early): (model, params)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from distill_jax.models.transformer import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(vocab_size=args.vocab, d_model=args.d_model, num_heads=args.heads,
+                            mlp_dim=args.mlp_dim, num_encoder_layers=args.layers,
+                            num_decoder_layers=args.layers, dropout_rate=0.3,
+                            max_len=max(args.src_len, args.new_tokens), pad_id=PAD, bos_id=BOS,
+                            eos_id=BOS, dtype=jnp.dtype(args.dtype))
+    model = Transformer(cfg)
+    x = jnp.ones((1, 4), jnp.int32)
+    return model, nn.unbox(model.init(jax.random.PRNGKey(0), x, x)["params"])
+
+
+def add_shape_args(parser) -> None:
+    """The decoding problem's shapes and the model's dimensions."""
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--src-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32, help="N, generated per sentence")
@@ -101,6 +120,11 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--layers", type=int, default=6, help="encoder and decoder layers each")
     parser.add_argument("--length-penalty", type=float, default=0.6)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_args(parser)
     parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
                         help="also time our search compiled with these XLA options (a third "
                              "side in the same rounds)")
@@ -111,14 +135,11 @@ def main(argv=None):
 
     benchlib.configure_host(args)  # before JAX starts
     threads = benchlib.set_torch_threads(args.torch_threads)
-    import flax.linen as nn
     import jax
-    import jax.numpy as jnp
     import torch
     import transformers
 
     from distill_jax import decode
-    from distill_jax.models.transformer import Transformer, TransformerConfig
 
     machine = benchlib.machine_info(dtype=args.dtype)
     device = benchlib.torch_device()
@@ -130,14 +151,7 @@ def main(argv=None):
     src_np = make_sources(args.batch, args.src_len, args.vocab, args.padded_rows)
 
     # ---- ours: EOS = BOS, which beam_search never generates -> always N tokens
-    cfg = TransformerConfig(vocab_size=args.vocab, d_model=args.d_model, num_heads=args.heads,
-                            mlp_dim=args.mlp_dim, num_encoder_layers=args.layers,
-                            num_decoder_layers=args.layers, dropout_rate=0.3,
-                            max_len=max(args.src_len, steps), pad_id=PAD, bos_id=BOS,
-                            eos_id=BOS, dtype=jnp.dtype(args.dtype))
-    model = Transformer(cfg)
-    x = jnp.ones((1, 4), jnp.int32)
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), x, x)["params"])
+    model, params = make_model(args)
     src = jax.device_put(src_np)
 
     def ours_search():

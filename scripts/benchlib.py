@@ -32,12 +32,14 @@ What every benchmark does with them:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import gzip
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -450,6 +452,32 @@ def perfetto_events(trace_dir: str) -> list[dict]:
     with gzip.open(sorted(paths)[-1], "rt") as f:
         trace = json.load(f)
     return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def hlo_op_names(hlo_text: str, strip: str = "") -> dict[str, str]:
+    """HLO instruction name -> its ``op_name`` metadata (from a compiled module's text),
+    with ``layer_3`` folded to ``layer_N``, and the ``jit(...)/`` prefix and ``strip``
+    (a module name such as ``"BertModel/"``) removed from the front."""
+    names = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]+)\"", line)
+        if m:
+            op = re.sub(r"layer_\d+", "layer_N", m.group(2))
+            op = re.sub(r"^jit\([^)]*\)/", "", op)
+            names[m.group(1)] = op[len(strip):] if strip and op.startswith(strip) else op
+    return names
+
+
+def thunk_table(trace_dir: str, names: dict[str, str], calls: int) -> list[tuple[str, str, float]]:
+    """(fusion kind, op_name, ms per call) of the XLA thunks in a CPU profiler trace,
+    largest first: every traced event named after an HLO instruction of ``names``
+    (``hlo_op_names``) is summed by (kind, op_name) and divided by ``calls``."""
+    totals: collections.Counter = collections.Counter()
+    for event in perfetto_events(trace_dir):
+        if event.get("ph") == "X" and event.get("name") in names:
+            kind = re.sub(r"\.\d+$", "", event["name"])
+            totals[(kind, names[event["name"]])] += event.get("dur", 0)
+    return [(kind, op, us / calls / 1e3) for (kind, op), us in totals.most_common()]
 
 
 def write_json(path: Optional[str], records: Sequence[dict]) -> None:

@@ -21,9 +21,7 @@ Run: ``python scripts/profile_teacher.py [--length 128] [--torch]``.
 from __future__ import annotations
 
 import argparse
-import collections
 import os
-import re
 import sys
 import tempfile
 
@@ -32,27 +30,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_teacher  # noqa: E402
 import benchlib  # noqa: E402
-
-
-def hlo_op_names(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> its op_name metadata, layer indices folded."""
-    names = {}
-    for line in hlo_text.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]+)\"", line)
-        if m:
-            op = re.sub(r"layer_\d+", "layer_N", m.group(2))
-            names[m.group(1)] = re.sub(r"^jit\([^)]*\)/(BertModel/)?", "", op)
-    return names
-
-
-def trace_table(trace_dir: str, names: dict[str, str], steps: int) -> list[tuple[str, str, float]]:
-    """(fusion kind, op_name, ms per step) of the trace's XLA thunks, largest first."""
-    totals: collections.Counter = collections.Counter()
-    for event in benchlib.perfetto_events(trace_dir):
-        if event.get("ph") == "X" and event.get("name") in names:
-            kind = re.sub(r"\.\d+$", "", event["name"])
-            totals[(kind, names[event["name"]])] += event.get("dur", 0)
-    return [(kind, op, us / steps / 1e3) for (kind, op), us in totals.most_common()]
 
 
 def main(argv=None) -> int:
@@ -91,7 +68,8 @@ def main(argv=None) -> int:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(args.steps):
                 jax.block_until_ready(compiled(params, *inputs))
-        rows = trace_table(trace_dir, hlo_op_names(compiled.as_text()), args.steps)
+        names = benchlib.hlo_op_names(compiled.as_text(), strip="BertModel/")
+        rows = benchlib.thunk_table(trace_dir, names, args.steps)
     shape = f"{args.batch} x {args.length}"
     print(f"ours: jitted Flax BERT, {shape}, ms per forward pass (sum over layers), "
           f"{args.steps} traced passes" + (f", {benchlib.describe_options(options)}" if options else ""))
