@@ -8,17 +8,19 @@ compiles ``decode.beam_search``, runs it ``--warmup`` times, then ``--calls`` ti
 
   * the largest ops, one row each (``--top``);
   * the same time grouped by what it computes: the decoder's self-attention core over the
-    key/value cache (scores, mask, softmax, weighted sum), the cache writes, the
-    cross-attention core, the dense layers of the decoder step, the output projection,
+    key/value cache (scores, mask, softmax, weighted sum), the cache writes, the copies
+    that grow the cache between decoding phases, the cross-attention core, the dense layers of the decoder step, the output projection,
     LayerNorm and residuals, beam bookkeeping (top-k, scores, ancestry), and the encoder
     with the cross-attention keys/values (computed once per call).
 
 The trace's thunk durations add up to about the call's wall time on this backend (one
 thunk at a time on the main thread; each thunk uses the intra-op thread pool). Cache
-slots grow with ``--new-tokens`` (``max_len * beams`` slots per sentence), so running
-the script for several N shows how the self-attention core scales with the cache.
+slots grow with ``--new-tokens`` (``max_len * beams`` slots per sentence, or per phase
+``end * beams``), so running the script for several N with ``--cache-phases 1`` shows how
+the self-attention core scales with the cache.
 
-Run: ``python scripts/profile_beam.py [--new-tokens 32] [--compiler-option KEY=VALUE]``.
+Run: ``python scripts/profile_beam.py [--new-tokens 32] [--cache-phases N]
+[--compiler-option KEY=VALUE]``.
 """
 
 from __future__ import annotations
@@ -34,24 +36,29 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_beam  # noqa: E402
 import benchlib  # noqa: E402
 
-# (group, predicate on the op_name); the first match wins, in this order.
+# (group, predicate on the op_name, whether it runs once per decoder layer and step);
+# the first match wins, in this order.
 GROUPS = (
     ("encoder + cross keys/values (once per call)",
-     lambda op: "Transformer.encode" in op or "_cross_attention_cache" in op),
-    ("self-attention cache write", lambda op: "_self_attention_cache" in op),
+     lambda op: "Transformer.encode" in op or "_cross_attention_cache" in op, False),
+    ("self-attention cache write", lambda op: "_self_attention_cache" in op, True),
+    ("cache growth between decoding phases", lambda op: op.startswith("grow_cache/"), False),
     ("self-attention core (scores, mask, softmax, weighted sum)",
-     lambda op: "self_attention._attend" in op and "_output" not in op),
-    ("cross-attention core", lambda op: "cross_attention._attend" in op and "_output" not in op),
+     lambda op: "self_attention._attend" in op and "_output" not in op, True),
+    ("cross-attention core",
+     lambda op: "cross_attention._attend" in op and "_output" not in op, True),
     ("decoder dense layers (q/k/v, out, feed-forward)",
-     lambda op: "/dot_general" in op and "layer_N" in op),
-    ("LayerNorm, residuals, activation", lambda op: "layer_N" in op),
-    ("output projection (logits)", lambda op: op.endswith("Transformer.decode/dot_general")),
-    ("beam bookkeeping (log-softmax, top-k, ancestry)", lambda op: True),
+     lambda op: "/dot_general" in op and "layer_N" in op, True),
+    ("LayerNorm, residuals, activation", lambda op: "layer_N" in op, True),
+    ("output projection (logits)",
+     lambda op: op.endswith("Transformer.decode/dot_general"), False),
+    ("beam bookkeeping (log-softmax, top-k, ancestry)", lambda op: True, False),
 )
+PER_LAYER_STEP = {name for name, _, per_step in GROUPS if per_step}
 
 
 def group_of(op_name: str) -> str:
-    return next(name for name, test in GROUPS if test(op_name))
+    return next(name for name, test, _ in GROUPS if test(op_name))
 
 
 def main(argv=None) -> int:
@@ -61,6 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=2, help="traced calls")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--cache-phases", type=int, default=None, metavar="N",
+                        help="beam_search(cache_phases=N) (default: the library's)")
     parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--host-memory", default="keep", choices=("keep", "system"))
     args = parser.parse_args(argv)
@@ -74,9 +83,10 @@ def main(argv=None) -> int:
     src = jax.device_put(bench_beam.make_sources(args.batch, args.src_len, args.vocab,
                                                  args.padded_rows))
     options = benchlib.parse_compiler_options(args.compiler_option)
+    phases = {} if args.cache_phases is None else {"cache_phases": args.cache_phases}
     compiled = decode.beam_search.lower(
         model, params, src, beam_size=args.beams, length_penalty=args.length_penalty,
-        max_len=args.new_tokens).compile(compiler_options=options or None)
+        max_len=args.new_tokens, **phases).compile(compiler_options=options or None)
     for _ in range(args.warmup):
         jax.block_until_ready(compiled(params, src))
     start = time.perf_counter()
@@ -93,7 +103,9 @@ def main(argv=None) -> int:
     slots = args.new_tokens * args.beams
     print(f"ours: decode.beam_search, batch {args.batch}, beams {args.beams}, source "
           f"{args.src_len}, N {args.new_tokens} steps ({slots} cache slots per sentence), "
-          f"vocab {args.vocab}; one untraced call {wall_ms:.0f} ms; ms per call over "
+          f"vocab {args.vocab}, cache phases ending at steps "
+          f"{decode.phase_ends(args.new_tokens, args.cache_phases or decode.DEFAULT_CACHE_PHASES)}; "
+          f"one untraced call {wall_ms:.0f} ms; ms per call over "
           f"{args.calls} traced calls" + (f"; {benchlib.describe_options(options)}" if options else ""))
     print(benchlib.markdown_table(
         ["ms", "XLA op", "op_name"],
@@ -107,8 +119,7 @@ def main(argv=None) -> int:
     print(benchlib.markdown_table(
         ["what", "ms per call", "share", "us per decoder layer and step"],
         [[name, f"{ms:.1f}", f"{100 * ms / total:.1f}%",
-          f"{1e3 * ms / steps:.0f}" if "once" not in name and "logits" not in name
-          and "bookkeeping" not in name else "-"]
+          f"{1e3 * ms / steps:.0f}" if name in PER_LAYER_STEP else "-"]
          for name, ms in groups.most_common()]))
     print(f"all listed thunks: {total:.0f} ms per call")
     return 0

@@ -321,3 +321,100 @@ def test_sources_longer_than_max_len_are_truncated_for_generation(model_and_para
     assert src.shape[1] == 7
     with pytest.raises(ValueError, match="longer than max_len 7"):
         generate.decode_batches([cut], config, shards=1, max_len=7)
+
+
+def test_phase_ends():
+    from distill_jax.decode import phase_ends
+
+    assert phase_ends(32, 4) == [8, 16, 24, 32]
+    assert phase_ends(100, 4) == [25, 50, 75, 100]
+    assert phase_ends(20, 4) == [10, 20]  # no phase under MIN_PHASE_STEPS = 8 steps
+    assert phase_ends(9, 4) == [9]
+    assert phase_ends(3, 4) == [3]
+    assert phase_ends(32, 1) == [32]
+    with pytest.raises(ValueError, match="cache_phases"):
+        phase_ends(32, 0)
+
+
+LONG_MODEL = Transformer(TransformerConfig(
+    vocab_size=VOCAB, d_model=16, num_heads=2, mlp_dim=32, num_encoder_layers=1,
+    num_decoder_layers=2, max_len=32))
+
+
+@pytest.fixture(scope="module")
+def long_model_and_params():
+    """A model with room for 32 target positions (its hypotheses run to their length
+    bounds, which is what the tests of decoding phases need)."""
+    params = nn.unbox(jax.jit(LONG_MODEL.init)(
+        jax.random.key(5), SOURCES, SOURCES[:, :4])["params"])
+    table = params["shared_embedding"]["embedding"]  # [vocab, embed]
+    params["shared_embedding"]["embedding"] = 2.0 * table
+    return LONG_MODEL, params
+
+
+@pytest.mark.parametrize("rows, bound, last_phase", [
+    (slice(None), 24, True),  # sentences end in the first phase and in the last
+    (slice(None), (2.0, 8), True),  # the same with per-sentence bounds
+    (slice(1, 2), (2.0, 8), False),  # the whole batch is done within the first phase
+])
+def test_growing_caches_decode_like_one_full_size_cache(long_model_and_params, rows, bound,
+                                                        last_phase):
+    """cache_phases=4 (the default: the loop runs in phases over caches that grow between
+    them) gives the sequences and scores of cache_phases=1 (one loop over a cache sized
+    for the whole bound), for beam search, greedy search and sampling."""
+    from distill_jax.decode import length_limits, phase_ends
+
+    model, params = long_model_and_params
+    src = SOURCES[rows]
+    steps, _ = length_limits(model, src, bound)
+    assert phase_ends(steps, 4) == [8, 16, 24]
+    one_seqs, one_scores = beam_search(model, params, src, beam_size=3, max_len=bound,
+                                       cache_phases=1)
+    seqs, scores = beam_search(model, params, src, beam_size=3, max_len=bound)
+    np.testing.assert_array_equal(seqs, one_seqs)
+    np.testing.assert_allclose(scores, one_scores, rtol=0, atol=1e-5)
+    lengths = [len(as_tuple(h)) for h in np.asarray(seqs).reshape(-1, steps)]
+    assert min(lengths) <= 8 and (max(lengths) > 16) == last_phase, lengths
+
+    for search in (
+            lambda **kw: greedy_search(model, params, src, max_len=bound, **kw),
+            lambda **kw: sample(model, params, src, jax.random.key(1), temperature=1.5,
+                                max_len=bound, **kw)):
+        one_seqs, one_lp = search(cache_phases=1)
+        seqs, lp = search()
+        np.testing.assert_array_equal(seqs, one_seqs)
+        np.testing.assert_allclose(lp, one_lp, rtol=0, atol=1e-5)
+
+
+def test_grow_decode_cache_pads_the_position_axis_only(long_model_and_params):
+    import jax.numpy as jnp
+
+    from distill_jax.models.transformer import grow_decode_cache, init_decode_cache
+
+    model, params = long_model_and_params
+    encoded = model.apply({"params": params}, SOURCES, method=Transformer.encode)
+    small = init_decode_cache(model, params, encoded, SOURCES, 8, 3)
+    small = jax.tree_util.tree_map(lambda x: x + jnp.ones_like(x), small)  # nonzero contents
+    grown = grow_decode_cache(model, params, encoded, SOURCES, small, 16, 3)
+    full = init_decode_cache(model, params, encoded, SOURCES, 16, 3)
+    assert jax.tree_util.tree_structure(grown) == jax.tree_util.tree_structure(full)
+    padded = 0
+    for (path, old), new, want in zip(jax.tree_util.tree_leaves_with_path(small),
+                                      jax.tree_util.tree_leaves(grown),
+                                      jax.tree_util.tree_leaves(full)):
+        assert new.shape == want.shape, path
+        if old.shape == new.shape:
+            np.testing.assert_array_equal(new, old)  # cross-attention, counters: kept
+            continue
+        padded += 1
+        name = jax.tree_util.keystr(path)
+        axis = [i for i, (o, n) in enumerate(zip(old.shape, new.shape)) if o != n]
+        assert len(axis) == 1 and new.shape[axis[0]] == 2 * old.shape[axis[0]], name
+        front = tuple(slice(0, o) for o in old.shape)
+        np.testing.assert_array_equal(np.asarray(new)[front], old)
+        assert not np.asarray(new)[tuple(slice(o, None) if i == axis[0] else slice(None)
+                                         for i, o in enumerate(old.shape))].any()
+    # per decoder layer: the self-attention keys and values; and the ancestry table
+    assert padded == 2 * model.config.num_decoder_layers + 1
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow_decode_cache(model, params, encoded, SOURCES, full, 8, 3)

@@ -404,3 +404,37 @@ def init_decode_cache(
         {"params": params}, encoded, src, dummy, decode=True, beams=beams, mutable=["cache"],
         method=Transformer.decode)
     return variables["cache"]
+
+
+def grow_decode_cache(
+    model: Transformer,
+    params: Any,
+    encoded: jax.Array,  # [batch, src, embed]
+    src: jax.Array,  # [batch, src] int
+    cache: Any,
+    max_len: int,
+    beams: int = 1,
+) -> Any:
+    """``cache`` (``init_decode_cache`` for fewer positions, possibly already decoded into)
+    made room for ``max_len`` positions: the self-attention keys/values and
+    ``beam_ancestry`` are padded with zeros at the end of their position axis, everything
+    else (the cross-attention projections, the step counters) is kept as it is.
+
+    The padded cache is the one ``init_decode_cache(..., max_len)`` would have reached
+    after the same steps: keys/values are position-major (position p of beam slot i is
+    entry p * beams + i), so the written entries keep their indices, and the new
+    positions are masked until decoded. A search can therefore start with a cache for its
+    first steps and grow it as it goes, so that attention reads only about as many slots
+    as there are decoded positions (``distill_jax.decode``)."""
+    target = jax.eval_shape(
+        functools.partial(init_decode_cache, model, max_len=max_len, beams=beams),
+        params, encoded, src)
+
+    def pad(old: jax.Array, new: jax.ShapeDtypeStruct) -> jax.Array:
+        if old.shape == new.shape:
+            return old
+        if old.ndim != len(new.shape) or any(o > n for o, n in zip(old.shape, new.shape)):
+            raise ValueError(f"cannot grow a cache entry of shape {old.shape} to {new.shape}")
+        return jnp.pad(old, [(0, n - o) for o, n in zip(old.shape, new.shape)])
+
+    return jax.tree_util.tree_map(pad, cache, target)
