@@ -54,8 +54,8 @@ NEG_INF = -jnp.inf
 # Decoding phases are at least this many steps: a shorter one saves less attention work
 # than another compiled copy of the decoder step costs.
 MIN_PHASE_STEPS = 8
-# Phases of a search by default: 4 made beam search 8% faster than 1 on a CPU (d 512,
-# 6 + 6 layers, 32 steps; BENCHMARKS.md), 8 only 1% more than 4.
+# Phases of a search by default: 4 made beam search 1.09x faster than 1 on a CPU (d 512,
+# 6 + 6 layers, 32 steps; BENCHMARKS.md); 8 were barely faster than 4.
 DEFAULT_CACHE_PHASES = 4
 
 

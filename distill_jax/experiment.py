@@ -128,6 +128,11 @@ class DecodeConfig:
     top_k: int = 0  # sample from the k most likely tokens (0 = all)
     tokens_per_batch: int = 4096  # source-token budget of a decoding batch
     bucket_step: int = 8  # padded source lengths of decoding batches are multiples of this
+    cache_phases: int = 4  # decode in up to N phases over growing key/value caches (1: one loop)
+
+    def __post_init__(self):
+        if self.cache_phases < 1:
+            raise ValueError(f"decode.cache_phases must be >= 1, got {self.cache_phases}")
 
 
 def default_student() -> TransformerConfig:

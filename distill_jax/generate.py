@@ -71,16 +71,19 @@ def search(model, params, src: jax.Array, config: DecodeConfig,
     from distill_jax import decode
 
     max_len = (config.max_len_a, config.max_len_b)
+    phases = config.cache_phases
     if config.method == "beam":
         sequences, _ = decode.beam_search(model, params, src, beam_size=config.beam_size,
-                                          length_penalty=config.length_penalty, max_len=max_len)
+                                          length_penalty=config.length_penalty, max_len=max_len,
+                                          cache_phases=phases)
         return to_host(sequences)[:, 0]
     if config.method == "greedy":
-        sequences, _ = decode.greedy_search(model, params, src, max_len=max_len)
+        sequences, _ = decode.greedy_search(model, params, src, max_len=max_len,
+                                            cache_phases=phases)
         return to_host(sequences)
     if config.method == "sample":
         sequences, _ = decode.sample(model, params, src, rng, temperature=config.temperature,
-                                     top_k=config.top_k, max_len=max_len)
+                                     top_k=config.top_k, max_len=max_len, cache_phases=phases)
         return to_host(sequences)
     raise UserError(f"decode.method must be beam, greedy or sample, got {config.method!r}")
 

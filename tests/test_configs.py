@@ -45,3 +45,17 @@ def test_training_lengths_must_fit_the_student(tmp_path):
                   ("student.max_len=128", "data.max_src_len=100")):
         config = load(*order)
         assert (config.data.max_src_len, config.student.max_len) == (100, 128)
+
+
+def test_decoding_phases_must_be_positive():
+    import argparse
+
+    from distill_jax import runner
+    from distill_jax.errors import UserError
+
+    config = runner.load_experiment(argparse.Namespace(
+        config="configs/tiny.py", overrides=["decode.cache_phases=1"]))
+    assert config.decode.cache_phases == 1
+    with pytest.raises(UserError, match="decode.cache_phases must be >= 1, got 0"):
+        runner.load_experiment(argparse.Namespace(
+            config="configs/tiny.py", overrides=["decode.cache_phases=0"]))
