@@ -23,7 +23,7 @@ in that attention, with a cost per step that grows faster than the slots). The s
 therefore run their loop in up to ``cache_phases`` phases of at least ``MIN_PHASE_STEPS``
 steps, each a ``lax.while_loop`` over a cache sized for the phase's last step, and grow
 the cache between phases (``grow_decode_cache``); a search whose sentences are all done
-early never builds the larger caches' work. The results are those of one loop over a
+early skips the later phases' loops. The results are those of one loop over a
 full-size cache (the extra slots are masked either way), up to the order of float
 summation. Each phase compiles its own copy of the decoder step; ``cache_phases=1`` keeps
 one loop.
