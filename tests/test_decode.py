@@ -420,3 +420,18 @@ def test_grow_decode_cache_pads_the_position_axis_only(long_model_and_params):
     assert padded == 2 * model.config.num_decoder_layers + 1
     with pytest.raises(ValueError, match="cannot grow"):
         grow_decode_cache(model, params, encoded, SOURCES, full, 8, 3)
+
+
+def test_growing_caches_on_a_sharded_batch(long_model_and_params):
+    """Decoding phases on a batch sharded over 8 devices: the grown caches stay
+    batch-sharded and the result is the single-device one."""
+    model, params = long_model_and_params
+    src = np.concatenate([SOURCES, SOURCES[::-1], SOURCES[:2]])  # [8, src]
+    single_seqs, single_scores = beam_search(model, params, src, beam_size=2, max_len=24)
+    mesh = Mesh(np.array(jax.devices()).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
+    sharded_src = jax.device_put(src, NamedSharding(mesh, P(("data", "fsdp"))))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        seqs, scores = beam_search(model, params, sharded_src, beam_size=2, max_len=24)
+    assert seqs.sharding.shard_shape(seqs.shape)[0] == 1
+    np.testing.assert_array_equal(seqs, single_seqs)
+    np.testing.assert_allclose(scores, single_scores, rtol=0, atol=1e-5)
