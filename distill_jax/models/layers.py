@@ -312,7 +312,7 @@ class MultiHeadAttention(nn.Module):
         *,
         deterministic: bool = True,
         decode: bool = False,
-        beams: int = 1,  # hypotheses per sentence; read only by the cache-creating call
+        beams: int = 1,  # hypotheses per sentence the decoding cache holds
     ) -> jax.Array:
         features = inputs_q.shape[-1]
         if self.implementation not in ATTENTION_IMPLS:
@@ -441,9 +441,10 @@ class MultiHeadAttention(nn.Module):
         [batch, max_len, heads, kv], allocates zero caches, key [batch, heads, kv,
         max_len * beams] and value [batch, heads, max_len * beams, kv] (position-major:
         position p of beam slot i is entry p * beams + i), and returns its own keys/values
-        in those layouts (its output is discarded). Later calls take one position of every
-        hypothesis, [batch * beams, 1, heads, kv], and write the beams' keys/values as one
-        block at position ``cache_index``; they return the whole caches."""
+        in those layouts (its output is discarded). Later calls take one position of the
+        first ``g`` hypotheses of every sentence, [batch * g, 1, heads, kv] (``g`` from 1
+        to the cache's beams), and write their keys/values as one block into slots
+        ``0..g-1`` of position ``cache_index``; they return the whole caches."""
         initialized = self.has_variable("cache", "cached_key")
         if not initialized:
             batch, max_len, heads, head_dim = key.shape
@@ -457,17 +458,17 @@ class MultiHeadAttention(nn.Module):
         cached_key = self.variable("cache", "cached_key")
         cached_value = self.variable("cache", "cached_value")
         cache_index = self.variable("cache", "cache_index")
-        batch, heads, head_dim, _ = cached_key.value.shape
+        batch, heads, head_dim, slots = cached_key.value.shape
         if key.shape[1] != 1:
             raise ValueError(
                 f"incremental decoding takes one position per call, got {key.shape[1]}")
-        if key.shape[0] % batch:
-            raise ValueError(f"the cache holds {batch} sentences; got {key.shape[0]} "
-                             "hypotheses, not a multiple")
-        beams = key.shape[0] // batch
+        fed = key.shape[0] // batch
+        if key.shape[0] % batch or not 1 <= fed <= beams or slots % beams:
+            raise ValueError(f"the cache holds {beams} hypotheses of {batch} sentences in "
+                             f"{slots} slots each; got {key.shape[0]} hypotheses")
         index = cache_index.value
-        key = key.reshape(batch, beams, heads, head_dim).transpose(0, 2, 3, 1)  # [b, h, kv, beams]
-        value = value.reshape(batch, beams, heads, head_dim).transpose(0, 2, 1, 3)  # [b, h, beams, kv]
+        key = key.reshape(batch, fed, heads, head_dim).transpose(0, 2, 3, 1)  # [b, h, kv, fed]
+        value = value.reshape(batch, fed, heads, head_dim).transpose(0, 2, 1, 3)  # [b, h, fed, kv]
         cached_key.value = jax.lax.dynamic_update_slice(
             cached_key.value, key.astype(cached_key.value.dtype), (0, 0, 0, index * beams))
         cached_value.value = jax.lax.dynamic_update_slice(

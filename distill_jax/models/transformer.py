@@ -14,7 +14,9 @@ state for a batch of sentences and ``beams`` hypotheses each.
 
 ``beam_ancestry`` ``[batch, beams, max_len]`` says, for hypothesis ``j`` of a sentence and
 a position ``p``, in which beam slot the key/value of its token at ``p`` was written. Each
-step writes every hypothesis's new key into its own slot; a search that reorders its
+step writes every hypothesis's new key into its own slot. A step may feed only the first
+``g`` hypotheses of every sentence (``[batch * g, 1]``, e.g. beam search's first step,
+where all hypotheses are the same BOS): they write slots ``0..g-1``. A search that reorders its
 hypotheses (beam search) reorders only this table, never the key/value caches
 (``distill_jax.decode``), and the self-attention mask lets hypothesis ``j`` see slot ``i``
 at position ``p`` iff ``beam_ancestry[b, j, p] == i`` and ``p`` is decoded.
@@ -291,7 +293,13 @@ class Decoder(nn.Module):
                     raise ValueError(
                         f"incremental decoding takes one target position per call, got {length}")
                 position_ids = index.value[None]  # [1]
-                self_mask = self._step_mask(ancestry, index.value)
+                sentences, beams = ancestry.value.shape[:2]
+                fed = tgt_in.shape[0] // sentences  # hypotheses fed per sentence
+                if tgt_in.shape[0] % sentences or not 1 <= fed <= beams:
+                    raise ValueError(
+                        f"the cache holds {beams} hypotheses of each of {sentences} sentences;"
+                        f" got {tgt_in.shape[0]} rows, not 1 to {beams} per sentence")
+                self_mask = self._step_mask(ancestry, index.value)[:, :, :fed]
                 index.value = index.value + 1
         x = _embed_tokens(
             self.shared_embedding, PositionEmbedding(cfg, name="positions"),
@@ -361,7 +369,8 @@ class Transformer(nn.Module):
         """Decoder logits [batch, tgt, vocab] float32.
 
         With ``decode=True`` and an existing ``cache`` collection (``init_decode_cache``),
-        ``tgt_in`` is one position of every hypothesis, ``[batch * beams, 1]``, ``src`` is
+        ``tgt_in`` is one position of every hypothesis, ``[batch * beams, 1]`` (or of the
+        first ``g < beams`` hypotheses of each sentence, ``[batch * g, 1]``), ``src`` is
         still ``[batch, src]`` (one row per sentence) and ``encoded`` is ignored (the cache
         holds its projection). ``beams`` is read only when the cache is created.
         """
