@@ -173,13 +173,13 @@ def test_early_stopping_ends_the_loop_before_the_bound(model_and_params, monkeyp
     params = {**params, "shared_embedding": {"embedding": table.at[EOS].set(1.3 * table[4])}}
     sources = SOURCES[[0, 2]]
     calls = []
-    original = decode_lib._next_log_probs
+    original = decode_lib._next_logits
 
     def counted(*args):
         jax.debug.callback(lambda: calls.append(1))
         return original(*args)
 
-    monkeypatch.setattr(decode_lib, "_next_log_probs", counted)
+    monkeypatch.setattr(decode_lib, "_next_logits", counted)
     jax.clear_caches()  # trace beam_search again, with the counter
     try:
         bound = MAX_LEN + 2
@@ -435,3 +435,92 @@ def test_growing_caches_on_a_sharded_batch(long_model_and_params):
     assert seqs.sharding.shard_shape(seqs.shape)[0] == 1
     np.testing.assert_array_equal(seqs, single_seqs)
     np.testing.assert_allclose(scores, single_scores, rtol=0, atol=1e-5)
+
+
+def _plain_top_log_probs(logits, k, banned=()):
+    """What ``top_log_probs`` computes, the plain way: top_k over masked log-softmax rows."""
+    import jax.numpy as jnp
+
+    mask = np.isin(np.arange(logits.shape[1]), banned)[None, :]
+    return jax.lax.top_k(jnp.where(mask, -jnp.inf, jax.nn.log_softmax(logits, axis=-1)), k)
+
+
+@pytest.mark.parametrize("vocab, width", [
+    (2000, 125),  # blocks of a divisor of the vocabulary
+    (4099, 128),  # a prime: a shorter last block
+    (300, 150),  # fewer blocks than searched: the plain path
+])
+def test_top_log_probs_is_top_k_of_the_masked_log_softmax(vocab, width):
+    """Same tokens, in the same order (ties to the lower id), and the same values as
+    top_k of the masked log-softmax: with many tied logits, with banned tokens holding a
+    row's largest logits (they lift their block), and with the best tokens in as many
+    different blocks as are kept."""
+    from distill_jax.decode import _block_width, top_log_probs
+
+    assert _block_width(vocab) == width
+    rng = np.random.default_rng(0)
+    k, banned = 10, (0, 1)
+    logits = np.round(rng.normal(size=(6, vocab)) * 2).astype(np.float32)  # many ties
+    logits[1, list(banned)] = 50.0  # the banned tokens are the row's best
+    logits[2, :] = 0.0
+    logits[2, (np.arange(k + 2) * width + 1) % vocab] = 10.0 + np.arange(k + 2) % 3  # one per block
+    logits[3, -3:] = 20.0  # the best ones in the last block
+    logits[4, :] = 1.0  # all tied
+    values, tokens = jax.jit(top_log_probs, static_argnums=(1, 2))(logits, k, banned)
+    want_values, want_tokens = _plain_top_log_probs(logits, k, banned)
+    np.testing.assert_array_equal(tokens, want_tokens)
+    np.testing.assert_allclose(values, want_values, rtol=0, atol=1e-5)
+    assert not np.isin(np.asarray(tokens), banned).any()
+
+
+def test_beam_search_over_a_large_vocabulary_is_the_plain_one(monkeypatch):
+    """Beam search with a vocabulary large enough for ``top_log_probs`` to search blocks
+    (2000 tokens: 16 blocks, 8 searched) gives what it gives with the plain per-row top_k."""
+    import distill_jax.decode as decode_lib
+
+    model = Transformer(TransformerConfig(
+        vocab_size=2000, d_model=16, num_heads=2, mlp_dim=32, num_encoder_layers=1,
+        num_decoder_layers=1, max_len=8))
+    src = SOURCES.copy()
+    src[src > 2] += 1500
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(7), src, src[:, :4])["params"])
+    params["shared_embedding"]["embedding"] = 3.0 * params["shared_embedding"]["embedding"]
+    seqs, scores = beam_search(model, params, src, beam_size=3, max_len=6)
+    monkeypatch.setattr(decode_lib, "top_log_probs", _plain_top_log_probs)
+    jax.clear_caches()
+    try:
+        plain_seqs, plain_scores = beam_search(model, params, src, beam_size=3, max_len=6)
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+    np.testing.assert_array_equal(seqs, plain_seqs)
+    np.testing.assert_allclose(scores, plain_scores, rtol=0, atol=1e-5)
+    assert len({as_tuple(h) for h in np.asarray(seqs).reshape(-1, 6)}) > 3  # not degenerate
+
+
+def test_a_step_may_feed_only_the_first_hypotheses(model_and_params):
+    """The decoder step that feeds one hypothesis per sentence (beam search's first)
+    writes its slot; once the other hypotheses descend from it (the search's reorder),
+    later steps give the logits of full forward passes. More hypotheses per sentence than
+    the cache holds are refused."""
+    import jax.numpy as jnp
+
+    from distill_jax.decode import _next_logits, _reorder_cache, _start_decoding
+
+    model, params = model_and_params
+    beams = 3
+    encoded, cache = _start_decoding(model, params, SOURCES, beams, MAX_LEN)
+    bos = jnp.full((len(SOURCES),), BOS, jnp.int32)
+    first, cache = _next_logits(model, params, cache, encoded, SOURCES, bos)  # [batch, vocab]
+    cache = _reorder_cache(cache, jnp.zeros((len(SOURCES), beams), jnp.int32))
+    nxt = np.array([[3, 4, 5]] * len(SOURCES), np.int32)  # [batch, beams]
+    second, _ = _next_logits(model, params, cache, encoded, SOURCES, jnp.asarray(nxt.reshape(-1)))
+    tgt_in = np.stack([np.full(len(SOURCES), BOS), np.zeros(len(SOURCES), np.int32)], 1)
+    for j in range(beams):
+        tgt_in[:, 1] = nxt[:, j]
+        full = model.apply({"params": params}, SOURCES, tgt_in)  # [batch, 2, vocab]
+        np.testing.assert_allclose(first, full[:, 0], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(second).reshape(len(SOURCES), beams, VOCAB)[:, j],
+                                   full[:, 1], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="hypotheses"):
+        _next_logits(model, params, cache, encoded, SOURCES, jnp.full((4 * len(SOURCES),), BOS))
