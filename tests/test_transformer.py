@@ -242,3 +242,73 @@ def test_einsum_attention_matches_plain_softmax(dtype, tol):
         g_ref = jax.grad(loss(reference), argnums=(0, 1))(params, x)
         for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_matches_flax_with_either_kind_of_row_sums(dtype):
+    """Our LayerNorm has flax.linen.LayerNorm's parameters and, with reductions, its exact
+    outputs and gradients; with the statistics as matrix-vector products the outputs and
+    gradients agree to float32 rounding (rows with a large mean included), in either
+    compute dtype."""
+    from distill_jax.models import layers
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 7, 48)) * 3 + rng.standard_normal((3, 7, 1)) * 50,
+                    jnp.float32).astype(dtype)
+    ref = nn.LayerNorm(epsilon=1e-5, dtype=dtype, use_fast_variance=False)
+    params = ref.init(jax.random.key(0), x)
+    params = jax.tree.map(
+        lambda a: a + jnp.asarray(rng.standard_normal(a.shape), jnp.float32), params)
+
+    def loss(module, p, x):
+        return jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32)))
+
+    want = ref.apply(params, x)
+    want_grads = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(params, x)
+    for by_dot in (False, True):
+        ours = layers.layer_norm(1e-5, dtype, row_sums_by_dot=by_dot)
+        shapes = jax.tree.map(jnp.shape, nn.unbox(ours.init(jax.random.key(0), x)))
+        assert shapes == jax.tree.map(jnp.shape, params)
+        got = ours.apply(params, x)
+        got_grads = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(params, x)
+        assert got.dtype == dtype
+        if not by_dot:
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+            for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+                np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        else:
+            tol = 2e-5 if dtype == jnp.float32 else 2e-2
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                       rtol=tol, atol=tol)
+            for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+                np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                           rtol=tol, atol=tol * 10)
+
+
+def test_inference_calls_on_cpu_take_layer_norm_statistics_by_products():
+    """Deterministic calls of the student on CPU compute LayerNorm statistics with dot
+    products (2 per LayerNorm more than a training call), and give the same outputs as the
+    reduction form to float32 rounding."""
+    from distill_jax.models import layers
+
+    assert jax.default_backend() == "cpu"
+    assert layers.inference_row_sums_by_dot(True) and not layers.inference_row_sums_by_dot(False)
+    cfg = TransformerConfig(vocab_size=50, d_model=16, num_heads=2, mlp_dim=32,
+                            num_encoder_layers=1, num_decoder_layers=1, max_len=8,
+                            dropout_rate=0.0, attention_dropout_rate=0.0,
+                            activation_dropout_rate=0.0)
+    model = Transformer(cfg)
+    src = jnp.asarray(np.random.default_rng(1).integers(3, 50, (2, 6)), jnp.int32)
+    tgt = jnp.asarray(np.random.default_rng(2).integers(3, 50, (2, 5)), jnp.int32)
+    params = model.init(jax.random.key(0), src, tgt)
+
+    def dots(deterministic):
+        jaxpr = jax.make_jaxpr(lambda p: model.apply(
+            p, src, tgt, deterministic=deterministic, rngs={"dropout": jax.random.key(1)}))(params)
+        return str(jaxpr).count("dot_general")
+
+    norms = 2 + 3  # encoder layer: 2 LayerNorms, decoder layer: 3 (post-LN, no final norms)
+    assert dots(True) == dots(False) + 2 * norms
+    infer = model.apply(params, src, tgt, deterministic=True)
+    train = model.apply(params, src, tgt, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_allclose(np.asarray(infer), np.asarray(train), rtol=1e-5, atol=1e-5)

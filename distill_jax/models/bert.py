@@ -134,6 +134,7 @@ class BertEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids, token_type_ids, position_ids, *, deterministic: bool):
         cfg = self.config
+        by_dot = layers.inference_row_sums_by_dot(deterministic)  # LayerNorm statistics
 
         def embed(num: int, axes: tuple, name: str) -> nn.Embed:
             return nn.Embed(
@@ -145,7 +146,8 @@ class BertEmbeddings(nn.Module):
             position_ids)
         x = x + embed(cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")(
             token_type_ids)  # [batch, length, hidden]
-        x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm")(x)
+        x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm",
+                              row_sums_by_dot=by_dot)(x)
         x = nn.Dropout(rate=cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         return nn.with_logical_constraint(x, _HIDDEN)
 
@@ -158,6 +160,7 @@ class BertLayer(nn.Module):
     @nn.compact
     def __call__(self, x, mask, *, deterministic: bool):
         cfg = self.config
+        by_dot = layers.inference_row_sums_by_dot(deterministic)  # LayerNorm statistics
         attn = layers.MultiHeadAttention(
             num_heads=cfg.num_attention_heads,
             head_dim=cfg.head_dim,
@@ -168,7 +171,8 @@ class BertLayer(nn.Module):
             name="attention",
         )(x, x, mask, deterministic=deterministic)  # [batch, length, hidden]
         attn = nn.Dropout(rate=cfg.hidden_dropout_prob)(attn, deterministic=deterministic)
-        x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="attention_LayerNorm")(x + attn)
+        x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="attention_LayerNorm",
+                              row_sums_by_dot=by_dot)(x + attn)
         h = layers.FeedForward(
             mlp_dim=cfg.intermediate_size,
             activation=ACTIVATIONS[cfg.hidden_act],
@@ -178,7 +182,8 @@ class BertLayer(nn.Module):
             name="ffn",
         )(x, deterministic=deterministic)  # [batch, length, hidden]
         h = nn.Dropout(rate=cfg.hidden_dropout_prob)(h, deterministic=deterministic)
-        x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="output_LayerNorm")(x + h)
+        x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="output_LayerNorm",
+                              row_sums_by_dot=by_dot)(x + h)
         return nn.with_logical_constraint(x, _HIDDEN)
 
 

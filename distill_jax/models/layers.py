@@ -112,17 +112,61 @@ def sinusoidal_positions(max_len: int, features: int, dtype: Dtype = jnp.float32
     return table.astype(dtype)
 
 
-def layer_norm(epsilon: float, dtype: Dtype, name: Optional[str] = None) -> nn.LayerNorm:
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis with statistics in float32; ``scale`` and ``bias`` are laid
+    out along ``embed`` (the parameters of ``flax.linen.LayerNorm``, same names and shapes).
+
+    ``row_sums_by_dot`` computes the mean and the variance as matrix-vector products with a
+    vector of ones instead of as reductions over the last axis: the same result up to the
+    order of the float32 additions (the products run at full float32 precision). The models
+    turn it on in inference calls on CPU (``inference_row_sums_by_dot``), where XLA's CPU
+    backend runs it faster (one process, alternating
+    runs on a 2-core Xeon: MiniLM's forward pass at 32 x 128 tokens 1.08-1.10x faster,
+    32 x 64 unchanged; LayerNorm in a beam-search step over 160 rows about 40% less time).
+    Training calls keep the reductions (same results as ``flax.linen.LayerNorm``); the
+    student's train step took the same time either way.
+    """
+
+    epsilon: float
+    dtype: Dtype = jnp.float32
+    row_sums_by_dot: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (features,), jnp.float32)
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            (features,), jnp.float32)
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if self.row_sums_by_dot:
+            ones = jnp.ones((features,), x32.dtype)
+            row_sum = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)
+            mean = (row_sum(x32, ones) / features)[..., None]  # [..., 1]
+            centred = x32 - mean
+            var = (row_sum(centred * centred, ones) / features)[..., None]
+        else:
+            # flax.linen.LayerNorm's graph (the mean subtracted twice, the second time from
+            # x in its own dtype): the same values and gradients to the bit
+            mean = x32.mean(axis=-1)[..., None]
+            deviation = x32 - mean
+            var = (deviation * deviation).mean(axis=-1)[..., None]
+            centred = x - mean
+        return (centred * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias).astype(self.dtype)
+
+
+def inference_row_sums_by_dot(deterministic: bool) -> bool:
+    """Whether a model's LayerNorms take their statistics by matrix-vector products: in
+    inference calls (``deterministic``) compiled for CPU, the case measured faster."""
+    return deterministic and jax.default_backend() == "cpu"
+
+
+def layer_norm(epsilon: float, dtype: Dtype, name: Optional[str] = None,
+               row_sums_by_dot: bool = False) -> LayerNorm:
     """LayerNorm whose scale and bias are laid out along ``embed``; statistics in fp32."""
-    return nn.LayerNorm(
-        epsilon=epsilon,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        name=name,
-    )
+    return LayerNorm(epsilon=epsilon, dtype=dtype, row_sums_by_dot=row_sums_by_dot, name=name)
 
 
 def matrix_init(init: Initializer, in_dims: int) -> Initializer:

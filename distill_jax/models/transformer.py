@@ -138,9 +138,11 @@ class Sublayer(nn.Module):
     """
 
     config: TransformerConfig
+    row_sums_by_dot: bool = False  # LayerNorm statistics as matrix-vector products (inference)
 
     def setup(self):
-        self.norm = layers.layer_norm(self.config.layer_norm_eps, self.config.dtype)
+        self.norm = layers.layer_norm(self.config.layer_norm_eps, self.config.dtype,
+                                      row_sums_by_dot=self.row_sums_by_dot)
         self.dropout = nn.Dropout(rate=self.config.dropout_rate)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -162,7 +164,8 @@ class EncoderLayer(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
         """x [batch, src, embed], mask [batch, 1, src, src] -> [batch, src, embed]."""
         cfg = self.config
-        attn_block = Sublayer(cfg, name="self_attention_block")
+        by_dot = layers.inference_row_sums_by_dot(deterministic)  # LayerNorm statistics
+        attn_block = Sublayer(cfg, row_sums_by_dot=by_dot, name="self_attention_block")
         normed = attn_block(x)  # [batch, src, embed]
         h = layers.MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim,
@@ -170,7 +173,7 @@ class EncoderLayer(nn.Module):
             implementation=cfg.attention_impl,
             name="self_attention")(normed, normed, mask, deterministic=deterministic)
         x = attn_block.finish(x, h, deterministic)  # [batch, src, embed]
-        ff_block = Sublayer(cfg, name="feed_forward_block")
+        ff_block = Sublayer(cfg, row_sums_by_dot=by_dot, name="feed_forward_block")
         h = layers.FeedForward(
             mlp_dim=cfg.mlp_dim, dropout_rate=cfg.activation_dropout_rate, dtype=cfg.dtype,
             name="feed_forward")(ff_block(x), deterministic=deterministic)
@@ -195,7 +198,8 @@ class DecoderLayer(nn.Module):
         beams: int = 1,
     ) -> jax.Array:
         cfg = self.config
-        block = Sublayer(cfg, name="self_attention_block")
+        by_dot = layers.inference_row_sums_by_dot(deterministic)  # LayerNorm statistics
+        block = Sublayer(cfg, row_sums_by_dot=by_dot, name="self_attention_block")
         normed = block(x)  # [batch, tgt, embed]
         h = layers.MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim,
@@ -204,7 +208,7 @@ class DecoderLayer(nn.Module):
             name="self_attention")(normed, normed, self_mask,
                                    deterministic=deterministic, decode=decode, beams=beams)
         x = block.finish(x, h, deterministic)  # [batch, tgt, embed]
-        block = Sublayer(cfg, name="cross_attention_block")
+        block = Sublayer(cfg, row_sums_by_dot=by_dot, name="cross_attention_block")
         h = layers.MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim,
             dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype,
@@ -212,7 +216,7 @@ class DecoderLayer(nn.Module):
             name="cross_attention")(block(x), encoded, cross_mask,
                                     deterministic=deterministic, decode=decode)
         x = block.finish(x, h, deterministic)  # [batch, tgt, embed]
-        block = Sublayer(cfg, name="feed_forward_block")
+        block = Sublayer(cfg, row_sums_by_dot=by_dot, name="feed_forward_block")
         h = layers.FeedForward(
             mlp_dim=cfg.mlp_dim, dropout_rate=cfg.activation_dropout_rate, dtype=cfg.dtype,
             name="feed_forward")(block(x), deterministic=deterministic)
@@ -246,6 +250,7 @@ class Encoder(nn.Module):
     def __call__(self, src: jax.Array, *, deterministic: bool) -> jax.Array:
         """src [batch, src] int -> [batch, src, embed]."""
         cfg = self.config
+        by_dot = layers.inference_row_sums_by_dot(deterministic)  # LayerNorm statistics
         _check_length("source", src.shape[1], cfg)
         x = _embed_tokens(
             self.shared_embedding, PositionEmbedding(cfg, name="positions"),
@@ -255,7 +260,8 @@ class Encoder(nn.Module):
         for i in range(cfg.num_encoder_layers):
             x = EncoderLayer(cfg, name=f"layer_{i}")(x, mask, deterministic=deterministic)
         if cfg.pre_layer_norm:
-            x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="final_norm")(x)
+            x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="final_norm",
+                                  row_sums_by_dot=by_dot)(x)
         return x  # [batch, src, embed]
 
 
@@ -278,6 +284,7 @@ class Decoder(nn.Module):
     ) -> jax.Array:
         """-> final hidden states [batch, tgt, embed] ([batch * beams, 1, embed] decoding)."""
         cfg = self.config
+        by_dot = layers.inference_row_sums_by_dot(deterministic)  # LayerNorm statistics
         length = tgt_in.shape[1]  # decoding: the cache-creating call passes the step bound
         _check_length("target", length, cfg)
         position_ids = jnp.arange(length)  # [tgt]
@@ -310,7 +317,8 @@ class Decoder(nn.Module):
                 x, encoded, self_mask, cross_mask, deterministic=deterministic, decode=decode,
                 beams=beams)
         if cfg.pre_layer_norm:
-            x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="final_norm")(x)
+            x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="final_norm",
+                                  row_sums_by_dot=by_dot)(x)
         return x  # [batch, tgt, embed]
 
     @staticmethod
