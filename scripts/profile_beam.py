@@ -48,7 +48,8 @@ GROUPS = (
     ("cross-attention core",
      lambda op: "cross_attention._attend" in op and "_output" not in op, True),
     ("decoder dense layers (q/k/v, out, feed-forward)",
-     lambda op: "/dot_general" in op and "layer_N" in op, True),
+     lambda op: "/dot_general" in op and "layer_N" in op and "/norm/" not in op, True),
+    # LayerNorm's statistics are matrix-vector products in inference calls: counted here
     ("LayerNorm, residuals, activation", lambda op: "layer_N" in op, True),
     ("output projection (logits)",
      lambda op: op.endswith("Transformer.decode/dot_general"), False),

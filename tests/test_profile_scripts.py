@@ -71,6 +71,9 @@ def test_group_of_names_the_decoder_ops():
     assert profile_beam.group_of(
         step + "self_attention/self_attention._self_attention_cache/dynamic_update_slice"
     ) == "self-attention cache write"
+    assert profile_beam.group_of(
+        step + "feed_forward_block.finish/norm/dot_general"
+    ).startswith("LayerNorm")
     assert profile_beam.group_of("while/body/Transformer.decode/dot_general") \
         == "output projection (logits)"
     assert profile_beam.group_of("while/body/top_k").startswith("beam bookkeeping")
