@@ -292,3 +292,23 @@ def test_config_from_hf_dict_keeps_compute_dtype_and_overrides():
         bert.BertConfig.from_hf_dict(TINY, hidden_dim=3)
     with pytest.raises(ValueError, match=r"missing required BERT field\(s\) \['vocab_size'\]"):
         bert.BertConfig.from_hf_dict({k: v for k, v in TINY.items() if k != "vocab_size"})
+
+
+def test_exact_gelu_matches_torch_and_jax():
+    """``layers.gelu_exact`` (the erf form BERT's "gelu" names) equals torch's exact GELU to
+    float32 rounding over the range a feed-forward layer sees, including large negative
+    inputs, and jax.nn.gelu's erfc form likewise; its gradient matches jax's."""
+    from distill_jax.models import layers
+
+    x = np.concatenate([np.linspace(-12, 12, 4001),
+                        [-30.0, -8.5, 0.0, 7.25, 30.0]]).astype(np.float32)
+    ours = np.asarray(layers.gelu_exact(jnp.asarray(x)))
+    theirs = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    # the erf form loses relative precision where GELU is tiny (x << 0), as torch's does
+    np.testing.assert_allclose(ours, theirs, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(ours, np.asarray(jax.nn.gelu(x, approximate=False)),
+                               rtol=2e-6, atol=1e-6)
+    assert layers.gelu_exact(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
+    grad = jax.vmap(jax.grad(layers.gelu_exact))(jnp.asarray(x))
+    want = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=2e-5, atol=2e-6)

@@ -564,5 +564,10 @@ class FeedForward(nn.Module):
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:
-    """GELU with the erf form, as BERT and transformers' ``"gelu"`` use."""
-    return jax.nn.gelu(x, approximate=False)
+    """GELU with the erf form, as BERT and transformers' ``"gelu"`` use:
+    ``x * (1 + erf(x / sqrt 2)) / 2``, written as torch computes it. ``jax.nn.gelu``'s exact
+    form goes through ``erfc``, which XLA's CPU backend expands into more work (MiniLM's
+    forward pass 1.02-1.03x faster this way in a scratch A/B; outputs within 5e-6)."""
+    x = jnp.asarray(x)
+    half = jnp.asarray(0.5, x.dtype)
+    return x * half * (1 + jax.lax.erf(x * jnp.asarray(np.sqrt(0.5), x.dtype)))
