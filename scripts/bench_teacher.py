@@ -27,6 +27,9 @@ compares the same computation.
 forward pass compiled with those XLA options (e.g.
 ``xla_cpu_experimental_ynn_fusion_type=`` for XLA's CPU dots without YNNPACK), so that a
 compiler setting is compared with the default in one process, against the same torch runs.
+``--mask-as-select`` adds the same third side for our forward traced with its attention
+mask applied as a select (``layers.INFERENCE_MASK_BY_BIAS = False``, the form before
+2026-12-02) instead of the additive bias of inference calls.
 
 Run: ``python scripts/bench_teacher.py [--lengths 64 128] [--json out.json]``.
 """
@@ -85,6 +88,9 @@ def main(argv=None):
                         help="transformers attention implementation (default: its own choice)")
     parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
                         help="also time our forward compiled with these XLA options")
+    parser.add_argument("--mask-as-select", action="store_true",
+                        help="also time our forward with the attention mask applied as a "
+                             "select instead of a bias (layers.INFERENCE_MASK_BY_BIAS = False)")
     parser.add_argument("--attention", default="einsum", choices=("einsum", "xla", "cudnn"),
                         help="our attention kernel (BertConfig.attention_impl)")
     benchlib.add_common_args(parser)
@@ -126,8 +132,25 @@ def main(argv=None):
 
     forward = jax.jit(apply)
     options = benchlib.parse_compiler_options(args.compiler_option)
+    if options and args.mask_as_select:
+        parser.error("--compiler-option and --mask-as-select both add the third side; "
+                     "give one of them")
     variant = jax.jit(apply, compiler_options=options) if options else None
     variant_label = benchlib.describe_options(options)
+    if args.mask_as_select:
+        from distill_jax.models import layers
+        variant_label = "attention mask as a select"
+
+        def select_variant(*jax_args):
+            """Our forward traced and compiled with INFERENCE_MASK_BY_BIAS off."""
+            def fresh(*a):  # a new function, so that jit does not reuse apply's trace
+                return apply(*a)
+
+            layers.INFERENCE_MASK_BY_BIAS = False
+            try:
+                return jax.jit(fresh).lower(*jax_args).compile()
+            finally:
+                layers.INFERENCE_MASK_BY_BIAS = True
 
     records = []
     for length in args.lengths:
@@ -143,7 +166,12 @@ def main(argv=None):
         jax_batch = {k: jax.device_put(v) for k, v in batch.items()}
         jax_args = (params, jax_batch["input_ids"], jax_batch["token_type_ids"],
                     jax_batch["attention_mask"])
-        xla_flops = benchlib.jax_compiled_flops(forward.lower(*jax_args).compile())
+        forward_compiled = forward.lower(*jax_args).compile()
+        xla_flops = benchlib.jax_compiled_flops(forward_compiled)
+        if args.mask_as_select:
+            variant = select_variant(*jax_args)
+            if variant.as_text() == forward_compiled.as_text():
+                raise SystemExit("--mask-as-select compiled the same program as the default")
         torch_batch = {k: torch.from_numpy(v.astype(np.int64)).to(device)
                        for k, v in batch.items()}
 
@@ -186,9 +214,10 @@ def main(argv=None):
         if variant is not None:
             variant_out = np.asarray(variant(*jax_args), np.float32)
             variant_rec = benchlib.make_record(
-                system=f"distill-jax, compiled with {variant_label}",
+                system=(f"distill-jax, compiled with {variant_label}" if options
+                        else f"distill-jax, {variant_label}"),
                 timing=list(timings.values())[2],
-                extra={"compiler_options": options,
+                extra={"compiler_options": options, "mask_as_select": args.mask_as_select,
                        "max_abs_diff": float(np.max(np.abs(variant_out - theirs_out)[real]))},
                 **common)
             # (not add_ratio: the torch record keeps the default side's ratio)

@@ -312,3 +312,55 @@ def test_inference_calls_on_cpu_take_layer_norm_statistics_by_products():
     infer = model.apply(params, src, tgt, deterministic=True)
     train = model.apply(params, src, tgt, deterministic=False, rngs={"dropout": jax.random.key(1)})
     np.testing.assert_allclose(np.asarray(infer), np.asarray(train), rtol=1e-5, atol=1e-5)
+
+
+def test_mask_by_bias_has_the_values_and_gradient_of_the_select():
+    """The additive mask of inference calls gives every masked logit the same value, so its
+    softmax equals the select form's (partly and fully masked rows), and its gradient
+    leaves masked logits out as the select's does."""
+    from distill_jax.models import layers
+
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 4, 6)) * 30.0
+    mask = np.ones((2, 1, 4, 6), bool)
+    mask[0, :, :, 4:] = False  # padding keys
+    mask[1, :, 1, :] = False  # a query row that sees nothing
+    mask = jnp.asarray(mask)
+    biased = layers.mask_by_bias(logits, mask)
+    np.testing.assert_array_equal(np.asarray(biased),
+                                  np.asarray(jnp.where(mask, logits, layers.MASK_BIAS)))
+
+    def softmax_of(masking):
+        return lambda x: jax.nn.softmax(masking(x), axis=-1)
+
+    by_bias = softmax_of(lambda x: layers.mask_by_bias(x, mask))
+    by_select = softmax_of(lambda x: jnp.where(mask, x, layers.MASK_VALUE))
+    np.testing.assert_allclose(by_bias(logits), by_select(logits), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(by_bias(logits)[1, :, 1], np.full((3, 6), 1 / 6), rtol=1e-6)
+    weights = jax.random.normal(jax.random.key(1), logits.shape)
+    grad_bias, grad_select = (jax.grad(lambda x: jnp.sum(f(x) * weights))(logits)
+                              for f in (by_bias, by_select))
+    np.testing.assert_allclose(grad_bias, grad_select, rtol=1e-5, atol=1e-7)
+    assert not np.asarray(grad_bias)[1, :, 1].any()  # the fully masked row: no gradient
+    assert not np.asarray(grad_bias)[0, :, :, 4:].any()
+
+
+def test_inference_attention_with_a_bias_mask_equals_the_select_form(monkeypatch):
+    """Inference calls (mask as a bias) and the select form of training calls give the
+    same attention outputs: padding keys, a causal mask, a fully masked query row."""
+    from distill_jax.models import layers
+
+    attention = layers.MultiHeadAttention(num_heads=2, head_dim=4)
+    x = jax.random.normal(jax.random.key(2), (3, 5, 8))
+    mask = np.tril(np.ones((5, 5), bool))[None, None].repeat(3, 0)
+    mask[0, :, :, 3:] = False  # padding keys
+    mask[2, :, 4, :] = False  # a query row that sees nothing
+    params = attention.init(jax.random.key(0), x, x, mask)
+
+    def call(by_bias):
+        monkeypatch.setattr(layers, "INFERENCE_MASK_BY_BIAS", by_bias)
+        fn = jax.jit(lambda p, x: attention.apply(p, x, x, mask, deterministic=True))
+        return np.asarray(fn(params, x)), str(jax.make_jaxpr(fn)(params, x))
+
+    (biased, biased_jaxpr), (selected, selected_jaxpr) = call(True), call(False)
+    assert "name=mask_by_bias" in biased_jaxpr and "name=mask_by_bias" not in selected_jaxpr
+    np.testing.assert_allclose(biased, selected, rtol=1e-6, atol=1e-6)

@@ -35,6 +35,35 @@ Initializer = Callable[..., jax.Array]
 # Attention logits of masked positions. Large but finite, so that a fully masked row
 # (padding queries) gives a uniform distribution instead of NaNs.
 MASK_VALUE = -1e9
+# The additive form of a mask in inference calls: logits + MASK_BIAS round to exactly
+# MASK_BIAS in float32 (any logit below ~1e22 in magnitude is lost in its spacing), so every
+# masked logit is the same number, as with MASK_VALUE: the same weights, fully masked rows
+# (uniform) included.
+MASK_BIAS = -1e30
+# Whether inference calls apply attention masks as biases (``mask_by_bias``); False gives
+# the select form of training calls (``scripts/bench_teacher.py --mask-as-select`` times it).
+INFERENCE_MASK_BY_BIAS = True
+
+
+@jax.custom_vjp
+def mask_by_bias(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """``logits`` where ``mask`` (bool, broadcastable) holds, MASK_BIAS elsewhere, as an
+    addition: ``logits + (0 | MASK_BIAS)``. The values equal the select form's with
+    MASK_BIAS for MASK_VALUE (see MASK_BIAS), and so does the gradient: masked logits get
+    none, where the addition alone would pass the cotangent through (it matters in a fully
+    masked row, whose softmax is uniform but not constant in its logits)."""
+    return logits + jnp.where(mask, 0.0, MASK_BIAS).astype(logits.dtype)
+
+
+def _mask_by_bias_fwd(logits, mask):
+    return mask_by_bias(logits, mask), mask
+
+
+def _mask_by_bias_bwd(mask, g):
+    return jnp.where(mask, g, jnp.zeros((), g.dtype)), None
+
+
+mask_by_bias.defvjp(_mask_by_bias_fwd, _mask_by_bias_bwd)
 
 
 def _exp_rows(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -453,7 +482,14 @@ class MultiHeadAttention(nn.Module):
         logits = jnp.einsum("bhqd,bhdk->bhqk" if key_transposed else "bhqd,bhkd->bhqk",
                             query_h, key_h,
                             preferred_element_type=jnp.float32)  # [batch, heads, g*q, kv_len]
-        if mask is not None:
+        if mask is not None and deterministic and INFERENCE_MASK_BY_BIAS:
+            # Inference: the mask as an additive bias (0 / MASK_BIAS), the same weights as
+            # the select below. XLA's CPU backend then fuses the scores product, the mask,
+            # the softmax and the weighted sum into one YNNPACK fusion, where the select
+            # kept the [batch, heads, q, kv] scores apart (MiniLM at 32 x 128: the attention
+            # core about 69 -> 44 ms per pass, the whole pass 4-5% faster; BENCHMARKS.md).
+            logits = mask_by_bias(logits, mask)
+        elif mask is not None:
             logits = jnp.where(mask, logits, MASK_VALUE)
         if deterministic:
             # inference (teacher forward, soft targets, decoding): the deferred-normalisation
