@@ -1,6 +1,6 @@
 """The ``distill-jax`` command.
 
-Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+Each subcommand lives in its own module under ``distill_jax/commands``, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported only when their subcommand runs, so
 ``distill-jax --help`` stays fast.
 """
@@ -13,21 +13,21 @@ import os
 import sys
 import traceback
 
-from distill_jax.errors import UserError  # noqa: F401  (re-exported for subcommands)
+from distill_jax.errors import UserError
 
 # (subcommand, module, one-line help)
 SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("prepare", "distill_jax.data.prepare",
+    ("prepare", "distill_jax.commands.prepare",
      "build a dataset (TFDS, array_record) and the student vocabulary"),
-    ("train-teacher", "distill_jax.teacher",
+    ("train-teacher", "distill_jax.commands.train_teacher",
      "fine-tune BERT as a conditional masked language model (C-MLM) over the student vocabulary"),
-    ("soft-targets", "distill_jax.soft_targets",
+    ("soft-targets", "distill_jax.commands.soft_targets",
      "write the fine-tuned teacher's top-K soft targets for a split into a memory-mapped cache"),
-    ("train-student", "distill_jax.student",
+    ("train-student", "distill_jax.commands.train_student",
      "train the Transformer student: distill.kd=none (baseline), offline or online"),
-    ("generate", "distill_jax.generate",
+    ("generate", "distill_jax.commands.generate",
      "translate / summarize text with a trained student (beam search, greedy, sampling)"),
-    ("evaluate", "distill_jax.evaluate",
+    ("evaluate", "distill_jax.commands.evaluate",
      "score generated text against references: sacreBLEU, ROUGE-1/2/L"),
 )
 

@@ -39,6 +39,11 @@ class DataConfig:
     max_tgt_len: int = 128  # longer training targets (</s> included) are dropped
     seed: int = 0  # shuffling and C-MLM masking seed
 
+    def example_limit(self, split: str) -> int:
+        """How many of a split's first pairs a run reads (0 = all): ``train_examples`` for
+        the training split, every pair of the others."""
+        return self.train_examples if split == self.train_split else 0
+
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:

@@ -1,5 +1,5 @@
-"""What the training subcommands share: the work directory, the config check on resume,
-metrics logging, the device mesh, and the resumable training loop.
+"""What training and decoding runs share: the work directory, the config check on resume,
+metrics logging, progress bars, and the resumable training loop.
 
 Only process 0 writes logs, metrics and progress bars; every process takes part in the
 jitted steps and in Orbax's (collective) checkpoint saves and restores.
@@ -7,7 +7,6 @@ jitted steps and in Orbax's (collective) checkpoint saves and restores.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -30,65 +29,8 @@ logger = logging.getLogger("distill_jax")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-# ----------------------------------------------------------------------------- arguments
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config, --workdir, --set and the multi-process flags of every training command."""
-    parser.add_argument("--config", required=True, help="experiment config file (configs/*.py)")
-    parser.add_argument("--workdir", required=True, help="directory of the experiment")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="FIELD=VALUE", help="override a config field, e.g. train.steps=100")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    group = parser.add_argument_group("multi-process (TPU pods, GPU clusters)")
-    group.add_argument("--coordinator", default=os.environ.get("DISTILL_JAX_COORDINATOR"),
-                       help="host:port of process 0 (env DISTILL_JAX_COORDINATOR)")
-    group.add_argument("--num-processes", type=int,
-                       default=_env_int("DISTILL_JAX_NUM_PROCESSES"),
-                       help="number of processes (env DISTILL_JAX_NUM_PROCESSES)")
-    group.add_argument("--process-id", type=int, default=_env_int("DISTILL_JAX_PROCESS_ID"),
-                       help="this process's id (env DISTILL_JAX_PROCESS_ID)")
-    group.add_argument("--distributed-auto", action="store_true",
-                       help="let jax.distributed.initialize() detect the cluster (TPU pods, SLURM)")
-
-
-def _env_int(name: str) -> Optional[int]:
-    value = os.environ.get(name)
-    return int(value) if value else None
-
-
-def initialize_processes(args: argparse.Namespace) -> None:
-    """Joins the processes of a multi-process run (no-op for a single process)."""
-    if getattr(args, "distributed_auto", False):
-        jax.distributed.initialize()
-        return
-    if args.coordinator or (args.num_processes or 1) > 1:
-        if args.coordinator is None or args.num_processes is None or args.process_id is None:
-            raise UserError("a multi-process run needs --coordinator, --num-processes and "
-                            "--process-id (or their DISTILL_JAX_* environment variables)")
-        jax.distributed.initialize(coordinator_address=args.coordinator,
-                                   num_processes=args.num_processes, process_id=args.process_id)
-
-
 def is_chief() -> bool:
     return jax.process_index() == 0
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def load_experiment(args: argparse.Namespace) -> ExperimentConfig:
-    """The config file with the command-line overrides applied."""
-    config = configlib.load_config_file(args.config)
-    if not isinstance(config, ExperimentConfig):
-        raise UserError(f"{args.config}: get_config() must return an ExperimentConfig, "
-                        f"got {type(config).__name__}")
-    config = configlib.override(config, args.overrides)
-    try:
-        config.check()
-    except ValueError as err:
-        raise UserError(f"{args.config}: {err}") from None
-    return config
 
 
 def check_or_save_config(config: Any, path: Path, *, what: str) -> None:

@@ -1,15 +1,9 @@
-"""``distill-jax train-student``: the Transformer student with ``--set distill.kd=none``
-(baseline), ``offline`` (soft-target cache) or ``online`` (teacher inside the step).
-
-Validation reports loss / accuracy, BLEU and ROUGE on the validation split; the best
-checkpoint by ``train.select_metric`` (BLEU unless configured) is kept. At the end the best (or averaged) parameters
-translate the validation and test splits into ``WORKDIR/students/NAME/SPLIT.hyp.txt`` and
-their scores go to ``results.json``.
-"""
+"""The Transformer student of an experiment: building it, its optimizer and batches
+(with soft targets from the cache attached), its checkpoints, scoring it on a split, and
+loading a trained one (``WORKDIR/students/NAME``)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -25,7 +19,7 @@ from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
 from distill_jax.data.prepared import PreparedDataset, open_prepared
 from distill_jax.data.vocab import Vocabulary
 from distill_jax.errors import UserError
-from distill_jax.experiment import SELECT_METRICS, ExperimentConfig
+from distill_jax.experiment import ExperimentConfig
 from distill_jax.models.transformer import Transformer
 
 DEFAULT_NAMES = {"none": "baseline", "offline": "distilled", "online": "distilled-online"}
@@ -53,12 +47,6 @@ def make_optimizer(config: ExperimentConfig):
         grad_clip_norm=config.train.grad_clip_norm))
 
 
-def split_records(config: ExperimentConfig, dataset: PreparedDataset, split: str):
-    """(records, lengths) of a split; the training split honours ``data.train_examples``."""
-    limit = config.data.train_examples if split == config.data.train_split else 0
-    return dataset.records(split, limit)
-
-
 def student_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: str,
                      shards: int, *, training: bool) -> BatchPipeline:
     # Training drops pairs over the data limits; evaluation keeps every pair and truncates
@@ -72,7 +60,8 @@ def student_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: 
         max_src_len=config.data.max_src_len if training else max_len,
         max_tgt_len=config.data.max_tgt_len if training else max_len,
         truncate=not training, max_padded_len=max_len)
-    return BatchPipeline(*split_records(config, dataset, split), pipeline_config)
+    return BatchPipeline(*dataset.records(split, config.data.example_limit(split)),
+                         pipeline_config)
 
 
 def attach_soft_targets(batch: dict, cache, top_k: int) -> dict:
@@ -126,25 +115,15 @@ def score_split(model, params, vocab, dataset, split, decode_config, mesh, *, li
     """BLEU (case-insensitive: the uncased teacher's pieces lowercase the output) and
     ROUGE-1/2/L F-measures of the student's outputs for ``split`` (translation reports BLEU,
     summarisation ROUGE; both are cheap); returns (scores, hypotheses)."""
-    from distill_jax import evaluate, generate
+    from distill_jax import metrics, translate
 
     sources, references = reference_texts(dataset, split, limit)
-    outputs = generate.translate_ids(model, params, sources, decode_config, mesh,
+    outputs = translate.translate_ids(model, params, sources, decode_config, mesh,
                                      progress=progress)
     hypotheses = [vocab.decode(ids.tolist()) for ids in outputs]
-    scores = evaluate.bleu(hypotheses, references, lowercase=True)
+    scores = metrics.bleu(hypotheses, references, lowercase=True)
     return ({"bleu": scores["bleu"], "bleu_signature": scores["signature"],
-             **evaluate.rouge(hypotheses, references)}, hypotheses)
-
-
-# ----------------------------------------------------------------------------- the command
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    runner.add_common_arguments(parser)
-    parser.add_argument("--name", default=None,
-                        help="run name under WORKDIR/students (default: baseline / distilled / "
-                             "distilled-online from distill.kd)")
+             **metrics.rouge(hypotheses, references)}, hypotheses)
 
 
 def checkpointer(directory: Path, config: ExperimentConfig):
@@ -155,133 +134,6 @@ def checkpointer(directory: Path, config: ExperimentConfig):
         str(directory), save_every=config.train.save_every,
         keep_last=max(config.train.keep_last, config.train.average_last),
         best_metric=config.train.select_metric, best_mode="max"))
-
-
-def run(args: argparse.Namespace) -> int:
-    from distill_jax import sharding, train
-    from distill_jax.soft_target_cache import CacheError, open_cache
-
-    runner.initialize_processes(args)
-    config = runner.load_experiment(args)
-    workdir = Path(args.workdir)
-    name = args.name or default_name(config)
-    out = workdir / "students" / name
-    runner.check_or_save_config(config, out / "config.json", what="train-student")
-    dataset = open_prepared(runner.prepared_dir(config, workdir))
-    vocab = dataset.vocab
-    dtype = runner.compute_dtype(config)
-    mesh = sharding.make_mesh(config.mesh)
-    rng = jax.random.PRNGKey(config.train.seed)
-    model = build_model(config, vocab, dtype)
-    optimizer = make_optimizer(config)
-    init_params = abstract_init(model, jax.random.fold_in(rng, 1))
-    state, shardings = sharding.create_sharded_state(
-        lambda: train.TrainState.create(init_params(), optimizer), mesh)
-
-    kd = config.distill.kd
-    keys = ["src", "tgt_in", "tgt_out"]
-    teacher_fn, cache, frozen, frozen_shardings = None, None, None, None
-    if kd == "offline":
-        try:
-            cache = open_cache(str(workdir / "soft_targets" / config.data.train_split),
-                               cache_identity(config, dataset, config.data.train_split,
-                                              config.distill.top_k),
-                               num_examples=len(split_records(config, dataset,
-                                                              config.data.train_split)[0]))
-        except CacheError as err:
-            raise UserError(f"{err} (run `distill-jax soft-targets` first)") from None
-        keys += ["kd_logits", "kd_indices"]
-    elif kd == "online":
-        from distill_jax import teacher as teacher_lib
-        teacher, frozen, frozen_shardings = teacher_lib.load_finetuned(
-            config, workdir, vocab, mesh, dtype)
-
-        def online_teacher(batch, teacher_params):
-            return teacher_lib.stride_topk(teacher, teacher_params, batch["src"], batch["tgt_out"],
-                                           stride=config.teacher.stride,
-                                           top_k=config.distill.top_k)
-        teacher_fn = online_teacher
-
-    settings = train.StudentLossConfig(
-        alpha=config.distill.alpha if kd != "none" else 0.0,
-        label_smoothing=config.train.label_smoothing, kd_mode=config.distill.kd_mode,
-        temperature=config.distill.temperature)
-    loss_fn = train.student_loss_fn(model, settings, teacher_fn)
-    batch_shardings = {k: sharding.batch_sharding(mesh) for k in keys}
-    train_step = train.make_train_step(
-        loss_fn, optimizer, mesh, shardings, batch_shardings,
-        accum_steps=config.train.accum_steps, compute_dtype=dtype,
-        frozen_shardings=frozen_shardings)
-    eval_keys = ["src", "tgt_in", "tgt_out"]
-    eval_loss = train.student_loss_fn(model, dataclasses.replace(settings, alpha=0.0))
-    eval_step = train.make_eval_step(eval_loss, mesh, shardings.params,
-                                     {k: sharding.batch_sharding(mesh) for k in eval_keys},
-                                     compute_dtype=dtype)
-
-    shards = runner.data_shards(mesh)
-    pipeline = student_pipeline(config, dataset, config.data.train_split, shards, training=True)
-    valid = student_pipeline(config, dataset, config.data.valid_split, shards, training=False)
-    batches = iter(pipeline)
-
-    def to_device(batch):
-        if cache is not None:
-            batch = attach_soft_targets(batch, cache, config.distill.top_k)
-        return sharding.shard_batch({k: batch[k] for k in keys}, mesh)
-
-    manager = checkpointer(out / "checkpoints", config)
-    log = runner.MetricsLog(out)
-    state = runner.resume(manager, state, shardings, batches, log)
-    if int(jax.device_get(state.step)) >= config.train.steps and (out / "results.json").exists():
-        if runner.is_chief():  # a finished run: nothing to redo (delete results.json to rescore)
-            print(f"[{name}] already finished: {out / 'results.json'}", flush=True)
-        manager.close()
-        return 0
-
-    def evaluate(state, step):
-        total = runner.evaluate_split(
-            eval_step, state.params, valid,
-            lambda batch: sharding.shard_batch({k: batch[k] for k in eval_keys}, mesh))
-        scores, _ = score_split(model, state.params, vocab, dataset, config.data.valid_split,
-                                config.decode, mesh, limit=config.train.bleu_sentences)
-        return {"loss": total["loss"][0] / total["loss"][1],
-                "nll": total["nll"][0] / total["nll"][1],
-                "accuracy": total["accuracy"][0] / total["accuracy"][1],
-                **{metric: scores[metric] for metric in SELECT_METRICS}}
-
-    step_fn = train_step if frozen is None else (
-        lambda state, batch, rng: train_step(state, batch, rng, frozen))
-    state = runner.train_loop(
-        state=state, train_step=step_fn, batches=batches, to_device=to_device,
-        total_steps=config.train.steps, rng=jax.random.fold_in(rng, 2), checkpoints=manager,
-        data_state=batches.get_state, log=log, evaluate=evaluate,
-        eval_every=config.train.eval_every, save_every=config.train.save_every,
-        desc=f"student {name}", no_progress=args.no_progress)
-    if int(jax.device_get(state.step)) < config.train.steps:  # preempted; rerun resumes
-        manager.close()
-        return 0
-
-    final_params, which = final_parameters(config, manager, state, shardings)
-    results = {"name": name, "experiment": config.name, "kd": kd, "steps": config.train.steps,
-               "seed": config.train.seed, "checkpoint": which,
-               "teacher": None if kd == "none" else {
-                   "checkpoint": config.teacher.checkpoint, "init": config.teacher.init,
-                   "steps": config.teacher.steps, "top_k": config.distill.top_k,
-                   "alpha": config.distill.alpha},
-               "splits": {}}
-    for split in (config.data.valid_split, *config.data.test_splits):
-        scores, hypotheses = score_split(model, final_params, vocab, dataset, split,
-                                         config.decode, mesh, progress=not args.no_progress)
-        results["splits"][split] = scores
-        if runner.is_chief():
-            (out / f"{split}.hyp.txt").write_text("".join(h + "\n" for h in hypotheses))
-            print(f"[{name}] {split}: BLEU {scores['bleu']:.2f}, ROUGE-1/2/L "
-                  f"{scores['rouge1']:.2f}/{scores['rouge2']:.2f}/{scores['rougeL']:.2f} "
-                  f"({which})", flush=True)
-    if runner.is_chief():
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(out / "results.json")
-    return 0
 
 
 def final_parameters(config: ExperimentConfig, manager, state, shardings) -> tuple[Any, str]:

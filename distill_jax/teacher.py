@@ -1,11 +1,10 @@
-"""The C-MLM teacher: building it from a BERT checkpoint, fine-tuning it
-(``distill-jax train-teacher``), and computing its top-K soft targets with stride
+"""The C-MLM teacher: building it from a BERT checkpoint, its batches, optimizer and
+checkpoints for fine-tuning (``distill-jax train-teacher``), and computing its top-K soft targets with stride
 masking (used by ``soft-targets`` and by online distillation).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any, Optional
@@ -14,10 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax import runner
 from distill_jax.data.cmlm import build_cmlm_inputs
 from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
-from distill_jax.data.prepared import PreparedDataset, open_prepared
+from distill_jax.data.prepared import PreparedDataset
 from distill_jax.data.vocab import TeacherTokenizer, Vocabulary
 from distill_jax.errors import UserError
 from distill_jax.experiment import ExperimentConfig
@@ -133,11 +131,7 @@ def stride_topk(teacher: Teacher, params: Any, src: jax.Array, tgt_out: jax.Arra
             jnp.where(real, ids[:, :tgt_len], 0))
 
 
-# ----------------------------------------------------------------------------- train-teacher
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    runner.add_common_arguments(parser)
+# ----------------------------------------------------------------------------- training
 
 
 def teacher_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: str,
@@ -150,8 +144,8 @@ def teacher_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: 
         max_src_len=config.data.max_src_len if training else None,
         max_tgt_len=config.data.max_tgt_len if training else None,
         mlm_mask_rate=config.teacher.mask_rate)
-    from distill_jax.student import split_records
-    return BatchPipeline(*split_records(config, dataset, split), pipeline_config)
+    return BatchPipeline(*dataset.records(split, config.data.example_limit(split)),
+                         pipeline_config)
 
 
 def teacher_optimizer(config: ExperimentConfig):
@@ -169,62 +163,6 @@ def checkpointer(directory: Path, config: ExperimentConfig):
     return checkpoint.Checkpointer(checkpoint.CheckpointConfig(
         str(directory), save_every=config.teacher.save_every, keep_last=2,
         best_metric="loss", best_mode="min"))
-
-
-def run(args: argparse.Namespace) -> int:
-    from distill_jax import sharding, train
-
-    runner.initialize_processes(args)
-    config = runner.load_experiment(args)
-    workdir = Path(args.workdir)
-    out = workdir / "teacher"
-    runner.check_or_save_config(config.teacher, out / "config.json", what="train-teacher")
-    dataset = open_prepared(runner.prepared_dir(config, workdir))
-    dtype = runner.compute_dtype(config)
-    mesh = sharding.make_mesh(config.mesh)
-    rng = jax.random.PRNGKey(config.train.seed)
-    teacher = build_teacher(config, dataset.vocab, dtype, jax.random.fold_in(rng, 1))
-
-    optimizer = teacher_optimizer(config)
-    init_params = abstract_init(teacher, jax.random.fold_in(rng, 2))
-    state, shardings = sharding.create_sharded_state(
-        lambda: train.TrainState.create(init_params(), optimizer), mesh)
-    if teacher.pretrained_params is not None:
-        state = state.replace(params=sharding.place_tree(teacher.pretrained_params,
-                                                         shardings.params))
-
-    keys = ("src", "tgt_out", "mlm_mask")
-    batch_shardings = {k: sharding.batch_sharding(mesh) for k in keys}
-    loss_fn = train.cmlm_loss_fn(teacher.model, teacher.teacher_ids, cls_id=teacher.cls_id,
-                                 mask_id=teacher.mask_id)
-    train_step = train.make_train_step(loss_fn, optimizer, mesh, shardings, batch_shardings,
-                                       accum_steps=config.train.accum_steps, compute_dtype=dtype)
-    eval_step = train.make_eval_step(loss_fn, mesh, shardings.params, batch_shardings,
-                                     compute_dtype=dtype)
-
-    shards = runner.data_shards(mesh)
-    pipeline = teacher_pipeline(config, dataset, config.data.train_split, shards, training=True)
-    valid = teacher_pipeline(config, dataset, config.data.valid_split, shards, training=False)
-    batches = iter(pipeline)
-    to_device = lambda batch: sharding.shard_batch({k: batch[k] for k in keys}, mesh)  # noqa: E731
-
-    manager = checkpointer(out / "checkpoints", config)
-    log = runner.MetricsLog(out)
-    state = runner.resume(manager, state, shardings, batches, log)
-
-    def evaluate(state, step):
-        total = runner.evaluate_split(eval_step, state.params, valid, to_device)
-        return {"loss": total["loss"][0] / total["loss"][1],
-                "masked_accuracy": total["accuracy"][0] / total["accuracy"][1]}
-
-    runner.train_loop(
-        state=state, train_step=train_step, batches=batches, to_device=to_device,
-        total_steps=config.teacher.steps, rng=jax.random.fold_in(rng, 3), checkpoints=manager,
-        data_state=batches.get_state, log=log, evaluate=evaluate,
-        eval_every=config.teacher.eval_every, save_every=config.teacher.save_every,
-        desc="teacher", no_progress=args.no_progress)
-    manager.close()
-    return 0
 
 
 def load_finetuned(config: ExperimentConfig, workdir: Path, vocab: Vocabulary, mesh,

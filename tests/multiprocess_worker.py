@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from distill_jax import checkpoint, optim, runner, sharding, train
+from distill_jax import checkpoint, optim, sharding, train
+from distill_jax.commands import common
 from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
 from distill_jax.models.transformer import Transformer, TransformerConfig
 
@@ -208,7 +209,7 @@ def _env_int(name: str):
 def initialize() -> None:
     """Joins the job the launcher started (no-op when run as a single process), through
     the same function as the ``distill-jax`` training commands."""
-    runner.initialize_processes(argparse.Namespace(
+    common.initialize_processes(argparse.Namespace(
         coordinator=os.environ.get("DISTILL_JAX_COORDINATOR"),
         num_processes=_env_int("DISTILL_JAX_NUM_PROCESSES"),
         process_id=_env_int("DISTILL_JAX_PROCESS_ID"),

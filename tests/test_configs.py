@@ -32,11 +32,11 @@ def test_training_lengths_must_fit_the_student(tmp_path):
     overrides are in (so both can be raised together, in either order), naming the fields."""
     import argparse
 
-    from distill_jax import runner
+    from distill_jax.commands import common
     from distill_jax.errors import UserError
 
     def load(*overrides):
-        return runner.load_experiment(argparse.Namespace(config="configs/tiny.py",
+        return common.load_experiment(argparse.Namespace(config="configs/tiny.py",
                                                          overrides=list(overrides)))
 
     with pytest.raises(UserError, match="data.max_tgt_len 65 is longer than student.max_len 64"):
@@ -50,12 +50,12 @@ def test_training_lengths_must_fit_the_student(tmp_path):
 def test_decoding_phases_must_be_positive():
     import argparse
 
-    from distill_jax import runner
+    from distill_jax.commands import common
     from distill_jax.errors import UserError
 
-    config = runner.load_experiment(argparse.Namespace(
+    config = common.load_experiment(argparse.Namespace(
         config="configs/tiny.py", overrides=["decode.cache_phases=1"]))
     assert config.decode.cache_phases == 1
     with pytest.raises(UserError, match="decode.cache_phases must be >= 1, got 0"):
-        runner.load_experiment(argparse.Namespace(
+        common.load_experiment(argparse.Namespace(
             config="configs/tiny.py", overrides=["decode.cache_phases=0"]))

@@ -301,7 +301,7 @@ def test_log_softmax_equals_jax_log_softmax():
 def test_sources_longer_than_max_len_are_truncated_for_generation(model_and_params, capsys):
     """translate_ids cuts a source past the model's max_len (8 here) to 7 ids + EOS, pads
     batches to at most max_len (not to the next bucket_step multiple), and says so."""
-    from distill_jax import generate
+    from distill_jax import translate
     from distill_jax.experiment import DecodeConfig
     from distill_jax.sharding import MeshConfig, make_mesh
 
@@ -310,17 +310,17 @@ def test_sources_longer_than_max_len_are_truncated_for_generation(model_and_para
     cut = np.append(long_source[:7], EOS).astype(np.int32)
     config = DecodeConfig(beam_size=2, max_len_a=0.0, max_len_b=4)
     mesh = make_mesh(MeshConfig())
-    got = generate.translate_ids(model, params, [long_source, SOURCES[1][:2]], config, mesh)
-    want = generate.translate_ids(model, params, [cut, SOURCES[1][:2]], config, mesh)
+    got = translate.translate_ids(model, params, [long_source, SOURCES[1][:2]], config, mesh)
+    want = translate.translate_ids(model, params, [cut, SOURCES[1][:2]], config, mesh)
     assert "1 of 2 sources are longer than the model's max_len 8" in capsys.readouterr().err
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
     # Batches of 7-id sources with bucket_step 4 pad to 7 under max_len=7, not to 8.
     config = DecodeConfig(bucket_step=4)
-    (_, src), = generate.decode_batches([cut[1:]] * 3, config, shards=1, max_len=7)
+    (_, src), = translate.decode_batches([cut[1:]] * 3, config, shards=1, max_len=7)
     assert src.shape[1] == 7
     with pytest.raises(ValueError, match="longer than max_len 7"):
-        generate.decode_batches([cut], config, shards=1, max_len=7)
+        translate.decode_batches([cut], config, shards=1, max_len=7)
 
 
 def test_phase_ends():

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from distill_jax import evaluate
+from distill_jax import metrics
 
 
 def _ngrams(tokens, n):
@@ -33,17 +33,17 @@ def test_bleu_matches_textbook_formula():
     # Already tokenized the way 13a would (spaces around punctuation), so tokenization is neutral.
     hyps = ["a man is riding a red bike down the street .", "two dogs play in the green grass"]
     refs = ["a man rides a red bike down the street .", "two dogs are playing in the grass"]
-    got = evaluate.bleu(hyps, refs)
+    got = metrics.bleu(hyps, refs)
     assert got["bleu"] == pytest.approx(_reference_bleu(hyps, refs), abs=1e-6)
     assert "tok:13a" in got["signature"] and "case:mixed" in got["signature"]
-    assert evaluate.bleu(refs, refs)["bleu"] == pytest.approx(100.0)
+    assert metrics.bleu(refs, refs)["bleu"] == pytest.approx(100.0)
 
 
 def test_bleu_lowercase_option():
     hyps, refs = ["A Man Runs ."], ["a man runs ."]
-    assert evaluate.bleu(hyps, refs, lowercase=True)["bleu"] == pytest.approx(100.0)
-    assert evaluate.bleu(hyps, refs)["bleu"] < 100.0
-    assert "case:lc" in evaluate.bleu(hyps, refs, lowercase=True)["signature"]
+    assert metrics.bleu(hyps, refs, lowercase=True)["bleu"] == pytest.approx(100.0)
+    assert metrics.bleu(hyps, refs)["bleu"] < 100.0
+    assert "case:lc" in metrics.bleu(hyps, refs, lowercase=True)["signature"]
 
 
 def test_rouge_unigram_f_measure():
@@ -51,14 +51,14 @@ def test_rouge_unigram_f_measure():
     hyp, ref = "police arrest man in city", "police arrest two man in old city"
     overlap = 5
     precision, recall = overlap / 5, overlap / 7
-    scores = evaluate.rouge([hyp], [ref])
+    scores = metrics.rouge([hyp], [ref])
     assert scores["rouge1"] == pytest.approx(100 * 2 * precision * recall / (precision + recall))
-    assert evaluate.rouge([ref], [ref])["rougeL"] == pytest.approx(100.0)
+    assert metrics.rouge([ref], [ref])["rougeL"] == pytest.approx(100.0)
 
 
 def test_mismatched_lengths_raise():
     with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
-        evaluate.bleu(["a", "b"], ["a"])
+        metrics.bleu(["a", "b"], ["a"])
 
 
 def _cli(*args):

@@ -22,14 +22,11 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from distill_jax.errors import UserError
 from distill_jax.data.vocab import EOS, TeacherTokenizer, Vocabulary
 
 BUILDER_NAME = "distill_parallel"
 
-
-def _error(message: str) -> Exception:
-    from distill_jax.cli import UserError
-    return UserError(message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,7 +47,7 @@ class CorpusSpec:
     def files(self, direction: str) -> dict[str, tuple[str, str]]:
         """split -> (source file, target file) for ``direction``."""
         if direction not in self.directions:
-            raise _error(f"corpus {self.name!r} has no direction {direction!r}; "
+            raise UserError(f"corpus {self.name!r} has no direction {direction!r}; "
                          f"choose one of {sorted(self.directions)}")
         return self.directions[direction]
 
@@ -126,7 +123,7 @@ UPSTREAM: dict[str, UpstreamSpec] = {
 def local_corpus(split_files: dict[str, tuple[str, str]], train_split: str = "train") -> CorpusSpec:
     """A ``CorpusSpec`` for user files: split -> (source file, target file), one direction."""
     if train_split not in split_files:
-        raise _error(f"the local corpus has no {train_split!r} split to build the vocabulary "
+        raise UserError(f"the local corpus has no {train_split!r} split to build the vocabulary "
                      f"from (splits: {sorted(split_files)})")
     return CorpusSpec(name="local", directions={"src-tgt": dict(split_files)},
                       train_split=train_split, description="Local line-aligned corpus.")
@@ -153,7 +150,7 @@ def read_sha256sums(path: Path) -> dict[str, str]:
             continue
         parts = line.split(maxsplit=1)
         if len(parts) != 2 or len(parts[0]) != 64:
-            raise _error(f"{path}, line {number}: not a 'HASH  FILE' line: {line!r}")
+            raise UserError(f"{path}, line {number}: not a 'HASH  FILE' line: {line!r}")
         sums[parts[1].strip().lstrip("*")] = parts[0].lower()
     return sums
 
@@ -168,15 +165,15 @@ def verify_local_files(data_dir: Path, names: list[str], known: dict[str, str]) 
     for name in names:
         path = data_dir / name
         if not path.is_file():
-            raise _error(f"{path}: no such file (needed by the corpus)")
+            raise UserError(f"{path}: no such file (needed by the corpus)")
         if name not in expected:
             if known:
-                raise _error(f"{sums_path} has no checksum for {name}")
+                raise UserError(f"{sums_path} has no checksum for {name}")
             continue
         actual = sha256_file(path)
         if actual != expected[name]:
             source = sums_path if sums_path.is_file() else "the checksums known for this corpus"
-            raise _error(f"{path}: SHA-256 {actual} differs from {expected[name]} in {source}")
+            raise UserError(f"{path}: SHA-256 {actual} differs from {expected[name]} in {source}")
 
 
 def read_lines(path: Path) -> list[str]:
@@ -190,7 +187,7 @@ def read_lines(path: Path) -> list[str]:
         try:
             out.append(raw.decode("utf-8").rstrip("\r"))
         except UnicodeDecodeError as err:
-            raise _error(f"{path}, line {number}: invalid UTF-8 ({err.reason} at byte "
+            raise UserError(f"{path}, line {number}: invalid UTF-8 ({err.reason} at byte "
                          f"{err.start})") from None
     return out
 
@@ -199,7 +196,7 @@ def read_pair(src_path: Path, tgt_path: Path) -> tuple[list[str], list[str]]:
     """Source and target lines of one split; they must have the same number of lines."""
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
-        raise _error(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; "
+        raise UserError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; "
                      f"the files of a split must be line-aligned")
     return src, tgt
 
@@ -210,7 +207,7 @@ def _find_downloaded(root: Path, name: str) -> Path:
         return root
     found = sorted(root.rglob(name))
     if not found:
-        raise _error(f"the download {root} contains no {name}")
+        raise UserError(f"the download {root} contains no {name}")
     return found[0]
 
 
@@ -226,18 +223,18 @@ def fetch_corpus_files(spec: CorpusSpec, direction: str, data_dir: Path | None,
     if data_dir is not None:
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
-            raise _error(f"--data-dir {data_dir}: no such directory")
+            raise UserError(f"--data-dir {data_dir}: no such directory")
         verify_local_files(data_dir, names, spec.sha256)
         return {split: (data_dir / s, data_dir / t) for split, (s, t) in files.items()}
     missing = [n for n in names if n not in spec.urls]
     if missing:
-        raise _error(f"corpus {spec.name!r} has no download URL for {missing}; pass --data-dir")
+        raise UserError(f"corpus {spec.name!r} has no download URL for {missing}; pass --data-dir")
     urls = sorted({spec.urls[n] for n in names})
     extracted = dict(zip(urls, dl_manager.download_and_extract(urls)))
     paths = {n: _find_downloaded(Path(extracted[spec.urls[n]]), n) for n in names}
     for name, path in paths.items():
         if name in spec.sha256 and sha256_file(path) != spec.sha256[name]:
-            raise _error(f"downloaded {name} ({spec.urls[name]}): SHA-256 {sha256_file(path)} "
+            raise UserError(f"downloaded {name} ({spec.urls[name]}): SHA-256 {sha256_file(path)} "
                          f"differs from the known {spec.sha256[name]}")
     return {split: (paths[s], paths[t]) for split, (s, t) in files.items()}
 
@@ -248,11 +245,11 @@ def read_upstream(spec: UpstreamSpec, direction: str, data_dir: Path | None
     try:
         import tensorflow  # noqa: F401  (the upstream builders read and write TFRecord)
     except ImportError:
-        raise _error(f"dataset {spec.name!r} is built by TFDS's own builder, which needs "
+        raise UserError(f"dataset {spec.name!r} is built by TFDS's own builder, which needs "
                      f"TensorFlow; install it (pip install 'distill-jax[tf]') or use one of the "
                      f"TensorFlow-free corpora {sorted(CORPORA)}") from None
     if direction not in spec.directions:
-        raise _error(f"dataset {spec.name!r} has no direction {direction!r}; choose one of "
+        raise UserError(f"dataset {spec.name!r} has no direction {direction!r}; choose one of "
                      f"{sorted(spec.directions)}")
     src_key, tgt_key = spec.directions[direction]
     builder = tfds.builder(spec.name, data_dir=None if data_dir is None else str(data_dir))
@@ -338,7 +335,7 @@ def encode_corpus(texts: dict[str, tuple[list[str], list[str]]], train_split: st
               for split, (s, t) in texts.items()}
     if vocab is None:
         if train_split not in pieces:
-            raise _error(f"no {train_split!r} split to build the vocabulary from")
+            raise UserError(f"no {train_split!r} split to build the vocabulary from")
         train_src, train_tgt = pieces[train_split]
         vocab = Vocabulary.build(train_src + train_tgt, tokenizer, min_count=min_count,
                                  size_multiple=size_multiple)
@@ -410,7 +407,7 @@ class DistillParallel(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         if self._encoded is None:
-            raise _error("DistillParallel needs the encoded corpus (encoded=...); build it with "
+            raise UserError("DistillParallel needs the encoded corpus (encoded=...); build it with "
                          "`distill-jax prepare`")
         return {split: self._generate_examples(enc) for split, enc in self._encoded.items()}
 

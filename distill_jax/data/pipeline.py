@@ -15,13 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distill_jax.errors import UserError
 from distill_jax.data.cmlm import random_target_mask
 from distill_jax.data.vocab import BOS, EOS
 
-
-def _error(message: str) -> Exception:
-    from distill_jax.cli import UserError
-    return UserError(message)
 
 
 @dataclass(frozen=True)
@@ -205,16 +202,16 @@ class BatchPipeline:
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         if len(lengths) != len(source):
-            raise _error(f"{len(lengths)} lengths for {len(source)} records")
+            raise UserError(f"{len(lengths)} lengths for {len(source)} records")
         if config.batch_multiple % self.process_count:
-            raise _error(f"batch_multiple {config.batch_multiple} is not a multiple of the "
+            raise UserError(f"batch_multiple {config.batch_multiple} is not a multiple of the "
                          f"process count {self.process_count}")
         if not 0 <= self.process_index < self.process_count:
-            raise _error(f"process_index {self.process_index} not in [0, {self.process_count})")
+            raise UserError(f"process_index {self.process_index} not in [0, {self.process_count})")
         self.lengths = np.asarray(lengths, np.int64).reshape(-1, 2)   # [N, 2]
         self.records, self.effective_lengths, self.counts = select_records(self.lengths, config)
         if not len(self.records):
-            raise _error(f"no records left after the length limits ({self.counts})")
+            raise UserError(f"no records left after the length limits ({self.counts})")
         self._plan_cache: tuple[int, EpochPlan] | None = None
         self.batches_per_epoch = len(self.plan(0).batches)
 
@@ -303,7 +300,7 @@ class BatchIterator:
         p = self._pipeline
         for key, ours in (("batches_per_epoch", p.batches_per_epoch), ("seed", p.config.seed)):
             if state.get(key) != ours:
-                raise _error(f"cannot restore the data iterator: saved {key} {state.get(key)} "
+                raise UserError(f"cannot restore the data iterator: saved {key} {state.get(key)} "
                              f"differs from this pipeline's {ours} (different data or config)")
         self._start(int(state["epoch"]) * p.batches_per_epoch + int(state["position"]))
 

@@ -17,14 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from distill_jax.errors import UserError
 from distill_jax.data.vocab import Vocabulary
 
 DATASET_FORMAT = "distill-jax-dataset/1"
 
-
-def _error(message: str) -> Exception:
-    from distill_jax.cli import UserError
-    return UserError(message)
 
 
 @dataclass
@@ -61,7 +58,7 @@ class PreparedDataset:
 
     def _check_split(self, split: str) -> None:
         if split not in self.meta["splits"]:
-            raise _error(f"{self.path} has no split {split!r} (splits: {self.splits})")
+            raise UserError(f"{self.path} has no split {split!r} (splits: {self.splits})")
 
 
 class RecordView:
@@ -95,18 +92,18 @@ def open_prepared(path: str | os.PathLike, vocab: Vocabulary | str | os.PathLike
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise _error(f"{path} is not a prepared dataset (no dataset.json); "
+        raise UserError(f"{path} is not a prepared dataset (no dataset.json); "
                      f"run `distill-jax prepare`") from None
     if meta.get("format") != DATASET_FORMAT:
-        raise _error(f"{meta_path}: format {meta.get('format')!r}, expected {DATASET_FORMAT!r}")
+        raise UserError(f"{meta_path}: format {meta.get('format')!r}, expected {DATASET_FORMAT!r}")
     stored = Vocabulary.load(path / "vocab.json")
     if stored.sha256 != meta["vocab"]["sha256"]:
-        raise _error(f"{path}/vocab.json ({stored.name}) is not the vocabulary the dataset was "
+        raise UserError(f"{path}/vocab.json ({stored.name}) is not the vocabulary the dataset was "
                      f"encoded with ({meta['vocab']['name']})")
     if vocab is not None:
         wanted = vocab if isinstance(vocab, Vocabulary) else Vocabulary.load(vocab)
         if wanted.sha256 != stored.sha256:
-            raise _error(f"dataset {path} was prepared with vocabulary {stored.name}, but this "
+            raise UserError(f"dataset {path} was prepared with vocabulary {stored.name}, but this "
                          f"run uses vocabulary {wanted.name}; prepare the data again with "
                          f"--vocab, or use the dataset's vocab.json")
         stored.tokenizer = wanted.tokenizer

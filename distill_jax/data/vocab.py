@@ -20,6 +20,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from distill_jax.errors import UserError
+
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 FILLER = "<fill_{}>"
@@ -27,11 +29,6 @@ VOCAB_FORMAT = "distill-jax-vocab/1"
 # The teacher tokenizer's clean-up of decoded text: no space before these marks.
 _SPACE_BEFORE_PUNCT = re.compile(r" ([.?!,])")
 
-
-def _error(message: str) -> Exception:
-    """A ``distill_jax.cli.UserError`` (imported late: the CLI module imports nothing heavy)."""
-    from distill_jax.cli import UserError
-    return UserError(message)
 
 
 class TeacherTokenizer:
@@ -55,7 +52,7 @@ class TeacherTokenizer:
             "mask": hf_tokenizer.mask_token_id}
         missing = [k for k, v in self.special_ids.items() if v is None]
         if missing:
-            raise _error(f"teacher tokenizer {name!r} lacks the special tokens {missing}")
+            raise UserError(f"teacher tokenizer {name!r} lacks the special tokens {missing}")
 
     @classmethod
     def load(cls, path_or_name: str | os.PathLike) -> "TeacherTokenizer":
@@ -64,7 +61,7 @@ class TeacherTokenizer:
         try:
             hf = AutoTokenizer.from_pretrained(str(path_or_name))
         except (OSError, ValueError) as err:
-            raise _error(f"cannot load the teacher tokenizer {str(path_or_name)!r}: {err}") from err
+            raise UserError(f"cannot load the teacher tokenizer {str(path_or_name)!r}: {err}") from err
         return cls(hf, str(path_or_name))
 
     @property
@@ -144,7 +141,7 @@ class Vocabulary:
         (``x`` and ``##x``), which are kept so that rarer pieces can be spelled with them.
         """
         if min_count < 1 or size_multiple < 1:
-            raise _error(f"min_count ({min_count}) and size_multiple ({size_multiple}) "
+            raise UserError(f"min_count ({min_count}) and size_multiple ({size_multiple}) "
                          f"must be >= 1")
         counts = collections.Counter(p for line in tokenized_train for p in line)
         for special in SPECIAL_TOKENS:
@@ -221,7 +218,7 @@ class Vocabulary:
     def attach_tokenizer(self, tokenizer: TeacherTokenizer) -> None:
         """Uses ``tokenizer`` for encoding after checking it is the teacher's."""
         if tokenizer.vocab_sha256 != self.teacher_vocab_sha256:
-            raise _error(
+            raise UserError(
                 f"tokenizer {tokenizer.name!r} (vocabulary sha256 {tokenizer.vocab_sha256[:16]}) "
                 f"is not the one this vocabulary was built with, {self.teacher!r} "
                 f"(vocabulary sha256 {self.teacher_vocab_sha256[:16]})")
@@ -247,15 +244,15 @@ class Vocabulary:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise _error(f"cannot read the vocabulary {path}: {err}") from err
+            raise UserError(f"cannot read the vocabulary {path}: {err}") from err
         if not isinstance(data, dict) or data.get("format") != VOCAB_FORMAT:
-            raise _error(f"{path} is not a distill-jax vocabulary (format "
+            raise UserError(f"{path} is not a distill-jax vocabulary (format "
                          f"{data.get('format') if isinstance(data, dict) else None!r}, "
                          f"expected {VOCAB_FORMAT!r})")
         vocab = cls(tuple(data["pieces"]), np.asarray(data["teacher_ids"], np.int32),
                     data["teacher"], data["teacher_vocab_sha256"], data["teacher_special_ids"])
         if vocab.sha256 != data["sha256"]:
-            raise _error(f"{path}: content hash {vocab.sha256} differs from the recorded "
+            raise UserError(f"{path}: content hash {vocab.sha256} differs from the recorded "
                          f"{data['sha256']} (the file was edited or is corrupt)")
         if tokenizer is not None:
             vocab.attach_tokenizer(tokenizer)

@@ -15,13 +15,14 @@ import jax
 import numpy as np
 
 from distill_jax import runner
+from distill_jax.commands import common
 from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
 
 FLUSH_EVERY = 20  # batches between durable flushes of the cache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    runner.add_common_arguments(parser)
+    common.add_common_arguments(parser)
     parser.add_argument("--split", default=None, help="split to score (default: data.train_split)")
     parser.add_argument("--force", action="store_true",
                         help="recompute even if a finished cache for this teacher and data exists")
@@ -45,14 +46,14 @@ def run(args: argparse.Namespace) -> int:
     from distill_jax.data.prepared import open_prepared
     from distill_jax.soft_target_cache import CacheError, create_or_resume, open_cache
 
-    runner.initialize_processes(args)
-    config = runner.load_experiment(args)
+    common.initialize_processes(args)
+    config = common.load_experiment(args)
     workdir = Path(args.workdir)
     split = args.split or config.data.train_split
     dataset = open_prepared(runner.prepared_dir(config, workdir))
     dtype = runner.compute_dtype(config)
     identity = student.cache_identity(config, dataset, split, config.teacher.top_k)
-    records, lengths = student.split_records(config, dataset, split)  # lengths [n, 2]
+    records, lengths = dataset.records(split, config.data.example_limit(split))  # lengths [n, 2]
     cache_path = str(workdir / "soft_targets" / split)
     if not args.force and (Path(cache_path) / "header.json").is_file():
         # A finished cache made from this teacher and data is reused, not recomputed.

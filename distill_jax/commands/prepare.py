@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill_jax.cli import UserError
+from distill_jax.errors import UserError
 from distill_jax.data import builders
 from distill_jax.data.prepared import DATASET_FORMAT
 from distill_jax.data.vocab import TeacherTokenizer, Vocabulary

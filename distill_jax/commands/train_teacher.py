@@ -1,0 +1,75 @@
+"""``distill-jax train-teacher``: fine-tune BERT as a conditional masked language model
+(C-MLM) over the student vocabulary; validation reports masked-token loss and accuracy."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import jax
+
+from distill_jax import runner, sharding, train
+from distill_jax.commands import common
+from distill_jax.data.prepared import open_prepared
+from distill_jax.teacher import (abstract_init, build_teacher, checkpointer, teacher_optimizer,
+                                 teacher_pipeline)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_common_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    common.initialize_processes(args)
+    config = common.load_experiment(args)
+    workdir = Path(args.workdir)
+    out = workdir / "teacher"
+    runner.check_or_save_config(config.teacher, out / "config.json", what="train-teacher")
+    dataset = open_prepared(runner.prepared_dir(config, workdir))
+    dtype = runner.compute_dtype(config)
+    mesh = sharding.make_mesh(config.mesh)
+    rng = jax.random.PRNGKey(config.train.seed)
+    teacher = build_teacher(config, dataset.vocab, dtype, jax.random.fold_in(rng, 1))
+
+    optimizer = teacher_optimizer(config)
+    init_params = abstract_init(teacher, jax.random.fold_in(rng, 2))
+    state, shardings = sharding.create_sharded_state(
+        lambda: train.TrainState.create(init_params(), optimizer), mesh)
+    if teacher.pretrained_params is not None:
+        state = state.replace(params=sharding.place_tree(teacher.pretrained_params,
+                                                         shardings.params))
+
+    keys = ("src", "tgt_out", "mlm_mask")
+    batch_shardings = {k: sharding.batch_sharding(mesh) for k in keys}
+    loss_fn = train.cmlm_loss_fn(teacher.model, teacher.teacher_ids, cls_id=teacher.cls_id,
+                                 mask_id=teacher.mask_id)
+    train_step = train.make_train_step(loss_fn, optimizer, mesh, shardings, batch_shardings,
+                                       accum_steps=config.train.accum_steps, compute_dtype=dtype)
+    eval_step = train.make_eval_step(loss_fn, mesh, shardings.params, batch_shardings,
+                                     compute_dtype=dtype)
+
+    shards = runner.data_shards(mesh)
+    pipeline = teacher_pipeline(config, dataset, config.data.train_split, shards, training=True)
+    valid = teacher_pipeline(config, dataset, config.data.valid_split, shards, training=False)
+    batches = iter(pipeline)
+    to_device = lambda batch: sharding.shard_batch({k: batch[k] for k in keys}, mesh)  # noqa: E731
+
+    manager = checkpointer(out / "checkpoints", config)
+    log = runner.MetricsLog(out)
+    state = runner.resume(manager, state, shardings, batches, log)
+
+    def evaluate(state, step):
+        total = runner.evaluate_split(eval_step, state.params, valid, to_device)
+        return {"loss": total["loss"][0] / total["loss"][1],
+                "masked_accuracy": total["accuracy"][0] / total["accuracy"][1]}
+
+    runner.train_loop(
+        state=state, train_step=train_step, batches=batches, to_device=to_device,
+        total_steps=config.teacher.steps, rng=jax.random.fold_in(rng, 3), checkpoints=manager,
+        data_state=batches.get_state, log=log, evaluate=evaluate,
+        eval_every=config.teacher.eval_every, save_every=config.teacher.save_every,
+        desc="teacher", no_progress=args.no_progress)
+    manager.close()
+    return 0
+
+
