@@ -1,5 +1,5 @@
 """The CPU profile readers the profiling scripts share (scripts/benchlib.py), and
-scripts/profile_beam.py end to end on a tiny model."""
+scripts/profile/profile_beam.py end to end on a tiny model."""
 
 import os
 import re
@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
+sys.path.insert(0, os.path.join(SCRIPTS, "profile"))
 sys.path.insert(0, SCRIPTS)
 import benchlib  # noqa: E402
 import profile_beam  # noqa: E402
@@ -41,7 +42,7 @@ def test_thunk_table_maps_traced_thunks_to_op_names(tmp_path):
 
 def test_profile_beam_groups_every_op():
     out = subprocess.run(
-        [sys.executable, os.path.join(SCRIPTS, "profile_beam.py"), "--batch", "2",
+        [sys.executable, os.path.join(SCRIPTS, "profile", "profile_beam.py"), "--batch", "2",
          "--src-len", "6", "--new-tokens", "4", "--beams", "3", "--vocab", "40",
          "--padded-rows", "1", "--d-model", "16", "--mlp-dim", "32", "--heads", "2",
          "--layers", "1", "--calls", "1", "--warmup", "1"],

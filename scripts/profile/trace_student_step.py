@@ -9,7 +9,7 @@ grouped by name, with their share of the device time. The table is meant for GPU
 whose kernels form one flat timeline; on CPUs it sums the host's XLA thread events,
 which nest, so its totals there overstate the step (the trace itself is still useful).
 
-Run: ``python scripts/trace_student_step.py OUT_DIR [--batch 512 --src-len 64 --tgt-len 64]``
+Run: ``python scripts/profile/trace_student_step.py OUT_DIR [--batch 512 --src-len 64 --tgt-len 64]``
 (``OUT_DIR/trace`` then holds the trace, viewable in Perfetto or TensorBoard).
 """
 
@@ -20,7 +20,7 @@ import collections
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_student_step  # noqa: E402
 import benchlib  # noqa: E402
 

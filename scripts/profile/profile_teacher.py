@@ -15,7 +15,7 @@ The two profilers measure differently (host-thread thunk spans vs. aten self tim
 both add overhead, so compare rows within a column more than across; ``bench_teacher.py``
 is the benchmark. ``--compiler-option KEY=VALUE`` compiles ours with XLA options.
 
-Run: ``python scripts/profile_teacher.py [--length 128] [--torch]``.
+Run: ``python scripts/profile/profile_teacher.py [--length 128] [--torch]``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_teacher  # noqa: E402
 import benchlib  # noqa: E402
 

@@ -19,7 +19,7 @@ slots grow with ``--new-tokens`` (``max_len * beams`` slots per sentence, or per
 ``end * beams``), so running the script for several N with ``--cache-phases 1`` shows how
 the self-attention core scales with the cache.
 
-Run: ``python scripts/profile_beam.py [--new-tokens 32] [--cache-phases N]
+Run: ``python scripts/profile/profile_beam.py [--new-tokens 32] [--cache-phases N]
 [--compiler-option KEY=VALUE]``.
 """
 
@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_beam  # noqa: E402
 import benchlib  # noqa: E402
 
