@@ -299,6 +299,22 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
+def git_commit() -> str:
+    """The checkout's commit (with ``+dirty`` when tracked files differ from it), so that a
+    record names the code that produced it; ``unknown`` outside a git checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def machine_info(*, with_torch: bool = True, dtype: str = "float32") -> dict:
     """CPU model, core counts, accelerator, library versions, thread settings and the
     matmul peak in ``dtype`` (also the dtype of later peak measurements)."""
@@ -323,6 +339,7 @@ def machine_info(*, with_torch: bool = True, dtype: str = "float32") -> dict:
         "matmul_peak_gflops": round(matmul_peak_gflops(), 2),
         "matmul_peak_definition": f"best of 10 jitted {n}x{n} {dtype} JAX matmuls",
         "host_settings": dict(_HOST_SETTINGS),
+        "commit": git_commit(),
     }
     if with_torch:
         import torch

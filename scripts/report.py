@@ -20,7 +20,7 @@ import statistics
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from benchlib import cpu_model  # noqa: E402
+from benchlib import cpu_model, git_commit  # noqa: E402
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:
@@ -103,6 +103,7 @@ def results_table(workdir: pathlib.Path | list[pathlib.Path], metrics: list[str]
              + " | ".join(f"{s} {METRICS[m]}" for s, m in columns) + " |",
              "|---|---|---|---|" + "---|" * len(columns)]
     records = []
+    hardware, commit = f"{cpu_model()} ({platform.machine()}), CPU", git_commit()
     for r in results:
         lines.append(f"| {r['name']} | {distillation(r)} | {r['steps']} | {r['checkpoint']} | "
                      + " | ".join(cell(r, s, m) for s, m in columns) + " |")
@@ -113,7 +114,7 @@ def results_table(workdir: pathlib.Path | list[pathlib.Path], metrics: list[str]
                             **({"signature": r["splits"][s]["bleu_signature"]}
                                if m == "bleu" else {}),
                             "checkpoint": r["checkpoint"], "steps": r["steps"],
-                            "hardware": f"{cpu_model()} ({platform.machine()}), CPU"})
+                            "hardware": hardware, "commit": commit})
     table = "\n".join(lines)
     if reference is not None:
         table += f"\n\n(in brackets: the difference from {baseline})"

@@ -39,6 +39,7 @@ def test_seed_groups_are_summarised_and_recorded(tmp_path):
     assert record["value"] == 10.5 and record["seed"] == 1 and record["kd"] == "offline"
     assert record["teacher"]["init"] == "pretrained" and record["metric"] == "bleu"
     assert record["hardware"] and record["steps"] == 500
+    assert record["commit"]  # the code that produced it (or "unknown" outside git)
 
 
 def _write_scores(workdir, name, seed, **scores):
