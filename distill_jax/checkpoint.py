@@ -12,13 +12,14 @@ straight onto another.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_preservation
+
+from distill_jax import storage
 
 STATE = "state"
 EXTRA = "extra"
@@ -29,7 +30,7 @@ BEST_MODES = ("min", "max")
 class CheckpointConfig:
     """Where and how often checkpoints are written, and which are kept."""
 
-    directory: str  # checkpoint root folder (one sub-folder per step)
+    directory: str  # checkpoint root folder (one sub-folder per step), local or gs://
     save_every: int = 1000  # save when step % save_every == 0
     keep_last: int = 3  # the most recent checkpoints kept
     best_metric: Optional[str] = None  # a metric name passed to save(); keeps the best one
@@ -79,8 +80,9 @@ class Checkpointer:
             enable_async_checkpointing=cfg.async_save,
             create=True,
         )
+        directory = storage.path(cfg.directory)
         self._manager = ocp.CheckpointManager(
-            pathlib.Path(cfg.directory).absolute(), options=options,
+            directory if storage.is_remote(directory) else directory.absolute(), options=options,
             item_names=(STATE, EXTRA))
 
     def save(self, step: int, state: Any, *, extra: Optional[Mapping] = None,

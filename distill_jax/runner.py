@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import jax
@@ -20,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from distill_jax import configlib
+from distill_jax import configlib, storage
 from distill_jax.errors import UserError
 from distill_jax.experiment import ExperimentConfig
 
@@ -33,9 +31,10 @@ def is_chief() -> bool:
     return jax.process_index() == 0
 
 
-def check_or_save_config(config: Any, path: Path, *, what: str) -> None:
-    """Saves ``config`` at ``path`` on the first run; refuses to resume ``what`` with a
-    different config (the differing fields are named)."""
+def check_or_save_config(config: Any, path: storage.PathLike, *, what: str) -> None:
+    """Saves ``config`` at ``path`` (local or ``gs://``) on the first run; refuses to resume
+    ``what`` with a different config (the differing fields are named)."""
+    path = storage.path(path)
     current = configlib.to_dict(config)
     if path.exists():
         saved = json.loads(path.read_text())
@@ -46,12 +45,19 @@ def check_or_save_config(config: Any, path: Path, *, what: str) -> None:
                 + "; ".join(changed) + ". Use another --workdir (or name) or remove it.")
         return
     if is_chief():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        configlib.save_json(config, str(path))
+        storage.write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True))
 
 
-def prepared_dir(config: ExperimentConfig, workdir: Path) -> Path:
-    return Path(config.data.prepared) if config.data.prepared else workdir / "data"
+def prepared_dir(config: ExperimentConfig, workdir: storage.PathLike):
+    """The prepared dataset of a run: ``data.prepared``, else ``WORKDIR/data``. It must be
+    local: its array_record files are read through grain / ``tfds.data_source``, which
+    open local files only."""
+    where = config.data.prepared if config.data.prepared else storage.path(workdir) / "data"
+    return storage.require_local(
+        where, "the prepared dataset",
+        "copy it to local disk on every host (e.g. `gcloud storage cp -r "
+        f"{where} ~/data/`, or run `distill-jax prepare` on every host: it is deterministic) "
+        "and point data.prepared at the copy (--set data.prepared=PATH)")
 
 
 def compute_dtype(config: ExperimentConfig):
@@ -74,12 +80,15 @@ class MetricsLog:
     """Appends metrics records to ``metrics.jsonl`` (and TensorBoard when tensorboardX is
     installed); only process 0 writes."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: storage.PathLike):
+        directory = storage.path(directory)
         self.path = directory / "metrics.jsonl"
+        self._lines = storage.LineLog(self.path)
         self.enabled = is_chief()
         self._tb = None
-        if self.enabled:
-            directory.mkdir(parents=True, exist_ok=True)
+        if self.enabled and not storage.is_remote(directory):
+            # (TensorBoard event files are written for local directories only.)
+            storage.makedirs(directory)
             try:
                 from tensorboardX import SummaryWriter  # optional
                 self._tb = SummaryWriter(str(directory / "tensorboard"))
@@ -91,8 +100,7 @@ class MetricsLog:
             return
         record = {"step": int(step), "split": split, "time": time.time(),
                   **{k: float(v) for k, v in values.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._lines.append(json.dumps(record))
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
@@ -102,11 +110,8 @@ class MetricsLog:
         resumed run's log reads as one run."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        self._lines.replace([line for line in self._lines.lines()
+                             if json.loads(line)["step"] <= step])
 
 
 def add_metrics(total: Optional[dict], metrics: Mapping[str, Any]) -> dict:
