@@ -145,8 +145,9 @@ def test_attention_kernel_choice_keeps_the_outputs(tiny_dir):
 
 
 def test_cmlm_head_init_and_logits(tiny_dir):
-    """The loaded MLM transform is kept, output columns come from BERT's embeddings of the
-    mapped ids, and the logits equal transformers' transform followed by that projection."""
+    """The loaded MLM transform is kept, every output column is BERT's embedding of the
+    mapped id (pieces BERT lacks, <unk> and fillers: [UNK]'s, as in the reference), and the
+    logits equal transformers' transform followed by that projection."""
     vocab = 16
     unk = 1  # the tiny teacher's [UNK] id
     teacher_ids = np.array([PAD, CLS, SEP, unk, 50, 7, unk, 98, 12, unk, 5, 6, unk, 0, 33, 20])
@@ -159,11 +160,12 @@ def test_cmlm_head_init_and_logits(tiny_dir):
     embeddings = tensors["bert.embeddings.word_embeddings.weight"]  # [bert_vocab, hidden]
     head = params["cmlm_head"]
     kernel = np.asarray(head["output"]["kernel"])  # [hidden, vocab]
-    copied = [i for i in range(vocab) if i >= 4 and teacher_ids[i] != unk]
-    assert copied == [4, 5, 7, 8, 10, 11, 13, 14, 15]
     for i in range(vocab):
-        matches = np.allclose(kernel[:, i], embeddings[teacher_ids[i]])
-        assert matches == (i in copied), i
+        np.testing.assert_array_equal(kernel[:, i], embeddings[teacher_ids[i]])
+    unknown = [i for i in range(vocab) if teacher_ids[i] == unk]
+    assert unknown == [3, 6, 9, 12]
+    for i in unknown:
+        np.testing.assert_array_equal(kernel[:, i], embeddings[unk])
     assert np.all(np.asarray(head["output"]["bias"]) == 0)
     np.testing.assert_array_equal(np.asarray(head["dense"]["kernel"]),
                                   tensors["cls.predictions.transform.dense.weight"].T)
@@ -185,16 +187,22 @@ def test_cmlm_head_init_and_logits(tiny_dir):
 
 
 def test_cmlm_head_without_mlm_transform(tiny_dir, tmp_path):
-    """Keys without ``bert.`` and no cls.*: init_cmlm_head creates the whole head."""
+    """Keys without ``bert.`` and no cls.* (like all-MiniLM-L6-v2): init_cmlm_head creates
+    the whole head; the output columns still come from BERT's embeddings, [UNK]'s for the
+    pieces BERT lacks."""
     plain = rewrite_checkpoint(tiny_dir, tmp_path / "plain", lambda t: {
         k[len("bert."):]: v for k, v in t.items() if k.startswith("bert.")})
     model, params, config = hf.load_bert(plain, cmlm_vocab_size=8)
     assert "cmlm_head" not in params
-    params = bert.init_cmlm_head(config, params, np.array([0, 2, 3, 1, 9, 1, 11, 12]),
-                                 jax.random.key(0))
+    teacher_ids = np.array([0, 2, 3, 1, 9, 1, 11, 12])  # 1: the tiny teacher's [UNK]
+    params = bert.init_cmlm_head(config, params, teacher_ids, jax.random.key(0))
     assert jax.tree.map(lambda x: x.shape, params) == unboxed_init_shapes(
         model, model.cmlm_logits)
     np.testing.assert_array_equal(np.asarray(params["cmlm_head"]["LayerNorm"]["scale"]), 1.0)
+    embeddings = np.asarray(params["embeddings"]["word_embeddings"]["embedding"])
+    kernel = np.asarray(params["cmlm_head"]["output"]["kernel"])  # [hidden, 8]
+    np.testing.assert_array_equal(kernel, embeddings[teacher_ids].T)
+    np.testing.assert_array_equal(kernel[:, 5], embeddings[1])
 
 
 def test_pickle_checkpoint_refused_without_unpickling(tmp_path):

@@ -285,11 +285,15 @@ def init_cmlm_head(config: BertConfig, params: dict, teacher_ids, rng: jax.Array
     ``params`` is the plain (unboxed) ``params`` collection of a ``BertModel``, e.g. from
     ``distill_jax.hf.load_bert``. ``teacher_ids`` (int ``[cmlm_vocab_size]``) maps every
     student id to a BERT id (docs/interfaces.md); ``teacher_ids[3]`` (student ``<unk>``)
-    is BERT's ``[UNK]``. The output-projection column of student id ``i >= 4`` whose
-    teacher id is not ``[UNK]`` is BERT's word embedding of ``teacher_ids[i]``; the
-    other columns are normal(initializer_range); the output bias is zero. A
-    ``cmlm_head/dense`` and ``cmlm_head/LayerNorm`` already in ``params`` (BERT's MLM
-    transform, loaded from the checkpoint) are kept; otherwise they are initialised.
+    is BERT's ``[UNK]``. Output-projection column ``i`` is BERT's word embedding of
+    ``teacher_ids[i]``, as in the reference (``convert_embedding``): a piece BERT knows gets
+    its own embedding, one it does not (``<unk>``, fillers, pieces with no BERT
+    counterpart) gets ``[UNK]``'s. ``<pad>`` / ``<s>`` / ``</s>`` get ``[PAD]`` / ``[CLS]``
+    / ``[SEP]``'s (the reference's OpenNMT specials are not BERT strings, so it gives them
+    ``[UNK]``'s). The output bias is zero. A ``cmlm_head/dense`` and ``cmlm_head/LayerNorm``
+    already in ``params`` (BERT's MLM transform, loaded from the checkpoint) are kept;
+    otherwise (a checkpoint without an MLM head, e.g. all-MiniLM-L6-v2) they are
+    initialised as BERT initialises them.
     """
     if config.cmlm_vocab_size is None:
         raise ValueError("init_cmlm_head needs BertConfig.cmlm_vocab_size to be set")
@@ -305,12 +309,9 @@ def init_cmlm_head(config: BertConfig, params: dict, teacher_ids, rng: jax.Array
     hidden = jnp.zeros((1, 1, config.hidden_size), config.dtype)
     head = nn.meta.unbox(BertCmlmHead(config).init(rng, hidden)["params"])
     word_embeddings = params["embeddings"]["word_embeddings"]["embedding"]  # [bert_vocab, hidden]
-    copied = jnp.take(word_embeddings, jnp.asarray(teacher_ids), axis=0).T  # [hidden, cmlm_vocab]
-    student_ids = np.arange(config.cmlm_vocab_size)
-    from_bert = (student_ids >= NUM_SPECIAL_STUDENT_IDS) & (
-        teacher_ids != teacher_ids[NUM_SPECIAL_STUDENT_IDS - 1])  # [cmlm_vocab]
     output = dict(head["output"])
-    output["kernel"] = jnp.where(from_bert[None, :], copied, output["kernel"])
+    output["kernel"] = jnp.take(word_embeddings, jnp.asarray(teacher_ids),
+                                axis=0).T  # [hidden, cmlm_vocab]
     head["output"] = output
     old_head = params.get("cmlm_head", {})
     for transform in ("dense", "LayerNorm"):
