@@ -25,6 +25,7 @@ setup(
         "grain",
         "sacrebleu>=2.3",
         "rouge-score",
+        "sacremoses",  # Moses tokenization: IWSLT14 preprocessing, tokenized BLEU
         "tqdm",
     ],
     extras_require={

@@ -1,15 +1,36 @@
-"""Corpus-level scores for generated text: detokenized sacreBLEU and ROUGE-1/2/L.
+"""Corpus-level scores for generated text: detokenized sacreBLEU, tokenized BLEU and
+ROUGE-1/2/L.
 
-BLEU is sacreBLEU on detokenized text (its own 13a tokenization), reported with its
-signature so the number is reproducible. The paper's reference scored lowercased,
-tokenized BLEU; ``lowercase=True`` gives the case-insensitive variant (the signature then
-says ``case:lc``). ROUGE is Google's ``rouge-score`` (F-measure, Porter stemmer), the
-usual choice for Gigaword / CNN-DailyMail headline and summary generation.
+``bleu`` is sacreBLEU on detokenized text (its own 13a tokenization), reported with its
+signature so the number is reproducible; ``lowercase=True`` gives the case-insensitive
+variant (the signature then says ``case:lc``).
+
+``tokenized_bleu`` is what the paper's reference reports (``multi-bleu.perl`` on
+Moses-tokenized, lowercased text, as on fairseq's IWSLT14 data): hypotheses and references
+are Moses-tokenized and lowercased, then scored by sacreBLEU with ``tokenize="none"``. The
+student writes WordPiece pieces, which carry no word boundaries (BERT splits ``it's`` into
+``it ' s`` and ``well-known`` into ``well - known``), so ``moses_tokens`` rebuilds the
+tokens Moses keeps whole (``'s``, ``n't``-style clitics, intra-word hyphens, ``--``,
+``1,000`` / ``2.5``) before scoring; the reference instead marks in-word pieces in its
+vocabulary. The two BLEUs are different numbers: always say which one a figure is.
+
+ROUGE is Google's ``rouge-score`` (F-measure, Porter stemmer), the usual choice for
+Gigaword / CNN-DailyMail headline and summary generation.
 """
 
 from __future__ import annotations
 
+import functools
+import html
+import re
 from typing import Sequence
+
+# Tokens Moses keeps whole that the student's WordPiece output splits (see moses_tokens).
+_CLITIC = re.compile(r"(?<=\w) ' (s|t|re|ve|ll|d|m)\b", re.IGNORECASE)
+_INNER_HYPHEN = re.compile(r"(?<=\w) - (?=\w)")
+_DOUBLE_DASH = re.compile(r"(?<!\S)- -(?!\S)")
+_THOUSANDS = re.compile(r"(?<=\d) , (?=\d{3}\b)")
+_DECIMAL = re.compile(r"(?<=\d) \. (?=\d)")
 
 
 def _check_lengths(hypotheses: Sequence[str], references: Sequence[str]) -> None:
@@ -33,6 +54,66 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str], *, lowercase: boo
     return {
         "bleu": float(result.score),
         "signature": str(metric.get_signature()),
+        "precisions": [float(p) for p in result.precisions],
+        "bp": float(result.bp),
+        "sys_len": int(result.sys_len),
+        "ref_len": int(result.ref_len),
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _moses(lang: str):
+    """(tokenizer, detokenizer) of sacremoses for ``lang``."""
+    try:
+        from sacremoses import MosesDetokenizer, MosesTokenizer
+    except ImportError:
+        raise ImportError("tokenized BLEU needs sacremoses (pip install sacremoses)") from None
+    return MosesTokenizer(lang=lang), MosesDetokenizer(lang=lang)
+
+
+def moses_tokens(text: str, lang: str = "en", *, rejoin: bool = False) -> str:
+    """``text`` Moses-tokenized (``tokenizer.perl -l LANG``, no escaping; Moses entities
+    such as ``&apos;`` in the input are unescaped first). With ``rejoin`` (for WordPiece
+    output), the tokens Moses keeps whole are glued back together: `` ' s`` -> `` 's``,
+    ``a - b`` -> ``a-b``, ``- -`` -> ``--``, ``1 , 000`` -> ``1,000``, ``2 . 5`` -> ``2.5``."""
+    tokenizer, _ = _moses(lang)
+    tokens = tokenizer.tokenize(html.unescape(text), escape=False, return_str=True)
+    if rejoin:
+        tokens = _CLITIC.sub(r" '\1", tokens)
+        tokens = _INNER_HYPHEN.sub("-", tokens)
+        tokens = _DOUBLE_DASH.sub("--", tokens)
+        tokens = _THOUSANDS.sub(",", tokens)
+        tokens = _DECIMAL.sub(".", tokens)
+    return tokens
+
+
+def moses_detokenize(text: str, lang: str = "en") -> str:
+    """Moses-tokenized text back to plain text (``detokenizer.perl -l LANG``)."""
+    _, detokenizer = _moses(lang)
+    return detokenizer.detokenize(html.unescape(text).split())
+
+
+def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str], *,
+                   lang: str = "en", references_tokenized: bool = False) -> dict:
+    """Tokenized, lowercased corpus BLEU (the reference's ``multi-bleu.perl`` score).
+
+    Hypotheses go through ``moses_tokens(rejoin=True)``; references through ``moses_tokens``
+    unless ``references_tokenized`` (they are Moses-tokenized already, like fairseq's IWSLT14
+    files; Moses is not idempotent: it would split ``'s`` again), when only their entities are
+    unescaped. Both sides are lowercased and scored by sacreBLEU with ``tokenize="none"``.
+    Returns the keys of ``bleu``; the signature starts with ``moses-tok:LANG|``.
+    """
+    from sacrebleu.metrics import BLEU
+
+    _check_lengths(hypotheses, references)
+    hyps = [moses_tokens(h, lang, rejoin=True).lower() for h in hypotheses]
+    refs = [" ".join(html.unescape(r).split()).lower() if references_tokenized
+            else moses_tokens(r, lang).lower() for r in references]
+    metric = BLEU(tokenize="none", lowercase=True, force=True)
+    result = metric.corpus_score(hyps, [refs])
+    return {
+        "bleu": float(result.score),
+        "signature": f"moses-tok:{lang}|{metric.get_signature()}",
         "precisions": [float(p) for p in result.precisions],
         "bp": float(result.bp),
         "sys_len": int(result.sys_len),

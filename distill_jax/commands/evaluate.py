@@ -1,5 +1,6 @@
-"""``distill-jax evaluate``: score generated text against references (sacreBLEU,
-ROUGE-1/2/L)."""
+"""``distill-jax evaluate``: score generated text against references: detokenized sacreBLEU,
+tokenized BLEU (Moses-tokenized, lowercased: the paper's reference's score) and
+ROUGE-1/2/L."""
 
 from __future__ import annotations
 
@@ -8,15 +9,25 @@ import json
 import sys
 
 from distill_jax.errors import UserError
-from distill_jax.metrics import bleu, read_lines, rouge
+from distill_jax.metrics import bleu, read_lines, rouge, tokenized_bleu
+
+METRICS = ("bleu", "bleu_tok", "rouge", "all")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hyp", required=True, help="generated text, one sentence per line")
     parser.add_argument("--ref", required=True, help="references, line-aligned with --hyp")
-    parser.add_argument("--metric", choices=("bleu", "rouge", "all"), default="bleu")
+    parser.add_argument("--metric", choices=METRICS, default="bleu",
+                        help="bleu: detokenized sacreBLEU; bleu_tok: tokenized lowercased BLEU "
+                             "(multi-bleu style, what the paper reports); all: both and ROUGE")
     parser.add_argument("--lowercase", action="store_true",
-                        help="case-insensitive BLEU (the paper's reference lowercases)")
+                        help="case-insensitive detokenized BLEU (tokenized BLEU always is)")
+    parser.add_argument("--lang", default="en",
+                        help="target language of the Moses tokenizer for tokenized BLEU")
+    parser.add_argument("--ref-tokenized", action="store_true",
+                        help="the references are Moses-tokenized already (e.g. fairseq's IWSLT14 "
+                             "files, or a prepared iwslt14_de_en split): tokenized BLEU uses "
+                             "them as they are")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -32,13 +43,23 @@ def run(args: argparse.Namespace) -> int:
     result: dict = {}
     if args.metric in ("bleu", "all"):
         result.update(bleu(hypotheses, references, lowercase=args.lowercase))
+    if args.metric in ("bleu_tok", "all"):
+        try:
+            tok = tokenized_bleu(hypotheses, references, lang=args.lang,
+                                 references_tokenized=args.ref_tokenized)
+        except ImportError as err:
+            raise UserError(str(err)) from None
+        result.update({"bleu_tok": tok["bleu"], "bleu_tok_signature": tok["signature"]})
     if args.metric in ("rouge", "all"):
         result.update(rouge(hypotheses, references))
     if args.json:
         print(json.dumps(result))
     else:
         if "bleu" in result:
-            print(f"BLEU = {result['bleu']:.2f}  ({result['signature']})")
+            print(f"BLEU = {result['bleu']:.2f}  (detokenized sacreBLEU, {result['signature']})")
+        if "bleu_tok" in result:
+            print(f"tokenized BLEU = {result['bleu_tok']:.2f}  (Moses-tokenized, lowercased, "
+                  f"multi-bleu style, {result['bleu_tok_signature']})")
         for name, label in (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L")):
             if name in result:
                 print(f"{label} = {result[name]:.2f}")

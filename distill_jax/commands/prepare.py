@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distill_jax import storage
 from distill_jax.errors import UserError
 from distill_jax.data import builders
 from distill_jax.data.prepared import DATASET_FORMAT
@@ -22,8 +23,7 @@ from distill_jax.data.vocab import TeacherTokenizer, Vocabulary
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``distill-jax prepare``."""
-    names = sorted(builders.CORPORA) + ["local"] + sorted(builders.UPSTREAM)
-    parser.add_argument("--dataset", required=True, help=f"one of {names}")
+    parser.add_argument("--dataset", required=True, help=f"one of {_dataset_names()}")
     parser.add_argument("--direction", default=None,
                         help="source-target, e.g. de-en (default: the corpus's first)")
     parser.add_argument("--data-dir", type=Path, default=None,
@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="for --dataset local: a split and its two files (repeatable)")
     parser.add_argument("--teacher", required=True,
                         help="teacher BERT folder or Hugging Face name (its tokenizer is used)")
-    parser.add_argument("--out", type=Path, required=True, help="directory to create")
+    parser.add_argument("--out", required=True,
+                        help="directory to create (local: the dataset is read from local disk)")
     parser.add_argument("--vocab", type=Path, default=None,
                         help="reuse this vocab.json instead of building one from train")
     parser.add_argument("--min-count", type=int, default=1,
@@ -43,6 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop pairs whose source has more pieces (</s> included)")
     parser.add_argument("--max-tgt-len", type=int, default=256,
                         help="drop pairs whose target has more pieces (</s> included)")
+
+
+def _dataset_names() -> list[str]:
+    return (sorted(builders.CORPORA) + sorted(builders.ARCHIVE_CORPORA) + ["local"] +
+            sorted(builders.UPSTREAM))
+
+
+def _download_manager():
+    """TFDS's download manager, caching under ~/.cache/distill-jax/downloads."""
+    import tensorflow_datasets as tfds
+    return tfds.download.DownloadManager(
+        download_dir=str(Path.home() / ".cache" / "distill-jax" / "downloads"))
 
 
 def _local_split_files(specs: list[str], data_dir: Path | None) -> dict[str, tuple[str, str]]:
@@ -64,11 +77,7 @@ def _local_split_files(specs: list[str], data_dir: Path | None) -> dict[str, tup
 def _read_texts(args, spec: builders.CorpusSpec, direction: str
                 ) -> dict[str, tuple[list[str], list[str]]]:
     """Fetches (or finds and verifies) the files, then reads every split's line pairs."""
-    dl_manager = None
-    if args.data_dir is None:
-        import tensorflow_datasets as tfds
-        dl_manager = tfds.download.DownloadManager(
-            download_dir=str(Path.home() / ".cache" / "distill-jax" / "downloads"))
+    dl_manager = _download_manager() if args.data_dir is None else None
     files = builders.fetch_corpus_files(spec, direction, args.data_dir, dl_manager)
     return {split: builders.read_pair(s, t) for split, (s, t) in files.items()}
 
@@ -84,7 +93,11 @@ def _print_counts(encoded: dict[str, builders.EncodedSplit], out: Path, vocab: V
 
 def run(args: argparse.Namespace) -> int:
     """Builds the dataset directory ``args.out``."""
-    out: Path = args.out
+    out = Path(storage.require_local(
+        args.out, "--out",
+        "the prepared dataset is read through grain / tfds.data_source, which open local "
+        "files only; prepare it on every host's local disk (the result is the same everywhere) "
+        "and keep the work directory (--workdir) on Cloud Storage"))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty")
     for flag in ("min_count", "size_multiple", "max_src_len", "max_tgt_len"):
@@ -92,11 +105,21 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     limits = builders.LengthLimits(args.max_src_len, args.max_tgt_len)
 
+    text_format = None
     if args.dataset in builders.UPSTREAM:
         upstream = builders.UPSTREAM[args.dataset]
         direction = args.direction or next(iter(upstream.directions))
         texts = builders.read_upstream(upstream, direction, args.data_dir)
         train_split = upstream.train_split
+    elif args.dataset in builders.ARCHIVE_CORPORA:
+        archive = builders.ARCHIVE_CORPORA[args.dataset]
+        direction = args.direction or archive.direction
+        if direction != archive.direction:
+            raise UserError(f"corpus {archive.name!r} has only the direction "
+                            f"{archive.direction!r}, not {direction!r}")
+        texts = builders.read_archive_corpus(
+            archive, args.data_dir, _download_manager() if args.data_dir is None else None)
+        train_split, text_format = archive.train_split, archive.text
     else:
         if args.dataset == "local":
             spec = builders.local_corpus(_local_split_files(args.split, args.data_dir))
@@ -104,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             spec = builders.CORPORA[args.dataset]
         else:
             raise UserError(f"unknown --dataset {args.dataset!r}; choose one of "
-                            f"{sorted(builders.CORPORA) + ['local'] + sorted(builders.UPSTREAM)}")
+                            f"{_dataset_names()}")
         direction = args.direction or next(iter(spec.directions))
         texts = _read_texts(args, spec, direction)
         train_split = spec.train_split
@@ -113,14 +136,17 @@ def run(args: argparse.Namespace) -> int:
     given_vocab = Vocabulary.load(args.vocab, tokenizer) if args.vocab else None
     vocab, encoded = builders.encode_corpus(texts, train_split, tokenizer, given_vocab,
                                             args.min_count, args.size_multiple, limits)
-    _write_dataset(out, args.dataset, direction, vocab, encoded, limits)
+    _write_dataset(out, args.dataset, direction, vocab, encoded, limits, text_format)
     _print_counts(encoded, out, vocab)
     return 0
 
 
 def _write_dataset(out: Path, corpus: str, direction: str, vocab: Vocabulary,
-                   encoded: dict[str, builders.EncodedSplit], limits: builders.LengthLimits) -> None:
-    """Writes the TFDS dataset, vocabulary, lengths and dataset.json, then renames into place."""
+                   encoded: dict[str, builders.EncodedSplit], limits: builders.LengthLimits,
+                   text_format: dict | None = None) -> None:
+    """Writes the TFDS dataset, vocabulary, lengths and dataset.json, then renames into place.
+    ``text_format`` (how a preprocessed corpus's text is tokenized) goes into dataset.json as
+    ``"text"``; scoring reads it to add tokenized BLEU."""
     import tensorflow_datasets as tfds
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -145,6 +171,8 @@ def _write_dataset(out: Path, corpus: str, direction: str, vocab: Vocabulary,
             "limits": vars(limits),
             "vocab": {"name": vocab.name, "sha256": vocab.sha256, "size": len(vocab),
                       "teacher": vocab.teacher}}
+        if text_format:
+            meta["text"] = dict(text_format)
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         if out.exists():
             out.rmdir()  # empty (checked in run)

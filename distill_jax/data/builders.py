@@ -9,7 +9,9 @@ no TensorFlow to build or to read (``file_format="array_record"``; read back wit
 Files come either from a local directory (checked against the ``SHA256SUMS`` found there, or
 the checksums known here) or from the corpus's public URLs through the TFDS download manager.
 Upstream TFDS datasets (``wmt14_translate/de-en``, ``cnn_dailymail``) feed the same builder
-through ``UpstreamSpec``; their own builders need TensorFlow.
+through ``UpstreamSpec``; their own builders need TensorFlow. Corpora that come as one archive
+with a preprocessing recipe of their own (``iwslt14_de_en``: fairseq's IWSLT14 recipe) are
+described by ``ArchiveCorpusSpec``.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from distill_jax.errors import UserError
+from distill_jax.data import iwslt14
 from distill_jax.data.vocab import EOS, TeacherTokenizer, Vocabulary
 
 BUILDER_NAME = "distill_parallel"
@@ -106,6 +109,33 @@ GIGAWORD_SAMPLE = CorpusSpec(
     description="Gigaword headline generation (Rush et al. 2015), sample.")
 
 CORPORA: dict[str, CorpusSpec] = {c.name: c for c in (MULTI30K, GIGAWORD_SAMPLE)}
+
+
+@dataclass(frozen=True)
+class ArchiveCorpusSpec:
+    """A corpus made from one archive by a preprocessing step of its own (tokenization,
+    cleaning, split assembly) rather than read from line-aligned files."""
+
+    name: str                                   # the --dataset name, e.g. "iwslt14_de_en"
+    direction: str                              # source-target, e.g. "de-en"
+    archive: str                                # archive file name (in --data-dir, or fetched)
+    url: str                                    # public URL of the archive
+    sha256: str | None                          # published SHA-256 of the archive; None: none is
+    read: Callable[[Path], dict[str, tuple[list[str], list[str]]]]  # archive -> split texts
+    text: dict = field(default_factory=dict)    # how the stored text is tokenized (dataset.json)
+    train_split: str = "train"                  # the split the vocabulary is built from
+
+
+# fairseq's IWSLT14 recipe (see distill_jax.data.iwslt14). Neither fairseq nor the IWSLT
+# organisers publish a checksum of de-en.tgz, so the archive is checked by its layout (every
+# file the recipe reads) and the split sizes are compared with fairseq's; pin the archive you
+# have with a SHA256SUMS file beside it in --data-dir.
+IWSLT14_DE_EN = ArchiveCorpusSpec(
+    name="iwslt14_de_en", direction="de-en", archive=iwslt14.ARCHIVE, url=iwslt14.URL,
+    sha256=None, read=iwslt14.read_archive,
+    text={"tokenizer": "moses", "lowercase": True, "src_lang": "de", "tgt_lang": "en"})
+
+ARCHIVE_CORPORA: dict[str, ArchiveCorpusSpec] = {IWSLT14_DE_EN.name: IWSLT14_DE_EN}
 
 UPSTREAM: dict[str, UpstreamSpec] = {
     "wmt14_translate/de-en": UpstreamSpec(
@@ -239,6 +269,30 @@ def fetch_corpus_files(spec: CorpusSpec, direction: str, data_dir: Path | None,
     return {split: (paths[s], paths[t]) for split, (s, t) in files.items()}
 
 
+def read_archive_corpus(spec: ArchiveCorpusSpec, data_dir: Path | None, dl_manager
+                        ) -> dict[str, tuple[list[str], list[str]]]:
+    """Split texts of an archive corpus: the archive from ``data_dir`` (checked against its
+    ``SHA256SUMS`` if that lists it, else the published hash if there is one) or downloaded
+    from ``spec.url`` (checked against the published hash if there is one), then
+    preprocessed. Prints the archive's SHA-256 so that it can be pinned."""
+    if data_dir is not None:
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise UserError(f"--data-dir {data_dir}: no such directory")
+        verify_local_files(data_dir, [spec.archive],
+                           {spec.archive: spec.sha256} if spec.sha256 else {})
+        path = data_dir / spec.archive
+    else:
+        path = Path(dl_manager.download(spec.url))
+        if spec.sha256 and sha256_file(path) != spec.sha256:
+            raise UserError(f"downloaded {spec.url}: SHA-256 {sha256_file(path)} differs from "
+                            f"the published {spec.sha256}")
+    print(f"{spec.archive}: SHA-256 {sha256_file(path)}"
+          f"{'' if spec.sha256 else ' (no published checksum; layout checked instead)'}",
+          flush=True)
+    return spec.read(path)
+
+
 def read_upstream(spec: UpstreamSpec, direction: str, data_dir: Path | None
                   ) -> dict[str, tuple[list[str], list[str]]]:
     """Source and target texts of an upstream TFDS dataset (needs TensorFlow)."""
@@ -361,7 +415,7 @@ def config_name(corpus: str, direction: str) -> str:
     """TFDS config name of a corpus and direction, e.g. ``multi30k_de_en``."""
     base = corpus.replace("/", "_").replace("-", "_")
     spec_directions = CORPORA[corpus].directions if corpus in CORPORA else None
-    if spec_directions is not None and len(spec_directions) == 1:
+    if (spec_directions is not None and len(spec_directions) == 1) or corpus in ARCHIVE_CORPORA:
         return base
     return f"{base}_{direction.replace('-', '_')}"
 
