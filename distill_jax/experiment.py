@@ -13,7 +13,7 @@ A work directory holds one experiment::
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 from distill_jax.models.layers import ATTENTION_IMPLS
 from distill_jax.models.transformer import TransformerConfig
@@ -22,6 +22,8 @@ from distill_jax.sharding import MeshConfig
 KD_KINDS = ("none", "offline", "online")
 TEACHER_INITS = ("pretrained", "random")
 SELECT_METRICS = ("bleu", "rouge1", "rouge2", "rougeL")
+STUDENT_SCHEDULES = ("inverse_sqrt", "noam", "constant")  # optim.SCHEDULES a student can use
+FINAL_CHECKPOINTS = ("best", "last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +102,13 @@ class TrainConfig:
     """Student optimisation, validation and checkpointing."""
 
     steps: int = 20000  # updates
-    learning_rate: float = 5e-4  # Adam peak learning rate (inverse-sqrt schedule)
-    warmup_steps: int = 4000  # linear warm-up updates
+    # learning-rate schedule (optim): "inverse_sqrt" (fairseq), "noam" (OpenNMT-py, the
+    # paper's reference) or "constant"
+    schedule: str = "inverse_sqrt"
+    # Adam peak learning rate; with "noam" the factor (OpenNMT's -learning_rate), the peak
+    # being factor * (student.d_model * warmup_steps)^-0.5
+    learning_rate: float = 5e-4
+    warmup_steps: int = 4000  # warm-up updates
     grad_clip_norm: Optional[float] = None  # global gradient-norm clip (None = off)
     label_smoothing: float = 0.1  # label smoothing of the cross-entropy term
     accum_steps: int = 1  # gradient-accumulation micro-batches per update
@@ -113,11 +120,20 @@ class TrainConfig:
     average_last: int = 0  # average the last N checkpoints at the end (0 = off)
     bleu_sentences: int = 0  # validation sentences decoded for BLEU (0 = the whole split)
     select_metric: str = "bleu"  # validation score that picks the best checkpoint (max)
+    # parameters scored at the end (unless average_last > 1): "best" by select_metric on
+    # the validation split, or "last", the final step (what the reference reports)
+    final_checkpoint: str = "best"
 
     def __post_init__(self):
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(f"train.select_metric must be one of {SELECT_METRICS}, "
                              f"got {self.select_metric!r}")
+        if self.schedule not in STUDENT_SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {STUDENT_SCHEDULES}, "
+                             f"got {self.schedule!r}")
+        if self.final_checkpoint not in FINAL_CHECKPOINTS:
+            raise ValueError(f"train.final_checkpoint must be one of {FINAL_CHECKPOINTS}, "
+                             f"got {self.final_checkpoint!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +161,17 @@ def default_student() -> TransformerConfig:
     return TransformerConfig(vocab_size=8)
 
 
+def opennmt_student(dropout: float = 0.3) -> TransformerConfig:
+    """The paper's reference student, an OpenNMT-py Transformer: 6+6 layers, d 512, ff 2048,
+    8 heads, pre-LayerNorm with final LayerNorms (eps 1e-6), ``dropout`` on residuals,
+    attention weights and feed-forward activations. (Its Glorot-initialised kernels are
+    ours too; its embeddings are Glorot-initialised, ours normal(d^-0.5).)"""
+    return dataclasses.replace(
+        default_student(), d_model=512, num_heads=8, mlp_dim=2048, num_encoder_layers=6,
+        num_decoder_layers=6, dropout_rate=dropout, attention_dropout_rate=dropout,
+        activation_dropout_rate=dropout, pre_layer_norm=True, layer_norm_eps=1e-6)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: data, teacher, student, distillation, optimisation, mesh."""
@@ -157,6 +184,10 @@ class ExperimentConfig:
     train: TrainConfig = TrainConfig()
     decode: DecodeConfig = DecodeConfig()
     mesh: MeshConfig = MeshConfig()
+    # "field.path=value" overrides applied when distill.kd == "none" (the baseline), before
+    # the command line's: the reference trains its baseline with another schedule than its
+    # distilled student (see with_overrides)
+    baseline_overrides: tuple[str, ...] = ()
 
     def check(self) -> None:
         """Checks between sections (run once all overrides are applied, so that fields can
@@ -167,3 +198,16 @@ class ExperimentConfig:
                 raise ValueError(
                     f"data.max_{side}_len {limit} is longer than student.max_len "
                     f"{self.student.max_len} (the size of the student's position table)")
+
+
+def with_overrides(config: ExperimentConfig, assignments: Sequence[str]) -> ExperimentConfig:
+    """``config`` with the command line's ``--set`` assignments; for a baseline
+    (``distill.kd == "none"`` once they are applied) its ``baseline_overrides`` come first,
+    so that an explicit ``--set`` still wins. Raises UserError on a bad assignment."""
+    from distill_jax import configlib
+
+    assignments = list(assignments)
+    updated = configlib.override(config, assignments)
+    if updated.distill.kd == "none" and updated.baseline_overrides:
+        updated = configlib.override(config, list(updated.baseline_overrides) + assignments)
+    return updated

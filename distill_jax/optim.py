@@ -5,7 +5,8 @@ weight decay 0.01 on everything except biases and LayerNorm parameters, linear w
 over a fraction of training then linear decay to 0, gradient-norm clipping at 1.0.
 
 Student (Transformer seq2seq): Adam, betas (0.9, 0.98), eps 1e-8, no weight decay by
-default, inverse-square-root schedule with linear warm-up.
+default, inverse-square-root schedule with linear warm-up (fairseq), or the noam schedule
+(Vaswani et al.; OpenNMT-py's ``-decay_method noam``, which the paper's reference trains with).
 
 Schedules take optax's ``count``: the number of updates already applied, so the first
 update uses ``schedule(0)`` (0 for both warm-ups, as in transformers and fairseq).
@@ -22,7 +23,7 @@ import optax
 
 Schedule = Callable[[Any], jax.Array]
 
-SCHEDULES = ("linear", "inverse_sqrt", "constant")
+SCHEDULES = ("linear", "inverse_sqrt", "noam", "constant")
 
 
 def linear_warmup_decay(peak: float, warmup_steps: int, total_steps: int) -> Schedule:
@@ -56,6 +57,22 @@ def inverse_sqrt(peak: float, warmup_steps: int) -> Schedule:
     return schedule
 
 
+def noam(factor: float, warmup_steps: int, model_size: int) -> Schedule:
+    """``factor * model_size^-0.5 * min(step^-0.5, step * warmup^-1.5)`` with
+    ``step = count + 1``, as OpenNMT-py (its step counter starts at 1); it peaks at
+    ``factor * (model_size * warmup)^-0.5`` on update ``warmup``."""
+    if warmup_steps <= 0 or model_size <= 0:
+        raise ValueError(f"noam schedule needs warmup_steps > 0 and model_size > 0, got "
+                         f"warmup_steps={warmup_steps}, model_size={model_size}")
+
+    def schedule(count):
+        step = jnp.asarray(count, jnp.float32) + 1.0
+        return factor * model_size ** -0.5 * jnp.minimum(step ** -0.5,
+                                                        step * warmup_steps ** -1.5)
+
+    return schedule
+
+
 def constant(peak: float) -> Schedule:
     """A constant learning rate."""
     return lambda count: jnp.full((), peak, jnp.float32)
@@ -65,7 +82,7 @@ def constant(peak: float) -> Schedule:
 class OptimizerConfig:
     """Adam(W) with a schedule, decoupled weight decay and gradient clipping."""
 
-    learning_rate: float = 5e-5  # peak learning rate
+    learning_rate: float = 5e-5  # peak learning rate ("noam": the factor)
     b1: float = 0.9  # Adam first-moment decay
     b2: float = 0.999  # Adam second-moment decay
     eps: float = 1e-6  # Adam denominator epsilon
@@ -75,6 +92,7 @@ class OptimizerConfig:
     warmup_fraction: float = 0.05  # warm-up as a fraction of total_steps (linear only)
     total_steps: int = 0  # training length in updates (needed by "linear")
     grad_clip_norm: Optional[float] = 1.0  # global gradient-norm clip; None = no clipping
+    model_size: int = 512  # d_model of the noam schedule
 
     @classmethod
     def teacher(cls, total_steps: int, **overrides) -> "OptimizerConfig":
@@ -102,6 +120,8 @@ def make_schedule(cfg: OptimizerConfig) -> Schedule:
         return linear_warmup_decay(cfg.learning_rate, cfg.resolved_warmup_steps(), cfg.total_steps)
     if cfg.schedule == "inverse_sqrt":
         return inverse_sqrt(cfg.learning_rate, cfg.resolved_warmup_steps())
+    if cfg.schedule == "noam":
+        return noam(cfg.learning_rate, cfg.resolved_warmup_steps(), cfg.model_size)
     if cfg.schedule == "constant":
         return constant(cfg.learning_rate)
     raise ValueError(f"unknown schedule {cfg.schedule!r}; expected one of {SCHEDULES}")

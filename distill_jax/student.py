@@ -41,10 +41,13 @@ def abstract_init(model: Transformer, rng: jax.Array):
 
 
 def make_optimizer(config: ExperimentConfig):
+    """Adam with ``train.schedule`` (noam: ``train.learning_rate`` is the factor and
+    ``student.d_model`` the model size)."""
     from distill_jax import optim
     return optim.make_optimizer(optim.OptimizerConfig.student(
         learning_rate=config.train.learning_rate, warmup_steps=config.train.warmup_steps,
-        grad_clip_norm=config.train.grad_clip_norm))
+        grad_clip_norm=config.train.grad_clip_norm, schedule=config.train.schedule,
+        model_size=config.student.d_model))
 
 
 def student_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: str,
@@ -112,18 +115,36 @@ def reference_texts(dataset: PreparedDataset, split: str, limit: int = 0):
 
 def score_split(model, params, vocab, dataset, split, decode_config, mesh, *, limit=0,
                 progress=False) -> tuple[dict, list[str]]:
-    """BLEU (case-insensitive: the uncased teacher's pieces lowercase the output) and
-    ROUGE-1/2/L F-measures of the student's outputs for ``split`` (translation reports BLEU,
-    summarisation ROUGE; both are cheap); returns (scores, hypotheses)."""
+    """Detokenized sacreBLEU (case-insensitive: the uncased teacher's pieces lowercase the
+    output) and ROUGE-1/2/L F-measures of the student's outputs for ``split`` (translation
+    reports BLEU, summarisation ROUGE; both are cheap); returns (scores, hypotheses).
+
+    On a corpus stored Moses-tokenized (``dataset.json`` ``"text"``, e.g. iwslt14_de_en),
+    ``bleu`` is sacreBLEU on Moses-detokenized hypotheses and references, and ``bleu_tok``
+    is tokenized lowercased BLEU (``metrics.tokenized_bleu``), the paper's score."""
     from distill_jax import metrics, translate
 
     sources, references = reference_texts(dataset, split, limit)
     outputs = translate.translate_ids(model, params, sources, decode_config, mesh,
                                      progress=progress)
     hypotheses = [vocab.decode(ids.tolist()) for ids in outputs]
-    scores = metrics.bleu(hypotheses, references, lowercase=True)
-    return ({"bleu": scores["bleu"], "bleu_signature": scores["signature"],
-             **metrics.rouge(hypotheses, references)}, hypotheses)
+    text = dataset.meta.get("text") or {}
+    tokenized = text.get("tokenizer") == "moses"
+    if tokenized:
+        lang = text.get("tgt_lang", "en")
+        scores = metrics.bleu(
+            [metrics.moses_detokenize(metrics.moses_tokens(h, lang, rejoin=True), lang)
+             for h in hypotheses],
+            [metrics.moses_detokenize(r, lang) for r in references], lowercase=True)
+    else:
+        scores = metrics.bleu(hypotheses, references, lowercase=True)
+    result = {"bleu": scores["bleu"], "bleu_signature": scores["signature"],
+              **metrics.rouge(hypotheses, references)}
+    if tokenized:
+        tok = metrics.tokenized_bleu(hypotheses, references, lang=lang,
+                                     references_tokenized=True)
+        result.update(bleu_tok=tok["bleu"], bleu_tok_signature=tok["signature"])
+    return result, hypotheses
 
 
 def checkpointer(directory: Path, config: ExperimentConfig):
@@ -138,8 +159,9 @@ def checkpointer(directory: Path, config: ExperimentConfig):
 
 def final_parameters(config: ExperimentConfig, manager, state, shardings) -> tuple[Any, str]:
     """The parameters to report: the average of the last N checkpoints when requested,
-    else the best checkpoint by the validation ``train.select_metric`` (else the last state).
-    Closes ``manager``."""
+    else, with ``train.final_checkpoint == "last"`` (the reference's choice), the final
+    state, else the best checkpoint by the validation ``train.select_metric`` (else the
+    final state). Closes ``manager``."""
     from distill_jax import checkpoint, sharding
 
     abstract = sharding.abstract_with_shardings(state, shardings)
@@ -149,6 +171,8 @@ def final_parameters(config: ExperimentConfig, manager, state, shardings) -> tup
     if config.train.average_last > 1:
         params = checkpoint.average_checkpoints(directory, config.train.average_last, abstract)
         return params, f"average of the last {config.train.average_last} checkpoints"
+    if config.train.final_checkpoint == "last":
+        return state.params, f"last step {int(jax.device_get(state.step))}"
     if best is not None and best != int(jax.device_get(state.step)):
         with checkpointer(Path(directory), config) as reader:
             restored, _ = reader.restore(best, abstract)

@@ -11,7 +11,7 @@ import jax
 
 from distill_jax import configlib
 from distill_jax.errors import UserError
-from distill_jax.experiment import ExperimentConfig
+from distill_jax.experiment import ExperimentConfig, with_overrides
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,12 +52,13 @@ def initialize_processes(args: argparse.Namespace) -> None:
 
 
 def load_experiment(args: argparse.Namespace) -> ExperimentConfig:
-    """The config file with the command-line overrides applied."""
+    """The config file with the command-line overrides (and, for a baseline, the config's
+    ``baseline_overrides``) applied."""
     config = configlib.load_config_file(args.config)
     if not isinstance(config, ExperimentConfig):
         raise UserError(f"{args.config}: get_config() must return an ExperimentConfig, "
                         f"got {type(config).__name__}")
-    config = configlib.override(config, args.overrides)
+    config = with_overrides(config, args.overrides)
     try:
         config.check()
     except ValueError as err:
