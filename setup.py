@@ -16,6 +16,8 @@ setup(
         "flax>=0.10",
         "optax>=0.2.3",
         "orbax-checkpoint>=0.6",
+        "etils[epath]",  # paths on local disk and gs:// (distill_jax/storage.py)
+        "tensorstore",  # the soft-target cache (zarr v3)
         "numpy",
         "safetensors",
         "transformers>=4.40",
@@ -31,7 +33,11 @@ setup(
     extras_require={
         # Parity tests and comparison benchmarks against PyTorch / transformers.
         "torch": ["torch"],
-        "test": ["pytest>=7", "torch", "matplotlib"],
+        # Work directories on Cloud Storage (gs://): etils.epath reaches it through gcsfs
+        # (tensorstore, for checkpoint arrays and the soft-target cache, needs nothing more).
+        "gcs": ["gcsfs"],
+        # The gs:// tests run against a local emulator (tests/gcs_emulator.py).
+        "test": ["pytest>=7", "torch", "matplotlib", "gcsfs", "gcp-storage-emulator"],
         "plots": ["matplotlib"],
         # Upstream TFDS datasets (wmt14_translate, cnn_dailymail) need TensorFlow to build.
         "tf": ["tensorflow"],

@@ -138,12 +138,12 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
 
 
 def read_lines(path: str) -> list[str]:
-    """Reads a UTF-8 text file into lines without their line endings.
+    """Reads a UTF-8 text file (local or ``gs://``) into lines without their line endings.
 
     Raises ValueError naming the file and the 1-based line of the first invalid byte.
     """
-    with open(path, "rb") as f:
-        raw = f.read()
+    from distill_jax import storage
+    raw = storage.path(path).read_bytes()  # a local path or gs://
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()

@@ -1,35 +1,49 @@
-"""A portable, memory-mapped cache of the teacher's top-K soft targets.
+"""A cache of the teacher's top-K soft targets that lives on local disk or Cloud Storage.
 
-Layout of a finished cache directory::
+Layout of a cache directory (a local folder or a ``gs://`` prefix)::
 
-    header.json     format version, teacher, vocabulary, dataset, split, K, counts
-    logits.f16      float16 [total_rows, K]   the teacher's raw top-K logits
-    indices.i32     int32   [total_rows, K]   their student-vocabulary ids
-    offsets.i64     int64   [num_examples + 1] example i owns rows offsets[i]:offsets[i+1]
+    layout.json   written first: format, identity, K, rows per chunk, counts
+    rows.npy      int64 [num_examples, 2]: example i owns rows rows[i,0] : rows[i,0]+rows[i,1]
+    logits/       zarr v3 array float16 [total_rows, K]  the teacher's raw top-K logits
+    indices/      zarr v3 array int32   [total_rows, K]  their student-vocabulary ids
+    header.json   written last, once every chunk is stored: the commit marker
 
-Row ``offsets[i] + t`` holds the teacher's prediction for target position ``t`` of
+Row ``rows[i, 0] + t`` holds the teacher's prediction for target position ``t`` of
 example ``i``, i.e. for ``tgt_out[t]`` (``tgt[1:]``, the final EOS slot included).
 
-Writing happens in ``<dir>.partial/``: rows may be written in any order and by several
-processes (each one owns disjoint examples and records what it finished in its own
-``done-<process>.npy``), so an interrupted extraction resumes where it stopped. Only
-``finalize`` writes ``header.json`` and renames the folder into place, so a folder
-without ``.partial`` is always complete. ``open_cache`` refuses a cache whose files are
-truncated or whose teacher / vocabulary / dataset differ from the ones a run expects.
+Both arrays are written through tensorstore, chunked by rows. Consecutive examples are
+packed into *chunks* of at most ``chunk_rows`` rows (an example never straddles two), so
+a chunk is written whole, in one object, by one process: several processes fill one cache
+without touching each other's objects, and a chunk is either stored or absent. That is
+also the resume state: an interrupted extraction lists the stored chunks and computes the
+others. Inside a chunk (a zarr "shard") rows are grouped into small inner chunks that a
+reader fetches by byte range, so the student reads the rows of a batch, not whole chunks.
+
+Nothing looks finished until ``header.json`` exists: it is written by one process after
+every chunk of both arrays has been found in storage. ``open_cache`` refuses a directory
+without it, one whose chunks are missing (truncated or damaged), and one made for another
+teacher / vocabulary / dataset / split / K / stride than the run expects.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
-FORMAT_VERSION = 1
-_LOGITS, _INDICES, _OFFSETS, _HEADER = "logits.f16", "indices.i32", "offsets.i64", "header.json"
+from distill_jax import storage
+
+FORMAT_VERSION = 2
+FORMAT = "distill-jax-soft-targets"
+DEFAULT_CHUNK_ROWS = 16384  # rows of one stored object (per array)
+INNER_ROWS = 64  # rows a reader fetches at least (one byte range)
+_LAYOUT, _ROWS, _HEADER = "layout.json", "rows.npy", "header.json"
+_ARRAYS = {"logits": "float16", "indices": "int32"}
+_CACHE_POOL_BYTES = 64 << 20  # decoded shard indices and chunks kept in memory by readers
 
 
 class CacheError(ValueError):
@@ -48,181 +62,333 @@ class CacheIdentity:
     stride: int  # masking stride S used for extraction (every position masked once)
 
 
-def _partial(path: str) -> str:
-    return path.rstrip("/") + ".partial"
+def plan_chunks(target_lengths: np.ndarray, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Packs consecutive examples into chunks of at most ``chunk_rows`` rows.
+
+    Returns (rows ``[n, 2]`` int64 first row and row count of each example, chunk_starts
+    ``[chunks + 1]`` int64: chunk c holds examples ``chunk_starts[c] : chunk_starts[c+1]``).
+    Chunk c's rows begin at ``c * chunk_rows``; the rows after its last example are zeros.
+    """
+    lengths = np.asarray(target_lengths, np.int64)
+    if len(lengths) and lengths.max() > chunk_rows:
+        raise ValueError(f"chunk_rows {chunk_rows} is below the longest target "
+                         f"({int(lengths.max())} rows)")
+    rows = np.zeros((len(lengths), 2), np.int64)
+    starts, chunk, used = [0], 0, 0
+    for i, length in enumerate(lengths):
+        if used + length > chunk_rows:
+            starts.append(i)
+            chunk, used = chunk + 1, 0
+        rows[i] = (chunk * chunk_rows + used, length)
+        used += length
+    starts.append(len(lengths))
+    if len(lengths) == 0:
+        starts = [0, 0]
+    return rows, np.asarray(starts, np.int64)
+
+
+def _array_spec(directory, name: str, *, total_rows: int = 0, top_k: int = 0,
+                chunk_rows: int = 0, create: bool = False) -> dict:
+    spec = {"driver": "zarr3", "kvstore": storage.tensorstore_kvstore(storage.path(directory) / name),
+            "context": {"cache_pool": {"total_bytes_limit": _CACHE_POOL_BYTES}},
+            "recheck_cached_data": "open",
+            # A chunk of zeros is stored too: a stored object is what marks a chunk as done.
+            "store_data_equal_to_fill_value": True}
+    if create:
+        inner = min(INNER_ROWS, chunk_rows)
+        spec["metadata"] = {
+            "shape": [max(total_rows, 1), top_k], "data_type": _ARRAYS[name],
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, top_k]}},
+            "codecs": [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": [inner, top_k],
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                 {"name": "crc32c"}]}}],
+            "fill_value": 0}
+    return spec
+
+
+def _open_array(directory, name: str, **kwargs):
+    import tensorstore as ts
+    create = kwargs.get("create", False)
+    try:
+        # (A new cache's folder was emptied before: no delete_existing, which would issue a
+        # range delete over the bucket's listing.)
+        return ts.open(_array_spec(directory, name, **kwargs), create=create,
+                       open=not create).result()
+    except (ValueError, RuntimeError) as err:
+        raise CacheError(f"{storage.path(directory) / name}: cannot open the soft-target "
+                         f"array: {err}") from None
+
+
+def _stored_chunks(directory, name: str) -> set[int]:
+    """Chunk numbers of ``name`` that are in storage (zarr v3 keys ``c/<chunk>/0``)."""
+    found = set()
+    for key in storage.list_files(storage.path(directory) / name):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "c" and parts[1].isdigit() and parts[2] == "0":
+            found.add(int(parts[1]))
+    return found
+
+
+def _read_json(file) -> Optional[dict]:
+    file = storage.path(file)
+    return json.loads(file.read_text()) if file.exists() else None
 
 
 class CacheWriter:
-    """Fills a cache in ``<path>.partial``; create or resume with :func:`create_or_resume`."""
+    """Fills a cache chunk by chunk; create or resume one with :func:`create_or_resume`."""
 
-    def __init__(self, path: str, identity: CacheIdentity, offsets: np.ndarray,
-                 process_index: int = 0):
-        self.path = path
+    def __init__(self, path, identity: CacheIdentity, rows: np.ndarray,
+                 chunk_starts: np.ndarray, chunk_rows: int):
+        self.path = storage.path(path)
         self.identity = identity
-        self.offsets = offsets
-        self.process_index = process_index
-        work = _partial(path)
-        rows, k = int(offsets[-1]), identity.top_k
-        self._logits = np.memmap(os.path.join(work, _LOGITS), np.float16, "r+", shape=(rows, k))
-        self._indices = np.memmap(os.path.join(work, _INDICES), np.int32, "r+", shape=(rows, k))
-        self._done_path = os.path.join(work, f"done-{process_index}.npy")
-        self.done = (np.load(self._done_path) if os.path.exists(self._done_path)
-                     else np.zeros(len(offsets) - 1, dtype=bool))
+        self.rows = rows  # [n, 2] first row, count
+        self.chunk_starts = chunk_starts  # [chunks + 1]
+        self.chunk_rows = chunk_rows
+        self._arrays = {name: _open_array(self.path, name) for name in _ARRAYS}
+        self._writes: list = []  # tensorstore write futures not waited for yet
 
     @property
     def num_examples(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.rows)
 
-    def pending(self, example_ids: Iterable[int]) -> list[int]:
-        """The given examples that this process has not written yet."""
-        return [int(i) for i in example_ids if not self.done[int(i)]]
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunk_starts) - 1
 
-    def write(self, example_index: int, logits: np.ndarray, indices: np.ndarray) -> None:
-        """Stores ``logits``/``indices`` ``[target_len, K]`` for one example; each row's
-        logits must be sorted in decreasing order (so a run may use the first K' <= K)."""
-        start, end = int(self.offsets[example_index]), int(self.offsets[example_index + 1])
-        expected = (end - start, self.identity.top_k)
-        if logits.shape != expected or indices.shape != expected:
-            raise CacheError(
-                f"example {example_index}: expected soft targets of shape {expected}, got "
-                f"logits {logits.shape} and indices {indices.shape}")
-        if logits.size and np.any(np.diff(logits, axis=-1) > 0):
-            raise CacheError(f"example {example_index}: top-K logits must be sorted in "
-                             "decreasing order along K")
-        self._logits[start:end] = logits.astype(np.float16)
-        self._indices[start:end] = indices.astype(np.int32)
-        self.done[example_index] = True
+    def examples_of(self, chunk: int) -> range:
+        """The examples whose rows chunk ``chunk`` holds."""
+        return range(int(self.chunk_starts[chunk]), int(self.chunk_starts[chunk + 1]))
+
+    def stored_chunks(self) -> set[int]:
+        """Chunks whose logits and indices are both in storage."""
+        return _stored_chunks(self.path, "logits") & _stored_chunks(self.path, "indices")
+
+    def pending_chunks(self) -> list[int]:
+        """Chunks still to compute, ascending."""
+        done = self.stored_chunks()
+        return [c for c in range(self.num_chunks) if c not in done]
+
+    def write_chunk(self, chunk: int, examples: dict) -> None:
+        """Starts storing chunk ``chunk`` from ``{example: (logits, indices)}`` (each
+        ``[target_len, K]``, logits sorted decreasing along K, so a run may use the first
+        K' <= K) for every example of the chunk. The chunk counts as stored once both
+        arrays' objects exist; :meth:`flush` waits for the writes."""
+        first_row = chunk * self.chunk_rows
+        k = self.identity.top_k
+        end = min(first_row + self.chunk_rows, self._arrays["logits"].shape[0])
+        logits = np.zeros((end - first_row, k), np.float16)  # [chunk rows, K]
+        indices = np.zeros((end - first_row, k), np.int32)  # [chunk rows, K]
+        for example in self.examples_of(chunk):
+            if example not in examples:
+                raise CacheError(f"chunk {chunk}: no soft targets for example {example}")
+            start, length = (int(x) for x in self.rows[example])
+            values, ids = examples[example]
+            if values.shape != (length, k) or ids.shape != (length, k):
+                raise CacheError(
+                    f"example {example}: expected soft targets of shape {(length, k)}, got "
+                    f"logits {values.shape} and indices {ids.shape}")
+            if values.size and np.any(np.diff(values, axis=-1) > 0):
+                raise CacheError(f"example {example}: top-K logits must be sorted in "
+                                 "decreasing order along K")
+            logits[start - first_row:start - first_row + length] = values
+            indices[start - first_row:start - first_row + length] = ids
+        self._writes += [self._arrays["indices"][first_row:end].write(indices),
+                         self._arrays["logits"][first_row:end].write(logits)]
+
+    def writes_in_flight(self) -> int:
+        return len(self._writes) // 2
 
     def flush(self) -> None:
-        """Makes the rows written so far durable, then records them as done (in that order,
-        so a crash never marks unwritten rows as done)."""
-        self._logits.flush()
-        self._indices.flush()
-        tmp = self._done_path + ".tmp.npy"
-        np.save(tmp, self.done)
-        os.replace(tmp, self._done_path)
+        """Waits until the chunks written so far are in storage."""
+        writes, self._writes = self._writes, []
+        for future in writes:
+            future.commit.result()
 
-    def finalize(self, num_processes: int = 1) -> str:
-        """Checks every example was written (by any process), writes the header and moves
-        the folder into place. Call from one process after all have flushed."""
+    def finalize(self) -> storage.epath.Path:
+        """Checks that every chunk of both arrays is stored, then writes ``header.json`` (the
+        commit marker). Call from one process after all have flushed their chunks."""
         self.flush()
-        work = _partial(self.path)
-        done = np.zeros(self.num_examples, dtype=bool)
-        for p in range(num_processes):
-            f = os.path.join(work, f"done-{p}.npy")
-            if os.path.exists(f):
-                done |= np.load(f)
-        if not done.all():
-            missing = np.flatnonzero(~done)
+        missing = self.pending_chunks()
+        if missing:
             raise CacheError(
-                f"{work}: {len(missing)} of {self.num_examples} examples have no soft targets "
-                f"yet (first missing: {missing[:5].tolist()})")
-        header = {
-            "format_version": FORMAT_VERSION,
-            **asdict(self.identity),
-            "num_examples": self.num_examples,
-            "total_rows": int(self.offsets[-1]),
-            "files": {"logits": _LOGITS, "indices": _INDICES, "offsets": _OFFSETS},
-        }
-        with open(os.path.join(work, _HEADER), "w") as f:
-            json.dump(header, f, indent=2)
-        for name in os.listdir(work):
-            if name.startswith("done-") or name == "identity.json":
-                os.remove(os.path.join(work, name))
-        if os.path.exists(self.path):
-            shutil.rmtree(self.path)
-        os.replace(work, self.path)
+                f"{self.path}: {len(missing)} of {self.num_chunks} chunks have no soft targets "
+                f"yet (first missing: {missing[:5]})")
+        header = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self.identity),
+                  "num_examples": self.num_examples, "num_chunks": self.num_chunks,
+                  "total_rows": int(self.num_chunks * self.chunk_rows),
+                  "chunk_rows": self.chunk_rows, "arrays": sorted(_ARRAYS)}
+        storage.write_text_atomic(self.path / _HEADER, json.dumps(header, indent=2))
         return self.path
 
 
-def create_or_resume(path: str, identity: CacheIdentity, target_lengths: np.ndarray,
-                     process_index: int = 0) -> CacheWriter:
+def _layout(identity: CacheIdentity, rows: np.ndarray, chunk_starts: np.ndarray,
+            chunk_rows: int) -> dict:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "identity": asdict(identity),
+            "num_examples": int(len(rows)), "num_chunks": int(len(chunk_starts) - 1),
+            "chunk_rows": int(chunk_rows), "target_rows": int(rows[:, 1].sum())}
+
+
+def create_or_resume(path, identity: CacheIdentity, target_lengths: np.ndarray, *,
+                     chunk_rows: int = DEFAULT_CHUNK_ROWS, create: bool = True) -> CacheWriter:
     """Starts a cache for examples with the given target lengths (``len(tgt_out)``), or
-    resumes ``<path>.partial`` if one exists for the same identity and lengths."""
-    offsets = np.zeros(len(target_lengths) + 1, dtype=np.int64)
-    np.cumsum(np.asarray(target_lengths, dtype=np.int64), out=offsets[1:])
-    work = _partial(path)
-    meta_path = os.path.join(work, "identity.json")
-    if os.path.isdir(work):
-        with open(meta_path) as f:
-            previous = json.load(f)
-        stored_offsets = np.fromfile(os.path.join(work, _OFFSETS), dtype=np.int64)
-        if previous != asdict(identity) or not np.array_equal(stored_offsets, offsets):
+    resumes an unfinished one at ``path`` made for the same identity and lengths (keeping
+    its chunk size). ``create=False`` only opens what another process created.
+
+    A finished cache at ``path`` is removed first (the caller asked to recompute it)."""
+    path = storage.path(path)
+    lengths = np.asarray(target_lengths, np.int64)
+    previous = _read_json(path / _LAYOUT)
+    if previous is not None:
+        chunk_rows = int(previous.get("chunk_rows", chunk_rows))
+    chunk_rows = max(int(chunk_rows), int(lengths.max()) if len(lengths) else 1)
+    rows, chunk_starts = plan_chunks(lengths, chunk_rows)
+    layout = _layout(identity, rows, chunk_starts, chunk_rows)
+    if not create:
+        if previous != layout:
+            raise CacheError(f"{path}: the cache layout written by process 0 is not this "
+                             "process's (different data?)")
+        return CacheWriter(path, identity, rows, chunk_starts, chunk_rows)
+    if (path / _HEADER).exists():
+        storage.rmtree(path)
+        previous = None
+    if previous is not None:
+        stored_rows = np.load(io.BytesIO((path / _ROWS).read_bytes())) \
+            if (path / _ROWS).exists() else None
+        if previous != layout or stored_rows is None or not np.array_equal(stored_rows, rows):
             raise CacheError(
-                f"{work} is an unfinished cache for other data ({previous}); "
-                "remove it to start again")
-    else:
-        os.makedirs(work, exist_ok=process_index != 0)
-        if process_index == 0:
-            rows = int(offsets[-1])
-            for name, dtype in ((_LOGITS, np.float16), (_INDICES, np.int32)):
-                np.memmap(os.path.join(work, name), dtype, "w+",
-                          shape=(max(rows, 1), identity.top_k)).flush()
-            offsets.tofile(os.path.join(work, _OFFSETS))
-            with open(meta_path, "w") as f:
-                json.dump(asdict(identity), f)
-    return CacheWriter(path, identity, offsets, process_index)
+                f"{path} is an unfinished cache for other data ({previous.get('identity')}); "
+                "remove it (or pass --force) to start again")
+        return CacheWriter(path, identity, rows, chunk_starts, chunk_rows)
+    if path.exists():
+        storage.rmtree(path)  # debris without a layout (e.g. killed while creating)
+    storage.makedirs(path)
+    total_rows = int(len(chunk_starts) - 1) * chunk_rows
+    for name in _ARRAYS:
+        _open_array(path, name, total_rows=total_rows, top_k=identity.top_k,
+                    chunk_rows=chunk_rows, create=True)
+    buffer = io.BytesIO()
+    np.save(buffer, rows)
+    storage.write_bytes_atomic(path / _ROWS, buffer.getvalue())
+    storage.write_text_atomic(path / _LAYOUT, json.dumps(layout, indent=2))  # last: valid now
+    return CacheWriter(path, identity, rows, chunk_starts, chunk_rows)
+
+
+def remove(path) -> None:
+    """Deletes a cache (finished or not)."""
+    storage.rmtree(path)
 
 
 class SoftTargetCache:
-    """Read-only view of a finished cache (memory-mapped; nothing is loaded up front)."""
+    """Read-only view of a finished cache; rows are read on demand, a batch at a time."""
 
-    def __init__(self, path: str, header: dict):
-        self.path = path
+    def __init__(self, path, header: dict, rows: np.ndarray):
+        self.path = storage.path(path)
         self.header = header
-        rows, k = header["total_rows"], header["top_k"]
-        self.offsets = np.fromfile(os.path.join(path, _OFFSETS), dtype=np.int64)
-        self.logits = np.memmap(os.path.join(path, _LOGITS), np.float16, "r", shape=(rows, k))
-        self.indices = np.memmap(os.path.join(path, _INDICES), np.int32, "r", shape=(rows, k))
+        self.rows = rows  # [n, 2] first row, count
+        self._arrays = {name: _open_array(self.path, name) for name in _ARRAYS}
 
     @property
     def top_k(self) -> int:
         return int(self.header["top_k"])
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.rows)
+
+    def read_async(self, examples: Sequence[int]):
+        """Starts reading the rows of ``examples`` (one request per array, fetching only the
+        inner chunks they touch); returns a :class:`PendingRead`."""
+        examples = np.asarray(examples, np.int64)
+        starts, counts = self.rows[examples, 0], self.rows[examples, 1]
+        total = int(counts.sum())
+        # [total] row numbers of every example's rows, examples one after another.
+        within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        positions = np.repeat(starts, counts) + within
+        if total == 0:
+            return PendingRead(counts, None, None, self.top_k)
+        futures = [self._arrays[name].vindex[positions].read() for name in ("logits", "indices")]
+        return PendingRead(counts, *futures, top_k=self.top_k)
 
     def __getitem__(self, example_index: int) -> tuple[np.ndarray, np.ndarray]:
         """(logits float32 [target_len, K], indices int32 [target_len, K]) of one example."""
-        start, end = self.offsets[example_index], self.offsets[example_index + 1]
-        return (np.asarray(self.logits[start:end], dtype=np.float32),
-                np.asarray(self.indices[start:end]))
+        logits, indices = self.read_async([int(example_index)]).result()
+        return logits[0], indices[0]
 
 
-def open_cache(path: str, expected: Optional[CacheIdentity] = None,
+class PendingRead:
+    """The rows of some examples being read; ``result()`` waits and splits them."""
+
+    def __init__(self, counts: np.ndarray, logits_future, indices_future, top_k: int):
+        self._counts = counts
+        self._futures = (logits_future, indices_future)
+        self._top_k = top_k
+
+    def result(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(logits float32 ``[len_i, K]``, indices int32 ``[len_i, K]``) per example."""
+        if self._futures[0] is None:
+            empty = np.zeros((0, self._top_k))
+            return ([empty.astype(np.float32)] * len(self._counts),
+                    [empty.astype(np.int32)] * len(self._counts))
+        logits = np.asarray(self._futures[0].result(), np.float32)
+        indices = np.asarray(self._futures[1].result(), np.int32)
+        cuts = np.cumsum(self._counts)[:-1]
+        return np.split(logits, cuts), np.split(indices, cuts)
+
+
+def _check_identity(path, header: dict, expected: CacheIdentity) -> None:
+    for field, want in asdict(expected).items():
+        have = header.get(field)
+        if field == "top_k":
+            if want > have:
+                raise CacheError(f"{path} keeps K={have} entries per position; "
+                                 f"the run asks for K={want}")
+        elif have != want:
+            raise CacheError(f"{path} was made for {field} {have!r}, "
+                             f"but this run uses {field} {want!r}")
+
+
+def is_finished(path) -> bool:
+    """Whether ``path`` holds a committed cache (its ``header.json`` exists)."""
+    return (storage.path(path) / _HEADER).exists()
+
+
+def open_cache(path, expected: Optional[CacheIdentity] = None,
                num_examples: Optional[int] = None) -> SoftTargetCache:
     """Opens a finished cache, refusing it if it is unfinished, truncated, or was made for
     another teacher / vocabulary / dataset / split than ``expected`` (``top_k`` may be
     smaller in ``expected``: a run can use the first K' <= K entries)."""
-    header_path = os.path.join(path, _HEADER)
-    if not os.path.isfile(header_path):
+    path = storage.path(path)
+    header = _read_json(path / _HEADER)
+    if header is None:
         hint = " (extraction did not finish; rerun soft-targets to resume)" \
-            if os.path.isdir(_partial(path)) else ""
+            if (path / _LAYOUT).exists() else ""
         raise CacheError(f"{path} is not a finished soft-target cache: no {_HEADER}{hint}")
-    with open(header_path) as f:
-        header = json.load(f)
-    if header.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{header_path}: format version {header.get('format_version')}, "
-                         f"this code reads version {FORMAT_VERSION}")
-    rows, k, n = header["total_rows"], header["top_k"], header["num_examples"]
-    sizes = {_LOGITS: rows * k * 2, _INDICES: rows * k * 4, _OFFSETS: (n + 1) * 8}
-    for name, size in sizes.items():
-        file = os.path.join(path, name)
-        found = os.path.getsize(file) if os.path.exists(file) else None
-        if found != size and not (rows == 0 and name != _OFFSETS):
-            raise CacheError(f"{file}: expected {size} bytes for {rows} rows x K={k}, "
-                             f"found {found if found is not None else 'no file'} (truncated?)")
+    if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{path / _HEADER}: format {header.get('format')!r} version "
+                         f"{header.get('format_version')}, this code reads {FORMAT!r} version "
+                         f"{FORMAT_VERSION}")
     if expected is not None:
-        for field, want in asdict(expected).items():
-            have = header.get(field)
-            if field == "top_k":
-                if want > have:
-                    raise CacheError(f"{path} keeps K={have} entries per position; "
-                                     f"the run asks for K={want}")
-            elif have != want:
-                raise CacheError(f"{path} was made for {field} {have!r}, "
-                                 f"but this run uses {field} {want!r}")
+        _check_identity(path, header, expected)
+    n, chunks = int(header["num_examples"]), int(header["num_chunks"])
     if num_examples is not None and n != num_examples:
         raise CacheError(f"{path} has soft targets for {n} examples; the dataset split has "
                          f"{num_examples}")
-    return SoftTargetCache(path, header)
+    try:
+        rows = np.load(io.BytesIO((path / _ROWS).read_bytes()))
+    except (FileNotFoundError, ValueError) as err:
+        raise CacheError(f"{path / _ROWS}: missing or damaged ({err})") from None
+    if rows.shape != (n, 2):
+        raise CacheError(f"{path / _ROWS}: {rows.shape[0]} examples, the header says {n}")
+    for name in _ARRAYS:
+        stored = _stored_chunks(path, name)
+        if len(stored & set(range(chunks))) != chunks:
+            raise CacheError(f"{path / name}: {chunks - len(stored)} of {chunks} chunks are "
+                             "missing (truncated or damaged cache)")
+    cache = SoftTargetCache(path, header, rows)
+    for name, array in cache._arrays.items():
+        if tuple(array.shape) != (int(header["total_rows"]), int(header["top_k"])):
+            raise CacheError(f"{path / name}: shape {tuple(array.shape)}, the header says "
+                             f"{(header['total_rows'], header['top_k'])} (truncated?)")
+    return cache
+

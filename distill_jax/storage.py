@@ -95,6 +95,21 @@ def rmtree(directory: PathLike) -> None:
         directory.rmtree()
 
 
+def list_files(directory: PathLike) -> list[str]:
+    """Every file under ``directory`` (recursively), as paths relative to it, read fresh
+    from storage (no cached listing: other processes and tensorstore write there too)."""
+    directory = path(directory)
+    if is_remote(directory):
+        import fsspec
+        fs = fsspec.filesystem(scheme(directory))
+        root = os.fspath(directory).partition("://")[2].rstrip("/")
+        fs.invalidate_cache()
+        return [name[len(root) + 1:] for name in fs.find(root) if name.startswith(root + "/")]
+    root = os.fspath(directory)
+    return [os.path.relpath(os.path.join(base, name), root)
+            for base, _, names in os.walk(root) for name in names]
+
+
 class LineLog:
     """A text file that grows by lines (``metrics.jsonl``): appended to on local disk,
     rewritten whole on object storage (objects are immutable), so both keep every line."""

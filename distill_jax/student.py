@@ -7,14 +7,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
+from collections import deque
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax import runner
+from distill_jax import runner, storage
 from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
 from distill_jax.data.prepared import PreparedDataset, open_prepared
 from distill_jax.data.vocab import Vocabulary
@@ -67,26 +67,70 @@ def student_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: 
                          pipeline_config)
 
 
-def attach_soft_targets(batch: dict, cache, top_k: int) -> dict:
+def attach_soft_targets(batch: dict, cache, top_k: int, pending=None) -> dict:
     """Adds ``kd_logits`` / ``kd_indices`` ``[rows, T, K]`` from the cache, by record index.
 
-    Row t of an example's cached targets belongs to ``tgt_out[t]``; filler rows and
-    positions past the target get zeros (their loss weight is 0)."""
+    The rows of the whole batch come in one read per array (``cache.read_async``; pass
+    ``pending``, that read already started, to use it). Row t of an example's cached
+    targets belongs to ``tgt_out[t]``; filler rows and positions past the target get zeros
+    (their loss weight is 0)."""
     rows, tgt_len = batch["tgt_out"].shape
     logits = np.zeros((rows, tgt_len, top_k), np.float32)  # [rows, T, K]
     indices = np.zeros((rows, tgt_len, top_k), np.int32)  # [rows, T, K]
-    for row, record in enumerate(batch["index"]):
-        if record < 0:
-            continue
-        cached_logits, cached_ids = cache[int(record)]  # [len(tgt_out), K_cache]
+    real = [row for row, record in enumerate(batch["index"]) if record >= 0]
+    pending = pending if pending is not None else cache.read_async(
+        [int(batch["index"][row]) for row in real])
+    cached_logits, cached_ids = pending.result()  # per example [len(tgt_out), K_cache]
+    for row, values, ids in zip(real, cached_logits, cached_ids):
         length = int(np.count_nonzero(batch["tgt_out"][row]))
-        if len(cached_logits) != length:
+        if len(values) != length:
             raise UserError(
-                f"soft-target cache {cache.path}: record {int(record)} has {len(cached_logits)} "
-                f"target rows, the batch has {length} target tokens (cache made for other data?)")
-        logits[row, :length] = cached_logits[:, :top_k]
-        indices[row, :length] = cached_ids[:, :top_k]
+                f"soft-target cache {cache.path}: record {int(batch['index'][row])} has "
+                f"{len(values)} target rows, the batch has {length} target tokens (cache made "
+                "for other data?)")
+        logits[row, :length] = values[:, :top_k]
+        indices[row, :length] = ids[:, :top_k]
     return {**batch, "kd_logits": logits, "kd_indices": indices}
+
+
+class SoftTargetBatches:
+    """Wraps a batch iterator: each batch comes with its soft targets attached, read
+    ``depth`` batches ahead of the step that consumes it (the reads run in tensorstore's
+    threads while the step computes). ``get_state`` / ``set_state`` are the wrapped
+    iterator's, at the position of the batches handed out, so a checkpoint resumes exactly."""
+
+    def __init__(self, batches, cache, top_k: int, depth: int = 2):
+        self._batches, self._cache, self._top_k, self._depth = batches, cache, top_k, depth
+        self._ahead: deque = deque()  # (batch, pending read, state before the batch)
+
+    def __iter__(self) -> "SoftTargetBatches":
+        return self
+
+    def _fill(self) -> None:
+        while len(self._ahead) < self._depth:
+            state = self._batches.get_state()
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                return
+            records = [int(r) for r in batch["index"] if r >= 0]
+            self._ahead.append((batch, self._cache.read_async(records), state))
+
+    def __next__(self) -> dict:
+        self._fill()
+        if not self._ahead:
+            raise StopIteration
+        batch, pending, _ = self._ahead.popleft()
+        self._fill()  # the next reads start before this batch is used
+        return attach_soft_targets(batch, self._cache, self._top_k, pending)
+
+    def get_state(self) -> dict:
+        """The wrapped iterator's state at the next batch this wrapper hands out."""
+        return self._ahead[0][2] if self._ahead else self._batches.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._ahead.clear()
+        self._batches.set_state(state)
 
 
 def cache_identity(config: ExperimentConfig, dataset: PreparedDataset, split: str,
@@ -147,7 +191,7 @@ def score_split(model, params, vocab, dataset, split, decode_config, mesh, *, li
     return result, hypotheses
 
 
-def checkpointer(directory: Path, config: ExperimentConfig):
+def checkpointer(directory: storage.PathLike, config: ExperimentConfig):
     """The student's checkpoints: the last ones (enough to average) plus the best by
     ``train.select_metric`` on the validation split (BLEU unless configured)."""
     from distill_jax import checkpoint
@@ -174,7 +218,7 @@ def final_parameters(config: ExperimentConfig, manager, state, shardings) -> tup
     if config.train.final_checkpoint == "last":
         return state.params, f"last step {int(jax.device_get(state.step))}"
     if best is not None and best != int(jax.device_get(state.step)):
-        with checkpointer(Path(directory), config) as reader:
+        with checkpointer(directory, config) as reader:
             restored, _ = reader.restore(best, abstract)
         metric = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2",
                   "rougeL": "ROUGE-L"}[config.train.select_metric]
@@ -182,11 +226,13 @@ def final_parameters(config: ExperimentConfig, manager, state, shardings) -> tup
     return state.params, f"step {int(jax.device_get(state.step))}"
 
 
-def load_trained(config: ExperimentConfig, workdir: Path, name: str, which: str, mesh):
-    """(model, params, vocab) of a trained student; ``which`` is best, latest, averaged or a
-    step number."""
+def load_trained(config: ExperimentConfig, workdir: storage.PathLike, name: str, which: str,
+                 mesh):
+    """(model, params, vocab) of a trained student (``workdir`` local or ``gs://``);
+    ``which`` is best, latest, averaged or a step number."""
     from distill_jax import checkpoint, sharding, train
 
+    workdir = storage.path(workdir)
     out = workdir / "students" / name
     directory = out / "checkpoints"
     if not directory.is_dir():

@@ -47,3 +47,14 @@ def minilm_dir() -> pathlib.Path:
     if not (path / "model.safetensors").is_file():
         pytest.skip(f"all-MiniLM-L6-v2 is not at {path}; run scripts/fetch_minilm.sh")
     return path
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A Cloud Storage emulator on 127.0.0.1 for the whole session (tests/gcs_emulator.py);
+    skipped when gcp-storage-emulator or gcsfs is not installed (the `test` extra)."""
+    import gcs_emulator  # (before gcsfs is imported)
+    pytest.importorskip("gcp_storage_emulator")
+    pytest.importorskip("gcsfs")
+    with gcs_emulator.running() as emulator:
+        yield emulator

@@ -131,13 +131,17 @@ def test_soft_targets_rerun_reuses_a_finished_cache(experiment):
     deterministic)."""
     workdir, teacher = experiment
     cache = workdir / "soft_targets" / "train"
-    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in cache.iterdir()}
+
+    def files():
+        return {str(p.relative_to(cache)): p for p in cache.rglob("*") if p.is_file()}
+
+    before = {name: (p.stat().st_mtime_ns, p.read_bytes()) for name, p in files().items()}
     again = _cli(workdir, teacher, "soft-targets", "--set", "teacher.steps=2")
     assert "already in" in again.stdout and "nothing to do" in again.stdout
-    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in cache.iterdir()} == before
+    assert {name: (p.stat().st_mtime_ns, p.read_bytes()) for name, p in files().items()} == before
     forced = _cli(workdir, teacher, "soft-targets", "--set", "teacher.steps=2", "--force")
     assert "already in" not in forced.stdout and "soft targets of" in forced.stdout
-    after = {p.name: p.read_bytes() for p in cache.iterdir()}
+    after = {name: p.read_bytes() for name, p in files().items()}
     assert after == {name: data for name, (_, data) in before.items()}
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import jax
 
-from distill_jax import configlib
+from distill_jax import configlib, storage
 from distill_jax.errors import UserError
 from distill_jax.experiment import ExperimentConfig, with_overrides
 
@@ -17,7 +17,8 @@ from distill_jax.experiment import ExperimentConfig, with_overrides
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """--config, --workdir, --set and the multi-process flags of every training command."""
     parser.add_argument("--config", required=True, help="experiment config file (configs/*.py)")
-    parser.add_argument("--workdir", required=True, help="directory of the experiment")
+    parser.add_argument("--workdir", required=True,
+                        help="directory of the experiment: a local path or gs://BUCKET/PATH")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="FIELD=VALUE", help="override a config field, e.g. train.steps=100")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -49,6 +50,13 @@ def initialize_processes(args: argparse.Namespace) -> None:
                             "--process-id (or their DISTILL_JAX_* environment variables)")
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes, process_id=args.process_id)
+
+
+def workdir(args: argparse.Namespace) -> storage.epath.Path:
+    """``--workdir`` as a path (local or ``gs://``); a bucket that cannot be reached, is
+    missing or lacks credentials is refused here, before any work starts."""
+    storage.check_access(args.workdir)
+    return storage.path(args.workdir)
 
 
 def load_experiment(args: argparse.Namespace) -> ExperimentConfig:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-from distill_jax import runner, student
+from distill_jax import runner, storage, student
 from distill_jax.commands import common
 from distill_jax.errors import UserError
 from distill_jax.metrics import read_lines
@@ -20,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default="best",
                         help="'best' (validation BLEU), 'latest', 'averaged' or a step number")
     parser.add_argument("--input", default="-", help="source sentences, one per line (- = stdin)")
-    parser.add_argument("--output", default="-", help="where to write outputs (- = stdout)")
+    parser.add_argument("--output", default="-",
+                        help="where to write outputs: a local path or gs://... (- = stdout)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
@@ -29,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     common.initialize_processes(args)
     config = common.load_experiment(args)
-    workdir = Path(args.workdir)
+    workdir = common.workdir(args)
     name = args.name or student.default_name(config)
     mesh = sharding.make_mesh(config.mesh)
     model, params, vocab = student.load_trained(config, workdir, name, args.checkpoint, mesh)
@@ -45,7 +44,5 @@ def run(args: argparse.Namespace) -> int:
     if args.output == "-":
         sys.stdout.write(text)
     else:
-        tmp = Path(args.output + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(args.output)
+        storage.write_text_atomic(args.output, text)
     return 0

@@ -1,15 +1,19 @@
 """``distill-jax soft-targets``: run the fine-tuned teacher over a split with stride
-masking and write its top-K logits and ids into the memory-mapped cache
-(``WORKDIR/soft_targets/SPLIT``, see ``soft_target_cache``).
+masking and write its top-K logits and ids into the soft-target cache
+(``WORKDIR/soft_targets/SPLIT``, local or ``gs://``, see ``soft_target_cache``).
 
-Every process scores its own rows of every batch and writes them into the shared cache
-files; the extraction resumes where an interrupted one stopped.
+The cache is filled chunk by chunk. Every process takes part in every batch (each scores
+its own rows of the global batch); the rows of a chunk are gathered on every process and
+the chunk's owner (chunks are dealt round-robin over the processes) writes it, so each
+stored object has one writer. Each chunk's batches are planned from that chunk's examples
+alone, so a chunk's values do not depend on which chunks were computed before it: an
+interrupted extraction resumes with the chunks that are not stored yet and ends with the
+cache an uninterrupted one writes. ``header.json`` is written last, by process 0.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,24 +22,42 @@ from distill_jax import runner
 from distill_jax.commands import common
 from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
 
-FLUSH_EVERY = 20  # batches between durable flushes of the cache
+WRITES_IN_FLIGHT = 8  # chunk writes a process leaves running before waiting for them
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from distill_jax.soft_target_cache import DEFAULT_CHUNK_ROWS
     common.add_common_arguments(parser)
     parser.add_argument("--split", default=None, help="split to score (default: data.train_split)")
     parser.add_argument("--force", action="store_true",
                         help="recompute even if a finished cache for this teacher and data exists")
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
+                        help="target positions per stored chunk (the unit of writing and of "
+                             "resuming; an unfinished cache keeps its own)")
 
 
-def local_rows(array: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in order."""
+class _Subset:
+    """Records ``ids`` of a random-access source, as a source of their own."""
+
+    def __init__(self, source, ids: np.ndarray):
+        self.source, self.ids = source, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        return self.source[int(self.ids[int(index)])]
+
+    def __getitems__(self, indices):
+        return self.source.__getitems__([int(self.ids[int(i)]) for i in indices])
+
+
+def global_rows(array: jax.Array) -> np.ndarray:
+    """Every row of a batch-sharded global array, on every process."""
+    from jax.experimental import multihost_utils
     if jax.process_count() == 1:
         return np.asarray(jax.device_get(array))
-    pieces = {}
-    for shard in array.addressable_shards:
-        pieces.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
-    return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,18 +66,22 @@ def run(args: argparse.Namespace) -> int:
     from distill_jax import sharding, student
     from distill_jax import teacher as teacher_lib
     from distill_jax.data.prepared import open_prepared
-    from distill_jax.soft_target_cache import CacheError, create_or_resume, open_cache
+    from distill_jax.errors import UserError
+    from distill_jax.soft_target_cache import (CacheError, create_or_resume, is_finished,
+                                               open_cache)
 
     common.initialize_processes(args)
     config = common.load_experiment(args)
-    workdir = Path(args.workdir)
+    workdir = common.workdir(args)
     split = args.split or config.data.train_split
+    if args.chunk_rows < 1:
+        raise UserError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
     dataset = open_prepared(runner.prepared_dir(config, workdir))
     dtype = runner.compute_dtype(config)
     identity = student.cache_identity(config, dataset, split, config.teacher.top_k)
     records, lengths = dataset.records(split, config.data.example_limit(split))  # lengths [n, 2]
-    cache_path = str(workdir / "soft_targets" / split)
-    if not args.force and (Path(cache_path) / "header.json").is_file():
+    cache_path = workdir / "soft_targets" / split
+    if not args.force and is_finished(cache_path):
         # A finished cache made from this teacher and data is reused, not recomputed.
         try:
             cache = open_cache(cache_path, identity, num_examples=len(lengths))
@@ -72,46 +98,66 @@ def run(args: argparse.Namespace) -> int:
     mesh = sharding.make_mesh(config.mesh)
     teacher, params, param_shardings = teacher_lib.load_finetuned(
         config, workdir, dataset.vocab, mesh, dtype)
-    # Process 0 creates (or checks) the files; the others open them once they exist.
+    # Process 0 creates (or checks) the cache; the others open it once it exists.
+    try:
+        if jax.process_index() == 0:
+            writer = create_or_resume(cache_path, identity, lengths[:, 1],
+                                      chunk_rows=args.chunk_rows)
+        multihost_utils.sync_global_devices("soft-target cache created")
+        if jax.process_index() != 0:
+            writer = create_or_resume(cache_path, identity, lengths[:, 1],
+                                      chunk_rows=args.chunk_rows, create=False)
+    except CacheError as err:
+        raise UserError(str(err)) from None
+    # Every process works through the same list of pending chunks (process 0's listing).
+    stored = np.zeros(writer.num_chunks, np.int32)
     if jax.process_index() == 0:
-        writer = create_or_resume(cache_path, identity, lengths[:, 1])
-    multihost_utils.sync_global_devices("soft-target cache created")
-    if jax.process_index() != 0:
-        writer = create_or_resume(cache_path, identity, lengths[:, 1],
-                                  process_index=jax.process_index())
+        stored[list(writer.stored_chunks())] = 1
+    stored = np.asarray(multihost_utils.broadcast_one_to_all(stored))
+    pending = [int(c) for c in np.flatnonzero(stored == 0)]
 
-    pipeline = BatchPipeline(records, lengths, PipelineConfig(
-        seed=config.data.seed, shuffle=False, num_epochs=1,
-        tokens_per_batch=config.teacher.tokens_per_batch,
-        batch_multiple=runner.data_shards(mesh), bucket_step=config.data.bucket_step))
     rows = sharding.batch_sharding(mesh)
     extract = jax.jit(
         lambda p, src, tgt_out: teacher_lib.stride_topk(
             teacher, p, src, tgt_out, stride=config.teacher.stride, top_k=config.teacher.top_k),
         in_shardings=(param_shardings, rows, rows), out_shardings=(rows, rows))
+    pipeline_config = PipelineConfig(
+        seed=config.data.seed, shuffle=False, num_epochs=1,
+        tokens_per_batch=config.teacher.tokens_per_batch,
+        batch_multiple=runner.data_shards(mesh), bucket_step=config.data.bucket_step)
 
-    bar = runner.progress(pipeline.batches_per_epoch, 0, f"soft targets ({split})",
-                          args.no_progress)
-    for number in range(pipeline.batches_per_epoch):
-        batch = pipeline.load_batch(number)
-        index = batch["index"]
-        if writer.pending(i for i in index if i >= 0) or jax.process_count() > 1:
-            # Every process must join the jitted call; single-process runs skip finished batches.
+    bar = runner.progress(writer.num_chunks, writer.num_chunks - len(pending),
+                          f"soft targets ({split}, chunks)", args.no_progress)
+    for turn, chunk in enumerate(pending):
+        examples = np.asarray(writer.examples_of(chunk), np.int64)  # [examples of the chunk]
+        pipeline = BatchPipeline(_Subset(records, examples), lengths[examples], pipeline_config)
+        owner = turn % jax.process_count()
+        results = {}
+        for number in range(pipeline.batches_per_epoch):
+            batch = pipeline.load_batch(number)
             arrays = sharding.shard_batch({"src": batch["src"], "tgt_out": batch["tgt_out"]}, mesh)
             logits, ids = extract(params, arrays["src"], arrays["tgt_out"])
-            logits, ids = local_rows(logits), local_rows(ids)  # [rows, T, K]
-            for row, record in enumerate(index):
-                if record >= 0 and not writer.done[record]:
-                    length = int(lengths[record, 1])
-                    writer.write(int(record), logits[row, :length], ids[row, :length])
-        if (number + 1) % FLUSH_EVERY == 0:
-            writer.flush()
+            logits, ids = global_rows(logits), global_rows(ids)  # [global rows, T, K]
+            if owner != jax.process_index():
+                continue
+            for row, local in enumerate(pipeline.plan(0).batches[number]):  # global rows
+                if local >= 0:
+                    example = int(examples[local])
+                    length = int(lengths[example, 1])
+                    results[example] = (logits[row, :length], ids[row, :length])
+        if owner == jax.process_index():
+            writer.write_chunk(chunk, results)
+            if writer.writes_in_flight() >= WRITES_IN_FLIGHT:
+                writer.flush()
         bar.update(1)
     bar.close()
     writer.flush()
     multihost_utils.sync_global_devices("soft targets written")
     if runner.is_chief():
-        path = writer.finalize(num_processes=jax.process_count())
+        try:
+            path = writer.finalize()
+        except CacheError as err:
+            raise UserError(str(err)) from None
         print(f"soft targets of {writer.num_examples} {split} examples (K={identity.top_k}) "
               f"-> {path}", flush=True)
     multihost_utils.sync_global_devices("soft-target cache finalized")

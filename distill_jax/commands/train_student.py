@@ -12,18 +12,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 
-from distill_jax import runner, sharding, train
+from distill_jax import runner, sharding, storage, train
 from distill_jax import teacher as teacher_lib
 from distill_jax.commands import common
 from distill_jax.data.prepared import open_prepared
 from distill_jax.errors import UserError
 from distill_jax.experiment import SELECT_METRICS
 from distill_jax.soft_target_cache import CacheError, open_cache
-from distill_jax.student import (attach_soft_targets, abstract_init, build_model, cache_identity,
+from distill_jax.student import (SoftTargetBatches, abstract_init, build_model, cache_identity,
                                  checkpointer, default_name, final_parameters, make_optimizer,
                                  score_split, student_pipeline)
 
@@ -39,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     common.initialize_processes(args)
     config = common.load_experiment(args)
-    workdir = Path(args.workdir)
+    workdir = common.workdir(args)
     name = args.name or default_name(config)
     out = workdir / "students" / name
     runner.check_or_save_config(config, out / "config.json", what="train-student")
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     teacher_fn, cache, frozen, frozen_shardings = None, None, None, None
     if kd == "offline":
         try:
-            cache = open_cache(str(workdir / "soft_targets" / config.data.train_split),
+            cache = open_cache(workdir / "soft_targets" / config.data.train_split,
                                cache_identity(config, dataset, config.data.train_split,
                                               config.distill.top_k),
                                num_examples=len(dataset.records(
@@ -98,10 +97,10 @@ def run(args: argparse.Namespace) -> int:
     pipeline = student_pipeline(config, dataset, config.data.train_split, shards, training=True)
     valid = student_pipeline(config, dataset, config.data.valid_split, shards, training=False)
     batches = iter(pipeline)
+    if cache is not None:  # soft targets read ahead of the step that needs them
+        batches = SoftTargetBatches(batches, cache, config.distill.top_k)
 
     def to_device(batch):
-        if cache is not None:
-            batch = attach_soft_targets(batch, cache, config.distill.top_k)
         return sharding.shard_batch({k: batch[k] for k in keys}, mesh)
 
     manager = checkpointer(out / "checkpoints", config)
@@ -149,14 +148,13 @@ def run(args: argparse.Namespace) -> int:
                                          config.decode, mesh, progress=not args.no_progress)
         results["splits"][split] = scores
         if runner.is_chief():
-            (out / f"{split}.hyp.txt").write_text("".join(h + "\n" for h in hypotheses))
+            storage.write_text_atomic(out / f"{split}.hyp.txt",
+                                      "".join(h + "\n" for h in hypotheses))
             print(f"[{name}] {split}: BLEU {scores['bleu']:.2f}, ROUGE-1/2/L "
                   f"{scores['rouge1']:.2f}/{scores['rouge2']:.2f}/{scores['rougeL']:.2f} "
                   f"({which})", flush=True)
-    if runner.is_chief():
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(out / "results.json")
+    if runner.is_chief():  # written last: a run with results.json is finished
+        storage.write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     return 0
 
 

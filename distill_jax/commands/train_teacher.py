@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import jax
 
 from distill_jax import runner, sharding, train
@@ -22,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     common.initialize_processes(args)
     config = common.load_experiment(args)
-    workdir = Path(args.workdir)
+    workdir = common.workdir(args)
     out = workdir / "teacher"
     runner.check_or_save_config(config.teacher, out / "config.json", what="train-teacher")
     dataset = open_prepared(runner.prepared_dir(config, workdir))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distill_jax import storage
 from distill_jax.errors import UserError
 from distill_jax.data.vocab import Vocabulary
 
@@ -86,8 +87,12 @@ class RecordView:
 def open_prepared(path: str | os.PathLike, vocab: Vocabulary | str | os.PathLike | None = None
                   ) -> PreparedDataset:
     """Opens a prepared dataset; with ``vocab`` (a Vocabulary or a vocab.json path), refuses a
-    dataset whose ids refer to another vocabulary."""
-    path = Path(path)
+    dataset whose ids refer to another vocabulary. The dataset must be on local disk (its
+    array_record files are opened by path); a ``gs://`` path is refused with the remedy."""
+    path = Path(storage.require_local(
+        path, "the prepared dataset",
+        "copy it to local disk on every host (`gcloud storage cp -r ...`) or run "
+        "`distill-jax prepare` on every host (it is deterministic), and pass that path"))
     meta_path = path / "dataset.json"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
