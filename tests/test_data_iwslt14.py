@@ -186,3 +186,30 @@ def test_evaluate_reports_both_bleus(tmp_path):
     scores = json.loads(result.stdout)
     assert set(scores) == {"bleu_tok", "bleu_tok_signature"}
     assert scores["bleu_tok"] == pytest.approx(100.0)
+
+
+@pytest.mark.slow
+def test_score_split_adds_tokenized_bleu_on_the_iwslt14_corpus(tmp_path, minilm_dir):
+    """On a corpus stored Moses-tokenized, the student's scores carry bleu_tok (tokenized
+    BLEU) beside bleu (detokenized sacreBLEU), each with its signature; a tiny untrained
+    student decodes 4 test sentences."""
+    import jax
+    from flax import linen as nn
+
+    from distill_jax import configlib, sharding, student
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _archive(data / "de-en.tgz")
+    assert _prepare(data, tmp_path / "out", minilm_dir) == 0
+    ds = open_prepared(tmp_path / "out")
+    config = configlib.load_config_file("configs/tiny.py")
+    model = student.build_model(config, ds.vocab, jax.numpy.float32)
+    params = nn.meta.unbox(student.abstract_init(model, jax.random.PRNGKey(0))())
+    scores, hypotheses = student.score_split(model, params, ds.vocab, ds, "test",
+                                             config.decode, sharding.make_mesh(config.mesh),
+                                             limit=4)
+    assert len(hypotheses) == 4
+    assert {"bleu", "bleu_signature", "bleu_tok", "bleu_tok_signature"} <= set(scores)
+    assert "tok:13a" in scores["bleu_signature"]
+    assert scores["bleu_tok_signature"].startswith("moses-tok:en|")
