@@ -29,9 +29,10 @@ from pathlib import Path
 from distill_jax.errors import UserError
 
 ARCHIVE = "de-en.tgz"
-# The mirror fairseq's prepare-iwslt14.sh downloads from (the original wit3.fbk.eu archive
-# is no longer served). No SHA-256 of it is published; see builders.IWSLT14_DE_EN.
-URL = "http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"
+# The mirror fairseq's prepare-iwslt14.sh downloads from (over http there; the host serves
+# https too), the original wit3.fbk.eu archive being no longer served. No checksum of it is
+# published; see builders.IWSLT14_DE_EN.
+URL = "https://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"
 LANGS = ("de", "en")
 TRAIN_FILE = "train.tags.de-en.{}"
 TEST_SETS = ("IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010",
