@@ -29,6 +29,8 @@ SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
      "translate / summarize text with a trained student (beam search, greedy, sampling)"),
     ("evaluate", "distill_jax.commands.evaluate",
      "score generated text against references: sacreBLEU, ROUGE-1/2/L"),
+    ("export", "distill_jax.commands.export",
+     "export a trained student as a Hugging Face transformers FSMT checkpoint"),
 )
 
 
