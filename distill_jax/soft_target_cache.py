@@ -16,8 +16,10 @@ packed into *chunks* of at most ``chunk_rows`` rows (an example never straddles 
 a chunk is written whole, in one object, by one process: several processes fill one cache
 without touching each other's objects, and a chunk is either stored or absent. That is
 also the resume state: an interrupted extraction lists the stored chunks and computes the
-others. Inside a chunk (a zarr "shard") rows are grouped into small inner chunks that a
-reader fetches by byte range, so the student reads the rows of a batch, not whole chunks.
+others. A reader holds a cache that fits its memory budget in memory (read whole when
+opened, one request per chunk and array); for a larger one it reads each batch's rows in
+one request per array: inside a chunk (a zarr "shard") rows are grouped into small inner
+chunks fetched by byte range, so a batch costs the rows it needs, not whole chunks.
 
 Nothing looks finished until ``header.json`` exists: it is written by one process after
 every chunk of both arrays has been found in storage. ``open_cache`` refuses a directory
@@ -44,6 +46,7 @@ INNER_ROWS = 64  # rows a reader fetches at least (one byte range)
 _LAYOUT, _ROWS, _HEADER = "layout.json", "rows.npy", "header.json"
 _ARRAYS = {"logits": "float16", "indices": "int32"}
 _CACHE_POOL_BYTES = 64 << 20  # decoded shard indices and chunks kept in memory by readers
+DEFAULT_PRELOAD_BYTES = 1 << 30  # a reader holds a cache up to this size in memory
 
 
 class CacheError(ValueError):
@@ -103,7 +106,9 @@ def _array_spec(directory, name: str, *, total_rows: int = 0, top_k: int = 0,
                 "chunk_shape": [inner, top_k],
                 "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
                 "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                                 {"name": "crc32c"}]}}],
+                                 {"name": "crc32c"}],
+                # The index first: read with an ordinary byte range (not a suffix range).
+                "index_location": "start"}}],
             "fill_value": 0}
     return spec
 
@@ -281,13 +286,24 @@ def remove(path) -> None:
 
 
 class SoftTargetCache:
-    """Read-only view of a finished cache; rows are read on demand, a batch at a time."""
+    """Read-only view of a finished cache.
 
-    def __init__(self, path, header: dict, rows: np.ndarray):
+    A cache of at most ``preload_bytes`` is read whole when opened (one request per stored
+    chunk and array) and served from memory; a larger one is read a batch at a time, each
+    batch's rows in one request per array that fetches only the inner chunks they touch."""
+
+    def __init__(self, path, header: dict, rows: np.ndarray,
+                 preload_bytes: int = DEFAULT_PRELOAD_BYTES):
         self.path = storage.path(path)
         self.header = header
         self.rows = rows  # [n, 2] first row, count
         self._arrays = {name: _open_array(self.path, name) for name in _ARRAYS}
+        size = sum(int(np.prod(a.shape)) * np.dtype(_ARRAYS[n]).itemsize
+                   for n, a in self._arrays.items())
+        self.in_memory: Optional[dict] = None
+        if size <= preload_bytes:
+            futures = {n: a.read() for n, a in self._arrays.items()}
+            self.in_memory = {n: np.asarray(f.result()) for n, f in futures.items()}
 
     @property
     def top_k(self) -> int:
@@ -296,19 +312,23 @@ class SoftTargetCache:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def read_async(self, examples: Sequence[int]):
-        """Starts reading the rows of ``examples`` (one request per array, fetching only the
-        inner chunks they touch); returns a :class:`PendingRead`."""
+    def read_async(self, examples: Sequence[int]) -> "PendingRead":
+        """Starts reading the rows of ``examples`` (one request per array, or none when the
+        cache is in memory); returns a :class:`PendingRead`."""
         examples = np.asarray(examples, np.int64)
         starts, counts = self.rows[examples, 0], self.rows[examples, 1]
         total = int(counts.sum())
         # [total] row numbers of every example's rows, examples one after another.
         within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
         positions = np.repeat(starts, counts) + within
+        if self.in_memory is not None:
+            return PendingRead(counts, self.in_memory["logits"][positions],
+                               self.in_memory["indices"][positions])
         if total == 0:
-            return PendingRead(counts, None, None, self.top_k)
-        futures = [self._arrays[name].vindex[positions].read() for name in ("logits", "indices")]
-        return PendingRead(counts, *futures, top_k=self.top_k)
+            k = self.top_k
+            return PendingRead(counts, np.zeros((0, k), np.float16), np.zeros((0, k), np.int32))
+        return PendingRead(counts, *(self._arrays[name].vindex[positions].read()
+                                     for name in ("logits", "indices")))
 
     def __getitem__(self, example_index: int) -> tuple[np.ndarray, np.ndarray]:
         """(logits float32 [target_len, K], indices int32 [target_len, K]) of one example."""
@@ -317,23 +337,20 @@ class SoftTargetCache:
 
 
 class PendingRead:
-    """The rows of some examples being read; ``result()`` waits and splits them."""
+    """The rows of some examples being read (tensorstore futures, or arrays already in
+    memory); ``result()`` waits and splits them by example."""
 
-    def __init__(self, counts: np.ndarray, logits_future, indices_future, top_k: int):
+    def __init__(self, counts: np.ndarray, logits, indices):
         self._counts = counts
-        self._futures = (logits_future, indices_future)
-        self._top_k = top_k
+        self._parts = (logits, indices)
 
     def result(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(logits float32 ``[len_i, K]``, indices int32 ``[len_i, K]``) per example."""
-        if self._futures[0] is None:
-            empty = np.zeros((0, self._top_k))
-            return ([empty.astype(np.float32)] * len(self._counts),
-                    [empty.astype(np.int32)] * len(self._counts))
-        logits = np.asarray(self._futures[0].result(), np.float32)
-        indices = np.asarray(self._futures[1].result(), np.int32)
+        logits, indices = (part.result() if hasattr(part, "result") else part
+                           for part in self._parts)
         cuts = np.cumsum(self._counts)[:-1]
-        return np.split(logits, cuts), np.split(indices, cuts)
+        return (np.split(np.asarray(logits, np.float32), cuts),
+                np.split(np.asarray(indices, np.int32), cuts))
 
 
 def _check_identity(path, header: dict, expected: CacheIdentity) -> None:
@@ -354,10 +371,12 @@ def is_finished(path) -> bool:
 
 
 def open_cache(path, expected: Optional[CacheIdentity] = None,
-               num_examples: Optional[int] = None) -> SoftTargetCache:
+               num_examples: Optional[int] = None,
+               preload_bytes: int = DEFAULT_PRELOAD_BYTES) -> SoftTargetCache:
     """Opens a finished cache, refusing it if it is unfinished, truncated, or was made for
     another teacher / vocabulary / dataset / split than ``expected`` (``top_k`` may be
-    smaller in ``expected``: a run can use the first K' <= K entries)."""
+    smaller in ``expected``: a run can use the first K' <= K entries). A cache of at most
+    ``preload_bytes`` is read into memory (see :class:`SoftTargetCache`)."""
     path = storage.path(path)
     header = _read_json(path / _HEADER)
     if header is None:
@@ -385,10 +404,10 @@ def open_cache(path, expected: Optional[CacheIdentity] = None,
         if len(stored & set(range(chunks))) != chunks:
             raise CacheError(f"{path / name}: {chunks - len(stored)} of {chunks} chunks are "
                              "missing (truncated or damaged cache)")
-    cache = SoftTargetCache(path, header, rows)
-    for name, array in cache._arrays.items():
-        if tuple(array.shape) != (int(header["total_rows"]), int(header["top_k"])):
-            raise CacheError(f"{path / name}: shape {tuple(array.shape)}, the header says "
+    for name in _ARRAYS:
+        shape = tuple(_open_array(path, name).shape)
+        if shape != (int(header["total_rows"]), int(header["top_k"])):
+            raise CacheError(f"{path / name}: shape {shape}, the header says "
                              f"{(header['total_rows'], header['top_k'])} (truncated?)")
-    return cache
+    return SoftTargetCache(path, header, rows, preload_bytes)
 

@@ -46,6 +46,39 @@ class Emulator:
         return "gs://" + "/".join((self.bucket,) + parts)
 
 
+_PATCHED = False
+
+
+def _send_generations() -> None:
+    """Makes the emulator's object reads carry ``x-goog-generation``, as Cloud Storage's do.
+
+    tensorstore conditions the byte-range reads of a sharded zarr chunk on the generation
+    of the shard index it read first; without the header it has no generation to give."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    def with_generation(handler):
+        def handle(request, response, storage, *args, **kwargs):
+            handler(request, response, storage, *args, **kwargs)
+            try:
+                obj = storage.get_file_obj(request.params["bucket_name"],
+                                           request.params["object_id"])
+            except Exception:  # not found: the handler has answered already
+                return
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+        return handle
+
+    for _, methods in server.HANDLERS:
+        for method, handler in list(methods.items()):
+            if handler in (objects.download, objects.get):
+                methods[method] = with_generation(handler)
+    _PATCHED = True
+
+
 @contextmanager
 def running(bucket: str = BUCKET):
     """Starts an in-memory emulator with ``bucket``; sets the client environment of this
@@ -54,7 +87,8 @@ def running(bucket: str = BUCKET):
 
     from gcp_storage_emulator.server import create_server
 
-    logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+    _send_generations()
     port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
     server.start()

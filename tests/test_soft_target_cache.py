@@ -45,12 +45,13 @@ def test_chunks_pack_whole_examples():
         plan_chunks(np.array([9]), 8)
 
 
-def test_rows_belong_to_their_example_and_position(where):
+@pytest.mark.parametrize("preload", [True, False], ids=["in-memory", "range-reads"])
+def test_rows_belong_to_their_example_and_position(where, preload):
     lengths = [3, 5, 1, 4, 7, 2]
     path = where("cache")
     _fill(path, lengths).finalize()
-    cache = open_cache(path, IDENTITY, num_examples=6)
-    assert len(cache) == 6
+    cache = open_cache(path, IDENTITY, num_examples=6, preload_bytes=1 << 20 if preload else 0)
+    assert len(cache) == 6 and (cache.in_memory is not None) == preload
     order = [4, 0, 5, 2]
     logits, indices = cache.read_async(order).result()  # one batched read
     for i, got_logits, got_indices in zip(order, logits, indices):
