@@ -28,7 +28,7 @@ forward pass compiled with those XLA options (e.g.
 ``xla_cpu_experimental_ynn_fusion_type=`` for XLA's CPU dots without YNNPACK), so that a
 compiler setting is compared with the default in one process, against the same torch runs.
 ``--mask-as-select`` adds the same third side for our forward traced with its attention
-mask applied as a select (``layers.INFERENCE_MASK_BY_BIAS = False``, the form before
+mask applied as a select (``fast_paths.MASK_BY_BIAS = False``, the form before
 2026-12-02) instead of the additive bias of inference calls.
 
 Run: ``python scripts/bench_teacher.py [--lengths 64 128] [--json out.json]``.
@@ -90,7 +90,7 @@ def main(argv=None):
                         help="also time our forward compiled with these XLA options")
     parser.add_argument("--mask-as-select", action="store_true",
                         help="also time our forward with the attention mask applied as a "
-                             "select instead of a bias (layers.INFERENCE_MASK_BY_BIAS = False)")
+                             "select instead of a bias (fast_paths.MASK_BY_BIAS = False)")
     parser.add_argument("--attention", default="einsum", choices=("einsum", "xla", "cudnn"),
                         help="our attention kernel (BertConfig.attention_impl)")
     benchlib.add_common_args(parser)
@@ -138,19 +138,19 @@ def main(argv=None):
     variant = jax.jit(apply, compiler_options=options) if options else None
     variant_label = benchlib.describe_options(options)
     if args.mask_as_select:
-        from distill_jax.models import layers
+        from distill_jax.models import fast_paths
         variant_label = "attention mask as a select"
 
         def select_variant(*jax_args):
-            """Our forward traced and compiled with INFERENCE_MASK_BY_BIAS off."""
+            """Our forward traced and compiled with fast_paths.MASK_BY_BIAS off."""
             def fresh(*a):  # a new function, so that jit does not reuse apply's trace
                 return apply(*a)
 
-            layers.INFERENCE_MASK_BY_BIAS = False
+            fast_paths.MASK_BY_BIAS = False
             try:
                 return jax.jit(fresh).lower(*jax_args).compile()
             finally:
-                layers.INFERENCE_MASK_BY_BIAS = True
+                fast_paths.MASK_BY_BIAS = True
 
     records = []
     for length in args.lengths:

@@ -303,20 +303,43 @@ def test_config_from_hf_dict_keeps_compute_dtype_and_overrides():
 
 
 def test_exact_gelu_matches_torch_and_jax():
-    """``layers.gelu_exact`` (the erf form BERT's "gelu" names) equals torch's exact GELU to
+    """``fast_paths.gelu_erf`` (the erf form BERT's "gelu" names) equals torch's exact GELU to
     float32 rounding over the range a feed-forward layer sees, including large negative
     inputs, and jax.nn.gelu's erfc form likewise; its gradient matches jax's."""
-    from distill_jax.models import layers
+    from distill_jax.models import fast_paths
 
     x = np.concatenate([np.linspace(-12, 12, 4001),
                         [-30.0, -8.5, 0.0, 7.25, 30.0]]).astype(np.float32)
-    ours = np.asarray(layers.gelu_exact(jnp.asarray(x)))
+    ours = np.asarray(fast_paths.gelu_erf(jnp.asarray(x)))
     theirs = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
     # the erf form loses relative precision where GELU is tiny (x << 0), as torch's does
     np.testing.assert_allclose(ours, theirs, rtol=2e-6, atol=1e-6)
     np.testing.assert_allclose(ours, np.asarray(jax.nn.gelu(x, approximate=False)),
                                rtol=2e-6, atol=1e-6)
-    assert layers.gelu_exact(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
-    grad = jax.vmap(jax.grad(layers.gelu_exact))(jnp.asarray(x))
+    assert fast_paths.gelu_erf(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
+    grad = jax.vmap(jax.grad(fast_paths.gelu_erf))(jnp.asarray(x))
     want = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=2e-5, atol=2e-6)
+
+
+def test_fast_paths_switch_off_keeps_the_teacher_outputs(monkeypatch):
+    """With ``fast_paths.ENABLED`` off the teacher's C-MLM logits (inference, padding
+    included) are the same to float32 rounding, computed with jax.nn.gelu's erfc form
+    instead of the erf one."""
+    from distill_jax.models import fast_paths
+
+    config = bert.BertConfig(**TINY, cmlm_vocab_size=16)
+    model = bert.BertModel(config)
+    ids = np.array([[CLS, 10, 11, SEP, 12, SEP, PAD], [CLS, 13, SEP, 14, 15, 16, SEP]])
+    mask = (ids != PAD).astype(np.int32)
+    params = model.init(jax.random.key(0), ids, None, mask, method=model.cmlm_logits)
+
+    def run(enabled):
+        monkeypatch.setattr(fast_paths, "ENABLED", enabled)
+        fn = jax.jit(lambda p: model.apply(p, ids, None, mask, method=model.cmlm_logits))
+        return np.asarray(fn(params)), str(jax.make_jaxpr(fn)(params))
+
+    (fast, fast_jaxpr), (plain, plain_jaxpr) = run(True), run(False)
+    np.testing.assert_allclose(plain, fast, rtol=1e-5, atol=1e-5)
+    assert "erfc" in plain_jaxpr and "erfc" not in fast_jaxpr
+    assert fast_jaxpr.count("dot_general") > plain_jaxpr.count("dot_general")

@@ -158,10 +158,10 @@ def test_fused_attention_path_matches_einsum():
     (1, (3, 5, 8), (8, 2, 4)),       # q/k/v projections: -> [batch, len, heads, kv]
     (2, (3, 5, 2, 4), (2, 4, 8)),    # output projection: [.., heads, kv] -> [.., embed]
 ])
-def test_matmul_2d_matches_einsum_values_and_gradients(in_dims, x_shape, k_shape):
-    """layers.matmul_2d (flattened rows, custom backward with the CPU transpose copy)
+def test_matmul_matches_einsum_values_and_gradients(in_dims, x_shape, k_shape):
+    """fast_paths.matmul (flattened rows, custom backward with the CPU transpose copy)
     computes the einsum over the trailing axes, and so do its two gradients."""
-    from distill_jax.models import layers
+    from distill_jax.models import fast_paths
 
     kx, kk, kg = jax.random.split(jax.random.key(3), 3)
     x = jax.random.normal(kx, x_shape)
@@ -174,7 +174,7 @@ def test_matmul_2d_matches_einsum_values_and_gradients(in_dims, x_shape, k_shape
     def loss(f, x, kernel):
         return jnp.sum(f(x, kernel) * cotangent)
 
-    ours = functools.partial(layers.matmul_2d, in_dims=in_dims)
+    ours = functools.partial(fast_paths.matmul, in_dims=in_dims)
     ref = functools.partial(jnp.einsum, spec, precision="highest")
     np.testing.assert_allclose(jax.jit(ours)(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
     grads = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1)))(x, kernel)
@@ -184,17 +184,17 @@ def test_matmul_2d_matches_einsum_values_and_gradients(in_dims, x_shape, k_shape
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_matmul_2d_keeps_dtypes():
+def test_matmul_keeps_dtypes():
     """bf16 inputs give bf16 gradients; a float32 result (the logits) of bf16 inputs
     differentiates back to bf16 activations and kernels."""
-    from distill_jax.models import layers
+    from distill_jax.models import fast_paths
 
     x = jnp.ones((2, 3, 4), jnp.bfloat16)
     kernel = jnp.ones((4, 5), jnp.bfloat16)
-    out = layers.matmul_2d(x, kernel, 1, out_dtype=jnp.float32)
+    out = fast_paths.matmul(x, kernel, 1, out_dtype=jnp.float32)
     assert out.dtype == jnp.float32 and out.shape == (2, 3, 5)
-    assert layers.matmul_2d(x, kernel, 1).dtype == jnp.bfloat16
-    dx, dk = jax.grad(lambda x, k: jnp.sum(layers.matmul_2d(x, k, 1, out_dtype=jnp.float32)),
+    assert fast_paths.matmul(x, kernel, 1).dtype == jnp.bfloat16
+    dx, dk = jax.grad(lambda x, k: jnp.sum(fast_paths.matmul(x, k, 1, out_dtype=jnp.float32)),
                       argnums=(0, 1))(x, kernel)
     assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(dx, np.float32), np.full((2, 3, 4), 5.0))
@@ -207,7 +207,7 @@ def test_einsum_attention_matches_plain_softmax(dtype, tol):
     softmax(q k^T / sqrt(d)) v computed the textbook way, in value and gradient, including
     a query row whose keys are all masked (uniform weights either way), and keeps the
     compute dtype."""
-    from distill_jax.models import layers
+    from distill_jax.models import fast_paths, layers
 
     attention = layers.MultiHeadAttention(num_heads=2, head_dim=4, dtype=dtype)
     x = jax.random.normal(jax.random.key(1), (2, 5, 8))
@@ -222,7 +222,7 @@ def test_einsum_attention_matches_plain_softmax(dtype, tol):
         q, k, v = (jnp.einsum("ble,ehd->blhd", xd, p[n]["kernel"]) + p[n]["bias"]
                    for n in ("query", "key", "value"))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / 2.0
-        weights = jax.nn.softmax(jnp.where(mask, logits, layers.MASK_VALUE), -1).astype(dtype)
+        weights = jax.nn.softmax(jnp.where(mask, logits, fast_paths.MASK_VALUE), -1).astype(dtype)
         context = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         return jnp.einsum("bqhd,hde->bqe", context, p["out"]["kernel"]) + p["out"]["bias"]
 
@@ -250,8 +250,9 @@ def test_layer_norm_matches_flax_with_either_kind_of_row_sums(dtype):
     outputs and gradients; with the statistics as matrix-vector products the outputs and
     gradients agree to float32 rounding (rows with a large mean included), in either
     compute dtype."""
-    from distill_jax.models import layers
+    from distill_jax.models import fast_paths, layers
 
+    assert fast_paths.layer_norm_stats_by_dot(True)  # deterministic calls take the products
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 7, 48)) * 3 + rng.standard_normal((3, 7, 1)) * 50,
                     jnp.float32).astype(dtype)
@@ -260,17 +261,18 @@ def test_layer_norm_matches_flax_with_either_kind_of_row_sums(dtype):
     params = jax.tree.map(
         lambda a: a + jnp.asarray(rng.standard_normal(a.shape), jnp.float32), params)
 
-    def loss(module, p, x):
-        return jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32)))
+    def loss(module, p, x, **kwargs):
+        return jnp.sum(jnp.sin(module.apply(p, x, **kwargs).astype(jnp.float32)))
 
     want = ref.apply(params, x)
     want_grads = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(params, x)
     for by_dot in (False, True):
-        ours = layers.layer_norm(1e-5, dtype, row_sums_by_dot=by_dot)
+        ours = layers.layer_norm(1e-5, dtype)
         shapes = jax.tree.map(jnp.shape, nn.unbox(ours.init(jax.random.key(0), x)))
         assert shapes == jax.tree.map(jnp.shape, params)
-        got = ours.apply(params, x)
-        got_grads = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(params, x)
+        got = ours.apply(params, x, deterministic=by_dot)
+        got_grads = jax.grad(functools.partial(loss, ours, deterministic=by_dot),
+                             argnums=(0, 1))(params, x)
         assert got.dtype == dtype
         if not by_dot:
             np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
@@ -289,10 +291,11 @@ def test_inference_calls_on_cpu_take_layer_norm_statistics_by_products():
     """Deterministic calls of the student on CPU compute LayerNorm statistics with dot
     products (2 per LayerNorm more than a training call), and give the same outputs as the
     reduction form to float32 rounding."""
-    from distill_jax.models import layers
+    from distill_jax.models import fast_paths
 
     assert jax.default_backend() == "cpu"
-    assert layers.inference_row_sums_by_dot(True) and not layers.inference_row_sums_by_dot(False)
+    assert fast_paths.layer_norm_stats_by_dot(True)
+    assert not fast_paths.layer_norm_stats_by_dot(False)
     cfg = TransformerConfig(vocab_size=50, d_model=16, num_heads=2, mlp_dim=32,
                             num_encoder_layers=1, num_decoder_layers=1, max_len=8,
                             dropout_rate=0.0, attention_dropout_rate=0.0,
@@ -318,22 +321,22 @@ def test_mask_by_bias_has_the_values_and_gradient_of_the_select():
     """The additive mask of inference calls gives every masked logit the same value, so its
     softmax equals the select form's (partly and fully masked rows), and its gradient
     leaves masked logits out as the select's does."""
-    from distill_jax.models import layers
+    from distill_jax.models import fast_paths
 
     logits = jax.random.normal(jax.random.key(0), (2, 3, 4, 6)) * 30.0
     mask = np.ones((2, 1, 4, 6), bool)
     mask[0, :, :, 4:] = False  # padding keys
     mask[1, :, 1, :] = False  # a query row that sees nothing
     mask = jnp.asarray(mask)
-    biased = layers.mask_by_bias(logits, mask)
+    biased = fast_paths.mask_by_bias(logits, mask)
     np.testing.assert_array_equal(np.asarray(biased),
-                                  np.asarray(jnp.where(mask, logits, layers.MASK_BIAS)))
+                                  np.asarray(jnp.where(mask, logits, fast_paths.MASK_BIAS)))
 
     def softmax_of(masking):
         return lambda x: jax.nn.softmax(masking(x), axis=-1)
 
-    by_bias = softmax_of(lambda x: layers.mask_by_bias(x, mask))
-    by_select = softmax_of(lambda x: jnp.where(mask, x, layers.MASK_VALUE))
+    by_bias = softmax_of(lambda x: fast_paths.mask_by_bias(x, mask))
+    by_select = softmax_of(lambda x: jnp.where(mask, x, fast_paths.MASK_VALUE))
     np.testing.assert_allclose(by_bias(logits), by_select(logits), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(by_bias(logits)[1, :, 1], np.full((3, 6), 1 / 6), rtol=1e-6)
     weights = jax.random.normal(jax.random.key(1), logits.shape)
@@ -347,7 +350,7 @@ def test_mask_by_bias_has_the_values_and_gradient_of_the_select():
 def test_inference_attention_with_a_bias_mask_equals_the_select_form(monkeypatch):
     """Inference calls (mask as a bias) and the select form of training calls give the
     same attention outputs: padding keys, a causal mask, a fully masked query row."""
-    from distill_jax.models import layers
+    from distill_jax.models import fast_paths, layers
 
     attention = layers.MultiHeadAttention(num_heads=2, head_dim=4)
     x = jax.random.normal(jax.random.key(2), (3, 5, 8))
@@ -357,10 +360,92 @@ def test_inference_attention_with_a_bias_mask_equals_the_select_form(monkeypatch
     params = attention.init(jax.random.key(0), x, x, mask)
 
     def call(by_bias):
-        monkeypatch.setattr(layers, "INFERENCE_MASK_BY_BIAS", by_bias)
+        monkeypatch.setattr(fast_paths, "MASK_BY_BIAS", by_bias)
         fn = jax.jit(lambda p, x: attention.apply(p, x, x, mask, deterministic=True))
         return np.asarray(fn(params, x)), str(jax.make_jaxpr(fn)(params, x))
 
     (biased, biased_jaxpr), (selected, selected_jaxpr) = call(True), call(False)
     assert "name=mask_by_bias" in biased_jaxpr and "name=mask_by_bias" not in selected_jaxpr
     np.testing.assert_allclose(biased, selected, rtol=1e-6, atol=1e-6)
+
+
+def count_primitive(closed_jaxpr, name: str) -> int:
+    """How many times primitive ``name`` runs in a traced program, sub-programs (jit,
+    custom VJPs, control flow) counted at every use (the printed jaxpr shows a repeated
+    sub-program once)."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    def walk(jaxpr) -> int:
+        count = 0
+        for eqn in jaxpr.eqns:
+            count += eqn.primitive.name == name
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    if isinstance(sub, ClosedJaxpr):
+                        count += walk(sub.jaxpr)
+                    elif isinstance(sub, Jaxpr):
+                        count += walk(sub)
+        return count
+
+    return walk(closed_jaxpr.jaxpr)
+
+
+def test_fast_paths_switch_off_keeps_the_outputs_and_changes_the_program(monkeypatch):
+    """With ``fast_paths.ENABLED`` off the student computes every operation in its plain
+    form: the same inference logits and training gradients to float32 rounding, from a
+    different program (no LayerNorm products, no mask bias, no custom VJPs)."""
+    from distill_jax.models import fast_paths
+
+    cfg = tiny_config(dropout_rate=0.0, pre_layer_norm=True)  # pre-LN: final norms too
+    model, variables = init(cfg)
+    src, tgt = jnp.asarray(SRC), jnp.asarray(TGT_IN)
+
+    def infer(p):
+        return model.apply(p, src, tgt, deterministic=True)
+
+    def grads(p):
+        def loss(p):
+            logits = model.apply(p, src, tgt, deterministic=False)
+            return jnp.sum(jnp.sin(logits))
+        return jax.grad(loss)(p)
+
+    def run(enabled):
+        monkeypatch.setattr(fast_paths, "ENABLED", enabled)
+        # fresh lambdas, so that no call reuses the other setting's trace
+        jaxpr = jax.make_jaxpr(lambda p: infer(p))(variables)
+        return (np.asarray(jax.jit(lambda p: infer(p))(variables)),
+                jax.jit(lambda p: grads(p))(variables), jaxpr)
+
+    (fast, fast_grads, fast_jaxpr), (plain, plain_grads, plain_jaxpr) = run(True), run(False)
+    np.testing.assert_allclose(plain, fast, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(fast_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    norms = 2 * 2 + 2 * 3 + 2  # 2 per encoder layer, 3 per decoder layer, 2 final norms
+    # on: each LayerNorm's two row sums are dot products (an inference call on CPU)
+    assert (count_primitive(fast_jaxpr, "dot_general")
+            == count_primitive(plain_jaxpr, "dot_general") + 2 * norms)
+    for name in ("custom_vjp_call", "name=mask_by_bias", "name=_matmul_rows",
+                 "name=_softmax_weighted_sum"):
+        assert name in str(fast_jaxpr) and name not in str(plain_jaxpr), name
+
+
+def test_fast_paths_switch_reads_its_environment_variable():
+    """DISTILL_JAX_FAST_PATHS=0 turns the fast paths off at import, unset leaves them on,
+    and a value other than 0 or 1 is refused by name."""
+    import os
+    import subprocess
+    import sys
+
+    def enabled(value):
+        env = {k: v for k, v in os.environ.items() if k != "DISTILL_JAX_FAST_PATHS"}
+        if value is not None:
+            env["DISTILL_JAX_FAST_PATHS"] = value
+        return subprocess.run(
+            [sys.executable, "-c",
+             "from distill_jax.models import fast_paths; print(fast_paths.ENABLED)"],
+            capture_output=True, text=True, env=env, timeout=120)
+
+    assert enabled("0").stdout.strip() == "False"
+    assert enabled(None).stdout.strip() == "True"
+    refused = enabled("off")
+    assert refused.returncode != 0 and "DISTILL_JAX_FAST_PATHS='off'" in refused.stderr

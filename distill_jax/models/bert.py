@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.models import layers
+from distill_jax.models import fast_paths, layers
 
 Dtype = Any
 
 # Hugging Face ``hidden_act`` names this module implements.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": layers.gelu_exact,
+    "gelu": fast_paths.gelu,  # the exact (erf) form
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": nn.relu,
@@ -134,7 +134,6 @@ class BertEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids, token_type_ids, position_ids, *, deterministic: bool):
         cfg = self.config
-        by_dot = layers.inference_row_sums_by_dot(deterministic)  # LayerNorm statistics
 
         def embed(num: int, axes: tuple, name: str) -> nn.Embed:
             return nn.Embed(
@@ -146,8 +145,8 @@ class BertEmbeddings(nn.Module):
             position_ids)
         x = x + embed(cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")(
             token_type_ids)  # [batch, length, hidden]
-        x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm",
-                              row_sums_by_dot=by_dot)(x)
+        x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm")(
+            x, deterministic=deterministic)
         x = nn.Dropout(rate=cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         return nn.with_logical_constraint(x, _HIDDEN)
 
@@ -160,7 +159,6 @@ class BertLayer(nn.Module):
     @nn.compact
     def __call__(self, x, mask, *, deterministic: bool):
         cfg = self.config
-        by_dot = layers.inference_row_sums_by_dot(deterministic)  # LayerNorm statistics
         attn = layers.MultiHeadAttention(
             num_heads=cfg.num_attention_heads,
             head_dim=cfg.head_dim,
@@ -171,8 +169,8 @@ class BertLayer(nn.Module):
             name="attention",
         )(x, x, mask, deterministic=deterministic)  # [batch, length, hidden]
         attn = nn.Dropout(rate=cfg.hidden_dropout_prob)(attn, deterministic=deterministic)
-        x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="attention_LayerNorm",
-                              row_sums_by_dot=by_dot)(x + attn)
+        x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="attention_LayerNorm")(
+            x + attn, deterministic=deterministic)
         h = layers.FeedForward(
             mlp_dim=cfg.intermediate_size,
             activation=ACTIVATIONS[cfg.hidden_act],
@@ -182,8 +180,8 @@ class BertLayer(nn.Module):
             name="ffn",
         )(x, deterministic=deterministic)  # [batch, length, hidden]
         h = nn.Dropout(rate=cfg.hidden_dropout_prob)(h, deterministic=deterministic)
-        x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="output_LayerNorm",
-                              row_sums_by_dot=by_dot)(x + h)
+        x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="output_LayerNorm")(
+            x + h, deterministic=deterministic)
         return nn.with_logical_constraint(x, _HIDDEN)
 
 
@@ -217,6 +215,7 @@ class BertCmlmHead(nn.Module):
             name="dense",
         )(hidden)  # [batch, length, hidden]
         h = ACTIVATIONS[cfg.hidden_act](h)
+        # (no deterministic flag here: the head's statistics are reductions in every call)
         h = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm")(h)
         h = nn.with_logical_constraint(h, _HIDDEN)
         logits = nn.Dense(

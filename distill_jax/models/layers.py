@@ -16,11 +16,14 @@ Activations are annotated with ``activation_*`` names through
 
 Masks are boolean and broadcast to ``[batch, heads, q_length, kv_length]``;
 ``True`` means "may attend".
+
+How the dense products, LayerNorm's statistics, attention's masking and softmax, and
+GELU are computed is decided in ``distill_jax.models.fast_paths`` (faster forms equal to
+the plain ones, and the switch that turns them off); this module calls its entry points.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -29,93 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax.models import fast_paths
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
-
-# Attention logits of masked positions. Large but finite, so that a fully masked row
-# (padding queries) gives a uniform distribution instead of NaNs.
-MASK_VALUE = -1e9
-# The additive form of a mask in inference calls: logits + MASK_BIAS round to exactly
-# MASK_BIAS in float32 (any logit below ~1e22 in magnitude is lost in its spacing), so every
-# masked logit is the same number, as with MASK_VALUE: the same weights, fully masked rows
-# (uniform) included.
-MASK_BIAS = -1e30
-# Whether inference calls apply attention masks as biases (``mask_by_bias``); False gives
-# the select form of training calls (``scripts/bench_teacher.py --mask-as-select`` times it).
-INFERENCE_MASK_BY_BIAS = True
-
-
-@jax.custom_vjp
-def mask_by_bias(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """``logits`` where ``mask`` (bool, broadcastable) holds, MASK_BIAS elsewhere, as an
-    addition: ``logits + (0 | MASK_BIAS)``. The values equal the select form's with
-    MASK_BIAS for MASK_VALUE (see MASK_BIAS), and so does the gradient: masked logits get
-    none, where the addition alone would pass the cotangent through (it matters in a fully
-    masked row, whose softmax is uniform but not constant in its logits)."""
-    return logits + jnp.where(mask, 0.0, MASK_BIAS).astype(logits.dtype)
-
-
-def _mask_by_bias_fwd(logits, mask):
-    return mask_by_bias(logits, mask), mask
-
-
-def _mask_by_bias_bwd(mask, g):
-    return jnp.where(mask, g, jnp.zeros((), g.dtype)), None
-
-
-mask_by_bias.defvjp(_mask_by_bias_fwd, _mask_by_bias_bwd)
-
-
-def _exp_rows(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """exp(logits - row max) and its row sums, float32."""
-    unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    return unnormalized, jnp.sum(unnormalized, axis=-1, keepdims=True)
-
-
-def _weighted_sum(unnormalized, row_sums, value):
-    context = jnp.einsum("...qk,...kd->...qd", unnormalized.astype(value.dtype), value,
-                         preferred_element_type=jnp.float32)
-    return (context / row_sums).astype(value.dtype)
-
-
-def softmax_weighted_sum(logits: jax.Array, value: jax.Array) -> jax.Array:
-    """softmax(logits, axis=-1) @ value: logits [..., q, kv_len] (float32, masking already
-    applied), value [..., kv_len, d] -> [..., q, d] in value's dtype.
-
-    Forward: the normalisation is deferred, exp(logits - max) @ value divided by the row
-    sums, so the division touches the [.., q, d] result instead of [.., q, kv_len] weights
-    and XLA's CPU backend does not materialise normalised weights between the matmuls (the
-    forward pass of MiniLM's attention core at 32 x 12 heads x 128 x 128: 1.3-1.4x faster,
-    ``scripts/bench_attention.py``). Backward: the softmax gradient in the form flash
-    attention uses, ds = p * (dp - rowsum(g * out)), whose row reduction runs over d
-    instead of kv_len (autodiff of the deferred forward was 5-25% slower than autodiff of
-    the textbook softmax; this one is on a par with it)."""
-    return _softmax_weighted_sum(logits.astype(jnp.float32), value)
-
-
-@jax.custom_vjp
-def _softmax_weighted_sum(logits: jax.Array, value: jax.Array) -> jax.Array:
-    return _weighted_sum(*_exp_rows(logits), value)
-
-
-def _softmax_weighted_sum_fwd(logits, value):
-    unnormalized, row_sums = _exp_rows(logits)
-    out = _weighted_sum(unnormalized, row_sums, value)
-    return out, (unnormalized, row_sums, value, out)
-
-
-def _softmax_weighted_sum_bwd(residuals, g):
-    unnormalized, row_sums, value, out = residuals
-    weights = unnormalized / row_sums  # float32 [..., q, kv_len]
-    value_grad = jnp.einsum("...qk,...qd->...kd", weights.astype(value.dtype), g,
-                            preferred_element_type=jnp.float32).astype(value.dtype)
-    weights_grad = jnp.einsum("...qd,...kd->...qk", g, value,
-                              preferred_element_type=jnp.float32)
-    delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    return weights * (weights_grad - delta), value_grad  # float32 like the logits
-
-
-_softmax_weighted_sum.defvjp(_softmax_weighted_sum_fwd, _softmax_weighted_sum_bwd)
 
 
 def padding_mask(q_valid: jax.Array, kv_valid: jax.Array) -> jax.Array:
@@ -145,23 +65,18 @@ class LayerNorm(nn.Module):
     """LayerNorm over the last axis with statistics in float32; ``scale`` and ``bias`` are laid
     out along ``embed`` (the parameters of ``flax.linen.LayerNorm``, same names and shapes).
 
-    ``row_sums_by_dot`` computes the mean and the variance as matrix-vector products with a
-    vector of ones instead of as reductions over the last axis: the same result up to the
-    order of the float32 additions (the products run at full float32 precision). The models
-    turn it on in inference calls on CPU (``inference_row_sums_by_dot``), where XLA's CPU
-    backend runs it faster (one process, alternating
-    runs on a 2-core Xeon: MiniLM's forward pass at 32 x 128 tokens 1.08-1.10x faster,
-    32 x 64 unchanged; LayerNorm in a beam-search step over 160 rows about 40% less time).
-    Training calls keep the reductions (same results as ``flax.linen.LayerNorm``); the
-    student's train step took the same time either way.
+    The statistics come from ``fast_paths.layer_norm_statistics``: in inference calls
+    (``deterministic``) on CPU as matrix-vector products, equal to the reductions to
+    float32 rounding; otherwise by reductions, so that the values and gradients are
+    ``flax.linen.LayerNorm``'s to the bit.
     """
 
     epsilon: float
     dtype: Dtype = jnp.float32
-    row_sums_by_dot: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, deterministic: bool = False) -> jax.Array:
+        """x [..., features] -> [..., features] in ``dtype``."""
         features = x.shape[-1]
         scale = self.param(
             "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
@@ -169,33 +84,13 @@ class LayerNorm(nn.Module):
         bias = self.param(
             "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             (features,), jnp.float32)
-        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        if self.row_sums_by_dot:
-            ones = jnp.ones((features,), x32.dtype)
-            row_sum = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)
-            mean = (row_sum(x32, ones) / features)[..., None]  # [..., 1]
-            centred = x32 - mean
-            var = (row_sum(centred * centred, ones) / features)[..., None]
-        else:
-            # flax.linen.LayerNorm's graph (the mean subtracted twice, the second time from
-            # x in its own dtype): the same values and gradients to the bit
-            mean = x32.mean(axis=-1)[..., None]
-            deviation = x32 - mean
-            var = (deviation * deviation).mean(axis=-1)[..., None]
-            centred = x - mean
+        centred, var = fast_paths.layer_norm_statistics(x, deterministic)  # [..., f], [..., 1]
         return (centred * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias).astype(self.dtype)
 
 
-def inference_row_sums_by_dot(deterministic: bool) -> bool:
-    """Whether a model's LayerNorms take their statistics by matrix-vector products: in
-    inference calls (``deterministic``) compiled for CPU, the case measured faster."""
-    return deterministic and jax.default_backend() == "cpu"
-
-
-def layer_norm(epsilon: float, dtype: Dtype, name: Optional[str] = None,
-               row_sums_by_dot: bool = False) -> LayerNorm:
+def layer_norm(epsilon: float, dtype: Dtype, name: Optional[str] = None) -> LayerNorm:
     """LayerNorm whose scale and bias are laid out along ``embed``; statistics in fp32."""
-    return LayerNorm(epsilon=epsilon, dtype=dtype, row_sums_by_dot=row_sums_by_dot, name=name)
+    return LayerNorm(epsilon=epsilon, dtype=dtype, name=name)
 
 
 def matrix_init(init: Initializer, in_dims: int) -> Initializer:
@@ -209,87 +104,12 @@ def matrix_init(init: Initializer, in_dims: int) -> Initializer:
     return init_reshaped
 
 
-def _dot_2d(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
-    return jnp.dot(x, w, preferred_element_type=out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul_rows(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
-    """``[rows, in] @ [in, out]`` with a backward pass that XLA's CPU backend runs fast."""
-    return _dot_2d(x, w, out_dtype)
-
-
-def _matmul_rows_fwd(x, w, out_dtype):
-    return _dot_2d(x, w, out_dtype), (x, w)
-
-
-def _kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
-    """``x^T @ g`` for ``x [rows, in]``, ``g [rows, out]``.
-
-    On CPUs, when ``in <= out``, the transposed copy of ``x`` is made first (the barrier
-    keeps XLA from folding the transpose back into the dot): XLA's CPU backend runs a
-    dot that contracts the lhs's leading axis markedly slower than the copy plus a plain
-    dot (rows 1024, in 512: 24.5 -> 17.2 ms for out 2048, 5.9 -> 5.6 ms for out 512),
-    while for in > out the copy costs more than it saves (in 2048, out 512: 22.8 ->
-    24.4 ms; its transposes run at a few GB/s). Other backends fold the transpose into
-    their GEMM for free."""
-    if x.shape[1] > g.shape[1]:
-        return jnp.dot(x.T, g)
-
-    def cpu(x, g):
-        return jnp.dot(jax.lax.optimization_barrier(x.T), g)
-
-    def default(x, g):
-        return jnp.dot(x.T, g)
-
-    return jax.lax.platform_dependent(x, g, cpu=cpu, default=default)
-
-
-def _matmul_rows_bwd(out_dtype, residuals, g):
-    x, w = residuals
-    # The gradient matmuls run in the forward's compute dtype: a float32 cotangent (the
-    # logits') is rounded to bfloat16 first under bf16 compute, so that they stay bf16
-    # GEMMs instead of float32 ones (in float32 nothing changes).
-    g = g.astype(jnp.result_type(x, w))
-    # g @ w^T as one dot_general on w itself, not on a transposed w: under fsdp the
-    # partitioner then gathers w as the forward did and XLA reuses that gather, where a
-    # transposed operand got a second, transposed all-gather of every kernel (twice the
-    # bytes, and more temporaries). One device compiles to the same program either way.
-    dx = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ()))).astype(x.dtype)
-    dw = _kernel_grad(x, g).astype(w.dtype)
-    return dx, dw
-
-
-_matmul_rows.defvjp(_matmul_rows_fwd, _matmul_rows_bwd)
-
-
-def matmul_2d(x: jax.Array, kernel: jax.Array, in_dims: int,
-              out_dtype: Optional[Dtype] = None) -> jax.Array:
-    """``x [..., *kernel.shape[:in_dims]] @ kernel`` -> ``[..., *kernel.shape[in_dims:]]``
-    computed as one 2-D matmul ``[rows, in] @ [in, out]`` (``out_dtype``: the result's
-    dtype, default the inputs' promoted dtype).
-
-    Same values as the einsum over the trailing axes, but every leading axis is folded
-    into the rows first, so the gradients are plain 2-D matmuls too: the kernel's
-    gradient is ``x^T @ dy`` instead of a contraction over the batch *and* length axes,
-    which XLA's CPU backend runs markedly slower (the whole student train step 12% slower;
-    ``scripts/bench_student_step.py``). On accelerators the reshapes are free.
-    """
-    in_shape, out_shape = kernel.shape[:in_dims], kernel.shape[in_dims:]
-    lead = x.shape[:x.ndim - in_dims]
-    out_dtype = out_dtype or jnp.result_type(x, kernel)
-    rows = x.reshape((-1, math.prod(in_shape)))
-    out = _matmul_rows(rows, kernel.reshape((math.prod(in_shape), math.prod(out_shape))),
-                       jnp.dtype(out_dtype))
-    return out.reshape(lead + out_shape)
-
-
 class Projection(nn.Module):
     """A biased linear map from the last ``len(in_shape)`` axes of the input to
     ``out_shape``: kernel ``[*in_shape, *out_shape]`` and bias ``[*out_shape]`` with the
     given logical axes (the parameter names and layout of ``nn.Dense`` / ``nn.Einsum``,
     so checkpoints and the Hugging Face weight mapping are unaffected), applied with
-    :func:`matmul_2d`."""
+    ``fast_paths.matmul``."""
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
@@ -318,7 +138,7 @@ class Projection(nn.Module):
                              f"are not {self.in_shape}")
         kernel, bias = self.weights()
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return matmul_2d(x, kernel, in_dims) + bias
+        return fast_paths.matmul(x, kernel, in_dims) + bias  # [..., *out_shape]
 
 
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
@@ -364,8 +184,8 @@ class MultiHeadAttention(nn.Module):
     # is a fused flash-attention kernel on NVIDIA GPUs, bf16/fp16 only). Calls that need
     # what only "einsum" has (attention dropout while training, incremental decoding)
     # use "einsum" whatever is set. "cudnn" is for forward passes only (teacher
-    # inference): with our boolean padding masks its gradient came out NaN on an H100
-    # (jax 0.11.2, BENCHMARKS.md), so the student's config refuses it.
+    # inference): with our boolean padding masks its gradient came out NaN
+    # (BENCHMARKS.md), so the student's config refuses it.
     implementation: str = "einsum"
 
     def _projection(self, name: str, in_features: int) -> Projection:
@@ -401,12 +221,10 @@ class MultiHeadAttention(nn.Module):
 
         if decode:
             # The decoding caches hold keys/values heads-major, so that no step transposes
-            # the whole cache (beam search on a CPU spent a quarter of its time on those
-            # transposes): [batch, heads, kv_len, kv], one row per sentence.
+            # the whole cache: values [batch, heads, kv_len, kv], one row per sentence.
             # Keys are cached transposed, [batch, heads, kv, kv_len]: the scores are then
-            # a plain [q, kv] @ [kv, kv_len] matmul per sentence and head; with keys
-            # [kv_len, kv] XLA's CPU backend transposed the whole cache at every step
-            # (2.5x the time of the same-sized weights @ values matmul).
+            # a plain [q, kv] @ [kv, kv_len] matmul per sentence and head, where with keys
+            # [kv_len, kv] XLA's CPU backend transposed the whole cache at every step.
             if key is None:
                 key_t, value_h = self._cross_attention_cache(inputs_kv)
             else:
@@ -427,8 +245,8 @@ class MultiHeadAttention(nn.Module):
 
         # Heads-major copies, so that both attention matmuls are batched over leading
         # (batch, heads) dimensions: XLA's CPU backend runs "bqhd,bkhd->bhqk" on the
-        # [batch, len, heads, kv] layout about 4x slower than on [batch, heads, len, kv]
-        # (scripts/bench_teacher.py, length 128); the transposes are cheap copies.
+        # [batch, len, heads, kv] layout several times slower than on [batch, heads, len,
+        # kv]; the transposes are cheap copies.
         key_h = key.transpose(0, 2, 1, 3)  # [batch, heads, kv_len, kv]
         value_h = value.transpose(0, 2, 1, 3)  # [batch, heads, kv_len, kv]
         return self._attend(query, key_h, value_h, mask, features, deterministic)
@@ -439,13 +257,13 @@ class MultiHeadAttention(nn.Module):
         parameters stay the three of ``query``/``key``/``value``). One [rows, embed] @
         [embed, 3 * embed] product instead of three [rows, embed] @ [embed, embed] ones
         uses a CPU's or GPU's matmul units better, most of all at the few rows of a
-        decoding step (beam search: 160 rows, 3 x 1.4 ms -> 2.0 ms per layer on a CPU)."""
+        decoding step."""
         projections = [self._projection(name, x.shape[-1]) for name in ("query", "key", "value")]
         kernels, biases = zip(*(p.weights() for p in projections))
         kernel = jnp.stack(kernels, axis=1)  # [embed, 3, heads, kv]
         bias = jnp.stack(biases, axis=0)  # [3, heads, kv]
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        qkv = matmul_2d(x, kernel, 1) + bias  # [batch, len, 3, heads, kv]
+        qkv = fast_paths.matmul(x, kernel, 1) + bias  # [batch, len, 3, heads, kv]
         qkv = nn.with_logical_constraint(qkv, ("activation_batch", "activation_length", None,
                                                "activation_heads", "activation_kv"))
         names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -482,24 +300,16 @@ class MultiHeadAttention(nn.Module):
         logits = jnp.einsum("bhqd,bhdk->bhqk" if key_transposed else "bhqd,bhkd->bhqk",
                             query_h, key_h,
                             preferred_element_type=jnp.float32)  # [batch, heads, g*q, kv_len]
-        if mask is not None and deterministic and INFERENCE_MASK_BY_BIAS:
-            # Inference: the mask as an additive bias (0 / MASK_BIAS), the same weights as
-            # the select below. XLA's CPU backend then fuses the scores product, the mask,
-            # the softmax and the weighted sum into one YNNPACK fusion, where the select
-            # kept the [batch, heads, q, kv] scores apart (MiniLM at 32 x 128: the attention
-            # core about 69 -> 44 ms per pass, the whole pass 4-5% faster; BENCHMARKS.md).
-            logits = mask_by_bias(logits, mask)
-        elif mask is not None:
-            logits = jnp.where(mask, logits, MASK_VALUE)
+        logits = fast_paths.apply_mask(logits, mask, deterministic)  # [batch, heads, g*q, kv_len]
         if deterministic:
-            # inference (teacher forward, soft targets, decoding): the deferred-normalisation
-            # form, faster in the forward pass (MiniLM at length 128: 1.3-1.4x for the core)
-            context = softmax_weighted_sum(logits, value_h.astype(self.dtype))
+            # inference (teacher forward, soft targets, decoding), no attention dropout
+            context = fast_paths.softmax_weighted_sum(
+                logits, value_h.astype(self.dtype))  # [batch, heads, g*q, kv]
         else:
-            # training: the textbook form, whose forward + gradient was as fast as the
-            # deferred one with its custom VJP (scripts/bench_attention.py --grad), and
-            # which keeps training runs identical to the earlier ones
-            weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+            # training: the textbook form with attention dropout on the weights; the
+            # faster inference form is no faster here once its gradient is counted, and
+            # this one keeps training runs identical to the earlier ones
+            weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # like the logits
             if self.dropout_rate > 0.0:
                 weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
             context = jnp.einsum("bhqk,bhkd->bhqd", weights, value_h)  # [batch, heads, g*q, kv]
@@ -534,6 +344,7 @@ class MultiHeadAttention(nn.Module):
             self.variable("cache", "cached_value", jnp.zeros, (batch, heads, slots, head_dim),
                           value.dtype)
             self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+            # [batch, heads, kv, max_len], [batch, heads, max_len, kv]
             return key.transpose(0, 2, 3, 1), value.transpose(0, 2, 1, 3)
         cached_key = self.variable("cache", "cached_key")
         cached_value = self.variable("cache", "cached_value")
@@ -597,13 +408,3 @@ class FeedForward(nn.Module):
             bias_axes=("embed",), kernel_init=self.kernel_init, bias_init=self.bias_init,
             dtype=self.dtype, name="output",
         )(h)  # [batch, length, embed]
-
-
-def gelu_exact(x: jax.Array) -> jax.Array:
-    """GELU with the erf form, as BERT and transformers' ``"gelu"`` use:
-    ``x * (1 + erf(x / sqrt 2)) / 2``, written as torch computes it. ``jax.nn.gelu``'s exact
-    form goes through ``erfc``, which XLA's CPU backend expands into more work (MiniLM's
-    forward pass 1.02-1.03x faster this way in a scratch A/B; outputs within 5e-6)."""
-    x = jnp.asarray(x)
-    half = jnp.asarray(0.5, x.dtype)
-    return x * half * (1 + jax.lax.erf(x * jnp.asarray(np.sqrt(0.5), x.dtype)))

@@ -1,9 +1,11 @@
 """The student: a Transformer encoder-decoder (Vaswani et al.) in the fairseq layout.
 
 One embedding table ``[vocab, embed]`` is shared by the source, the target and the output
-projection (``logits = h @ E^T``). Post-LayerNorm is the reference; ``pre_layer_norm``
-moves the LayerNorms in front of each block and adds a final LayerNorm to the encoder
-and to the decoder.
+projection (``logits = h @ E^T``). The default places the LayerNorms after each residual
+addition (post-LN), the layout of Vaswani et al. and of fairseq. ``pre_layer_norm`` moves
+them in front of each block and adds a final LayerNorm to the encoder and to the decoder:
+the layout Chen et al.'s reference code (OpenNMT-py) trains, whose LayerNorms have
+epsilon 1e-6 (set ``layer_norm_eps=1e-6`` with it to match; the default 1e-5 is fairseq's).
 
 Incremental decoding: ``Transformer.decode(..., decode=True)`` takes one target position
 of every hypothesis per call and keeps its state in the ``cache`` collection: keys/values
@@ -32,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.models import layers
+from distill_jax.models import fast_paths, layers
 
 POSITION_KINDS = ("sinusoidal", "learned")
 
@@ -42,7 +44,10 @@ STUDENT_ATTENTION_IMPLS = ("einsum", "xla")
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """Hyper-parameters of the student; defaults are the IWSLT reference (6+6, d 512)."""
+    """Hyper-parameters of the student. The defaults: the sizes of Vaswani et al.'s base
+    Transformer (6 + 6 layers, d_model 512, 8 heads, feed-forward 2048) with dropout 0.3
+    (fairseq's value for IWSLT'14 De-En), post-LN, sinusoidal positions, scaled embeddings
+    and LayerNorm epsilon 1e-5 (fairseq's layout)."""
 
     vocab_size: int  # size of the shared source/target vocabulary (specials included)
     d_model: int = 512  # model width (embedding size)
@@ -53,7 +58,7 @@ class TransformerConfig:
     dropout_rate: float = 0.3  # dropout on embeddings and on every residual branch
     attention_dropout_rate: float = 0.0  # dropout on the attention weights
     activation_dropout_rate: float = 0.0  # dropout after the feed-forward activation
-    pre_layer_norm: bool = False  # False: post-LN (reference); True: pre-LN + final LayerNorms
+    pre_layer_norm: bool = False  # False: post-LN (fairseq); True: pre-LN + final LayerNorms
     positions: str = "sinusoidal"  # "sinusoidal" (fixed table) or "learned" (a parameter)
     max_len: int = 256  # longest source or target sequence (size of the position table)
     scale_embeddings: bool = True  # multiply token embeddings by sqrt(d_model) (fairseq)
@@ -81,7 +86,7 @@ class TransformerConfig:
             raise ValueError(
                 f"attention_impl must be one of {STUDENT_ATTENTION_IMPLS}, got "
                 f"{self.attention_impl!r} (\"cudnn\" is forward-only: its gradient with "
-                "padding masks was NaN on an H100, see BENCHMARKS.md)")
+                "padding masks came out NaN, see BENCHMARKS.md)")
         for name in ("pad_id", "bos_id", "eos_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(
@@ -138,21 +143,23 @@ class Sublayer(nn.Module):
     """
 
     config: TransformerConfig
-    row_sums_by_dot: bool = False  # LayerNorm statistics as matrix-vector products (inference)
 
     def setup(self):
-        self.norm = layers.layer_norm(self.config.layer_norm_eps, self.config.dtype,
-                                      row_sums_by_dot=self.row_sums_by_dot)
+        self.norm = layers.layer_norm(self.config.layer_norm_eps, self.config.dtype)
         self.dropout = nn.Dropout(rate=self.config.dropout_rate)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         """Input of the wrapped function: LN(x) for pre-LN, x for post-LN."""
-        return self.norm(x) if self.config.pre_layer_norm else x
+        if self.config.pre_layer_norm:
+            return self.norm(x, deterministic=deterministic)
+        return x
 
     def finish(self, x: jax.Array, y: jax.Array, deterministic: bool) -> jax.Array:
         """Adds the (dropped-out) branch output y to the residual x."""
         out = x + self.dropout(y, deterministic=deterministic)  # [batch, length, embed]
-        return out if self.config.pre_layer_norm else self.norm(out)
+        if self.config.pre_layer_norm:
+            return out
+        return self.norm(out, deterministic=deterministic)
 
 
 class EncoderLayer(nn.Module):
@@ -164,19 +171,18 @@ class EncoderLayer(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
         """x [batch, src, embed], mask [batch, 1, src, src] -> [batch, src, embed]."""
         cfg = self.config
-        by_dot = layers.inference_row_sums_by_dot(deterministic)  # LayerNorm statistics
-        attn_block = Sublayer(cfg, row_sums_by_dot=by_dot, name="self_attention_block")
-        normed = attn_block(x)  # [batch, src, embed]
+        attn_block = Sublayer(cfg, name="self_attention_block")
+        normed = attn_block(x, deterministic)  # [batch, src, embed]
         h = layers.MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim,
             dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype,
             implementation=cfg.attention_impl,
             name="self_attention")(normed, normed, mask, deterministic=deterministic)
         x = attn_block.finish(x, h, deterministic)  # [batch, src, embed]
-        ff_block = Sublayer(cfg, row_sums_by_dot=by_dot, name="feed_forward_block")
+        ff_block = Sublayer(cfg, name="feed_forward_block")
         h = layers.FeedForward(
             mlp_dim=cfg.mlp_dim, dropout_rate=cfg.activation_dropout_rate, dtype=cfg.dtype,
-            name="feed_forward")(ff_block(x), deterministic=deterministic)
+            name="feed_forward")(ff_block(x, deterministic), deterministic=deterministic)
         return _constrain_hidden(ff_block.finish(x, h, deterministic))  # [batch, src, embed]
 
 
@@ -198,9 +204,8 @@ class DecoderLayer(nn.Module):
         beams: int = 1,
     ) -> jax.Array:
         cfg = self.config
-        by_dot = layers.inference_row_sums_by_dot(deterministic)  # LayerNorm statistics
-        block = Sublayer(cfg, row_sums_by_dot=by_dot, name="self_attention_block")
-        normed = block(x)  # [batch, tgt, embed]
+        block = Sublayer(cfg, name="self_attention_block")
+        normed = block(x, deterministic)  # [batch, tgt, embed]
         h = layers.MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim,
             dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype,
@@ -208,18 +213,18 @@ class DecoderLayer(nn.Module):
             name="self_attention")(normed, normed, self_mask,
                                    deterministic=deterministic, decode=decode, beams=beams)
         x = block.finish(x, h, deterministic)  # [batch, tgt, embed]
-        block = Sublayer(cfg, row_sums_by_dot=by_dot, name="cross_attention_block")
+        block = Sublayer(cfg, name="cross_attention_block")
         h = layers.MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim,
             dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype,
             implementation=cfg.attention_impl, is_cross_attention=True,
-            name="cross_attention")(block(x), encoded, cross_mask,
+            name="cross_attention")(block(x, deterministic), encoded, cross_mask,
                                     deterministic=deterministic, decode=decode)
         x = block.finish(x, h, deterministic)  # [batch, tgt, embed]
-        block = Sublayer(cfg, row_sums_by_dot=by_dot, name="feed_forward_block")
+        block = Sublayer(cfg, name="feed_forward_block")
         h = layers.FeedForward(
             mlp_dim=cfg.mlp_dim, dropout_rate=cfg.activation_dropout_rate, dtype=cfg.dtype,
-            name="feed_forward")(block(x), deterministic=deterministic)
+            name="feed_forward")(block(x, deterministic), deterministic=deterministic)
         return _constrain_hidden(block.finish(x, h, deterministic))  # [batch, tgt, embed]
 
 
@@ -250,7 +255,6 @@ class Encoder(nn.Module):
     def __call__(self, src: jax.Array, *, deterministic: bool) -> jax.Array:
         """src [batch, src] int -> [batch, src, embed]."""
         cfg = self.config
-        by_dot = layers.inference_row_sums_by_dot(deterministic)  # LayerNorm statistics
         _check_length("source", src.shape[1], cfg)
         x = _embed_tokens(
             self.shared_embedding, PositionEmbedding(cfg, name="positions"),
@@ -260,8 +264,8 @@ class Encoder(nn.Module):
         for i in range(cfg.num_encoder_layers):
             x = EncoderLayer(cfg, name=f"layer_{i}")(x, mask, deterministic=deterministic)
         if cfg.pre_layer_norm:
-            x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="final_norm",
-                                  row_sums_by_dot=by_dot)(x)
+            x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="final_norm")(
+                x, deterministic=deterministic)
         return x  # [batch, src, embed]
 
 
@@ -284,7 +288,6 @@ class Decoder(nn.Module):
     ) -> jax.Array:
         """-> final hidden states [batch, tgt, embed] ([batch * beams, 1, embed] decoding)."""
         cfg = self.config
-        by_dot = layers.inference_row_sums_by_dot(deterministic)  # LayerNorm statistics
         length = tgt_in.shape[1]  # decoding: the cache-creating call passes the step bound
         _check_length("target", length, cfg)
         position_ids = jnp.arange(length)  # [tgt]
@@ -317,8 +320,8 @@ class Decoder(nn.Module):
                 x, encoded, self_mask, cross_mask, deterministic=deterministic, decode=decode,
                 beams=beams)
         if cfg.pre_layer_norm:
-            x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="final_norm",
-                                  row_sums_by_dot=by_dot)(x)
+            x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="final_norm")(
+                x, deterministic=deterministic)
         return x  # [batch, tgt, embed]
 
     @staticmethod
@@ -385,9 +388,7 @@ class Transformer(nn.Module):
         h = self.decoder(encoded, src, tgt_in, deterministic=deterministic, decode=decode,
                          beams=beams)
         table = self.shared_embedding.embedding.astype(self.config.dtype)  # [vocab, embed]
-        # One 2-D matmul [batch*tgt, embed] @ [embed, vocab] (layers.matmul_2d: the
-        # table's gradient is then a plain matmul, not a contraction over batch and tgt).
-        logits = layers.matmul_2d(h, table.T, 1, out_dtype=jnp.float32)  # [batch, tgt, vocab]
+        logits = fast_paths.matmul(h, table.T, 1, out_dtype=jnp.float32)  # [batch, tgt, vocab]
         return nn.with_logical_constraint(
             logits.astype(jnp.float32),
             ("activation_batch", "activation_length", "activation_vocab"))

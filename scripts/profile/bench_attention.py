@@ -2,8 +2,9 @@
 
   normalise first   weights = softmax(where(mask, q k^T, -1e9)); weights @ v
                     (the textbook form; ``MultiHeadAttention`` in training calls)
-  deferred          ``layers.softmax_weighted_sum``, what ``MultiHeadAttention`` runs in
-                    inference (deterministic) calls: e = exp(s - max(s)); (e @ v) / sum(e), so
+  deferred          ``fast_paths.deferred_softmax_weighted_sum``, what
+                    ``MultiHeadAttention`` runs in inference (deterministic) calls:
+                    e = exp(s - max(s)); (e @ v) / sum(e), so
                     the division touches the [.., q, head_dim] result instead of the
                     [.., q, kv_len] weights; its gradient is a custom VJP in flash
                     attention's form (row sums of g * out instead of dp * p)
@@ -58,18 +59,18 @@ def main(argv=None) -> int:
     import numpy as np
 
     import benchlib
-    from distill_jax.models import layers
+    from distill_jax.models import fast_paths
 
     def scores(q, k, transposed):
         return jnp.einsum("bhqd,bhdk->bhqk" if transposed else "bhqd,bhkd->bhqk", q, k)
 
     def normalise_first(q, k, v, mask, transposed):
-        logits = jnp.where(mask, scores(q, k, transposed), layers.MASK_VALUE)
+        logits = jnp.where(mask, scores(q, k, transposed), fast_paths.MASK_VALUE)
         return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(logits, axis=-1), v)
 
     def deferred(q, k, v, mask, transposed):
-        logits = jnp.where(mask, scores(q, k, transposed), layers.MASK_VALUE)
-        return layers.softmax_weighted_sum(logits, v)
+        logits = jnp.where(mask, scores(q, k, transposed), fast_paths.MASK_VALUE)
+        return fast_paths.deferred_softmax_weighted_sum(logits, v)
 
     machine = benchlib.machine_info(with_torch=False)
     print(f"machine: {benchlib.describe_machine(machine)}")
