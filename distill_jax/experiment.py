@@ -164,12 +164,13 @@ def default_student() -> TransformerConfig:
 def opennmt_student(dropout: float = 0.3) -> TransformerConfig:
     """The paper's reference student, an OpenNMT-py Transformer: 6+6 layers, d 512, ff 2048,
     8 heads, pre-LayerNorm with final LayerNorms (eps 1e-6), ``dropout`` on residuals,
-    attention weights and feed-forward activations. (Its Glorot-initialised kernels are
-    ours too; its embeddings are Glorot-initialised, ours normal(d^-0.5).)"""
+    attention weights and feed-forward activations, Glorot-initialised kernels (ours always
+    are) and embedding."""
     return dataclasses.replace(
         default_student(), d_model=512, num_heads=8, mlp_dim=2048, num_encoder_layers=6,
         num_decoder_layers=6, dropout_rate=dropout, attention_dropout_rate=dropout,
-        activation_dropout_rate=dropout, pre_layer_norm=True, layer_norm_eps=1e-6)
+        activation_dropout_rate=dropout, pre_layer_norm=True, layer_norm_eps=1e-6,
+        embedding_init="glorot")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,3 +124,29 @@ def test_final_checkpoint_best_or_last(tmp_path, which):
                            "last step 2")
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(states[chosen])):
         np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_glorot_embedding_init():
+    """student.embedding_init="glorot" draws the shared embedding from Glorot-uniform over
+    [vocab, embed] (OpenNMT's -param_init_glorot); the default stays fairseq's normal."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from distill_jax.models.transformer import Transformer, TransformerConfig
+
+    def embedding(init):
+        config = TransformerConfig(vocab_size=512, d_model=64, num_heads=4, mlp_dim=128,
+                                   num_encoder_layers=1, num_decoder_layers=1,
+                                   embedding_init=init)
+        dummy = jnp.zeros((1, 4), jnp.int32)
+        params = Transformer(config).init(jax.random.PRNGKey(0), dummy, dummy)["params"]
+        return np.asarray(jax.tree_util.tree_leaves(params["shared_embedding"])[0])
+
+    glorot, normal = embedding("glorot"), embedding("normal")
+    limit = np.sqrt(6.0 / (512 + 64))
+    assert np.abs(glorot).max() <= limit and np.abs(glorot).max() > 0.95 * limit
+    assert abs(glorot.std() - limit / np.sqrt(3)) < 0.05 * limit  # uniform(-l, l)
+    assert abs(normal.std() - 64 ** -0.5) < 0.05 * 64 ** -0.5
+    with pytest.raises(ValueError, match="embedding_init"):
+        TransformerConfig(vocab_size=512, embedding_init="xavier")

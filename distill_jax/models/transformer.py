@@ -37,6 +37,12 @@ import jax.numpy as jnp
 from distill_jax.models import fast_paths, layers
 
 POSITION_KINDS = ("sinusoidal", "learned")
+# How the shared embedding starts: fairseq's normal(0, d^-1/2), or Glorot-uniform over
+# [vocab, embed] as OpenNMT-py's -param_init_glorot draws every matrix.
+EMBEDDING_INITS = {
+    "normal": lambda d_model: nn.initializers.normal(stddev=d_model ** -0.5),
+    "glorot": lambda d_model: nn.initializers.xavier_uniform(),
+}
 
 
 STUDENT_ATTENTION_IMPLS = ("einsum", "xla")
@@ -63,6 +69,7 @@ class TransformerConfig:
     max_len: int = 256  # longest source or target sequence (size of the position table)
     scale_embeddings: bool = True  # multiply token embeddings by sqrt(d_model) (fairseq)
     layer_norm_eps: float = 1e-5  # LayerNorm epsilon
+    embedding_init: str = "normal"  # shared embedding's init: "normal" (fairseq) or "glorot"
     dtype: Any = jnp.float32  # compute dtype; parameters are always float32
     # softmax(QK^T)V: "einsum" (portable, ours) or "xla" (jax.nn.dot_product_attention);
     # see layers.MultiHeadAttention.implementation
@@ -80,6 +87,9 @@ class TransformerConfig:
                 f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if self.positions not in POSITION_KINDS:
             raise ValueError(f"positions must be one of {POSITION_KINDS}, got {self.positions!r}")
+        if self.embedding_init not in EMBEDDING_INITS:
+            raise ValueError(f"embedding_init must be one of {sorted(EMBEDDING_INITS)}, got "
+                             f"{self.embedding_init!r}")
         if self.max_len < 1:
             raise ValueError(f"max_len must be positive, got {self.max_len}")
         if self.attention_impl not in STUDENT_ATTENTION_IMPLS:
@@ -353,7 +363,7 @@ class Transformer(nn.Module):
             dtype=cfg.dtype,
             param_dtype=jnp.float32,
             embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("vocab", "embed")),
+                EMBEDDING_INITS[cfg.embedding_init](cfg.d_model), ("vocab", "embed")),
         )
         self.encoder = Encoder(cfg, self.shared_embedding)
         self.decoder = Decoder(cfg, self.shared_embedding)
