@@ -22,7 +22,7 @@ SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
     ("train-teacher", "distill_jax.commands.train_teacher",
      "fine-tune BERT as a conditional masked language model (C-MLM) over the student vocabulary"),
     ("soft-targets", "distill_jax.commands.soft_targets",
-     "write the fine-tuned teacher's top-K soft targets for a split into the cache (local or gs://)"),
+     "write the fine-tuned teacher's top-K soft targets of a split into its cache (local, gs://)"),
     ("train-student", "distill_jax.commands.train_student",
      "train the Transformer student: distill.kd=none (baseline), offline or online"),
     ("generate", "distill_jax.commands.generate",
