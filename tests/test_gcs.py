@@ -150,8 +150,8 @@ def _pipeline(workdir, teacher, data, env, *, kill: bool, corpus) -> dict:
         process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         checkpoints = storage.path(workdir) / "students" / "distilled" / "checkpoints"
-        _wait_then_kill(process, lambda: "2/_CHECKPOINT_METADATA" in storage.list_files(
-            checkpoints) if checkpoints.exists() else False, "train-student")
+        _wait_then_kill(process, lambda: "2/commit_success.txt" in storage.list_files(
+            checkpoints), "train-student")  # killed after its first complete checkpoint
         assert not (checkpoints.parent / "results.json").exists()
     _run("train-student", workdir, "--name", "distilled", *STUDENT, **common)
     hyp = storage.path(workdir) / "test2016.gen.txt"
@@ -242,7 +242,7 @@ def test_two_processes_write_one_cache_and_checkpoint_on_gcs(experiment, gcs):
         assert (two_ids == single[1]).mean() > 0.99
     run = storage.path(workdir) / "students" / "two"
     assert (run / "results.json").exists()
-    assert "2/_CHECKPOINT_METADATA" in storage.list_files(run / "checkpoints")
+    assert "2/commit_success.txt" in storage.list_files(run / "checkpoints")
 
 
 def _pipeline_cache_local(root):
