@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
