@@ -50,6 +50,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -341,14 +342,16 @@ def model_card(run_dir: Path, name: str, config: TransformerConfig, vocab: Vocab
     train = experiment.get("train", {})
     decode = experiment.get("decode", {})
     kd = results.get("kd", distill.get("kd", "?"))
+    method = ("a baseline trained on the references alone (no distillation), for comparison "
+              "with students distilled" if kd == "none" else
+              f"a student distilled ({kd} soft targets)")
     lines = [
         "---", "library_name: transformers", "pipeline_tag: translation", "tags:",
         "- fsmt", "- distill-jax", "- knowledge-distillation", "---", "",
         f"# {name}: a distill-jax student exported to FSMT", "",
-        "A Transformer encoder-decoder trained with "
-        "distill-jax (Chen et al., ACL 2020, \"Distilling Knowledge "
-        "Learned in BERT for Text Generation\"): a C-MLM fine-tuned BERT teacher's soft "
-        "targets supervise a left-to-right student. Exported with `distill-jax export`.", "",
+        f"A Transformer encoder-decoder trained with distill-jax: {method} from a C-MLM "
+        "fine-tuned BERT teacher (Chen et al., ACL 2020, \"Distilling Knowledge Learned in "
+        "BERT for Text Generation\"). Exported with `distill-jax export`.", "",
         "## Data", "",
         f"- dataset: `{(dataset_meta or {}).get('tfds_name', data.get('dataset', '?'))}`"
         f" (train split `{data.get('train_split', 'train')}`)",
@@ -357,7 +360,8 @@ def model_card(run_dir: Path, name: str, config: TransformerConfig, vocab: Vocab
         "## Teacher", "",
         f"- checkpoint: `{teacher.get('checkpoint', '?')}`"
         f" (init `{teacher.get('init', '?')}`, fine-tuned {teacher.get('steps', '?')} steps as "
-        "a conditional masked language model)", "",
+        "a conditional masked language model)"
+        + ("; this baseline uses only its tokenizer" if kd == "none" else ""), "",
         "## Distillation", "",
         f"- mode: `{kd}`" + (" (baseline, no teacher)" if kd == "none" else ""),
     ]
@@ -392,6 +396,7 @@ def model_card(run_dir: Path, name: str, config: TransformerConfig, vocab: Vocab
     lines += [
         "", "## Use", "", "```python",
         "from transformers import AutoTokenizer, FSMTForConditionalGeneration",
+        "PATH = \"path/to/this/folder\"",
         "tokenizer = AutoTokenizer.from_pretrained(PATH)",
         "model = FSMTForConditionalGeneration.from_pretrained(PATH).eval()",
         "batch = tokenizer([\"a source sentence\"], return_tensors=\"pt\", padding=True)",
@@ -425,6 +430,16 @@ def write_export(folder: Path, params: Any, config: TransformerConfig, vocab: Vo
     (folder / "README.md").write_text(card, encoding="utf-8")
 
 
+def _readable_files(folder: Path) -> None:
+    """Gives the written files the user's default permissions (umask), which some writers
+    (safetensors) narrow to the owner."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
+
+
 def export(out: os.PathLike, params: Any, config: TransformerConfig, vocab: Vocabulary,
            decode: DecodeConfig, card: str, langs: Sequence[str] = ("src", "tgt"), *,
            overwrite: bool = False) -> Path:
@@ -438,9 +453,13 @@ def export(out: os.PathLike, params: Any, config: TransformerConfig, vocab: Voca
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # a plain mkdir (not tempfile's private 0700 folder): the export gets the permissions
+    # of any folder the user creates
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
     try:
         write_export(tmp, params, config, vocab, decode, card, langs)
+        _readable_files(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)

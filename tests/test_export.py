@@ -135,7 +135,10 @@ TRAIN = ["--set", "distill.kd=none", "--set", "train.steps=400", "--set",
          "train.learning_rate=5e-3", "--set", "train.warmup_steps=20", "--set",
          "train.eval_every=100000", "--set", "train.save_every=200", "--set",
          "train.label_smoothing=0.0", "--set", "student.dropout_rate=0.0", "--set",
-         "student.d_model=64", "--set", "student.mlp_dim=128"]
+         "student.d_model=64", "--set", "student.mlp_dim=128",
+         # one decoding phase: fewer programs to compile (the same outputs, distill_jax.decode),
+         # and `generate` below reuses the compiled beam search of the in-process comparison
+         "--set", "decode.cache_phases=1"]
 NAME = "base"
 
 
@@ -236,9 +239,7 @@ def test_generate_matches_ours_token_for_token(exported, ours, sentences, tmp_pa
     from distill_jax.translate import translate_ids
     out = exported[3]
     model, params, vocab, decode, mesh = ours
-    # one decoding phase: fewer programs to compile, the same outputs (distill_jax.decode)
-    decode = dataclasses.replace(decode, method=method, beam_size=4, length_penalty=0.0,
-                                 cache_phases=1)
+    decode = dataclasses.replace(decode, method=method, beam_size=4, length_penalty=0.0)
     sources = [np.asarray(vocab.encode(s) + [2], np.int32) for s in sentences]
     expected = [ids.tolist() for ids in translate_ids(model, params, sources, decode, mesh)]
     assert len({tuple(e) for e in expected}) > 4, f"degenerate outputs: {expected}"
