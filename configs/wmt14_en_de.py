@@ -18,28 +18,18 @@ factor 1, 4k warm-up, 50k steps). See docs/paper_recipe.md.
   distill-jax train-student --config configs/wmt14_en_de.py --workdir WORKDIR
 """
 
-from distill_jax.experiment import (DataConfig, DecodeConfig, DistillConfig, ExperimentConfig,
-                                    TeacherConfig, TrainConfig, opennmt_student)
+import dataclasses
+import pathlib
 
-# The reference's IWSLT baseline schedule: noam factor 1, 4k warm-up, 50k steps.
-BASELINE_OVERRIDES = ("train.learning_rate=1.0", "train.warmup_steps=4000",
-                      "train.steps=50000")
+from distill_jax import configlib
+from distill_jax.experiment import opennmt_student
 
 
-def get_config() -> ExperimentConfig:
-    return ExperimentConfig(
-        name="wmt14_en_de",
-        data=DataConfig(train_split="train", valid_split="valid", test_splits=("test",),
-                        tokens_per_batch=6144, max_src_len=152, max_tgt_len=152),
-        teacher=TeacherConfig(checkpoint="bert-base-multilingual-cased", steps=100000,
-                              learning_rate=5e-5, warmup_fraction=0.05,
-                              tokens_per_batch=16384, eval_every=5000, save_every=5000,
-                              top_k=8),
-        student=opennmt_student(dropout=0.1),
-        distill=DistillConfig(kd="offline", alpha=0.1, temperature=5.0, top_k=8),
-        train=TrainConfig(steps=100000, schedule="noam", learning_rate=2.0, warmup_steps=8000,
-                          label_smoothing=0.1, eval_every=1000, save_every=1000,
-                          bleu_sentences=1000, final_checkpoint="last"),
-        decode=DecodeConfig(beam_size=5, length_penalty=0.6),
-        baseline_overrides=BASELINE_OVERRIDES,
-    )
+def get_config():
+    """The IWSLT14 reference recipe (configs/iwslt14_de_en.py) with WMT's dropout and
+    distillation weights."""
+    reference = configlib.load_config_file(
+        str(pathlib.Path(__file__).with_name("iwslt14_de_en.py")))
+    return dataclasses.replace(
+        reference, name="wmt14_en_de", student=opennmt_student(dropout=0.1),
+        distill=dataclasses.replace(reference.distill, alpha=0.1, temperature=5.0))
