@@ -357,6 +357,7 @@ def long_model_and_params():
     (slice(None), (2.0, 8), True, True),  # the same with per-sentence bounds
     (slice(1, 2), (2.0, 8), False, False),  # the whole batch is done within the first phase
 ])
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
 def test_growing_caches_decode_like_one_full_size_cache(long_model_and_params, rows, bound,
                                                         last_phase, all_searches):
     """cache_phases=4 (the default: the loop runs in phases over caches that grow between
@@ -422,6 +423,7 @@ def test_grow_decode_cache_pads_the_position_axis_only(long_model_and_params):
         grow_decode_cache(model, params, encoded, SOURCES, full, 8, 3)
 
 
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
 def test_growing_caches_on_a_sharded_batch(long_model_and_params):
     """Decoding phases on a batch sharded over 8 devices: the grown caches stay
     batch-sharded and the result is the single-device one."""
@@ -473,6 +475,7 @@ def test_top_log_probs_is_top_k_of_the_masked_log_softmax(vocab, width):
     assert not np.isin(np.asarray(tokens), banned).any()
 
 
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
 def test_beam_search_over_a_large_vocabulary_is_the_plain_one(monkeypatch):
     """Beam search with a vocabulary large enough for ``top_log_probs`` to search blocks
     (2000 tokens: 16 blocks, 8 searched) gives what it gives with the plain per-row top_k."""
@@ -498,6 +501,7 @@ def test_beam_search_over_a_large_vocabulary_is_the_plain_one(monkeypatch):
     assert len({as_tuple(h) for h in np.asarray(seqs).reshape(-1, 6)}) > 3  # not degenerate
 
 
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
 def test_a_step_may_feed_only_the_first_hypotheses(model_and_params):
     """The decoder step that feeds one hypothesis per sentence (beam search's first)
     writes its slot; once the other hypotheses descend from it (the search's reorder),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 import jax.numpy as jnp
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
@@ -40,6 +41,7 @@ def test_thunk_table_maps_traced_thunks_to_op_names(tmp_path):
     assert [ms for _, _, ms in rows] == sorted((ms for _, _, ms in rows), reverse=True)
 
 
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
 def test_profile_beam_groups_every_op():
     out = subprocess.run(
         [sys.executable, os.path.join(SCRIPTS, "profile", "profile_beam.py"), "--batch", "2",

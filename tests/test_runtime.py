@@ -43,6 +43,7 @@ def _probe(mode):
     return out
 
 
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_kept_memory_is_reused_without_page_faults_and_system_mode_faults():
     kept = _probe(None)

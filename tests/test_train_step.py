@@ -138,6 +138,7 @@ def student_reference():
     return setup, run_steps(setup, one_device_mesh())
 
 
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
 @pytest.mark.parametrize("shape", MESHES)
 def test_teacher_step_matches_one_device(teacher_reference, shape):
     setup, (ref_losses, ref_norms, ref_params) = teacher_reference
@@ -149,6 +150,7 @@ def test_teacher_step_matches_one_device(teacher_reference, shape):
     assert_trees_close(params, ref_params)
 
 
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
 @pytest.mark.parametrize("shape", MESHES)
 def test_student_step_matches_one_device(student_reference, shape):
     setup, (ref_losses, ref_norms, ref_params) = student_reference
@@ -159,6 +161,7 @@ def test_student_step_matches_one_device(student_reference, shape):
     assert_trees_close(params, ref_params)
 
 
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
 def test_student_reference_is_not_trivial(student_reference):
     """The comparison above means something: params moved and the KD term is in the loss."""
     setup, (ref_losses, _, ref_params) = student_reference
@@ -189,6 +192,7 @@ def no_dropout_student_setup():
     return loss_fn, init_params, optimizer
 
 
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
 def test_gradient_accumulation_equals_full_batch():
     """2 micro-batches of 4 rows == 1 batch of 8 rows (token-count normalised), on (2,2,2)."""
     setup = no_dropout_student_setup()
