@@ -34,6 +34,15 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                        help="let jax.distributed.initialize() detect the cluster (TPU pods, SLURM)")
 
 
+def add_trained_student_arguments(parser: argparse.ArgumentParser) -> None:
+    """The common arguments plus which trained student to use (generate, export)."""
+    add_common_arguments(parser)
+    parser.add_argument("--name", default=None,
+                        help="student run under WORKDIR/students (default: from distill.kd)")
+    parser.add_argument("--checkpoint", default="best",
+                        help="'best' (validation BLEU), 'latest', 'averaged' or a step number")
+
+
 def _env_int(name: str) -> Optional[int]:
     value = os.environ.get(name)
     return int(value) if value else None

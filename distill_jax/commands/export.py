@@ -12,11 +12,7 @@ from distill_jax.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_common_arguments(parser)
-    parser.add_argument("--name", default=None,
-                        help="student run under WORKDIR/students (default: from distill.kd)")
-    parser.add_argument("--checkpoint", default="best",
-                        help="'best' (validation BLEU), 'latest', 'averaged' or a step number")
+    common.add_trained_student_arguments(parser)
     parser.add_argument("--out", required=True, help="folder to write the FSMT checkpoint to")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out (only once the new export is complete)")

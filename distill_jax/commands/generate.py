@@ -12,11 +12,7 @@ from distill_jax.translate import translate_texts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_common_arguments(parser)
-    parser.add_argument("--name", default=None,
-                        help="student run under WORKDIR/students (default: from distill.kd)")
-    parser.add_argument("--checkpoint", default="best",
-                        help="'best' (validation BLEU), 'latest', 'averaged' or a step number")
+    common.add_trained_student_arguments(parser)
     parser.add_argument("--input", default="-", help="source sentences, one per line (- = stdin)")
     parser.add_argument("--output", default="-",
                         help="where to write outputs: a local path or gs://... (- = stdout)")
