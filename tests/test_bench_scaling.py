@@ -50,6 +50,7 @@ def test_projection_scales_with_bytes_and_bandwidth():
     assert one["v5e"]["one_axis"] == pytest.approx(2 * one["v5p"]["one_axis"])
 
 
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices")
 def test_data_parallel_step_all_reduces_exactly_the_gradients():
     """On a (2,1,1) mesh the only cross-device traffic of the train step is the gradient

@@ -74,6 +74,7 @@ def _write_weights(folder, params, config):
 # ----------------------------------------------------------------------------- fast tests
 
 
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
 @pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
 def test_random_student_logits_match_fsmt_and_survive_save_pretrained(tmp_path, positions):
     model, params = _random_student(positions)

@@ -211,6 +211,7 @@ def test_accumulation_rejects_indivisible_batch():
         run_steps(setup, mesh, steps=1, accum_steps=3)
 
 
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
 def test_bf16_compute_is_close_to_float32():
     """bf16 compute with float32 master weights: params stay float32, loss close."""
     setup = no_dropout_student_setup()

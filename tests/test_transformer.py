@@ -128,6 +128,7 @@ def test_sequences_longer_than_the_position_table_are_refused():
     assert np.isfinite(np.asarray(model.apply({"params": params}, SRC, TGT_IN))).all()
 
 
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
 def test_fused_attention_path_matches_einsum():
     """``attention_impl="xla"`` (jax.nn.dot_product_attention, the API behind the GPU's
     cudnn kernel) computes what our einsum attention computes, padding and causal masks
