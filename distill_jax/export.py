@@ -24,15 +24,9 @@ sources to end) that ``AutoTokenizer`` loads, and a model card. ``export`` write
 temporary folder beside the destination and renames it at the end, so a failed export
 leaves nothing that looks like a checkpoint.
 
-Tokenizer: the student encodes text with the teacher's WordPiece and maps each teacher
-piece to its student id, re-splitting pieces the student vocabulary lacks
-(``Vocabulary.encode``). A single ``tokenizers`` model cannot express that two-level
-split (a teacher piece outside the student vocabulary becomes several ids, and no
-``tokenizers`` component maps one piece to several ids), so the export runs WordPiece
-directly over the student pieces. Both give the same ids whenever every teacher piece of
-the text is in the student vocabulary (then the teacher's longest-match pieces are also
-the longest student matches), e.g. for any training sentence; a word with a teacher
-piece outside the student vocabulary may be split differently (docs/export.md).
+Tokenizer: the exported tokenizer is the student's own (``Vocabulary.wordpiece_tokenizer``,
+the teacher's normalizer and pre-tokenizer, WordPiece over the student pieces) with a
+post-processor appending ``</s>``, so it gives ``distill-jax generate``'s ids for any text.
 
 Decoding: ``generation_config.json`` carries the student's decoding settings as far as
 ``generate`` can express them: pad and BOS suppressed (the student never generates them),
@@ -265,50 +259,21 @@ def max_new_tokens(src_ids: Sequence[int], decode: DecodeConfig, max_len: int,
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def teacher_tokenizer_json(vocab: Vocabulary) -> dict:
-    """The teacher tokenizer's ``tokenizer.json`` (checked to be the vocabulary's teacher)."""
-    from transformers import AutoTokenizer
-
-    from distill_jax.data.vocab import TeacherTokenizer
-
-    try:
-        hf = AutoTokenizer.from_pretrained(vocab.teacher)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the teacher tokenizer {vocab.teacher!r} that the student "
-                        f"vocabulary was built with: {err}") from None
-    vocab.attach_tokenizer(TeacherTokenizer(hf, vocab.teacher))  # checks its vocabulary hash
-    backend = getattr(hf, "backend_tokenizer", None)
-    if backend is None:
-        raise UserError(f"teacher tokenizer {vocab.teacher!r} has no fast (tokenizers) backend")
-    spec = json.loads(backend.to_str())
-    if spec.get("model", {}).get("type") != "WordPiece":
-        raise UserError(f"teacher tokenizer {vocab.teacher!r} is not WordPiece "
-                        f"({spec.get('model', {}).get('type')!r}); cannot rebuild it")
-    return spec
-
-
 def build_tokenizer(vocab: Vocabulary, max_len: int):
-    """A ``PreTrainedTokenizerFast`` over the student vocabulary: the teacher's normalizer
-    and pre-tokenizer, WordPiece over the student pieces (``<unk>`` for words it cannot
-    spell), ``</s>`` appended to every sequence, and the WordPiece decoder whose per-token
-    clean-up removes the space before . ? ! , (what ``Vocabulary.decode`` does).
+    """A ``PreTrainedTokenizerFast`` around the student's own tokenizer
+    (``Vocabulary.wordpiece_tokenizer``: the teacher's normalizer and pre-tokenizer,
+    WordPiece over the student pieces), with ``</s>`` appended to every sequence and the
+    WordPiece decoder, whose per-token clean-up removes the space before . ? ! , (what
+    ``Vocabulary.decode`` does).
 
     pad, ``<s>``, ``</s>`` and the fillers are special tokens (dropped by
     ``skip_special_tokens``); ``<unk>`` is not, so decoded text shows it as the student
     does. Special-token strings in raw text are split like other text
     (``split_special_tokens``), as the student's encoder treats them."""
-    from tokenizers import Tokenizer, decoders, models, processors
+    from tokenizers import Tokenizer, decoders, processors
     from transformers import PreTrainedTokenizerFast
 
-    teacher = teacher_tokenizer_json(vocab)
-    model = models.WordPiece(
-        {piece: i for i, piece in enumerate(vocab.pieces)}, unk_token=vocab.pieces[UNK],
-        continuing_subword_prefix=teacher["model"].get("continuing_subword_prefix", "##"),
-        max_input_chars_per_word=teacher["model"].get("max_input_chars_per_word", 100))
-    spec = json.loads(Tokenizer(model).to_str())
-    spec["normalizer"] = teacher.get("normalizer")
-    spec["pre_tokenizer"] = teacher.get("pre_tokenizer")
-    backend = Tokenizer.from_str(json.dumps(spec))
+    backend = Tokenizer.from_str(vocab.wordpiece_tokenizer().to_str())   # a copy to extend
     eos = vocab.pieces[EOS]
     backend.post_processor = processors.TemplateProcessing(
         single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, EOS)])
@@ -405,8 +370,8 @@ def model_card(run_dir: Path, name: str, config: TransformerConfig, vocab: Vocab
         "Differences from `distill-jax generate`: transformers' beam search divides scores by "
         "`length ** length_penalty` (distill-jax: GNMT `((5 + length) / 6) ** alpha`), and its "
         "length bound is one `max_length` (distill-jax: `a * source length + b` per "
-        "sentence). The tokenizer splits a word whose teacher pieces are all in the student "
-        "vocabulary exactly as distill-jax does; rarer words may be split differently.", ""]
+        "sentence). The tokenizer is distill-jax's own, so token ids are the same for any "
+        "text.", ""]
     return "\n".join(lines)
 
 

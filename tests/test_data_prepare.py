@@ -8,7 +8,7 @@ import pytest
 
 from distill_jax.cli import main
 from distill_jax.data.prepared import open_prepared
-from distill_jax.data.vocab import UNK, TeacherTokenizer, Vocabulary
+from distill_jax.data.vocab import UNK, TeacherTokenizer, Vocabulary, detokenize
 
 TRAIN_SRC = ["ein hund läuft .", "", "zwei katzen schlafen", "ein " * 40, "der mann", "  "]
 TRAIN_TGT = ["a dog runs .", "an empty source", "two cats sleep", "a long one", "", "x"]
@@ -58,6 +58,24 @@ def test_local_corpus_counts_and_vocabulary(tmp_path, minilm_dir, tokenizer, cap
     assert ds.vocab.decode(source[0]["src"]) == "ein hund lauft."
 
 
+def test_training_text_encodes_to_its_teacher_pieces(shared_data, tokenizer):
+    """With min_count 1 every teacher piece of the training text is a student piece, and the
+    student's WordPiece then picks exactly the teacher's pieces; unseen text is spelled with
+    student pieces (never <unk> for a word whose characters it has)."""
+    train = (shared_data / "multi30k" / "train.de").read_text(encoding="utf-8").splitlines()[:500]
+    pieces = tokenizer.tokenize_batch(train)
+    vocab = Vocabulary.build(pieces, tokenizer)
+    assert vocab.encode_batch(train) == [[vocab.ids[p] for p in line] for line in pieces]
+    val = (shared_data / "multi30k" / "val.de").read_text(encoding="utf-8").splitlines()[:200]
+    val_ids, val_pieces = vocab.encode_batch(val), tokenizer.tokenize_batch(val)
+    unseen = [i for i, line in enumerate(val_pieces) if any(p not in vocab.ids for p in line)]
+    spelled = [i for i in unseen if UNK not in val_ids[i]]
+    assert len(spelled) > 20                        # 500 pairs do not cover val's pieces
+    for i in spelled:                               # other pieces, the same text
+        assert [vocab.pieces[j] for j in val_ids[i]] != val_pieces[i]
+        assert vocab.decode(val_ids[i]) == detokenize(val_pieces[i])
+
+
 def test_vocabulary_order_min_count_and_save_load(tmp_path, tokenizer):
     lines = [["b", "a", "a", "c", "##x"], ["b", "a", "dd", "dd", "dd", "dd"]]
     vocab = Vocabulary.build(lines, tokenizer, min_count=2)
@@ -70,9 +88,10 @@ def test_vocabulary_order_min_count_and_save_load(tmp_path, tokenizer):
     again = Vocabulary.load(tmp_path / "v.json", tokenizer)
     assert again.pieces == vocab.pieces and again.sha256 == vocab.sha256
     np.testing.assert_array_equal(again.teacher_ids, vocab.teacher_ids)
-    # An unknown piece is spelled with known ones; an unknown character gives <unk>.
-    assert again.encode_pieces(["ddx", "##xx", "z"]) == [4, 7, 7, 7, UNK]
-    assert again.encode_pieces(["adda"]) == [UNK]          # no "##d…" piece after "a"
+    # Text is spelled with the student's pieces (lowercased as the teacher does); a word
+    # they cannot spell is one <unk> ("adda": no "##d…" piece after "a"; "z": no piece).
+    assert again.encode("DDXX adda z") == [4, 7, 7, UNK, UNK]
+    assert again.encode_batch(["b c", ""]) == [[6, 8], []]
     assert again.decode([1, 4, 7, 2, 5]) == "ddx"
     # A corrupted file is refused.
     (tmp_path / "v.json").write_text((tmp_path / "v.json").read_text().replace('"dd"', '"de"'))

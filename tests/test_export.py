@@ -177,13 +177,16 @@ def ours(exported):
 
 @pytest.fixture(scope="module")
 def sentences(exported):
-    """16 training sources of different lengths (every teacher piece of a training sentence
-    is in the student vocabulary, where the exported tokenizer is exact)."""
+    """16 sources of different lengths: 8 from the training split, 8 from val (most with
+    teacher pieces outside the student vocabulary of 64 training pairs)."""
     root = exported[0]
-    lines = (root / "corpus" / "train.de").read_text(encoding="utf-8").splitlines()
-    by_length = sorted(set(lines), key=lambda s: (len(s), s))
-    picks = np.linspace(0, len(by_length) - 1, 16).round().astype(int)
-    return [by_length[i] for i in picks]
+    picked = []
+    for split in ("train", "val"):
+        lines = (root / "corpus" / f"{split}.de").read_text(encoding="utf-8").splitlines()
+        by_length = sorted(set(lines), key=lambda s: (len(s), s))
+        picks = np.linspace(0, len(by_length) - 1, 8).round().astype(int)
+        picked += [by_length[i] for i in picks]
+    return picked
 
 
 def _hf_ids(model, src_ids, decode, max_len, **kwargs) -> list[int]:
@@ -218,6 +221,21 @@ def test_export_folder(exported, ours, sentences):
         assert tokenizer(text)["input_ids"] == vocab.encode(text) + [2]
     ids = vocab.encode(sentences[3])
     assert tokenizer.decode(ids + [2, 0], skip_special_tokens=True) == vocab.decode(ids)
+
+
+@pytest.mark.slow
+def test_export_tokenizer_gives_our_ids_on_unseen_text(exported, ours, shared_data):
+    """Every Multi30k val and test2016 sentence, both languages: the vocabulary of 64 training
+    pairs lacks many of their teacher pieces, and the ids are still ours."""
+    out = exported[3]
+    vocab = ours[2]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    texts = [line for name in ("val.de", "val.en", "test_2016_flickr.de", "test_2016_flickr.en")
+             for line in (shared_data / "multi30k" / name).read_text(encoding="utf-8").splitlines()]
+    ours_ids = vocab.encode_batch(texts)                      # (loads the teacher tokenizer)
+    pieces = vocab.tokenizer.tokenize_batch(texts)
+    assert sum(any(p not in vocab.ids for p in line) for line in pieces) > len(texts) // 2
+    assert tokenizer(texts)["input_ids"] == [ids + [2] for ids in ours_ids]
 
 
 @pytest.mark.slow

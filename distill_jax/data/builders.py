@@ -357,22 +357,21 @@ class EncodedSplit:
                         dtype=np.int32).reshape(-1, 2)
 
 
-def encode_split(src_lines: list[str], tgt_lines: list[str], src_pieces, tgt_pieces,
-                 vocab: Vocabulary, limits: LengthLimits) -> EncodedSplit:
-    """Encodes, and drops empty or over-long pairs (counting them)."""
+def encode_split(src_lines: list[str], tgt_lines: list[str], vocab: Vocabulary,
+                 limits: LengthLimits) -> EncodedSplit:
+    """Encodes with the student's tokenizer, and drops empty or over-long pairs (counting them)."""
     out = EncodedSplit([], [], [], [], [], SplitCounts(lines=len(src_lines)))
-    for i, (s_text, t_text, s_pieces, t_pieces) in enumerate(
-            zip(src_lines, tgt_lines, src_pieces, tgt_pieces)):
-        if not s_text.strip() or not t_text.strip() or not s_pieces or not t_pieces:
+    for i, (s_text, t_text, s_ids, t_ids) in enumerate(
+            zip(src_lines, tgt_lines, vocab.encode_batch(src_lines), vocab.encode_batch(tgt_lines))):
+        if not s_text.strip() or not t_text.strip() or not s_ids or not t_ids:
             out.counts.dropped_empty += 1
             continue
-        src = vocab.encode_pieces(s_pieces) + [EOS]
-        tgt = vocab.encode_pieces(t_pieces)
-        if len(src) > limits.max_src_len or len(tgt) + 1 > limits.max_tgt_len:
+        src = s_ids + [EOS]
+        if len(src) > limits.max_src_len or len(t_ids) + 1 > limits.max_tgt_len:
             out.counts.dropped_too_long += 1
             continue
         out.src.append(src)
-        out.tgt.append(tgt)
+        out.tgt.append(t_ids)
         out.src_text.append(s_text)
         out.tgt_text.append(t_text)
         out.line.append(i)
@@ -384,17 +383,18 @@ def encode_corpus(texts: dict[str, tuple[list[str], list[str]]], train_split: st
                   tokenizer: TeacherTokenizer, vocab: Vocabulary | None, min_count: int,
                   size_multiple: int, limits: LengthLimits
                   ) -> tuple[Vocabulary, dict[str, EncodedSplit]]:
-    """Tokenizes every split, builds the vocabulary from ``train_split`` unless given, encodes."""
-    pieces = {split: (tokenizer.tokenize_batch(s), tokenizer.tokenize_batch(t))
-              for split, (s, t) in texts.items()}
+    """Builds the vocabulary from the teacher's pieces of ``train_split`` unless given, then
+    encodes every split with it."""
     if vocab is None:
-        if train_split not in pieces:
+        if train_split not in texts:
             raise UserError(f"no {train_split!r} split to build the vocabulary from")
-        train_src, train_tgt = pieces[train_split]
-        vocab = Vocabulary.build(train_src + train_tgt, tokenizer, min_count=min_count,
-                                 size_multiple=size_multiple)
-    encoded = {split: encode_split(*texts[split], *pieces[split], vocab, limits)
-               for split in texts}
+        train_src, train_tgt = texts[train_split]
+        vocab = Vocabulary.build(tokenizer.tokenize_batch(train_src) +
+                                 tokenizer.tokenize_batch(train_tgt), tokenizer,
+                                 min_count=min_count, size_multiple=size_multiple)
+    else:
+        vocab.attach_tokenizer(tokenizer)
+    encoded = {split: encode_split(*texts[split], vocab, limits) for split in texts}
     return vocab, encoded
 
 

@@ -4,6 +4,12 @@ Ids (``docs/interfaces.md``): 0 ``<pad>``, 1 ``<s>``, 2 ``</s>``, 3 ``<unk>``, t
 the training split by decreasing frequency (ties by piece), then ``<fill_i>`` fillers so that
 the size is a multiple of 8 (or of a given multiple). ``teacher_ids`` maps every student id to
 the teacher (BERT) id of the same string.
+
+Text is encoded by the teacher's normalizer and pre-tokenizer, then WordPiece over the
+student pieces (``Vocabulary.wordpiece_tokenizer``). The vocabulary is built from the
+teacher's pieces of the training split, so (with ``min_count`` 1) a training sentence gets
+exactly its teacher pieces; text with pieces the student lacks is spelled with the longest
+student pieces.
 """
 
 from __future__ import annotations
@@ -70,6 +76,11 @@ class TeacherTokenizer:
         items = sorted(self.vocab.items(), key=lambda kv: kv[1])
         return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
 
+    @property
+    def spec(self) -> dict:
+        """The backend's ``tokenizer.json`` as a dict (normalizer, pre-tokenizer, model)."""
+        return json.loads(self._backend.to_str())
+
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[str]]:
         """WordPiece pieces of each text (lowercased / accents stripped when uncased)."""
         return [e.tokens for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
@@ -113,7 +124,7 @@ class Vocabulary:
 
     def __post_init__(self):
         self.ids = {p: i for i, p in enumerate(self.pieces)}   # piece -> student id
-        self._split_cache: dict[str, list[int]] = {}
+        self._wordpiece = None                                 # built by wordpiece_tokenizer
 
     def __len__(self) -> int:
         return len(self.pieces)
@@ -161,36 +172,33 @@ class Vocabulary:
 
     # --- encoding / decoding ---------------------------------------------------------------
 
-    def _piece_ids(self, piece: str) -> list[int]:
-        """Student ids of one teacher piece: itself, else re-split greedily into known pieces
-        (longest match first, as WordPiece does), else ``<unk>``."""
-        if piece in self.ids:
-            return [self.ids[piece]]
-        if piece in self._split_cache:
-            return self._split_cache[piece]
-        continued = piece.startswith("##")
-        body = piece[2:] if continued else piece
-        out, start = [], 0
-        while start < len(body):
-            for end in range(len(body), start, -1):
-                candidate = ("##" if continued or start else "") + body[start:end]
-                if candidate in self.ids:
-                    out.append(self.ids[candidate])
-                    start = end
-                    break
-            else:
-                out = [UNK]
-                break
-        self._split_cache[piece] = out
-        return out
-
-    def encode_pieces(self, pieces: Sequence[str]) -> list[int]:
-        """Student ids of teacher pieces (no ``</s>`` added)."""
-        return [i for p in pieces for i in self._piece_ids(p)]
+    def wordpiece_tokenizer(self):
+        """The student's own tokenizer (a ``tokenizers.Tokenizer``): the teacher's normalizer
+        and pre-tokenizer (BERT's lowercasing, accent stripping, whitespace and punctuation
+        splitting), then WordPiece over the student pieces with the teacher's ``##`` prefix
+        and word-length bound; a word the pieces cannot spell is one ``<unk>``. No specials
+        are added, no padding or truncation. ``export`` adds a post-processor and decoder to
+        this same tokenizer, so the exported tokenizer's ids are ours by construction."""
+        if self._wordpiece is None:
+            from tokenizers import Tokenizer, models
+            teacher = self._require_tokenizer().spec
+            if teacher.get("model", {}).get("type") != "WordPiece":
+                raise UserError(f"teacher tokenizer {self.teacher!r} is not WordPiece "
+                                f"({teacher.get('model', {}).get('type')!r})")
+            model = models.WordPiece(
+                dict(self.ids), unk_token=self.pieces[UNK],
+                continuing_subword_prefix=teacher["model"].get("continuing_subword_prefix", "##"),
+                max_input_chars_per_word=teacher["model"].get("max_input_chars_per_word", 100))
+            spec = json.loads(Tokenizer(model).to_str())
+            spec["normalizer"] = teacher.get("normalizer")
+            spec["pre_tokenizer"] = teacher.get("pre_tokenizer")
+            self._wordpiece = Tokenizer.from_str(json.dumps(spec))
+        return self._wordpiece
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Student ids of each text (no ``</s>`` added)."""
-        return [self.encode_pieces(p) for p in self._require_tokenizer().tokenize_batch(texts)]
+        """Student ids of each text (no ``</s>`` added), by ``wordpiece_tokenizer``."""
+        encodings = self.wordpiece_tokenizer().encode_batch(list(texts), add_special_tokens=False)
+        return [e.ids for e in encodings]
 
     def encode(self, text: str) -> list[int]:
         """Student ids of ``text`` (no ``</s>`` added)."""
@@ -223,6 +231,7 @@ class Vocabulary:
                 f"is not the one this vocabulary was built with, {self.teacher!r} "
                 f"(vocabulary sha256 {self.teacher_vocab_sha256[:16]})")
         self.tokenizer = tokenizer
+        self._wordpiece = None
 
     # --- persistence -----------------------------------------------------------------------
 
