@@ -2,8 +2,8 @@
 hyper-parameters: fairseq's IWSLT14 preprocessing (Moses-tokenized, lowercased), the
 bert-base-multilingual-cased C-MLM teacher, and OpenNMT-py Transformer students
 (6+6 layers, d 512, pre-LayerNorm with final LayerNorms, eps 1e-6, dropout 0.3 on residuals,
-attention weights and feed-forward activations, label smoothing 0.1, Adam (0.9, 0.98),
-noam schedule, 6,144-token batches, the final checkpoint reported).
+attention weights and feed-forward activations, label smoothing 0.1, Adam (0.9, 0.98) with
+eps 1e-9, noam schedule, 6,144-token batches, the final checkpoint reported).
 
 The distilled student (alpha 0.5, T 10, K 8) trains 100k steps with noam factor 2 and 8k
 warm-up; the baseline (distill.kd=none) 50k steps with factor 1 and 4k warm-up, which
@@ -39,7 +39,7 @@ def get_config() -> ExperimentConfig:
         student=opennmt_student(dropout=0.3),
         distill=DistillConfig(kd="offline", alpha=0.5, temperature=10.0, top_k=8),
         train=TrainConfig(steps=100000, schedule="noam", learning_rate=2.0, warmup_steps=8000,
-                          label_smoothing=0.1, eval_every=1000, save_every=1000,
+                          label_smoothing=0.1, adam_eps=1e-9, eval_every=1000, save_every=1000,
                           bleu_sentences=1000, final_checkpoint="last"),
         decode=DecodeConfig(beam_size=5, length_penalty=0.6),
         baseline_overrides=BASELINE_OVERRIDES,

@@ -111,6 +111,7 @@ class TrainConfig:
     warmup_steps: int = 4000  # warm-up updates
     grad_clip_norm: Optional[float] = None  # global gradient-norm clip (None = off)
     label_smoothing: float = 0.1  # label smoothing of the cross-entropy term
+    adam_eps: float = 1e-8  # Adam denominator epsilon (the OpenNMT-py reference: 1e-9)
     accum_steps: int = 1  # gradient-accumulation micro-batches per update
     compute_dtype: str = "float32"  # "float32" or "bfloat16" (params stay float32)
     seed: int = 0  # parameter init and dropout seed

@@ -6,8 +6,10 @@ signature so the number is reproducible; ``lowercase=True`` gives the case-insen
 variant (the signature then says ``case:lc``).
 
 ``tokenized_bleu`` is what the paper's reference reports (``multi-bleu.perl`` on
-Moses-tokenized, lowercased text, as on fairseq's IWSLT14 data): hypotheses and references
-are Moses-tokenized and lowercased, then scored by sacreBLEU with ``tokenize="none"``. The
+Moses-tokenized text, lowercased as fairseq's IWSLT14 data is): hypotheses and references
+are Moses-tokenized and lowercased, then scored by sacreBLEU with ``tokenize="none"``;
+``lowercase=False`` keeps case (``multi-bleu.perl`` without ``-lc``, the reference's own
+call), the score of corpora stored cased, such as the Stanford IWSLT15 En-Vi files. The
 student writes WordPiece pieces, which carry no word boundaries (BERT splits ``it's`` into
 ``it ' s`` and ``well-known`` into ``well - known``), so ``moses_tokens`` rebuilds the
 tokens Moses keeps whole (``'s``, ``n't``-style clitics, intra-word hyphens, ``--``,
@@ -75,7 +77,14 @@ def moses_tokens(text: str, lang: str = "en", *, rejoin: bool = False) -> str:
     """``text`` Moses-tokenized (``tokenizer.perl -l LANG``, no escaping; Moses entities
     such as ``&apos;`` in the input are unescaped first). With ``rejoin`` (for WordPiece
     output), the tokens Moses keeps whole are glued back together: `` ' s`` -> `` 's``,
-    ``a - b`` -> ``a-b``, ``- -`` -> ``--``, ``1 , 000`` -> ``1,000``, ``2 . 5`` -> ``2.5``."""
+    ``a - b`` -> ``a-b``, ``- -`` -> ``--``, ``1 , 000`` -> ``1,000``, ``2 . 5`` -> ``2.5``.
+
+    A language Moses has no rules for (``vi``, Vietnamese, among them) is tokenized as
+    ``tokenizer.perl -l vi`` does it: with the English non-breaking prefixes (sacremoses
+    falls back to them silently, the Perl script with a warning) and every apostrophe split
+    off (``it ' s``), which ``rejoin`` glues back as for English. Case and precomposed
+    (NFC) diacritics are kept; a combining mark would be split off as a token of its own.
+    The rejoin rules are the same for every language."""
     tokenizer, _ = _moses(lang)
     tokens = tokenizer.tokenize(html.unescape(text), escape=False, return_str=True)
     if rejoin:
@@ -94,22 +103,30 @@ def moses_detokenize(text: str, lang: str = "en") -> str:
 
 
 def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str], *,
-                   lang: str = "en", references_tokenized: bool = False) -> dict:
-    """Tokenized, lowercased corpus BLEU (the reference's ``multi-bleu.perl`` score).
+                   lang: str = "en", references_tokenized: bool = False,
+                   lowercase: bool = True) -> dict:
+    """Tokenized corpus BLEU (the reference's ``multi-bleu.perl`` score), lowercased unless
+    ``lowercase`` is False.
 
     Hypotheses go through ``moses_tokens(rejoin=True)``; references through ``moses_tokens``
     unless ``references_tokenized`` (they are Moses-tokenized already, like fairseq's IWSLT14
     files; Moses is not idempotent: it would split ``'s`` again), when only their entities are
-    unescaped. Both sides are lowercased and scored by sacreBLEU with ``tokenize="none"``.
-    Returns the keys of ``bleu``; the signature starts with ``moses-tok:LANG|``.
+    unescaped. Both sides are lowercased (or, with ``lowercase=False``, compared with their
+    case, as ``multi-bleu.perl`` without ``-lc`` does) and scored by sacreBLEU with
+    ``tokenize="none"``. Returns the keys of ``bleu``; the signature starts with
+    ``moses-tok:LANG|`` and says ``case:lc`` or ``case:mixed``.
     """
     from sacrebleu.metrics import BLEU
 
     _check_lengths(hypotheses, references)
-    hyps = [moses_tokens(h, lang, rejoin=True).lower() for h in hypotheses]
-    refs = [" ".join(html.unescape(r).split()).lower() if references_tokenized
-            else moses_tokens(r, lang).lower() for r in references]
-    metric = BLEU(tokenize="none", lowercase=True, force=True)
+
+    def case(text: str) -> str:
+        return text.lower() if lowercase else text
+
+    hyps = [case(moses_tokens(h, lang, rejoin=True)) for h in hypotheses]
+    refs = [case(" ".join(html.unescape(r).split())) if references_tokenized
+            else case(moses_tokens(r, lang)) for r in references]
+    metric = BLEU(tokenize="none", lowercase=lowercase, force=True)
     result = metric.corpus_score(hyps, [refs])
     return {
         "bleu": float(result.score),

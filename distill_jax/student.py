@@ -47,7 +47,7 @@ def make_optimizer(config: ExperimentConfig):
     return optim.make_optimizer(optim.OptimizerConfig.student(
         learning_rate=config.train.learning_rate, warmup_steps=config.train.warmup_steps,
         grad_clip_norm=config.train.grad_clip_norm, schedule=config.train.schedule,
-        model_size=config.student.d_model))
+        model_size=config.student.d_model, eps=config.train.adam_eps))
 
 
 def student_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: str,
@@ -165,7 +165,9 @@ def score_split(model, params, vocab, dataset, split, decode_config, mesh, *, li
 
     On a corpus stored Moses-tokenized (``dataset.json`` ``"text"``, e.g. iwslt14_de_en),
     ``bleu`` is sacreBLEU on Moses-detokenized hypotheses and references, and ``bleu_tok``
-    is tokenized lowercased BLEU (``metrics.tokenized_bleu``), the paper's score."""
+    is tokenized BLEU (``metrics.tokenized_bleu``), the paper's score: lowercased on a
+    lowercased corpus (IWSLT14), cased on a cased one (IWSLT15 En-Vi), as the reference's
+    ``multi-bleu.perl`` scores them."""
     from distill_jax import metrics, translate
 
     sources, references = reference_texts(dataset, split, limit)
@@ -186,7 +188,8 @@ def score_split(model, params, vocab, dataset, split, decode_config, mesh, *, li
               **metrics.rouge(hypotheses, references)}
     if tokenized:
         tok = metrics.tokenized_bleu(hypotheses, references, lang=lang,
-                                     references_tokenized=True)
+                                     references_tokenized=True,
+                                     lowercase=text.get("lowercase", True))
         result.update(bleu_tok=tok["bleu"], bleu_tok_signature=tok["signature"])
     return result, hypotheses
 

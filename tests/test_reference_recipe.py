@@ -52,12 +52,25 @@ def test_student_optimizer_follows_train_schedule():
         TrainConfig(schedule="linear")
 
 
+@pytest.mark.parametrize("eps", [1e-8, 1e-9])
+def test_student_optimizer_uses_train_adam_eps(eps):
+    """train.adam_eps is Adam's denominator epsilon: a first update of gradient g moves a
+    parameter by lr * g / (|g| + eps), which at g = 1e-8 tells 1e-8 (0.5 lr) from 1e-9."""
+    config = ExperimentConfig(train=TrainConfig(schedule="constant", learning_rate=1.0,
+                                                adam_eps=eps))
+    tx = student.make_optimizer(config)
+    params = {"w": jnp.zeros((2,))}
+    updates, _ = tx.update({"w": jnp.full((2,), 1e-8)}, tx.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -1e-8 / (1e-8 + eps), rtol=1e-3)
+
+
 def _load(config, *overrides):
     return common.load_experiment(argparse.Namespace(config=config, overrides=list(overrides)))
 
 
 @pytest.mark.parametrize("path,alpha,temperature", [
-    ("configs/iwslt14_de_en.py", 0.5, 10.0), ("configs/wmt14_en_de.py", 0.1, 5.0)])
+    ("configs/iwslt14_de_en.py", 0.5, 10.0), ("configs/wmt14_en_de.py", 0.1, 5.0),
+    ("configs/iwslt15_en_vi.py", 0.1, 5.0)])
 def test_reference_configs(path, alpha, temperature):
     config = _load(path)
     assert (config.distill.kd, config.distill.alpha, config.distill.temperature) == (
@@ -71,6 +84,7 @@ def test_reference_configs(path, alpha, temperature):
     assert (t.schedule, t.learning_rate, t.warmup_steps, t.steps, t.final_checkpoint) == (
         "noam", 2.0, 8000, 100000, "last")
     assert config.data.tokens_per_batch == 6144 and t.label_smoothing == 0.1
+    assert t.adam_eps == 1e-9  # OpenNMT-py's Adam epsilon
     assert config.teacher.checkpoint == "bert-base-multilingual-cased"
     # The baseline gets the reference's baseline schedule; an explicit --set still wins,
     # and the distilled student is untouched by baseline_overrides.

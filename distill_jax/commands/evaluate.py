@@ -1,6 +1,6 @@
 """``distill-jax evaluate``: score generated text against references: detokenized sacreBLEU,
-tokenized BLEU (Moses-tokenized, lowercased: the paper's reference's score) and
-ROUGE-1/2/L."""
+tokenized BLEU (Moses-tokenized, lowercased unless --tok-cased: the paper's reference's
+score) and ROUGE-1/2/L."""
 
 from __future__ import annotations
 
@@ -21,9 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bleu: detokenized sacreBLEU; bleu_tok: tokenized lowercased BLEU "
                              "(multi-bleu style, what the paper reports); all: both and ROUGE")
     parser.add_argument("--lowercase", action="store_true",
-                        help="case-insensitive detokenized BLEU (tokenized BLEU always is)")
+                        help="case-insensitive detokenized BLEU (tokenized BLEU is, unless "
+                             "--tok-cased)")
+    parser.add_argument("--tok-cased", action="store_true",
+                        help="case-sensitive tokenized BLEU (multi-bleu.perl without -lc), for "
+                             "references stored cased, e.g. a prepared iwslt15_en_vi split")
     parser.add_argument("--lang", default="en",
-                        help="target language of the Moses tokenizer for tokenized BLEU")
+                        help="target language of the Moses tokenizer for tokenized BLEU (e.g. "
+                             "vi: English non-breaking prefixes, apostrophes split)")
     parser.add_argument("--ref-tokenized", action="store_true",
                         help="the references are Moses-tokenized already (e.g. fairseq's IWSLT14 "
                              "files, or a prepared iwslt14_de_en split): tokenized BLEU uses "
@@ -46,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if args.metric in ("bleu_tok", "all"):
         try:
             tok = tokenized_bleu(hypotheses, references, lang=args.lang,
-                                 references_tokenized=args.ref_tokenized)
+                                 references_tokenized=args.ref_tokenized,
+                                 lowercase=not args.tok_cased)
         except ImportError as err:
             raise UserError(str(err)) from None
         result.update({"bleu_tok": tok["bleu"], "bleu_tok_signature": tok["signature"]})
@@ -58,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         if "bleu" in result:
             print(f"BLEU = {result['bleu']:.2f}  (detokenized sacreBLEU, {result['signature']})")
         if "bleu_tok" in result:
-            print(f"tokenized BLEU = {result['bleu_tok']:.2f}  (Moses-tokenized, lowercased, "
+            case = "cased" if args.tok_cased else "lowercased"
+            print(f"tokenized BLEU = {result['bleu_tok']:.2f}  (Moses-tokenized, {case}, "
                   f"multi-bleu style, {result['bleu_tok_signature']})")
         for name, label in (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L")):
             if name in result:

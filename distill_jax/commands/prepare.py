@@ -78,8 +78,7 @@ def _read_texts(args, spec: builders.CorpusSpec, direction: str
                 ) -> dict[str, tuple[list[str], list[str]]]:
     """Fetches (or finds and verifies) the files, then reads every split's line pairs."""
     dl_manager = _download_manager() if args.data_dir is None else None
-    files = builders.fetch_corpus_files(spec, direction, args.data_dir, dl_manager)
-    return {split: builders.read_pair(s, t) for split, (s, t) in files.items()}
+    return builders.read_corpus(spec, direction, args.data_dir, dl_manager)
 
 
 def _print_counts(encoded: dict[str, builders.EncodedSplit], out: Path, vocab: Vocabulary) -> None:
@@ -130,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
                             f"{_dataset_names()}")
         direction = args.direction or next(iter(spec.directions))
         texts = _read_texts(args, spec, direction)
-        train_split = spec.train_split
+        train_split, text_format = spec.train_split, spec.text or None
 
     tokenizer = TeacherTokenizer.load(args.teacher)
     given_vocab = Vocabulary.load(args.vocab, tokenizer) if args.vocab else None

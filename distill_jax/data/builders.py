@@ -8,6 +8,9 @@ no TensorFlow to build or to read (``file_format="array_record"``; read back wit
 
 Files come either from a local directory (checked against the ``SHA256SUMS`` found there, or
 the checksums known here) or from the corpus's public URLs through the TFDS download manager.
+A corpus whose files have no published checksum but published line counts (``iwslt15_en_vi``)
+is checked by those counts; a corpus stored already tokenized says so in ``text``, and its
+lines may be normalized as they are read (the Moses escapes of ``iwslt15_en_vi`` undone).
 Upstream TFDS datasets (``wmt14_translate/de-en``, ``cnn_dailymail``) feed the same builder
 through ``UpstreamSpec``; their own builders need TensorFlow. Corpora that come as one archive
 with a preprocessing recipe of their own (``iwslt14_de_en``: fairseq's IWSLT14 recipe) are
@@ -25,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from distill_jax.errors import UserError
-from distill_jax.data import iwslt14
+from distill_jax.data import iwslt14, iwslt15
 from distill_jax.data.vocab import EOS, TeacherTokenizer, Vocabulary
 
 BUILDER_NAME = "distill_parallel"
@@ -46,6 +49,9 @@ class CorpusSpec:
     urls: dict[str, str] = field(default_factory=dict)     # file -> public URL (.gz/.zip unpacked)
     sha256: dict[str, str] = field(default_factory=dict)   # file -> known SHA-256 of its text
     description: str = ""                       # one line for DatasetInfo
+    line_counts: dict[str, int] = field(default_factory=dict)  # file -> published line count
+    normalize: Callable[[str], str] | None = None  # applied to every line read; None: kept as is
+    text: dict = field(default_factory=dict)    # how the stored text is tokenized (dataset.json)
 
     def files(self, direction: str) -> dict[str, tuple[str, str]]:
         """split -> (source file, target file) for ``direction``."""
@@ -108,7 +114,27 @@ GIGAWORD_SAMPLE = CorpusSpec(
         "valid.title.filter.txt")},
     description="Gigaword headline generation (Rush et al. 2015), sample.")
 
-CORPORA: dict[str, CorpusSpec] = {c.name: c for c in (MULTI30K, GIGAWORD_SAMPLE)}
+# The Stanford NMT group's IWSLT15 English-Vietnamese (see distill_jax.data.iwslt15): six
+# Moses-tokenized, cased files, read as they are with the Moses escapes undone. No checksum
+# of them is published, so each file's line count must equal the published one, or prepare
+# stops. Unlike iwslt14_de_en, whose split sizes come out of our own tokenization and
+# cleaning (sacremoses may differ from tokenizer.perl on a few lines, so there a difference
+# is only a note), nothing of ours runs before the count: the files are fixed, so any
+# difference means a truncated download or another copy (cleaned, re-tokenized, the raw
+# IWSLT15 release), whose scores would not compare with the paper's. A SHA256SUMS beside
+# the files in --data-dir is checked as for any corpus; prepare prints each file's SHA-256
+# for writing one.
+IWSLT15_EN_VI = CorpusSpec(
+    name="iwslt15_en_vi",
+    directions={"en-vi": iwslt15.files()},
+    urls={name: iwslt15.URL.format(name) for pair in iwslt15.files().values() for name in pair},
+    line_counts={f"{stem}.{lang}": count for stem, count in iwslt15.LINE_COUNTS.items()
+                 for lang in iwslt15.LANGS},
+    normalize=iwslt15.unescape_moses,
+    text={"tokenizer": "moses", "lowercase": False, "src_lang": "en", "tgt_lang": "vi"},
+    description="IWSLT15 English-Vietnamese (TED talks), the Stanford NMT group's copy.")
+
+CORPORA: dict[str, CorpusSpec] = {c.name: c for c in (MULTI30K, GIGAWORD_SAMPLE, IWSLT15_EN_VI)}
 
 
 @dataclass(frozen=True)
@@ -222,13 +248,11 @@ def read_lines(path: Path) -> list[str]:
     return out
 
 
-def read_pair(src_path: Path, tgt_path: Path) -> tuple[list[str], list[str]]:
-    """Source and target lines of one split; they must have the same number of lines."""
-    src, tgt = read_lines(src_path), read_lines(tgt_path)
+def _check_aligned(src_path: Path, src: list[str], tgt_path: Path, tgt: list[str]) -> None:
+    """The source and target lines of a split must be as many."""
     if len(src) != len(tgt):
         raise UserError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; "
                      f"the files of a split must be line-aligned")
-    return src, tgt
 
 
 def _find_downloaded(root: Path, name: str) -> Path:
@@ -267,6 +291,35 @@ def fetch_corpus_files(spec: CorpusSpec, direction: str, data_dir: Path | None,
             raise UserError(f"downloaded {name} ({spec.urls[name]}): SHA-256 {sha256_file(path)} "
                          f"differs from the known {spec.sha256[name]}")
     return {split: (paths[s], paths[t]) for split, (s, t) in files.items()}
+
+
+def read_corpus(spec: CorpusSpec, direction: str, data_dir: Path | None, dl_manager
+                ) -> dict[str, tuple[list[str], list[str]]]:
+    """Every split's (source, target) lines: the files found in ``data_dir`` or downloaded,
+    verified (``fetch_corpus_files``), each file's line count checked against the corpus's
+    published one, the pair checked line-aligned, then every line normalized by
+    ``spec.normalize``. Prints the SHA-256 of the files checked by line count alone, so
+    that they can be pinned in a SHA256SUMS."""
+    paths = fetch_corpus_files(spec, direction, data_dir, dl_manager)
+    texts = {}
+    for split, names in spec.files(direction).items():
+        sides = []
+        for name, path in zip(names, paths[split]):
+            if name in spec.line_counts and name not in spec.sha256:
+                print(f"{name}: SHA-256 {sha256_file(path)} (no published checksum; "
+                      f"line count checked instead)", flush=True)
+            lines = read_lines(path)
+            expected = spec.line_counts.get(name)
+            if expected is not None and len(lines) != expected:
+                shown = path if Path(path).name == name else f"{path} (downloaded {name})"
+                raise UserError(f"{shown} has {len(lines)} lines, but {spec.name}'s {name} has "
+                                f"{expected}: a truncated download or a different copy")
+            sides.append(lines)
+        _check_aligned(paths[split][0], sides[0], paths[split][1], sides[1])
+        if spec.normalize is not None:
+            sides = [[spec.normalize(line) for line in lines] for lines in sides]
+        texts[split] = (sides[0], sides[1])
+    return texts
 
 
 def read_archive_corpus(spec: ArchiveCorpusSpec, data_dir: Path | None, dl_manager
