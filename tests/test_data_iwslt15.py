@@ -243,3 +243,26 @@ def test_evaluate_tok_cased(tmp_path, capsys):
     assert re.search(r"tokenized BLEU = (\d+\.\d\d)  \(Moses-tokenized, cased, .*case:mixed",
                      printed), printed
     assert float(re.search(r"= (\d+\.\d\d)", printed).group(1)) < 80
+
+
+@pytest.mark.slow
+def test_score_split_scores_the_cased_corpus_with_cased_tokenized_bleu(tmp_path, small_corpus,
+                                                                     minilm_dir):
+    """dataset.json says the En-Vi text is cased, so the student's bleu_tok keeps case (the
+    reference's multi-bleu.perl without -lc), beside detokenized sacreBLEU."""
+    import jax
+    from flax import linen as nn
+
+    from distill_jax import sharding, student
+
+    assert _prepare(_write_files(tmp_path / "data"), tmp_path / "out", minilm_dir) == 0
+    ds = open_prepared(tmp_path / "out")
+    config = configlib.load_config_file("configs/tiny.py")
+    model = student.build_model(config, ds.vocab, jax.numpy.float32)
+    params = nn.meta.unbox(student.abstract_init(model, jax.random.PRNGKey(0))())
+    scores, hypotheses = student.score_split(model, params, ds.vocab, ds, "test",
+                                             config.decode, sharding.make_mesh(config.mesh))
+    assert len(hypotheses) == 2
+    assert scores["bleu_tok_signature"].startswith("moses-tok:vi|")
+    assert "case:mixed" in scores["bleu_tok_signature"]
+    assert "case:lc" in scores["bleu_signature"]
