@@ -8,6 +8,8 @@
 #   scripts/experiment.sh CORPUS CONFIG WORKDIR RESULTS_JSON "SEEDS" [--set FIELD=VALUE ...]
 #   scripts/experiment.sh multi30k configs/multi30k_cpu.py runs/cpu \
 #       results/multi30k_cpu_seeds.json "0 1 2"
+#   scripts/experiment.sh multi30k configs/multi30k_full.py runs/full \
+#       results/multi30k_full_seeds.json "0 1"
 #   scripts/experiment.sh gigaword_sample configs/gigaword_cpu.py runs/giga \
 #       results/gigaword_cpu.json "0"
 #
@@ -31,6 +33,9 @@ esac
 teacher="$(PYTHON="$py" "$root/scripts/fetch_minilm.sh")"
 sets=(--set "teacher.checkpoint=$teacher" "$@")
 cli=("$py" -m distill_jax.cli)
+# Compiled programs are kept in the work directory, so a later seed (or a resumed stage)
+# reuses the programs of the first instead of compiling them again.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$workdir/jax_cache}"
 start=$SECONDS
 stage() { echo; echo "== $1 ($(( (SECONDS - start) / 60 )) min elapsed)"; }
 

@@ -1,0 +1,126 @@
+"""How good a teacher's soft targets are, next to the students that learn from them.
+
+On a split whose soft targets are cached (``distill-jax soft-targets --split SPLIT``, the
+same stride masking the training targets get), over every target position (``</s>``
+included):
+
+* top-1: the share of positions where the teacher's most likely piece is the reference;
+* top-K: the share where the reference is among the K kept pieces;
+* p(ref): the mean probability the paper's soft target (softmax of the K logits / T)
+  gives the reference (0 where it is not among the K).
+
+Beside them, each named student's last validation accuracy (teacher-forced next-token
+accuracy from its ``metrics.jsonl``): a teacher whose top-1 is below the student's own
+accuracy mostly teaches it its mistakes.
+
+  distill-jax soft-targets --config C --workdir W --split val [--set ...]
+  python scripts/teacher_quality.py --config C --workdir W --split val [--set ...] \
+      [--students baseline,distilled] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from distill_jax import runner, storage
+from distill_jax.commands import common
+from distill_jax.data.prepared import open_prepared
+from distill_jax.data.vocab import EOS
+from distill_jax.errors import UserError
+
+
+def agreement(logits: list[np.ndarray], indices: list[np.ndarray], references: list[list[int]],
+              temperature: float) -> dict:
+    """Top-1 accuracy, top-K recall and mean soft-target probability of the references.
+
+    ``logits[i]`` / ``indices[i]``: ``[T_i, K]`` (sorted decreasing) for example i;
+    ``references[i]``: its ``T_i`` reference ids."""
+    top1 = hits = probability = 0.0
+    positions = 0
+    for values, ids, ref in zip(logits, indices, references):
+        ref = np.asarray(ref)[:, None]  # [T, 1]
+        if ids.shape[0] != ref.shape[0]:
+            raise ValueError(f"soft targets of {ids.shape[0]} positions for a reference of "
+                             f"{ref.shape[0]}")
+        scaled = values.astype(np.float64) / temperature
+        soft = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+        soft /= soft.sum(axis=1, keepdims=True)  # [T, K]
+        match = ids == ref  # [T, K]
+        top1 += float(match[:, 0].sum())
+        hits += float(match.any(axis=1).sum())
+        probability += float((soft * match).sum())
+        positions += ref.shape[0]
+    positions = max(positions, 1)
+    return {"positions": positions, "top1": top1 / positions, "topk": hits / positions,
+            "p_ref": probability / positions}
+
+
+def student_accuracy(workdir, name: str) -> float | None:
+    """The last validation accuracy in a student run's metrics.jsonl (None if it has none)."""
+    path = storage.path(workdir) / "students" / name / "metrics.jsonl"
+    if not path.exists():
+        return None
+    valid = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    valid = [r for r in valid if r.get("split") == "valid" and "accuracy" in r]
+    return float(valid[-1]["accuracy"]) if valid else None
+
+
+def main(argv=None) -> int:
+    from distill_jax import student
+    from distill_jax.soft_target_cache import CacheError, open_cache
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="FIELD=VALUE", help="the overrides the teacher was made with")
+    parser.add_argument("--split", default=None, help="cached split (default: data.valid_split)")
+    parser.add_argument("--students", default="", help="comma-separated student run names")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+    try:
+        config = common.load_experiment(args)
+        split = args.split or config.data.valid_split
+        dataset = open_prepared(runner.prepared_dir(config, args.workdir))
+        records, lengths = dataset.records(split, config.data.example_limit(split))
+        try:
+            cache = open_cache(
+                storage.path(args.workdir) / "soft_targets" / split,
+                student.cache_identity(config, dataset, split, config.teacher.top_k),
+                num_examples=len(lengths))
+        except CacheError as err:
+            raise UserError(f"{err} (run `distill-jax soft-targets --split {split}` first)") \
+                from None
+        examples = list(range(len(lengths)))
+        logits, indices = cache.read_async(examples).result()
+        references = [[int(t) for t in r["tgt"]] + [EOS]
+                      for r in records.__getitems__(examples)]
+        figures = agreement(logits, indices, references, config.distill.temperature)
+    except UserError as err:
+        print(f"teacher_quality: {err}", file=sys.stderr)
+        return 2
+    figures.update(split=split, top_k=cache.top_k, temperature=config.distill.temperature,
+                   teacher_steps=config.teacher.steps)
+    print(f"teacher ({config.teacher.steps} steps) on {split}, {figures['positions']} target "
+          f"positions, stride-{config.teacher.stride} masking: top-1 {100 * figures['top1']:.1f}%, "
+          f"top-{cache.top_k} {100 * figures['topk']:.1f}%, mean soft-target probability of the "
+          f"reference (T {config.distill.temperature:g}) {figures['p_ref']:.3f}")
+    students = {}
+    for name in filter(None, args.students.split(",")):
+        students[name] = student_accuracy(args.workdir, name)
+        shown = "no validation record" if students[name] is None else \
+            f"{100 * students[name]:.1f}%"
+        print(f"student {name}: validation accuracy {shown}")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({**figures, "students": students},
+                                                      indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
