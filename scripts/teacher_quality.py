@@ -15,7 +15,11 @@ accuracy mostly teaches it its mistakes.
 
   distill-jax soft-targets --config C --workdir W --split val [--set ...]
   python scripts/teacher_quality.py --config C --workdir W --split val [--set ...] \
-      [--students baseline,distilled] [--json PATH]
+      [--students baseline,distilled] [--temperatures 1,2,5] [--json PATH]
+
+``--temperatures`` adds p(ref) at other temperatures: how flat the kept K pieces become at
+the configured T is what decides whether the distillation term sharpens or blurs the
+student.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
 from distill_jax import runner, storage
 from distill_jax.commands import common
 from distill_jax.data.prepared import open_prepared
 from distill_jax.data.vocab import EOS
 from distill_jax.errors import UserError
+from benchlib import cpu_model, git_commit  # noqa: E402
 
 
 def agreement(logits: list[np.ndarray], indices: list[np.ndarray], references: list[list[int]],
@@ -81,9 +88,19 @@ def main(argv=None) -> int:
                         metavar="FIELD=VALUE", help="the overrides the teacher was made with")
     parser.add_argument("--split", default=None, help="cached split (default: data.valid_split)")
     parser.add_argument("--students", default="", help="comma-separated student run names")
+    parser.add_argument("--temperatures", default="",
+                        help="comma-separated temperatures to report p(ref) at as well")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     try:
+        try:
+            temperatures = [float(t) for t in filter(None, args.temperatures.split(","))]
+        except ValueError:
+            raise UserError(f"--temperatures: not a comma-separated list of numbers: "
+                            f"{args.temperatures!r}") from None
+        if any(not t > 0 for t in temperatures):
+            raise UserError(f"--temperatures: every temperature must be > 0, got "
+                            f"{args.temperatures!r}")
         config = common.load_experiment(args)
         split = args.split or config.data.valid_split
         dataset = open_prepared(runner.prepared_dir(config, args.workdir))
@@ -101,6 +118,8 @@ def main(argv=None) -> int:
         references = [[int(t) for t in r["tgt"]] + [EOS]
                       for r in records.__getitems__(examples)]
         figures = agreement(logits, indices, references, config.distill.temperature)
+        others = {f"{t:g}": agreement(logits, indices, references, t)["p_ref"]
+                  for t in temperatures}
     except UserError as err:
         print(f"teacher_quality: {err}", file=sys.stderr)
         return 2
@@ -110,6 +129,8 @@ def main(argv=None) -> int:
           f"positions, stride-{config.teacher.stride} masking: top-1 {100 * figures['top1']:.1f}%, "
           f"top-{cache.top_k} {100 * figures['topk']:.1f}%, mean soft-target probability of the "
           f"reference (T {config.distill.temperature:g}) {figures['p_ref']:.3f}")
+    for t, p in others.items():
+        print(f"  at T {t}: {p:.3f}")
     students = {}
     for name in filter(None, args.students.split(",")):
         students[name] = student_accuracy(args.workdir, name)
@@ -117,7 +138,9 @@ def main(argv=None) -> int:
             f"{100 * students[name]:.1f}%"
         print(f"student {name}: validation accuracy {shown}")
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({**figures, "students": students},
+        pathlib.Path(args.json).write_text(json.dumps({
+            **figures, "p_ref_at": others, "students": students,
+            "hardware": cpu_model(), "commit": git_commit()},
                                                       indent=1) + "\n")
     return 0
 
