@@ -18,25 +18,20 @@ large. Distillation uses the paper's De-En weights (alpha 0.5, T 10, K 8).
 """
 
 import dataclasses
+import pathlib
 
-from distill_jax.experiment import (DataConfig, DecodeConfig, DistillConfig, ExperimentConfig,
-                                    TeacherConfig, TrainConfig, default_student)
+from distill_jax import configlib
 
 
-def get_config() -> ExperimentConfig:
-    student = dataclasses.replace(
-        default_student(), d_model=256, num_heads=4, mlp_dim=1024, num_encoder_layers=3,
-        num_decoder_layers=3, dropout_rate=0.1, max_len=128)
-    return ExperimentConfig(
-        name="multi30k_full_de_en",
-        data=DataConfig(train_examples=0, tokens_per_batch=2048, bucket_step=8,
-                        max_src_len=64, max_tgt_len=64),
-        teacher=TeacherConfig(steps=400, tokens_per_batch=2048, eval_every=200,
-                              save_every=200, learning_rate=2e-4, mask_rate=0.3, top_k=8),
-        student=student,
-        distill=DistillConfig(kd="offline", alpha=0.5, temperature=10.0, top_k=8),
-        train=TrainConfig(steps=1500, learning_rate=1e-3, warmup_steps=300, eval_every=500,
-                          save_every=500, bleu_sentences=0),
-        decode=DecodeConfig(beam_size=4, length_penalty=0.6, max_len_a=1.2, max_len_b=8,
-                            tokens_per_batch=2048),
+def get_config():
+    """configs/multi30k_cpu.py (the same students and teacher recipe) on every pair, with
+    larger batches, a shorter teacher and longer students."""
+    cpu = configlib.load_config_file(str(pathlib.Path(__file__).with_name("multi30k_cpu.py")))
+    return dataclasses.replace(
+        cpu, name="multi30k_full_de_en",
+        data=dataclasses.replace(cpu.data, train_examples=0, tokens_per_batch=2048,
+                                 bucket_step=8),
+        teacher=dataclasses.replace(cpu.teacher, steps=400, tokens_per_batch=2048,
+                                    eval_every=200, save_every=200, top_k=8),
+        train=dataclasses.replace(cpu.train, steps=1500, warmup_steps=300, bleu_sentences=0),
     )
