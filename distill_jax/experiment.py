@@ -13,7 +13,9 @@ A work directory holds one experiment::
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+import math
+import typing
+from typing import Any, Optional, Sequence
 
 from distill_jax.models.layers import ATTENTION_IMPLS
 from distill_jax.models.transformer import TransformerConfig
@@ -192,14 +194,144 @@ class ExperimentConfig:
     baseline_overrides: tuple[str, ...] = ()
 
     def check(self) -> None:
-        """Checks between sections (run once all overrides are applied, so that fields can
-        be raised together in any order); raises ValueError naming the fields."""
+        """Checks every numeric field against its range (``RANGES``) and the fields that
+        depend on each other (run once all overrides are applied, so that fields can be
+        raised together in any order); raises ValueError naming the field."""
+        check_ranges(self)
+        if self.distill.kd == "offline" and self.distill.top_k > self.teacher.top_k:
+            raise ValueError(
+                f"distill.top_k {self.distill.top_k} is larger than teacher.top_k "
+                f"{self.teacher.top_k} (the entries the soft-target cache keeps per position)")
+        if self.train.schedule in ("inverse_sqrt", "noam") and self.train.warmup_steps < 1:
+            raise ValueError(f"train.warmup_steps must be ≥ 1 with train.schedule "
+                             f"{self.train.schedule!r}, got {self.train.warmup_steps}")
         for side in ("src", "tgt"):
             limit = getattr(self.data, f"max_{side}_len")
             if limit > self.student.max_len:
                 raise ValueError(
                     f"data.max_{side}_len {limit} is longer than student.max_len "
                     f"{self.student.max_len} (the size of the student's position table)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric config field: a finite number above ``low`` (or at
+    it, unless ``low_open``) and below ``high`` (or at it, unless ``high_open``); ``None``
+    when ``optional``, and the values in ``also``."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False
+    also: tuple = ()
+
+    def contains(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if value in self.also:
+            return True
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open
+                                      else value > self.high):
+            return False
+        return True
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = (f"in {'(' if self.low_open else '['}{_number(self.low)}, "
+                    f"{_number(self.high)}{')' if self.high_open else ']'}")
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '≥'} {_number(self.low)}"
+        elif self.high is not None:
+            text = f"{'<' if self.high_open else '≤'} {_number(self.high)}"
+        else:
+            text = "a finite number"
+        extra = [repr(v) for v in self.also] + (["None"] if self.optional else [])
+        return text + "".join(f" or {v}" for v in extra)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
+POSITIVE = Range(0, low_open=True)
+PROBABILITY = Range(0, 1)  # [0, 1]
+DROPOUT = Range(0, 1, high_open=True)  # [0, 1)
+
+# The valid range of every numeric field of an ExperimentConfig, by dotted name (checked by
+# ExperimentConfig.check before any work; tests/test_config_ranges.py checks that every
+# numeric field has an entry).
+RANGES: dict[str, Range] = {
+    # data
+    "data.train_examples": AT_LEAST_0, "data.tokens_per_batch": AT_LEAST_1,
+    "data.bucket_step": AT_LEAST_1, "data.max_src_len": Range(2), "data.max_tgt_len": Range(2),
+    "data.seed": AT_LEAST_0,
+    # teacher
+    "teacher.steps": AT_LEAST_1, "teacher.learning_rate": POSITIVE,
+    "teacher.warmup_fraction": Range(0, 1, high_open=True), "teacher.weight_decay": AT_LEAST_0,
+    "teacher.grad_clip_norm": POSITIVE, "teacher.dropout": DROPOUT,
+    "teacher.tokens_per_batch": AT_LEAST_1, "teacher.mask_rate": Range(0, 1, True, True),
+    "teacher.eval_every": AT_LEAST_1, "teacher.save_every": AT_LEAST_1,
+    "teacher.top_k": AT_LEAST_1, "teacher.stride": AT_LEAST_1,
+    # student
+    "student.vocab_size": Range(4), "student.d_model": AT_LEAST_1, "student.num_heads": AT_LEAST_1,
+    "student.mlp_dim": AT_LEAST_1, "student.num_encoder_layers": AT_LEAST_1,
+    "student.num_decoder_layers": AT_LEAST_1, "student.dropout_rate": DROPOUT,
+    "student.attention_dropout_rate": DROPOUT, "student.activation_dropout_rate": DROPOUT,
+    "student.max_len": Range(2), "student.layer_norm_eps": POSITIVE,
+    "student.pad_id": AT_LEAST_0, "student.bos_id": AT_LEAST_0, "student.eos_id": AT_LEAST_0,
+    # distill
+    "distill.alpha": PROBABILITY, "distill.temperature": POSITIVE, "distill.top_k": AT_LEAST_1,
+    # train
+    "train.steps": AT_LEAST_1, "train.learning_rate": POSITIVE, "train.warmup_steps": AT_LEAST_0,
+    "train.grad_clip_norm": Range(0, low_open=True, optional=True),
+    "train.label_smoothing": DROPOUT, "train.adam_eps": POSITIVE, "train.accum_steps": AT_LEAST_1,
+    "train.seed": AT_LEAST_0, "train.eval_every": AT_LEAST_1, "train.save_every": AT_LEAST_1,
+    "train.keep_last": AT_LEAST_1, "train.average_last": AT_LEAST_0,
+    "train.bleu_sentences": AT_LEAST_0,
+    # decode
+    "decode.beam_size": AT_LEAST_1, "decode.length_penalty": AT_LEAST_0,
+    "decode.max_len_a": AT_LEAST_0, "decode.max_len_b": AT_LEAST_0,
+    "decode.temperature": POSITIVE, "decode.top_k": AT_LEAST_0,
+    "decode.tokens_per_batch": AT_LEAST_1, "decode.bucket_step": AT_LEAST_1,
+    "decode.cache_phases": AT_LEAST_1,
+    # mesh: a positive size, or -1 for the remaining devices
+    "mesh.data": Range(1, also=(-1,)), "mesh.fsdp": Range(1, also=(-1,)),
+    "mesh.tensor": Range(1, also=(-1,)),
+}
+
+
+def numeric_fields(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted name -> value of every int / float (or Optional number) field of a nested
+    dataclass config (bools, strings and tuples are not numeric)."""
+    out = {}
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        name = prefix + field.name
+        if dataclasses.is_dataclass(value):
+            out.update(numeric_fields(value, name + "."))
+            continue
+        kinds = set(typing.get_args(hints[field.name])) or {hints[field.name]}
+        if kinds & {int, float} and bool not in kinds:
+            out[name] = value
+    return out
+
+
+def check_ranges(config: "ExperimentConfig") -> None:
+    """Raises ValueError naming the first numeric field outside its ``RANGES`` entry
+    (e.g. ``train.steps must be ≥ 1, got -5``)."""
+    for name, value in numeric_fields(config).items():
+        allowed = RANGES.get(name)
+        if allowed is not None and not allowed.contains(value):
+            raise ValueError(f"{name} must be {allowed.describe()}, got {value!r}")
 
 
 def with_overrides(config: ExperimentConfig, assignments: Sequence[str]) -> ExperimentConfig:
