@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
     module = importlib.import_module(args._module)
+    from distill_jax import runlock
+
     try:
         return int(module.run(args) or 0)
     except UserError as err:
@@ -76,11 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         _exit_if_multiprocess(1)
         raise
+    finally:
+        runlock.release_all()  # the run directory's lock (distill_jax/runlock.py)
 
 
 def _exit_if_multiprocess(status: int) -> None:
     jax = sys.modules.get("jax")
     if jax is not None and jax.process_count() > 1:
+        from distill_jax import runlock
+        runlock.release_all()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

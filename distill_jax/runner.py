@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from distill_jax import configlib, storage
+from distill_jax import configlib, runlock, storage
 from distill_jax.errors import UserError
 from distill_jax.experiment import ExperimentConfig
 
@@ -31,21 +33,41 @@ def is_chief() -> bool:
     return jax.process_index() == 0
 
 
-def check_or_save_config(config: Any, path: storage.PathLike, *, what: str) -> None:
+def check_or_save_config(config: Any, path: storage.PathLike, *, what: str,
+                         checkpoints: Optional[storage.PathLike] = None) -> None:
     """Saves ``config`` at ``path`` (local or ``gs://``) on the first run; refuses to resume
-    ``what`` with a different config (the differing fields are named)."""
+    ``what`` with a different config (the differing fields are named).
+
+    A run that never saved a step (no step folder in ``checkpoints``, by default the
+    ``checkpoints`` folder beside ``path``: it failed or was stopped before its first
+    checkpoint) has nothing to resume, so its config is replaced by the new one: a failed
+    start does not bind the work directory to the config it failed with."""
     path = storage.path(path)
     current = configlib.to_dict(config)
     if path.exists():
         saved = json.loads(path.read_text())
         changed = configlib.diff(saved, current, defaults=configlib.declared_defaults(config))
-        if changed:
+        if not changed:
+            return
+        if saved_steps(checkpoints if checkpoints is not None else path.parent / "checkpoints"):
             raise UserError(
                 f"{path.parent} holds a {what} run with another config; changed fields: "
                 + "; ".join(changed) + ". Use another --workdir (or name) or remove it.")
-        return
+        if is_chief():
+            print(f"{path.parent}: no step of the earlier {what} run was saved; starting over "
+                  "with the new config (changed fields: " + "; ".join(changed) + ")",
+                  file=sys.stderr, flush=True)
     if is_chief():
         storage.write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True))
+
+
+def saved_steps(directory: storage.PathLike) -> list[str]:
+    """Names of the step folders in a checkpoint directory, finished or not (Orbax writes a
+    step into ``STEP.orbax-checkpoint-tmp-*`` on local disk and renames it when done)."""
+    directory = storage.path(directory)
+    if not directory.exists():
+        return []
+    return sorted(p.name for p in directory.iterdir() if p.name.split(".")[0].isdigit())
 
 
 def prepared_dir(config: ExperimentConfig, workdir: storage.PathLike):
@@ -85,6 +107,8 @@ class MetricsLog:
         self.path = directory / "metrics.jsonl"
         self._lines = storage.LineLog(self.path)
         self.enabled = is_chief()
+        # (sums, target tokens) of the log window a resumed checkpoint was saved in
+        self.resumed_window: Optional[tuple[dict, float]] = None
         self._tb = None
         if self.enabled and not storage.is_remote(directory):
             # (TensorBoard event files are written for local directories only.)
@@ -138,10 +162,18 @@ def resume(checkpoints: Any, state: Any, shardings: Any, batches: Any, log: Metr
 
     latest = checkpoints.latest_step()
     if latest is None:
+        log.truncate_after(0)  # records of a run stopped before its first checkpoint
         return state
     state, extra = checkpoints.restore(latest, sharding.abstract_with_shardings(state, shardings))
     batches.set_state(extra["data"])
     log.truncate_after(latest)
+    # The training-log window open at the checkpoint (sums of the steps since the last
+    # record): the first record after the resume then averages the same steps as an
+    # uninterrupted run's. (Checkpoints written before it was saved start a new window.)
+    window = extra.get("log_window")
+    log.resumed_window = (None if window is None else
+                          ({k: (float(s), float(c)) for k, (s, c) in window["sums"].items()},
+                           float(window["tokens"])))
     return state
 
 
@@ -177,28 +209,47 @@ def train_loop(
     Every ``save_every`` steps (and at the end) the state and ``data_state()`` are
     checkpointed; every ``eval_every`` steps ``evaluate(state, step)`` is logged and, when
     it falls on a checkpoint step, handed to the checkpoint manager, which keeps the best
-    checkpoint by its configured metric. Training metrics are logged every ``log_every`` steps.
+    checkpoint by its configured metric. Training metrics are logged every ``log_every``
+    steps; the open log window is checkpointed too, so that a resumed run logs what an
+    uninterrupted one does.
+
+    A step whose loss or gradient norm is not finite stops the run with a ``UserError``
+    naming the step (checked every step: its metrics come to the host for the log window
+    anyway); before each save the whole state is checked to be finite, so a checkpoint
+    never holds a non-finite state. Pending saves are finished first, so the last good
+    checkpoint is what a rerun resumes from.
     """
     start = int(jax.device_get(state.step))
     bar = progress(total_steps, start, desc, no_progress)
     window: Optional[dict] = None
     tokens_since, time_since = 0.0, time.perf_counter()
+    partial = False
+    if log.resumed_window is not None:
+        window, tokens_since = log.resumed_window
+    elif start % log_every:
+        partial = True  # resumed from a checkpoint that does not hold its log window
     step = start
     while step < total_steps:
         batch = next(batches)
         state, metrics = train_step(state, to_device(batch), rng)
         step += 1
+        metrics = jax.device_get(dict(metrics))
+        _stop_if_not_finite(metrics, step, desc, checkpoints)
         window = add_metrics(window, metrics)
         tokens_since += float(np.count_nonzero(batch["tgt_out"]))
         if step % log_every == 0 or step == total_steps:
             values = {k: s / max(c, 1e-9) for k, (s, c) in window.items()}
             elapsed = time.perf_counter() - time_since
             values["target_tokens_per_s"] = tokens_since * jax.process_count() / max(elapsed, 1e-9)
+            if partial:  # averages only the steps since the resume
+                values["partial"] = 1.0
+                partial = False
             log.write(step, "train", values)
             bar.set_postfix(loss=f"{values['loss']:.3f}",
                             tok_s=f"{values['target_tokens_per_s']:.0f}")
             window, tokens_since, time_since = None, 0.0, time.perf_counter()
         bar.update(1)
+        crash_point(f"step:{step}")
         eval_values = None
         if evaluate is not None and (step % eval_every == 0 or step == total_steps):
             eval_values = evaluate(state, step)
@@ -209,9 +260,16 @@ def train_loop(
         preempted = jax.process_count() > 1 and \
             multihost_utils.reached_preemption_sync_point(step)
         if step % save_every == 0 or step == total_steps or preempted:
+            if not _state_is_finite(state):
+                _stop(f"step {step}: the parameters or optimizer state hold values that are "
+                      "not finite after this update", desc, checkpoints)
+            runlock.check_held()  # (a gs:// lease lost to another run: stop, write nothing)
             # Validation metrics (when this step has them) feed the keep-best policy.
-            checkpoints.save(step, state, extra={"data": data_state()},
+            log_window = None if window is None else {
+                "sums": {k: [s, c] for k, (s, c) in window.items()}, "tokens": tokens_since}
+            checkpoints.save(step, state, extra={"data": data_state(), "log_window": log_window},
                              metrics=eval_values, force=True)
+            crash_point(f"save:{step}")
         if preempted:
             # SIGTERM (TPU maintenance, scancel) reached every process at this step: the
             # checkpoint above lets the rerun resume exactly here.
@@ -220,3 +278,52 @@ def train_loop(
     bar.close()
     checkpoints.wait()
     return state
+
+
+def _stop_if_not_finite(metrics: Mapping[str, Any], step: int, desc: str,
+                        checkpoints: Any) -> None:
+    """Stops the run when step ``step``'s loss or gradient norm is not finite."""
+    loss = float(metrics["loss"][0]) / max(float(metrics["loss"][1]), 1e-9)
+    grad_norm = float(metrics["grad_norm"][0]) if "grad_norm" in metrics else 0.0
+    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+        _stop(f"step {step}: the training loss is {loss:g} and the gradient norm {grad_norm:g}",
+              desc, checkpoints)
+
+
+def _stop(what: str, desc: str, checkpoints: Any) -> None:
+    checkpoints.wait()  # the saves started before this step are good: finish them
+    latest = checkpoints.latest_step()
+    kept = (f"the last good checkpoint, step {latest}, is kept (a rerun resumes from it)"
+            if latest is not None else "no checkpoint was saved")
+    raise UserError(
+        f"[{desc}] {what}: not finite. Training stopped without saving this state; {kept}. "
+        "Lower the learning rate, clip gradients, or check the inputs (e.g. the soft-target "
+        "cache).")
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _state_is_finite(state: Any) -> bool:
+    """Whether every float of ``state`` is finite (one reduction on the devices)."""
+    return bool(jax.device_get(_all_finite(state)))
+
+
+CRASH_ENV = "DISTILL_JAX_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """For crash tests (tests/crash_matrix.py): kills this process with SIGKILL, like
+    ``kill -9``, when ``name`` is in the comma-separated ``DISTILL_JAX_CRASH_AT``. Names:
+    ``step:N`` (after update N, before anything of it is saved), ``save:N`` (right after the
+    asynchronous checkpoint save of step N started: its files are being written),
+    ``chunk:N`` (``soft-targets``: right after the N-th chunk write of the run started)."""
+    wanted = os.environ.get(CRASH_ENV)
+    if wanted and name in wanted.split(","):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)

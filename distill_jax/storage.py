@@ -157,6 +157,33 @@ def require_local(value: PathLike, what: str, hint: str) -> epath.Path:
     return path(value)
 
 
+def json_api_session(value: PathLike):
+    """``(endpoint, requests session)`` for Cloud Storage's JSON API calls about the
+    ``gs://`` path ``value``: the emulator named by ``STORAGE_EMULATOR_HOST``, else the
+    public endpoint with the application-default credentials. Raises ``UserError`` naming
+    the path when there is no bucket in it or no credentials."""
+    import requests
+
+    text, bucket = os.fspath(value), bucket_of(value)
+    if not bucket:
+        raise UserError(f"{text}: no bucket in the path (expected gs://BUCKET/PATH)")
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator:
+        return (emulator if "://" in emulator else f"http://{emulator}"), requests.Session()
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+    from google.auth.transport.requests import AuthorizedSession
+    try:
+        credentials, _ = google.auth.default(
+            scopes=["https://www.googleapis.com/auth/devstorage.read_write"])
+    except DefaultCredentialsError:
+        raise UserError(
+            f"{text}: no Google Cloud credentials found (on a Cloud TPU VM or GCE the "
+            "service account provides them; elsewhere run `gcloud auth "
+            "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS)") from None
+    return _PUBLIC_ENDPOINT, AuthorizedSession(credentials)
+
+
 def check_access(value: PathLike) -> None:
     """For a ``gs://`` path: checks that Cloud Storage is reachable, that credentials exist
     and that the bucket exists and can be listed; raises ``UserError`` naming the path
@@ -166,25 +193,7 @@ def check_access(value: PathLike) -> None:
     import requests
 
     text, bucket = os.fspath(value), bucket_of(value)
-    if not bucket:
-        raise UserError(f"{text}: no bucket in the path (expected gs://BUCKET/PATH)")
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-    if emulator:
-        endpoint = emulator if "://" in emulator else f"http://{emulator}"
-        session = requests.Session()
-    else:
-        import google.auth
-        from google.auth.exceptions import DefaultCredentialsError
-        from google.auth.transport.requests import AuthorizedSession
-        try:
-            credentials, _ = google.auth.default(
-                scopes=["https://www.googleapis.com/auth/devstorage.read_write"])
-        except DefaultCredentialsError:
-            raise UserError(
-                f"{text}: no Google Cloud credentials found (on a Cloud TPU VM or GCE the "
-                "service account provides them; elsewhere run `gcloud auth "
-                "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS)") from None
-        endpoint, session = _PUBLIC_ENDPOINT, AuthorizedSession(credentials)
+    endpoint, session = json_api_session(value)
     url = f"{endpoint.rstrip('/')}/storage/v1/b/{bucket}/o"
     try:
         response = session.get(url, params={"maxResults": 1}, timeout=_CHECK_TIMEOUT_S)

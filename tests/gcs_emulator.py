@@ -79,6 +79,58 @@ def _send_generations() -> None:
     _PATCHED = True
 
 
+_PRECONDITIONS_PATCHED = False
+
+
+def _check_generation_preconditions() -> None:
+    """Makes the emulator honour ``ifGenerationMatch`` on uploads (``uploadType=media``,
+    the object named in the query) and deletes, answering 412 as Cloud Storage does when
+    the object's generation differs ("0": the object must not exist). The run lock's
+    ``gs://`` lease (distill_jax/runlock.py) relies on it."""
+    global _PRECONDITIONS_PATCHED
+    if _PRECONDITIONS_PATCHED:
+        return
+    import threading
+    from http import HTTPStatus
+
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    lock = threading.Lock()  # check and write as one step
+
+    def conditional(handler, object_of):
+        def handle(request, response, storage, *args, **kwargs):
+            wanted = request.query.get("ifGenerationMatch")
+            if not wanted:
+                return handler(request, response, storage, *args, **kwargs)
+            with lock:
+                try:
+                    current = str(storage.get_file_obj(request.params["bucket_name"],
+                                                       object_of(request))["generation"])
+                except Exception:  # absent
+                    current = "0"
+                if current != str(wanted[0]):
+                    response.status = HTTPStatus.PRECONDITION_FAILED
+                    response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+                    return
+                return handler(request, response, storage, *args, **kwargs)
+        return handle
+
+    def upload_name(request):
+        return request.query["name"][0]
+
+    def path_name(request):
+        return request.params["object_id"]
+
+    for _, methods in server.HANDLERS:
+        for method, handler in list(methods.items()):
+            if handler is objects.insert:
+                methods[method] = conditional(handler, upload_name)
+            elif handler is objects.delete:
+                methods[method] = conditional(handler, path_name)
+    _PRECONDITIONS_PATCHED = True
+
+
 @contextmanager
 def running(bucket: str = BUCKET):
     """Starts an in-memory emulator with ``bucket``; sets the client environment of this
@@ -89,6 +141,7 @@ def running(bucket: str = BUCKET):
 
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
     _send_generations()
+    _check_generation_preconditions()
     port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
     server.start()

@@ -152,11 +152,18 @@ def test_foreign_cache_and_changed_config_are_refused(experiment):
                   "teacher.steps=3", check=False)
     assert result.returncode == 2
     assert "was made for teacher" in result.stderr and "soft-targets" in result.stderr
-    # Its config was recorded; rerunning the same run with another config is refused.
+    # That failed start saved no step, so it does not bind the run to its config (#34
+    # item 6): a corrected command is not refused for "changed fields".
     result = _cli(workdir, teacher, "train-student", "--name", "refused", "--set",
                   "teacher.steps=3", "--set", "train.steps=9", check=False)
     assert result.returncode == 2
-    assert "changed fields: train.steps: 8 -> 9." in result.stderr
+    assert "changed fields" not in result.stderr and "was made for teacher" in result.stderr
+    # Once a step is saved (here: a step folder), another config is refused, naming it.
+    (workdir / "students" / "refused" / "checkpoints" / "2").mkdir(parents=True)
+    result = _cli(workdir, teacher, "train-student", "--name", "refused", "--set",
+                  "teacher.steps=3", "--set", "train.steps=8", check=False)
+    assert result.returncode == 2
+    assert "changed fields: train.steps: 9 -> 8." in result.stderr
 
 
 def test_online_and_offline_distillation_give_the_same_loss(experiment):

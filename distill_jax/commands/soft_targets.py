@@ -14,11 +14,12 @@ cache an uninterrupted one writes. ``header.json`` is written last, by process 0
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import numpy as np
 
-from distill_jax import runner
+from distill_jax import runlock, runner
 from distill_jax.commands import common
 from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
 
@@ -30,7 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_common_arguments(parser)
     parser.add_argument("--split", default=None, help="split to score (default: data.train_split)")
     parser.add_argument("--force", action="store_true",
-                        help="recompute even if a finished cache for this teacher and data exists")
+                        help="recompute: remove the cache of this split (finished or not) first")
+    parser.add_argument("--teacher-step", type=int, default=None, metavar="N",
+                        help="take the soft targets from the teacher checkpoint of step N (it "
+                             "must be saved), even if the teacher run has not finished; by "
+                             "default the best checkpoint of a finished run (one that saved "
+                             "step teacher.steps), and an unfinished run is refused")
     parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
                         help="target positions per stored chunk (the unit of writing and of "
                              "resuming; an unfinished cache keeps its own)")
@@ -68,17 +74,28 @@ def run(args: argparse.Namespace) -> int:
     from distill_jax.data.prepared import open_prepared
     from distill_jax.errors import UserError
     from distill_jax.soft_target_cache import (CacheError, create_or_resume, is_finished,
-                                               open_cache)
+                                               open_cache, remove)
 
     common.initialize_processes(args)
     config = common.load_experiment(args)
     workdir = common.workdir(args)
     split = args.split or config.data.train_split
+    # One writer per cache; the lock sits beside the cache folder, which --force replaces.
+    runlock.acquire(workdir / "soft_targets", f"soft-targets --split {split}", f".{split}.lock")
     if args.chunk_rows < 1:
         raise UserError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
     dataset = open_prepared(runner.prepared_dir(config, workdir))
     dtype = runner.compute_dtype(config)
-    identity = student.cache_identity(config, dataset, split, config.teacher.top_k)
+    # The teacher checkpoint the targets come from (an unfinished run is refused unless
+    # --teacher-step names one); its step and digest are part of the cache's identity.
+    selected = teacher_lib.select_finetuned(config, workdir, args.teacher_step)
+    if selected.explicit and selected.step < config.teacher.steps and runner.is_chief():
+        print(f"note: soft targets from the teacher checkpoint of step {selected.step} "
+              f"(--teacher-step), not from a finished run of teacher.steps="
+              f"{config.teacher.steps}", flush=True)
+    identity = dataclasses.replace(
+        student.cache_identity(config, dataset, split, config.teacher.top_k),
+        teacher_step=selected.step, teacher_digest=selected.digest)
     records, lengths = dataset.records(split, config.data.example_limit(split))  # lengths [n, 2]
     cache_path = workdir / "soft_targets" / split
     if not args.force and is_finished(cache_path):
@@ -97,10 +114,12 @@ def run(args: argparse.Namespace) -> int:
 
     mesh = sharding.make_mesh(config.mesh)
     teacher, params, param_shardings = teacher_lib.load_finetuned(
-        config, workdir, dataset.vocab, mesh, dtype)
+        config, workdir, dataset.vocab, mesh, dtype, selected)
     # Process 0 creates (or checks) the cache; the others open it once it exists.
     try:
         if jax.process_index() == 0:
+            if args.force and cache_path.exists():
+                remove(cache_path)  # finished or not: --force starts again
             writer = create_or_resume(cache_path, identity, lengths[:, 1],
                                       chunk_rows=args.chunk_rows)
         multihost_utils.sync_global_devices("soft-target cache created")
@@ -147,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
                     results[example] = (logits[row, :length], ids[row, :length])
         if owner == jax.process_index():
             writer.write_chunk(chunk, results)
+            runner.crash_point(f"chunk:{turn}")  # (crash tests only)
             if writer.writes_in_flight() >= WRITES_IN_FLIGHT:
                 writer.flush()
         bar.update(1)
@@ -159,6 +179,6 @@ def run(args: argparse.Namespace) -> int:
         except CacheError as err:
             raise UserError(str(err)) from None
         print(f"soft targets of {writer.num_examples} {split} examples (K={identity.top_k}) "
-              f"-> {path}", flush=True)
+              f"from the teacher checkpoint {selected.describe()} -> {path}", flush=True)
     multihost_utils.sync_global_devices("soft-target cache finalized")
     return 0

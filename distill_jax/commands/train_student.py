@@ -15,16 +15,15 @@ import json
 
 import jax
 
-from distill_jax import runner, sharding, storage, train
+from distill_jax import runlock, runner, sharding, storage, train
 from distill_jax import teacher as teacher_lib
 from distill_jax.commands import common
 from distill_jax.data.prepared import open_prepared
 from distill_jax.errors import UserError
 from distill_jax.experiment import SELECT_METRICS
-from distill_jax.soft_target_cache import CacheError, open_cache
-from distill_jax.student import (SoftTargetBatches, abstract_init, build_model, cache_identity,
-                                 checkpointer, default_name, final_parameters, make_optimizer,
-                                 score_split, student_pipeline)
+from distill_jax.student import (SoftTargetBatches, abstract_init, build_model, checkpointer,
+                                 default_name, final_parameters, make_optimizer,
+                                 open_soft_targets, score_split, student_pipeline)
 
 
 
@@ -33,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None,
                         help="run name under WORKDIR/students (default: baseline / distilled / "
                              "distilled-online from distill.kd)")
+    parser.add_argument("--teacher-step", type=int, default=None, metavar="N",
+                        help="distil from the teacher checkpoint of step N (it must be saved) "
+                             "instead of the best one of the finished teacher run; with "
+                             "distill.kd=offline the soft-target cache must come from it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     workdir = common.workdir(args)
     name = args.name or default_name(config)
     out = workdir / "students" / name
+    runlock.acquire(out, f"train-student --name {name}")  # one writer per run directory
     runner.check_or_save_config(config, out / "config.json", what="train-student")
     dataset = open_prepared(runner.prepared_dir(config, workdir))
     vocab = dataset.vocab
@@ -56,20 +60,21 @@ def run(args: argparse.Namespace) -> int:
     kd = config.distill.kd
     keys = ["src", "tgt_in", "tgt_out"]
     teacher_fn, cache, frozen, frozen_shardings = None, None, None, None
+    provenance = {}  # the teacher checkpoint distilled from (results.json)
+    if args.teacher_step is not None and kd == "none":
+        raise UserError("--teacher-step applies to distill.kd=offline or online, not to a "
+                        "baseline (distill.kd=none)")
     if kd == "offline":
-        try:
-            cache = open_cache(workdir / "soft_targets" / config.data.train_split,
-                               cache_identity(config, dataset, config.data.train_split,
-                                              config.distill.top_k),
-                               num_examples=len(dataset.records(
-                                   config.data.train_split,
-                                   config.data.example_limit(config.data.train_split))[0]))
-        except CacheError as err:
-            raise UserError(f"{err} (run `distill-jax soft-targets` first)") from None
+        cache = open_soft_targets(config, workdir, dataset, config.data.train_split,
+                                  args.teacher_step)
+        provenance = {"checkpoint_step": cache.header.get("teacher_step"),
+                      "checkpoint_digest": cache.header.get("teacher_digest")}
         keys += ["kd_logits", "kd_indices"]
     elif kd == "online":
+        selected = teacher_lib.select_finetuned(config, workdir, args.teacher_step)
         teacher, frozen, frozen_shardings = teacher_lib.load_finetuned(
-            config, workdir, vocab, mesh, dtype)
+            config, workdir, vocab, mesh, dtype, selected)
+        provenance = {"checkpoint_step": selected.step, "checkpoint_digest": selected.digest}
 
         def online_teacher(batch, teacher_params):
             return teacher_lib.stride_topk(teacher, teacher_params, batch["src"], batch["tgt_out"],
@@ -141,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                "teacher": None if kd == "none" else {
                    "checkpoint": config.teacher.checkpoint, "init": config.teacher.init,
                    "steps": config.teacher.steps, "top_k": config.distill.top_k,
-                   "alpha": config.distill.alpha},
+                   "alpha": config.distill.alpha, **provenance},
                "splits": {}}
     for split in (config.data.valid_split, *config.data.test_splits):
         scores, hypotheses = score_split(model, final_params, vocab, dataset, split,

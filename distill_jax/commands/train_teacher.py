@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import jax
 
-from distill_jax import runner, sharding, train
+from distill_jax import runlock, runner, sharding, train
 from distill_jax.commands import common
 from distill_jax.data.prepared import open_prepared
 from distill_jax.teacher import (abstract_init, build_teacher, checkpointer, teacher_optimizer,
@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     config = common.load_experiment(args)
     workdir = common.workdir(args)
     out = workdir / "teacher"
+    runlock.acquire(out, "train-teacher")  # one writer per run directory
     runner.check_or_save_config(config.teacher, out / "config.json", what="train-teacher")
     dataset = open_prepared(runner.prepared_dir(config, workdir))
     dtype = runner.compute_dtype(config)
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         state = state.replace(params=sharding.place_tree(teacher.pretrained_params,
                                                          shardings.params))
 
-    keys = ("src", "tgt_out", "mlm_mask")
+    keys = ("src", "tgt_out", "mlm_mask", "mlm_positions")
     batch_shardings = {k: sharding.batch_sharding(mesh) for k in keys}
     loss_fn = train.cmlm_loss_fn(teacher.model, teacher.teacher_ids, cls_id=teacher.cls_id,
                                  mask_id=teacher.mask_id)

@@ -1,0 +1,181 @@
+"""runner.train_loop and its resume, with a fake step and an in-memory checkpointer (fast):
+a non-finite loss, gradient norm or state stops the run naming the step and saves nothing
+of it (issue #34 item 4); the first training-log record after a resume equals an
+uninterrupted run's (item 8); a run that never saved a step takes a new config (item 6)."""
+
+import copy
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill_jax import runner, train
+from distill_jax.errors import UserError
+
+WALL_CLOCK = ("time", "target_tokens_per_s")  # the only fields allowed to differ
+
+
+class Batches:
+    """Batch ``i`` is ``{"x": value(i), "tgt_out": ...}``; its position is its state."""
+
+    def __init__(self, value=lambda i: 1.0 + (i % 7) / 3):
+        self.position, self.value = 0, value
+
+    def __next__(self):
+        i = self.position
+        self.position += 1
+        return {"x": np.float32(self.value(i)), "tgt_out": np.ones((2, 1 + i % 3), np.int32)}
+
+    def get_state(self):
+        return {"position": self.position}
+
+    def set_state(self, state):
+        self.position = state["position"]
+
+
+class Checkpoints:
+    """In memory; ``extra`` goes through JSON as Orbax's JsonSave does."""
+
+    def __init__(self):
+        self.saved = {}
+
+    def save(self, step, state, *, extra=None, metrics=None, force=False):
+        self.saved[step] = (jax.device_get(state), json.loads(json.dumps(extra)))
+
+    def latest_step(self):
+        return max(self.saved) if self.saved else None
+
+    def restore(self, step, abstract):
+        state, extra = self.saved[step]
+        return jax.tree.map(jnp.asarray, state), copy.deepcopy(extra)
+
+    def wait(self):
+        pass
+
+
+def step_fn(state, batch, rng):
+    """A toy update: w <- w * 0.9 + x; loss = x * w (summed over 3 tokens)."""
+    x = jnp.asarray(batch["x"])
+    w = state.params["w"] * 0.9 + x
+    loss = x * w
+    return (state.replace(step=state.step + 1, params={"w": w}),
+            {"loss": (3 * loss, jnp.float32(3)), "grad_norm": (jnp.abs(w), jnp.float32(1))})
+
+
+def fresh_state():
+    return train.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros(())},
+                            opt_state=())
+
+
+def run(directory, checkpoints, total, batches=None, stop_after=None, step=step_fn):
+    """train_loop from the latest checkpoint; ``stop_after`` kills it (an exception)
+    once that many batches were drawn."""
+    log = runner.MetricsLog(directory)
+    batches = batches or Batches()
+    state = fresh_state()
+    state = runner.resume(checkpoints, state, jax.tree.map(lambda x: x.sharding, state),
+                          batches, log)
+
+    class Killed(Exception):
+        pass
+
+    def draw():
+        while True:
+            if stop_after is not None and batches.position >= stop_after:
+                raise Killed()
+            yield next(batches)
+
+    try:
+        return runner.train_loop(
+            state=state, train_step=step, batches=draw(), to_device=lambda b: b,
+            total_steps=total, rng=jax.random.PRNGKey(0), checkpoints=checkpoints,
+            data_state=batches.get_state, log=log, evaluate=None, eval_every=10 ** 6,
+            save_every=4, desc="test", no_progress=True, log_every=10)
+    except Killed:
+        return None
+
+
+def records(directory):
+    lines = (directory / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK} for line in lines]
+
+
+@pytest.mark.parametrize("killed_after", [13, 15, 19])
+def test_first_record_after_a_resume_equals_an_uninterrupted_runs(tmp_path, killed_after):
+    straight = tmp_path / "straight"
+    run(straight, Checkpoints(), total=25)
+    resumed, checkpoints = tmp_path / "resumed", Checkpoints()
+    run(resumed, checkpoints, total=25, stop_after=killed_after)  # killed mid-window
+    assert checkpoints.latest_step() % 10 != 0  # the resume point is inside a log window
+    run(resumed, checkpoints, total=25)
+    assert [r["step"] for r in records(straight)] == [10, 20, 25]
+    assert records(resumed) == records(straight)  # byte-equal values, wall clock aside
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    assert set(json.loads(lines[0])) - set(records(straight)[0]) == set(WALL_CLOCK)
+
+
+def test_resume_from_a_checkpoint_without_its_log_window_marks_the_record_partial(tmp_path):
+    checkpoints = Checkpoints()
+    run(tmp_path, checkpoints, total=25, stop_after=14)
+    for step, (state, extra) in checkpoints.saved.items():  # as written before #34
+        extra.pop("log_window")
+    run(tmp_path, checkpoints, total=25)
+    marked = [r for r in records(tmp_path) if r.get("partial")]
+    assert [r["step"] for r in marked] == [20]
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+    checkpoints = Checkpoints()
+    run(tmp_path, checkpoints, total=25, stop_after=3)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2, "split": "train", "loss": 1}\n')
+    run(tmp_path, checkpoints, total=25)
+    assert [r["step"] for r in records(tmp_path)] == [10, 20, 25]
+
+
+def poisoned(at, *, loss=True):
+    """``step_fn`` whose step ``at`` has a NaN loss (or, with ``loss=False``, a finite loss
+    and gradient norm but a NaN parameter)."""
+    def step(state, batch, rng):
+        new, metrics = step_fn(state, batch, rng)
+        bad = int(new.step) == at
+        if bad and loss:
+            metrics["loss"] = (jnp.float32(np.nan), metrics["loss"][1])
+        elif bad:
+            new = new.replace(params={"w": jnp.float32(np.nan)})
+        return new, metrics
+    return step
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    checkpoints = Checkpoints()
+    with pytest.raises(UserError) as info:
+        run(tmp_path, checkpoints, total=25, step=poisoned(7))
+    message = str(info.value)
+    assert "step 7: the training loss is nan" in message and "not finite" in message
+    assert "the last good checkpoint, step 4, is kept" in message
+    assert sorted(checkpoints.saved) == [4]
+    assert np.isfinite(checkpoints.saved[4][0].params["w"])
+
+
+def test_a_non_finite_state_is_never_checkpointed(tmp_path):
+    checkpoints = Checkpoints()
+    with pytest.raises(UserError, match="step 8: the parameters or optimizer state hold"):
+        run(tmp_path, checkpoints, total=25, step=poisoned(8, loss=False))
+    assert sorted(checkpoints.saved) == [4]
+
+
+def test_a_failed_start_does_not_bind_the_run_to_its_config(tmp_path):
+    """check_or_save_config: a run with no saved step takes the new config; one with a
+    saved step refuses it (item 6)."""
+    from distill_jax.experiment import TeacherConfig
+
+    path = tmp_path / "teacher" / "config.json"
+    runner.check_or_save_config(TeacherConfig(checkpoint="/missing"), path, what="train-teacher")
+    runner.check_or_save_config(TeacherConfig(checkpoint="/right"), path, what="train-teacher")
+    assert json.loads(path.read_text())["checkpoint"] == "/right"
+    (tmp_path / "teacher" / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    with pytest.raises(UserError, match="changed fields: checkpoint: '/right' -> '/other'"):
+        runner.check_or_save_config(TeacherConfig(checkpoint="/other"), path,
+                                    what="train-teacher")
