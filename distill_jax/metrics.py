@@ -18,6 +18,10 @@ vocabulary. The two BLEUs are different numbers: always say which one a figure i
 
 ROUGE is Google's ``rouge-score`` (F-measure, Porter stemmer), the usual choice for
 Gigaword / CNN-DailyMail headline and summary generation.
+
+``detokenize_words`` turns the student's words (WordPiece pieces with their ``##``
+continuations glued: every punctuation mark a word of its own) into text as people write
+it; ``Vocabulary.decode`` and so ``generate`` and every scored hypothesis go through it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,22 @@ _INNER_HYPHEN = re.compile(r"(?<=\w) - (?=\w)")
 _DOUBLE_DASH = re.compile(r"(?<!\S)- -(?!\S)")
 _THOUSANDS = re.compile(r"(?<=\d) , (?=\d{3}\b)")
 _DECIMAL = re.compile(r"(?<=\d) \. (?=\d)")
+# More that detokenize_words glues (the text it writes is Moses-tokenized the same way).
+_TRUNCATED = re.compile(  # "sport- und", "gitarre-, banjo-" (not "black - and - white")
+    r"(?<=\w) - (?=(?:and|or|und|oder|bis|sowie) (?!-)|[,;])")
+_LEADING_HYPHEN = re.compile(r"(?<!- )(?<!\S)(and|or|und|oder) - (?=\w)")  # "und -handschuhe"
+_QUOTE_HYPHEN = re.compile(r"(?<=“) - (?=\w)")                  # German „open“-anzeige
+_CURLY_CLITIC = re.compile(r" ([’‘]) (s|t|re|ve|ll|d|m)\b", re.IGNORECASE)  # "joe‘s"
+_LETTER_AMP = re.compile(r"(?<![^\s-])(\w) & (\w)(?![^\s-])")             # "a&m", "q&a"
+_ENTITY = re.compile(r"(?<!\S)& (amp|lt|gt|quot|apos|#\d+) ;(?!\S)")  # "&amp;" split up
+_HASH_NUMBER = re.compile(r"(?<!\S)# (?=\d)")                           # "#8"
+_CLOCK = re.compile(r"(?<=\d) : (?=\d\d\b)")                           # "10:30"
+_SLASH = re.compile(r"(?<=\w) / (?=\w)")                                # "and/or", "24/7"
+_ACRONYM = re.compile(r"(?<!\S)\w \.(?: \w \.)+(?!\S)")                # "u.s.", "e.g."
+_DOMAIN = re.compile(r"(?<=\w) \. (?=(?:com|org|net|edu|gov)\b)")        # "example.com"
+# Placeholders for single quotes whose side detokenize_words decided (private-use chars).
+_QUOTE_OPEN, _QUOTE_CLOSE, _QUOTE_INNER = "\ue000", "\ue001", "\ue002"
+_WORD = re.compile(r"\w+")
 
 
 def _check_lengths(hypotheses: Sequence[str], references: Sequence[str]) -> None:
@@ -87,13 +107,79 @@ def moses_tokens(text: str, lang: str = "en", *, rejoin: bool = False) -> str:
     The rejoin rules are the same for every language."""
     tokenizer, _ = _moses(lang)
     tokens = tokenizer.tokenize(html.unescape(text), escape=False, return_str=True)
-    if rejoin:
-        tokens = _CLITIC.sub(r" '\1", tokens)
-        tokens = _INNER_HYPHEN.sub("-", tokens)
-        tokens = _DOUBLE_DASH.sub("--", tokens)
-        tokens = _THOUSANDS.sub(",", tokens)
-        tokens = _DECIMAL.sub(".", tokens)
-    return tokens
+    return _rejoin(tokens) if rejoin else tokens
+
+
+def _rejoin(tokens: str) -> str:
+    """``moses_tokens``' rejoin rules on space-separated tokens."""
+    tokens = _CLITIC.sub(r" '\1", tokens)
+    tokens = _INNER_HYPHEN.sub("-", tokens)
+    tokens = _DOUBLE_DASH.sub("--", tokens)
+    tokens = _THOUSANDS.sub(",", tokens)
+    return _DECIMAL.sub(".", tokens)
+
+
+def _single_quotes(tokens: list[str]) -> list[str]:
+    """Decides which side each lone ``'`` attaches to, marking it with a placeholder.
+
+    A quote closes an open one; after a plural word (``girls '``) it is a possessive and
+    attaches left, unless a later quote can close it (one after a word not ending in s:
+    ``says ' free dinner '``); otherwise it opens when a later quote follows; a last lone
+    one is in-word after a single letter (``d ' oeuvres``, ``o ' clock``), opens at the
+    start, else attaches left (``adult '``, ``4 '``)."""
+    def plural(i: int) -> bool:
+        return i >= 0 and bool(_WORD.fullmatch(tokens[i])) and tokens[i][-1] in "sS"
+
+    quotes = [i for i, t in enumerate(tokens) if t == "'"]
+    out = list(tokens)
+    is_open = False
+    for k, i in enumerate(quotes):
+        later = quotes[k + 1:]
+        if is_open:
+            out[i], is_open = _QUOTE_CLOSE, False
+        elif plural(i - 1) and not any(not plural(j - 1) for j in later):
+            out[i] = _QUOTE_CLOSE
+        elif later:
+            out[i], is_open = _QUOTE_OPEN, True
+        elif (i > 0 and i + 1 < len(tokens) and len(tokens[i - 1]) == 1
+              and tokens[i - 1].isalpha() and _WORD.fullmatch(tokens[i + 1])):
+            out[i] = _QUOTE_INNER
+        else:
+            out[i] = _QUOTE_OPEN if i == 0 else _QUOTE_CLOSE
+    return out
+
+
+def detokenize_words(words: Sequence[str], lang: str = "en") -> str:
+    """Plain text from words split as BERT's pre-tokenizer splits them (every punctuation
+    mark alone: ``dog ' s``, ``red - painted``, ``" tenho em mim "``), as people write it:
+    ``dog's``, ``red-painted``, ``"tenho em mim"``.
+
+    The tokens Moses keeps whole are glued back first (``moses_tokens``' rejoin rules:
+    clitics, intra-word hyphens, ``--``, ``1,000``, ``2.5``; and ``#8``, ``10:30``,
+    ``and/or``, ``u.s.``, ``example.com``, ``a&m``, ``joe’s``, German ``sport- und``,
+    ``und -handschuhe``, ``„open“-schild``; ``&amp;`` -> ``&``), lone single
+    quotes are paired or attached (``_single_quotes``), then the Moses detokenizer
+    (``detokenizer.perl -l LANG``) attaches punctuation, brackets and double quotes. The
+    words' spacing is lost in WordPiece, so the rules pick the usual form: ``a - b``
+    between words becomes ``a-b``."""
+    text = " ".join(words)
+    text = _ENTITY.sub(lambda m: html.unescape(f"&{m.group(1)};"), text)
+    text = _TRUNCATED.sub("- ", text)
+    text = _LEADING_HYPHEN.sub(r"\1 -", text)
+    text = _CURLY_CLITIC.sub(r"\1\2", text)
+    text = _rejoin(text)
+    text = _LETTER_AMP.sub(r"\1&\2", text)
+    text = _HASH_NUMBER.sub("#", text)
+    text = _CLOCK.sub(":", text)
+    text = _SLASH.sub("/", text)
+    text = _ACRONYM.sub(lambda m: m.group(0).replace(" ", ""), text)
+    text = _DOMAIN.sub(".", text)
+    _, detokenizer = _moses(lang)
+    text = detokenizer.detokenize(_single_quotes(text.split()), unescape=False)
+    text = re.sub(f"{_QUOTE_OPEN} ?", "'", text)
+    text = re.sub(f" ?{_QUOTE_CLOSE}", "'", text)
+    text = re.sub(f" ?{_QUOTE_INNER} ?", "'", text)
+    return _QUOTE_HYPHEN.sub("-", text)
 
 
 def moses_detokenize(text: str, lang: str = "en") -> str:

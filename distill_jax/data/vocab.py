@@ -18,7 +18,6 @@ import collections
 import hashlib
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +31,6 @@ PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 FILLER = "<fill_{}>"
 VOCAB_FORMAT = "distill-jax-vocab/1"
-# The teacher tokenizer's clean-up of decoded text: no space before these marks.
-_SPACE_BEFORE_PUNCT = re.compile(r" ([.?!,])")
-
-
 
 class TeacherTokenizer:
     """The teacher's WordPiece tokenizer, splitting text into pieces without specials.
@@ -100,15 +95,23 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def detokenize(pieces: Iterable[str]) -> str:
-    """Joins WordPiece pieces into text: ``##`` continuations glued, no space before . ? ! ,"""
+def join_pieces(pieces: Iterable[str]) -> list[str]:
+    """WordPiece pieces -> words: ``##`` continuations glued to the piece before them."""
     words: list[str] = []
     for piece in pieces:
         if piece.startswith("##") and words:
             words[-1] += piece[2:]
         else:
             words.append(piece)
-    return _SPACE_BEFORE_PUNCT.sub(r"\1", " ".join(words))
+    return words
+
+
+def detokenize(pieces: Iterable[str]) -> str:
+    """Text of WordPiece pieces as people write it: ``join_pieces``, then
+    ``metrics.detokenize_words`` (clitics, intra-word hyphens, punctuation, brackets and
+    quotes attached: ``dog's``, ``red-painted``, ``sign: "tenho em mim"``)."""
+    from distill_jax.metrics import detokenize_words
+    return detokenize_words(join_pieces(pieces))
 
 
 @dataclass
@@ -206,7 +209,9 @@ class Vocabulary:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of student ids: stops at the first ``</s>``, drops ``<pad>``, ``<s>`` and
-        fillers, joins ``##`` continuations. ``<unk>`` stays visible as ``<unk>``."""
+        fillers, then ``detokenize`` (``##`` continuations joined, the words written as
+        text: ``dog's``, ``red-painted``). ``<unk>`` stays visible as ``<unk>``. Only the
+        rendering is text-level: ``encode(decode(ids))`` need not give ``ids`` back."""
         pieces = []
         for i in ids:
             i = int(i)
