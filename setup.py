@@ -37,7 +37,12 @@ setup(
         # (tensorstore, for checkpoint arrays and the soft-target cache, needs nothing more).
         "gcs": ["gcsfs"],
         # The gs:// tests run against a local emulator (tests/gcs_emulator.py).
-        "test": ["pytest>=7", "torch", "matplotlib", "gcsfs", "gcp-storage-emulator"],
+        "test": ["pytest>=7", "torch", "matplotlib", "gcsfs", "gcp-storage-emulator",
+                 "ctranslate2"],
+        # `distill-jax export --ctranslate2` / `--format ctranslate2` (docs/export.md)
+        "export": ["ctranslate2"],
+        # Serving an export: transformers with torch, or CTranslate2.
+        "serve": ["torch", "ctranslate2"],
         "plots": ["matplotlib"],
         # Upstream TFDS datasets (wmt14_translate, cnn_dailymail) need TensorFlow to build.
         "tf": ["tensorflow"],

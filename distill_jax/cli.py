@@ -30,7 +30,7 @@ SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
     ("evaluate", "distill_jax.commands.evaluate",
      "score generated text against references: sacreBLEU, ROUGE-1/2/L"),
     ("export", "distill_jax.commands.export",
-     "export a trained student as a Hugging Face transformers FSMT checkpoint"),
+     "export a trained student to transformers (Marian, M2M100) and CTranslate2"),
 )
 
 
