@@ -27,7 +27,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distill_jax import losses
-from distill_jax.data.cmlm import build_cmlm_inputs
+from distill_jax.data.cmlm import build_cmlm_inputs, masked_positions
 from distill_jax.sharding import BATCH_AXES, LOGICAL_AXIS_RULES, Rules, logical_context
 
 Batch = Mapping[str, jax.Array]
@@ -225,33 +225,69 @@ def _require(batch: Batch, keys: tuple[str, ...], what: str) -> None:
         raise KeyError(f"{what} needs batch keys {missing}; the batch has {sorted(batch)}")
 
 
+# Where the C-MLM objective runs the teacher's output layer (see ``cmlm_loss_fn``).
+CMLM_HEAD_POSITIONS = ("masked", "all")
+
+
 def cmlm_loss_fn(
-    teacher_model: nn.Module, teacher_ids: Any, *, cls_id: int, mask_id: int
+    teacher_model: nn.Module, teacher_ids: Any, *, cls_id: int, mask_id: int,
+    head_positions: str = "masked",
 ) -> LossFn:
-    """The teacher's C-MLM objective on a student batch (``src``, ``tgt_out``, ``mlm_mask``).
+    """The teacher's C-MLM objective on a student batch (``src``, ``tgt_out``, ``mlm_mask``,
+    optionally ``mlm_positions``).
 
     Builds ``[CLS] src [SEP] tgt [SEP]`` teacher inputs with the masked target positions
     replaced by ``[MASK]`` (``data.cmlm.build_cmlm_inputs``) and sums the cross-entropy
     of the C-MLM head (over the student vocabulary) on masked, non-pad target positions.
     Metrics: ``loss``, ``xe``, ``nll``, ``accuracy`` (counts = masked tokens).
+
+    ``head_positions`` says where the output layer (hidden -> student vocabulary, the
+    largest product of the step after the encoder) runs:
+
+    * ``"masked"``: only at the masked target positions. The pipeline's batches carry them
+      as ``mlm_positions`` (``[b, M]``, ``M = data.cmlm.masked_capacity(T, rate)``, about a
+      third of ``T`` at rate 0.15); without that key they are derived from ``mlm_mask``
+      with ``M = T``. Each row's final hidden states are gathered at those positions
+      (``take_along_axis`` along the length, so every row stays on its device).
+    * ``"all"``: on every position of the input, source included, then the target part is
+      sliced off: the plain form, kept as the reference that tests compare against.
+
+    Both give the same loss and gradients up to float32 rounding.
     """
+    if head_positions not in CMLM_HEAD_POSITIONS:
+        raise ValueError(f"head_positions must be one of {CMLM_HEAD_POSITIONS}, "
+                         f"got {head_positions!r}")
     teacher_ids = np.asarray(teacher_ids, np.int32)
+    head = lambda module, hidden: module.cmlm_head(hidden)  # noqa: E731
 
     def loss_fn(params, batch, rng):
         _require(batch, ("src", "tgt_out", "mlm_mask"), "the C-MLM teacher loss")
         inputs = build_cmlm_inputs(batch["src"], batch["tgt_out"], jnp.asarray(teacher_ids),
                                    batch["mlm_mask"], cls_id=cls_id, mask_id=mask_id)
         deterministic, rngs = _dropout(rng)
-        # The head runs on every position and the target part is sliced from its output.
-        # Slicing the hidden states before the head instead gave wrong gradients on a
-        # (2,2,2) mesh with XLA's CPU SPMD partitioner (jax 0.10.2); see the tests.
-        logits = teacher_model.apply(
-            {"params": params}, inputs["input_ids"], inputs["token_type_ids"],
-            inputs["attention_mask"], inputs["position_ids"], deterministic=deterministic,
-            method="cmlm_logits", rngs=rngs)  # [b, 1+S+T, student vocab]
-        logits = logits[:, 1 + batch["src"].shape[1]:]  # [b, T, student vocab]
-        return losses.combined_loss(logits, inputs["labels"], inputs["label_weights"],
-                                    label_smoothing=0.0)
+        args = (inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"],
+                inputs["position_ids"])
+        start = 1 + batch["src"].shape[1]  # the first target position of the input
+        if head_positions == "all":
+            logits = teacher_model.apply(
+                {"params": params}, *args, deterministic=deterministic,
+                method="cmlm_logits", rngs=rngs)  # [b, 1+S+T, student vocab]
+            return losses.combined_loss(logits[:, start:], inputs["labels"],
+                                        inputs["label_weights"], label_smoothing=0.0)
+        positions = batch.get("mlm_positions")  # [b, M] target positions, -1 = none
+        if positions is None:
+            positions = masked_positions(inputs["label_weights"] > 0,
+                                         inputs["labels"].shape[1])  # [b, T]
+        hidden = teacher_model.apply({"params": params}, *args, deterministic=deterministic,
+                                     rngs=rngs)  # [b, 1+S+T, H]
+        picked = jnp.maximum(positions, 0)  # [b, M]
+        hidden = jnp.take_along_axis(hidden, (start + picked)[:, :, None], axis=1)  # [b, M, H]
+        logits = teacher_model.apply({"params": params}, hidden, method=head)  # [b, M, V]
+        labels = jnp.take_along_axis(inputs["labels"], picked, axis=1)  # [b, M]
+        weights = jnp.where(positions >= 0,
+                            jnp.take_along_axis(inputs["label_weights"], picked, axis=1),
+                            0.0)  # [b, M]
+        return losses.combined_loss(logits, labels, weights, label_smoothing=0.0)
 
     return loss_fn
 

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax.data.cmlm import build_cmlm_inputs, random_target_mask, stride_masks
+from distill_jax.data.cmlm import (build_cmlm_inputs, masked_capacity, masked_positions,
+                                   random_target_mask, stride_masks)
 
 CLS, MASK = 101, 103
 
@@ -118,3 +119,29 @@ def test_bad_arguments_raise():
         random_target_mask(0, 0, 0)
     with pytest.raises(ValueError, match="rate"):
         random_target_mask(5, 0, 0, rate=0.0)
+
+
+@pytest.mark.parametrize("rate", [0.15, 0.3])
+def test_masks_stay_within_capacity(rate):
+    """Every drawn mask fits ``masked_capacity`` (the width the teacher's output layer runs
+    on), the capacity never decreases with the length, and it truncates only the tail: the
+    masking rate stays the configured one."""
+    capacities = [masked_capacity(n, rate) for n in range(1, 129)]
+    assert capacities == sorted(capacities) and capacities[0] == 1
+    assert all(c <= n for n, c in zip(range(1, 129), capacities))
+    for n in (1, 2, 5, 16, 40):
+        counts = np.array([random_target_mask(n, 0, i, rate).sum() for i in range(1500)])
+        assert counts.min() >= 1 and counts.max() <= masked_capacity(n, rate)
+    masks = np.stack([random_target_mask(40, 1, i, rate) for i in range(3000)])
+    assert abs(masks.mean() - rate) < 0.01
+
+
+def test_masked_positions_numpy_and_jax():
+    mask = np.array([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], bool)
+    expected = [[1, 3, 4, -1], [-1, -1, -1, -1], [0, -1, -1, -1]]
+    np.testing.assert_array_equal(masked_positions(mask, 4), expected)
+    np.testing.assert_array_equal(np.asarray(jax.jit(
+        lambda m: masked_positions(m, 4))(jnp.asarray(mask))), expected)
+    np.testing.assert_array_equal(masked_positions(mask, 7)[:, 4:], -1)
+    with pytest.raises(ValueError, match="capacity 2"):
+        masked_positions(mask, 2)

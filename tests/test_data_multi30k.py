@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from distill_jax.cli import main
+from distill_jax.data.cmlm import masked_capacity, masked_positions
 from distill_jax.data.pipeline import BatchPipeline, PipelineConfig, to_global_arrays
 from distill_jax.data.prepared import open_prepared
 from distill_jax.data.vocab import BOS, EOS, UNK, TeacherTokenizer, detokenize
@@ -168,6 +169,12 @@ def test_batches_hold_every_record_once_and_are_well_formed(prepared):
         mask = batch["mlm_mask"]
         assert not (mask & (batch["tgt_out"] == 0)).any()
         assert mask[rows >= 0].any(axis=1).all()
+        # ... and their positions, the width the teacher's output layer runs on.
+        assert batch["mlm_positions"].shape == (
+            len(rows), masked_capacity(batch["tgt_out"].shape[1], 0.15))
+        np.testing.assert_array_equal(
+            batch["mlm_positions"],
+            masked_positions(mask, batch["mlm_positions"].shape[1]))
     assert sorted(seen) == list(range(29000))
 
 

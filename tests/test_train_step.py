@@ -59,7 +59,8 @@ def teacher_setup():
 
     optimizer = optim.make_optimizer(optim.OptimizerConfig.teacher(
         total_steps=10, warmup_fraction=0.0, learning_rate=1e-3))
-    return loss_fn, init_params, optimizer
+    # The pipeline's batches: the mask and its positions (the output layer runs there only).
+    return loss_fn, init_params, optimizer, lambda seed: cmlm_batch(seed, with_positions=True)
 
 
 def student_setup():
@@ -80,18 +81,20 @@ def student_setup():
 
 
 def run_steps(setup, mesh, *, steps=2, accum_steps=1, compute_dtype=jnp.float32):
-    """Trains ``steps`` steps on ``mesh``; returns (losses, grad norms, params as numpy)."""
-    loss_fn, init_params, optimizer = setup
+    """Trains ``steps`` steps on ``mesh``; returns (losses, grad norms, params as numpy).
+    ``setup`` is (loss_fn, init_params, optimizer[, batch of a seed])."""
+    loss_fn, init_params, optimizer = setup[:3]
     state, state_shardings = sharding.create_sharded_state(
         lambda: train.TrainState.create(init_params(), optimizer), mesh)
-    first = student_batch(0)
+    batch_of = setup[3] if len(setup) > 3 else student_batch
+    first = batch_of(0)
     step = train.make_train_step(
         loss_fn, optimizer, mesh, state_shardings, sharding.batch_shardings(first, mesh),
         accum_steps=accum_steps, compute_dtype=compute_dtype)
     rng = jax.random.PRNGKey(42)
     losses, grad_norms = [], []
     for i in range(steps):
-        state, metrics = step(state, sharding.shard_batch(student_batch(i), mesh), rng)
+        state, metrics = step(state, sharding.shard_batch(batch_of(i), mesh), rng)
         losses.append(float(metrics["loss"][0]) / float(metrics["loss"][1]))
         grad_norms.append(float(metrics["grad_norm"][0]))
     assert int(state.step) == steps
@@ -334,3 +337,55 @@ def test_grad_clipping():
     updates, _ = tx.update(grads, tx.init(params), params)
     # b1 = b2 = 0: update = -g / (|g| + eps) with g the clipped gradient 0.5 per entry
     np.testing.assert_allclose(updates["w"], -0.5 / (0.5 + 1e3), rtol=1e-5)
+
+
+def cmlm_batch(seed: int, *, with_positions: bool) -> dict:
+    """``student_batch`` with its mask as the pipeline gives it, optionally with
+    ``mlm_positions`` at a capacity above the largest masked count of a row."""
+    from distill_jax.data.cmlm import masked_positions
+
+    batch = {k: v for k, v in student_batch(seed).items() if k in ("src", "tgt_out", "mlm_mask")}
+    if with_positions:
+        mask = batch["mlm_mask"].astype(bool) & (batch["tgt_out"] != 0)
+        batch["mlm_positions"] = masked_positions(mask, int(mask.sum(axis=1).max()) + 1)
+    return batch
+
+
+@pytest.mark.parametrize("with_positions", [True, False])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_cmlm_masked_head_equals_all_positions(with_positions, dropout):
+    """The output layer on the masked positions only: the same loss, metrics and gradients
+    as running it on every position and slicing the target (the reference form), with
+    and without dropout, with the pipeline's ``mlm_positions`` and without them."""
+    cfg = BertConfig(vocab_size=VOCAB + 8, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
+                     cmlm_vocab_size=VOCAB)
+    model = BertModel(cfg)
+    teacher_ids = np.arange(VOCAB, dtype=np.int32) + 5
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32),
+                                 method="cmlm_logits")["params"])
+    batch = {k: jnp.asarray(v) for k, v in cmlm_batch(3, with_positions=with_positions).items()}
+    rng = jax.random.PRNGKey(7) if dropout else None
+    results = {}
+    for head in train.CMLM_HEAD_POSITIONS:
+        loss_fn = train.cmlm_loss_fn(model, teacher_ids, cls_id=1, mask_id=2, head_positions=head)
+        results[head] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, rng)
+    (loss, metrics), grads = results["masked"]
+    (ref_loss, ref_metrics), ref_grads = results["all"]
+    assert float(ref_loss) > 0
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    assert sorted(metrics) == sorted(ref_metrics)
+    for name in ref_metrics:
+        np.testing.assert_allclose(np.asarray(metrics[name]), np.asarray(ref_metrics[name]),
+                                   rtol=1e-6, err_msg=name)
+    masked = int(np.sum(np.asarray(batch["mlm_mask"]).astype(bool)
+                        & (np.asarray(batch["tgt_out"]) != 0)))
+    assert float(metrics["loss"][1]) == masked
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_cmlm_head_positions_is_checked():
+    with pytest.raises(ValueError, match="head_positions"):
+        train.cmlm_loss_fn(None, np.arange(4), cls_id=1, mask_id=2, head_positions="target")

@@ -8,6 +8,8 @@ so it works inside a jitted step.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,13 +73,28 @@ def build_cmlm_inputs(src, tgt_out, teacher_ids, mlm_mask, *, cls_id: int, mask_
     }
 
 
+def masked_capacity(tgt_len: int, rate: float) -> int:
+    """The most positions a C-MLM training mask of ``tgt_len`` target positions may mask.
+
+    The mean plus three standard deviations of the binomial count, plus one, capped at
+    ``tgt_len``: ``random_target_mask`` redraws the rare mask that masks more (about one
+    in 700 at rate 0.15-0.3), so the teacher's output layer runs on a fixed number of
+    positions per row (``masked_positions``, ``train.cmlm_loss_fn``). Non-decreasing in
+    ``tgt_len``, so a batch padded to ``T`` holds at most ``masked_capacity(T, rate)``
+    masked positions in any row.
+    """
+    spread = 3.0 * math.sqrt(tgt_len * rate * (1.0 - rate))
+    return min(tgt_len, math.ceil(rate * tgt_len + spread) + 1)
+
+
 def random_target_mask(tgt_len: int, seed: int, example_index: int,
                        rate: float = DEFAULT_MASK_RATE) -> np.ndarray:
     """C-MLM training mask for one target of ``tgt_len`` positions (EOS slot included).
 
     Each position is masked with probability ``rate``; the draw is repeated until at
-    least one position is masked. The mask depends only on ``(seed, example_index)``, so
-    any host computes the same mask for the same example.
+    least one position and at most ``masked_capacity(tgt_len, rate)`` are masked. The
+    mask depends only on ``(seed, example_index)``, so any host computes the same mask
+    for the same example.
 
     Returns:
       ``[tgt_len]`` bool.
@@ -89,11 +106,40 @@ def random_target_mask(tgt_len: int, seed: int, example_index: int,
     if seed < 0 or example_index < 0:
         raise ValueError(f"random_target_mask: seed ({seed}) and example_index "
                          f"({example_index}) must be >= 0")
+    most = masked_capacity(tgt_len, rate)
     rng = np.random.default_rng([int(seed), int(example_index)])
     while True:
         mask = rng.random(tgt_len) < rate                        # [tgt_len]
-        if mask.any():
+        if 1 <= mask.sum() <= most:
             return mask
+
+
+def masked_positions(mask, capacity: int):
+    """The masked positions of each row, in order, padded with -1 to ``capacity``.
+
+    Args:
+      mask: ``[b, T]`` bool, e.g. ``mlm_mask & (tgt_out != 0)``.
+      capacity: static width of the result; numpy input with a row that masks more
+        raises ``ValueError``. On JAX arrays (inside ``jit``) the caller guarantees it,
+        e.g. with ``capacity = T``.
+
+    Returns:
+      ``[b, capacity]`` int32 target positions, -1 where a row has fewer. Uses numpy on
+      numpy input and ``jax.numpy`` on JAX arrays.
+    """
+    xp = _array_module(mask)
+    mask = xp.asarray(mask).astype(bool)                          # [b, T]
+    if xp is np and mask.shape[0] and int(mask.sum(axis=1).max()) > capacity:
+        raise ValueError(f"masked_positions: a row masks {int(mask.sum(axis=1).max())} "
+                         f"positions, more than the capacity {capacity}")
+    width = mask.shape[1]
+    # A stable sort of "not masked" puts each row's masked positions first, in order.
+    order = xp.argsort(~mask, axis=1, stable=True)[:, :capacity]  # [b, min(T, capacity)]
+    kept = xp.take_along_axis(mask, order, axis=1)                # [b, min(T, capacity)]
+    positions = xp.where(kept, order, -1).astype(xp.int32)
+    if capacity > width:
+        positions = xp.pad(positions, ((0, 0), (0, capacity - width)), constant_values=-1)
+    return positions                                              # [b, capacity]
 
 
 def stride_masks(tgt_len: int, stride: int = DEFAULT_STRIDE) -> np.ndarray:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distill_jax.errors import UserError
-from distill_jax.data.cmlm import random_target_mask
+from distill_jax.data.cmlm import masked_capacity, masked_positions, random_target_mask
 from distill_jax.data.vocab import BOS, EOS
 
 
@@ -191,7 +191,9 @@ class BatchPipeline:
 
     Each batch is a dict of numpy arrays with this host's rows of a global batch: ``src``,
     ``tgt_in``, ``tgt_out`` (int32), ``index`` (``[rows]`` int32 record index, -1 for filler
-    rows) and, with ``mlm_mask_rate``, ``mlm_mask`` (bool ``[rows, T]``).
+    rows) and, with ``mlm_mask_rate``, ``mlm_mask`` (bool ``[rows, T]``) and
+    ``mlm_positions`` (int32 ``[rows, masked_capacity(T, rate)]``: the masked positions of
+    each row, -1 padded; ``data.cmlm.masked_positions``).
     """
 
     def __init__(self, source, lengths: np.ndarray, config: PipelineConfig, *,
@@ -253,6 +255,8 @@ class BatchPipeline:
                     mask[row, :n] = random_target_mask(int(n), seed, int(i),
                                                        self.config.mlm_mask_rate)
             batch["mlm_mask"] = mask
+            batch["mlm_positions"] = masked_positions(
+                mask, masked_capacity(bucket.tgt_len, self.config.mlm_mask_rate))
         return batch
 
     def __iter__(self) -> "BatchIterator":
