@@ -12,6 +12,8 @@ straight onto another.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any, Mapping, Optional
 
 import jax
@@ -20,6 +22,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_preservation
 
 from distill_jax import storage
+from distill_jax.errors import UserError
 
 STATE = "state"
 EXTRA = "extra"
@@ -126,13 +129,58 @@ class Checkpointer:
                 out[step] = metrics
         return out
 
+    def step_directory(self, step: int):
+        """The folder of checkpoint ``step`` (Orbax names it by the step number)."""
+        return storage.path(self.cfg.directory) / str(step)
+
+    def fingerprint(self, step: int) -> str:
+        """A sha256 (hex) that identifies checkpoint ``step`` by what was recorded when it
+        was saved: the step, its validation metrics and its ``extra`` item (the data
+        position). Cheap (two small JSON files; the same on ``gs://``) and the same for a
+        run that was interrupted and resumed as for an uninterrupted one, because both are
+        (resume is exact); a checkpoint of another training run at the same step differs
+        in its validation metrics. It does not hash the parameter bytes."""
+        metrics = self._manager.metrics(step) if self.cfg.best_metric is not None else None
+        extra = self._guarded(step, lambda: self._manager.restore(
+            step, args=ocp.args.Composite(**{EXTRA: ocp.args.JsonRestore()}))[EXTRA])
+        payload = json.dumps({"step": int(step), "metrics": metrics or {},
+                              "extra": dict(extra or {})}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def _guarded(self, step: int, read):
+        """``read()``, with a damaged checkpoint (an emptied or cut JSON metadata file, a
+        missing or truncated array file) reported as a ``UserError`` naming its folder
+        (and the metadata file that does not parse)."""
+        try:
+            return read()
+        except Exception as err:  # noqa: BLE001 (only storage damage is translated below)
+            chain, cause = [], err
+            while cause is not None and len(chain) < 16:
+                chain.append(cause)
+                cause = cause.__cause__ or cause.__context__
+            folder = self.step_directory(step)
+            advice = ("; remove that step's folder to fall back on the checkpoint before it, or "
+                      "rerun from scratch")
+            if any(isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)) for e in chain):
+                bad = _unparsable_json(folder)
+                what = f"{', '.join(map(str, bad))} is not valid JSON" if bad else \
+                    "a metadata file is not valid JSON"
+                raise UserError(f"checkpoint {folder} is damaged: {what}{advice}") from None
+            damage = next((e for e in chain if isinstance(e, FileNotFoundError) or any(
+                code in str(e) for code in ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND"))), None)
+            if damage is None:
+                raise
+            raise UserError(f"checkpoint {folder} is damaged or incomplete: "
+                            f"{str(damage).splitlines()[0][:300]}{advice}") from None
+
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """``(state, extra)`` of ``step``, laid out as the shardings in ``abstract_state``."""
+        """``(state, extra)`` of ``step``, laid out as the shardings in ``abstract_state``.
+        A damaged checkpoint is refused with a ``UserError`` naming its folder."""
         args = ocp.args.Composite(**{
             STATE: ocp.args.StandardRestore(abstract_state),
             EXTRA: ocp.args.JsonRestore(),
         })
-        restored = self._manager.restore(step, args=args)
+        restored = self._guarded(step, lambda: self._manager.restore(step, args=args))
         return restored[STATE], dict(restored[EXTRA] or {})
 
     def restore_latest(self, abstract_state: Any) -> Optional[tuple[Any, dict]]:
@@ -154,6 +202,19 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _unparsable_json(folder) -> list:
+    """The JSON metadata files of a checkpoint step folder that do not parse."""
+    bad = []
+    for name in ("_CHECKPOINT_METADATA", "state/_METADATA", "extra/metadata", "metrics/metrics"):
+        file = storage.path(folder) / name
+        try:
+            if file.exists():
+                json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError):
+            bad.append(file)
+    return bad
 
 
 def average_checkpoints(directory: str, last_n: int, abstract_state: Any) -> Any:

@@ -27,13 +27,36 @@ def load_config_file(path: str) -> Any:
     spec = importlib.util.spec_from_file_location(
         f"distill_jax_config_{abs(hash(os.path.abspath(path)))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise UserError(f"config file {path} defines no get_config()")
-    config = module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise UserError(f"config file {path} defines no get_config()")
+        config = module.get_config()
+    except UserError:
+        raise
+    except SyntaxError as err:  # the file itself does not parse
+        file = path if not err.filename or os.path.abspath(err.filename) == \
+            os.path.abspath(path) else err.filename
+        where = f"{file}, line {err.lineno}" if err.lineno else file
+        raise UserError(f"config file {where}: syntax error: {err.msg}") from None
+    except Exception as err:  # noqa: BLE001 (running the file failed: an import, a name, ...)
+        raise UserError(f"config file {_failing_line(err, path)}: "
+                        f"{type(err).__name__}: {err}") from None
     if not dataclasses.is_dataclass(config):
         raise UserError(f"{path}: get_config() returned {type(config).__name__}, not a dataclass")
     return config
+
+
+def _failing_line(err: BaseException, path: str) -> str:
+    """"PATH, line N" of the last traceback frame inside the config file (``path`` alone
+    when none is)."""
+    import traceback
+    target = os.path.abspath(path)
+    line = None
+    for frame in traceback.extract_tb(err.__traceback__):
+        if os.path.abspath(frame.filename) == target:
+            line = frame.lineno
+    return path if line is None else f"{path}, line {line}"
 
 
 def _parse_bool(text: str) -> bool:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
+from distill_jax.errors import UserError
 from distill_jax.models.bert import BertConfig, BertModel
 
 Path = pathlib.Path
@@ -44,8 +45,21 @@ IGNORED_KEYS = (
 )
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded (content, format or shapes)."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint folder that cannot be loaded (content, format or shapes); a
+    ``UserError``: the CLI prints it and exits with status 2."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """A local checkpoint path that does not exist."""
+
+
+class CheckpointUnavailable(CheckpointError, OSError):
+    """A name that is no local folder and could not be fetched from the Hub."""
+
+
+# A Hugging Face Hub model id: "name" or "org/name" (letters, digits, "-", "_", ".").
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,28 +135,50 @@ def bert_key_table(config: BertConfig, *, mlm_transform: bool = False
 def _looks_like_local_path(name: str) -> bool:
     """True for names that can only be a local path (not ``org/model`` Hub ids)."""
     return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-            or (os.sep != "/" and os.sep in name))
+            or (os.sep != "/" and os.sep in name) or not _HUB_ID.fullmatch(name))
 
 
-def resolve_checkpoint(path_or_name, *, revision: Optional[str] = None) -> Path:
-    """A local folder as is; otherwise a Hub name, downloaded (config, safetensors and
-    tokenizer files only) into the Hugging Face cache."""
+def local_folder_or_hub_id(path_or_name) -> Optional[Path]:
+    """The checkpoint folder ``path_or_name`` names, or None when it is a Hub model id
+    (no such local path, and a valid id). A missing path that cannot be a Hub id (absolute,
+    ``./``, ``~``, two or more ``/``) is a :class:`CheckpointNotFound` saying that the path
+    does not exist; a file is refused too."""
     path = Path(os.path.expanduser(str(path_or_name)))
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; expected a checkpoint folder with config.json")
     if _looks_like_local_path(str(path_or_name)):
-        raise FileNotFoundError(f"no checkpoint folder at {path}")
+        parent = next((p for p in path.absolute().parents if p.exists()), None)
+        raise CheckpointNotFound(
+            f"no checkpoint folder at {path_or_name}: the path does not exist ("
+            f"{path.absolute()}" + (f"; the nearest existing folder is {parent})" if parent
+                                    else ")"))
+    return None
+
+
+def not_a_local_folder(path_or_name) -> str:
+    """The part of a message saying a Hub-like name is no local folder either."""
+    return (f"the path {path_or_name} does not exist (no folder "
+            f"{Path(str(path_or_name)).absolute()}), and as a Hugging Face Hub model id")
+
+
+def resolve_checkpoint(path_or_name, *, revision: Optional[str] = None) -> Path:
+    """A local folder as is; otherwise a Hub name, downloaded (config, safetensors and
+    tokenizer files only) into the Hugging Face cache."""
+    path = local_folder_or_hub_id(path_or_name)
+    if path is not None:
+        return path
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id=str(path_or_name), revision=revision,
                                       allow_patterns=list(HUB_PATTERNS)))
     except Exception as e:  # offline, unknown repo, network errors, bad revision
-        raise OSError(
-            f"{path_or_name!r} is not a local folder and could not be downloaded from the "
-            f"Hugging Face Hub (revision={revision!r}): {type(e).__name__}: {e}") from e
+        raise CheckpointUnavailable(
+            f"{path_or_name!r} is not a local folder: {not_a_local_folder(path_or_name)} it "
+            f"could not be downloaded from the Hugging Face Hub (revision={revision!r}): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -198,11 +234,27 @@ def _set(tree: dict, path: FlaxPath, value) -> None:
     tree[path[-1]] = value
 
 
+def _damaged_weights(file: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{file} is not a readable safetensors file ({type(err).__name__}: {err}); it may be "
+        "truncated or damaged: copy or download it again")
+
+
+def _open_weights(file: Path):
+    """``safe_open`` of one weight file; a truncated or foreign file is a CheckpointError
+    naming it."""
+    from safetensors import SafetensorError
+    try:
+        return safe_open(file, framework="numpy")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _damaged_weights(file, err) from None
+
+
 def _index_keys(files: list[Path]) -> dict[str, tuple[Path, str]]:
     """Key without the ``bert.`` prefix -> (file, key as stored), over all weight files."""
     sources: dict[str, tuple[Path, str]] = {}
     for file in files:
-        with safe_open(file, framework="numpy") as f:
+        with _open_weights(file) as f:
             for key in f.keys():
                 name = key[len("bert."):] if key.startswith("bert.") else key
                 if name in sources:
@@ -216,9 +268,10 @@ def _read_params(files: list[Path], sources: dict[str, tuple[Path, str]],
                  expected: dict[FlaxPath, tuple]) -> dict:
     """Reads every tensor of ``table`` (file by file), checks its shape against the one
     ``expected`` from the config and returns the nested float32 ``params`` dict."""
+    from safetensors import SafetensorError
     params: dict = {}
     for file in files:
-        with safe_open(file, framework="numpy") as f:
+        with _open_weights(file) as f:
             for hf_key, (flax_path, transform) in table.items():
                 source_file, key = sources[hf_key]
                 if source_file != file:
@@ -229,7 +282,10 @@ def _read_params(files: list[Path], sources: dict[str, tuple[Path, str]],
                     raise CheckpointError(
                         f"{file}: key {key!r} has shape {found}, expected {want} "
                         f"from config.json")
-                array = f.get_tensor(key).astype(np.float32)
+                try:
+                    array = f.get_tensor(key).astype(np.float32)
+                except (SafetensorError, OSError, ValueError) as err:
+                    raise _damaged_weights(file, err) from None
                 _set(params, flax_path, jnp.asarray(transform.to_flax(array, expected[flax_path])))
     return params
 

@@ -24,7 +24,16 @@ chunks fetched by byte range, so a batch costs the rows it needs, not whole chun
 Nothing looks finished until ``header.json`` exists: it is written by one process after
 every chunk of both arrays has been found in storage. ``open_cache`` refuses a directory
 without it, one whose chunks are missing (truncated or damaged), and one made for another
-teacher / vocabulary / dataset / split / K / stride than the run expects.
+teacher / vocabulary / dataset / split / K / stride than the run expects, or from another
+checkpoint of the fine-tuned teacher (its step and digest are part of the identity).
+
+Every inner chunk of both arrays carries a CRC32C checksum (the zarr ``crc32c`` codec,
+written with it, verified by tensorstore each time the inner chunk is decoded), and the
+shard index has its own. A reader also checks the values it reads: logits finite, indices
+inside the student vocabulary. A damaged chunk (flipped bits, cut short, NaN written over)
+is refused with a :class:`CacheError` naming the cache and the chunk. A cache held in
+memory is checked whole when it is opened (before any training step); a larger one as each
+batch's rows are read.
 """
 
 from __future__ import annotations
@@ -37,8 +46,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from distill_jax import storage
+from distill_jax.errors import UserError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: crc32c per inner chunk, teacher checkpoint and vocabulary size
 FORMAT = "distill-jax-soft-targets"
 DEFAULT_CHUNK_ROWS = 16384  # rows of one stored object (per array)
 INNER_ROWS = 64  # rows a reader fetches at least (one byte range)
@@ -48,20 +58,61 @@ _CACHE_POOL_BYTES = 64 << 20  # decoded shard indices and chunks kept in memory 
 DEFAULT_PRELOAD_BYTES = 1 << 30  # a reader holds a cache up to this size in memory
 
 
-class CacheError(ValueError):
-    """A soft-target cache that cannot be used: missing, truncated, or made for other data."""
+class CacheError(UserError, ValueError):
+    """A soft-target cache that cannot be used: missing, truncated, damaged, or made for
+    other data (a ``UserError``: the CLI reports it and exits with status 2)."""
 
 
 @dataclass(frozen=True)
 class CacheIdentity:
-    """What a cache was computed from; a run refuses a cache whose identity differs."""
+    """What a cache was computed from; a run refuses a cache whose identity differs.
 
-    teacher: str  # name or fingerprint of the fine-tuned teacher checkpoint
+    The last three fields are not compared when the expected identity leaves them unset
+    (0 / None): a reader that does not know them (a script looking at the values) still
+    opens the cache."""
+
+    teacher: str  # the teacher's base checkpoint, init and fine-tuning steps
     vocabulary: str  # fingerprint of the student vocabulary (ids of the stored indices)
     dataset: str  # name and fingerprint of the prepared dataset
     split: str  # the split whose targets were scored
     top_k: int  # K, entries kept per position
     stride: int  # masking stride S used for extraction (every position masked once)
+    vocab_size: int = 0  # entries of the student vocabulary: every index is below it
+    teacher_step: Optional[int] = None  # step of the fine-tuned teacher checkpoint used
+    teacher_digest: Optional[str] = None  # its checkpoint.Checkpointer.fingerprint
+
+
+_PROVENANCE = ("teacher_step", "teacher_digest")  # compared together, after the rest
+_OPTIONAL = {"vocab_size": 0, "teacher_step": None, "teacher_digest": None}
+
+
+def describe_teacher(step, digest) -> str:
+    """"teacher checkpoint step 30 (digest 1a2b3c4d5e6f)" for messages."""
+    if step is None:
+        return "an unrecorded teacher checkpoint"
+    return f"teacher checkpoint step {step} (digest {str(digest)[:12]})"
+
+
+def identity_difference(have: dict, want: CacheIdentity) -> Optional[str]:
+    """Why a cache with identity ``have`` (a header or layout dict) is not one for
+    ``want``, or None when it is. K may be smaller in ``want`` (a run can use the first
+    K' <= K entries); fields left unset in ``want`` are not compared."""
+    expected = asdict(want)
+    for field, value in expected.items():
+        if field in _PROVENANCE or _OPTIONAL.get(field, object()) == value:
+            continue
+        stored = have.get(field)
+        if field == "top_k":
+            if stored is None or value > stored:
+                return f"keeps K={stored} entries per position; the run asks for K={value}"
+        elif stored != value:
+            return f"was made for {field} {stored!r}, but this run uses {field} {value!r}"
+    if want.teacher_step is not None and (have.get("teacher_step"), have.get("teacher_digest")) \
+            != (want.teacher_step, want.teacher_digest):
+        return (f"was made from {describe_teacher(have.get('teacher_step'), have.get('teacher_digest'))}, "
+                f"but the one selected now is "
+                f"{describe_teacher(want.teacher_step, want.teacher_digest)}")
+    return None
 
 
 def plan_chunks(target_lengths: np.ndarray, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +154,9 @@ def _array_spec(directory, name: str, *, total_rows: int = 0, top_k: int = 0,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, top_k]}},
             "codecs": [{"name": "sharding_indexed", "configuration": {
                 "chunk_shape": [inner, top_k],
-                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                # A CRC32C after every inner chunk: verified whenever it is decoded.
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                           {"name": "crc32c"}],
                 "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
                                  {"name": "crc32c"}],
                 # The index first: read with an ordinary byte range (not a suffix range).
@@ -136,8 +189,19 @@ def _stored_chunks(directory, name: str) -> set[int]:
 
 
 def _read_json(file) -> Optional[dict]:
+    """The JSON object in ``file``, None when it does not exist; a damaged one (cut
+    short, emptied) is a :class:`CacheError` naming it."""
     file = storage.path(file)
-    return json.loads(file.read_text()) if file.exists() else None
+    if not file.exists():
+        return None
+    try:
+        value = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CacheError(f"{file} is damaged (not valid JSON: {err}); remove the cache "
+                         "(`distill-jax soft-targets --force` remakes it)") from None
+    if not isinstance(value, dict):
+        raise CacheError(f"{file} is damaged (not a JSON object)")
+    return value
 
 
 class CacheWriter:
@@ -196,6 +260,13 @@ class CacheWriter:
             if values.size and np.any(np.diff(values, axis=-1) > 0):
                 raise CacheError(f"example {example}: top-K logits must be sorted in "
                                  "decreasing order along K")
+            if not np.all(np.isfinite(values.astype(np.float16))):
+                raise CacheError(f"example {example}: the teacher's top-K logits are not all "
+                                 "finite in float16 (NaN, or beyond +-65504); not stored")
+            size = self.identity.vocab_size
+            if ids.size and (ids.min() < 0 or (size and ids.max() >= size)):
+                raise CacheError(f"example {example}: top-K indices span {ids.min()}..{ids.max()}, "
+                                 f"outside the student vocabulary of {size} entries")
             logits[start - first_row:start - first_row + length] = values
             indices[start - first_row:start - first_row + length] = ids
         self._writes += [self._arrays["indices"][first_row:end].write(indices),
@@ -261,9 +332,16 @@ def create_or_resume(path, identity: CacheIdentity, target_lengths: np.ndarray, 
         stored_rows = np.load(io.BytesIO((path / _ROWS).read_bytes())) \
             if (path / _ROWS).exists() else None
         if previous != layout or stored_rows is None or not np.array_equal(stored_rows, rows):
+            why = None
+            if previous.get("format_version") != FORMAT_VERSION:
+                why = (f"was started by another version of distill-jax (format version "
+                       f"{previous.get('format_version')}, this one writes {FORMAT_VERSION})")
+            elif isinstance(previous.get("identity"), dict):
+                why = identity_difference(previous["identity"], identity)
             raise CacheError(
-                f"{path} is an unfinished cache for other data ({previous.get('identity')}); "
-                "remove it (or pass --force) to start again")
+                f"{path} is an unfinished cache for other data"
+                f"{'' if why is None else ': it ' + why}; remove it (or pass --force) to start "
+                "again")
         return CacheWriter(path, identity, rows, chunk_starts, chunk_rows)
     if path.exists():
         storage.rmtree(path)  # debris without a layout (e.g. killed while creating)
@@ -289,20 +367,24 @@ class SoftTargetCache:
 
     A cache of at most ``preload_bytes`` is read whole when opened (one request per stored
     chunk and array) and served from memory; a larger one is read a batch at a time, each
-    batch's rows in one request per array that fetches only the inner chunks they touch."""
+    batch's rows in one request per array that fetches only the inner chunks they touch.
+    Every read is checked (checksums by tensorstore, then finite logits and indices inside
+    the vocabulary, vectorised over the rows read); a failure raises :class:`CacheError`
+    naming the chunk."""
 
     def __init__(self, path, header: dict, rows: np.ndarray,
                  preload_bytes: int = DEFAULT_PRELOAD_BYTES):
         self.path = storage.path(path)
         self.header = header
         self.rows = rows  # [n, 2] first row, count
+        self.chunk_rows = int(header["chunk_rows"])
+        self.vocab_size = int(header.get("vocab_size") or 0)
         self._arrays = {name: _open_array(self.path, name) for name in _ARRAYS}
         size = sum(int(np.prod(a.shape)) * np.dtype(_ARRAYS[n]).itemsize
                    for n, a in self._arrays.items())
         self.in_memory: Optional[dict] = None
         if size <= preload_bytes:
-            futures = {n: a.read() for n, a in self._arrays.items()}
-            self.in_memory = {n: np.asarray(f.result()) for n, f in futures.items()}
+            self.in_memory = self._read_whole()
 
     @property
     def top_k(self) -> int:
@@ -310,6 +392,45 @@ class SoftTargetCache:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def chunk_file(self, name: str, chunk: int):
+        """The stored object of chunk ``chunk`` of array ``name`` (zarr v3 key)."""
+        return self.path / name / "c" / str(chunk) / "0"
+
+    def _damaged(self, name: str, chunk: int, why: str) -> CacheError:
+        return CacheError(
+            f"soft-target cache {self.path}: chunk {chunk} of {name} "
+            f"({self.chunk_file(name, chunk)}) is damaged: {why}. Remake the cache: "
+            "`distill-jax soft-targets --force` (same --config and --set)")
+
+    def _read_whole(self) -> dict:
+        """Both arrays, whole (one request per stored chunk and array, all in flight at
+        once), their values checked once."""
+        futures = {name: array.read() for name, array in self._arrays.items()}
+        out = {}
+        for name, future in futures.items():
+            try:
+                block = np.asarray(future.result())  # [total rows, K]
+            except ValueError as err:
+                raise self._locate(name, range(int(self.header["num_chunks"])), err) from None
+            self._check_values(name, block, lambda rows: rows[0] // self.chunk_rows)
+            out[name] = block
+        return out
+
+    def _check_values(self, name: str, block: np.ndarray, chunk_of) -> None:
+        """Refuses non-finite logits / indices outside the vocabulary in ``block``
+        ``[rows, K]``; ``chunk_of(bad row numbers)`` names the chunk."""
+        if name == "logits":
+            bad = ~np.isfinite(block).all(axis=-1)
+            what = "logits that are not finite (NaN or infinite)"
+        else:
+            bad = (block < 0).any(axis=-1)
+            if self.vocab_size:
+                bad |= (block >= self.vocab_size).any(axis=-1)
+            what = f"indices outside the student vocabulary (0..{self.vocab_size - 1})"
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise self._damaged(name, int(chunk_of(rows)), f"{len(rows)} rows hold {what}")
 
     def read_async(self, examples: Sequence[int]) -> "PendingRead":
         """Starts reading the rows of ``examples`` (one request per array, or none when the
@@ -327,7 +448,21 @@ class SoftTargetCache:
             k = self.top_k
             return PendingRead(counts, np.zeros((0, k), np.float16), np.zeros((0, k), np.int32))
         return PendingRead(counts, *(self._arrays[name].vindex[positions].read()
-                                     for name in ("logits", "indices")))
+                                     for name in ("logits", "indices")),
+                           check=(self, positions))
+
+    def _locate(self, name: str, chunks, err: Exception) -> CacheError:
+        """The first of ``chunks`` (those a failed read touched) that cannot be read on its
+        own (the error path only)."""
+        array = self._arrays[name]
+        for chunk in chunks:
+            chunk = int(chunk)
+            try:
+                array[chunk * self.chunk_rows:(chunk + 1) * self.chunk_rows].read().result()
+            except ValueError as again:
+                return self._damaged(name, chunk, _first_line(again))
+        return CacheError(f"soft-target cache {self.path}: reading {name} failed: "
+                          f"{_first_line(err)}")
 
     def __getitem__(self, example_index: int) -> tuple[np.ndarray, np.ndarray]:
         """(logits float32 [target_len, K], indices int32 [target_len, K]) of one example."""
@@ -335,33 +470,44 @@ class SoftTargetCache:
         return logits[0], indices[0]
 
 
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0][:400] if str(err) else type(err).__name__
+
+
 class PendingRead:
     """The rows of some examples being read (tensorstore futures, or arrays already in
     memory); ``result()`` waits and splits them by example."""
 
-    def __init__(self, counts: np.ndarray, logits, indices):
+    def __init__(self, counts: np.ndarray, logits, indices, check=None):
         self._counts = counts
         self._parts = (logits, indices)
+        self._check = check  # (cache, row positions) for reads from storage
 
     def result(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(logits float32 ``[len_i, K]``, indices int32 ``[len_i, K]``) per example."""
-        logits, indices = (part.result() if hasattr(part, "result") else part
-                           for part in self._parts)
+        parts = []
+        for name, part in zip(("logits", "indices"), self._parts):
+            if hasattr(part, "result"):
+                cache, positions = self._check
+                try:
+                    part = part.result()
+                except ValueError as err:
+                    touched = np.unique(positions // cache.chunk_rows)
+                    raise cache._locate(name, touched, err) from None
+                part = np.asarray(part)
+                cache._check_values(name, part,
+                                    lambda rows: positions[rows[0]] // cache.chunk_rows)
+            parts.append(part)
+        logits, indices = parts
         cuts = np.cumsum(self._counts)[:-1]
         return (np.split(np.asarray(logits, np.float32), cuts),
                 np.split(np.asarray(indices, np.int32), cuts))
 
 
 def _check_identity(path, header: dict, expected: CacheIdentity) -> None:
-    for field, want in asdict(expected).items():
-        have = header.get(field)
-        if field == "top_k":
-            if want > have:
-                raise CacheError(f"{path} keeps K={have} entries per position; "
-                                 f"the run asks for K={want}")
-        elif have != want:
-            raise CacheError(f"{path} was made for {field} {have!r}, "
-                             f"but this run uses {field} {want!r}")
+    why = identity_difference(header, expected)
+    if why is not None:
+        raise CacheError(f"{path} {why}")
 
 
 def is_finished(path) -> bool:
@@ -369,13 +515,11 @@ def is_finished(path) -> bool:
     return (storage.path(path) / _HEADER).exists()
 
 
-def open_cache(path, expected: Optional[CacheIdentity] = None,
-               num_examples: Optional[int] = None,
-               preload_bytes: int = DEFAULT_PRELOAD_BYTES) -> SoftTargetCache:
-    """Opens a finished cache, refusing it if it is unfinished, truncated, or was made for
-    another teacher / vocabulary / dataset / split than ``expected`` (``top_k`` may be
-    smaller in ``expected``: a run can use the first K' <= K entries). A cache of at most
-    ``preload_bytes`` is read into memory (see :class:`SoftTargetCache`)."""
+def read_header(path, expected: Optional[CacheIdentity] = None,
+                num_examples: Optional[int] = None) -> dict:
+    """The header of a finished cache, refusing one that is unfinished, of another format,
+    made for another identity than ``expected`` (see :func:`identity_difference`) or for
+    another number of examples. Reads ``header.json`` only."""
     path = storage.path(path)
     header = _read_json(path / _HEADER)
     if header is None:
@@ -385,16 +529,30 @@ def open_cache(path, expected: Optional[CacheIdentity] = None,
     if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
         raise CacheError(f"{path / _HEADER}: format {header.get('format')!r} version "
                          f"{header.get('format_version')}, this code reads {FORMAT!r} version "
-                         f"{FORMAT_VERSION}")
+                         f"{FORMAT_VERSION} (remake it: `distill-jax soft-targets --force`)")
     if expected is not None:
         _check_identity(path, header, expected)
-    n, chunks = int(header["num_examples"]), int(header["num_chunks"])
+    n = int(header["num_examples"])
     if num_examples is not None and n != num_examples:
         raise CacheError(f"{path} has soft targets for {n} examples; the dataset split has "
                          f"{num_examples}")
+    return header
+
+
+def open_cache(path, expected: Optional[CacheIdentity] = None,
+               num_examples: Optional[int] = None,
+               preload_bytes: int = DEFAULT_PRELOAD_BYTES) -> SoftTargetCache:
+    """Opens a finished cache, refusing it if it is unfinished, truncated, damaged, or was
+    made for another teacher / teacher checkpoint / vocabulary / dataset / split than
+    ``expected`` (``top_k`` may be smaller in ``expected``: a run can use the first
+    K' <= K entries). A cache of at most ``preload_bytes`` is read into memory and checked
+    whole here (see :class:`SoftTargetCache`)."""
+    path = storage.path(path)
+    header = read_header(path, expected, num_examples)
+    n, chunks = int(header["num_examples"]), int(header["num_chunks"])
     try:
         rows = np.load(io.BytesIO((path / _ROWS).read_bytes()))
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError, EOFError) as err:
         raise CacheError(f"{path / _ROWS}: missing or damaged ({err})") from None
     if rows.shape != (n, 2):
         raise CacheError(f"{path / _ROWS}: {rows.shape[0]} examples, the header says {n}")

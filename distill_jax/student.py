@@ -141,7 +141,53 @@ def cache_identity(config: ExperimentConfig, dataset: PreparedDataset, split: st
     fingerprint = hashlib.sha256(json.dumps(dataset.meta, sort_keys=True).encode()).hexdigest()
     return CacheIdentity(teacher=teacher, vocabulary=dataset.vocab.sha256,
                          dataset=f"{dataset.meta['tfds_name']}@{fingerprint[:16]}", split=split,
-                         top_k=top_k, stride=config.teacher.stride)
+                         top_k=top_k, stride=config.teacher.stride,
+                         vocab_size=len(dataset.vocab))
+
+
+def open_soft_targets(config: ExperimentConfig, workdir, dataset: PreparedDataset, split: str,
+                      teacher_step=None):
+    """The soft-target cache a run with ``distill.kd=offline`` trains on, refused (a
+    ``UserError`` naming why) unless it was made for this experiment's teacher and data
+    *and* from the teacher checkpoint selected now (``teacher.select_finetuned``: the best
+    of the finished run, or ``teacher_step``). When the teacher's checkpoints have been
+    removed since the extraction there is nothing to select: the cache is used as it is,
+    with a note naming the checkpoint it was made from."""
+    import sys
+
+    from distill_jax import teacher as teacher_lib
+    from distill_jax.soft_target_cache import (CacheError, describe_teacher, open_cache,
+                                               read_header)
+
+    path = storage.path(workdir) / "soft_targets" / split
+    identity = cache_identity(config, dataset, split, config.distill.top_k)
+    count = len(dataset.records(split, config.data.example_limit(split))[0])
+    try:
+        header = read_header(path, identity, num_examples=count)
+    except CacheError as err:
+        raise UserError(f"{err} (run `distill-jax soft-targets` first)") from None
+    made_from = (header.get("teacher_step"), header.get("teacher_digest"))
+    checkpoints = storage.path(workdir) / "teacher" / "checkpoints"
+    if teacher_step is None and not checkpoints.is_dir():
+        if runner.is_chief():
+            print(f"note: {checkpoints} is gone, so the soft targets in {path} cannot be "
+                  f"checked against it; they were made from {describe_teacher(*made_from)}",
+                  file=sys.stderr, flush=True)
+    else:
+        selected = teacher_lib.select_finetuned(config, workdir, teacher_step)
+        if made_from != (selected.step, selected.digest):
+            redo = (f"{path} was made from {describe_teacher(*made_from)}, but the one "
+                    f"selected now is {describe_teacher(selected.step, selected.digest)} of "
+                    f"{selected.directory}. Remake it from the selected checkpoint with "
+                    "`distill-jax soft-targets --force"
+                    f"{f' --teacher-step {selected.step}' if selected.explicit else ''}` "
+                    "(same --config and --set)")
+            if made_from[0] in selected.saved_steps and made_from[0] != selected.step:
+                redo += f", or train on it as it is with --teacher-step {made_from[0]}"
+            raise UserError(redo)
+        identity = dataclasses.replace(identity, teacher_step=selected.step,
+                                       teacher_digest=selected.digest)
+    return open_cache(path, identity, num_examples=count)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -165,21 +165,80 @@ def checkpointer(directory: Path, config: ExperimentConfig):
         best_metric="loss", best_mode="min"))
 
 
+@dataclasses.dataclass(frozen=True)
+class TeacherCheckpoint:
+    """The fine-tuned teacher checkpoint a command uses (see :func:`select_finetuned`)."""
+
+    directory: str  # WORKDIR/teacher/checkpoints
+    step: int  # the checkpoint's step
+    digest: str  # checkpoint.Checkpointer.fingerprint of that step (sha256 hex)
+    saved_steps: tuple[int, ...]  # every step the teacher run has saved, ascending
+    explicit: bool  # chosen with --teacher-step (else: best of a finished run)
+
+    def describe(self) -> str:
+        return f"step {self.step} (digest {self.digest[:12]}) of {self.directory}"
+
+
+def select_finetuned(config: ExperimentConfig, workdir: Path,
+                     step: Optional[int] = None) -> TeacherCheckpoint:
+    """The teacher checkpoint to take soft targets from: ``step`` when given (it must be
+    saved), else the best by validation loss of a *finished* run (one that saved step
+    ``teacher.steps``). An unfinished run (killed, preempted, still training) is refused:
+    its soft targets would silently differ from the finished teacher's."""
+    import json
+
+    from distill_jax import storage
+
+    teacher_dir = storage.path(workdir) / "teacher"
+    directory = teacher_dir / "checkpoints"
+    if not directory.is_dir():
+        raise UserError(f"no teacher checkpoint in {directory}; run `distill-jax train-teacher`")
+    saved_config = teacher_dir / "config.json"
+    if saved_config.exists():
+        try:
+            trained_steps = json.loads(saved_config.read_text()).get("steps")
+        except (ValueError, AttributeError):
+            trained_steps = None
+        if trained_steps is not None and trained_steps != config.teacher.steps:
+            raise UserError(
+                f"the teacher run in {teacher_dir} was made with teacher.steps={trained_steps} "
+                f"({saved_config}); this command has teacher.steps={config.teacher.steps}")
+    with checkpointer(directory, config) as manager:
+        saved = tuple(manager.all_steps())
+        if not saved:
+            raise UserError(
+                f"no teacher checkpoint in {directory}; run `distill-jax train-teacher`")
+        if step is not None:
+            if step not in saved:
+                raise UserError(f"--teacher-step {step}: {directory} has no checkpoint of that "
+                                f"step (saved: {', '.join(map(str, saved))})")
+            chosen = step
+        else:
+            if saved[-1] < config.teacher.steps:
+                raise UserError(
+                    f"the teacher run in {teacher_dir} has not finished: its last checkpoint "
+                    f"is step {saved[-1]} of teacher.steps={config.teacher.steps}. Finish it "
+                    "(rerun `distill-jax train-teacher` with the same --config and --set; it "
+                    f"resumes), or pass --teacher-step {saved[-1]} to use that checkpoint as "
+                    f"it is (saved: {', '.join(map(str, saved))})")
+            chosen = manager.best_step() or saved[-1]
+        digest = manager.fingerprint(chosen)
+    return TeacherCheckpoint(str(directory), int(chosen), digest, saved, step is not None)
+
+
 def load_finetuned(config: ExperimentConfig, workdir: Path, vocab: Vocabulary, mesh,
-                   dtype: Any) -> tuple[Teacher, Any, Any]:
-    """The fine-tuned teacher's parameters (best validation checkpoint), sharded on ``mesh``.
+                   dtype: Any, checkpoint: Optional[TeacherCheckpoint] = None
+                   ) -> tuple[Teacher, Any, Any]:
+    """The fine-tuned teacher's parameters, sharded on ``mesh``: of ``checkpoint``, by
+    default :func:`select_finetuned`'s (a finished run's best validation checkpoint).
 
     Returns (teacher, params, param shardings)."""
     from distill_jax import sharding, train
 
-    directory = workdir / "teacher" / "checkpoints"
-    if not directory.is_dir():
-        raise UserError(f"no teacher checkpoint in {directory}; run `distill-jax train-teacher`")
-    with checkpointer(directory, config) as manager:
-        step = manager.best_step() or manager.latest_step()
-        if step is None:
-            raise UserError(
-                f"no teacher checkpoint in {directory}; run `distill-jax train-teacher`")
+    if checkpoint is None:
+        checkpoint = select_finetuned(config, workdir)
+    with checkpointer(checkpoint.directory, config) as manager:
+        step = checkpoint.step
         teacher = dataclasses.replace(
             build_teacher(config, vocab, dtype, jax.random.PRNGKey(0)), pretrained_params=None)
         init_params = abstract_init(teacher, jax.random.PRNGKey(0))

@@ -175,3 +175,143 @@ def test_soft_target_batches_read_ahead_and_resume_exactly(tmp_path):
     np.testing.assert_array_equal(last["kd_indices"][0, :1], _example(3, 1)[1][:, :2])
     with pytest.raises(StopIteration):
         next(reader)
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def test_cache_from_another_teacher_checkpoint_is_refused_by_name(tmp_path):
+    """The teacher checkpoint (step and digest) is part of the identity: a cache made from
+    step 15 is refused for step 30 (and for another checkpoint of the same step), the
+    message naming both; a reader that does not know the checkpoint still opens it."""
+    from dataclasses import replace
+    path = str(tmp_path / "cache")
+    made = replace(IDENTITY, teacher_step=15, teacher_digest="a" * 64)
+    writer = create_or_resume(path, made, np.array([2, 3]), chunk_rows=8)
+    for c in writer.pending_chunks():
+        writer.write_chunk(c, {e: _example(e, [2, 3][e]) for e in writer.examples_of(c)})
+    writer.finalize()
+    header = open_cache(path).header
+    assert (header["teacher_step"], header["teacher_digest"]) == (15, "a" * 64)
+    open_cache(path, made)
+    open_cache(path, IDENTITY)  # not compared when not given
+    for step, digest in ((30, "b" * 64), (15, "c" * 64)):
+        with pytest.raises(CacheError, match=rf"was made from teacher checkpoint step 15 "
+                                             rf"\(digest aaaaaaaaaaaa\), but the one selected "
+                                             rf"now is teacher checkpoint step {step} "
+                                             rf"\(digest {digest[:12]}\)"):
+            open_cache(path, replace(made, teacher_step=step, teacher_digest=digest))
+
+
+def test_unfinished_cache_from_another_teacher_checkpoint_is_not_resumed(tmp_path):
+    from dataclasses import replace
+    path = str(tmp_path / "cache")
+    made = replace(IDENTITY, teacher_step=15, teacher_digest="a" * 64)
+    writer = create_or_resume(path, made, np.array([2, 3, 4]), chunk_rows=4)
+    writer.write_chunk(0, {0: _example(0, 2)})
+    writer.flush()
+    with pytest.raises(CacheError, match="unfinished cache for other data: it was made from "
+                                         "teacher checkpoint step 15.*step 30"):
+        create_or_resume(path, replace(made, teacher_step=30, teacher_digest="b" * 64),
+                         np.array([2, 3, 4]), chunk_rows=4)
+
+
+# ----------------------------------------------------------------------------- damage
+
+
+def _three_chunks(path, identity=IDENTITY):
+    """A finished cache of 3 chunks (8 rows each); returns the lengths."""
+    lengths = [5, 5, 5]
+    writer = create_or_resume(path, identity, np.array(lengths), chunk_rows=8)
+    for c in writer.pending_chunks():
+        writer.write_chunk(c, {e: _example(e, lengths[e]) for e in writer.examples_of(c)})
+    writer.finalize()
+    return lengths
+
+
+def _flip(file, offset=-7):
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("preload", [True, False], ids=["in-memory", "range-reads"])
+def test_flipped_bits_in_a_chunk_are_refused_naming_it(where, preload):
+    """Each inner chunk carries a CRC32C: a flipped byte in chunk 1 is refused when the
+    cache is opened (held in memory) or when a batch reads it (range reads), naming the
+    cache and the chunk; batches of the other chunks still read."""
+    path = where("cache")
+    _three_chunks(path)
+    file = storage.path(path) / "logits" / "c" / "1" / "0"
+    _flip(file)
+    message = rf"{path}: chunk 1 of logits \(.*c/1/0\) is damaged: .*[Dd]igest mismatch"
+    if preload:
+        with pytest.raises(CacheError, match=message):
+            open_cache(path, preload_bytes=1 << 20)
+        return
+    cache = open_cache(path, preload_bytes=0)
+    np.testing.assert_array_equal(cache[0][1], _example(0, 5)[1])  # chunk 0 is sound
+    with pytest.raises(CacheError, match=message):
+        cache.read_async([0, 1]).result()
+
+
+@pytest.mark.parametrize("cut", [0, 20, -30], ids=["emptied", "index-cut", "data-cut"])
+def test_truncated_chunk_is_refused_naming_it(tmp_path, cut):
+    path = str(tmp_path / "cache")
+    _three_chunks(path)
+    file = tmp_path / "cache" / "indices" / "c" / "2" / "0"
+    data = file.read_bytes()
+    file.write_bytes(data[:cut] if cut >= 0 else data[:len(data) + cut])
+    with pytest.raises(CacheError, match=r"chunk 2 of indices \(.*c/2/0\) is damaged"):
+        open_cache(path)
+
+
+@pytest.mark.parametrize("preload", [True, False], ids=["in-memory", "range-reads"])
+def test_nan_logits_and_foreign_indices_are_refused_naming_the_chunk(tmp_path, preload):
+    """Values written over a chunk with a valid checksum (NaN logits, an index outside
+    the student vocabulary) are caught by the reader's value check."""
+    import tensorstore as ts
+    from dataclasses import replace
+
+    from distill_jax.soft_target_cache import _array_spec
+    path = str(tmp_path / "cache")
+    _three_chunks(path, replace(IDENTITY, vocab_size=100))
+    size = 1 << 20 if preload else 0
+    logits = ts.open(_array_spec(path, "logits"), open=True).result()
+    logits[9, 2].write(np.float16(np.nan)).result()  # row 9: chunk 1
+    with pytest.raises(CacheError, match=r"chunk 1 of logits .* 1 rows hold logits that are "
+                                         r"not finite"):
+        open_cache(path, preload_bytes=size).read_async([0, 1, 2]).result()
+    logits[9, 2].write(np.float16(1.0)).result()
+    indices = ts.open(_array_spec(path, "indices"), open=True).result()
+    indices[17, 0].write(np.int32(100)).result()  # row 17: chunk 2
+    with pytest.raises(CacheError, match=r"chunk 2 of indices .* indices outside the student "
+                                         r"vocabulary \(0\.\.99\)"):
+        open_cache(path, preload_bytes=size).read_async([2]).result()
+
+
+def test_writer_refuses_non_finite_logits_and_foreign_indices(tmp_path):
+    from dataclasses import replace
+    writer = create_or_resume(str(tmp_path / "c"), replace(IDENTITY, vocab_size=100),
+                              np.array([3]), chunk_rows=8)
+    logits, indices = _example(0, 3)
+    bad = logits.copy()
+    bad[1] = np.nan
+    with pytest.raises(CacheError, match="not all finite"):
+        writer.write_chunk(0, {0: (bad, indices)})
+    with pytest.raises(CacheError, match="outside the student vocabulary of 100"):
+        writer.write_chunk(0, {0: (logits, indices + 100)})
+
+
+@pytest.mark.parametrize("name", ["header.json", "rows.npy"])
+def test_damaged_header_or_rows_is_refused_naming_the_file(tmp_path, name):
+    path = str(tmp_path / "cache")
+    _three_chunks(path)
+    (tmp_path / "cache" / name).write_bytes(b"")
+    with pytest.raises(CacheError, match=rf"cache/{name}.*(damaged|missing)"):
+        open_cache(path)
+
+
+def test_cache_errors_exit_with_status_2():
+    from distill_jax.errors import UserError
+    assert issubclass(CacheError, UserError) and issubclass(CacheError, ValueError)

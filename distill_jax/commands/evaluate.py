@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         if len(hypotheses) != len(references):
             raise ValueError(
                 f"{args.hyp} has {len(hypotheses)} lines but {args.ref} has {len(references)}")
+        if not hypotheses:
+            raise ValueError(f"{args.hyp} and {args.ref} are empty: no sentence to score")
     except (OSError, ValueError) as err:
         raise UserError(str(err)) from None
     result: dict = {}

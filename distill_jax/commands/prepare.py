@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     limits = builders.LengthLimits(args.max_src_len, args.max_tgt_len)
 
     text_format = None
+    split_files: dict[str, tuple[str, str]] = {}  # for messages: split -> its two files
     if args.dataset in builders.UPSTREAM:
         upstream = builders.UPSTREAM[args.dataset]
         direction = args.direction or next(iter(upstream.directions))
@@ -121,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
         train_split, text_format = archive.train_split, archive.text
     else:
         if args.dataset == "local":
+            split_files = {split: tuple(str(Path(args.data_dir) / name) for name in names)
+                           for split, names in _local_split_files(args.split,
+                                                                  args.data_dir).items()}
             spec = builders.local_corpus(_local_split_files(args.split, args.data_dir))
         elif args.dataset in builders.CORPORA:
             spec = builders.CORPORA[args.dataset]
@@ -135,9 +139,26 @@ def run(args: argparse.Namespace) -> int:
     given_vocab = Vocabulary.load(args.vocab, tokenizer) if args.vocab else None
     vocab, encoded = builders.encode_corpus(texts, train_split, tokenizer, given_vocab,
                                             args.min_count, args.size_multiple, limits)
+    _refuse_empty_splits(encoded, args.dataset, split_files)
     _write_dataset(out, args.dataset, direction, vocab, encoded, limits, text_format)
     _print_counts(encoded, out, vocab)
     return 0
+
+
+def _refuse_empty_splits(encoded: dict[str, builders.EncodedSplit], corpus: str,
+                        split_files: dict[str, tuple[str, str]]) -> None:
+    """A split with no pair left to store (empty files, or every line empty or too long)
+    is refused here, naming its files, before anything is written."""
+    for split, enc in encoded.items():
+        if enc.counts.kept:
+            continue
+        c = enc.counts
+        where = " and ".join(split_files[split]) if split in split_files else \
+            f"corpus {corpus!r}"
+        why = "the files are empty" if c.lines == 0 else (
+            f"all {c.lines} lines were dropped ({c.dropped_empty} empty, "
+            f"{c.dropped_too_long} over --max-src-len / --max-tgt-len)")
+        raise UserError(f"split {split!r} ({where}) has no sentence pair to store: {why}")
 
 
 def _write_dataset(out: Path, corpus: str, direction: str, vocab: Vocabulary,

@@ -57,12 +57,21 @@ class TeacherTokenizer:
 
     @classmethod
     def load(cls, path_or_name: str | os.PathLike) -> "TeacherTokenizer":
-        """Loads ``AutoTokenizer.from_pretrained(path_or_name)``."""
+        """Loads ``AutoTokenizer.from_pretrained(path_or_name)``. A path that does not
+        exist is reported as such (not as a bad Hugging Face Hub id)."""
         from transformers import AutoTokenizer
+
+        from distill_jax.hf import CheckpointError, local_folder_or_hub_id, not_a_local_folder
+        try:
+            folder = local_folder_or_hub_id(path_or_name)
+        except CheckpointError as err:
+            raise UserError(f"cannot load the teacher tokenizer: {err}") from None
         try:
             hf = AutoTokenizer.from_pretrained(str(path_or_name))
         except (OSError, ValueError) as err:
-            raise UserError(f"cannot load the teacher tokenizer {str(path_or_name)!r}: {err}") from err
+            hub = "" if folder is not None else f" {not_a_local_folder(path_or_name)} it failed:"
+            raise UserError(f"cannot load the teacher tokenizer {str(path_or_name)!r}:{hub} "
+                            f"{err}") from err
         return cls(hf, str(path_or_name))
 
     @property
