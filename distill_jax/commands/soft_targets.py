@@ -9,6 +9,11 @@ stored object has one writer. Each chunk's batches are planned from that chunk's
 alone, so a chunk's values do not depend on which chunks were computed before it: an
 interrupted extraction resumes with the chunks that are not stored yet and ends with the
 cache an uninterrupted one writes. ``header.json`` is written last, by process 0.
+
+The targets come from the best checkpoint of a *finished* teacher run (an unfinished one
+is refused), or from the checkpoint ``--teacher-step N`` names; its step and digest are
+part of the cache's identity, so a finished cache made from another checkpoint is remade,
+not reused (``teacher.select_finetuned``, docs/interfaces.md).
 """
 
 from __future__ import annotations
