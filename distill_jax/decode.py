@@ -437,21 +437,50 @@ def greedy_search(
         cache_phases)
 
 
+def nucleus_mask(logits: jax.Array, top_p: float) -> jax.Array:
+    """Nucleus (top-p) restriction of logits [rows, vocab]: keeps, in every row, the fewest
+    most probable tokens whose probability under ``softmax(logits)`` reaches ``top_p``
+    (a token is kept when the tokens more probable than it hold less than ``top_p``; tokens
+    as probable as the last kept one are kept too), the others set to -inf. ``top_p >= 1``
+    keeps every token."""
+    if top_p >= 1.0:
+        return logits
+    probs = jax.nn.softmax(logits, axis=-1)  # [rows, vocab]
+    ranked = -jnp.sort(-probs, axis=-1)  # [rows, vocab] descending
+    before = jnp.cumsum(ranked, axis=-1) - ranked  # mass of the tokens ranked above
+    threshold = jnp.min(jnp.where(before < top_p, ranked, jnp.inf), axis=-1,
+                        keepdims=True)  # [rows, 1] probability of the last kept token
+    return jnp.where(probs >= threshold, logits, NEG_INF)
+
+
+def _per_row_keys(rng: jax.Array) -> bool:
+    """Whether ``rng`` holds one key per sentence (typed keys [batch] or raw [batch, 2])
+    rather than one key for the batch."""
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    return rng.ndim == (1 if typed else 2)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_len", "temperature", "top_k",
-                                             "cache_phases"))
+                                             "top_p", "cache_phases"))
 def sample(
     model: Transformer,
     params: Any,
     src: jax.Array,  # [batch, src] int32
-    rng: jax.Array,
+    rng: jax.Array,  # one key, or one per sentence ([batch] typed / [batch, 2] raw keys)
     *,
     temperature: float = 1.0,
     top_k: int = 0,
+    top_p: float = 1.0,
     max_len: MaxLen = None,
     cache_phases: int = DEFAULT_CACHE_PHASES,
 ) -> tuple[jax.Array, jax.Array]:
     """Ancestral sampling from ``softmax(log_probs / temperature)``, restricted to the
-    ``top_k`` most probable tokens when ``top_k > 0``.
+    ``top_k`` most probable tokens when ``top_k > 0``, then to the nucleus of probability
+    ``top_p`` (``nucleus_mask``) when ``top_p < 1``, in that order (as transformers does).
+
+    With one key per sentence, a sentence's sample depends only on its key, its source and
+    the batch shape, not on the other sentences (how ``translate`` makes streamed and batch
+    outputs equal); with one key, on the whole batch.
 
     Returns (sequences [batch, steps], summed model log-probs [batch] at temperature 1).
     """
@@ -459,12 +488,19 @@ def sample(
         raise ValueError(f"temperature must be positive, got {temperature}")
     if top_k < 0 or top_k > model.config.vocab_size:
         raise ValueError(f"top_k must be in [0, vocab_size={model.config.vocab_size}], got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    per_row = _per_row_keys(rng)
 
     def choose(log_probs: jax.Array, step: jax.Array) -> jax.Array:
         logits = log_probs / temperature  # [batch, vocab]
         if top_k:
             kth_best = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [batch, 1]
             logits = jnp.where(logits >= kth_best, logits, NEG_INF)  # [batch, vocab]
+        logits = nucleus_mask(logits, top_p)  # [batch, vocab]
+        if per_row:
+            return jax.vmap(lambda key, row: jax.random.categorical(
+                jax.random.fold_in(key, step), row))(rng, logits)  # [batch]
         return jax.random.categorical(jax.random.fold_in(rng, step), logits, axis=-1)  # [batch]
 
     return _left_to_right(model, params, src, max_len, choose, cache_phases)

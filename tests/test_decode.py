@@ -528,3 +528,49 @@ def test_a_step_may_feed_only_the_first_hypotheses(model_and_params):
                                    full[:, 1], rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="hypotheses"):
         _next_logits(model, params, cache, encoded, SOURCES, jnp.full((4 * len(SOURCES),), BOS))
+
+
+def test_nucleus_mask_keeps_the_fewest_tokens_reaching_p():
+    import jax.numpy as jnp
+
+    from distill_jax.decode import nucleus_mask
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 40)) * 2.0  # [rows, vocab]
+    logits[0, 5] = -np.inf  # a banned token stays banned
+    for p in (1e-6, 0.3, 0.75, 0.999999, 1.0):
+        got = np.asarray(nucleus_mask(jnp.asarray(logits, jnp.float32), p))
+        for row, out in zip(logits, got):
+            probs = np.exp(row - row.max())
+            probs /= probs.sum()
+            order = np.argsort(-probs, kind="stable")
+            mass = np.cumsum(probs[order])
+            count = int(np.searchsorted(mass, p - 1e-6)) + 1 if p < 1 else int(np.isfinite(row).sum())
+            kept = np.sort(order[:count])
+            assert np.array_equal(np.flatnonzero(np.isfinite(out)), kept), (p, row)
+            np.testing.assert_allclose(out[kept], row[kept], rtol=1e-6)
+
+
+def test_nucleus_sampling_with_a_tiny_p_is_greedy(model_and_params):
+    model, params = model_and_params
+    greedy_seqs, greedy_lp = greedy_search(model, params, SOURCES, max_len=MAX_LEN + 2)
+    seqs, lp = sample(model, params, SOURCES, jax.random.key(7), temperature=3.0, top_k=4,
+                      top_p=1e-4, max_len=MAX_LEN + 2)
+    np.testing.assert_array_equal(seqs, greedy_seqs)
+    np.testing.assert_allclose(lp, greedy_lp, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="top_p"):
+        sample(model, params, SOURCES, jax.random.key(7), top_p=0.0)
+
+
+def test_per_sentence_keys_make_samples_independent_of_the_batch(model_and_params):
+    """With one key per sentence, a sentence's sample does not depend on its row or on the
+    other rows (translate's streamed and batch outputs rely on it)."""
+    model, params = model_and_params
+    keys = jax.random.split(jax.random.key(11), 3)  # [3] typed keys
+    seqs, lp = sample(model, params, SOURCES, keys, temperature=2.0, max_len=MAX_LEN + 2)
+    order = np.array([2, 0, 1])
+    again, again_lp = sample(model, params, SOURCES[order], keys[order], temperature=2.0,
+                             max_len=MAX_LEN + 2)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(seqs)[order])
+    np.testing.assert_allclose(again_lp, np.asarray(lp)[order], rtol=0, atol=1e-6)
+    assert len({tuple(np.asarray(s)) for s in seqs}) > 1
