@@ -4,10 +4,17 @@ and ``generate`` read. Config files in ``configs/`` return an ``ExperimentConfig
 
 A work directory holds one experiment::
 
-    WORKDIR/config.json               the config of the first run (later runs are compared)
-    WORKDIR/teacher/                  C-MLM fine-tuning: checkpoints/, metrics.jsonl
+    WORKDIR/teacher/                  C-MLM fine-tuning: checkpoints/, metrics.jsonl,
+                                      config.json (the teacher section), .lock
     WORKDIR/soft_targets/SPLIT/       the teacher's top-K cache (see soft_target_cache)
-    WORKDIR/students/NAME/            one student run: checkpoints/, metrics.jsonl, *.txt
+    WORKDIR/soft_targets/.SPLIT.lock  the lock of the cache's writer
+    WORKDIR/students/NAME/            one student run: checkpoints/, metrics.jsonl, *.txt,
+                                      config.json, .lock
+
+A run's ``config.json`` is the config of its first run that saved a step; a later run
+with another config is refused, naming the changed fields. ``.lock`` files keep one
+writer per run directory (``runlock``). Every numeric field has a valid range
+(``RANGES``), checked by ``ExperimentConfig.check`` before any work.
 """
 
 from __future__ import annotations

@@ -321,7 +321,8 @@ def crash_point(name: str) -> None:
     ``kill -9``, when ``name`` is in the comma-separated ``DISTILL_JAX_CRASH_AT``. Names:
     ``step:N`` (after update N, before anything of it is saved), ``save:N`` (right after the
     asynchronous checkpoint save of step N started: its files are being written),
-    ``chunk:N`` (``soft-targets``: right after the N-th chunk write of the run started)."""
+    ``chunk:N`` (``soft-targets``: right after the N-th chunk write of the run started),
+    ``chunk-start:N`` (``soft-targets``: before the N-th chunk of the run is computed)."""
     wanted = os.environ.get(CRASH_ENV)
     if wanted and name in wanted.split(","):
         sys.stdout.flush()
