@@ -247,12 +247,16 @@ def cmlm_loss_fn(
     * ``"masked"``: only at the masked target positions. The pipeline's batches carry them
       as ``mlm_positions`` (``[b, M]``, ``M = data.cmlm.masked_capacity(T, rate)``, about a
       third of ``T`` at rate 0.15); without that key they are derived from ``mlm_mask``
-      with ``M = T``. Each row's final hidden states are gathered at those positions
-      (``take_along_axis`` along the length, so every row stays on its device).
-    * ``"all"``: on every position of the input, source included, then the target part is
-      sliced off: the plain form, kept as the reference that tests compare against.
+      with ``M = T``. BERT's last layer then computes only those rows (their queries
+      attend over all keys; ``BertModel(output_positions=...)``), and the head runs on
+      them. Rows are gathered along the length (``take_along_axis``), so every batch row
+      stays on its device.
+    * ``"all"``: every position of the input, source included, through the last layer and
+      the head, then the target part is sliced off: the plain form, kept as the reference
+      that tests compare against.
 
-    Both give the same loss and gradients up to float32 rounding.
+    Both give the same loss and gradients up to float32 rounding. With dropout they draw
+    the same masks except in the last layer (other shapes there), so equal in distribution.
     """
     if head_positions not in CMLM_HEAD_POSITIONS:
         raise ValueError(f"head_positions must be one of {CMLM_HEAD_POSITIONS}, "
@@ -278,10 +282,9 @@ def cmlm_loss_fn(
         if positions is None:
             positions = masked_positions(inputs["label_weights"] > 0,
                                          inputs["labels"].shape[1])  # [b, T]
-        hidden = teacher_model.apply({"params": params}, *args, deterministic=deterministic,
-                                     rngs=rngs)  # [b, 1+S+T, H]
         picked = jnp.maximum(positions, 0)  # [b, M]
-        hidden = jnp.take_along_axis(hidden, (start + picked)[:, :, None], axis=1)  # [b, M, H]
+        hidden = teacher_model.apply({"params": params}, *args, deterministic=deterministic,
+                                     output_positions=start + picked, rngs=rngs)  # [b, M, H]
         logits = teacher_model.apply({"params": params}, hidden, method=head)  # [b, M, V]
         labels = jnp.take_along_axis(inputs["labels"], picked, axis=1)  # [b, M]
         weights = jnp.where(positions >= 0,

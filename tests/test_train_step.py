@@ -352,20 +352,23 @@ def cmlm_batch(seed: int, *, with_positions: bool) -> dict:
 
 
 @pytest.mark.parametrize("with_positions", [True, False])
-@pytest.mark.parametrize("dropout", [False, True])
-def test_cmlm_masked_head_equals_all_positions(with_positions, dropout):
-    """The output layer on the masked positions only: the same loss, metrics and gradients
-    as running it on every position and slicing the target (the reference form), with
-    and without dropout, with the pipeline's ``mlm_positions`` and without them."""
+@pytest.mark.parametrize("training", [False, True])
+def test_cmlm_masked_head_equals_all_positions(with_positions, training):
+    """The last layer and the output layer on the masked positions only: the same loss,
+    metrics and gradients as running them on every position and slicing the target (the
+    reference form), in evaluation and in training mode (dropout rates 0: the two forms
+    draw different dropout masks in the last layer), with the pipeline's
+    ``mlm_positions`` and without them."""
     cfg = BertConfig(vocab_size=VOCAB + 8, hidden_size=32, num_hidden_layers=2,
                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
-                     cmlm_vocab_size=VOCAB)
+                     cmlm_vocab_size=VOCAB, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
     model = BertModel(cfg)
     teacher_ids = np.arange(VOCAB, dtype=np.int32) + 5
     params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32),
                                  method="cmlm_logits")["params"])
     batch = {k: jnp.asarray(v) for k, v in cmlm_batch(3, with_positions=with_positions).items()}
-    rng = jax.random.PRNGKey(7) if dropout else None
+    rng = jax.random.PRNGKey(7) if training else None
     results = {}
     for head in train.CMLM_HEAD_POSITIONS:
         loss_fn = train.cmlm_loss_fn(model, teacher_ids, cls_id=1, mask_id=2, head_positions=head)

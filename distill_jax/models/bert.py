@@ -157,8 +157,14 @@ class BertLayer(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x, mask, *, deterministic: bool):
+    def __call__(self, x, mask, *, deterministic: bool, rows: Optional[jax.Array] = None):
+        """``x`` ``[batch, length, hidden]`` -> the same shape; with ``rows`` (int
+        ``[batch, M]`` positions), only those rows' outputs ``[batch, M, hidden]``: their
+        queries attend over every key of ``x``, and the feed-forward block runs on them
+        alone (what a last layer needs when only some positions are read)."""
         cfg = self.config
+        queries = x if rows is None else jnp.take_along_axis(
+            x, rows[:, :, None], axis=1)  # [batch, M, hidden]
         attn = layers.MultiHeadAttention(
             num_heads=cfg.num_attention_heads,
             head_dim=cfg.head_dim,
@@ -167,10 +173,10 @@ class BertLayer(nn.Module):
             kernel_init=_normal(cfg),
             implementation=cfg.attention_impl,
             name="attention",
-        )(x, x, mask, deterministic=deterministic)  # [batch, length, hidden]
+        )(queries, x, mask, deterministic=deterministic)  # [batch, length or M, hidden]
         attn = nn.Dropout(rate=cfg.hidden_dropout_prob)(attn, deterministic=deterministic)
         x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="attention_LayerNorm")(
-            x + attn, deterministic=deterministic)
+            queries + attn, deterministic=deterministic)
         h = layers.FeedForward(
             mlp_dim=cfg.intermediate_size,
             activation=ACTIVATIONS[cfg.hidden_act],
@@ -178,7 +184,7 @@ class BertLayer(nn.Module):
             dtype=cfg.dtype,
             kernel_init=_normal(cfg),
             name="ffn",
-        )(x, deterministic=deterministic)  # [batch, length, hidden]
+        )(x, deterministic=deterministic)  # [batch, length or M, hidden]
         h = nn.Dropout(rate=cfg.hidden_dropout_prob)(h, deterministic=deterministic)
         x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="output_LayerNorm")(
             x + h, deterministic=deterministic)
@@ -191,9 +197,12 @@ class BertEncoder(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x, mask, *, deterministic: bool):
+    def __call__(self, x, mask, *, deterministic: bool, rows: Optional[jax.Array] = None):
+        """With ``rows`` (``[batch, M]`` positions) the last layer computes those rows only."""
+        last = self.config.num_hidden_layers - 1
         for i in range(self.config.num_hidden_layers):
-            x = BertLayer(self.config, name=f"layer_{i}")(x, mask, deterministic=deterministic)
+            x = BertLayer(self.config, name=f"layer_{i}")(
+                x, mask, deterministic=deterministic, rows=rows if i == last else None)
         return x
 
 
@@ -248,8 +257,11 @@ class BertModel(nn.Module):
             self.cmlm_head = BertCmlmHead(self.config)
 
     def __call__(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None,
-                 *, deterministic: bool = True) -> jax.Array:
-        """Last hidden states ``[batch, length, hidden]``."""
+                 *, deterministic: bool = True,
+                 output_positions: Optional[jax.Array] = None) -> jax.Array:
+        """Last hidden states ``[batch, length, hidden]``; with ``output_positions`` (int
+        ``[batch, M]``), only those positions' ``[batch, M, hidden]``, equal to gathering
+        them from the full output (the last layer then computes only those rows)."""
         batch, length = input_ids.shape
         if length > self.config.max_position_embeddings:
             # jnp.take would fill the missing position rows with NaN.
@@ -265,7 +277,8 @@ class BertModel(nn.Module):
             # Keys only, as BERT does: padded queries still attend to the real tokens.
             mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, length]
         x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic=deterministic)
-        return self.encoder(x, mask, deterministic=deterministic)  # [batch, length, hidden]
+        return self.encoder(x, mask, deterministic=deterministic,
+                            rows=output_positions)  # [batch, length or M, hidden]
 
     def cmlm_logits(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None,
                     *, deterministic: bool = True) -> jax.Array:
