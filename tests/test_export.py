@@ -525,3 +525,26 @@ def test_bad_input_is_refused_and_writes_nothing(exported):
     assert f"exported to {out} (fsmt)" in again.stdout
     assert json.loads((out / "config.json").read_text())["model_type"] == "fsmt"
     assert not (out / "ctranslate2").exists()  # the earlier export was replaced as a whole
+
+
+@pytest.mark.slow
+def test_bench_ctranslate2_script(exported, tmp_path):
+    """scripts/bench_ctranslate2.py on the tiny student: three systems timed, BLEU of each,
+    CTranslate2 float32 token for token equal to ours."""
+    pytest.importorskip("ctranslate2")
+    _, workdir, teacher, _, flags, layout = exported
+    if layout != "post":
+        pytest.skip("one layout is enough for the script")
+    record = tmp_path / "bench.json"
+    args = [sys.executable, "scripts/bench_ctranslate2.py", "--config", CONFIG, "--workdir",
+            str(workdir), "--name", layout, "--checkpoint", "latest", "--split", "val",
+            "--sentences", "8", "--runs", "5", "--warmup", "1", "--json", str(record),
+            "--set", f"teacher.checkpoint={teacher}", *flags]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = {r["system"]: r for r in json.loads(record.read_text())}
+    assert sorted(records) == ["ct2-float32", "ct2-int8", "ours"]
+    assert all(r["runs"] == 5 and r["sentences_per_s"] > 0 and 0 <= r["bleu"] <= 100
+               for r in records.values())
+    assert records["ct2-float32"]["identical_to_ours"] == 8
+    assert records["ours"]["machine"]["commit"]
