@@ -107,10 +107,9 @@ def identity_difference(have: dict, want: CacheIdentity) -> Optional[str]:
                 return f"keeps K={stored} entries per position; the run asks for K={value}"
         elif stored != value:
             return f"was made for {field} {stored!r}, but this run uses {field} {value!r}"
-    if want.teacher_step is not None and (have.get("teacher_step"), have.get("teacher_digest")) \
-            != (want.teacher_step, want.teacher_digest):
-        return (f"was made from {describe_teacher(have.get('teacher_step'), have.get('teacher_digest'))}, "
-                f"but the one selected now is "
+    made_from = (have.get("teacher_step"), have.get("teacher_digest"))
+    if want.teacher_step is not None and made_from != (want.teacher_step, want.teacher_digest):
+        return (f"was made from {describe_teacher(*made_from)}, but the one selected now is "
                 f"{describe_teacher(want.teacher_step, want.teacher_digest)}")
     return None
 

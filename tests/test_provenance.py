@@ -75,7 +75,7 @@ def test_a_teacher_run_made_with_other_steps_is_refused(tmp_path):
 
 
 def test_no_teacher_run(tmp_path):
-    with pytest.raises(UserError, match="no teacher checkpoint in .*run `distill-jax train-teacher`"):
+    with pytest.raises(UserError, match="no teacher checkpoint in .*`distill-jax train-teacher`"):
         teacher_lib.select_finetuned(_config(), tmp_path)
     assert not (tmp_path / "teacher").exists()  # nothing created while looking
 
