@@ -74,6 +74,9 @@ class TeacherConfig:
     save_every: int = 500  # checkpoint every N steps
     top_k: int = 8  # soft targets kept per position (K)
     stride: int = 7  # soft-target extraction masks positions i, i+S, ... in copy i
+    # validation examples (the first N; 0 = all) on which every validation also measures
+    # the soft targets' quality with stride masking (teacher_quality.py: top-1, top-K)
+    quality_examples: int = 512
     # attention kernel of the fine-tuned teacher's forward passes (soft targets, online
     # distillation): "einsum", "xla", or "cudnn" (fused, NVIDIA GPUs with bfloat16; 1.2x
     # faster on an H100, BENCHMARKS.md). Fine-tuning always uses "einsum".
@@ -287,6 +290,7 @@ RANGES: dict[str, Range] = {
     "teacher.tokens_per_batch": AT_LEAST_1, "teacher.mask_rate": Range(0, 1, True, True),
     "teacher.eval_every": AT_LEAST_1, "teacher.save_every": AT_LEAST_1,
     "teacher.top_k": AT_LEAST_1, "teacher.stride": AT_LEAST_1,
+    "teacher.quality_examples": AT_LEAST_0,
     # student
     "student.vocab_size": Range(4), "student.d_model": AT_LEAST_1, "student.num_heads": AT_LEAST_1,
     "student.mlp_dim": AT_LEAST_1, "student.num_encoder_layers": AT_LEAST_1,

@@ -178,6 +178,28 @@ def plot(workdir: pathlib.Path) -> pathlib.Path | None:
     return out
 
 
+def teacher_line(workdir: pathlib.Path) -> str | None:
+    """The teacher's last validation (masked accuracy, stride-masked soft-target quality)
+    beside the students' last validation accuracy: a teacher helps only when its stride
+    top-1 is clearly above the baseline's accuracy. None without a teacher run."""
+    valid = [r for r in read_jsonl(workdir / "teacher" / "metrics.jsonl")
+             if r.get("split") == "valid"]
+    if not valid:
+        return None
+    last = valid[-1]
+    parts = [f"teacher at step {last['step']}: masked accuracy "
+             f"{100 * last.get('masked_accuracy', float('nan')):.1f}%"]
+    if "stride_top1" in last:
+        parts.append(f"val stride top-1 {100 * last['stride_top1']:.1f}%, top-K "
+                     f"{100 * last['stride_topk']:.1f}%")
+    for run in sorted((workdir / "students").glob("*/metrics.jsonl")):
+        accuracy = [r["accuracy"] for r in read_jsonl(run)
+                    if r.get("split") == "valid" and "accuracy" in r]
+        if accuracy:
+            parts.append(f"{run.parent.name} val accuracy {100 * accuracy[-1]:.1f}%")
+    return "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,6 +223,9 @@ def main() -> None:
     names = [n.strip() for n in args.runs.split(",") if n.strip()] if args.runs else None
     table, records = results_table(args.workdir, metrics, names, args.baseline)
     print(table)
+    teacher = teacher_line(args.workdir[0])
+    if teacher:
+        print(teacher)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=2))

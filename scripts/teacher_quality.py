@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from distill_jax import runner, storage
+from distill_jax import teacher_quality as quality
 from distill_jax.commands import common
 from distill_jax.data.prepared import open_prepared
 from distill_jax.data.vocab import EOS
@@ -43,28 +44,23 @@ from benchlib import cpu_model, git_commit  # noqa: E402
 
 def agreement(logits: list[np.ndarray], indices: list[np.ndarray], references: list[list[int]],
               temperature: float) -> dict:
-    """Top-1 accuracy, top-K recall and mean soft-target probability of the references.
+    """Top-1 accuracy, top-K recall and mean soft-target probability of the references
+    (``distill_jax.teacher_quality.agreement_sums`` over every example).
 
     ``logits[i]`` / ``indices[i]``: ``[T_i, K]`` (sorted decreasing) for example i;
     ``references[i]``: its ``T_i`` reference ids."""
-    top1 = hits = probability = 0.0
-    positions = 0
+    total = None
     for values, ids, ref in zip(logits, indices, references):
-        ref = np.asarray(ref)[:, None]  # [T, 1]
+        ref = np.asarray(ref)
         if ids.shape[0] != ref.shape[0]:
             raise ValueError(f"soft targets of {ids.shape[0]} positions for a reference of "
                              f"{ref.shape[0]}")
-        scaled = values.astype(np.float64) / temperature
-        soft = np.exp(scaled - scaled.max(axis=1, keepdims=True))
-        soft /= soft.sum(axis=1, keepdims=True)  # [T, K]
-        match = ids == ref  # [T, K]
-        top1 += float(match[:, 0].sum())
-        hits += float(match.any(axis=1).sum())
-        probability += float((soft * match).sum())
-        positions += ref.shape[0]
-    positions = max(positions, 1)
-    return {"positions": positions, "top1": top1 / positions, "topk": hits / positions,
-            "p_ref": probability / positions}
+        total = quality.add_sums(total, quality.agreement_sums(
+            np.asarray(values, np.float64)[None], np.asarray(ids)[None], ref[None], temperature))
+    figures = quality.rates(total or {"positions": 0, "top1": 0, "topk": 0, "p_ref": 0})
+    return {"positions": int(total["positions"]) if total else 0,
+            "top1": figures["stride_top1"], "topk": figures["stride_topk"],
+            "p_ref": figures["stride_p_ref"]}
 
 
 def student_accuracy(workdir, name: str) -> float | None:

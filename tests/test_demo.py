@@ -11,9 +11,34 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
+
+def _plan(*args, workdir=None):
+    env = {k: v for k, v in os.environ.items() if k != "WORKDIR"}
+    if workdir:
+        env["WORKDIR"] = workdir
+    return subprocess.run(["bash", "scripts/demo.sh", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
 
 
+def test_demo_arguments_full_and_quick_paths():
+    """The argument handling and settings of both paths, as a new user starts them: the
+    full demo (no arguments) once died at its first line under `set -e`."""
+    full = _plan("--plan")
+    assert full.returncode == 0, full.stderr
+    assert f"workdir: {REPO}/runs/demo\n" in full.stdout
+    assert "settings: (the config as it is)" in full.stdout
+    quick = _plan("--quick", "--plan")
+    assert quick.returncode == 0, quick.stderr
+    assert f"workdir: {REPO}/runs/demo-quick\n" in quick.stdout
+    assert "--set teacher.steps=4" in quick.stdout
+    chosen = _plan("--plan", workdir="/tmp/elsewhere")
+    assert "workdir: /tmp/elsewhere\n" in chosen.stdout
+    bad = _plan("--fast")
+    assert bad.returncode == 2 and "usage: scripts/demo.sh" in bad.stderr
+    assert bad.stdout == ""
+
+
+@pytest.mark.slow
 def test_quick_demo_runs_end_to_end(tmp_path, minilm_dir, shared_data):
     if pathlib.Path(shared_data).resolve() != (REPO.parent / "shared" / "data").resolve():
         pytest.skip("the demo reads ../shared/data beside the checkout")
@@ -26,6 +51,9 @@ def test_quick_demo_runs_end_to_end(tmp_path, minilm_dir, shared_data):
     out = result.stdout
     assert "| baseline | none |" in out and "| distilled | offline, K 8, α 0.5, pretrained teacher |" in out
     assert "val BLEU" in out and "test2016 BLEU" in out
+    assert "teacher quality at step 4 on validation: stride top-1" in out  # soft-targets
+    assert "teacher at step 4: masked accuracy" in out and "val stride top-1" in out
+    assert "baseline val accuracy" in out  # report.py, beside the teacher's figures
     work = tmp_path / "demo"
     assert (work / "curves.png").stat().st_size > 10_000
     for name in ("baseline", "distilled"):

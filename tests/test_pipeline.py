@@ -245,3 +245,54 @@ def test_an_unknown_selection_metric_is_refused(experiment):
     assert bad.returncode != 0
     assert "train.select_metric must be one of" in bad.stderr
     assert not (workdir / "students" / "bad-metric").exists()
+
+
+def test_teacher_quality_is_measured_in_training_and_shown_by_soft_targets(experiment):
+    """train-teacher's validation records the stride-masked quality of its soft targets,
+    equal to what the cached soft targets of the validation split give
+    (scripts/teacher_quality.py's arithmetic), and soft-targets prints it for the
+    checkpoint it used."""
+    import dataclasses
+    import json
+    import os
+
+    from distill_jax import configlib, storage
+    from distill_jax.data.prepared import open_prepared
+    from distill_jax.data.vocab import EOS
+    from distill_jax.soft_target_cache import CacheIdentity, open_cache
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import teacher_quality as script
+
+    workdir, teacher = experiment
+    records = [json.loads(line) for line in
+               (workdir / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in records if r["split"] == "valid" and r["step"] == 2]
+    assert len(valid) == 1
+    logged = valid[0]
+    for key in ("stride_top1", "stride_topk", "stride_p_ref"):
+        assert 0.0 <= logged[key] <= 1.0, key
+    assert logged["stride_top1"] <= logged["stride_topk"]
+
+    config = configlib.load_config_file(CONFIG)
+    split = config.data.valid_split
+    result = _cli(workdir, teacher, "soft-targets", "--set", "teacher.steps=2", "--split", split)
+    assert "teacher quality at step 2 on validation: stride top-1" in result.stdout
+
+    dataset = open_prepared(workdir / "data")
+    examples, lengths = dataset.records(split)
+    assert config.teacher.quality_examples == 0 or \
+        len(lengths) <= config.teacher.quality_examples  # the whole split was measured
+    header = json.loads((workdir / "soft_targets" / split / "header.json").read_text())
+    identity = CacheIdentity(**{f.name: header[f.name]
+                                for f in dataclasses.fields(CacheIdentity)})
+    assert identity.teacher_step == 2
+    cache = open_cache(storage.path(workdir) / "soft_targets" / split, identity,
+                       num_examples=len(lengths))
+    ids = list(range(len(lengths)))
+    logits, indices = cache.read_async(ids).result()
+    references = [[int(t) for t in r["tgt"]] + [EOS] for r in examples.__getitems__(ids)]
+    cached = script.agreement(logits, indices, references, config.distill.temperature)
+    assert cached["top1"] == pytest.approx(logged["stride_top1"], abs=1e-6)
+    assert cached["topk"] == pytest.approx(logged["stride_topk"], abs=1e-6)
+    assert cached["p_ref"] == pytest.approx(logged["stride_p_ref"], abs=2e-3)  # float16 cache

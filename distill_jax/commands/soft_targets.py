@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"soft targets of {len(cache)} {split} examples (K={cache.top_k}) are "
                       f"already in {cache_path}; nothing to do (--force recomputes them)",
                       flush=True)
+                print(quality_summary(config, workdir, selected.step), flush=True)
             return 0
 
     mesh = sharding.make_mesh(config.mesh)
@@ -186,5 +187,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(str(err)) from None
         print(f"soft targets of {writer.num_examples} {split} examples (K={identity.top_k}) "
               f"from the teacher checkpoint {selected.describe()} -> {path}", flush=True)
+        print(quality_summary(config, workdir, selected.step), flush=True)
     multihost_utils.sync_global_devices("soft-target cache finalized")
     return 0
+
+
+def quality_summary(config, workdir, step: int) -> str:
+    """The teacher checkpoint's soft-target quality on validation, from its run's log."""
+    from distill_jax import teacher_quality
+    return teacher_quality.checkpoint_summary(workdir / "teacher", step, config.teacher.top_k,
+                                              config.distill.temperature)

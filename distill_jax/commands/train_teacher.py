@@ -1,12 +1,14 @@
 """``distill-jax train-teacher``: fine-tune BERT as a conditional masked language model
-(C-MLM) over the student vocabulary; validation reports masked-token loss and accuracy."""
+(C-MLM) over the student vocabulary; validation reports masked-token loss and accuracy, and
+the soft targets' quality with stride masking (``teacher_quality``: top-1, top-K, p(ref))
+on the first ``teacher.quality_examples`` validation pairs."""
 
 from __future__ import annotations
 
 import argparse
 import jax
 
-from distill_jax import runlock, runner, sharding, train
+from distill_jax import runlock, runner, sharding, teacher_quality, train
 from distill_jax.commands import common
 from distill_jax.data.prepared import open_prepared
 from distill_jax.teacher import (abstract_init, build_teacher, checkpointer, teacher_optimizer,
@@ -57,10 +59,13 @@ def run(args: argparse.Namespace) -> int:
     log = runner.MetricsLog(out)
     state = runner.resume(manager, state, shardings, batches, log)
 
+    quality = quality_evaluator(config, dataset, teacher, shardings.params, mesh, shards)
+
     def evaluate(state, step):
         total = runner.evaluate_split(eval_step, state.params, valid, to_device)
         return {"loss": total["loss"][0] / total["loss"][1],
-                "masked_accuracy": total["accuracy"][0] / total["accuracy"][1]}
+                "masked_accuracy": total["accuracy"][0] / total["accuracy"][1],
+                **quality(state.params)}
 
     runner.train_loop(
         state=state, train_step=train_step, batches=batches, to_device=to_device,
@@ -72,3 +77,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def quality_evaluator(config, dataset, teacher, param_shardings, mesh, shards):
+    """``quality(params) -> {stride_top1, stride_topk, stride_p_ref}`` on the first
+    ``teacher.quality_examples`` validation pairs (``teacher_quality``)."""
+    from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
+
+    split = config.data.valid_split
+    pipeline = BatchPipeline(
+        *dataset.records(split, config.teacher.quality_examples),
+        PipelineConfig(seed=config.data.seed, shuffle=False, num_epochs=1,
+                       tokens_per_batch=config.teacher.tokens_per_batch, batch_multiple=shards,
+                       bucket_step=config.data.bucket_step))
+    score = teacher_quality.make_scorer(
+        teacher, param_shardings, mesh, stride=config.teacher.stride,
+        top_k=config.teacher.top_k, temperature=config.distill.temperature)
+
+    def quality(params):
+        total = None
+        for number in range(pipeline.batches_per_epoch):
+            batch = pipeline.load_batch(number)
+            arrays = sharding.shard_batch({"src": batch["src"], "tgt_out": batch["tgt_out"]},
+                                          mesh)
+            total = teacher_quality.add_sums(total, score(params, arrays["src"],
+                                                          arrays["tgt_out"]))
+        return teacher_quality.rates(total)
+
+    return quality
