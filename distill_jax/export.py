@@ -617,7 +617,11 @@ def model_card(run_dir: Path, name: str, config: TransformerConfig, vocab: Vocab
                          f"{s.get('rougeL', float('nan')):.2f} |")
     else:
         lines.append("No results.json in the run folder: not scored.")
-    lines += ["", "## Use", "", *_USAGE[library], "",
+    caveat = ([] if fmt != "marian" else [
+        "", "Copy or upload this folder as it is (`huggingface_hub.upload_folder`): "
+        "transformers' `save_pretrained` / `push_to_hub` leave Marian's position tables out "
+        "and the reloaded model would use Marian's own sinusoids, not this model's."])
+    lines += ["", "## Use", "", *_USAGE[library], *caveat, "",
               "Differences from `distill-jax generate`: the length penalty (transformers and "
               "CTranslate2 divide by `length ** alpha`, distill-jax by GNMT's "
               "`((5 + length) / 6) ** alpha`; with 0 they agree) and the length bound (one "

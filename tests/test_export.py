@@ -107,10 +107,15 @@ def test_random_student_logits_match_transformers(tmp_path, fmt, pre_layer_norm,
     ours = np.asarray(model.apply({"params": params}, jnp.asarray(src), jnp.asarray(tgt)))
     valid = tgt != 0
     assert np.abs(ours - _hf_logits(hf.eval(), src, tgt))[valid].max() < 1e-4
+    hf.save_pretrained(tmp_path / "again")
+    again = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "again").eval()
+    moved = np.abs(ours - _hf_logits(again, src, tgt))[valid].max()
     if fmt == "fsmt":  # FSMT's shifted position tables survive save_pretrained
-        hf.save_pretrained(tmp_path / "again")
-        again = transformers.FSMTForConditionalGeneration.from_pretrained(tmp_path / "again")
-        assert np.abs(ours - _hf_logits(again.eval(), src, tgt))[valid].max() < 1e-4
+        assert moved < 1e-4
+    elif fmt == "marian" and positions == "sinusoidal":
+        # Marian's are not saved, and come back as Marian's own sinusoids (docs/export.md:
+        # upload the export's files, do not re-save it)
+        assert moved > 1e-2
 
 
 @pytest.mark.parametrize("pre_layer_norm,eps,positions", [
