@@ -14,7 +14,8 @@ directory stops with exit status 2 naming the run that holds it.
   A lease not renewed for ``ttl`` seconds (default ``DEFAULT_LEASE_TTL_S``, env
   ``DISTILL_JAX_LEASE_TTL_S``; its age is measured on Cloud Storage's clock: the object's
   ``updated`` time against the ``Date`` of the answer) belongs to a dead run and is taken
-  over, again under a generation precondition, so of two runs taking it over one wins. A
+  over, again under a generation precondition, so of two runs taking it over one wins; so
+  is at once the lease of a holder on this host whose process has ended. A
   holder that finds its lease taken (it stalled for longer than ``ttl``) stops at its next
   checkpoint (:func:`check_held`) instead of writing beside the new holder.
 
@@ -135,6 +136,21 @@ def _read_record(data: bytes) -> Optional[dict]:
     return record if isinstance(record, dict) else None
 
 
+def _ended_here(record: dict) -> bool:
+    """Whether the lease's holder ran on this host and its process has ended (a rerun after
+    ``kill -9`` on the same machine need not wait for the lease to expire). A reused pid
+    only makes the holder look alive: the lease then waits for its expiry."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # (EPERM: another user's live process)
+        return False
+    return False
+
+
 class _PreconditionFailed(Exception):
     """Cloud Storage answered 412: the object's generation is not the one given."""
 
@@ -216,7 +232,8 @@ class Lease(RunLock):
                 continue
             generation, record, age = current
             ttl = float(record.get("ttl_s", self.ttl_s))
-            if age <= ttl:
+            ended = _ended_here(record)
+            if age <= ttl and not ended:
                 raise UserError(
                     f"{self.directory} is in use by {describe(record)}; its lease "
                     f"{self.url} was renewed {age:.0f} s ago. One run writes a run directory "
@@ -226,8 +243,9 @@ class Lease(RunLock):
                 taken = self._write(generation)
             except _PreconditionFailed:
                 continue  # someone else renewed or took it first: look again
-            logger.warning("took over the lease %s of %s (not renewed for %.0f s)",
-                           self.url, describe(record), age)
+            logger.warning("took over the lease %s of %s (%s)", self.url, describe(record),
+                           "a process of this host that has ended" if ended
+                           else f"not renewed for {age:.0f} s")
             return taken
         raise UserError(f"{self.directory}: could not take the lease {self.url} (other runs "
                         "keep taking it); is another run starting on this directory?")

@@ -179,3 +179,24 @@ def test_gcs_lease_renewal_keeps_a_live_holder(gcs):
             runlock.Lease(run, "second", ttl_s=30)
     finally:
         holder.release()
+
+
+def test_gcs_lease_of_an_ended_process_on_this_host_is_taken_over_at_once(gcs):
+    """A rerun after kill -9 on the same machine does not wait for the lease to expire."""
+    run = gcs.gs("work", "soft_targets")
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    holder = runlock.Lease(run, "killed", ttl_s=600)
+    holder._stop.set()
+    holder._thread.join()
+    holder.record["pid"] = int(ended.stdout)  # its record now names a process that ended
+    holder.generation = holder._write(holder.generation)
+    again = runlock.Lease(run, "rerun", ttl_s=600)
+    again.release()
+    # A live holder on this host (this very process) is not taken over.
+    live = runlock.Lease(run, "live", ttl_s=600)
+    try:
+        with pytest.raises(UserError, match="is in use by `live`"):
+            runlock.Lease(run, "second", ttl_s=600)
+    finally:
+        live.release()
