@@ -553,3 +553,29 @@ def test_bench_ctranslate2_script(exported, tmp_path):
                for r in records.values())
     assert records["ct2-float32"]["identical_to_ours"] == 8
     assert records["ours"]["machine"]["commit"]
+
+
+@pytest.mark.slow
+def test_ctranslate2_format_alone(exported, ours, sentences):
+    """--format ctranslate2: a CTranslate2 model folder with the tokenizer, card and marker,
+    translating as the ctranslate2/ folder beside the transformers export does."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from huggingface_hub import ModelCard
+    root, workdir, teacher, out, flags, layout = exported
+    if layout != "post":
+        pytest.skip("the writer is the one the generate tests check for both layouts")
+    folder = root / "ct2-only"
+    _cli(workdir, teacher, "export", "--name", layout, "--checkpoint", "latest", "--out",
+         str(folder), "--format", "ctranslate2", *flags)
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.bin", "config.json", "tokenizer.json", "README.md", export.MARKER} <= names
+    assert json.loads((folder / "config.json").read_text())["layer_norm_epsilon"] == 1e-5
+    assert ModelCard.load(folder / "README.md").data.library_name == "ctranslate2"
+    vocab = ours[2]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    alone = ctranslate2.Translator(str(folder), compute_type="float32")
+    beside = ctranslate2.Translator(str(out / "ctranslate2"), compute_type="float32")
+    batch = [tokenizer.tokenize(s) for s in sentences[:4]]
+    options = {"beam_size": 4, "suppress_sequences": export.ctranslate2_suppressed(vocab)}
+    assert [r.hypotheses for r in alone.translate_batch(batch, **options)] == \
+        [r.hypotheses for r in beside.translate_batch(batch, **options)]
