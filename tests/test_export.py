@@ -11,6 +11,7 @@ with ``distill-jax generate``."""
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -525,11 +526,13 @@ def test_bad_input_is_refused_and_writes_nothing(exported):
     assert wipe.returncode == 2 and "is the work directory" in wipe.stderr, wipe.stderr
     assert sorted(str(p) for p in workdir.rglob("*")) == before
     assert not [p for p in root.iterdir() if p.name.startswith((".refused", "refused"))]
+    earlier = root / "earlier"  # a copy: the other tests keep reading `out`
+    shutil.copytree(out, earlier)
     again = _cli(workdir, teacher, "export", "--name", layout, "--checkpoint", "latest",
-                 "--out", str(out), "--overwrite", "--format", "fsmt", *flags)
-    assert f"exported to {out} (fsmt)" in again.stdout
-    assert json.loads((out / "config.json").read_text())["model_type"] == "fsmt"
-    assert not (out / "ctranslate2").exists()  # the earlier export was replaced as a whole
+                 "--out", str(earlier), "--overwrite", "--format", "fsmt", *flags)
+    assert f"exported to {earlier} (fsmt)" in again.stdout
+    assert json.loads((earlier / "config.json").read_text())["model_type"] == "fsmt"
+    assert not (earlier / "ctranslate2").exists()  # the earlier export was replaced whole
 
 
 @pytest.mark.slow
