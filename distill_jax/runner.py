@@ -249,7 +249,7 @@ def train_loop(
                             tok_s=f"{values['target_tokens_per_s']:.0f}")
             window, tokens_since, time_since = None, 0.0, time.perf_counter()
         bar.update(1)
-        crash_point(f"step:{step}")
+        crash_point(f"step:{step}", settle=checkpoints.wait)
         eval_values = None
         if evaluate is not None and (step % eval_every == 0 or step == total_steps):
             eval_values = evaluate(state, step)
@@ -316,15 +316,19 @@ def _state_is_finite(state: Any) -> bool:
 CRASH_ENV = "DISTILL_JAX_CRASH_AT"
 
 
-def crash_point(name: str) -> None:
+def crash_point(name: str, settle: Optional[Callable[[], None]] = None) -> None:
     """For crash tests (tests/crash_matrix.py): kills this process with SIGKILL, like
-    ``kill -9``, when ``name`` is in the comma-separated ``DISTILL_JAX_CRASH_AT``. Names:
-    ``step:N`` (after update N, before anything of it is saved), ``save:N`` (right after the
-    asynchronous checkpoint save of step N started: its files are being written),
-    ``chunk:N`` (``soft-targets``: right after the N-th chunk write of the run started),
-    ``chunk-start:N`` (``soft-targets``: before the N-th chunk of the run is computed)."""
+    ``kill -9``, when ``name`` is in the comma-separated ``DISTILL_JAX_CRASH_AT`` (after
+    ``settle()``, which finishes the writes in flight: a kill *between* writes). Names:
+    ``step:N`` (after update N, the earlier saves finished, nothing of step N saved),
+    ``save:N`` (right after the asynchronous checkpoint save of step N started: its files
+    are being written), ``chunk:N`` (``soft-targets``: right after the N-th chunk write
+    of the run started), ``chunk-start:N`` (``soft-targets``: the earlier chunks stored,
+    before the N-th chunk of the run is computed)."""
     wanted = os.environ.get(CRASH_ENV)
     if wanted and name in wanted.split(","):
+        if settle is not None:
+            settle()
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)

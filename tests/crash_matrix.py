@@ -9,8 +9,9 @@ an uninterrupted run's, byte for byte.
 kills are exact: ``DISTILL_JAX_CRASH_AT`` makes the command SIGKILL itself at a named
 point (``runner.crash_point``): ``save:N`` right after the asynchronous checkpoint save of
 step N started (its files are being written), ``step:N`` after update N of a step that is
-not saved, ``chunk:N`` right after the soft-target write of the run's N-th chunk started,
-``chunk-start:N`` before the N-th chunk is computed.
+not saved, once the earlier saves have finished, ``chunk:N`` right after the soft-target
+write of the run's N-th chunk started, ``chunk-start:N`` once the earlier chunks are
+stored, before the N-th is computed.
 
 One uninterrupted reference run is made first; each killed case starts from a copy of the
 reference work directory without the stage's own output (so the stages before it are the
@@ -70,7 +71,7 @@ CASES = {
     "teacher": [("save:3", "during the checkpoint save of step 3"),
                 ("step:5", "between saves, after step 5")],
     "soft-targets": [("chunk:2", "during the write of the third chunk"),
-                     ("chunk-start:3", "between chunk writes, before the fourth chunk")],
+                     ("chunk-start:3", "between chunk writes (the first three stored)")],
     "student": [("save:4", "during the checkpoint save of step 4"),
                 ("step:5", "between saves, after step 5")],
 }

@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     bar = runner.progress(writer.num_chunks, writer.num_chunks - len(pending),
                           f"soft targets ({split}, chunks)", args.no_progress)
     for turn, chunk in enumerate(pending):
-        runner.crash_point(f"chunk-start:{turn}")  # (crash tests only)
+        runner.crash_point(f"chunk-start:{turn}", settle=writer.flush)  # (crash tests only)
         examples = np.asarray(writer.examples_of(chunk), np.int64)  # [examples of the chunk]
         pipeline = BatchPipeline(_Subset(records, examples), lengths[examples], pipeline_config)
         owner = turn % jax.process_count()
