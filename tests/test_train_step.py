@@ -300,7 +300,7 @@ def test_schedule_errors():
 
 
 def test_weight_decay_mask_excludes_bias_and_layernorm():
-    _, init_params, _ = teacher_setup()
+    init_params = teacher_setup()[1]
     params = init_params()
     mask = optim.weight_decay_mask(params)
     flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
