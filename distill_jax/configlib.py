@@ -147,14 +147,6 @@ def to_dict(config: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
-def save_json(config: Any, path: str) -> None:
-    """Writes the config as JSON atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(to_dict(config), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 _NO_DEFAULT = "<no default>"
 
 

@@ -10,8 +10,8 @@ Shapes used throughout:
 
 Every loss returns a SUM over weighted positions, never a mean, so that the caller can
 divide by the number of target tokens counted across devices and gradient-accumulation
-steps. Metrics are ``(sum, count)`` pairs for the same reason (see ``merge_metrics`` and
-``normalize_metrics``).
+steps. Metrics are ``(sum, count)`` pairs for the same reason (see ``runner.add_metrics``,
+which accumulates them, and ``normalize_metrics``).
 
 Distillation modes (``T`` is the temperature, ``p`` the teacher, ``q`` the student):
 
@@ -366,22 +366,6 @@ def combined_loss(student_logits, targets, weights, *, alpha=0.5, label_smoothin
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def merge_metrics(a: Mapping, b: Mapping) -> Metrics:
-    """Adds two metric dicts pair-wise ((s1, c1) + (s2, c2) = (s1 + s2, c1 + c2)).
-
-    Keys present in only one of them are carried over, so ``merge_metrics({}, m) == m``
-    starts an accumulation. Works on Python numbers, NumPy and JAX arrays (inside jit too).
-    """
-    merged = dict(a)
-    for name, (s, c) in b.items():
-        if name in merged:
-            s0, c0 = merged[name]
-            merged[name] = (s0 + s, c0 + c)
-        else:
-            merged[name] = (s, c)
-    return merged
 
 
 def normalize_metrics(metrics: Mapping) -> dict[str, float]:

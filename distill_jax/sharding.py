@@ -92,19 +92,26 @@ def maybe_initialize_distributed(
     coordinator_address: Optional[str] = None,
     num_processes: Optional[int] = None,
     process_id: Optional[int] = None,
+    *,
+    auto: bool = False,
 ) -> None:
-    """Calls ``jax.distributed.initialize`` for multi-process runs; no-op for one process.
+    """Joins the processes of a multi-process run (``jax.distributed.initialize``); no-op
+    for a single process.
 
-    With no arguments on a cluster that JAX detects itself (TPU pods, SLURM), pass
-    ``num_processes`` > 1 or a coordinator address to opt in.
-    """
-    if coordinator_address is None and (num_processes is None or num_processes <= 1):
+    ``auto`` lets JAX detect the cluster itself (TPU pods, SLURM). Otherwise a coordinator
+    address or ``num_processes`` > 1 opts in, and then all three values are needed (a
+    ``UserError`` names them)."""
+    if auto:
+        jax.distributed.initialize()
         return
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-    )
+    if coordinator_address is None and (num_processes or 1) <= 1:
+        return
+    if coordinator_address is None or num_processes is None or process_id is None:
+        from distill_jax.errors import UserError
+        raise UserError("a multi-process run needs --coordinator, --num-processes and "
+                        "--process-id (or their DISTILL_JAX_* environment variables)")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
 
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:

@@ -5,7 +5,7 @@ from typing import Optional
 
 import pytest
 
-from distill_jax import configlib
+from distill_jax import configlib, runner
 from distill_jax.errors import UserError
 
 
@@ -55,7 +55,7 @@ def test_config_file_round_trip_and_diff(tmp_path):
                     "class Outer:\n    inner: Inner = Inner()\n"
                     "def get_config():\n    return Outer()\n")
     cfg = configlib.load_config_file(str(path))
-    configlib.save_json(cfg, str(tmp_path / "c.json"))
+    runner.check_or_save_config(cfg, tmp_path / "c.json", what="test")
     changed = configlib.override(cfg, ["inner.steps=11"])
     import json
     saved = json.loads((tmp_path / "c.json").read_text())
@@ -101,8 +101,6 @@ def test_resuming_a_run_saved_before_a_field_was_added(tmp_path):
     """runner.check_or_save_config resumes a run whose saved config predates a new field
     (left at its default) and names the field when the new run sets it."""
     import json
-
-    from distill_jax import runner
 
     path = tmp_path / "run" / "config.json"
     runner.check_or_save_config(Outer(), path, what="test")

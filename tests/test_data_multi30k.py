@@ -8,7 +8,7 @@ import pytest
 
 from distill_jax.cli import main
 from distill_jax.data.cmlm import masked_capacity, masked_positions
-from distill_jax.data.pipeline import BatchPipeline, PipelineConfig, to_global_arrays
+from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
 from distill_jax.data.prepared import open_prepared
 from distill_jax.data.vocab import BOS, EOS, UNK, TeacherTokenizer, detokenize
 
@@ -224,7 +224,8 @@ def test_global_arrays_on_the_mesh(prepared):
     from jax.sharding import Mesh
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2, 1), ("data", "fsdp", "tensor"))
     batch = next(iter(_pipeline(prepared)))
-    arrays = to_global_arrays(batch, mesh)
+    from distill_jax import sharding
+    arrays = sharding.shard_batch(batch, mesh)
     assert arrays["src"].shape == batch["src"].shape
     assert arrays["src"].sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_array_equal(np.asarray(arrays["tgt_out"]), batch["tgt_out"])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax import losses
+from distill_jax import losses, runner
 
 B, T, V, K = 3, 5, 11, 4
 LENGTHS = (5, 3, 1)  # real target tokens per row; the rest is padding
@@ -398,7 +398,7 @@ def test_metrics_accumulate_over_split_batches():
     total, full = step(logits, targets, weights, sparse, indices)
     _, first = step(logits[:1], targets[:1], weights[:1], sparse[:1], indices[:1])
     _, second = step(logits[1:], targets[1:], weights[1:], sparse[1:], indices[1:])
-    merged = losses.merge_metrics(losses.merge_metrics({}, first), second)
+    merged = runner.add_metrics(runner.add_metrics(None, first), second)
     assert set(merged) == set(full)
     for name in full:
         np.testing.assert_allclose(float(merged[name][0]), float(full[name][0]), rtol=1e-5)

@@ -118,4 +118,13 @@ def test_state_born_sharded_on_2x2x2():
 
 def test_maybe_initialize_distributed_single_process_is_noop():
     sharding.maybe_initialize_distributed()
+    sharding.maybe_initialize_distributed(None, 1, 0)
     assert jax.process_count() == 1
+
+
+def test_maybe_initialize_distributed_names_what_a_multi_process_run_lacks():
+    from distill_jax.errors import UserError
+    with pytest.raises(UserError, match="--coordinator, --num-processes and --process-id"):
+        sharding.maybe_initialize_distributed("localhost:1234", 2, None)
+    with pytest.raises(UserError, match="--coordinator"):
+        sharding.maybe_initialize_distributed(None, 2, 0)

@@ -7,9 +7,7 @@ import argparse
 import os
 from typing import Optional
 
-import jax
-
-from distill_jax import configlib, storage
+from distill_jax import configlib, sharding, storage
 from distill_jax.errors import UserError
 from distill_jax.experiment import ExperimentConfig, with_overrides
 
@@ -49,16 +47,11 @@ def _env_int(name: str) -> Optional[int]:
 
 
 def initialize_processes(args: argparse.Namespace) -> None:
-    """Joins the processes of a multi-process run (no-op for a single process)."""
-    if getattr(args, "distributed_auto", False):
-        jax.distributed.initialize()
-        return
-    if args.coordinator or (args.num_processes or 1) > 1:
-        if args.coordinator is None or args.num_processes is None or args.process_id is None:
-            raise UserError("a multi-process run needs --coordinator, --num-processes and "
-                            "--process-id (or their DISTILL_JAX_* environment variables)")
-        jax.distributed.initialize(coordinator_address=args.coordinator,
-                                   num_processes=args.num_processes, process_id=args.process_id)
+    """Joins the processes of a multi-process run from the parsed flags (no-op for a single
+    process; ``sharding.maybe_initialize_distributed``)."""
+    sharding.maybe_initialize_distributed(
+        args.coordinator, args.num_processes, args.process_id,
+        auto=getattr(args, "distributed_auto", False))
 
 
 def workdir(args: argparse.Namespace) -> storage.epath.Path:

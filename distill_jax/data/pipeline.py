@@ -307,21 +307,3 @@ class BatchIterator:
                 raise UserError(f"cannot restore the data iterator: saved {key} {state.get(key)} "
                              f"differs from this pipeline's {ours} (different data or config)")
         self._start(int(state["epoch"]) * p.batches_per_epoch + int(state["position"]))
-
-
-def data_sharding(mesh, batch_axes: tuple[str, ...] = ("data", "fsdp")):
-    """NamedSharding splitting the batch axis over the mesh's ``batch_axes`` that exist."""
-    from jax.sharding import NamedSharding, PartitionSpec
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    return NamedSharding(mesh, PartitionSpec(axes if axes else None))
-
-
-def to_global_arrays(batch: dict[str, np.ndarray], mesh,
-                     batch_axes: tuple[str, ...] = ("data", "fsdp")) -> dict:
-    """Global ``jax.Array``s of a host-local batch, batch axis sharded over ``batch_axes``."""
-    import jax
-    sharding = data_sharding(mesh, batch_axes)
-    count = jax.process_count()
-    return {k: jax.make_array_from_process_local_data(
-                sharding, v, (v.shape[0] * count,) + v.shape[1:])
-            for k, v in batch.items()}
