@@ -20,7 +20,7 @@ import statistics
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from benchlib import cpu_model, git_commit  # noqa: E402
+from provenance import cpu_model, git_commit  # noqa: E402
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:

@@ -20,7 +20,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from benchlib import cpu_model, git_commit  # noqa: E402
+from provenance import cpu_model, git_commit  # noqa: E402
 
 COLUMNS = ("loss", "masked_accuracy", "stride_top1", "stride_topk", "stride_p_ref")
 

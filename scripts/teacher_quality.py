@@ -39,7 +39,7 @@ from distill_jax.commands import common
 from distill_jax.data.prepared import open_prepared
 from distill_jax.data.vocab import EOS
 from distill_jax.errors import UserError
-from benchlib import cpu_model, git_commit  # noqa: E402
+from provenance import cpu_model, git_commit  # noqa: E402
 
 
 def agreement(logits: list[np.ndarray], indices: list[np.ndarray], references: list[list[int]],

@@ -1,4 +1,4 @@
-"""scripts/bench_scaling.py: the HLO collective accounting and one real measurement."""
+"""scripts/bench/bench_scaling.py: the HLO collective accounting and one real measurement."""
 
 import os
 import sys
@@ -6,8 +6,10 @@ import sys
 import jax
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts", "bench"))
 import bench_scaling  # noqa: E402
+
+pytestmark = pytest.mark.bench  # benchmark tools: out of the fast tier, run in CI
 
 HLO = """
 ENTRY %main {

@@ -1,10 +1,14 @@
-"""scripts/bench_summary.py: the per-shape ratio table BENCHMARKS.md is made of."""
+"""scripts/bench/bench_summary.py: the per-shape ratio table BENCHMARKS.md is made of."""
 
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts", "bench"))
 import bench_summary  # noqa: E402
+
+pytestmark = pytest.mark.bench  # benchmark tools: out of the fast tier, run in CI
 
 
 def _pair(run, length, ratio, variant=None):

@@ -1,5 +1,5 @@
-"""The CPU profile readers the profiling scripts share (scripts/benchlib.py), and
-scripts/profile/profile_beam.py end to end on a tiny model."""
+"""The CPU profile readers the profiling scripts share (scripts/bench/benchlib.py), and
+scripts/bench/profile/profile_beam.py end to end on a tiny model."""
 
 import os
 import re
@@ -10,11 +10,13 @@ import jax
 import pytest
 import jax.numpy as jnp
 
-SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
-sys.path.insert(0, os.path.join(SCRIPTS, "profile"))
-sys.path.insert(0, SCRIPTS)
+BENCH = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench")
+sys.path.insert(0, os.path.join(BENCH, "profile"))
+sys.path.insert(0, BENCH)
 import benchlib  # noqa: E402
 import profile_beam  # noqa: E402
+
+pytestmark = pytest.mark.bench  # investigation tools: out of the fast tier, run in CI
 
 
 def test_thunk_table_maps_traced_thunks_to_op_names(tmp_path):
@@ -44,7 +46,7 @@ def test_thunk_table_maps_traced_thunks_to_op_names(tmp_path):
 @pytest.mark.slow  # among the longest tests: kept out of the fast tier
 def test_profile_beam_groups_every_op():
     out = subprocess.run(
-        [sys.executable, os.path.join(SCRIPTS, "profile", "profile_beam.py"), "--batch", "2",
+        [sys.executable, os.path.join(BENCH, "profile", "profile_beam.py"), "--batch", "2",
          "--src-len", "6", "--new-tokens", "4", "--beams", "3", "--vocab", "40",
          "--padded-rows", "1", "--d-model", "16", "--mlp-dim", "32", "--heads", "2",
          "--layers", "1", "--calls", "1", "--warmup", "1"],

@@ -20,7 +20,7 @@ profiles, of their time), so this table bounds what model code can reach against
 a machine: where torch's GEMM is faster for the same shapes, a program made only of them
 is slower by about as much.
 
-Run: ``python scripts/profile/bench_matmul.py [--runs 15] [--variant ...] [--json out.json]``.
+Run: ``python scripts/bench/profile/bench_matmul.py [--runs 15] [--variant ...] [--json out.json]``.
 """
 
 from __future__ import annotations

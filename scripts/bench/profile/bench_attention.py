@@ -23,7 +23,7 @@ with padding; forward pass only, or forward + gradient (``--grad``). Shapes (``-
 Each case: both jitted programs, their largest difference, then alternating timed rounds
 (``benchlib.time_interleaved``) and the ratio of the medians.
 
-Run: ``python scripts/profile/bench_attention.py [--case teacher128 ...] [--grad] [--runs 9]``.
+Run: ``python scripts/bench/profile/bench_attention.py [--case teacher128 ...] [--grad] [--runs 9]``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))))
 
 from distill_jax import runtime  # noqa: E402
 

@@ -4,7 +4,7 @@ MFU is measured against this machine's own peak: the best of several jitted
 2048x2048 float32 matmuls. FLOPs per step are counted analytically (6 * matmul
 parameters * tokens + attention terms) and read from XLA's cost analysis.
 
-  python scripts/bench_step.py [--configs tiny,reference] [--steps 5] [--json PATH]
+  python scripts/bench/bench_step.py [--configs tiny,reference] [--steps 5] [--json PATH]
 """
 
 from __future__ import annotations

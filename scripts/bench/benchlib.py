@@ -1,4 +1,4 @@
-"""Shared helpers of the comparison benchmarks (``scripts/bench_*.py``).
+"""Shared helpers of the comparison benchmarks (``scripts/bench/bench_*.py``).
 
 What every benchmark does with them:
 
@@ -41,8 +41,13 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from typing import Any, Callable, Optional, Sequence
+
+# scripts/: the record provenance the user-facing scripts share (scripts/provenance.py)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from provenance import cpu_model, git_commit  # noqa: E402
 
 MIN_RUNS = 5
 DTYPES = ("float32", "bfloat16")
@@ -280,39 +285,11 @@ def warn_if_loaded(info: dict, threshold: float = 0.5) -> None:
               "the timings (torch's especially) are not representative")
 
 
-def cpu_model() -> str:
-    """The CPU's ``model name`` from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _version(module: str) -> Optional[str]:
     try:
         return __import__(module).__version__
     except ImportError:
         return None
-
-
-def git_commit() -> str:
-    """The checkout's commit (with ``+dirty`` when tracked files differ from it), so that a
-    record names the code that produced it; ``unknown`` outside a git checkout."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def machine_info(*, with_torch: bool = True, dtype: str = "float32") -> dict:

@@ -1,7 +1,7 @@
 """Summarises the runs of a comparison benchmark kept in one record file: per shape, the
 number of runs and the median and range of ours / theirs (throughput ratio).
 
-  python scripts/bench_summary.py results/xeon/bench_teacher.json [more records ...]
+  python scripts/bench/bench_summary.py results/xeon/bench_teacher.json [more records ...]
 
 A record file is the JSON list that ``bench_teacher.py`` / ``bench_student_step.py`` /
 ``bench_beam.py`` write with ``--json``; files that hold several runs tag each record with

@@ -10,7 +10,7 @@ full update: forward, backward, optimizer.
   ours    ``train.student_loss_fn`` + ``train.make_train_step`` (one ``jax.jit`` with
           shardings and a donated state) on a 1-device mesh, state from
           ``sharding.create_sharded_state``, optimizer ``optim.OptimizerConfig.student()``
-  theirs  ``scripts/torch_student.py``: ``nn.TransformerEncoderLayer`` /
+  theirs  ``scripts/bench/torch_student.py``: ``nn.TransformerEncoderLayer`` /
           ``nn.TransformerDecoderLayer`` (eager), the same loss, ``torch.optim.Adam``
           (``--torch-adam``, default the fused CPU kernel) + ``LambdaLR``,
           ``torch.set_num_threads(os.cpu_count())``
@@ -35,7 +35,7 @@ width, V vocabulary, Le / Ld layers; element-wise work not counted):
 i.e. ~6 x (non-embedding parameters) x tokens + attention + output-projection terms.
 Throughput is target tokens (B * T, padded) per second.
 
-Run: ``python scripts/bench_student_step.py [--batch 32 --src-len 32 --tgt-len 32] [--json out.json]``.
+Run: ``python scripts/bench/bench_student_step.py [--batch 32 --src-len 32 --tgt-len 32] [--json out.json]``.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ token budget and bucket step, shuffled as in training. Each reader pass reads ``
 batches; ``--runs`` passes each, the median is reported. The caches are read cold the
 first pass (local: from the page cache after the write).
 
-Run: ``python scripts/bench_cache.py [--json results/bench_cache.json]``.
+Run: ``python scripts/bench/bench_cache.py [--json results/bench_cache.json]``.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.insert(0, os.path.join(REPO, "scripts"))
+sys.path.insert(0, os.path.join(REPO, "scripts", "bench"))
 from benchlib import cpu_model, git_commit  # noqa: E402
 
 

@@ -15,7 +15,7 @@ work at these sizes).
 ``cache_phases`` (decoding in phases over growing caches; 1 = one cache of N slots from
 the first step), so the table shows what growing the caches saves as N grows.
 
-Run: ``python scripts/bench_generate_scaling.py [--search beam|greedy] [--json out.json]``.
+Run: ``python scripts/bench/bench_generate_scaling.py [--search beam|greedy] [--json out.json]``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The student train step compiled with XLA's default options against the same step
 compiled with extra ones, timed in alternating rounds in one process.
 
-  python scripts/profile/bench_step_compiler_options.py xla_cpu_experimental_ynn_fusion_type=
+  python scripts/bench/profile/bench_step_compiler_options.py xla_cpu_experimental_ynn_fusion_type=
 
 The step is the issue-#6 reference one (6+6 layers, d 512, vocabulary 10,000, offline KD
 with K = 8, alpha 0.5; 32 sentences of 32 source and 32 target tokens, random ids), built
@@ -17,7 +17,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))))
 
 from distill_jax import runtime  # noqa: E402
 

@@ -24,13 +24,13 @@ Suites:
   process 0 writes. ``--compare ONE.json TWO.json`` prints the 1-vs-2-process table.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
-      python scripts/bench_scaling.py --suite strong,weak --json results/bench_scaling.json \\
+      python scripts/bench/bench_scaling.py --suite strong,weak --json results/bench_scaling.json \\
       --plot results/bench_scaling.png
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
-      python scripts/bench_scaling.py --suite processes --json results/bench_scaling_1proc.json
+      python scripts/bench/bench_scaling.py --suite processes --json results/bench_scaling_1proc.json
   DEVICES_PER_PROCESS=4 scripts/launch_local.sh 2 \\
-      python scripts/bench_scaling.py --suite processes --json results/bench_scaling_2proc.json
-  python scripts/bench_scaling.py --compare results/bench_scaling_1proc.json \\
+      python scripts/bench/bench_scaling.py --suite processes --json results/bench_scaling_2proc.json
+  python scripts/bench/bench_scaling.py --compare results/bench_scaling_1proc.json \\
       results/bench_scaling_2proc.json
 """
 

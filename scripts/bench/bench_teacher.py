@@ -31,7 +31,7 @@ compiler setting is compared with the default in one process, against the same t
 mask applied as a select (``fast_paths.MASK_BY_BIAS = False``, the form before
 2026-12-02) instead of the additive bias of inference calls.
 
-Run: ``python scripts/bench_teacher.py [--lengths 64 128] [--json out.json]``.
+Run: ``python scripts/bench/bench_teacher.py [--lengths 64 128] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 
 DEFAULT_CHECKPOINT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     ".cache", "distill-jax", "all-MiniLM-L6-v2")
 CLS, SEP = 101, 102  # BERT uncased special ids ([PAD] = 0)
 FIRST_WORD_ID = 1000  # ids below are [PAD]/[unused*]/[UNK]/[CLS]/[SEP]/[MASK] and symbols

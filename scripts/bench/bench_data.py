@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Input-pipeline benchmark on a prepared dataset (e.g. Multi30k train).
 
-    python scripts/bench_data.py PREPARED_DIR [--split train] [--tokens-per-batch 4096]
+    python scripts/bench/bench_data.py PREPARED_DIR [--split train] [--tokens-per-batch 4096]
         [--bucket-step 8] [--threads 2] [--epochs 1] [--mlm-mask-rate 0.15]
 
 Prints batches/s, real tokens/s (source + target), the padding fraction and the number of

@@ -1,6 +1,6 @@
 """Where our jitted beam search spends its time on a CPU, grouped by what each op computes.
 
-Builds the same model and sources as ``scripts/bench_beam.py`` (random post-LN student,
+Builds the same model and sources as ``scripts/bench/bench_beam.py`` (random post-LN student,
 d 512, 6 + 6 layers, vocabulary 10k, EOS = BOS so that every sentence runs all N steps),
 compiles ``decode.beam_search``, runs it ``--warmup`` times, then ``--calls`` times under
 ``jax.profiler.trace`` and prints the XLA thunks of the host trace, mapped to the
@@ -19,7 +19,7 @@ slots grow with ``--new-tokens`` (``max_len * beams`` slots per sentence, or per
 ``end * beams``), so running the script for several N with ``--cache-phases 1`` shows how
 the self-attention core scales with the cache.
 
-Run: ``python scripts/profile/profile_beam.py [--new-tokens 32] [--cache-phases N]
+Run: ``python scripts/bench/profile/profile_beam.py [--new-tokens 32] [--cache-phases N]
 [--compiler-option KEY=VALUE]``.
 """
 

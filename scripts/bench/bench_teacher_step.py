@@ -19,7 +19,7 @@ draws them at ``--mask-rate`` (the full config's 0.3). A run is one step on each
 throughput counts real (source + target) tokens per second. Dropout is on, as in
 fine-tuning.
 
-Run: ``python scripts/bench_teacher_step.py [--runs 7] [--json results/bench_teacher_step.json]``.
+Run: ``python scripts/bench/bench_teacher_step.py [--runs 7] [--json results/bench_teacher_step.json]``.
 """
 
 from __future__ import annotations

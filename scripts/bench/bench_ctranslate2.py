@@ -29,7 +29,7 @@ hypotheses are also compared with ours token for token (``identical_to_ours``).
 ``--train-steps N`` first trains the student (``distill-jax train-student`` with
 ``train.steps=N``) when the work directory has none yet; the prepared dataset must exist.
 
-Run: ``python scripts/bench_ctranslate2.py --config configs/multi30k_full.py --workdir
+Run: ``python scripts/bench/bench_ctranslate2.py --config configs/multi30k_full.py --workdir
 runs/bench_ct2 --set teacher.checkpoint=$TEACHER --set distill.kd=none --name baseline
 --split test2016 --sentences 500 --json results/bench_ctranslate2.json``.
 """

@@ -7,13 +7,13 @@
 #     transformers' MarianMTModel.generate on the GPU;
 #   * teacher forward (MiniLM shapes: 6 layers, 384 wide) at B32 x 64/128 and B256 x 128,
 #     the last also with the fused cuDNN attention kernel.
-# Usage: bash scripts/bench_gpu.sh OUT_DIR [TEACHER_CHECKPOINT]
+# Usage: bash scripts/bench/bench_gpu.sh OUT_DIR [TEACHER_CHECKPOINT]
 # Without a checkpoint, a randomly initialised BERT of all-MiniLM-L6-v2's shape is saved
 # in Hugging Face format first (timings do not depend on the weights' values).
 set -euo pipefail
-out=${1:?usage: bash scripts/bench_gpu.sh OUT_DIR [TEACHER_CHECKPOINT]}
+out=${1:?usage: bash scripts/bench/bench_gpu.sh OUT_DIR [TEACHER_CHECKPOINT]}
 checkpoint=${2:-}
-here=$(cd "$(dirname "$0")/.." && pwd)
+here=$(cd "$(dirname "$0")/../.." && pwd)
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # JAX and torch share the GPU in one process: JAX preallocates only part of it.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
@@ -34,20 +34,20 @@ print("saved a random MiniLM-shaped BERT to", sys.argv[1])
 PY
 fi
 
-step() { python3 "$here/scripts/bench_student_step.py" --dtype bfloat16 --runs 10 --warmup 3 "$@"; }
+step() { python3 "$here/scripts/bench/bench_student_step.py" --dtype bfloat16 --runs 10 --warmup 3 "$@"; }
 step --batch 32 --src-len 32 --tgt-len 32 --json "$out/student_step_b32.json"
 step --batch 256 --src-len 64 --tgt-len 64 --padded-rows 32 --json "$out/student_step_b256.json"
 step --batch 512 --src-len 64 --tgt-len 64 --padded-rows 64 --json "$out/student_step_b512.json"
 
-beam() { python3 "$here/scripts/bench_beam.py" --dtype bfloat16 --runs 5 "$@"; }
+beam() { python3 "$here/scripts/bench/bench_beam.py" --dtype bfloat16 --runs 5 "$@"; }
 beam --batch 32 --json "$out/beam_b32.json"
 beam --batch 256 --padded-rows 32 --json "$out/beam_b256.json"
 
-python3 "$here/scripts/bench_teacher.py" --dtype bfloat16 --runs 10 --checkpoint "$checkpoint" \
+python3 "$here/scripts/bench/bench_teacher.py" --dtype bfloat16 --runs 10 --checkpoint "$checkpoint" \
   --batch 32 --lengths 64 128 --json "$out/teacher_b32.json"
-python3 "$here/scripts/bench_teacher.py" --dtype bfloat16 --runs 10 --checkpoint "$checkpoint" \
+python3 "$here/scripts/bench/bench_teacher.py" --dtype bfloat16 --runs 10 --checkpoint "$checkpoint" \
   --batch 256 --lengths 128 --padded-rows 32 --json "$out/teacher_b256.json"
 # the fused cuDNN attention kernel (teacher.inference_attention = "cudnn")
-python3 "$here/scripts/bench_teacher.py" --dtype bfloat16 --runs 10 --checkpoint "$checkpoint" \
+python3 "$here/scripts/bench/bench_teacher.py" --dtype bfloat16 --runs 10 --checkpoint "$checkpoint" \
   --attention cudnn --batch 256 --lengths 128 --padded-rows 32 --json "$out/teacher_b256_cudnn.json"
 [ -n "${2:-}" ] || rm -rf "$checkpoint"

@@ -1,6 +1,6 @@
 """Where the teacher's forward pass spends its time on a CPU: our ops and torch's, side by side.
 
-Builds the same batch as ``scripts/bench_teacher.py`` (``[CLS] a [SEP] b [SEP]`` rows of
+Builds the same batch as ``scripts/bench/bench_teacher.py`` (``[CLS] a [SEP] b [SEP]`` rows of
 random WordPiece ids, a few padded), runs ``--warmup`` forward passes, then ``--steps``
 under a profiler, and prints the time per forward pass grouped by what the op computes:
 
@@ -15,7 +15,7 @@ The two profilers measure differently (host-thread thunk spans vs. aten self tim
 both add overhead, so compare rows within a column more than across; ``bench_teacher.py``
 is the benchmark. ``--compiler-option KEY=VALUE`` compiles ours with XLA options.
 
-Run: ``python scripts/profile/profile_teacher.py [--length 128] [--torch]``.
+Run: ``python scripts/bench/profile/profile_teacher.py [--length 128] [--torch]``.
 """
 
 from __future__ import annotations

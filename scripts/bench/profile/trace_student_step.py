@@ -1,6 +1,6 @@
 """Where one student train step spends its time: a profiler trace and a kernel table.
 
-Builds the reference student step exactly as ``scripts/bench_student_step.py`` does
+Builds the reference student step exactly as ``scripts/bench/bench_student_step.py`` does
 (post-LN 6 + 6, d 512, ff 2048, label smoothing + top-K "paper" distillation, Adam,
 ``--dtype``), runs ``--warmup`` steps, then records ``--steps`` steps under
 ``jax.profiler.trace(..., create_perfetto_trace=True)`` and prints the device ops that
@@ -9,7 +9,7 @@ grouped by name, with their share of the device time. The table is meant for GPU
 whose kernels form one flat timeline; on CPUs it sums the host's XLA thread events,
 which nest, so its totals there overstate the step (the trace itself is still useful).
 
-Run: ``python scripts/profile/trace_student_step.py OUT_DIR [--batch 512 --src-len 64 --tgt-len 64]``
+Run: ``python scripts/bench/profile/trace_student_step.py OUT_DIR [--batch 512 --src-len 64 --tgt-len 64]``
 (``OUT_DIR/trace`` then holds the trace, viewable in Perfetto or TensorBoard).
 """
 

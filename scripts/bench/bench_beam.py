@@ -43,7 +43,7 @@ reordering not counted):
 (our cache attends over all the slots the current phase's cache has, masked; the count
 above is the work both need). Throughput: sentences/s and generated tokens/s (B * N per call).
 
-Run: ``python scripts/bench_beam.py [--batch 32 --src-len 32 --new-tokens 32] [--json out.json]``.
+Run: ``python scripts/bench/bench_beam.py [--batch 32 --src-len 32 --new-tokens 32] [--json out.json]``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,40 @@
+"""Where a result record came from: the machine's CPU and the checkout's commit.
+
+Shared by the scripts that write records into ``results/`` (``report.py``,
+``teacher_quality.py``, ``teacher_curve.py``) and by the benchmarks
+(``scripts/bench/benchlib.py``), so that every record names the hardware and the code
+that produced it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_model() -> str:
+    """The CPU's ``model name`` from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit(root: str = REPO) -> str:
+    """The checkout's commit (with ``+dirty`` when tracked files differ from it), so that a
+    record names the code that produced it; ``unknown`` outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")

@@ -1,0 +1,29 @@
+"""scripts/provenance.py: the machine and commit every record in results/ names."""
+
+import os
+import re
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+import provenance  # noqa: E402
+
+
+def test_git_commit_names_this_checkout():
+    head = subprocess.run(["git", "-C", provenance.REPO, "rev-parse", "--short=12", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode != 0:
+        assert provenance.git_commit() == "unknown"
+        return
+    commit = provenance.git_commit()
+    assert re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", commit), commit
+    assert commit.split("+")[0] == head.stdout.strip()
+
+
+def test_git_commit_outside_a_checkout_is_unknown(tmp_path):
+    assert provenance.git_commit(str(tmp_path)) == "unknown"
+
+
+def test_cpu_model_is_a_name():
+    model = provenance.cpu_model()
+    assert isinstance(model, str) and model.strip() == model and model
