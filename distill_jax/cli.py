@@ -3,6 +3,9 @@
 Each subcommand lives in its own module under ``distill_jax/commands``, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported only when their subcommand runs, so
 ``distill-jax --help`` stays fast.
+
+``--verbosity`` (before or after the subcommand) sets which status messages are logged to
+standard error (``distill_jax/logs.py``); results stay on standard output.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import sys
 import traceback
 
+from distill_jax import logs
 from distill_jax.errors import UserError
 
 # (subcommand, module, one-line help)
@@ -34,15 +38,25 @@ SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def _add_verbosity(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """``--verbosity``; on a subcommand its default is suppressed, so that a value given
+    before the subcommand is not overwritten."""
+    parser.add_argument(
+        "--verbosity", type=str.lower, choices=list(logs.VERBOSITIES),
+        default=argparse.SUPPRESS if default is None else default,
+        help="which status messages are logged to standard error (default: info)")
+
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only ``command``'s module is imported to add its arguments."""
     parser = argparse.ArgumentParser(
         prog="distill-jax",
         description="Distil a C-MLM fine-tuned BERT into a Transformer seq2seq student.")
+    _add_verbosity(parser, "info")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name, help_text in SUBCOMMANDS:
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        _add_verbosity(sub_parser, None)
         sub_parser.set_defaults(_module=module_name)
         if name == command:
             importlib.import_module(module_name).add_arguments(sub_parser)
@@ -54,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     names = {name for name, _, _ in SUBCOMMANDS}
     command = next((arg for arg in argv if arg in names), None)
     args = build_parser(command).parse_args(argv)
+    with logs.configured(args.verbosity):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     # Before any JAX computation: keep freed host memory for reuse (distill_jax.runtime).
     from distill_jax import runtime
 

@@ -6,10 +6,13 @@ to ``--out`` (docs/export.md)."""
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from distill_jax import export, runner, student
 from distill_jax.commands import common
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     name = args.name or student.default_name(config)
     mesh = sharding.make_mesh(config.mesh)
+    logger.info("loading student %s (checkpoint %s) from %s", name, args.checkpoint, workdir)
     model, params, vocab = student.load_trained(config, workdir, name, args.checkpoint, mesh)
     if not runner.is_chief():
         return 0
@@ -49,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     langs = direction if len(direction) == 2 else ["src", "tgt"]
     card = export.model_card(workdir / "students" / name, name, model.config,
                              vocab, meta, args.checkpoint, fmt, langs, args.license)
+    logger.info("writing the %s export to %s", fmt, args.out)
     out = export.export(args.out, params, model.config, vocab, config.decode, card, langs,
                         fmt=fmt, ctranslate2=args.ctranslate2, overwrite=args.overwrite,
                         workdir=args.workdir)

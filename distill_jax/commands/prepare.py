@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +20,8 @@ from distill_jax.errors import UserError
 from distill_jax.data import builders
 from distill_jax.data.prepared import DATASET_FORMAT
 from distill_jax.data.vocab import TeacherTokenizer, Vocabulary
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,11 +138,14 @@ def run(args: argparse.Namespace) -> int:
         texts = _read_texts(args, spec, direction)
         train_split, text_format = spec.train_split, spec.text or None
 
+    logger.info("read %s (%s): %s", args.dataset, direction, ", ".join(
+        f"{split} {len(src)} pairs" for split, (src, _) in texts.items()))
     tokenizer = TeacherTokenizer.load(args.teacher)
     given_vocab = Vocabulary.load(args.vocab, tokenizer) if args.vocab else None
     vocab, encoded = builders.encode_corpus(texts, train_split, tokenizer, given_vocab,
                                             args.min_count, args.size_multiple, limits)
     _refuse_empty_splits(encoded, args.dataset, split_files)
+    logger.info("writing the dataset (TFDS array_record) to %s", out)
     _write_dataset(out, args.dataset, direction, vocab, encoded, limits, text_format)
     _print_counts(encoded, out, vocab)
     return 0

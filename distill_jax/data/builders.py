@@ -20,6 +20,7 @@ described by ``ArchiveCorpusSpec``.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,6 +31,8 @@ import tensorflow_datasets as tfds
 from distill_jax.errors import UserError
 from distill_jax.data import iwslt14, iwslt15
 from distill_jax.data.vocab import EOS, TeacherTokenizer, Vocabulary
+
+logger = logging.getLogger(__name__)
 
 BUILDER_NAME = "distill_parallel"
 
@@ -442,12 +445,16 @@ def encode_corpus(texts: dict[str, tuple[list[str], list[str]]], train_split: st
         if train_split not in texts:
             raise UserError(f"no {train_split!r} split to build the vocabulary from")
         train_src, train_tgt = texts[train_split]
+        logger.info("building the vocabulary from the %d %s pairs", len(train_src), train_split)
         vocab = Vocabulary.build(tokenizer.tokenize_batch(train_src) +
                                  tokenizer.tokenize_batch(train_tgt), tokenizer,
                                  min_count=min_count, size_multiple=size_multiple)
     else:
         vocab.attach_tokenizer(tokenizer)
-    encoded = {split: encode_split(*texts[split], vocab, limits) for split in texts}
+    encoded = {}
+    for split in texts:
+        logger.info("encoding %s: %d pairs", split, len(texts[split][0]))
+        encoded[split] = encode_split(*texts[split], vocab, limits)
     return vocab, encoded
 
 

@@ -22,11 +22,14 @@ cleaning and tokenized BLEU, are the same either way.
 
 from __future__ import annotations
 
+import logging
 import re
 import tarfile
 from pathlib import Path
 
 from distill_jax.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 ARCHIVE = "de-en.tgz"
 # The mirror fairseq's prepare-iwslt14.sh downloads from (over http there; the host serves
@@ -167,6 +170,6 @@ def read_archive(archive: Path) -> dict[str, tuple[list[str], list[str]]]:
     texts = preprocess(read_members(Path(archive)))
     sizes = {split: len(src) for split, (src, _) in texts.items()}
     if sizes != PUBLISHED_SIZES:
-        print(f"note: IWSLT14 split sizes {sizes} differ from fairseq's {PUBLISHED_SIZES}",
-              flush=True)
+        logger.warning("IWSLT14 split sizes %s differ from fairseq's %s", sizes,
+                       PUBLISHED_SIZES)
     return texts
