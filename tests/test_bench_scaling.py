@@ -32,10 +32,14 @@ def test_collective_accounting_on_known_hlo():
     assert stats["all-reduce"]["count"] == 2
     assert stats["all-reduce"]["payload_bytes"] == tuple_bytes + 1024 * 2
     assert stats["all-reduce"]["ring_bytes"] == pytest.approx(
-        2 * 3 / 4 * tuple_bytes + 2 * 1 / 2 * 1024 * 2)
+        2 * 3 / 4 * tuple_bytes + 2 * 1 / 2 * 1024 * 2
+    )
     # async all-gather: counted once, by its output, over all 8 devices ({} groups)
-    assert stats["all-gather"] == {"count": 1, "payload_bytes": 1024 * 64 * f32,
-                                   "ring_bytes": pytest.approx(7 / 8 * 1024 * 64 * f32)}
+    assert stats["all-gather"] == {
+        "count": 1,
+        "payload_bytes": 1024 * 64 * f32,
+        "ring_bytes": pytest.approx(7 / 8 * 1024 * 64 * f32),
+    }
     # reduce-scatter: input is 4 x the result; a device sends 3 result-sized pieces
     assert stats["reduce-scatter"]["payload_bytes"] == 256 * 32 * f32
     assert stats["reduce-scatter"]["ring_bytes"] == 3 * 64 * 32 * f32
@@ -71,8 +75,9 @@ def test_data_parallel_step_all_reduces_exactly_the_gradients():
     assert params <= reduce["payload_bytes"] <= params + 2 * embedding + 256  # + metric scalars
     assert set(data["collectives"]) == {"all-reduce"}
     # same batch, same initialisation: the step computes the same loss on 1 and 2 devices
-    assert data["loss_after_timed_steps"] == pytest.approx(single["loss_after_timed_steps"],
-                                                           rel=1e-5)
+    assert data["loss_after_timed_steps"] == pytest.approx(
+        single["loss_after_timed_steps"], rel=1e-5
+    )
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices")
@@ -91,5 +96,6 @@ def test_fsdp_step_gathers_each_kernel_once():
     gathered = fsdp["collectives"]["all-gather"]["payload_bytes"]
     embedding = 64 * 32 * 4  # tiny: vocab 64 x d_model 32, float32
     assert params <= gathered <= params + 2 * embedding
-    assert fsdp["loss_after_timed_steps"] == pytest.approx(single["loss_after_timed_steps"],
-                                                           rel=1e-5)
+    assert fsdp["loss_after_timed_steps"] == pytest.approx(
+        single["loss_after_timed_steps"], rel=1e-5
+    )

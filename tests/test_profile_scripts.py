@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import jax
-import pytest
 import jax.numpy as jnp
+import pytest
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench")
 sys.path.insert(0, os.path.join(BENCH, "profile"))
@@ -46,11 +46,39 @@ def test_thunk_table_maps_traced_thunks_to_op_names(tmp_path):
 @pytest.mark.slow  # among the longest tests: kept out of the fast tier
 def test_profile_beam_groups_every_op():
     out = subprocess.run(
-        [sys.executable, os.path.join(BENCH, "profile", "profile_beam.py"), "--batch", "2",
-         "--src-len", "6", "--new-tokens", "4", "--beams", "3", "--vocab", "40",
-         "--padded-rows", "1", "--d-model", "16", "--mlp-dim", "32", "--heads", "2",
-         "--layers", "1", "--calls", "1", "--warmup", "1"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+        [
+            sys.executable,
+            os.path.join(BENCH, "profile", "profile_beam.py"),
+            "--batch",
+            "2",
+            "--src-len",
+            "6",
+            "--new-tokens",
+            "4",
+            "--beams",
+            "3",
+            "--vocab",
+            "40",
+            "--padded-rows",
+            "1",
+            "--d-model",
+            "16",
+            "--mlp-dim",
+            "32",
+            "--heads",
+            "2",
+            "--layers",
+            "1",
+            "--calls",
+            "1",
+            "--warmup",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     groups = {}
     for line in out.stdout.splitlines():
@@ -73,14 +101,20 @@ def test_group_of_names_the_decoder_ops():
     assert profile_beam.group_of(
         step + "self_attention/self_attention._attend/self_attention._output/out/dot_general"
     ).startswith("decoder dense layers")
-    assert profile_beam.group_of(
-        step + "self_attention/self_attention._self_attention_cache/dynamic_update_slice"
-    ) == "self-attention cache write"
-    assert profile_beam.group_of(
-        step + "feed_forward_block.finish/norm/dot_general"
-    ).startswith("LayerNorm")
-    assert profile_beam.group_of("while/body/Transformer.decode/dot_general") \
+    assert (
+        profile_beam.group_of(
+            step + "self_attention/self_attention._self_attention_cache/dynamic_update_slice"
+        )
+        == "self-attention cache write"
+    )
+    assert profile_beam.group_of(step + "feed_forward_block.finish/norm/dot_general").startswith(
+        "LayerNorm"
+    )
+    assert (
+        profile_beam.group_of("while/body/Transformer.decode/dot_general")
         == "output projection (logits)"
+    )
     assert profile_beam.group_of("while/body/top_k").startswith("beam bookkeeping")
-    assert profile_beam.group_of("grow_cache/jit(_pad)/pad") \
-        == "cache growth between decoding phases"
+    assert (
+        profile_beam.group_of("grow_cache/jit(_pad)/pad") == "cache growth between decoding phases"
+    )

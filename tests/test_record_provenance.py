@@ -10,8 +10,11 @@ import provenance  # noqa: E402
 
 
 def test_git_commit_names_this_checkout():
-    head = subprocess.run(["git", "-C", provenance.REPO, "rev-parse", "--short=12", "HEAD"],
-                          capture_output=True, text=True)
+    head = subprocess.run(
+        ["git", "-C", provenance.REPO, "rev-parse", "--short=12", "HEAD"],
+        capture_output=True,
+        text=True,
+    )
     if head.returncode != 0:
         assert provenance.git_commit() == "unknown"
         return

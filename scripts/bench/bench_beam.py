@@ -61,7 +61,9 @@ import benchlib  # noqa: E402
 PAD, BOS, EOS, FIRST_PIECE = 0, 1, 2, 4
 
 
-def make_sources(batch: int, src_len: int, vocab: int, padded_rows: int, seed: int = 0) -> np.ndarray:
+def make_sources(
+    batch: int, src_len: int, vocab: int, padded_rows: int, seed: int = 0
+) -> np.ndarray:
     """[batch, src_len] int32 sources ending in EOS; the last ``padded_rows`` rows are padded."""
     rng = np.random.default_rng(seed)
     src = rng.integers(FIRST_PIECE, vocab, (batch, src_len)).astype(np.int32)
@@ -74,17 +76,34 @@ def make_sources(batch: int, src_len: int, vocab: int, padded_rows: int, seed: i
     return src
 
 
-def beam_flops(batch: int, beams: int, src_len: int, steps: int, d: int, ff: int, vocab: int,
-               enc_layers: int, dec_layers: int) -> int:
+def beam_flops(
+    batch: int,
+    beams: int,
+    src_len: int,
+    steps: int,
+    d: int,
+    ff: int,
+    vocab: int,
+    enc_layers: int,
+    dec_layers: int,
+) -> int:
     """The analytic FLOP count of the module docstring."""
     dense, attention = benchlib.dense_flops, benchlib.attention_flops
     n = batch * beams
-    total = enc_layers * (4 * dense(batch * src_len, d, d) + 2 * dense(batch * src_len, d, ff)
-                          + attention(batch, src_len, src_len, d))
+    total = enc_layers * (
+        4 * dense(batch * src_len, d, d)
+        + 2 * dense(batch * src_len, d, ff)
+        + attention(batch, src_len, src_len, d)
+    )
     total += dec_layers * 2 * dense(n * src_len, d, d)
     for t in range(steps):
-        total += dec_layers * (4 * dense(n, d, d) + 2 * dense(n, d, d) + 2 * dense(n, d, ff)
-                               + attention(n, 1, t + 1, d) + attention(n, 1, src_len, d))
+        total += dec_layers * (
+            4 * dense(n, d, d)
+            + 2 * dense(n, d, d)
+            + 2 * dense(n, d, ff)
+            + attention(n, 1, t + 1, d)
+            + attention(n, 1, src_len, d)
+        )
         total += dense(n, d, vocab)
     return total
 
@@ -98,11 +117,20 @@ def make_model(args):
 
     from distill_jax.models.transformer import Transformer, TransformerConfig
 
-    cfg = TransformerConfig(vocab_size=args.vocab, d_model=args.d_model, num_heads=args.heads,
-                            mlp_dim=args.mlp_dim, num_encoder_layers=args.layers,
-                            num_decoder_layers=args.layers, dropout_rate=0.3,
-                            max_len=max(args.src_len, args.new_tokens), pad_id=PAD, bos_id=BOS,
-                            eos_id=BOS, dtype=jnp.dtype(args.dtype))
+    cfg = TransformerConfig(
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        num_heads=args.heads,
+        mlp_dim=args.mlp_dim,
+        num_encoder_layers=args.layers,
+        num_decoder_layers=args.layers,
+        dropout_rate=0.3,
+        max_len=max(args.src_len, args.new_tokens),
+        pad_id=PAD,
+        bos_id=BOS,
+        eos_id=BOS,
+        dtype=jnp.dtype(args.dtype),
+    )
     model = Transformer(cfg)
     x = jnp.ones((1, 4), jnp.int32)
     return model, nn.unbox(model.init(jax.random.PRNGKey(0), x, x)["params"])
@@ -126,12 +154,22 @@ def add_shape_args(parser) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_args(parser)
-    parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="also time our search compiled with these XLA options (a third "
-                             "side in the same rounds)")
-    parser.add_argument("--cache-phases", type=int, default=None, metavar="N",
-                        help="the variant side (with or without --compiler-option) decodes "
-                             "with beam_search(cache_phases=N) (default: the library's)")
+    parser.add_argument(
+        "--compiler-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also time our search compiled with these XLA options (a third "
+        "side in the same rounds)",
+    )
+    parser.add_argument(
+        "--cache-phases",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the variant side (with or without --compiler-option) decodes "
+        "with beam_search(cache_phases=N) (default: the library's)",
+    )
     # the output check below is one more untimed call of each side
     benchlib.add_common_args(parser, warmup=1)
     args = parser.parse_args(argv)
@@ -149,8 +187,10 @@ def main(argv=None):
     device = benchlib.torch_device()
     peak = machine["matmul_peak_gflops"]
     print(f"machine: {benchlib.describe_machine(machine)}")
-    print(f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()}); torch on "
-          f"{device}; compute dtype {args.dtype}")
+    print(
+        f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()}); torch on "
+        f"{device}; compute dtype {args.dtype}"
+    )
     benchlib.warn_if_loaded(machine)
     src_np = make_sources(args.batch, args.src_len, args.vocab, args.padded_rows)
 
@@ -162,8 +202,14 @@ def main(argv=None):
         """(compiled beam search, seconds to lower, seconds to compile)."""
         start = time.perf_counter()
         lowered = decode.beam_search.lower(
-            model, params, src, beam_size=args.beams, length_penalty=args.length_penalty,
-            max_len=steps, **kwargs)
+            model,
+            params,
+            src,
+            beam_size=args.beams,
+            length_penalty=args.length_penalty,
+            max_len=steps,
+            **kwargs,
+        )
         lowered_at = time.perf_counter()
         compiled = lowered.compile(compiler_options=options or None)
         return compiled, lowered_at - start, time.perf_counter() - lowered_at
@@ -176,13 +222,27 @@ def main(argv=None):
 
     # ---- theirs: a random Marian model of the same size
     marian_cfg = transformers.MarianConfig(
-        vocab_size=args.vocab, d_model=args.d_model, encoder_layers=args.layers,
-        decoder_layers=args.layers, encoder_attention_heads=args.heads,
-        decoder_attention_heads=args.heads, encoder_ffn_dim=args.mlp_dim,
-        decoder_ffn_dim=args.mlp_dim, activation_function="relu", dropout=0.3,
-        attention_dropout=0.0, activation_dropout=0.0, max_position_embeddings=max(args.src_len, steps + 1),
-        scale_embedding=True, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=BOS,
-        forced_eos_token_id=None, share_encoder_decoder_embeddings=True, tie_word_embeddings=True)
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        encoder_layers=args.layers,
+        decoder_layers=args.layers,
+        encoder_attention_heads=args.heads,
+        decoder_attention_heads=args.heads,
+        encoder_ffn_dim=args.mlp_dim,
+        decoder_ffn_dim=args.mlp_dim,
+        activation_function="relu",
+        dropout=0.3,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        max_position_embeddings=max(args.src_len, steps + 1),
+        scale_embedding=True,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        decoder_start_token_id=BOS,
+        forced_eos_token_id=None,
+        share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     marian = transformers.MarianMTModel(marian_cfg).eval().to(device, getattr(torch, args.dtype))
     attn_impl = getattr(marian.config, "_attn_implementation", "?")
@@ -192,9 +252,16 @@ def main(argv=None):
     def theirs_search():
         with torch.inference_mode():
             return marian.generate(
-                input_ids=input_ids, attention_mask=attention_mask, num_beams=args.beams,
-                do_sample=False, length_penalty=args.length_penalty, min_new_tokens=steps,
-                max_new_tokens=steps, suppress_tokens=[PAD, BOS], num_return_sequences=1)
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                num_beams=args.beams,
+                do_sample=False,
+                length_penalty=args.length_penalty,
+                min_new_tokens=steps,
+                max_new_tokens=steps,
+                suppress_tokens=[PAD, BOS],
+                num_return_sequences=1,
+            )
 
     # ---- both generate exactly N tokens
     ours_seqs, ours_scores = jax.device_get(ours_search())  # [B, beams, N], [B, beams]
@@ -204,70 +271,137 @@ def main(argv=None):
     assert not np.isin(ours_seqs, [PAD, BOS, EOS]).any(), "ours: pad/bos/eos generated"
     assert theirs_seqs.shape == (args.batch, 1 + steps), theirs_seqs.shape
     assert not np.isin(theirs_seqs[:, 1:], [PAD, BOS, EOS]).any(), "theirs: pad/bos/eos generated"
-    print(f"both generate exactly N={steps} tokens per sentence: ours {ours_seqs.shape} "
-          f"[batch, beams, N], theirs {theirs_seqs.shape} [batch, 1 + N] "
-          f"(transformers attention: {attn_impl})")
+    print(
+        f"both generate exactly N={steps} tokens per sentence: ours {ours_seqs.shape} "
+        f"[batch, beams, N], theirs {theirs_seqs.shape} [batch, 1 + N] "
+        f"(transformers attention: {attn_impl})"
+    )
 
     sides = {"ours": (ours_search, benchlib.block), "theirs": (theirs_search, benchlib.torch_sync)}
     options = benchlib.parse_compiler_options(args.compiler_option)
     phases = {} if args.cache_phases is None else {"cache_phases": args.cache_phases}
     variant_name = ", ".join(
         ([f"compiled with {benchlib.describe_options(options)}"] if options else [])
-        + ([f"cache_phases={args.cache_phases}"] if phases else []))
+        + ([f"cache_phases={args.cache_phases}"] if phases else [])
+    )
     if variant_name:
         variant, *variant_compile_s = compile_search(options, **phases)
         variant_seqs, _ = jax.device_get(variant(params, src))
-        print(f"{variant_name}: lowered in {variant_compile_s[0]:.1f} s, compiled in "
-              f"{variant_compile_s[1]:.1f} s; same sequences as the default program: "
-              f"{bool(np.array_equal(variant_seqs, ours_seqs))}")
+        print(
+            f"{variant_name}: lowered in {variant_compile_s[0]:.1f} s, compiled in "
+            f"{variant_compile_s[1]:.1f} s; same sequences as the default program: "
+            f"{bool(np.array_equal(variant_seqs, ours_seqs))}"
+        )
         sides["variant"] = (lambda: variant(params, src), benchlib.block)
     timings = benchlib.time_interleaved(sides, warmup=args.warmup, runs=args.runs)
     ours, theirs = timings["ours"], timings["theirs"]
 
-    flops = beam_flops(args.batch, args.beams, args.src_len, steps, args.d_model, args.mlp_dim,
-                       args.vocab, args.layers, args.layers)
+    flops = beam_flops(
+        args.batch,
+        args.beams,
+        args.src_len,
+        steps,
+        args.d_model,
+        args.mlp_dim,
+        args.vocab,
+        args.layers,
+        args.layers,
+    )
     print(f"analytic {flops / 1e9:.1f} GFLOP per call")
-    shapes = {"batch": args.batch, "beams": args.beams, "src_len": args.src_len,
-              "new_tokens": steps, "vocab": args.vocab, "padded_rows": args.padded_rows,
-              "d_model": args.d_model, "mlp_dim": args.mlp_dim, "heads": args.heads,
-              "layers": args.layers, "length_penalty": args.length_penalty, "dtype": args.dtype}
+    shapes = {
+        "batch": args.batch,
+        "beams": args.beams,
+        "src_len": args.src_len,
+        "new_tokens": steps,
+        "vocab": args.vocab,
+        "padded_rows": args.padded_rows,
+        "d_model": args.d_model,
+        "mlp_dim": args.mlp_dim,
+        "heads": args.heads,
+        "layers": args.layers,
+        "length_penalty": args.length_penalty,
+        "dtype": args.dtype,
+    }
     rows = []
-    common = dict(benchmark="beam_search", config=shapes, flops=flops, items=args.batch * steps,
-                  item_unit="tokens", peak_gflops=peak, machine=machine)
+    common = dict(
+        benchmark="beam_search",
+        config=shapes,
+        flops=flops,
+        items=args.batch * steps,
+        item_unit="tokens",
+        peak_gflops=peak,
+        machine=machine,
+    )
     ours_rec = benchlib.make_record(
-        system="distill-jax decode.beam_search (jit)", timing=ours,
-        extra={"sentences_per_s": args.batch / ours.median_s,
-               "lower_s": ours_compile_s[0], "compile_s": ours_compile_s[1],
-               "forcing": "TransformerConfig(eos_id=bos_id): EOS is never generated"},
-        **common)
+        system="distill-jax decode.beam_search (jit)",
+        timing=ours,
+        extra={
+            "sentences_per_s": args.batch / ours.median_s,
+            "lower_s": ours_compile_s[0],
+            "compile_s": ours_compile_s[1],
+            "forcing": "TransformerConfig(eos_id=bos_id): EOS is never generated",
+        },
+        **common,
+    )
     theirs_rec = benchlib.make_record(
-        system=f"transformers MarianMTModel.generate (torch, {attn_impl})", timing=theirs,
-        extra={"sentences_per_s": args.batch / theirs.median_s, "torch_threads": threads,
-               "torch_device": device,
-               "forcing": "min_new_tokens=max_new_tokens=N, forced_eos_token_id=None"},
-        **common)
+        system=f"transformers MarianMTModel.generate (torch, {attn_impl})",
+        timing=theirs,
+        extra={
+            "sentences_per_s": args.batch / theirs.median_s,
+            "torch_threads": threads,
+            "torch_device": device,
+            "forcing": "min_new_tokens=max_new_tokens=N, forced_eos_token_id=None",
+        },
+        **common,
+    )
     benchlib.add_ratio(ours_rec, theirs_rec)
     records = [ours_rec, theirs_rec]
     if variant_name:
         variant_rec = benchlib.make_record(
             system=f"distill-jax beam_search, {variant_name}",
             timing=timings["variant"],
-            extra={"sentences_per_s": args.batch / timings["variant"].median_s,
-                   "lower_s": variant_compile_s[0], "compile_s": variant_compile_s[1],
-                   "compiler_options": options, **phases}, **common)
+            extra={
+                "sentences_per_s": args.batch / timings["variant"].median_s,
+                "lower_s": variant_compile_s[0],
+                "compile_s": variant_compile_s[1],
+                "compiler_options": options,
+                **phases,
+            },
+            **common,
+        )
         variant_rec["ratio_ours_over_theirs"] = variant_rec["throughput"] / theirs_rec["throughput"]
         records.append(variant_rec)
     peak = benchlib.remeasure_peak(records)
     print(f"matmul peak (best before/after): {peak:.1f} GFLOP/s")
     for r in records:
-        rows.append([f"B{args.batch} k{args.beams} S{args.src_len} N{steps} V{args.vocab}",
-                     r["system"], r["median_s"] * 1e3, r["sentences_per_s"],
-                     r["throughput"], r["gflop_per_s"], f"{100 * r['utilisation']:.1f}%",
-                     f"{r['ratio_ours_over_theirs']:.2f}x"])
+        rows.append(
+            [
+                f"B{args.batch} k{args.beams} S{args.src_len} N{steps} V{args.vocab}",
+                r["system"],
+                r["median_s"] * 1e3,
+                r["sentences_per_s"],
+                r["throughput"],
+                r["gflop_per_s"],
+                f"{100 * r['utilisation']:.1f}%",
+                f"{r['ratio_ours_over_theirs']:.2f}x",
+            ]
+        )
     print()
-    print(benchlib.markdown_table(
-        ("config", "system", "median ms", "sentences/s", "tokens/s", "GFLOP/s", "util. of peak",
-         "ours/theirs"), rows))
+    print(
+        benchlib.markdown_table(
+            (
+                "config",
+                "system",
+                "median ms",
+                "sentences/s",
+                "tokens/s",
+                "GFLOP/s",
+                "util. of peak",
+                "ours/theirs",
+            ),
+            rows,
+        )
+    )
     benchlib.write_json(args.json, records)
 
 

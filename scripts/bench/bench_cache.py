@@ -70,21 +70,22 @@ class MemmapCache:
         indices = np.memmap(os.path.join(folder, "indices.i32"), np.int32, "w+", shape=(rows, k))
         for i, length in enumerate(lengths):
             values, ids = soft_targets_of(int(length), k, i)
-            logits[offsets[i]:offsets[i + 1]] = values
-            indices[offsets[i]:offsets[i + 1]] = ids
+            logits[offsets[i] : offsets[i + 1]] = values
+            indices[offsets[i] : offsets[i + 1]] = ids
         logits.flush()
         indices.flush()
         offsets.tofile(os.path.join(folder, "offsets.i64"))
         self.offsets = np.fromfile(os.path.join(folder, "offsets.i64"), np.int64)
-        self.logits = np.memmap(os.path.join(folder, "logits.f16"), np.float16, "r",
-                                shape=(rows, k))
-        self.indices = np.memmap(os.path.join(folder, "indices.i32"), np.int32, "r",
-                                 shape=(rows, k))
+        self.logits = np.memmap(
+            os.path.join(folder, "logits.f16"), np.float16, "r", shape=(rows, k)
+        )
+        self.indices = np.memmap(
+            os.path.join(folder, "indices.i32"), np.int32, "r", shape=(rows, k)
+        )
 
     def __getitem__(self, i: int):
         start, end = self.offsets[i], self.offsets[i + 1]
-        return (np.asarray(self.logits[start:end], np.float32),
-                np.asarray(self.indices[start:end]))
+        return (np.asarray(self.logits[start:end], np.float32), np.asarray(self.indices[start:end]))
 
 
 def attach_memmap(batch: dict, cache: MemmapCache, k: int) -> dict:
@@ -96,27 +97,32 @@ def attach_memmap(batch: dict, cache: MemmapCache, k: int) -> dict:
         if record < 0:
             continue
         values, ids = cache[int(record)]
-        logits[row, :len(values)] = values[:, :k]
-        indices[row, :len(values)] = ids[:, :k]
+        logits[row, : len(values)] = values[:, :k]
+        indices[row, : len(values)] = ids[:, :k]
     return {**batch, "kd_logits": logits, "kd_indices": indices}
 
 
 def write_new_cache(path: str, lengths: np.ndarray, k: int) -> None:
     from distill_jax.soft_target_cache import CacheIdentity, create_or_resume
+
     identity = CacheIdentity("bench", "bench", "bench", "train", k, 7)
     writer = create_or_resume(path, identity, lengths)
     for chunk in writer.pending_chunks():
-        writer.write_chunk(chunk, {e: soft_targets_of(int(lengths[e]), k, e)
-                                   for e in writer.examples_of(chunk)})
+        writer.write_chunk(
+            chunk, {e: soft_targets_of(int(lengths[e]), k, e) for e in writer.examples_of(chunk)}
+        )
     writer.finalize()
 
 
-def plan_batches(lengths: np.ndarray, tokens_per_batch: int, bucket_step: int,
-                 count: int) -> list[dict]:
+def plan_batches(
+    lengths: np.ndarray, tokens_per_batch: int, bucket_step: int, count: int
+) -> list[dict]:
     """``count`` student-like batches (``index``, ``tgt_out``) from a shuffled epoch plan."""
     from distill_jax.data.pipeline import PipelineConfig, plan_epoch
-    config = PipelineConfig(shuffle=True, tokens_per_batch=tokens_per_batch, batch_multiple=1,
-                            bucket_step=bucket_step)
+
+    config = PipelineConfig(
+        shuffle=True, tokens_per_batch=tokens_per_batch, batch_multiple=1, bucket_step=bucket_step
+    )
     both = np.stack([lengths, lengths], axis=1)
     plan = plan_epoch(np.arange(len(lengths)), both, config, epoch=0)
     out = []
@@ -124,7 +130,7 @@ def plan_batches(lengths: np.ndarray, tokens_per_batch: int, bucket_step: int,
         tgt_out = np.zeros((len(rows), bucket.tgt_len), np.int32)
         for r, record in enumerate(rows):
             if record >= 0:
-                tgt_out[r, :lengths[record]] = 5
+                tgt_out[r, : lengths[record]] = 5
         out.append({"index": rows.astype(np.int32), "tgt_out": tgt_out})
     return out
 
@@ -143,8 +149,7 @@ def time_reader(make_iterator, batches: list[dict], runs: int) -> list[float]:
     return rates
 
 
-def time_cache(path: str, batches: list[dict], k: int, runs: int, results: dict,
-               name: str) -> None:
+def time_cache(path: str, batches: list[dict], k: int, runs: int, results: dict, name: str) -> None:
     """Both reading modes of the cache at ``path`` into ``results[name + "-memory"]`` and
     ``results[name + "-range"]``; the time to open (and preload) into ``open_s``."""
     from distill_jax.soft_target_cache import open_cache
@@ -163,7 +168,9 @@ def time_cache(path: str, batches: list[dict], k: int, runs: int, results: dict,
     results["open_s"][f"{name}-memory"] = opens
     results[f"{name}-range"] = time_reader(
         lambda: SoftTargetBatches(ListBatches(batches), open_cache(path, preload_bytes=0), k),
-        batches, runs)
+        batches,
+        runs,
+    )
 
 
 class ListBatches:
@@ -188,12 +195,13 @@ class ListBatches:
 def student_step_rate(config_path: str, vocab: int, k: int, runs: int) -> dict:
     """Target tokens per second of the config's student train step on one batch of its
     ``data.tokens_per_batch`` (rows x 16 positions, the most common bucket)."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
     from distill_jax import configlib, optim, sharding, train
     from distill_jax.models.transformer import Transformer
-    import dataclasses
 
     config = configlib.load_config_file(config_path)
     length = config.data.bucket_step
@@ -209,24 +217,34 @@ def student_step_rate(config_path: str, vocab: int, k: int, runs: int) -> dict:
     tgt_in[tgt_out == 0] = 0
     kd_logits = -np.sort(-rng.normal(size=(rows, length, k)), axis=-1).astype(np.float32)
     kd_indices = rng.integers(4, vocab, (rows, length, k)).astype(np.int32)
-    batch_np = {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out, "kd_logits": kd_logits,
-                "kd_indices": kd_indices}
+    batch_np = {
+        "src": src,
+        "tgt_in": tgt_in,
+        "tgt_out": tgt_out,
+        "kd_logits": kd_logits,
+        "kd_indices": kd_indices,
+    }
 
     model = Transformer(dataclasses.replace(config.student, vocab_size=vocab))
-    settings = train.StudentLossConfig(alpha=0.5, label_smoothing=0.1, kd_mode="paper",
-                                       temperature=10.0)
+    settings = train.StudentLossConfig(
+        alpha=0.5, label_smoothing=0.1, kd_mode="paper", temperature=10.0
+    )
     optimizer = optim.make_optimizer(optim.OptimizerConfig.student())
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
 
     def init_state():
         x = jnp.ones((1, 4), jnp.int32)
-        return train.TrainState.create(model.init(jax.random.PRNGKey(0), x, x)["params"],
-                                       optimizer)
+        return train.TrainState.create(model.init(jax.random.PRNGKey(0), x, x)["params"], optimizer)
 
     state, shardings = sharding.create_sharded_state(init_state, mesh)
     batch = sharding.shard_batch(batch_np, mesh)
-    step = train.make_train_step(train.student_loss_fn(model, settings), optimizer, mesh,
-                                 shardings, sharding.batch_shardings(batch_np, mesh))
+    step = train.make_train_step(
+        train.student_loss_fn(model, settings),
+        optimizer,
+        mesh,
+        shardings,
+        sharding.batch_shardings(batch_np, mesh),
+    )
     key = jax.random.PRNGKey(1)
     for _ in range(2):
         state, metrics = step(state, batch, key)
@@ -239,8 +257,13 @@ def student_step_rate(config_path: str, vocab: int, k: int, runs: int) -> dict:
             state, metrics = step(state, batch, key)
         jax.block_until_ready(state)
         rates.append(5 * tokens / (time.perf_counter() - start))
-    return {"rows": rows, "positions": length, "target_tokens": tokens, "runs": rates,
-            "median": statistics.median(rates)}
+    return {
+        "rows": rows,
+        "positions": length,
+        "target_tokens": tokens,
+        "runs": rates,
+        "median": statistics.median(rates),
+    }
 
 
 def main(argv=None) -> int:
@@ -249,8 +272,11 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=8, help="K stored and read")
     parser.add_argument("--batches", type=int, default=60, help="batches per reader pass")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--config", default=os.path.join(REPO, "configs", "multi30k_cpu.py"),
-                        help="whose student step and batch budget to compare with")
+    parser.add_argument(
+        "--config",
+        default=os.path.join(REPO, "configs", "multi30k_cpu.py"),
+        help="whose student step and batch budget to compare with",
+    )
     parser.add_argument("--vocab", type=int, default=8000, help="student vocabulary size")
     parser.add_argument("--no-emulator", action="store_true", help="skip the gcs reader")
     parser.add_argument("--json", default=None, help="write the record here")
@@ -262,18 +288,21 @@ def main(argv=None) -> int:
     config = configlib.load_config_file(args.config)
     k = args.top_k
     lengths = synthetic_lengths(args.examples)
-    batches = plan_batches(lengths, config.data.tokens_per_batch, config.data.bucket_step,
-                           args.batches)
+    batches = plan_batches(
+        lengths, config.data.tokens_per_batch, config.data.bucket_step, args.batches
+    )
     results: dict = {"open_s": {}}
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         os.makedirs(os.path.join(tmp, "memmap"))
         old = MemmapCache(os.path.join(tmp, "memmap"), lengths, k)
         results["memmap"] = time_reader(
-            lambda: (attach_memmap(b, old, k) for b in batches), batches, args.runs)
+            lambda: (attach_memmap(b, old, k) for b in batches), batches, args.runs
+        )
         write_new_cache(os.path.join(tmp, "tensorstore"), lengths, k)
         time_cache(os.path.join(tmp, "tensorstore"), batches, k, args.runs, results, "local")
     if not args.no_emulator:
         import gcs_emulator
+
         with gcs_emulator.running() as gcs:
             path = gcs.gs("bench", "cache")
             write_new_cache(path, lengths, k)
@@ -282,34 +311,47 @@ def main(argv=None) -> int:
     open_s = results.pop("open_s")
 
     record = {
-        "benchmark": "soft_target_cache_input", "git_commit": git_commit(),
+        "benchmark": "soft_target_cache_input",
+        "git_commit": git_commit(),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
-        "config": {"examples": args.examples, "top_k": k, "batches": len(batches),
-                   "runs": args.runs, "student_config": os.path.relpath(args.config, REPO),
-                   "tokens_per_batch": config.data.tokens_per_batch,
-                   "bucket_step": config.data.bucket_step, "vocab": args.vocab,
-                   "target_tokens_per_pass": int(sum(np.count_nonzero(b["tgt_out"])
-                                                     for b in batches))},
+        "config": {
+            "examples": args.examples,
+            "top_k": k,
+            "batches": len(batches),
+            "runs": args.runs,
+            "student_config": os.path.relpath(args.config, REPO),
+            "tokens_per_batch": config.data.tokens_per_batch,
+            "bucket_step": config.data.bucket_step,
+            "vocab": args.vocab,
+            "target_tokens_per_pass": int(sum(np.count_nonzero(b["tgt_out"]) for b in batches)),
+        },
         "readers_target_tokens_per_s": {
             name: {"runs": rates, "median": statistics.median(rates)}
-            for name, rates in results.items()},
-        "open_and_preload_s": {name: {"runs": v, "median": statistics.median(v)}
-                               for name, v in open_s.items()},
+            for name, rates in results.items()
+        },
+        "open_and_preload_s": {
+            name: {"runs": v, "median": statistics.median(v)} for name, v in open_s.items()
+        },
         "student_step_target_tokens_per_s": step,
     }
     record["ratio_to_student_step"] = {
         name: value["median"] / step["median"]
-        for name, value in record["readers_target_tokens_per_s"].items()}
+        for name, value in record["readers_target_tokens_per_s"].items()
+    }
     print(f"machine: {record['machine']['cpu']} ({record['machine']['cores']} cores)")
-    print(f"student step ({record['config']['student_config']}, {step['rows']} x "
-          f"{step['positions']}): {step['median']:,.0f} target tokens/s (median of "
-          f"{args.runs})")
+    print(
+        f"student step ({record['config']['student_config']}, {step['rows']} x "
+        f"{step['positions']}): {step['median']:,.0f} target tokens/s (median of "
+        f"{args.runs})"
+    )
     for name, value in record["open_and_preload_s"].items():
         print(f"{name}: open + preload {value['median']:.3f} s (median)")
     for name, value in record["readers_target_tokens_per_s"].items():
-        print(f"{name:13s} {value['median']:>14,.0f} target tokens/s  "
-              f"{record['ratio_to_student_step'][name]:7.1f}x the step  runs "
-              + ", ".join(f"{r:,.0f}" for r in value["runs"]))
+        print(
+            f"{name:13s} {value['median']:>14,.0f} target tokens/s  "
+            f"{record['ratio_to_student_step'][name]:7.1f}x the step  runs "
+            + ", ".join(f"{r:,.0f}" for r in value["runs"])
+        )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

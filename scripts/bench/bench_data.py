@@ -32,16 +32,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--mlm-mask-rate", type=float, default=None)
-    parser.add_argument("--compare-student", action="store_true",
-                        help="also time the reference student's train step on these batches")
+    parser.add_argument(
+        "--compare-student",
+        action="store_true",
+        help="also time the reference student's train step on these batches",
+    )
     args = parser.parse_args()
 
     dataset = open_prepared(args.data)
-    config = PipelineConfig(tokens_per_batch=args.tokens_per_batch, bucket_step=args.bucket_step,
-                            batch_multiple=args.batch_multiple, num_threads=args.threads,
-                            num_epochs=args.epochs, mlm_mask_rate=args.mlm_mask_rate)
-    pipeline = BatchPipeline(dataset.source(args.split), dataset.lengths(args.split), config,
-                             process_index=0, process_count=1)
+    config = PipelineConfig(
+        tokens_per_batch=args.tokens_per_batch,
+        bucket_step=args.bucket_step,
+        batch_multiple=args.batch_multiple,
+        num_threads=args.threads,
+        num_epochs=args.epochs,
+        mlm_mask_rate=args.mlm_mask_rate,
+    )
+    pipeline = BatchPipeline(
+        dataset.source(args.split),
+        dataset.lengths(args.split),
+        config,
+        process_index=0,
+        process_count=1,
+    )
     stats = pipeline.statistics()
     start = time.perf_counter()
     batches = tokens = 0
@@ -49,14 +62,20 @@ def main() -> None:
         batches += 1
         tokens += int(np.count_nonzero(batch["src"]) + np.count_nonzero(batch["tgt_out"]))
     seconds = time.perf_counter() - start
-    print(f"{args.split}: {pipeline.counts['kept']} examples, {batches} batches in "
-          f"{seconds:.2f} s: {batches / seconds:.1f} batches/s, {tokens / seconds:,.0f} tokens/s")
-    print(f"padding {stats['padding_fraction']:.2%} of source+target slots, "
-          f"{len(stats['shapes'])} distinct shapes (rows, src_len, tgt_len): {stats['shapes']}")
+    print(
+        f"{args.split}: {pipeline.counts['kept']} examples, {batches} batches in "
+        f"{seconds:.2f} s: {batches / seconds:.1f} batches/s, {tokens / seconds:,.0f} tokens/s"
+    )
+    print(
+        f"padding {stats['padding_fraction']:.2%} of source+target slots, "
+        f"{len(stats['shapes'])} distinct shapes (rows, src_len, tgt_len): {stats['shapes']}"
+    )
     if args.compare_student:
         steps_per_s = student_steps_per_second(dataset, pipeline)
-        print(f"reference student: {steps_per_s:.4f} train steps/s on these batches; the "
-              f"pipeline is {batches / seconds / steps_per_s:,.0f}x faster than training")
+        print(
+            f"reference student: {steps_per_s:.4f} train steps/s on these batches; the "
+            f"pipeline is {batches / seconds / steps_per_s:,.0f}x faster than training"
+        )
 
 
 def student_steps_per_second(dataset, pipeline, timed_steps: int = 5) -> float:
@@ -75,12 +94,16 @@ def student_steps_per_second(dataset, pipeline, timed_steps: int = 5) -> float:
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     dummy = jnp.ones((1, 8), jnp.int32)
     state, shardings = sharding.create_sharded_state(
-        lambda: train.TrainState.create(model.init(jax.random.PRNGKey(0), dummy, dummy)["params"],
-                                        tx), mesh)
+        lambda: train.TrainState.create(
+            model.init(jax.random.PRNGKey(0), dummy, dummy)["params"], tx
+        ),
+        mesh,
+    )
     keys = ("src", "tgt_in", "tgt_out")
     batch = {k: pipeline.load_batch(0)[k] for k in keys}
-    step = train.make_train_step(train.student_loss_fn(model), tx, mesh, shardings,
-                                 sharding.batch_shardings(batch, mesh))
+    step = train.make_train_step(
+        train.student_loss_fn(model), tx, mesh, shardings, sharding.batch_shardings(batch, mesh)
+    )
     batch = sharding.shard_batch(batch, mesh)
     rng = jax.random.PRNGKey(0)
     state, metrics = step(state, batch, rng)

@@ -34,9 +34,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--search", choices=("beam", "greedy"), default="beam")
     parser.add_argument("--lengths", default="16,32,64,128")
-    parser.add_argument("--cache-phases", default=None,
-                        help="comma-separated cache_phases values to time (default: the "
-                             "library's default only)")
+    parser.add_argument(
+        "--cache-phases",
+        default=None,
+        help="comma-separated cache_phases values to time (default: the library's default only)",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--src-len", type=int, default=24)
     parser.add_argument("--beams", type=int, default=5)
@@ -59,45 +61,96 @@ def main(argv=None) -> None:
     print(f"machine: {benchlib.describe_machine(machine)}")
     benchlib.warn_if_loaded(machine)
     lengths = [int(x) for x in args.lengths.split(",")]
-    phase_counts = ([int(x) for x in args.cache_phases.split(",")] if args.cache_phases
-                    else [decode.DEFAULT_CACHE_PHASES])
+    phase_counts = (
+        [int(x) for x in args.cache_phases.split(",")]
+        if args.cache_phases
+        else [decode.DEFAULT_CACHE_PHASES]
+    )
     src = jax.device_put(make_sources(args.batch, args.src_len, args.vocab, padded_rows=2))
     rows, records = [], []
     base = {}
     for n in lengths:
-        cfg = TransformerConfig(vocab_size=args.vocab, d_model=args.d_model, num_heads=args.heads,
-                                mlp_dim=args.mlp_dim, num_encoder_layers=args.layers,
-                                num_decoder_layers=args.layers, max_len=max(n, args.src_len),
-                                pad_id=PAD, bos_id=BOS, eos_id=BOS)
+        cfg = TransformerConfig(
+            vocab_size=args.vocab,
+            d_model=args.d_model,
+            num_heads=args.heads,
+            mlp_dim=args.mlp_dim,
+            num_encoder_layers=args.layers,
+            num_decoder_layers=args.layers,
+            max_len=max(n, args.src_len),
+            pad_id=PAD,
+            bos_id=BOS,
+            eos_id=BOS,
+        )
         model = Transformer(cfg)
         x = jnp.ones((1, 4), jnp.int32)
         params = nn.unbox(model.init(jax.random.PRNGKey(0), x, x)["params"])
         for phases in phase_counts:
             if args.search == "beam":
-                run = functools.partial(decode.beam_search, model, params, src,
-                                        beam_size=args.beams, max_len=n, cache_phases=phases)
+                run = functools.partial(
+                    decode.beam_search,
+                    model,
+                    params,
+                    src,
+                    beam_size=args.beams,
+                    max_len=n,
+                    cache_phases=phases,
+                )
             else:
-                run = functools.partial(decode.greedy_search, model, params, src, max_len=n,
-                                        cache_phases=phases)
+                run = functools.partial(
+                    decode.greedy_search, model, params, src, max_len=n, cache_phases=phases
+                )
             sequences = jax.device_get(run()[0])
             generated = sequences.shape[-1]
             assert generated == n and (sequences != PAD).all(), "the length was not forced"
-            timing = benchlib.time_runs(run, warmup=args.warmup, runs=args.runs,
-                                        label=f"{args.search} N={n} cache_phases={phases}")
+            timing = benchlib.time_runs(
+                run,
+                warmup=args.warmup,
+                runs=args.runs,
+                label=f"{args.search} N={n} cache_phases={phases}",
+            )
             per_token_ms = timing.median_s / n * 1e3
             base.setdefault(phases, per_token_ms)
-            rows.append([n, phases, decode.phase_ends(n, phases),
-                         f"{timing.median_s * 1e3:.0f}", f"{per_token_ms:.2f}",
-                         f"{per_token_ms / base[phases]:.2f}", f"{timing.spread:.2f}"])
-            records.append({"benchmark": "generate_scaling", "search": args.search,
-                            "new_tokens": n, "batch": args.batch, "beams": args.beams,
-                            "cache_phases": phases, "median_s": timing.median_s,
-                            "runs_s": timing.runs_s, "ms_per_token": per_token_ms,
-                            "ratio_to_shortest": per_token_ms / base[phases],
-                            "machine": machine})
-    print(benchlib.markdown_table(
-        ("output tokens N", "cache_phases", "phases end at", "median ms / call", "ms / token",
-         "per-token cost vs N=%d" % lengths[0], "run spread"), rows))
+            rows.append(
+                [
+                    n,
+                    phases,
+                    decode.phase_ends(n, phases),
+                    f"{timing.median_s * 1e3:.0f}",
+                    f"{per_token_ms:.2f}",
+                    f"{per_token_ms / base[phases]:.2f}",
+                    f"{timing.spread:.2f}",
+                ]
+            )
+            records.append(
+                {
+                    "benchmark": "generate_scaling",
+                    "search": args.search,
+                    "new_tokens": n,
+                    "batch": args.batch,
+                    "beams": args.beams,
+                    "cache_phases": phases,
+                    "median_s": timing.median_s,
+                    "runs_s": timing.runs_s,
+                    "ms_per_token": per_token_ms,
+                    "ratio_to_shortest": per_token_ms / base[phases],
+                    "machine": machine,
+                }
+            )
+    print(
+        benchlib.markdown_table(
+            (
+                "output tokens N",
+                "cache_phases",
+                "phases end at",
+                "median ms / call",
+                "ms / token",
+                f"per-token cost vs N={lengths[0]}",
+                "run spread",
+            ),
+            rows,
+        )
+    )
     benchlib.write_json(args.json, records)
 
 

@@ -23,9 +23,20 @@ from distill_jax.models.transformer import Transformer, TransformerConfig
 
 # name -> (config, batch rows, source length, target length)
 CONFIGS = {
-    "tiny": (TransformerConfig(vocab_size=64, d_model=64, num_heads=4, mlp_dim=128,
-                               num_encoder_layers=2, num_decoder_layers=2, max_len=64),
-             32, 32, 32),
+    "tiny": (
+        TransformerConfig(
+            vocab_size=64,
+            d_model=64,
+            num_heads=4,
+            mlp_dim=128,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+            max_len=64,
+        ),
+        32,
+        32,
+        32,
+    ),
     "reference": (TransformerConfig(vocab_size=10_000, max_len=64), 128, 32, 32),
 }
 
@@ -40,7 +51,7 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
         start = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def analytic_flops(cfg: TransformerConfig, batch: int, src: int, tgt: int) -> float:
@@ -48,10 +59,22 @@ def analytic_flops(cfg: TransformerConfig, batch: int, src: int, tgt: int) -> fl
     d, f, v = cfg.d_model, cfg.mlp_dim, cfg.vocab_size
     enc_layer = 4 * d * d + 2 * d * f  # q,k,v,out + ffn
     dec_layer = 8 * d * d + 2 * d * f  # self + cross attention + ffn
-    matmul = 2 * batch * (src * cfg.num_encoder_layers * enc_layer
-                          + tgt * cfg.num_decoder_layers * dec_layer + tgt * d * v)
-    attention = 2 * batch * 2 * d * (cfg.num_encoder_layers * src * src
-                                     + cfg.num_decoder_layers * (tgt * tgt + tgt * src))
+    matmul = (
+        2
+        * batch
+        * (
+            src * cfg.num_encoder_layers * enc_layer
+            + tgt * cfg.num_decoder_layers * dec_layer
+            + tgt * d * v
+        )
+    )
+    attention = (
+        2
+        * batch
+        * 2
+        * d
+        * (cfg.num_encoder_layers * src * src + cfg.num_decoder_layers * (tgt * tgt + tgt * src))
+    )
     return 3.0 * (matmul + attention)
 
 
@@ -61,16 +84,22 @@ def bench(name: str, steps: int, peak: float) -> dict:
     model = Transformer(cfg)
     tx = optim.make_optimizer(optim.OptimizerConfig.student())
     init = lambda: train.TrainState.create(  # noqa: E731
-        model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32),
-                   jnp.ones((1, 4), jnp.int32))["params"], tx)
+        model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))[
+            "params"
+        ],
+        tx,
+    )
     state, shardings = sharding.create_sharded_state(init, mesh)
     rng = np.random.default_rng(0)
-    batch = {"src": rng.integers(4, cfg.vocab_size, (rows, src_len)).astype(np.int32),
-             "tgt_in": rng.integers(4, cfg.vocab_size, (rows, tgt_len)).astype(np.int32),
-             "tgt_out": rng.integers(4, cfg.vocab_size, (rows, tgt_len)).astype(np.int32)}
+    batch = {
+        "src": rng.integers(4, cfg.vocab_size, (rows, src_len)).astype(np.int32),
+        "tgt_in": rng.integers(4, cfg.vocab_size, (rows, tgt_len)).astype(np.int32),
+        "tgt_out": rng.integers(4, cfg.vocab_size, (rows, tgt_len)).astype(np.int32),
+    }
     loss_fn = train.student_loss_fn(model, train.StudentLossConfig(alpha=0.0))
-    step = train.make_train_step(loss_fn, tx, mesh, shardings,
-                                 sharding.batch_shardings(batch, mesh))
+    step = train.make_train_step(
+        loss_fn, tx, mesh, shardings, sharding.batch_shardings(batch, mesh)
+    )
     batch = sharding.shard_batch(batch, mesh)
     key = jax.random.PRNGKey(0)
     compiled = step.lower(state, batch, key).compile()
@@ -89,11 +118,17 @@ def bench(name: str, steps: int, peak: float) -> dict:
     flops = analytic_flops(cfg, rows, src_len, tgt_len)
     tokens = rows * tgt_len
     return {
-        "config": name, "batch_rows": rows, "target_tokens": tokens,
-        "step_time_s": step_time, "target_tokens_per_s": tokens / step_time,
-        "flops_analytic": flops, "flops_xla": xla_flops,
-        "mfu_analytic": flops / step_time / peak, "mfu_xla": xla_flops / step_time / peak,
-        "peak_matmul_flops": peak, "device": str(jax.devices()[0].platform),
+        "config": name,
+        "batch_rows": rows,
+        "target_tokens": tokens,
+        "step_time_s": step_time,
+        "target_tokens_per_s": tokens / step_time,
+        "flops_analytic": flops,
+        "flops_xla": xla_flops,
+        "mfu_analytic": flops / step_time / peak,
+        "mfu_xla": xla_flops / step_time / peak,
+        "peak_matmul_flops": peak,
+        "device": str(jax.devices()[0].platform),
         "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
     }
 

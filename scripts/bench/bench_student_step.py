@@ -52,8 +52,9 @@ import benchlib  # noqa: E402
 PAD, BOS, EOS, FIRST_PIECE = 0, 1, 2, 4
 
 
-def make_batch(batch: int, src_len: int, tgt_len: int, vocab: int, top_k: int,
-               padded_rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+def make_batch(
+    batch: int, src_len: int, tgt_len: int, vocab: int, top_k: int, padded_rows: int, seed: int = 0
+) -> dict[str, np.ndarray]:
     """A student batch (``docs/interfaces.md``) with offline top-K teacher logits."""
     rng = np.random.default_rng(seed)
     src = rng.integers(FIRST_PIECE, vocab, (batch, src_len)).astype(np.int32)
@@ -65,31 +66,51 @@ def make_batch(batch: int, src_len: int, tgt_len: int, vocab: int, top_k: int,
         tgt_lengths[-padded_rows:] = rng.integers(max(2, tgt_len // 4), tgt_len, padded_rows)
     for i in range(batch):
         src[i, src_lengths[i] - 1] = EOS
-        src[i, src_lengths[i]:] = PAD
+        src[i, src_lengths[i] :] = PAD
         tgt[i, 0] = BOS
         tgt[i, tgt_lengths[i]] = EOS
-        tgt[i, tgt_lengths[i] + 1:] = PAD
+        tgt[i, tgt_lengths[i] + 1 :] = PAD
     tgt_in, tgt_out = tgt[:, :-1].copy(), tgt[:, 1:].copy()
     tgt_in[tgt_out == PAD] = PAD
     # Top-K teacher logits, sorted, with the reference token among the K entries.
     kd_logits = -np.sort(-rng.normal(size=(batch, tgt_len, top_k)) * 3.0, axis=-1)
     kd_indices = rng.integers(FIRST_PIECE, vocab, (batch, tgt_len, top_k))
     kd_indices[..., 0] = np.maximum(tgt_out, FIRST_PIECE)
-    return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out,
-            "kd_logits": kd_logits.astype(np.float32), "kd_indices": kd_indices.astype(np.int32)}
+    return {
+        "src": src,
+        "tgt_in": tgt_in,
+        "tgt_out": tgt_out,
+        "kd_logits": kd_logits.astype(np.float32),
+        "kd_indices": kd_indices.astype(np.int32),
+    }
 
 
-def step_flops(batch: int, src_len: int, tgt_len: int, d: int, ff: int, vocab: int,
-               enc_layers: int, dec_layers: int) -> int:
+def step_flops(
+    batch: int,
+    src_len: int,
+    tgt_len: int,
+    d: int,
+    ff: int,
+    vocab: int,
+    enc_layers: int,
+    dec_layers: int,
+) -> int:
     """The analytic FLOP count of one update (module docstring)."""
     dense, attention = benchlib.dense_flops, benchlib.attention_flops
     src_tokens, tgt_tokens = batch * src_len, batch * tgt_len
-    encoder = enc_layers * (4 * dense(src_tokens, d, d) + 2 * dense(src_tokens, d, ff)
-                            + attention(batch, src_len, src_len, d))
+    encoder = enc_layers * (
+        4 * dense(src_tokens, d, d)
+        + 2 * dense(src_tokens, d, ff)
+        + attention(batch, src_len, src_len, d)
+    )
     decoder = dec_layers * (
-        4 * dense(tgt_tokens, d, d) + 2 * dense(tgt_tokens, d, d) + 2 * dense(tgt_tokens, d, ff)
+        4 * dense(tgt_tokens, d, d)
+        + 2 * dense(tgt_tokens, d, d)
+        + 2 * dense(tgt_tokens, d, ff)
         + 2 * dense(src_tokens, d, d)
-        + attention(batch, tgt_len, tgt_len, d) + attention(batch, tgt_len, src_len, d))
+        + attention(batch, tgt_len, tgt_len, d)
+        + attention(batch, tgt_len, src_len, d)
+    )
     output = dense(tgt_tokens, d, vocab)
     return 3 * (encoder + decoder + output)
 
@@ -108,11 +129,18 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=6, help="encoder and decoder layers each")
     parser.add_argument("--torch-adam", choices=("fused", "foreach", "for-loop"), default="fused")
     parser.add_argument("--dropout", type=float, default=0.3, help="both sides' dropout rate")
-    parser.add_argument("--attention", default="einsum", choices=("einsum", "xla"),
-                        help="our attention kernel (TransformerConfig.attention_impl)")
-    parser.add_argument("--prng-impl", default=None,
-                        choices=("threefry2x32", "rbg", "unsafe_rbg"),
-                        help="JAX's default PRNG (our dropout masks; default: JAX's threefry)")
+    parser.add_argument(
+        "--attention",
+        default="einsum",
+        choices=("einsum", "xla"),
+        help="our attention kernel (TransformerConfig.attention_impl)",
+    )
+    parser.add_argument(
+        "--prng-impl",
+        default=None,
+        choices=("threefry2x32", "rbg", "unsafe_rbg"),
+        help="JAX's default PRNG (our dropout masks; default: JAX's threefry)",
+    )
     benchlib.add_common_args(parser)
     args = parser.parse_args(argv)
 
@@ -125,9 +153,10 @@ def main(argv=None):
     import jax.numpy as jnp
     import torch
 
-    import torch_student
     from distill_jax import optim, sharding, train
     from distill_jax.models.transformer import Transformer, TransformerConfig
+
+    import torch_student
 
     machine = benchlib.machine_info(dtype=args.dtype)
     device = benchlib.torch_device()
@@ -135,20 +164,31 @@ def main(argv=None):
     torch_dtype = getattr(torch, args.dtype)
     peak = machine["matmul_peak_gflops"]
     print(f"machine: {benchlib.describe_machine(machine)}")
-    print(f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()}); torch on "
-          f"{device}; compute dtype {args.dtype}")
+    print(
+        f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()}); torch on "
+        f"{device}; compute dtype {args.dtype}"
+    )
     benchlib.warn_if_loaded(machine)
 
-    cfg = TransformerConfig(vocab_size=args.vocab, d_model=args.d_model, num_heads=args.heads,
-                            mlp_dim=args.mlp_dim, num_encoder_layers=args.layers,
-                            num_decoder_layers=args.layers, dropout_rate=args.dropout,
-                            max_len=max(args.src_len, args.tgt_len), dtype=compute_dtype,
-                            attention_impl=args.attention)
-    loss_settings = train.StudentLossConfig(alpha=0.5, label_smoothing=0.1, kd_mode="paper",
-                                            temperature=10.0)
+    cfg = TransformerConfig(
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        num_heads=args.heads,
+        mlp_dim=args.mlp_dim,
+        num_encoder_layers=args.layers,
+        num_decoder_layers=args.layers,
+        dropout_rate=args.dropout,
+        max_len=max(args.src_len, args.tgt_len),
+        dtype=compute_dtype,
+        attention_impl=args.attention,
+    )
+    loss_settings = train.StudentLossConfig(
+        alpha=0.5, label_smoothing=0.1, kd_mode="paper", temperature=10.0
+    )
     opt_cfg = optim.OptimizerConfig.student()  # Adam (0.9, 0.98), inverse-sqrt, warm-up 4000
-    batch_np = make_batch(args.batch, args.src_len, args.tgt_len, args.vocab, args.top_k,
-                          args.padded_rows)
+    batch_np = make_batch(
+        args.batch, args.src_len, args.tgt_len, args.vocab, args.top_k, args.padded_rows
+    )
 
     # ---- ours
     model = Transformer(cfg)
@@ -163,21 +203,38 @@ def main(argv=None):
 
     state, state_shardings = sharding.create_sharded_state(init_state, mesh)
     batch = sharding.shard_batch(batch_np, mesh)
-    step = train.make_train_step(loss_fn, optimizer, mesh, state_shardings,
-                                 sharding.batch_shardings(batch_np, mesh),
-                                 compute_dtype=compute_dtype)
+    step = train.make_train_step(
+        loss_fn,
+        optimizer,
+        mesh,
+        state_shardings,
+        sharding.batch_shardings(batch_np, mesh),
+        compute_dtype=compute_dtype,
+    )
     rng = jax.random.PRNGKey(1)
 
     # ---- theirs, with our initial parameters
     torch_model = torch_student.TorchStudent(
-        args.vocab, args.d_model, args.heads, args.mlp_dim, args.layers, args.layers,
-        dropout=args.dropout, max_len=cfg.max_len)
+        args.vocab,
+        args.d_model,
+        args.heads,
+        args.mlp_dim,
+        args.layers,
+        args.layers,
+        dropout=args.dropout,
+        max_len=cfg.max_len,
+    )
     torch_student.load_flax_params(torch_model, jax.tree.map(np.asarray, state.params))
     torch_model.to(device)
-    torch_batch = {k: torch.from_numpy(v.astype(np.int64) if v.dtype == np.int32 else v).to(device)
-                   for k, v in batch_np.items()}
-    loss_kwargs = dict(alpha=loss_settings.alpha, label_smoothing=loss_settings.label_smoothing,
-                       temperature=loss_settings.temperature)
+    torch_batch = {
+        k: torch.from_numpy(v.astype(np.int64) if v.dtype == np.int32 else v).to(device)
+        for k, v in batch_np.items()
+    }
+    loss_kwargs = dict(
+        alpha=loss_settings.alpha,
+        label_smoothing=loss_settings.label_smoothing,
+        temperature=loss_settings.temperature,
+    )
 
     # ---- same computation: loss and gradient norm without dropout
     def ours_eval(params):
@@ -189,31 +246,50 @@ def main(argv=None):
     torch_model.eval()
     with torch_student.autocast(device, torch_dtype):
         logits = torch_model(torch_batch["src"], torch_batch["tgt_in"])
-        metrics = torch_student.combined_loss(logits, torch_batch["tgt_out"],
-                                              torch_batch["kd_logits"], torch_batch["kd_indices"],
-                                              **loss_kwargs)
+        metrics = torch_student.combined_loss(
+            logits,
+            torch_batch["tgt_out"],
+            torch_batch["kd_logits"],
+            torch_batch["kd_indices"],
+            **loss_kwargs,
+        )
     torch_loss_tensor = metrics["loss"] / metrics["tokens"]
     torch_loss_tensor.backward()
     torch_loss = torch_loss_tensor.item()
     torch_norm = float(torch_student.grad_norm(torch_model))
     torch_model.zero_grad(set_to_none=True)
-    print(f"no-dropout check: loss ours {float(ours_loss):.6f} torch {torch_loss:.6f} "
-          f"(|diff| {abs(float(ours_loss) - torch_loss):.1e}); grad norm ours "
-          f"{ours_norm:.6f} torch {torch_norm:.6f} (rel diff "
-          f"{abs(ours_norm - torch_norm) / torch_norm:.1e})")
+    print(
+        f"no-dropout check: loss ours {float(ours_loss):.6f} torch {torch_loss:.6f} "
+        f"(|diff| {abs(float(ours_loss) - torch_loss):.1e}); grad norm ours "
+        f"{ours_norm:.6f} torch {torch_norm:.6f} (rel diff "
+        f"{abs(ours_norm - torch_norm) / torch_norm:.1e})"
+    )
     torch_model.train()
     torch_optimizer, torch_schedule = torch_student.make_optimizer(
-        torch_model, learning_rate=opt_cfg.learning_rate, warmup_steps=opt_cfg.warmup_steps,
-        implementation=args.torch_adam)
+        torch_model,
+        learning_rate=opt_cfg.learning_rate,
+        warmup_steps=opt_cfg.warmup_steps,
+        implementation=args.torch_adam,
+    )
 
-    flops = step_flops(args.batch, args.src_len, args.tgt_len, args.d_model, args.mlp_dim,
-                       args.vocab, args.layers, args.layers)
+    flops = step_flops(
+        args.batch,
+        args.src_len,
+        args.tgt_len,
+        args.d_model,
+        args.mlp_dim,
+        args.vocab,
+        args.layers,
+        args.layers,
+    )
     xla_flops = benchlib.jax_compiled_flops(step.lower(state, batch, rng).compile())
     non_embedding = torch_student.count_parameters(torch_model, exclude=torch_model.embedding)
-    print(f"parameters: {non_embedding / 1e6:.1f}M non-embedding + "
-          f"{args.vocab * args.d_model / 1e6:.1f}M embedding; analytic "
-          f"{flops / 1e9:.1f} GFLOP/step, XLA cost_analysis "
-          f"{xla_flops / 1e9 if xla_flops else float('nan'):.1f} GFLOP/step")
+    print(
+        f"parameters: {non_embedding / 1e6:.1f}M non-embedding + "
+        f"{args.vocab * args.d_model / 1e6:.1f}M embedding; analytic "
+        f"{flops / 1e9:.1f} GFLOP/step, XLA cost_analysis "
+        f"{xla_flops / 1e9 if xla_flops else float('nan'):.1f} GFLOP/step"
+    )
 
     holder = {"state": state}
 
@@ -222,44 +298,80 @@ def main(argv=None):
         return holder["state"], metrics
 
     def theirs_step():
-        return torch_student.train_step(torch_model, torch_optimizer, torch_schedule,
-                                        torch_batch, compute_dtype=torch_dtype, **loss_kwargs)
+        return torch_student.train_step(
+            torch_model,
+            torch_optimizer,
+            torch_schedule,
+            torch_batch,
+            compute_dtype=torch_dtype,
+            **loss_kwargs,
+        )
 
     ours, theirs = benchlib.time_interleaved(
         {"ours": (ours_step, benchlib.block), "theirs": (theirs_step, benchlib.torch_sync)},
-        warmup=args.warmup, runs=args.runs).values()
+        warmup=args.warmup,
+        runs=args.runs,
+    ).values()
 
-    shapes = {"batch": args.batch, "src_len": args.src_len, "tgt_len": args.tgt_len,
-              "vocab": args.vocab, "top_k": args.top_k, "padded_rows": args.padded_rows,
-              "d_model": args.d_model, "mlp_dim": args.mlp_dim, "heads": args.heads,
-              "layers": args.layers, "dropout": args.dropout, "dtype": args.dtype,
-              "prng_impl": args.prng_impl or "threefry2x32 (default)",
-              "attention_impl": args.attention,
-              "real_target_tokens": int((batch_np["tgt_out"] != PAD).sum())}
-    common = dict(benchmark="student_train_step", config=shapes, flops=flops,
-                  items=args.batch * args.tgt_len, item_unit="target tokens", peak_gflops=peak,
-                  machine=machine)
-    check = {"loss_ours": float(ours_loss), "loss_torch": torch_loss,
-             "grad_norm_ours": ours_norm, "grad_norm_torch": torch_norm}
+    shapes = {
+        "batch": args.batch,
+        "src_len": args.src_len,
+        "tgt_len": args.tgt_len,
+        "vocab": args.vocab,
+        "top_k": args.top_k,
+        "padded_rows": args.padded_rows,
+        "d_model": args.d_model,
+        "mlp_dim": args.mlp_dim,
+        "heads": args.heads,
+        "layers": args.layers,
+        "dropout": args.dropout,
+        "dtype": args.dtype,
+        "prng_impl": args.prng_impl or "threefry2x32 (default)",
+        "attention_impl": args.attention,
+        "real_target_tokens": int((batch_np["tgt_out"] != PAD).sum()),
+    }
+    common = dict(
+        benchmark="student_train_step",
+        config=shapes,
+        flops=flops,
+        items=args.batch * args.tgt_len,
+        item_unit="target tokens",
+        peak_gflops=peak,
+        machine=machine,
+    )
+    check = {
+        "loss_ours": float(ours_loss),
+        "loss_torch": torch_loss,
+        "grad_norm_ours": ours_norm,
+        "grad_norm_torch": torch_norm,
+    }
     ours_rec = benchlib.make_record(
         system="distill-jax (jitted train step, 1-device mesh"
-               + (f", {args.attention} attention)" if args.attention != "einsum" else ")"),
+        + (f", {args.attention} attention)" if args.attention != "einsum" else ")"),
         timing=ours,
         extra={**check, "xla_cost_analysis_gflop": xla_flops / 1e9 if xla_flops else None},
-        **common)
+        **common,
+    )
     theirs_rec = benchlib.make_record(
         system=f"torch nn.Transformer*Layer eager, Adam {args.torch_adam}"
-               + (f", autocast {args.dtype}" if args.dtype != "float32" else ""), timing=theirs,
-        extra={**check, "torch_threads": threads, "torch_device": device}, **common)
+        + (f", autocast {args.dtype}" if args.dtype != "float32" else ""),
+        timing=theirs,
+        extra={**check, "torch_threads": threads, "torch_device": device},
+        **common,
+    )
     benchlib.add_ratio(ours_rec, theirs_rec)
     records = [ours_rec, theirs_rec]
     peak = benchlib.remeasure_peak(records)
     print(f"matmul peak (best before/after): {peak:.1f} GFLOP/s")
     print()
-    print(benchlib.markdown_table(
-        benchlib.TABLE_HEADER,
-        benchlib.record_rows(records, lambda c: f"B{c['batch']} S{c['src_len']} T{c['tgt_len']} "
-                                                f"V{c['vocab']}")))
+    print(
+        benchlib.markdown_table(
+            benchlib.TABLE_HEADER,
+            benchlib.record_rows(
+                records, lambda c: f"B{c['batch']} S{c['src_len']} T{c['tgt_len']} V{c['vocab']}"
+            ),
+        )
+    )
     benchlib.write_json(args.json, records)
 
 

@@ -29,18 +29,30 @@ def summarise(records: list[dict]) -> list[tuple[str, int, float, float, float]]
         ratio = record.get("ratio_ours_over_theirs")
         if ratio is None:
             continue
-        shape = ", ".join(f"{k} {record['config'][k]}" for k in SHAPE_KEYS
-                          if k in record.get("config", {}))
+        shape = ", ".join(
+            f"{k} {record['config'][k]}" for k in SHAPE_KEYS if k in record.get("config", {})
+        )
         found[shape][record.get("run", 1)].append(ratio)
-    ratios = {shape: {run: max(set(values), key=values.count) for run, values in runs.items()}
-              for shape, runs in found.items()}
-    return [(shape, len(by_run), statistics.median(by_run.values()), min(by_run.values()),
-             max(by_run.values())) for shape, by_run in ratios.items()]
+    ratios = {
+        shape: {run: max(set(values), key=values.count) for run, values in runs.items()}
+        for shape, runs in found.items()
+    }
+    return [
+        (
+            shape,
+            len(by_run),
+            statistics.median(by_run.values()),
+            min(by_run.values()),
+            max(by_run.values()),
+        )
+        for shape, by_run in ratios.items()
+    ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("records", nargs="+")
     args = parser.parse_args()
     print("| record | shape | runs | ours / theirs, median | range |")

@@ -47,7 +47,10 @@ import benchlib  # noqa: E402
 
 DEFAULT_CHECKPOINT = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    ".cache", "distill-jax", "all-MiniLM-L6-v2")
+    ".cache",
+    "distill-jax",
+    "all-MiniLM-L6-v2",
+)
 CLS, SEP = 101, 102  # BERT uncased special ids ([PAD] = 0)
 FIRST_WORD_ID = 1000  # ids below are [PAD]/[unused*]/[UNK]/[CLS]/[SEP]/[MASK] and symbols
 
@@ -64,7 +67,7 @@ def make_batch(batch: int, length: int, vocab: int, padded_rows: int, seed: int 
     for i, n in enumerate(lengths):
         split = max(2, n // 2)  # [CLS] a [SEP] takes positions 0 .. split
         ids[i, 0], ids[i, split], ids[i, n - 1] = CLS, SEP, SEP
-        types[i, split + 1:n] = 1
+        types[i, split + 1 : n] = 1
         ids[i, n:], types[i, n:], mask[i, n:] = 0, 0, 0
     return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
 
@@ -72,9 +75,11 @@ def make_batch(batch: int, length: int, vocab: int, padded_rows: int, seed: int 
 def forward_flops(batch: int, length: int, hidden: int, ff: int, layers: int) -> int:
     """The analytic FLOP count of the module docstring."""
     tokens = batch * length
-    per_layer = (4 * benchlib.dense_flops(tokens, hidden, hidden)
-                 + 2 * benchlib.dense_flops(tokens, hidden, ff)
-                 + benchlib.attention_flops(batch, length, length, hidden))
+    per_layer = (
+        4 * benchlib.dense_flops(tokens, hidden, hidden)
+        + 2 * benchlib.dense_flops(tokens, hidden, ff)
+        + benchlib.attention_flops(batch, length, length, hidden)
+    )
     return layers * per_layer
 
 
@@ -84,15 +89,30 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--padded-rows", type=int, default=4, help="rows shorter than the length")
-    parser.add_argument("--attn-implementation", default=None,
-                        help="transformers attention implementation (default: its own choice)")
-    parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="also time our forward compiled with these XLA options")
-    parser.add_argument("--mask-as-select", action="store_true",
-                        help="also time our forward with the attention mask applied as a "
-                             "select instead of a bias (fast_paths.MASK_BY_BIAS = False)")
-    parser.add_argument("--attention", default="einsum", choices=("einsum", "xla", "cudnn"),
-                        help="our attention kernel (BertConfig.attention_impl)")
+    parser.add_argument(
+        "--attn-implementation",
+        default=None,
+        help="transformers attention implementation (default: its own choice)",
+    )
+    parser.add_argument(
+        "--compiler-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also time our forward compiled with these XLA options",
+    )
+    parser.add_argument(
+        "--mask-as-select",
+        action="store_true",
+        help="also time our forward with the attention mask applied as a "
+        "select instead of a bias (fast_paths.MASK_BY_BIAS = False)",
+    )
+    parser.add_argument(
+        "--attention",
+        default="einsum",
+        choices=("einsum", "xla", "cudnn"),
+        help="our attention kernel (BertConfig.attention_impl)",
+    )
     benchlib.add_common_args(parser)
     args = parser.parse_args(argv)
 
@@ -108,12 +128,15 @@ def main(argv=None):
     device = benchlib.torch_device()
     peak = machine["matmul_peak_gflops"]
     print(f"machine: {benchlib.describe_machine(machine)}")
-    print(f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()}); torch on "
-          f"{device}; compute dtype {args.dtype}")
+    print(
+        f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()}); torch on "
+        f"{device}; compute dtype {args.dtype}"
+    )
     benchlib.warn_if_loaded(machine)
 
-    model, params, config = load_bert(args.checkpoint, dtype=jax.numpy.dtype(args.dtype),
-                                      attention_impl=args.attention)
+    model, params, config = load_bert(
+        args.checkpoint, dtype=jax.numpy.dtype(args.dtype), attention_impl=args.attention
+    )
     if args.dtype != "float32":  # both sides hold the weights in the compute dtype
         params = jax.tree.map(lambda x: x.astype(args.dtype), params)
     kwargs = {"add_pooling_layer": False}
@@ -122,27 +145,33 @@ def main(argv=None):
     torch_model = transformers.BertModel.from_pretrained(args.checkpoint, **kwargs).eval()
     torch_model.to(device, getattr(torch, args.dtype))
     attn_impl = getattr(torch_model.config, "_attn_implementation", "?")
-    print(f"checkpoint: {args.checkpoint} (layers {config.num_hidden_layers}, hidden "
-          f"{config.hidden_size}, heads {config.num_attention_heads}, ff "
-          f"{config.intermediate_size}); transformers attention: {attn_impl}")
+    print(
+        f"checkpoint: {args.checkpoint} (layers {config.num_hidden_layers}, hidden "
+        f"{config.hidden_size}, heads {config.num_attention_heads}, ff "
+        f"{config.intermediate_size}); transformers attention: {attn_impl}"
+    )
 
     def apply(params, input_ids, token_type_ids, attention_mask):
-        return model.apply({"params": params}, input_ids, token_type_ids, attention_mask,
-                           deterministic=True)  # [batch, length, hidden]
+        return model.apply(
+            {"params": params}, input_ids, token_type_ids, attention_mask, deterministic=True
+        )  # [batch, length, hidden]
 
     forward = jax.jit(apply)
     options = benchlib.parse_compiler_options(args.compiler_option)
     if options and args.mask_as_select:
-        parser.error("--compiler-option and --mask-as-select both add the third side; "
-                     "give one of them")
+        parser.error(
+            "--compiler-option and --mask-as-select both add the third side; give one of them"
+        )
     variant = jax.jit(apply, compiler_options=options) if options else None
     variant_label = benchlib.describe_options(options)
     if args.mask_as_select:
         from distill_jax.models import fast_paths
+
         variant_label = "attention mask as a select"
 
         def select_variant(*jax_args):
             """Our forward traced and compiled with fast_paths.MASK_BY_BIAS off."""
+
             def fresh(*a):  # a new function, so that jit does not reuse apply's trace
                 return apply(*a)
 
@@ -155,35 +184,52 @@ def main(argv=None):
     records = []
     for length in args.lengths:
         batch = make_batch(args.batch, length, config.vocab_size, args.padded_rows)
-        shapes = {"batch": args.batch, "length": length, "padded_rows": args.padded_rows,
-                  "real_tokens": int(batch["attention_mask"].sum()), "dtype": args.dtype,
-                  "attention_impl": args.attention,
-                  "checkpoint": os.path.basename(os.path.normpath(args.checkpoint))}
-        flops = forward_flops(args.batch, length, config.hidden_size, config.intermediate_size,
-                              config.num_hidden_layers)
+        shapes = {
+            "batch": args.batch,
+            "length": length,
+            "padded_rows": args.padded_rows,
+            "real_tokens": int(batch["attention_mask"].sum()),
+            "dtype": args.dtype,
+            "attention_impl": args.attention,
+            "checkpoint": os.path.basename(os.path.normpath(args.checkpoint)),
+        }
+        flops = forward_flops(
+            args.batch,
+            length,
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_hidden_layers,
+        )
         tokens = args.batch * length
 
         jax_batch = {k: jax.device_put(v) for k, v in batch.items()}
-        jax_args = (params, jax_batch["input_ids"], jax_batch["token_type_ids"],
-                    jax_batch["attention_mask"])
+        jax_args = (
+            params,
+            jax_batch["input_ids"],
+            jax_batch["token_type_ids"],
+            jax_batch["attention_mask"],
+        )
         forward_compiled = forward.lower(*jax_args).compile()
         xla_flops = benchlib.jax_compiled_flops(forward_compiled)
         if args.mask_as_select:
             variant = select_variant(*jax_args)
             if variant.as_text() == forward_compiled.as_text():
                 raise SystemExit("--mask-as-select compiled the same program as the default")
-        torch_batch = {k: torch.from_numpy(v.astype(np.int64)).to(device)
-                       for k, v in batch.items()}
+        torch_batch = {k: torch.from_numpy(v.astype(np.int64)).to(device) for k, v in batch.items()}
 
-        def torch_forward():
+        def torch_forward(torch_batch=torch_batch):
             with torch.inference_mode():
                 return torch_model(**torch_batch).last_hidden_state
 
-        sides = {f"ours   L={length}": (lambda: forward(*jax_args), benchlib.block),
-                 f"theirs L={length}": (torch_forward, benchlib.torch_sync)}
+        sides = {
+            f"ours   L={length}": (lambda a=jax_args: forward(*a), benchlib.block),
+            f"theirs L={length}": (torch_forward, benchlib.torch_sync),
+        }
         if variant is not None:
-            sides[f"ours ({variant_label}) L={length}"] = (lambda: variant(*jax_args),
-                                                          benchlib.block)
+            sides[f"ours ({variant_label}) L={length}"] = (
+                lambda f=variant, a=jax_args: f(*a),
+                benchlib.block,
+            )
         timings = benchlib.time_interleaved(sides, warmup=args.warmup, runs=args.runs)
         ours, theirs = list(timings.values())[:2]
 
@@ -192,45 +238,71 @@ def main(argv=None):
         real = batch["attention_mask"].astype(bool)
         diff_all = float(np.max(np.abs(ours_out - theirs_out)))
         diff_real = float(np.max(np.abs(ours_out - theirs_out)[real]))
-        print(f"L={length}: max |ours - torch| = {diff_real:.2e} on real tokens, "
-              f"{diff_all:.2e} on all positions; analytic {flops / 1e9:.2f} GFLOP, "
-              f"XLA cost_analysis {xla_flops / 1e9 if xla_flops else float('nan'):.2f} GFLOP")
+        print(
+            f"L={length}: max |ours - torch| = {diff_real:.2e} on real tokens, "
+            f"{diff_all:.2e} on all positions; analytic {flops / 1e9:.2f} GFLOP, "
+            f"XLA cost_analysis {xla_flops / 1e9 if xla_flops else float('nan'):.2f} GFLOP"
+        )
 
-        common = dict(benchmark="teacher_forward", config=shapes, flops=flops, items=tokens,
-                      item_unit="tokens", peak_gflops=peak, machine=machine)
+        common = dict(
+            benchmark="teacher_forward",
+            config=shapes,
+            flops=flops,
+            items=tokens,
+            item_unit="tokens",
+            peak_gflops=peak,
+            machine=machine,
+        )
         ours_rec = benchlib.make_record(
             system="distill-jax (jax.jit Flax BERT"
-                   + (f", {args.attention} attention)" if args.attention != "einsum" else ")"),
+            + (f", {args.attention} attention)" if args.attention != "einsum" else ")"),
             timing=ours,
-            extra={"max_abs_diff": diff_real, "max_abs_diff_all_positions": diff_all,
-                   "xla_cost_analysis_gflop": xla_flops / 1e9 if xla_flops else None},
-            **common)
+            extra={
+                "max_abs_diff": diff_real,
+                "max_abs_diff_all_positions": diff_all,
+                "xla_cost_analysis_gflop": xla_flops / 1e9 if xla_flops else None,
+            },
+            **common,
+        )
         theirs_rec = benchlib.make_record(
-            system=f"transformers BertModel (torch, {attn_impl})", timing=theirs,
+            system=f"transformers BertModel (torch, {attn_impl})",
+            timing=theirs,
             extra={"max_abs_diff": diff_real, "torch_threads": threads, "torch_device": device},
-            **common)
+            **common,
+        )
         benchlib.add_ratio(ours_rec, theirs_rec)
         records += [ours_rec, theirs_rec]
         if variant is not None:
             variant_out = np.asarray(variant(*jax_args), np.float32)
             variant_rec = benchlib.make_record(
-                system=(f"distill-jax, compiled with {variant_label}" if options
-                        else f"distill-jax, {variant_label}"),
+                system=(
+                    f"distill-jax, compiled with {variant_label}"
+                    if options
+                    else f"distill-jax, {variant_label}"
+                ),
                 timing=list(timings.values())[2],
-                extra={"compiler_options": options, "mask_as_select": args.mask_as_select,
-                       "max_abs_diff": float(np.max(np.abs(variant_out - theirs_out)[real]))},
-                **common)
+                extra={
+                    "compiler_options": options,
+                    "mask_as_select": args.mask_as_select,
+                    "max_abs_diff": float(np.max(np.abs(variant_out - theirs_out)[real])),
+                },
+                **common,
+            )
             # (not add_ratio: the torch record keeps the default side's ratio)
-            variant_rec["ratio_ours_over_theirs"] = (variant_rec["throughput"]
-                                                     / theirs_rec["throughput"])
+            variant_rec["ratio_ours_over_theirs"] = (
+                variant_rec["throughput"] / theirs_rec["throughput"]
+            )
             records.append(variant_rec)
 
     peak = benchlib.remeasure_peak(records)
     print(f"matmul peak (best before/after): {peak:.1f} GFLOP/s")
     print()
-    print(benchlib.markdown_table(
-        benchlib.TABLE_HEADER,
-        benchlib.record_rows(records, lambda c: f"B{c['batch']} x L{c['length']}")))
+    print(
+        benchlib.markdown_table(
+            benchlib.TABLE_HEADER,
+            benchlib.record_rows(records, lambda c: f"B{c['batch']} x L{c['length']}"),
+        )
+    )
     benchlib.write_json(args.json, records)
 
 

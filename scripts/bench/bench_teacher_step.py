@@ -34,8 +34,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 from bench_teacher import DEFAULT_CHECKPOINT  # noqa: E402
 
-MINILM_SHAPE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
-                    num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512)
+MINILM_SHAPE = dict(
+    vocab_size=30522,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    intermediate_size=1536,
+    max_position_embeddings=512,
+)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -49,8 +55,7 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def make_batch(rows: int, src_len: int, tgt_len: int, vocab: int, rate: float,
-               seed: int) -> dict:
+def make_batch(rows: int, src_len: int, tgt_len: int, vocab: int, rate: float, seed: int) -> dict:
     """A padded C-MLM batch as the pipeline gives it (``src``, ``tgt_out``, ``mlm_mask``,
     ``mlm_positions``) and its real token count."""
     from distill_jax.data.cmlm import masked_capacity, masked_positions, random_target_mask
@@ -74,8 +79,11 @@ def make_batch(rows: int, src_len: int, tgt_len: int, vocab: int, rate: float,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                        help="Hugging Face BERT folder (random MiniLM-shaped weights if absent)")
+    parser.add_argument(
+        "--checkpoint",
+        default=DEFAULT_CHECKPOINT,
+        help="Hugging Face BERT folder (random MiniLM-shaped weights if absent)",
+    )
     parser.add_argument("--vocab", type=int, default=8000, help="student vocabulary size")
     parser.add_argument("--shapes", default="64x16x16,42x24x24", help="ROWSxSRCxTGT,...")
     parser.add_argument("--mask-rate", type=float, default=0.3)
@@ -111,32 +119,45 @@ def main(argv=None) -> int:
     print(f"teacher: {source}; C-MLM head over {args.vocab} pieces; compute {args.dtype}")
 
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    optimizer = optim.make_optimizer(optim.OptimizerConfig.teacher(
-        10_000, learning_rate=5e-5, warmup_fraction=0.05))
+    optimizer = optim.make_optimizer(
+        optim.OptimizerConfig.teacher(10_000, learning_rate=5e-5, warmup_fraction=0.05)
+    )
 
     def init_params():
-        return model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
-                          method="cmlm_logits")["params"]
+        return model.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), method="cmlm_logits"
+        )["params"]
 
-    batches = [make_batch(*shape, args.vocab, args.mask_rate, seed=i)
-               for i, shape in enumerate(parse_shapes(args.shapes))]
+    batches = [
+        make_batch(*shape, args.vocab, args.mask_rate, seed=i)
+        for i, shape in enumerate(parse_shapes(args.shapes))
+    ]
     tokens = sum(real for _, real in batches)
     sides, states, flops = {}, {}, {}
     for head in ("masked", "all"):
         state, shardings = sharding.create_sharded_state(
-            lambda: train.TrainState.create(init_params(), optimizer), mesh)
+            lambda: train.TrainState.create(init_params(), optimizer), mesh
+        )
         if weights is not None:
             state = state.replace(params=sharding.place_tree(weights, shardings.params))
-        loss_fn = train.cmlm_loss_fn(model, teacher_ids, cls_id=101, mask_id=103,
-                                     head_positions=head)
+        loss_fn = train.cmlm_loss_fn(
+            model, teacher_ids, cls_id=101, mask_id=103, head_positions=head
+        )
         step = train.make_train_step(
-            loss_fn, optimizer, mesh, shardings,
-            {k: sharding.batch_sharding(mesh) for k in batches[0][0]}, compute_dtype=dtype)
+            loss_fn,
+            optimizer,
+            mesh,
+            shardings,
+            {k: sharding.batch_sharding(mesh) for k in batches[0][0]},
+            compute_dtype=dtype,
+        )
         device_batches = [sharding.shard_batch(b, mesh) for b, _ in batches]
         states[head] = state
-        flops[head] = sum(benchlib.jax_compiled_flops(
-            step.lower(state, b, jax.random.PRNGKey(1)).compile()) or 0.0
-            for b in device_batches)
+        flops[head] = sum(
+            benchlib.jax_compiled_flops(step.lower(state, b, jax.random.PRNGKey(1)).compile())
+            or 0.0
+            for b in device_batches
+        )
 
         def run(head=head, step=step, device_batches=device_batches):
             losses = []
@@ -148,25 +169,42 @@ def main(argv=None) -> int:
         sides[head] = (run, benchlib.block)
     # The two sides compute the same loss on the same first step (fresh states).
     first = {head: [float(s) / float(c) for s, c in fn()] for head, (fn, _) in sides.items()}
-    print("first-step losses (masked / all): "
-          + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(first["masked"], first["all"])))
+    print(
+        "first-step losses (masked / all): "
+        + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(first["masked"], first["all"]))
+    )
     timings = benchlib.time_interleaved(sides, warmup=args.warmup, runs=args.runs)
     records = []
     for head, timing in timings.items():
-        records.append({
-            "benchmark": "teacher_step", "system": head,
-            "config": {"shapes": args.shapes, "vocab": args.vocab, "mask_rate": args.mask_rate,
-                       "dtype": args.dtype, "teacher": source},
-            "median_s": timing.median_s, "min_s": timing.min_s, "runs_s": timing.runs_s,
-            "throughput": tokens / timing.median_s, "throughput_unit": "tokens/s",
-            "xla_gflop": flops[head] / 1e9, "machine": machine})
+        records.append(
+            {
+                "benchmark": "teacher_step",
+                "system": head,
+                "config": {
+                    "shapes": args.shapes,
+                    "vocab": args.vocab,
+                    "mask_rate": args.mask_rate,
+                    "dtype": args.dtype,
+                    "teacher": source,
+                },
+                "median_s": timing.median_s,
+                "min_s": timing.min_s,
+                "runs_s": timing.runs_s,
+                "throughput": tokens / timing.median_s,
+                "throughput_unit": "tokens/s",
+                "xla_gflop": flops[head] / 1e9,
+                "machine": machine,
+            }
+        )
     ratio = records[0]["throughput"] / records[1]["throughput"]
     for record in records:
         record["ratio_masked_over_all"] = ratio
     for record in records:
-        print(f"{record['system']:>6}: {record['throughput']:.0f} tokens/s "
-              f"(median {1e3 * record['median_s']:.0f} ms for {tokens} tokens; XLA counts "
-              f"{record['xla_gflop']:.1f} GFLOP)")
+        print(
+            f"{record['system']:>6}: {record['throughput']:.0f} tokens/s "
+            f"(median {1e3 * record['median_s']:.0f} ms for {tokens} tokens; XLA counts "
+            f"{record['xla_gflop']:.1f} GFLOP)"
+        )
     print(f"masked / all: {ratio:.3f}x")
     benchlib.write_json(args.json, records)
     return 0

@@ -43,7 +43,8 @@ import re
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # scripts/: the record provenance the user-facing scripts share (scripts/provenance.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -83,8 +84,14 @@ def block(x: Any) -> Any:
     return jax.block_until_ready(x)
 
 
-def time_runs(fn: Callable[[], Any], *, warmup: int = 2, runs: int = MIN_RUNS,
-              sync: Callable[[Any], Any] = block, label: Optional[str] = None) -> Timing:
+def time_runs(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 2,
+    runs: int = MIN_RUNS,
+    sync: Callable[[Any], Any] = block,
+    label: str | None = None,
+) -> Timing:
     """Times ``fn()`` ``runs`` times after ``warmup`` untimed calls; ``sync(result)``
     (default: ``jax.block_until_ready``) is inside the timed region. With ``label``, the
     runs are printed when done."""
@@ -99,8 +106,12 @@ def time_runs(fn: Callable[[], Any], *, warmup: int = 2, runs: int = MIN_RUNS,
         times.append(time.perf_counter() - start)
     timing = Timing(times)
     if label:
-        print(f"{label}: median {timing.median_s * 1e3:.1f} ms, runs "
-              + " ".join(f"{t * 1e3:.0f}" for t in times) + " ms", flush=True)
+        print(
+            f"{label}: median {timing.median_s * 1e3:.1f} ms, runs "
+            + " ".join(f"{t * 1e3:.0f}" for t in times)
+            + " ms",
+            flush=True,
+        )
     return timing
 
 
@@ -120,8 +131,13 @@ def configure_host(args) -> dict:
 _HOST_SETTINGS: dict[str, Any] = {}
 
 
-def time_interleaved(fns: "dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]]", *,
-                     warmup: int = 2, runs: int = MIN_RUNS, label: bool = True) -> dict[str, Timing]:
+def time_interleaved(
+    fns: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]],
+    *,
+    warmup: int = 2,
+    runs: int = MIN_RUNS,
+    label: bool = True,
+) -> dict[str, Timing]:
     """Times several functions, ``{name: (fn, sync)}``, in alternating rounds: each round
     calls every function once, in the given order on even rounds and the reverse order
     on odd ones (A B, B A, A B, ...). Each side of a comparison therefore runs under the
@@ -132,12 +148,12 @@ def time_interleaved(fns: "dict[str, tuple[Callable[[], Any], Callable[[Any], An
         raise ValueError(f"need at least {MIN_RUNS} timed runs for a median, got {runs}")
     names = list(fns)
     for round_index in range(warmup):  # alternating too: both sides' memory use settles
-        for name in (names if round_index % 2 == 0 else names[::-1]):
+        for name in names if round_index % 2 == 0 else names[::-1]:
             fn, sync = fns[name]
             sync(fn())
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(runs):
-        for name in (names if round_index % 2 == 0 else names[::-1]):
+        for name in names if round_index % 2 == 0 else names[::-1]:
             fn, sync = fns[name]
             start = time.perf_counter()
             sync(fn())
@@ -145,8 +161,12 @@ def time_interleaved(fns: "dict[str, tuple[Callable[[], Any], Callable[[Any], An
     timings = {name: Timing(t) for name, t in times.items()}
     if label:
         for name, timing in timings.items():
-            print(f"{name}: median {timing.median_s * 1e3:.1f} ms, runs "
-                  + " ".join(f"{t * 1e3:.0f}" for t in timing.runs_s) + " ms", flush=True)
+            print(
+                f"{name}: median {timing.median_s * 1e3:.1f} ms, runs "
+                + " ".join(f"{t * 1e3:.0f}" for t in timing.runs_s)
+                + " ms",
+                flush=True,
+            )
     return timings
 
 
@@ -166,8 +186,7 @@ def peak_size() -> int:
     return 2048 if jax.default_backend() == "cpu" else 8192
 
 
-def matmul_peak_gflops(n: Optional[int] = None, repeats: int = 10,
-                       dtype: Optional[str] = None) -> float:
+def matmul_peak_gflops(n: int | None = None, repeats: int = 10, dtype: str | None = None) -> float:
     """Best GFLOP/s of a jitted ``n x n`` JAX matmul (random operands of ``dtype``,
     default: the dtype given to ``machine_info``) over ``repeats`` timings."""
     n = n or peak_size()
@@ -186,7 +205,7 @@ def matmul_peak_gflops(n: Optional[int] = None, repeats: int = 10,
             start = time.perf_counter()
             jax.block_until_ready(matmul(a, b))
             best = min(best, time.perf_counter() - start)
-        _PEAK_CACHE[key] = 2 * n ** 3 / best / 1e9
+        _PEAK_CACHE[key] = 2 * n**3 / best / 1e9
     return _PEAK_CACHE[key]
 
 
@@ -206,18 +225,18 @@ def remeasure_peak(records: Sequence[dict]) -> float:
     for record in records:
         record["machine"]["matmul_peak_gflops"] = round(peak, 2)
         record["machine"]["matmul_peak_definition"] = (
-            f"best of 2 x 10 jitted {n}x{n} {dtype} JAX matmuls, before and after the runs")
+            f"best of 2 x 10 jitted {n}x{n} {dtype} JAX matmuls, before and after the runs"
+        )
         record["utilisation"] = record["gflop_per_s"] / peak
     return peak
 
 
-def torch_matmul_dtype(dtype: Optional[str] = None) -> str:
+def torch_matmul_dtype(dtype: str | None = None) -> str:
     """The dtype ``torch_matmul_gflops`` measures: the benchmark's on GPUs, float32 on CPUs."""
     return (dtype or _PEAK_DTYPE["dtype"]) if torch_device() == "cuda" else "float32"
 
 
-def torch_matmul_gflops(n: Optional[int] = None, repeats: int = 10,
-                        dtype: Optional[str] = None) -> float:
+def torch_matmul_gflops(n: int | None = None, repeats: int = 10, dtype: str | None = None) -> float:
     """Best GFLOP/s of an ``n x n`` torch matmul on ``torch_device()`` (for the machine
     description)."""
     import torch
@@ -237,7 +256,7 @@ def torch_matmul_gflops(n: Optional[int] = None, repeats: int = 10,
             start = time.perf_counter()
             torch_sync(torch.matmul(a, b))
             best = min(best, time.perf_counter() - start)
-        _PEAK_CACHE[key] = 2 * n ** 3 / best / 1e9
+        _PEAK_CACHE[key] = 2 * n**3 / best / 1e9
     return _PEAK_CACHE[key]
 
 
@@ -245,7 +264,7 @@ def torch_matmul_gflops(n: Optional[int] = None, repeats: int = 10,
 
 
 def torch_device() -> str:
-    """"cuda" when JAX runs on a GPU and torch sees one, else "cpu": both sides of a
+    """ "cuda" when JAX runs on a GPU and torch sees one, else "cpu": both sides of a
     comparison run on the same kind of device."""
     import jax
     import torch
@@ -262,7 +281,7 @@ def torch_sync(x: Any) -> Any:
     return x
 
 
-def set_torch_threads(threads: Optional[int] = None) -> int:
+def set_torch_threads(threads: int | None = None) -> int:
     """``torch.set_num_threads(threads or os.cpu_count())``; returns the thread count."""
     import torch
 
@@ -281,11 +300,13 @@ def warn_if_loaded(info: dict, threshold: float = 0.5) -> None:
     """
     load, cores = info.get("load_average_1m"), info.get("cpu_count") or 1
     if load is not None and load > threshold * cores:
-        print(f"WARNING: load average {load:.1f} on {cores} cores: the machine is busy and "
-              "the timings (torch's especially) are not representative")
+        print(
+            f"WARNING: load average {load:.1f} on {cores} cores: the machine is busy and "
+            "the timings (torch's especially) are not representative"
+        )
 
 
-def _version(module: str) -> Optional[str]:
+def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__
     except ImportError:
@@ -321,30 +342,36 @@ def machine_info(*, with_torch: bool = True, dtype: str = "float32") -> dict:
     if with_torch:
         import torch
 
-        info.update({
-            "torch": torch.__version__,
-            "transformers": _version("transformers"),
-            "torch_threads": torch.get_num_threads(),
-            "torch_device": torch_device(),
-            "torch_matmul_gflops": round(torch_matmul_gflops(), 2),
-            "torch_matmul_dtype": torch_matmul_dtype(),
-        })
+        info.update(
+            {
+                "torch": torch.__version__,
+                "transformers": _version("transformers"),
+                "torch_threads": torch.get_num_threads(),
+                "torch_device": torch_device(),
+                "torch_matmul_gflops": round(torch_matmul_gflops(), 2),
+                "torch_matmul_dtype": torch_matmul_dtype(),
+            }
+        )
     return info
 
 
 def describe_machine(info: dict) -> str:
     """One line for the report header."""
-    parts = [f"{info['cpu_model']}, {info['cpu_count']} cores",
-             f"load {info['load_average_1m']:.2f}" if info.get("load_average_1m") is not None else "",
-             f"jax {info['jax']} ({info['jax_backend']}"
-             + (f": {info['device_kind']})" if info.get("jax_backend", "cpu") != "cpu" else ")")]
+    parts = [
+        f"{info['cpu_model']}, {info['cpu_count']} cores",
+        f"load {info['load_average_1m']:.2f}" if info.get("load_average_1m") is not None else "",
+        f"jax {info['jax']} ({info['jax_backend']}"
+        + (f": {info['device_kind']})" if info.get("jax_backend", "cpu") != "cpu" else ")"),
+    ]
     if "torch" in info:
         parts.append(f"torch {info['torch']} ({info['torch_threads']} threads)")
     dtype = info.get("matmul_peak_dtype", "float32")
     parts.append(f"{dtype} matmul peak {info['matmul_peak_gflops']:.1f} GFLOP/s (JAX)")
     if "torch_matmul_gflops" in info:
-        parts.append(f"torch {info.get('torch_matmul_dtype', 'float32')} matmul "
-                     f"{info['torch_matmul_gflops']:.1f} GFLOP/s")
+        parts.append(
+            f"torch {info.get('torch_matmul_dtype', 'float32')} matmul "
+            f"{info['torch_matmul_gflops']:.1f} GFLOP/s"
+        )
     host = info.get("host_settings") or {}
     if host:
         parts.append(f"host memory {host.get('host_memory')}")
@@ -365,7 +392,7 @@ def attention_flops(sequences: int, q_len: int, kv_len: int, width: int) -> int:
     return 4 * sequences * q_len * kv_len * width
 
 
-def jax_compiled_flops(compiled: Any) -> Optional[float]:
+def jax_compiled_flops(compiled: Any) -> float | None:
     """XLA's own FLOP count of a compiled function (``cost_analysis()['flops']``), or None."""
     try:
         analysis = compiled.cost_analysis()
@@ -381,9 +408,19 @@ def jax_compiled_flops(compiled: Any) -> Optional[float]:
 # --------------------------------------------------------------------------- records
 
 
-def make_record(*, benchmark: str, config: dict, system: str, timing: Timing,
-                flops: float, items: float, item_unit: str, peak_gflops: float,
-                machine: dict, extra: Optional[dict] = None) -> dict:
+def make_record(
+    *,
+    benchmark: str,
+    config: dict,
+    system: str,
+    timing: Timing,
+    flops: float,
+    items: float,
+    item_unit: str,
+    peak_gflops: float,
+    machine: dict,
+    extra: dict | None = None,
+) -> dict:
     """One JSON record: a system's result on one configuration (ratio added later)."""
     gflop_per_s = flops / timing.median_s / 1e9
     record = {
@@ -415,6 +452,7 @@ def add_ratio(ours: dict, theirs: dict) -> float:
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; floats are printed with 3 significant digits."""
+
     def cell(x):
         if isinstance(x, float):
             return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
@@ -427,14 +465,29 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def record_rows(records: Sequence[dict], config_text: Callable[[dict], str]) -> list[list]:
     """Table rows (config, system, median ms, throughput, GFLOP/s, utilisation, ratio)."""
-    return [[config_text(r["config"]), r["system"], r["median_s"] * 1e3,
-             f"{r['throughput']:.4g} {r['throughput_unit']}", r["gflop_per_s"],
-             f"{100 * r['utilisation']:.1f}%", f"{r.get('ratio_ours_over_theirs', float('nan')):.2f}x"]
-            for r in records]
+    return [
+        [
+            config_text(r["config"]),
+            r["system"],
+            r["median_s"] * 1e3,
+            f"{r['throughput']:.4g} {r['throughput_unit']}",
+            r["gflop_per_s"],
+            f"{100 * r['utilisation']:.1f}%",
+            f"{r.get('ratio_ours_over_theirs', float('nan')):.2f}x",
+        ]
+        for r in records
+    ]
 
 
-TABLE_HEADER = ("config", "system", "median ms", "throughput", "GFLOP/s", "util. of peak",
-                "ours/theirs")
+TABLE_HEADER = (
+    "config",
+    "system",
+    "median ms",
+    "throughput",
+    "GFLOP/s",
+    "util. of peak",
+    "ours/theirs",
+)
 
 
 def perfetto_events(trace_dir: str) -> list[dict]:
@@ -458,7 +511,7 @@ def hlo_op_names(hlo_text: str, strip: str = "") -> dict[str, str]:
         if m:
             op = re.sub(r"layer_\d+", "layer_N", m.group(2))
             op = re.sub(r"^jit\([^)]*\)/", "", op)
-            names[m.group(1)] = op[len(strip):] if strip and op.startswith(strip) else op
+            names[m.group(1)] = op[len(strip) :] if strip and op.startswith(strip) else op
     return names
 
 
@@ -474,7 +527,7 @@ def thunk_table(trace_dir: str, names: dict[str, str], calls: int) -> list[tuple
     return [(kind, op, us / calls / 1e3) for (kind, op), us in totals.most_common()]
 
 
-def write_json(path: Optional[str], records: Sequence[dict]) -> None:
+def write_json(path: str | None, records: Sequence[dict]) -> None:
     """Writes the records as a JSON list (no-op when ``path`` is None)."""
     if not path:
         return
@@ -504,17 +557,32 @@ def describe_options(options: dict[str, str]) -> str:
 
 def add_common_args(parser, *, warmup: int = 2) -> None:
     """--runs, --warmup, --json, --torch-threads, --dtype."""
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch.set_num_threads value (default: os.cpu_count())")
-    parser.add_argument("--runs", type=int, default=MIN_RUNS,
-                        help=f"timed runs per system (median reported; >= {MIN_RUNS})")
-    parser.add_argument("--warmup", type=int, default=warmup,
-                        help="untimed runs before timing")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads value (default: os.cpu_count())",
+    )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=MIN_RUNS,
+        help=f"timed runs per system (median reported; >= {MIN_RUNS})",
+    )
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed runs before timing")
     parser.add_argument("--json", default=None, metavar="PATH", help="write JSON records here")
-    parser.add_argument("--host-memory", choices=("keep", "system"), default="keep",
-                        help="distill_jax.runtime.configure_host's allocator setting for the "
-                             "process (both sides run in it): keep freed memory for reuse "
-                             "(default, what distill-jax does) or glibc's defaults")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32",
-                        help="compute dtype of both sides and of the matmul peak (parameters "
-                             "stay float32 where the side keeps a float32 master copy)")
+    parser.add_argument(
+        "--host-memory",
+        choices=("keep", "system"),
+        default="keep",
+        help="distill_jax.runtime.configure_host's allocator setting for the "
+        "process (both sides run in it): keep freed memory for reuse "
+        "(default, what distill-jax does) or glibc's defaults",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="compute dtype of both sides and of the matmul peak (parameters "
+        "stay float32 where the side keeps a float32 master copy)",
+    )

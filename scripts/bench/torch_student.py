@@ -26,7 +26,7 @@ implementations can be checked to compute the same loss and gradients.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,23 +50,41 @@ def sinusoid_table(max_len: int, features: int) -> torch.Tensor:
 class TorchStudent(nn.Module):
     """Post-LN Transformer encoder-decoder with shared, tied embeddings."""
 
-    def __init__(self, vocab_size: int, d_model: int = 512, num_heads: int = 8,
-                 mlp_dim: int = 2048, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
-                 dropout: float = 0.3, max_len: int = 256, pad_id: int = 0,
-                 layer_norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 512,
+        num_heads: int = 8,
+        mlp_dim: int = 2048,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dropout: float = 0.3,
+        max_len: int = 256,
+        pad_id: int = 0,
+        layer_norm_eps: float = 1e-5,
+    ):
         super().__init__()
         self.d_model, self.pad_id = d_model, pad_id
         self.embedding = nn.Embedding(vocab_size, d_model)
-        nn.init.normal_(self.embedding.weight, std=d_model ** -0.5)
+        nn.init.normal_(self.embedding.weight, std=d_model**-0.5)
         self.register_buffer("positions", sinusoid_table(max_len, d_model), persistent=False)
         self.dropout = nn.Dropout(dropout)
-        common = dict(d_model=d_model, nhead=num_heads, dim_feedforward=mlp_dim, dropout=dropout,
-                      activation="relu", layer_norm_eps=layer_norm_eps, batch_first=True,
-                      norm_first=False)
+        common = dict(
+            d_model=d_model,
+            nhead=num_heads,
+            dim_feedforward=mlp_dim,
+            dropout=dropout,
+            activation="relu",
+            layer_norm_eps=layer_norm_eps,
+            batch_first=True,
+            norm_first=False,
+        )
         self.encoder_layers = nn.ModuleList(
-            [nn.TransformerEncoderLayer(**common) for _ in range(num_encoder_layers)])
+            [nn.TransformerEncoderLayer(**common) for _ in range(num_encoder_layers)]
+        )
         self.decoder_layers = nn.ModuleList(
-            [nn.TransformerDecoderLayer(**common) for _ in range(num_decoder_layers)])
+            [nn.TransformerDecoderLayer(**common) for _ in range(num_decoder_layers)]
+        )
         for layer in list(self.encoder_layers) + list(self.decoder_layers):
             layer.self_attn.dropout = 0.0  # no dropout on attention weights
             layer.dropout = nn.Identity()  # no dropout after the ReLU
@@ -89,14 +107,20 @@ class TorchStudent(nn.Module):
         causal = nn.Transformer.generate_square_subsequent_mask(length, device=src.device)
         y = self._embed(tgt_in)  # [batch, T, d]
         for layer in self.decoder_layers:
-            y = layer(y, x, tgt_mask=causal, tgt_is_causal=True,
-                      memory_key_padding_mask=src_pad)
+            y = layer(y, x, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=src_pad)
         return F.linear(y, self.embedding.weight)  # [batch, T, vocab]
 
 
-def combined_loss(logits: torch.Tensor, tgt_out: torch.Tensor, kd_logits: torch.Tensor,
-                  kd_indices: torch.Tensor, *, alpha: float = 0.5, label_smoothing: float = 0.1,
-                  temperature: float = 10.0) -> dict[str, torch.Tensor]:
+def combined_loss(
+    logits: torch.Tensor,
+    tgt_out: torch.Tensor,
+    kd_logits: torch.Tensor,
+    kd_indices: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    label_smoothing: float = 0.1,
+    temperature: float = 10.0,
+) -> dict[str, torch.Tensor]:
     """Summed losses and the token count (the same metrics our step returns).
 
     logits [b, t, V]; tgt_out [b, t] (0 = pad); kd_logits / kd_indices [b, t, K].
@@ -123,13 +147,20 @@ def combined_loss(logits: torch.Tensor, tgt_out: torch.Tensor, kd_logits: torch.
 
 def inverse_sqrt_factor(warmup_steps: int):
     """LambdaLR factor: ``min(count / warmup, sqrt(warmup / count))`` (count = updates done)."""
+
     def factor(count: int) -> float:
         return min(count / warmup_steps, math.sqrt(warmup_steps / max(count, 1)))
+
     return factor
 
 
-def make_optimizer(model: nn.Module, *, learning_rate: float = 5e-4, warmup_steps: int = 4000,
-                   implementation: str = "fused"):
+def make_optimizer(
+    model: nn.Module,
+    *,
+    learning_rate: float = 5e-4,
+    warmup_steps: int = 4000,
+    implementation: str = "fused",
+):
     """Adam (0.9, 0.98, eps 1e-8) + inverse-sqrt LambdaLR; ``implementation`` is torch's
     "fused", "foreach" or "for-loop" Adam kernel."""
     kwargs = {"fused": implementation == "fused", "foreach": implementation == "foreach"}
@@ -137,8 +168,9 @@ def make_optimizer(model: nn.Module, *, learning_rate: float = 5e-4, warmup_step
         raise ValueError(f"unknown Adam implementation {implementation!r}")
     if implementation == "fused":
         kwargs.pop("foreach")
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=(0.9, 0.98),
-                                 eps=1e-8, **kwargs)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=learning_rate, betas=(0.9, 0.98), eps=1e-8, **kwargs
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_factor(warmup_steps))
     return optimizer, schedule
 
@@ -149,23 +181,29 @@ def grad_norm(model: nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def autocast(device: str, dtype: Optional[torch.dtype]):
+def autocast(device: str, dtype: torch.dtype | None):
     """``torch.autocast`` to ``dtype`` on ``device`` (a no-op context for None/float32)."""
     enabled = dtype is not None and dtype != torch.float32
     return torch.autocast(device_type=device, dtype=dtype if enabled else None, enabled=enabled)
 
 
-def train_step(model: nn.Module, optimizer, schedule, batch: dict[str, torch.Tensor],
-               compute_dtype: Optional[torch.dtype] = None,
-               **loss_kwargs) -> dict[str, torch.Tensor]:
+def train_step(
+    model: nn.Module,
+    optimizer,
+    schedule,
+    batch: dict[str, torch.Tensor],
+    compute_dtype: torch.dtype | None = None,
+    **loss_kwargs,
+) -> dict[str, torch.Tensor]:
     """Forward, backward of the token-normalised loss, Adam update, schedule step. With
     ``compute_dtype`` (e.g. ``torch.bfloat16``) forward and loss run under autocast (the
     mixed precision recipe: float32 parameters and optimizer, bf16 matmuls)."""
     optimizer.zero_grad(set_to_none=True)
     with autocast(batch["src"].device.type, compute_dtype):
         logits = model(batch["src"], batch["tgt_in"])
-        metrics = combined_loss(logits, batch["tgt_out"], batch["kd_logits"],
-                                batch["kd_indices"], **loss_kwargs)
+        metrics = combined_loss(
+            logits, batch["tgt_out"], batch["kd_logits"], batch["kd_indices"], **loss_kwargs
+        )
     (metrics["loss"] / metrics["tokens"].clamp(min=1.0)).backward()
     metrics["grad_norm"] = grad_norm(model)
     optimizer.step()
@@ -184,16 +222,24 @@ def _heads_in(kernel: np.ndarray) -> np.ndarray:
 def _copy(target: torch.Tensor, value: Any) -> None:
     value = torch.from_numpy(np.array(value, dtype=np.float32, order="C", copy=True))
     if tuple(target.shape) != tuple(value.shape):
-        raise ValueError(f"shape mismatch: torch {tuple(target.shape)} vs flax {tuple(value.shape)}")
+        raise ValueError(
+            f"shape mismatch: torch {tuple(target.shape)} vs flax {tuple(value.shape)}"
+        )
     with torch.no_grad():
         target.copy_(value)
 
 
 def _load_attention(mha: nn.MultiheadAttention, p: dict) -> None:
-    _copy(mha.in_proj_weight, np.concatenate(
-        [_heads_in(np.asarray(p[n]["kernel"])) for n in ("query", "key", "value")], axis=0))
-    _copy(mha.in_proj_bias, np.concatenate(
-        [np.asarray(p[n]["bias"]).reshape(-1) for n in ("query", "key", "value")]))
+    _copy(
+        mha.in_proj_weight,
+        np.concatenate(
+            [_heads_in(np.asarray(p[n]["kernel"])) for n in ("query", "key", "value")], axis=0
+        ),
+    )
+    _copy(
+        mha.in_proj_bias,
+        np.concatenate([np.asarray(p[n]["bias"]).reshape(-1) for n in ("query", "key", "value")]),
+    )
     out = np.asarray(p["out"]["kernel"])  # [heads, kv, embed]
     _copy(mha.out_proj.weight, out.reshape(-1, out.shape[-1]).T)
     _copy(mha.out_proj.bias, p["out"]["bias"])
@@ -231,7 +277,7 @@ def load_flax_params(model: TorchStudent, params: dict) -> None:
         _load_norm(layer.norm3, p["feed_forward_block"])
 
 
-def count_parameters(model: nn.Module, exclude: Optional[nn.Module] = None) -> int:
+def count_parameters(model: nn.Module, exclude: nn.Module | None = None) -> int:
     """Number of parameters, optionally without those of ``exclude``."""
     skip = {id(p) for p in exclude.parameters()} if exclude is not None else set()
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)

@@ -33,8 +33,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))))
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+)
 
 from distill_jax import runtime  # noqa: E402
 
@@ -59,8 +60,9 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    import benchlib
     from distill_jax.models import fast_paths
+
+    import benchlib
 
     def scores(q, k, transposed):
         return jnp.einsum("bhqd,bhdk->bhqk" if transposed else "bhqd,bhkd->bhqk", q, k)
@@ -81,37 +83,60 @@ def main(argv=None) -> int:
         batch, heads, q_len, kv_len, head_dim, transposed = CASES[case]
         keys = jax.random.split(jax.random.PRNGKey(0), 3)
         q = jax.random.normal(keys[0], (batch, heads, q_len, head_dim)) / np.sqrt(head_dim)
-        k = jax.random.normal(keys[1], (batch, heads) + (
-            (head_dim, kv_len) if transposed else (kv_len, head_dim)))
+        k = jax.random.normal(
+            keys[1], (batch, heads) + ((head_dim, kv_len) if transposed else (kv_len, head_dim))
+        )
         v = jax.random.normal(keys[2], (batch, heads, kv_len, head_dim))
         mask = np.ones((batch, 1, 1, kv_len), bool)
-        mask[-4:, ..., kv_len // 2:] = False  # four padded rows
+        mask[-4:, ..., kv_len // 2 :] = False  # four padded rows
         mask = jnp.asarray(mask)
 
         programs = {}
         for name, core in (("normalise first", normalise_first), ("deferred", deferred)):
-            def fn(q, k, v, core=core):
+
+            def fn(q, k, v, core=core, mask=mask, transposed=transposed):
                 return core(q, k, v, mask, transposed)
+
             if args.grad:
-                fn = jax.grad(lambda q, k, v, fn=fn: jnp.sum(jnp.sin(fn(q, k, v))),
-                              argnums=(0, 1, 2))
+                fn = jax.grad(
+                    lambda q, k, v, fn=fn: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2)
+                )
             programs[name] = jax.jit(fn)
         outs = {name: jax.tree.leaves(p(q, k, v)) for name, p in programs.items()}
         diff = max(float(jnp.abs(a - b).max()) for a, b in zip(*outs.values()))
         print(f"{case}: max |normalise first - deferred| = {diff:.2e}")
         timings = benchlib.time_interleaved(
-            {name: (lambda p=p: p(q, k, v), benchlib.block) for name, p in programs.items()},
-            warmup=args.warmup, runs=args.runs)
+            {
+                name: (lambda p=p, q=q, k=k, v=v: p(q, k, v), benchlib.block)
+                for name, p in programs.items()
+            },
+            warmup=args.warmup,
+            runs=args.runs,
+        )
         first, later = (timings[n].median_s for n in ("normalise first", "deferred"))
-        shape = (f"{batch} x {heads} heads x {q_len} x {kv_len}, head_dim {head_dim}"
-                 + (", keys transposed" if transposed else ""))
-        rows.append([case, shape, f"{first * 1e3:.2f}", f"{later * 1e3:.2f}",
-                     f"{first / later:.2f}x", f"{diff:.1e}"])
+        shape = f"{batch} x {heads} heads x {q_len} x {kv_len}, head_dim {head_dim}" + (
+            ", keys transposed" if transposed else ""
+        )
+        rows.append(
+            [
+                case,
+                shape,
+                f"{first * 1e3:.2f}",
+                f"{later * 1e3:.2f}",
+                f"{first / later:.2f}x",
+                f"{diff:.1e}",
+            ]
+        )
     print()
-    print(benchlib.markdown_table(
-        ["case", "shape", "normalise first ms", "deferred ms", "speed-up", "max diff"], rows))
-    print(f"\n{'forward + gradient' if args.grad else 'forward'}, median of {args.runs} "
-          f"alternating runs after {args.warmup} warm-up rounds")
+    print(
+        benchlib.markdown_table(
+            ["case", "shape", "normalise first ms", "deferred ms", "speed-up", "max diff"], rows
+        )
+    )
+    print(
+        f"\n{'forward + gradient' if args.grad else 'forward'}, median of {args.runs} "
+        f"alternating runs after {args.warmup} warm-up rounds"
+    )
     return 0
 
 

@@ -86,27 +86,43 @@ def main(argv=None) -> int:
         ja, jb = jax.device_put(a), jax.device_put(b)
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         lowered = jax.jit(lambda x, y: x @ y).lower(ja, jb)
-        sides = {"xla": (lambda c=lowered.compile(): c(ja, jb), benchlib.block)}
+        default = lowered.compile()
+        sides = {"xla": (lambda c=default, a=ja, b=jb: c(a, b), benchlib.block)}
         for name, options in variants.items():
             compiled = lowered.compile(compiler_options=options)
-            sides[f"xla+{name}"] = (lambda c=compiled: c(ja, jb), benchlib.block)
-        sides["torch"] = (lambda: ta @ tb, lambda x: x)
-        timings = benchlib.time_interleaved(sides, warmup=args.warmup, runs=args.runs,
-                                            label=False)
+            sides[f"xla+{name}"] = (lambda c=compiled, a=ja, b=jb: c(a, b), benchlib.block)
+        sides["torch"] = (lambda a=ta, b=tb: a @ b, lambda x: x)
+        timings = benchlib.time_interleaved(sides, warmup=args.warmup, runs=args.runs, label=False)
         flops = 2 * m * k * n
         rate = {side: flops / t.median_s / 1e9 for side, t in timings.items()}
-        rows.append([program, what, f"{m} x {k} x {n}"]
-                    + [f"{rate[side]:.0f}" for side in sides]
-                    + [f"{rate['torch'] / rate['xla']:.2f}"])
-        records.append({"benchmark": "matmul", "program": program, "what": what,
-                        "shape": [m, k, n], "gflop_per_s": rate, "runs": args.runs,
-                        "median_s": {side: t.median_s for side, t in timings.items()},
-                        "variants": variants, "machine": machine})
+        rows.append(
+            [program, what, f"{m} x {k} x {n}"]
+            + [f"{rate[side]:.0f}" for side in sides]
+            + [f"{rate['torch'] / rate['xla']:.2f}"]
+        )
+        records.append(
+            {
+                "benchmark": "matmul",
+                "program": program,
+                "what": what,
+                "shape": [m, k, n],
+                "gflop_per_s": rate,
+                "runs": args.runs,
+                "median_s": {side: t.median_s for side, t in timings.items()},
+                "variants": variants,
+                "machine": machine,
+            }
+        )
         print(" | ".join(rows[-1]), flush=True)
     print()
-    print(benchlib.markdown_table(
-        ["program", "product", "rows x in x out"] + [f"{side} GFLOP/s" for side in sides]
-        + ["torch / xla"], rows))
+    print(
+        benchlib.markdown_table(
+            ["program", "product", "rows x in x out"]
+            + [f"{side} GFLOP/s" for side in sides]
+            + ["torch / xla"],
+            rows,
+        )
+    )
     benchlib.write_json(args.json, records)
     return 0
 

@@ -17,8 +17,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))))
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+)
 
 from distill_jax import runtime  # noqa: E402
 
@@ -33,10 +34,11 @@ def main(argv=None) -> int:
 
     import jax
 
-    import benchlib
-    from bench_scaling import init_student, random_kd_batch
     from distill_jax import sharding, train
     from distill_jax.models.transformer import TransformerConfig
+
+    import benchlib
+    from bench_scaling import init_student, random_kd_batch
 
     extra = benchlib.parse_compiler_options(args.options)
     cfg = TransformerConfig(vocab_size=10_000)
@@ -44,26 +46,33 @@ def main(argv=None) -> int:
     model, tx, state, state_shardings = init_student(cfg, mesh)
     batch = random_kd_batch(cfg.vocab_size, rows=32, src_len=32, tgt_len=32, top_k=8)
     loss_fn = train.student_loss_fn(model, train.StudentLossConfig(alpha=0.5))
-    step = train.make_train_step(loss_fn, tx, mesh, state_shardings,
-                                 sharding.batch_shardings(batch, mesh))
+    step = train.make_train_step(
+        loss_fn, tx, mesh, state_shardings, sharding.batch_shardings(batch, mesh)
+    )
     batch = sharding.shard_batch(batch, mesh)
     key = jax.random.PRNGKey(1)
     lowered = step.lower(state, batch, key)
     base = dict(train.donated_state_compiler_options(mesh))
-    programs = {"default": lowered.compile(compiler_options=base),
-                "with " + benchlib.describe_options(extra):
-                    lowered.compile(compiler_options={**base, **extra})}
+    programs = {
+        "default": lowered.compile(compiler_options=base),
+        "with " + benchlib.describe_options(extra): lowered.compile(
+            compiler_options={**base, **extra}
+        ),
+    }
     states = {name: jax.tree.map(lambda x: x.copy(), state) for name in programs}
 
     def runner(name):
         def one():
             states[name], metrics = programs[name](states[name], batch, key)
             return metrics
+
         return one
 
     timings = benchlib.time_interleaved(
         {name: (runner(name), benchlib.block) for name in programs},
-        warmup=args.warmup, runs=args.runs)
+        warmup=args.warmup,
+        runs=args.runs,
+    )
     default, variant = (t.median_s for t in timings.values())
     print(f"time with the options / default: {variant / default:.2f}")
     return 0

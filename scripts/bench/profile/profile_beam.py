@@ -39,20 +39,31 @@ import benchlib  # noqa: E402
 # (group, predicate on the op_name, whether it runs once per decoder layer and step);
 # the first match wins, in this order.
 GROUPS = (
-    ("encoder + cross keys/values (once per call)",
-     lambda op: "Transformer.encode" in op or "_cross_attention_cache" in op, False),
+    (
+        "encoder + cross keys/values (once per call)",
+        lambda op: "Transformer.encode" in op or "_cross_attention_cache" in op,
+        False,
+    ),
     ("self-attention cache write", lambda op: "_self_attention_cache" in op, True),
     ("cache growth between decoding phases", lambda op: op.startswith("grow_cache/"), False),
-    ("self-attention core (scores, mask, softmax, weighted sum)",
-     lambda op: "self_attention._attend" in op and "_output" not in op, True),
-    ("cross-attention core",
-     lambda op: "cross_attention._attend" in op and "_output" not in op, True),
-    ("decoder dense layers (q/k/v, out, feed-forward)",
-     lambda op: "/dot_general" in op and "layer_N" in op and "/norm/" not in op, True),
+    (
+        "self-attention core (scores, mask, softmax, weighted sum)",
+        lambda op: "self_attention._attend" in op and "_output" not in op,
+        True,
+    ),
+    (
+        "cross-attention core",
+        lambda op: "cross_attention._attend" in op and "_output" not in op,
+        True,
+    ),
+    (
+        "decoder dense layers (q/k/v, out, feed-forward)",
+        lambda op: "/dot_general" in op and "layer_N" in op and "/norm/" not in op,
+        True,
+    ),
     # LayerNorm's statistics are matrix-vector products in inference calls: counted here
     ("LayerNorm, residuals, activation", lambda op: "layer_N" in op, True),
-    ("output projection (logits)",
-     lambda op: op.endswith("Transformer.decode/dot_general"), False),
+    ("output projection (logits)", lambda op: op.endswith("Transformer.decode/dot_general"), False),
     ("beam bookkeeping (log-softmax, top-k, ancestry)", lambda op: True, False),
 )
 PER_LAYER_STEP = {name for name, _, per_step in GROUPS if per_step}
@@ -69,8 +80,13 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=2, help="traced calls")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top", type=int, default=20)
-    parser.add_argument("--cache-phases", type=int, default=None, metavar="N",
-                        help="beam_search(cache_phases=N) (default: the library's)")
+    parser.add_argument(
+        "--cache-phases",
+        type=int,
+        default=None,
+        metavar="N",
+        help="beam_search(cache_phases=N) (default: the library's)",
+    )
     parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--host-memory", default="keep", choices=("keep", "system"))
     args = parser.parse_args(argv)
@@ -81,13 +97,20 @@ def main(argv=None) -> int:
     from distill_jax import decode
 
     model, params = bench_beam.make_model(args)
-    src = jax.device_put(bench_beam.make_sources(args.batch, args.src_len, args.vocab,
-                                                 args.padded_rows))
+    src = jax.device_put(
+        bench_beam.make_sources(args.batch, args.src_len, args.vocab, args.padded_rows)
+    )
     options = benchlib.parse_compiler_options(args.compiler_option)
     phases = {} if args.cache_phases is None else {"cache_phases": args.cache_phases}
     compiled = decode.beam_search.lower(
-        model, params, src, beam_size=args.beams, length_penalty=args.length_penalty,
-        max_len=args.new_tokens, **phases).compile(compiler_options=options or None)
+        model,
+        params,
+        src,
+        beam_size=args.beams,
+        length_penalty=args.length_penalty,
+        max_len=args.new_tokens,
+        **phases,
+    ).compile(compiler_options=options or None)
     for _ in range(args.warmup):
         jax.block_until_ready(compiled(params, src))
     start = time.perf_counter()
@@ -102,26 +125,43 @@ def main(argv=None) -> int:
 
     total = sum(ms for _, _, ms in rows)
     slots = args.new_tokens * args.beams
-    print(f"ours: decode.beam_search, batch {args.batch}, beams {args.beams}, source "
-          f"{args.src_len}, N {args.new_tokens} steps ({slots} cache slots per sentence), "
-          f"vocab {args.vocab}, cache phases ending at steps "
-          f"{decode.phase_ends(args.new_tokens, args.cache_phases or decode.DEFAULT_CACHE_PHASES)}; "
-          f"one untraced call {wall_ms:.0f} ms; ms per call over "
-          f"{args.calls} traced calls" + (f"; {benchlib.describe_options(options)}" if options else ""))
-    print(benchlib.markdown_table(
-        ["ms", "XLA op", "op_name"],
-        [[f"{ms:.1f}", kind, op.replace("while/body/Transformer.decode/", "step/")]
-         for kind, op, ms in rows[:args.top]]))
+    print(
+        f"ours: decode.beam_search, batch {args.batch}, beams {args.beams}, source "
+        f"{args.src_len}, N {args.new_tokens} steps ({slots} cache slots per sentence), "
+        f"vocab {args.vocab}, cache phases ending at steps "
+        f"{decode.phase_ends(args.new_tokens, args.cache_phases or decode.DEFAULT_CACHE_PHASES)}; "
+        f"one untraced call {wall_ms:.0f} ms; ms per call over "
+        f"{args.calls} traced calls"
+        + (f"; {benchlib.describe_options(options)}" if options else "")
+    )
+    print(
+        benchlib.markdown_table(
+            ["ms", "XLA op", "op_name"],
+            [
+                [f"{ms:.1f}", kind, op.replace("while/body/Transformer.decode/", "step/")]
+                for kind, op, ms in rows[: args.top]
+            ],
+        )
+    )
     groups: collections.Counter = collections.Counter()
     for _, op, ms in rows:
         groups[group_of(op)] += ms
     steps = args.new_tokens * args.layers
     print()
-    print(benchlib.markdown_table(
-        ["what", "ms per call", "share", "us per decoder layer and step"],
-        [[name, f"{ms:.1f}", f"{100 * ms / total:.1f}%",
-          f"{1e3 * ms / steps:.0f}" if name in PER_LAYER_STEP else "-"]
-         for name, ms in groups.most_common()]))
+    print(
+        benchlib.markdown_table(
+            ["what", "ms per call", "share", "us per decoder layer and step"],
+            [
+                [
+                    name,
+                    f"{ms:.1f}",
+                    f"{100 * ms / total:.1f}%",
+                    f"{1e3 * ms / steps:.0f}" if name in PER_LAYER_STEP else "-",
+                ]
+                for name, ms in groups.most_common()
+            ],
+        )
+    )
     print(f"all listed thunks: {total:.0f} ms per call")
     return 0
 

@@ -52,13 +52,13 @@ def main(argv=None) -> int:
     from distill_jax.hf import load_bert
 
     model, params, config = load_bert(args.checkpoint)
-    batch = bench_teacher.make_batch(args.batch, args.length, config.vocab_size,
-                                     args.padded_rows)
+    batch = bench_teacher.make_batch(args.batch, args.length, config.vocab_size, args.padded_rows)
     inputs = [jax.device_put(batch[k]) for k in ("input_ids", "token_type_ids", "attention_mask")]
 
     def apply(params, input_ids, token_type_ids, attention_mask):
-        return model.apply({"params": params}, input_ids, token_type_ids, attention_mask,
-                           deterministic=True)
+        return model.apply(
+            {"params": params}, input_ids, token_type_ids, attention_mask, deterministic=True
+        )
 
     options = benchlib.parse_compiler_options(args.compiler_option)
     compiled = jax.jit(apply).lower(params, *inputs).compile(compiler_options=options or None)
@@ -71,10 +71,17 @@ def main(argv=None) -> int:
         names = benchlib.hlo_op_names(compiled.as_text(), strip="BertModel/")
         rows = benchlib.thunk_table(trace_dir, names, args.steps)
     shape = f"{args.batch} x {args.length}"
-    print(f"ours: jitted Flax BERT, {shape}, ms per forward pass (sum over layers), "
-          f"{args.steps} traced passes" + (f", {benchlib.describe_options(options)}" if options else ""))
-    print(benchlib.markdown_table(["ms", "XLA op", "op_name"],
-                                  [[f"{ms:.1f}", kind, op] for kind, op, ms in rows[:args.top]]))
+    print(
+        f"ours: jitted Flax BERT, {shape}, ms per forward pass (sum over layers), "
+        f"{args.steps} traced passes"
+        + (f", {benchlib.describe_options(options)}" if options else "")
+    )
+    print(
+        benchlib.markdown_table(
+            ["ms", "XLA op", "op_name"],
+            [[f"{ms:.1f}", kind, op] for kind, op, ms in rows[: args.top]],
+        )
+    )
     print(f"all listed thunks: {sum(ms for _, _, ms in rows):.0f} ms per pass")
 
     if args.torch:
@@ -84,7 +91,8 @@ def main(argv=None) -> int:
 
         benchlib.set_torch_threads(None)
         torch_model = transformers.BertModel.from_pretrained(
-            args.checkpoint, add_pooling_layer=False).eval()
+            args.checkpoint, add_pooling_layer=False
+        ).eval()
         torch_batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
         with torch.inference_mode():
             for _ in range(args.warmup):
@@ -94,10 +102,19 @@ def main(argv=None) -> int:
                     torch_model(**torch_batch)
         averages = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
         print(f"\ntheirs: transformers BertModel, {shape}, ms per forward pass (self CPU time)")
-        print(benchlib.markdown_table(
-            ["ms", "aten op", "calls per pass"],
-            [[f"{e.self_cpu_time_total / args.steps / 1e3:.1f}", e.key, e.count // args.steps]
-             for e in averages[:args.top]]))
+        print(
+            benchlib.markdown_table(
+                ["ms", "aten op", "calls per pass"],
+                [
+                    [
+                        f"{e.self_cpu_time_total / args.steps / 1e3:.1f}",
+                        e.key,
+                        e.count // args.steps,
+                    ]
+                    for e in averages[: args.top]
+                ],
+            )
+        )
         total = sum(e.self_cpu_time_total for e in averages) / args.steps / 1e3
         print(f"all ops: {total:.0f} ms per pass")
     return 0

@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_student_step  # noqa: E402
 import benchlib  # noqa: E402
 
-
 MATMUL_WORDS = ("gemm", "dot", "xmma", "cutlass", "cublas", "matmul", "wgmma", "nvjet")
 
 
@@ -32,11 +31,21 @@ def kernel_table(trace_dir: str, steps: int, top: int = 30) -> str:
     """Sums the durations of the trace's device events by name (perfetto JSON)."""
     events = benchlib.perfetto_events(trace_dir)
     # Device timelines are the processes whose name mentions the device ("/device:GPU:0").
-    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                   and "/device:" in str(e.get("args", {}).get("name", ""))}
+    device_pids = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M"
+        and e.get("name") == "process_name"
+        and "/device:" in str(e.get("args", {}).get("name", ""))
+    }
     # On CPUs there is no device timeline: XLA's work runs on the host's XLA threads.
-    host_python = {(e["pid"], e.get("tid")) for e in events if e.get("ph") == "M"
-                   and e.get("name") == "thread_name" and e.get("args", {}).get("name") == "python"}
+    host_python = {
+        (e["pid"], e.get("tid"))
+        for e in events
+        if e.get("ph") == "M"
+        and e.get("name") == "thread_name"
+        and e.get("args", {}).get("name") == "python"
+    }
 
     def on_device(e):
         if device_pids:
@@ -51,14 +60,19 @@ def kernel_table(trace_dir: str, steps: int, top: int = 30) -> str:
             counts[e["name"]] += 1
     total = sum(totals.values()) or 1.0
     matmul = sum(d for n, d in totals.items() if any(k in n.lower() for k in MATMUL_WORDS))
-    lines = [f"device time per step: {total / steps / 1e3:.2f} ms over {len(totals)} op names "
-             f"(device timelines: {len(device_pids)}); matmul kernels "
-             f"{matmul / steps / 1e3:.2f} ms ({100 * matmul / total:.0f}%), other "
-             f"{(total - matmul) / steps / 1e3:.2f} ms",
-             "| op | ms / step | share | calls / step |", "|---|---|---|---|"]
+    lines = [
+        f"device time per step: {total / steps / 1e3:.2f} ms over {len(totals)} op names "
+        f"(device timelines: {len(device_pids)}); matmul kernels "
+        f"{matmul / steps / 1e3:.2f} ms ({100 * matmul / total:.0f}%), other "
+        f"{(total - matmul) / steps / 1e3:.2f} ms",
+        "| op | ms / step | share | calls / step |",
+        "|---|---|---|---|",
+    ]
     for name, dur in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"| {name[:90]} | {dur / steps / 1e3:.3f} | {100 * dur / total:.1f}% | "
-                     f"{counts[name] / steps:.0f} |")
+        lines.append(
+            f"| {name[:90]} | {dur / steps / 1e3:.3f} | {100 * dur / total:.1f}% | "
+            f"{counts[name] / steps:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -82,26 +96,42 @@ def main(argv=None):
     from distill_jax.models.transformer import Transformer, TransformerConfig
 
     dtype = jnp.dtype(args.dtype)
-    cfg = TransformerConfig(vocab_size=args.vocab, d_model=512, num_heads=8, mlp_dim=2048,
-                            num_encoder_layers=6, num_decoder_layers=6, dropout_rate=0.3,
-                            max_len=max(args.src_len, args.tgt_len), dtype=dtype)
+    cfg = TransformerConfig(
+        vocab_size=args.vocab,
+        d_model=512,
+        num_heads=8,
+        mlp_dim=2048,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        dropout_rate=0.3,
+        max_len=max(args.src_len, args.tgt_len),
+        dtype=dtype,
+    )
     model = Transformer(cfg)
-    loss_fn = train.student_loss_fn(model, train.StudentLossConfig(
-        alpha=0.5, label_smoothing=0.1, kd_mode="paper", temperature=10.0))
+    loss_fn = train.student_loss_fn(
+        model,
+        train.StudentLossConfig(alpha=0.5, label_smoothing=0.1, kd_mode="paper", temperature=10.0),
+    )
     optimizer = optim.make_optimizer(optim.OptimizerConfig.student())
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
 
     def init_state():
         x = jnp.ones((1, 4), jnp.int32)
-        return train.TrainState.create(model.init(jax.random.PRNGKey(0), x, x)["params"],
-                                       optimizer)
+        return train.TrainState.create(model.init(jax.random.PRNGKey(0), x, x)["params"], optimizer)
 
     state, state_shardings = sharding.create_sharded_state(init_state, mesh)
-    batch_np = bench_student_step.make_batch(args.batch, args.src_len, args.tgt_len,
-                                             args.vocab, args.top_k, args.batch // 8)
+    batch_np = bench_student_step.make_batch(
+        args.batch, args.src_len, args.tgt_len, args.vocab, args.top_k, args.batch // 8
+    )
     batch = sharding.shard_batch(batch_np, mesh)
-    step = train.make_train_step(loss_fn, optimizer, mesh, state_shardings,
-                                 sharding.batch_shardings(batch_np, mesh), compute_dtype=dtype)
+    step = train.make_train_step(
+        loss_fn,
+        optimizer,
+        mesh,
+        state_shardings,
+        sharding.batch_shardings(batch_np, mesh),
+        compute_dtype=dtype,
+    )
     rng = jax.random.PRNGKey(1)
     for _ in range(args.warmup):
         state, metrics = step(state, batch, rng)
