@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 ROOT = "distill_jax"
 VERBOSITIES: dict[str, int] = {"debug": logging.DEBUG, "info": logging.INFO,
@@ -63,7 +63,7 @@ class _StandardError(logging.StreamHandler):
 class ChiefOnly(logging.Filter):
     """Drops records below WARNING on every process but process 0."""
 
-    def __init__(self, index: Optional[Callable[[], int]] = None) -> None:
+    def __init__(self, index: Callable[[], int] | None = None) -> None:
         super().__init__()
         self.index = index or process_index
 
@@ -74,7 +74,7 @@ class ChiefOnly(logging.Filter):
 class Formatter(logging.Formatter):
     """:data:`FORMAT`, with ``[process N]`` before the message of a process other than 0."""
 
-    def __init__(self, index: Optional[Callable[[], int]] = None) -> None:
+    def __init__(self, index: Callable[[], int] | None = None) -> None:
         super().__init__(FORMAT, DATE_FORMAT)
         self.index = index or process_index
 

@@ -21,8 +21,9 @@ import argparse
 import logging
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from distill_jax import storage
 from distill_jax.errors import UserError
@@ -55,7 +56,7 @@ class TensorBoardWriter:
     """
 
     def __init__(self, run_dir: storage.PathLike, *, enabled: bool = True,
-                 resume_step: Optional[int] = None) -> None:
+                 resume_step: int | None = None) -> None:
         self.directory = storage.path(run_dir) / TENSORBOARD_DIR
         self._writer = None
         if not enabled:
@@ -166,11 +167,11 @@ class StepProfiler:
     directory the trace is written locally, then copied there.
     """
 
-    def __init__(self, window: Optional[tuple[int, int]], run_dir: storage.PathLike) -> None:
+    def __init__(self, window: tuple[int, int] | None, run_dir: storage.PathLike) -> None:
         self.window = window
         self.directory = storage.path(run_dir) / PROFILE_DIR
         self.traced: list[int] = []  # the steps inside the trace
-        self._local: Optional[Path] = None
+        self._local: Path | None = None
         self._running = False
         self._done = False
 

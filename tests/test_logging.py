@@ -59,8 +59,8 @@ def test_only_process_0_logs_below_warning(capsys):
     logger = logging.getLogger("distill_jax.test")
     with logs.configured("info") as root:
         for index in (0, 3):
-            root.handlers[0].filters[0].index = lambda: index
-            root.handlers[0].formatter.index = lambda: index
+            root.handlers[0].filters[0].index = lambda index=index: index
+            root.handlers[0].formatter.index = lambda index=index: index
             logger.info("status %d", index)
             logger.warning("look at %d", index)
     err = capsys.readouterr().err
