@@ -60,6 +60,9 @@ setup(
         "plots": ["matplotlib>=3.11.2"],
         # Upstream TFDS datasets (wmt14_translate, cnn_dailymail) need TensorFlow to build.
         "tf": ["tensorflow"],
+        # TensorBoard event files beside metrics.jsonl (distill_jax/observe.py). Not in the
+        # test environment, so no floor: floors are the versions tested (constraints.txt).
+        "tensorboard": ["tensorboardX"],
     },
     entry_points={"console_scripts": ["distill-jax=distill_jax.cli:main"]},
 )
