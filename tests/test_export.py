@@ -536,15 +536,16 @@ def test_bad_input_is_refused_and_writes_nothing(exported):
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 def test_bench_ctranslate2_script(exported, tmp_path):
-    """scripts/bench_ctranslate2.py on the tiny student: three systems timed, BLEU of each,
+    """scripts/bench/bench_ctranslate2.py on the tiny student: three systems timed, BLEU of each,
     CTranslate2 float32 token for token equal to ours."""
     pytest.importorskip("ctranslate2")
     _, workdir, teacher, _, flags, layout = exported
     if layout != "post":
         pytest.skip("one layout is enough for the script")
     record = tmp_path / "bench.json"
-    args = [sys.executable, "scripts/bench_ctranslate2.py", "--config", CONFIG, "--workdir",
+    args = [sys.executable, "scripts/bench/bench_ctranslate2.py", "--config", CONFIG, "--workdir",
             str(workdir), "--name", layout, "--checkpoint", "latest", "--split", "val",
             "--sentences", "8", "--runs", "5", "--warmup", "1", "--json", str(record),
             "--set", f"teacher.checkpoint={teacher}", *flags]
