@@ -20,13 +20,17 @@ Growing caches (``cache_phases``): every step attends over all the key/value slo
 cache has, masked down to the decoded ones, so a cache sized for the whole length bound
 makes early steps read mostly empty slots (beam search on a CPU spent a fifth of its time
 in that attention, with a cost per step that grows faster than the slots). The searches
-therefore run their loop in up to ``cache_phases`` phases of at least ``MIN_PHASE_STEPS``
-steps, each a ``lax.while_loop`` over a cache sized for the phase's last step, and grow
-the cache between phases (``grow_decode_cache``); a search whose sentences are all done
-early skips the later phases' loops. The results are those of one loop over a
-full-size cache (the extra slots are masked either way), up to the order of float
-summation. Each phase compiles its own copy of the decoder step; ``cache_phases=1`` keeps
-one loop.
+therefore run their loop in up to ``cache_phases`` phases (``phase_ends``), each a
+``lax.while_loop`` over a cache sized for the phase's last step, and grow the cache
+between phases (``grow_decode_cache``); a search whose sentences are all done early
+skips the later phases' loops. The results are those of one loop over a full-size cache
+(the extra slots are masked either way), up to the order of float summation. Each phase
+compiles its own copy of the decoder step; ``cache_phases=1`` keeps one loop.
+
+The cache itself (its layout, how a step writes it, the ancestry mask, how beam search
+reorders it after each step with ``beam_cache.reorder``, growth and phases) is described
+in ``distill_jax.models.beam_cache``, which also keeps the plain gather-reorder form
+(``beam_cache.reorder_by_gather``) that the tests compare the searches against.
 
 Sharding: the functions take globally sharded arrays. Put ``src`` on a mesh with its batch
 axis sharded (e.g. ``NamedSharding(mesh, P(("data", "fsdp")))``) and call the function;
@@ -45,18 +49,13 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from distill_jax.models import beam_cache
+from distill_jax.models.beam_cache import DEFAULT_CACHE_PHASES, gather_beams, phase_ends
 from distill_jax.models.transformer import Transformer, grow_decode_cache, init_decode_cache
 
 MaxLen = Optional[Union[int, tuple[float, float]]]
 
 NEG_INF = -jnp.inf
-
-# Decoding phases are at least this many steps: a shorter one saves less attention work
-# than another compiled copy of the decoder step costs.
-MIN_PHASE_STEPS = 8
-# Phases of a search by default: 4 made beam search 1.09x faster than 1 on a CPU (d 512,
-# 6 + 6 layers, 32 steps; BENCHMARKS.md); 8 were barely faster than 4.
-DEFAULT_CACHE_PHASES = 4
 
 
 def gnmt_length_penalty(length: jax.Array, alpha: float) -> jax.Array:
@@ -89,16 +88,6 @@ def length_limits(model: Transformer, src: jax.Array, max_len: MaxLen) -> tuple[
     else:
         raise ValueError(f"max_len must be None, an int or a pair (a, b), got {max_len!r}")
     return steps, limits
-
-
-def phase_ends(steps: int, phases: int) -> list[int]:
-    """The step counts at which the decoding loop's phases end (see the module doc): up to
-    ``phases`` phases of about equal length, none shorter than ``MIN_PHASE_STEPS`` steps
-    (one phase when ``steps`` is short), the last ending at ``steps``."""
-    if phases < 1:
-        raise ValueError(f"cache_phases must be >= 1, got {phases}")
-    count = max(1, min(phases, steps // MIN_PHASE_STEPS))
-    return [-(-steps * k // count) for k in range(1, count + 1)]
 
 
 def _run_phases(model: Transformer, params: Any, encoded: jax.Array, src: jax.Array,
@@ -218,29 +207,6 @@ def top_log_probs(logits: jax.Array, k: int, banned: tuple[int, ...] = ()
     return (values - row_max) - log_norm, tokens
 
 
-def _gather_beams(x: jax.Array, origin: jax.Array) -> jax.Array:
-    """x [batch, beams, ...], origin [batch, new_beams] -> x[b, origin[b, j]] [batch, new_beams, ...]."""
-    index = origin.reshape(origin.shape + (1,) * (x.ndim - 2))  # [batch, new_beams, 1...]
-    return jnp.take_along_axis(x, index, axis=1)
-
-
-def _reorder_cache(cache: Any, origin: jax.Array) -> Any:
-    """Makes hypothesis j of sentence b the continuation of hypothesis ``origin[b, j]``.
-
-    Only the decoder's ``beam_ancestry`` table [batch, beams, max_len] moves (a gather of
-    its rows): the key/value caches keep every token's key/value in the slot where it was
-    written, and the self-attention mask follows the ancestry (``distill_jax.models.
-    transformer``). Reordering the caches themselves instead copied every layer's keys
-    and values at every step, an eighth of beam search's time on a CPU.
-    """
-    def reorder(path, x):
-        if getattr(path[-1], "key", None) != "beam_ancestry":
-            return x
-        return _gather_beams(x, origin)  # [batch, beams, max_len]
-
-    return jax.tree_util.tree_map_with_path(reorder, cache)
-
-
 class _BeamState(NamedTuple):
     """Loop carry of ``beam_search``."""
 
@@ -329,7 +295,7 @@ def beam_search(
         top_origin = top_index // per_row  # [batch, 2*beams]
         top_tokens = jnp.take_along_axis(
             row_tokens.reshape(batch, fed * per_row), top_index, axis=1)  # [batch, 2*beams]
-        top_seqs = _gather_beams(state.live_seqs, top_origin)  # [batch, 2*beams, steps]
+        top_seqs = gather_beams(state.live_seqs, top_origin)  # [batch, 2*beams, steps]
         top_seqs = top_seqs.at[:, :, step].set(top_tokens)  # [batch, 2*beams, steps]
 
         ends = (top_tokens == cfg.eos_id) | (step + 1 >= limits)[:, None]  # [batch, 2*beams]
@@ -338,13 +304,14 @@ def beam_search(
         all_scores = jnp.concatenate([state.finished_scores, new_scores], axis=1)  # [batch, 3*beams]
         all_seqs = jnp.concatenate([state.finished_seqs, top_seqs], axis=1)  # [batch, 3*beams, steps]
         finished_scores, keep = jax.lax.top_k(all_scores, beam_size)  # [batch, beams]
-        finished_seqs = _gather_beams(all_seqs, keep)  # [batch, beams, steps]
+        finished_seqs = gather_beams(all_seqs, keep)  # [batch, beams, steps]
 
         live_candidates = jnp.where(ends, NEG_INF, best_log_probs)  # [batch, 2*beams]
         live_log_probs, keep = jax.lax.top_k(live_candidates, beam_size)  # [batch, beams]
-        live_seqs = _gather_beams(top_seqs, keep)  # [batch, beams, steps]
-        origin = _gather_beams(top_origin, keep)  # [batch, beams]
-        cache = _reorder_cache(cache, origin)
+        live_seqs = gather_beams(top_seqs, keep)  # [batch, beams, steps]
+        origin = gather_beams(top_origin, keep)  # [batch, beams]
+        # survivor j extends hypothesis origin[b, j]: beam_cache, invariant 5
+        cache = beam_cache.reorder(cache, origin)
         return _BeamState(step + 1, live_seqs, live_log_probs, finished_seqs, finished_scores, cache)
 
     first_beam_only = jnp.where(jnp.arange(beam_size) == 0, 0.0, NEG_INF)  # [beams]

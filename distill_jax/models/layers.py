@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.models import fast_paths
+from distill_jax.models import beam_cache, fast_paths
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -152,23 +152,19 @@ class MultiHeadAttention(nn.Module):
       out kernel [heads, kv, embed], bias [embed]
 
     Incremental decoding (``decode=True``) of ``beams`` hypotheses per sentence (1 for
-    greedy search and sampling), variables in the ``cache`` collection:
-      * self-attention: ``cached_key`` ``[batch, heads, kv, max_len * beams]`` (keys are
-        kept transposed), ``cached_value`` ``[batch, heads, max_len * beams, kv]``
-        (position-major) and ``cache_index``. The first call (the one that creates the cache) takes
-        ``[batch, max_len, embed]`` and only allocates zeros; every later call takes one
-        new position of every hypothesis, ``[batch * beams, 1, embed]`` (hypothesis ``j``
-        of sentence ``b`` in row ``b * beams + j``), writes its key/value into its beam
-        slot at ``cache_index`` and attends over all ``max_len * beams`` keys of its
-        sentence, as ``mask`` (``[batch, 1, beams, max_len * beams]``) allows. The caller
-        (``Decoder``) builds that mask from each hypothesis's ancestry (keys in
-        position-major order: position p of beam slot i is key p * beams + i), so when beam
-        search reorders its hypotheses the caches stay where they are: only the small
-        ancestry table moves (``distill_jax.decode``).
-      * cross-attention: the first call projects ``inputs_kv`` (the encoder output) once
-        per sentence and stores it (key ``[batch, heads, kv, src_len]``, value ``[batch,
-        heads, src_len, kv]``); later calls read it
-        for all ``beams`` hypotheses of the sentence and ignore ``inputs_kv``.
+    greedy search and sampling) keeps keys/values in the ``cache`` collection, created
+    and written by ``distill_jax.models.beam_cache`` (whose docstring states the layout
+    and its invariants):
+      * self-attention (``beam_cache.write_self_attention``): the first call (the one that
+        creates the cache) takes ``[batch, max_len, embed]`` and only allocates zeros;
+        every later call takes one new position of the first ``g`` hypotheses of every
+        sentence, ``[batch * g, 1, embed]`` (hypothesis ``j`` of sentence ``b`` in row
+        ``b * g + j``), writes their keys/values into their beam slots and attends over
+        all ``max_len * beams`` entries of its sentence as ``mask`` (``[batch, 1, g,
+        max_len * beams]``, the ancestry mask the ``Decoder`` builds) allows.
+      * cross-attention (``beam_cache.cross_attention``): the first call projects
+        ``inputs_kv`` (the encoder output) once per sentence and stores it; later calls
+        read it for all hypotheses of the sentence and ignore ``inputs_kv``.
     """
 
     num_heads: int
@@ -226,9 +222,9 @@ class MultiHeadAttention(nn.Module):
             # a plain [q, kv] @ [kv, kv_len] matmul per sentence and head, where with keys
             # [kv_len, kv] XLA's CPU backend transposed the whole cache at every step.
             if key is None:
-                key_t, value_h = self._cross_attention_cache(inputs_kv)
+                key_t, value_h = beam_cache.cross_attention(self, inputs_kv, self._key_value)
             else:
-                key_t, value_h = self._self_attention_cache(key, value, beams)
+                key_t, value_h = beam_cache.write_self_attention(self, key, value, beams)
             return self._attend(query, key_t, value_h, mask, features, deterministic,
                                 key_transposed=True)
         if key is None:
@@ -325,59 +321,6 @@ class MultiHeadAttention(nn.Module):
             kernel_init=self.kernel_init, bias_init=self.bias_init, dtype=self.dtype,
             name="out",
         )(context)  # [batch, q_len, embed]
-
-    def _self_attention_cache(self, key, value, beams):
-        """The first call (the one that creates the cache) takes key/value
-        [batch, max_len, heads, kv], allocates zero caches, key [batch, heads, kv,
-        max_len * beams] and value [batch, heads, max_len * beams, kv] (position-major:
-        position p of beam slot i is entry p * beams + i), and returns its own keys/values
-        in those layouts (its output is discarded). Later calls take one position of the
-        first ``g`` hypotheses of every sentence, [batch * g, 1, heads, kv] (``g`` from 1
-        to the cache's beams), and write their keys/values as one block into slots
-        ``0..g-1`` of position ``cache_index``; they return the whole caches."""
-        initialized = self.has_variable("cache", "cached_key")
-        if not initialized:
-            batch, max_len, heads, head_dim = key.shape
-            slots = max_len * beams
-            self.variable("cache", "cached_key", jnp.zeros, (batch, heads, head_dim, slots),
-                          key.dtype)
-            self.variable("cache", "cached_value", jnp.zeros, (batch, heads, slots, head_dim),
-                          value.dtype)
-            self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
-            # [batch, heads, kv, max_len], [batch, heads, max_len, kv]
-            return key.transpose(0, 2, 3, 1), value.transpose(0, 2, 1, 3)
-        cached_key = self.variable("cache", "cached_key")
-        cached_value = self.variable("cache", "cached_value")
-        cache_index = self.variable("cache", "cache_index")
-        batch, heads, head_dim, slots = cached_key.value.shape
-        if key.shape[1] != 1:
-            raise ValueError(
-                f"incremental decoding takes one position per call, got {key.shape[1]}")
-        fed = key.shape[0] // batch
-        if key.shape[0] % batch or not 1 <= fed <= beams or slots % beams:
-            raise ValueError(f"the cache holds {beams} hypotheses of {batch} sentences in "
-                             f"{slots} slots each; got {key.shape[0]} hypotheses")
-        index = cache_index.value
-        key = key.reshape(batch, fed, heads, head_dim).transpose(0, 2, 3, 1)  # [b, h, kv, fed]
-        value = value.reshape(batch, fed, heads, head_dim).transpose(0, 2, 1, 3)  # [b, h, fed, kv]
-        cached_key.value = jax.lax.dynamic_update_slice(
-            cached_key.value, key.astype(cached_key.value.dtype), (0, 0, 0, index * beams))
-        cached_value.value = jax.lax.dynamic_update_slice(
-            cached_value.value, value.astype(cached_value.value.dtype), (0, 0, index * beams, 0))
-        cache_index.value = index + 1
-        return cached_key.value, cached_value.value
-
-    def _cross_attention_cache(self, inputs_kv):
-        """Projects the encoder output once (first call) and keeps it, key [batch, heads,
-        kv, src_len] and value [batch, heads, src_len, kv]; later calls reuse it."""
-        if self.has_variable("cache", "cached_key"):
-            return (self.get_variable("cache", "cached_key"),
-                    self.get_variable("cache", "cached_value"))
-        key, value = self._key_value(inputs_kv)
-        key_t, value_h = key.transpose(0, 2, 3, 1), value.transpose(0, 2, 1, 3)
-        self.put_variable("cache", "cached_key", key_t)
-        self.put_variable("cache", "cached_value", value_h)
-        return key_t, value_h
 
 
 class FeedForward(nn.Module):

@@ -8,20 +8,15 @@ the layout Chen et al.'s reference code (OpenNMT-py) trains, whose LayerNorms ha
 epsilon 1e-6 (set ``layer_norm_eps=1e-6`` with it to match; the default 1e-5 is fairseq's).
 
 Incremental decoding: ``Transformer.decode(..., decode=True)`` takes one target position
-of every hypothesis per call and keeps its state in the ``cache`` collection: keys/values
-of the decoder self-attention (one slot per hypothesis of a sentence), the projected
-encoder output of the cross-attention (one per sentence), a step counter that gives the
-position of the token being fed and ``beam_ancestry``. ``init_decode_cache`` creates that
-state for a batch of sentences and ``beams`` hypotheses each.
-
-``beam_ancestry`` ``[batch, beams, max_len]`` says, for hypothesis ``j`` of a sentence and
-a position ``p``, in which beam slot the key/value of its token at ``p`` was written. Each
-step writes every hypothesis's new key into its own slot. A step may feed only the first
-``g`` hypotheses of every sentence (``[batch * g, 1]``, e.g. beam search's first step,
-where all hypotheses are the same BOS): they write slots ``0..g-1``. A search that reorders its
-hypotheses (beam search) reorders only this table, never the key/value caches
-(``distill_jax.decode``), and the self-attention mask lets hypothesis ``j`` see slot ``i``
-at position ``p`` iff ``beam_ancestry[b, j, p] == i`` and ``p`` is decoded.
+of every hypothesis per call and keeps its state in the ``cache`` collection:
+keys/values of the decoder self-attention (one slot per hypothesis of a sentence), the
+projected encoder output of the cross-attention (one per sentence), a step counter that
+gives the position of the token being fed and the ``beam_ancestry`` table whose mask lets
+beam search reorder its hypotheses without moving keys/values. ``init_decode_cache``
+creates that state for a batch of sentences and ``beams`` hypotheses each and
+``grow_decode_cache`` makes room for more positions. The layout and every invariant of
+that cache are stated, and the code that reads and writes it lives, in
+``distill_jax.models.beam_cache``.
 """
 
 from __future__ import annotations
@@ -34,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.models import fast_paths, layers
+from distill_jax.models import beam_cache, fast_paths, layers
 
 POSITION_KINDS = ("sinusoidal", "learned")
 # How the shared embedding starts: fairseq's normal(0, d^-1/2), or Glorot-uniform over
@@ -302,25 +297,11 @@ class Decoder(nn.Module):
         _check_length("target", length, cfg)
         position_ids = jnp.arange(length)  # [tgt]
         self_mask = layers.causal_mask(length)  # [1, 1, tgt, tgt]
-        if decode:
-            initialized = self.has_variable("cache", "position_index")
-            index = self.variable("cache", "position_index", lambda: jnp.array(0, jnp.int32))
-            ancestry = self.variable("cache", "beam_ancestry", jnp.zeros,
-                                     (tgt_in.shape[0], beams, length), jnp.int32)
-            self_mask = None  # the cache-creating call's output is discarded
-            if initialized:
-                if length != 1:
-                    raise ValueError(
-                        f"incremental decoding takes one target position per call, got {length}")
-                position_ids = index.value[None]  # [1]
-                sentences, beams = ancestry.value.shape[:2]
-                fed = tgt_in.shape[0] // sentences  # hypotheses fed per sentence
-                if tgt_in.shape[0] % sentences or not 1 <= fed <= beams:
-                    raise ValueError(
-                        f"the cache holds {beams} hypotheses of each of {sentences} sentences;"
-                        f" got {tgt_in.shape[0]} rows, not 1 to {beams} per sentence")
-                self_mask = self._step_mask(ancestry, index.value)[:, :, :fed]
-                index.value = index.value + 1
+        if decode:  # the cache-creating call's output is discarded (self_mask None)
+            position, self_mask, beams = beam_cache.decoder_step(
+                self, tgt_in.shape[0], length, beams)
+            if position is not None:  # a step: the fed token's position [1]
+                position_ids = position
         x = _embed_tokens(
             self.shared_embedding, PositionEmbedding(cfg, name="positions"),
             nn.Dropout(cfg.dropout_rate), cfg, tgt_in, position_ids, deterministic)
@@ -333,21 +314,6 @@ class Decoder(nn.Module):
             x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="final_norm")(
                 x, deterministic=deterministic)
         return x  # [batch, tgt, embed]
-
-    @staticmethod
-    def _step_mask(ancestry, index: jax.Array) -> jax.Array:
-        """Records that every hypothesis writes position ``index`` into its own slot and
-        returns the self-attention mask [batch, 1, beams, max_len * beams] over the
-        position-major keys (position p of slot i is key p * beams + i): hypothesis j sees
-        key (p, i) iff p <= index and ancestry[b, j, p] == i."""
-        batch, beams, max_len = ancestry.value.shape
-        own_slot = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[None, :, None],
-                                    (batch, beams, 1))
-        ancestry.value = jax.lax.dynamic_update_slice(ancestry.value, own_slot, (0, 0, index))
-        slots = jnp.arange(beams, dtype=jnp.int32)[None, None, None, :]  # [1, 1, 1, beams]
-        decoded = (jnp.arange(max_len) <= index)[None, None, :, None]  # [1, 1, max_len, 1]
-        visible = (ancestry.value[:, :, :, None] == slots) & decoded  # [batch, j, max_len, i]
-        return visible.reshape(batch, 1, beams, max_len * beams)
 
 
 class Transformer(nn.Module):
@@ -449,20 +415,12 @@ def grow_decode_cache(
     else (the cross-attention projections, the step counters) is kept as it is.
 
     The padded cache is the one ``init_decode_cache(..., max_len)`` would have reached
-    after the same steps: keys/values are position-major (position p of beam slot i is
-    entry p * beams + i), so the written entries keep their indices, and the new
-    positions are masked until decoded. A search can therefore start with a cache for its
-    first steps and grow it as it goes, so that attention reads only about as many slots
-    as there are decoded positions (``distill_jax.decode``)."""
+    after the same steps (``beam_cache``, invariant 6: the entries are position-major, so
+    the written ones keep their indices, and the new positions are masked until decoded).
+    A search can therefore start with a cache for its first steps and grow it as it goes,
+    so that attention reads only about as many slots as there are decoded positions
+    (``distill_jax.decode``)."""
     target = jax.eval_shape(
         functools.partial(init_decode_cache, model, max_len=max_len, beams=beams),
         params, encoded, src)
-
-    def pad(old: jax.Array, new: jax.ShapeDtypeStruct) -> jax.Array:
-        if old.shape == new.shape:
-            return old
-        if old.ndim != len(new.shape) or any(o > n for o, n in zip(old.shape, new.shape)):
-            raise ValueError(f"cannot grow a cache entry of shape {old.shape} to {new.shape}")
-        return jnp.pad(old, [(0, n - o) for o, n in zip(old.shape, new.shape)])
-
-    return jax.tree_util.tree_map(pad, cache, target)
+    return beam_cache.grow(cache, target)
