@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from distill_jax.decode import beam_search, greedy_search, sample
 from distill_jax.models.transformer import Transformer, TransformerConfig
@@ -509,14 +510,15 @@ def test_a_step_may_feed_only_the_first_hypotheses(model_and_params):
     the cache holds are refused."""
     import jax.numpy as jnp
 
-    from distill_jax.decode import _next_logits, _reorder_cache, _start_decoding
+    from distill_jax.decode import _next_logits, _start_decoding
+    from distill_jax.models import beam_cache
 
     model, params = model_and_params
     beams = 3
     encoded, cache = _start_decoding(model, params, SOURCES, beams, MAX_LEN)
     bos = jnp.full((len(SOURCES),), BOS, jnp.int32)
     first, cache = _next_logits(model, params, cache, encoded, SOURCES, bos)  # [batch, vocab]
-    cache = _reorder_cache(cache, jnp.zeros((len(SOURCES), beams), jnp.int32))
+    cache = beam_cache.reorder(cache, jnp.zeros((len(SOURCES), beams), jnp.int32))
     nxt = np.array([[3, 4, 5]] * len(SOURCES), np.int32)  # [batch, beams]
     second, _ = _next_logits(model, params, cache, encoded, SOURCES, jnp.asarray(nxt.reshape(-1)))
     tgt_in = np.stack([np.full(len(SOURCES), BOS), np.zeros(len(SOURCES), np.int32)], 1)
@@ -574,3 +576,82 @@ def test_per_sentence_keys_make_samples_independent_of_the_batch(model_and_param
     np.testing.assert_array_equal(np.asarray(again), np.asarray(seqs)[order])
     np.testing.assert_allclose(again_lp, np.asarray(lp)[order], rtol=0, atol=1e-6)
     assert len({tuple(np.asarray(s)) for s in seqs}) > 1
+
+
+def test_ancestry_reorder_keeps_the_cache_contents_of_the_gather_reorder(model_and_params):
+    """Driven step by step with the same tokens and survivor origins (beam search's first
+    step feeding one hypothesis, a cache grown between phases), the fast reorder (only
+    the ancestry moves) and the reference one (keys/values gathered into each survivor's
+    slot) show every hypothesis the same keys/values at every decoded position and give
+    the same logits; the reference keeps the ancestry the identity, the fast form keeps
+    every written key/value where it was written."""
+    import jax.numpy as jnp
+
+    from distill_jax.decode import _next_logits, _start_decoding
+    from distill_jax.models import beam_cache
+    from distill_jax.models.transformer import grow_decode_cache
+
+    model, params = model_and_params
+    batch, beams, steps, first_phase = len(SOURCES), 3, 6, 3
+    rng = np.random.default_rng(0)
+    encoded, fast = _start_decoding(model, params, SOURCES, beams, first_phase)
+    reference = fast
+    moved = False
+    for step in range(steps):
+        if step == first_phase:  # the next phase: both caches grow the same way
+            fast, reference = (grow_decode_cache(model, params, encoded, SOURCES, c, steps, beams)
+                               for c in (fast, reference))
+        fed = 1 if step == 0 else beams
+        tokens = jnp.asarray(rng.integers(3, VOCAB, size=batch * fed), jnp.int32)
+        fast_logits, fast = _next_logits(model, params, fast, encoded, SOURCES, tokens)
+        ref_logits, reference = _next_logits(model, params, reference, encoded, SOURCES, tokens)
+        np.testing.assert_allclose(fast_logits, ref_logits, rtol=0, atol=1e-5)
+        origin = rng.integers(0, fed, size=(batch, beams)).astype(np.int32)  # [batch, beams]
+        written = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(fast)
+                   if "cached" in jax.tree_util.keystr(p)}
+        fast = beam_cache.reorder(fast, jnp.asarray(origin))
+        reference = beam_cache.reorder_by_gather(reference, jnp.asarray(origin))
+        for path, x in jax.tree_util.tree_leaves_with_path(fast):  # keys/values stay put
+            if jax.tree_util.keystr(path) in written:
+                np.testing.assert_array_equal(x, written[jax.tree_util.keystr(path)])
+        ancestry = np.asarray(reference["decoder"]["beam_ancestry"])[:, :, :step + 1]
+        np.testing.assert_array_equal(ancestry, np.broadcast_to(
+            np.arange(beams)[None, :, None], ancestry.shape))
+        fast_views = beam_cache.hypothesis_keys_values(fast)
+        ref_views = beam_cache.hypothesis_keys_values(reference)
+        assert len(fast_views) == model.config.num_decoder_layers
+        for layer, (key, value) in fast_views.items():
+            assert key.shape == (batch, beams, model.config.num_heads, model.config.head_dim,
+                                 step + 1)
+            np.testing.assert_allclose(key, ref_views[layer][0], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(value, ref_views[layer][1], rtol=0, atol=1e-6)
+        raw = np.asarray(fast["decoder"]["layer_0"]["self_attention"]["cached_value"])
+        slot_contents = raw.reshape(batch, -1, raw.shape[2] // beams, beams, raw.shape[3])
+        view = np.asarray(fast_views["['decoder']['layer_0']['self_attention']"][1])
+        moved |= not np.allclose(view.transpose(0, 2, 3, 1, 4)[:, :, :step + 1],
+                                 slot_contents[:, :, :step + 1])
+    assert moved  # the survivors' histories did leave their own slots (the test can fail)
+
+
+@pytest.mark.parametrize("fixture, bound", [
+    ("model_and_params", MAX_LEN + 2),  # one phase
+    ("long_model_and_params", 16),  # two phases: the cache grows once
+])
+def test_beam_search_with_the_gather_reorder_is_the_same(fixture, bound, request, monkeypatch):
+    """Beam search with ``beam_cache.reorder`` (only the ancestry moves) finds the
+    sequences and scores it finds with the reference ``reorder_by_gather``."""
+    from distill_jax.models import beam_cache
+
+    model, params = request.getfixturevalue(fixture)
+    seqs, scores = beam_search(model, params, SOURCES, beam_size=3, max_len=bound)
+    monkeypatch.setattr(beam_cache, "reorder", beam_cache.reorder_by_gather)
+    jax.clear_caches()  # trace beam_search again, with the reference reorder
+    try:
+        gather_seqs, gather_scores = beam_search(model, params, SOURCES, beam_size=3,
+                                                 max_len=bound)
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+    np.testing.assert_array_equal(seqs, gather_seqs)
+    np.testing.assert_allclose(scores, gather_scores, rtol=0, atol=1e-5)
+    assert len({as_tuple(h) for h in np.asarray(seqs).reshape(-1, seqs.shape[-1])}) > 3

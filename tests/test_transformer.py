@@ -341,8 +341,10 @@ def test_mask_by_bias_has_the_values_and_gradient_of_the_select():
     np.testing.assert_allclose(by_bias(logits), by_select(logits), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(by_bias(logits)[1, :, 1], np.full((3, 6), 1 / 6), rtol=1e-6)
     weights = jax.random.normal(jax.random.key(1), logits.shape)
-    grad_bias, grad_select = (jax.grad(lambda x: jnp.sum(f(x) * weights))(logits)
-                              for f in (by_bias, by_select))
+    def weighted_grad(f):
+        return jax.grad(lambda x: jnp.sum(f(x) * weights))(logits)
+
+    grad_bias, grad_select = weighted_grad(by_bias), weighted_grad(by_select)
     np.testing.assert_allclose(grad_bias, grad_select, rtol=1e-5, atol=1e-7)
     assert not np.asarray(grad_bias)[1, :, 1].any()  # the fully masked row: no gradient
     assert not np.asarray(grad_bias)[0, :, :, 4:].any()
@@ -450,3 +452,86 @@ def test_fast_paths_switch_reads_its_environment_variable():
     assert enabled(None).stdout.strip() == "True"
     refused = enabled("off")
     assert refused.returncode != 0 and "DISTILL_JAX_FAST_PATHS='off'" in refused.stderr
+
+
+def _fake_decode_cache(rng, batch=2, beams=3, max_len=4, heads=2, head_dim=3, src_len=5,
+                       decoded=3):
+    """A cache collection with the layout of ``beam_cache`` (random contents, one decoder
+    layer, ``decoded`` positions written)."""
+    slots = max_len * beams
+    return {"decoder": {
+        "position_index": jnp.asarray(decoded, jnp.int32),
+        "beam_ancestry": jnp.asarray(rng.integers(0, beams, (batch, beams, max_len)), jnp.int32),
+        "layer_0": {
+            "self_attention": {
+                "cached_key": jnp.asarray(rng.normal(size=(batch, heads, head_dim, slots))),
+                "cached_value": jnp.asarray(rng.normal(size=(batch, heads, slots, head_dim))),
+                "cache_index": jnp.asarray(decoded, jnp.int32)},
+            "cross_attention": {
+                "cached_key": jnp.asarray(rng.normal(size=(batch, heads, head_dim, src_len))),
+                "cached_value": jnp.asarray(rng.normal(size=(batch, heads, src_len, head_dim)))},
+        }}}
+
+
+def test_step_mask_shows_each_hypothesis_its_ancestors_slots():
+    """beam_cache invariants 3 and 4, entry by entry: the step at position t records every
+    hypothesis's own slot at t, and hypothesis j sees entry p * beams + i iff p <= t and
+    its ancestry puts position p in slot i."""
+    from distill_jax.models import beam_cache
+
+    rng = np.random.default_rng(0)
+    batch, beams, max_len, index = 2, 3, 5, 2
+    ancestry = rng.integers(0, beams, size=(batch, beams, max_len)).astype(np.int32)
+    new, mask = beam_cache.step_mask(jnp.asarray(ancestry), jnp.asarray(index, jnp.int32))
+    want = ancestry.copy()
+    want[:, :, index] = np.arange(beams)
+    np.testing.assert_array_equal(new, want)
+    assert mask.shape == (batch, 1, beams, max_len * beams) and mask.dtype == bool
+    mask = np.asarray(mask)
+    for b, j, p, i in np.ndindex(batch, beams, max_len, beams):
+        assert mask[b, 0, j, p * beams + i] == (p <= index and want[b, j, p] == i), (b, j, p, i)
+
+
+def test_reorders_and_the_hypothesis_view_entry_by_entry():
+    """beam_cache.reorder moves only the ancestry rows; reorder_by_gather moves only the
+    self-attention keys/values, slot origin[b, j] to slot j at every position; and
+    hypothesis_keys_values reads key/value of hypothesis j at position p from entry
+    p * beams + ancestry[b, j, p]."""
+    from distill_jax.models import beam_cache
+
+    rng = np.random.default_rng(1)
+    cache = _fake_decode_cache(rng)
+    batch, beams, max_len = cache["decoder"]["beam_ancestry"].shape
+    origin = jnp.asarray([[2, 2, 0], [1, 0, 1]], jnp.int32)  # [batch, beams]
+    leaves = dict(jax.tree_util.tree_leaves_with_path(cache))
+
+    fast = beam_cache.reorder(cache, origin)
+    for path, x in jax.tree_util.tree_leaves_with_path(fast):
+        if path[-1].key == "beam_ancestry":
+            np.testing.assert_array_equal(x, np.asarray(leaves[path])[
+                np.arange(batch)[:, None], np.asarray(origin)])
+        else:
+            np.testing.assert_array_equal(x, leaves[path])
+
+    gathered = beam_cache.reorder_by_gather(cache, origin)
+    old_self = cache["decoder"]["layer_0"]["self_attention"]
+    new_self = gathered["decoder"]["layer_0"]["self_attention"]
+    for b, j, p in np.ndindex(batch, beams, max_len):
+        src_entry, dst_entry = p * beams + int(origin[b, j]), p * beams + j
+        np.testing.assert_array_equal(new_self["cached_key"][b, :, :, dst_entry],
+                                      old_self["cached_key"][b, :, :, src_entry])
+        np.testing.assert_array_equal(new_self["cached_value"][b, :, dst_entry],
+                                      old_self["cached_value"][b, :, src_entry])
+    for path, x in jax.tree_util.tree_leaves_with_path(gathered):
+        if path[-2].key != "self_attention" or path[-1].key == "cache_index":
+            np.testing.assert_array_equal(x, leaves[path])  # cross-attention, ancestry, counters
+
+    views = beam_cache.hypothesis_keys_values(cache)
+    key, value = views["['decoder']['layer_0']['self_attention']"]
+    decoded = int(cache["decoder"]["position_index"])
+    assert key.shape == (batch, beams, 2, 3, decoded) and value.shape == (batch, beams, 2, decoded, 3)
+    ancestry = np.asarray(cache["decoder"]["beam_ancestry"])
+    for b, j, p in np.ndindex(batch, beams, decoded):
+        entry = p * beams + ancestry[b, j, p]
+        np.testing.assert_array_equal(key[b, j, :, :, p], old_self["cached_key"][b, :, :, entry])
+        np.testing.assert_array_equal(value[b, j, :, p], old_self["cached_value"][b, :, entry])
