@@ -172,16 +172,19 @@ def diff(saved: dict, current: dict, prefix: str = "", defaults: dict | None = N
     """Dotted names of fields whose values differ between two config dicts.
 
     With ``defaults`` (:func:`declared_defaults` of the current config), a field that the
-    saved config lacks -- one added to the code after that run was saved -- counts as
-    unchanged while it keeps its default, so older runs still resume."""
+    saved config lacks -- one added to the code after that run was saved, alone or with its
+    whole section -- counts as unchanged while it keeps its default, so older runs still
+    resume."""
     out = []
     defaults = defaults or {}
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
+        if isinstance(b, dict) and (isinstance(a, dict) or key not in saved):
+            # (a section the saved config lacks: each field against its default)
             sub = defaults.get(key)
-            out.extend(diff(a, b, name + ".", sub if isinstance(sub, dict) else None))
+            out.extend(diff(a if isinstance(a, dict) else {}, b, name + ".",
+                            sub if isinstance(sub, dict) else None))
         elif key not in saved and key in defaults and defaults[key] == b:
             continue
         elif a != b:

@@ -5,7 +5,7 @@ and ``generate`` read. Config files in ``configs/`` return an ``ExperimentConfig
 A work directory holds one experiment::
 
     WORKDIR/teacher/                  C-MLM fine-tuning: checkpoints/, metrics.jsonl,
-                                      config.json (the teacher section), .lock
+                                      config.json (the teacher and runtime sections), .lock
     WORKDIR/soft_targets/SPLIT/       the teacher's top-K cache (see soft_target_cache)
     WORKDIR/soft_targets/.SPLIT.lock  the lock of the cache's writer
     WORKDIR/students/NAME/            one student run: checkpoints/, metrics.jsonl, *.txt,
@@ -24,6 +24,8 @@ import math
 import typing
 from typing import Any, Optional, Sequence
 
+from distill_jax import runtime
+from distill_jax.models import fast_paths
 from distill_jax.models.layers import ATTENTION_IMPLS
 from distill_jax.models.transformer import TransformerConfig
 from distill_jax.sharding import MeshConfig
@@ -58,7 +60,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-    """C-MLM fine-tuning of BERT (DESIGN.md step 1) and soft-target extraction (step 2)."""
+    """C-MLM fine-tuning of BERT (docs/method.md §1) and soft-target extraction (§2)."""
 
     checkpoint: str = "sentence-transformers/all-MiniLM-L6-v2"  # HF folder or hub name
     init: str = "pretrained"  # "pretrained" weights, or "random" (ablation: same shapes)
@@ -94,7 +96,7 @@ class TeacherConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """How the student uses the teacher (DESIGN.md step 3)."""
+    """How the student uses the teacher (docs/method.md §3)."""
 
     kd: str = "offline"  # "none" (baseline), "offline" (soft-target cache), "online" (in-step)
     alpha: float = 0.5  # weight of the distillation term
@@ -151,7 +153,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """Generation settings (DESIGN.md step 4)."""
+    """Generation settings (docs/method.md §4)."""
 
     method: str = "beam"  # "beam", "greedy" or "sample"
     beam_size: int = 5  # beams
@@ -167,6 +169,35 @@ class DecodeConfig:
     def __post_init__(self):
         if self.cache_phases < 1:
             raise ValueError(f"decode.cache_phases must be >= 1, got {self.cache_phases}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How the programs run: settings that change which program XLA executes, not the
+    method (the forms they choose between agree to float32 rounding). Saved with every run
+    and compared on resume like the other sections; a run saved before this section
+    existed resumes with its defaults. The environment variables named below only set the
+    defaults (read when the config is made), so the values a run used are the ones in its
+    ``config.json``."""
+
+    # the models' CPU-friendly forms (models/fast_paths.py); default: env
+    # DISTILL_JAX_FAST_PATHS (1 on, the default; 0 every operation in its plain form)
+    fast_paths: bool = dataclasses.field(default_factory=fast_paths.default_enabled)
+    # attention masks as an additive bias in inference calls (fast_paths.apply_mask; only
+    # with fast_paths on); false: the select form
+    mask_by_bias: bool = True
+    # host memory on CPUs (runtime.py): "keep" freed memory for reuse with synchronous CPU
+    # dispatch, or "system" (glibc's defaults); default: env DISTILL_JAX_HOST_MEMORY, else keep
+    host_memory: str = dataclasses.field(default_factory=runtime.default_host_memory)
+    # XLA option of the train step on CPUs: copy insertion with region analysis, so that
+    # the donated state is updated in place (train.donated_state_compiler_options); no
+    # effect on other platforms
+    cpu_copy_region_analysis: bool = True
+
+    def __post_init__(self):
+        if self.host_memory not in runtime.HOST_MEMORY_MODES:
+            raise ValueError(f"runtime.host_memory must be one of {runtime.HOST_MEMORY_MODES}, "
+                             f"got {self.host_memory!r}")
 
 
 def default_student() -> TransformerConfig:
@@ -188,7 +219,8 @@ def opennmt_student(dropout: float = 0.3) -> TransformerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """One experiment: data, teacher, student, distillation, optimisation, mesh."""
+    """One experiment: data, teacher, student, distillation, optimisation, decoding, mesh
+    and runtime settings."""
 
     name: str = "experiment"  # a label for logs and result tables
     data: DataConfig = DataConfig()
@@ -198,6 +230,7 @@ class ExperimentConfig:
     train: TrainConfig = TrainConfig()
     decode: DecodeConfig = DecodeConfig()
     mesh: MeshConfig = MeshConfig()
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     # "field.path=value" overrides applied when distill.kd == "none" (the baseline), before
     # the command line's: the reference trains its baseline with another schedule than its
     # distilled student (see with_overrides)

@@ -7,13 +7,14 @@ jitted steps and in Orbax's (collective) checkpoint saves and restores.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from distill_jax import configlib, runlock, storage
 from distill_jax.errors import UserError
 from distill_jax.experiment import ExperimentConfig
 
-logger = logging.getLogger("distill_jax")
+logger = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -34,9 +35,14 @@ def is_chief() -> bool:
 
 
 def check_or_save_config(config: Any, path: storage.PathLike, *, what: str,
-                         checkpoints: Optional[storage.PathLike] = None) -> None:
+                         checkpoints: Optional[storage.PathLike] = None,
+                         runtime: Any = None) -> None:
     """Saves ``config`` at ``path`` (local or ``gs://``) on the first run; refuses to resume
-    ``what`` with a different config (the differing fields are named).
+    ``what`` with a different config (the differing fields are named). ``runtime`` (an
+    ``experiment.RuntimeConfig``), for a ``config`` that is one section (the teacher's),
+    is saved and compared with it under the key ``runtime``. A saved config that lacks a
+    field or a whole section (written before it existed) resumes while the current value
+    is the declared default.
 
     A run that never saved a step (no step folder in ``checkpoints``, by default the
     ``checkpoints`` folder beside ``path``: it failed or was stopped before its first
@@ -44,10 +50,17 @@ def check_or_save_config(config: Any, path: storage.PathLike, *, what: str,
     start does not bind the work directory to the config it failed with."""
     path = storage.path(path)
     current = configlib.to_dict(config)
+    defaults = configlib.declared_defaults(config)
+    if runtime is not None:
+        current["runtime"] = configlib.to_dict(runtime)
+        defaults["runtime"] = configlib.declared_defaults(runtime)
     if path.exists():
         saved = json.loads(path.read_text())
-        changed = configlib.diff(saved, current, defaults=configlib.declared_defaults(config))
+        changed = configlib.diff(saved, current, defaults=defaults)
         if not changed:
+            if saved != current and is_chief():
+                # saved before fields (or the runtime section) existed: record their values
+                storage.write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True))
             return
         if saved_steps(checkpoints if checkpoints is not None else path.parent / "checkpoints"):
             raise UserError(
@@ -186,98 +199,152 @@ def evaluate_split(eval_step: Callable, params: Any, pipeline: Any,
     return total
 
 
-def train_loop(
-    *,
-    state: Any,
-    train_step: Callable[[Any, dict, jax.Array], tuple[Any, dict]],
-    batches: Iterator[dict],
-    to_device: Callable[[dict], dict],
-    total_steps: int,
-    rng: jax.Array,
-    checkpoints: Any,
-    data_state: Callable[[], dict],
-    log: MetricsLog,
-    evaluate: Optional[Callable[[Any, int], dict[str, float]]],
-    eval_every: int,
-    save_every: int,
-    desc: str,
-    no_progress: bool,
-    log_every: int = 10,
-) -> Any:
-    """Runs ``train_step`` from ``state.step`` up to ``total_steps``.
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When a training loop stops, logs, validates and saves (in steps)."""
 
-    Every ``save_every`` steps (and at the end) the state and ``data_state()`` are
-    checkpointed; every ``eval_every`` steps ``evaluate(state, step)`` is logged and, when
-    it falls on a checkpoint step, handed to the checkpoint manager, which keeps the best
-    checkpoint by its configured metric. Training metrics are logged every ``log_every``
-    steps; the open log window is checkpointed too, so that a resumed run logs what an
-    uninterrupted one does.
+    total_steps: int  # train up to this step
+    eval_every: int  # validate every N steps (and at the end)
+    save_every: int  # checkpoint every N steps (and at the end, and on preemption)
+    log_every: int = 10  # one training-log record per N steps
 
-    A step whose loss or gradient norm is not finite stops the run with a ``UserError``
-    naming the step (checked every step: its metrics come to the host for the log window
-    anyway); before each save the whole state is checked to be finite, so a checkpoint
-    never holds a non-finite state. Pending saves are finished first, so the last good
-    checkpoint is what a rerun resumes from.
-    """
-    start = int(jax.device_get(state.step))
-    bar = progress(total_steps, start, desc, no_progress)
-    window: Optional[dict] = None
-    tokens_since, time_since = 0.0, time.perf_counter()
-    partial = False
-    if log.resumed_window is not None:
-        window, tokens_since = log.resumed_window
-    elif start % log_every:
-        partial = True  # resumed from a checkpoint that does not hold its log window
-    step = start
-    while step < total_steps:
-        batch = next(batches)
-        state, metrics = train_step(state, to_device(batch), rng)
-        step += 1
-        metrics = jax.device_get(dict(metrics))
-        _stop_if_not_finite(metrics, step, desc, checkpoints)
-        window = add_metrics(window, metrics)
-        tokens_since += float(np.count_nonzero(batch["tgt_out"]))
-        if step % log_every == 0 or step == total_steps:
-            values = {k: s / max(c, 1e-9) for k, (s, c) in window.items()}
-            elapsed = time.perf_counter() - time_since
-            values["target_tokens_per_s"] = tokens_since * jax.process_count() / max(elapsed, 1e-9)
-            if partial:  # averages only the steps since the resume
-                values["partial"] = 1.0
-                partial = False
-            log.write(step, "train", values)
-            bar.set_postfix(loss=f"{values['loss']:.3f}",
-                            tok_s=f"{values['target_tokens_per_s']:.0f}")
-            window, tokens_since, time_since = None, 0.0, time.perf_counter()
-        bar.update(1)
-        crash_point(f"step:{step}", settle=checkpoints.wait)
-        eval_values = None
-        if evaluate is not None and (step % eval_every == 0 or step == total_steps):
-            eval_values = evaluate(state, step)
-            log.write(step, "valid", eval_values)
-            if is_chief():
-                bar.write(f"[{desc}] step {step}: " + ", ".join(
-                    f"{k} {v:.4g}" for k, v in eval_values.items()))
-        preempted = jax.process_count() > 1 and \
-            multihost_utils.reached_preemption_sync_point(step)
-        if step % save_every == 0 or step == total_steps or preempted:
-            if not _state_is_finite(state):
-                _stop(f"step {step}: the parameters or optimizer state hold values that are "
-                      "not finite after this update", desc, checkpoints)
-            runlock.check_held()  # (a gs:// lease lost to another run: stop, write nothing)
-            # Validation metrics (when this step has them) feed the keep-best policy.
-            log_window = None if window is None else {
-                "sums": {k: [s, c] for k, (s, c) in window.items()}, "tokens": tokens_since}
-            checkpoints.save(step, state, extra={"data": data_state(), "log_window": log_window},
-                             metrics=eval_values, force=True)
-            crash_point(f"save:{step}")
-        if preempted:
-            # SIGTERM (TPU maintenance, scancel) reached every process at this step: the
-            # checkpoint above lets the rerun resume exactly here.
-            logger.warning("preemption notice at step %d: checkpointed, stopping", step)
-            break
-    bar.close()
-    checkpoints.wait()
-    return state
+
+class Callback:
+    """Hooks into :class:`TrainLoop` (every method is a no-op here: override the ones you
+    need). ``step`` is the number of updates done, 1 after the first; the loop calls, in
+    order: ``on_step_begin`` before an update, ``on_step_end`` after it, ``on_train_log``
+    with each training-log record, ``on_eval`` with each validation's values (before the
+    checkpoint of that step), ``on_end`` once the loop stops (finished or preempted)."""
+
+    def on_step_begin(self, step: int) -> None:
+        """Before update ``step + 1`` is computed (e.g. start a profiler trace)."""
+
+    def on_step_end(self, step: int, state: Any, metrics: Mapping[str, Any]) -> None:
+        """After update ``step``: its (sum, count) metrics, on the host."""
+
+    def on_train_log(self, step: int, values: Mapping[str, float]) -> None:
+        """The training-log record written at ``step`` (means over the log window)."""
+
+    def on_eval(self, step: int, values: Mapping[str, float], state: Any) -> None:
+        """The validation values logged at ``step``."""
+
+    def on_end(self, step: int, state: Any) -> None:
+        """The loop stopped at ``step``."""
+
+
+@dataclasses.dataclass
+class TrainLoop:
+    """The resumable training loop: runs ``train_step`` from ``state.step`` up to
+    ``schedule.total_steps`` (see :meth:`run`).
+
+    ``train_step(state, device_batch, rng) -> (state, metrics)``; ``batches`` yields host
+    batches (with ``tgt_out``), ``to_device`` makes their device arrays and ``data_state()``
+    is the iterator position checkpointed with the state. ``evaluate(state, step)`` gives
+    the validation values (None: no validation)."""
+
+    train_step: Callable[[Any, dict, jax.Array], tuple[Any, dict]]
+    batches: Iterator[dict]
+    to_device: Callable[[dict], dict]
+    data_state: Callable[[], dict]
+    rng: jax.Array  # the base dropout key (train.make_train_step folds the step in)
+    checkpoints: Any  # checkpoint.Checkpointer (or anything with its methods)
+    log: MetricsLog
+    schedule: Schedule
+    evaluate: Optional[Callable[[Any, int], dict[str, float]]] = None
+    desc: str = "train"  # progress bar and message label
+    no_progress: bool = False
+    callbacks: Sequence[Callback] = ()
+
+    def run(self, state: Any) -> Any:
+        """Runs the loop; returns the last state.
+
+        Every ``save_every`` steps (and at the end) the state and ``data_state()`` are
+        checkpointed; every ``eval_every`` steps ``evaluate(state, step)`` is logged and,
+        when it falls on a checkpoint step, handed to the checkpoint manager, which keeps
+        the best checkpoint by its configured metric. Training metrics are logged every
+        ``log_every`` steps; the open log window is checkpointed too, so that a resumed run
+        logs what an uninterrupted one does.
+
+        A step whose loss or gradient norm is not finite stops the run with a
+        ``UserError`` naming the step (checked every step: its metrics come to the host
+        for the log window anyway); before each save the whole state is checked to be
+        finite, so a checkpoint never holds a non-finite state. Pending saves are finished
+        first, so the last good checkpoint is what a rerun resumes from.
+        """
+        schedule, log, checkpoints, desc = self.schedule, self.log, self.checkpoints, self.desc
+        total_steps, log_every = schedule.total_steps, schedule.log_every
+        start = int(jax.device_get(state.step))
+        bar = progress(total_steps, start, desc, self.no_progress)
+        window: Optional[dict] = None
+        tokens_since, time_since = 0.0, time.perf_counter()
+        partial = False
+        if log.resumed_window is not None:
+            window, tokens_since = log.resumed_window
+        elif start % log_every:
+            partial = True  # resumed from a checkpoint that does not hold its log window
+        step = start
+        while step < total_steps:
+            batch = next(self.batches)
+            for callback in self.callbacks:
+                callback.on_step_begin(step)
+            state, metrics = self.train_step(state, self.to_device(batch), self.rng)
+            step += 1
+            metrics = jax.device_get(dict(metrics))
+            _stop_if_not_finite(metrics, step, desc, checkpoints)
+            for callback in self.callbacks:
+                callback.on_step_end(step, state, metrics)
+            window = add_metrics(window, metrics)
+            tokens_since += float(np.count_nonzero(batch["tgt_out"]))
+            if step % log_every == 0 or step == total_steps:
+                values = {k: s / max(c, 1e-9) for k, (s, c) in window.items()}
+                elapsed = time.perf_counter() - time_since
+                values["target_tokens_per_s"] = (tokens_since * jax.process_count()
+                                                 / max(elapsed, 1e-9))
+                if partial:  # averages only the steps since the resume
+                    values["partial"] = 1.0
+                    partial = False
+                log.write(step, "train", values)
+                for callback in self.callbacks:
+                    callback.on_train_log(step, values)
+                bar.set_postfix(loss=f"{values['loss']:.3f}",
+                                tok_s=f"{values['target_tokens_per_s']:.0f}")
+                window, tokens_since, time_since = None, 0.0, time.perf_counter()
+            bar.update(1)
+            crash_point(f"step:{step}", settle=checkpoints.wait)
+            eval_values = None
+            if self.evaluate is not None and (step % schedule.eval_every == 0
+                                              or step == total_steps):
+                eval_values = self.evaluate(state, step)
+                log.write(step, "valid", eval_values)
+                for callback in self.callbacks:
+                    callback.on_eval(step, eval_values, state)
+                if is_chief():
+                    bar.write(f"[{desc}] step {step}: " + ", ".join(
+                        f"{k} {v:.4g}" for k, v in eval_values.items()))
+            preempted = jax.process_count() > 1 and \
+                multihost_utils.reached_preemption_sync_point(step)
+            if step % schedule.save_every == 0 or step == total_steps or preempted:
+                if not _state_is_finite(state):
+                    _stop(f"step {step}: the parameters or optimizer state hold values that "
+                          "are not finite after this update", desc, checkpoints)
+                runlock.check_held()  # (a gs:// lease lost to another run: stop, write nothing)
+                # Validation metrics (when this step has them) feed the keep-best policy.
+                log_window = None if window is None else {
+                    "sums": {k: [s, c] for k, (s, c) in window.items()}, "tokens": tokens_since}
+                checkpoints.save(step, state,
+                                 extra={"data": self.data_state(), "log_window": log_window},
+                                 metrics=eval_values, force=True)
+                crash_point(f"save:{step}")
+            if preempted:
+                # SIGTERM (TPU maintenance, scancel) reached every process at this step: the
+                # checkpoint above lets the rerun resume exactly here.
+                logger.warning("preemption notice at step %d: checkpointed, stopping", step)
+                break
+        bar.close()
+        checkpoints.wait()
+        for callback in self.callbacks:
+            callback.on_end(step, state)
+        return state
 
 
 def _stop_if_not_finite(metrics: Mapping[str, Any], step: int, desc: str,

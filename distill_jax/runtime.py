@@ -1,5 +1,7 @@
-"""Process-wide settings that make JAX's CPU backend fast: call ``configure_host()`` once,
-before the first JAX computation (``distill-jax`` does it before every subcommand).
+"""Process-wide settings that make JAX's CPU backend fast, and applying an experiment's
+``runtime`` section (``apply``): call ``configure_host()`` before the first JAX computation
+(``distill-jax`` does it before every subcommand, with the default mode; a run's
+``runtime.host_memory`` then takes over while no computation has run yet).
 
 XLA's CPU runtime allocates each execution's temporary buffer (activations, gradients:
 about 1 GB for the reference student's train step, 80 MB for a teacher forward pass) as
@@ -20,8 +22,8 @@ the training loop reads every step's metrics anyway.
 The heap still grows (and faults) when a block does not fit in the freed space, e.g. in
 the first steps while other allocations settle around the big blocks; after that a
 training loop runs without faults (``tests/test_runtime.py``). The cost: the process
-keeps its peak heap size until it exits. Opt out with
-``DISTILL_JAX_HOST_MEMORY=system``. On other C libraries (macOS, musl) only the dispatch
+keeps its peak heap size until it exits. Opt out with ``runtime.host_memory=system`` (an
+experiment config field, whose default is ``DISTILL_JAX_HOST_MEMORY``, else ``keep``). On other C libraries (macOS, musl) only the dispatch
 setting applies. Accelerator backends are unaffected (their memory is the device's).
 """
 
@@ -34,7 +36,8 @@ import sys
 
 logger = logging.getLogger(__name__)
 
-ENV_VAR = "DISTILL_JAX_HOST_MEMORY"  # "keep" (default) or "system"
+ENV_VAR = "DISTILL_JAX_HOST_MEMORY"  # the default of runtime.host_memory
+HOST_MEMORY_MODES = ("keep", "system")
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -42,6 +45,16 @@ _M_MMAP_MAX = -4
 _MAX_INT = 2 ** 31 - 1
 
 _state: dict[str, bool] = {}
+_mode: list[str] = []  # the mode configure_host applied
+
+
+def default_host_memory() -> str:
+    """``DISTILL_JAX_HOST_MEMORY`` (``keep`` when unset): the default of an experiment's
+    ``runtime.host_memory``. Raises ValueError naming the variable for another value."""
+    mode = os.environ.get(ENV_VAR, "keep").strip().lower()
+    if mode not in HOST_MEMORY_MODES:
+        raise ValueError(f"{ENV_VAR}={mode!r}: expected 'keep' or 'system'")
+    return mode
 
 
 def _glibc():
@@ -73,15 +86,25 @@ def _backends_initialized() -> bool:
     return bool(getattr(xla_bridge, "_backends", None))
 
 
-def configure_host() -> dict[str, bool]:
-    """Applies the settings of the module docstring (once per process; later calls return
-    the first call's result). Returns ``{"keep_freed_memory": ..., "sync_cpu_dispatch":
-    ...}``, what was applied."""
+def configure_host(mode: str | None = None) -> dict[str, bool]:
+    """Applies the settings of the module docstring for ``mode`` ("keep", or "system":
+    none; default :func:`default_host_memory`). Once per process: a later call with the
+    same mode returns the first call's result; with another mode, before any JAX
+    computation, it undoes the first and applies its own (after one, it warns and keeps
+    the first). Returns ``{"keep_freed_memory": ..., "sync_cpu_dispatch": ...}``, what is
+    applied."""
+    mode = default_host_memory() if mode is None else mode
+    if mode not in HOST_MEMORY_MODES:
+        raise ValueError(f"host memory mode {mode!r}: expected 'keep' or 'system'")
     if _state:
-        return dict(_state)
-    mode = os.environ.get(ENV_VAR, "keep").strip().lower()
-    if mode not in ("keep", "system"):
-        raise ValueError(f"{ENV_VAR}={mode!r}: expected 'keep' or 'system'")
+        if _mode[0] == mode:
+            return dict(_state)
+        if _backends_initialized():
+            logger.warning("host memory mode %r requested after JAX's backends were "
+                           "initialized; keeping %r", mode, _mode[0])
+            return dict(_state)
+        _undo()
+    _mode[:] = [mode]
     _state["keep_freed_memory"] = False
     _state["sync_cpu_dispatch"] = False
     if mode == "system":
@@ -98,3 +121,42 @@ def configure_host() -> dict[str, bool]:
     _state["sync_cpu_dispatch"] = True
     _state["keep_freed_memory"] = keep_freed_memory()
     return dict(_state)
+
+
+# glibc's defaults of the two parameters (mallopt(3)); M_MMAP_MAX's is 65536
+_DEFAULT_MMAP_MAX = 65536
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
+
+
+def _undo() -> None:
+    """Restores what ``configure_host`` changed: asynchronous dispatch, and glibc's
+    documented default values of the two parameters (its dynamic mmap threshold stays off
+    once they were set)."""
+    if _state.get("sync_cpu_dispatch"):
+        import jax
+        jax.config.update("jax_cpu_enable_async_dispatch", True)
+    if _state.get("keep_freed_memory"):
+        libc = _glibc()
+        if libc is not None:
+            libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+    _state.clear()
+
+
+def applied_host_memory() -> str | None:
+    """The mode :func:`configure_host` applied (None before it ran)."""
+    return _mode[0] if _mode else None
+
+
+def apply(settings) -> None:
+    """Applies an experiment's ``runtime`` section (``experiment.RuntimeConfig``) to this
+    process, before its first computation: the host-memory mode and the models' fast-path
+    switches (the train step's compiler option is passed where the step is made,
+    ``trainer.TrainerOptions``). Logs what it applied."""
+    from distill_jax.models import fast_paths
+
+    applied = configure_host(settings.host_memory)
+    fast_paths.configure(settings.fast_paths, settings.mask_by_bias)
+    logger.info("runtime: host_memory=%s %s, fast_paths=%s, mask_by_bias=%s, "
+                "cpu_copy_region_analysis=%s", applied_host_memory(), applied,
+                settings.fast_paths, settings.mask_by_bias, settings.cpu_copy_region_analysis)

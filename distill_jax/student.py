@@ -8,10 +8,9 @@ import dataclasses
 import hashlib
 import json
 from collections import deque
-from typing import Any
+from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import runner, storage
@@ -21,6 +20,7 @@ from distill_jax.data.vocab import Vocabulary
 from distill_jax.errors import UserError
 from distill_jax.experiment import ExperimentConfig
 from distill_jax.models.transformer import Transformer
+from distill_jax.trainer import CheckpointPolicy, abstract_init, checkpointer
 
 DEFAULT_NAMES = {"none": "baseline", "offline": "distilled", "online": "distilled-online"}
 
@@ -32,12 +32,6 @@ def default_name(config: ExperimentConfig) -> str:
 def build_model(config: ExperimentConfig, vocab: Vocabulary, dtype: Any) -> Transformer:
     """The student with the dataset vocabulary's size and the run's compute dtype."""
     return Transformer(dataclasses.replace(config.student, vocab_size=len(vocab), dtype=dtype))
-
-
-def abstract_init(model: Transformer, rng: jax.Array):
-    """``() -> boxed params`` of the student (for sharded creation)."""
-    dummy = jnp.zeros((1, 8), jnp.int32)
-    return lambda: model.init(rng, dummy, dummy)["params"]
 
 
 def make_optimizer(config: ExperimentConfig):
@@ -240,14 +234,99 @@ def score_split(model, params, vocab, dataset, split, decode_config, mesh, *, li
     return result, hypotheses
 
 
-def checkpointer(directory: storage.PathLike, config: ExperimentConfig):
+def checkpoint_policy(config: ExperimentConfig) -> CheckpointPolicy:
     """The student's checkpoints: the last ones (enough to average) plus the best by
     ``train.select_metric`` on the validation split (BLEU unless configured)."""
-    from distill_jax import checkpoint
-    return checkpoint.Checkpointer(checkpoint.CheckpointConfig(
-        str(directory), save_every=config.train.save_every,
-        keep_last=max(config.train.keep_last, config.train.average_last),
-        best_metric=config.train.select_metric, best_mode="max"))
+    return CheckpointPolicy(save_every=config.train.save_every,
+                            keep_last=max(config.train.keep_last, config.train.average_last),
+                            best_metric=config.train.select_metric, best_mode="max")
+
+
+EVAL_KEYS = ("src", "tgt_in", "tgt_out")  # what the student's steps read
+
+
+@dataclasses.dataclass
+class StudentTask:
+    """A student's training (``trainer.Task``) and what its results name."""
+
+    task: Any  # trainer.Task
+    model: Transformer
+    vocab: Vocabulary
+    provenance: dict  # the teacher checkpoint distilled from: checkpoint_step, _digest
+
+
+def training_task(config: ExperimentConfig, workdir: storage.PathLike,
+                  dataset: PreparedDataset, mesh, dtype: Any, name: str,
+                  teacher_step: Optional[int] = None) -> StudentTask:
+    """The student's training as a ``trainer.Task`` (docs/method.md §3): the baseline
+    (``distill.kd=none``), offline (soft targets from the cache, read ahead of the step)
+    or online (the fine-tuned teacher inside the step, its parameters a frozen input).
+    Validation reports loss, nll, accuracy and the ``SELECT_METRICS`` of decoded output."""
+    from distill_jax import runner, train
+    from distill_jax import teacher as teacher_lib
+    from distill_jax.experiment import SELECT_METRICS
+    from distill_jax.trainer import Task
+
+    vocab = dataset.vocab
+    rng = jax.random.PRNGKey(config.train.seed)
+    model = build_model(config, vocab, dtype)
+    kd = config.distill.kd
+    keys = list(EVAL_KEYS)
+    teacher_fn, cache, frozen = None, None, None
+    provenance: dict = {}  # the teacher checkpoint distilled from (results.json)
+    if teacher_step is not None and kd == "none":
+        raise UserError("--teacher-step applies to distill.kd=offline or online, not to a "
+                        "baseline (distill.kd=none)")
+    if kd == "offline":
+        cache = open_soft_targets(config, workdir, dataset, config.data.train_split,
+                                  teacher_step)
+        provenance = {"checkpoint_step": cache.header.get("teacher_step"),
+                      "checkpoint_digest": cache.header.get("teacher_digest")}
+        keys += ["kd_logits", "kd_indices"]
+    elif kd == "online":
+        selected = teacher_lib.select_finetuned(config, workdir, teacher_step)
+        teacher, teacher_params, teacher_shardings = teacher_lib.load_finetuned(
+            config, workdir, vocab, mesh, dtype, selected)
+        frozen = (teacher_params, teacher_shardings)
+        provenance = {"checkpoint_step": selected.step, "checkpoint_digest": selected.digest}
+
+        def online_teacher(batch, params):
+            return teacher_lib.stride_topk(teacher, params, batch["src"], batch["tgt_out"],
+                                           stride=config.teacher.stride,
+                                           top_k=config.distill.top_k)
+        teacher_fn = online_teacher
+
+    settings = train.StudentLossConfig(
+        alpha=config.distill.alpha if kd != "none" else 0.0,
+        label_smoothing=config.train.label_smoothing, kd_mode=config.distill.kd_mode,
+        temperature=config.distill.temperature)
+    shards = runner.data_shards(mesh)
+    pipeline = student_pipeline(config, dataset, config.data.train_split, shards, training=True)
+    valid = student_pipeline(config, dataset, config.data.valid_split, shards, training=False)
+    batches = iter(pipeline)
+    if cache is not None:  # soft targets read ahead of the step that needs them
+        batches = SoftTargetBatches(batches, cache, config.distill.top_k)
+
+    def summarize(total: dict, params: Any) -> dict[str, float]:
+        scores, _ = score_split(model, params, vocab, dataset, config.data.valid_split,
+                                config.decode, mesh, limit=config.train.bleu_sentences)
+        return {"loss": total["loss"][0] / total["loss"][1],
+                "nll": total["nll"][0] / total["nll"][1],
+                "accuracy": total["accuracy"][0] / total["accuracy"][1],
+                **{metric: scores[metric] for metric in SELECT_METRICS}}
+
+    task = Task(
+        name=f"student {name}",
+        init_params=abstract_init(model, jax.random.fold_in(rng, 1), num_inputs=2),
+        optimizer=make_optimizer(config), loss_fn=train.student_loss_fn(model, settings,
+                                                                        teacher_fn),
+        eval_loss_fn=train.student_loss_fn(model, dataclasses.replace(settings, alpha=0.0)),
+        train_keys=tuple(keys), eval_keys=EVAL_KEYS, batches=batches, valid=valid,
+        summarize=summarize,
+        schedule=runner.Schedule(config.train.steps, eval_every=config.train.eval_every,
+                                 save_every=config.train.save_every),
+        checkpoints=checkpoint_policy(config), rng=jax.random.fold_in(rng, 2), frozen=frozen)
+    return StudentTask(task, model, vocab, provenance)
 
 
 def final_parameters(config: ExperimentConfig, manager, state, shardings) -> tuple[Any, str]:
@@ -267,12 +346,43 @@ def final_parameters(config: ExperimentConfig, manager, state, shardings) -> tup
     if config.train.final_checkpoint == "last":
         return state.params, f"last step {int(jax.device_get(state.step))}"
     if best is not None and best != int(jax.device_get(state.step)):
-        with checkpointer(directory, config) as reader:
+        with checkpointer(directory, checkpoint_policy(config)) as reader:
             restored, _ = reader.restore(best, abstract)
         metric = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2",
                   "rougeL": "ROUGE-L"}[config.train.select_metric]
         return restored.params, f"best validation {metric}, step {best}"
     return state.params, f"step {int(jax.device_get(state.step))}"
+
+
+def write_results(config: ExperimentConfig, dataset: PreparedDataset, setup: StudentTask,
+                  mesh, params: Any, which: str, out: storage.PathLike, *,
+                  no_progress: bool = False) -> dict:
+    """Scores ``params`` (described by ``which``) on the validation and test splits: each
+    split's hypotheses into ``OUT/SPLIT.hyp.txt``, a line per split on stdout, and last
+    ``OUT/results.json`` (a run with it is finished). Returns the results."""
+    out = storage.path(out)
+    name = out.name
+    kd = config.distill.kd
+    results = {"name": name, "experiment": config.name, "kd": kd, "steps": config.train.steps,
+               "seed": config.train.seed, "checkpoint": which,
+               "teacher": None if kd == "none" else {
+                   "checkpoint": config.teacher.checkpoint, "init": config.teacher.init,
+                   "steps": config.teacher.steps, "top_k": config.distill.top_k,
+                   "alpha": config.distill.alpha, **setup.provenance},
+               "splits": {}}
+    for split in (config.data.valid_split, *config.data.test_splits):
+        scores, hypotheses = score_split(setup.model, params, setup.vocab, dataset, split,
+                                         config.decode, mesh, progress=not no_progress)
+        results["splits"][split] = scores
+        if runner.is_chief():
+            storage.write_text_atomic(out / f"{split}.hyp.txt",
+                                      "".join(h + "\n" for h in hypotheses))
+            print(f"[{name}] {split}: BLEU {scores['bleu']:.2f}, ROUGE-1/2/L "
+                  f"{scores['rouge1']:.2f}/{scores['rouge2']:.2f}/{scores['rougeL']:.2f} "
+                  f"({which})", flush=True)
+    if runner.is_chief():  # written last: a run with results.json is finished
+        storage.write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    return results
 
 
 def load_trained(config: ExperimentConfig, workdir: storage.PathLike, name: str, which: str,
@@ -293,7 +403,7 @@ def load_trained(config: ExperimentConfig, workdir: storage.PathLike, name: str,
     vocab = dataset.vocab
     model = build_model(config, vocab, runner.compute_dtype(config))
     optimizer = make_optimizer(config)
-    init_params = abstract_init(model, jax.random.PRNGKey(0))
+    init_params = abstract_init(model, jax.random.PRNGKey(0), num_inputs=2)
     abstract_state = jax.eval_shape(lambda: train.TrainState.create(init_params(), optimizer))
     shardings = sharding.tree_shardings(abstract_state, mesh)
     abstract = sharding.abstract_with_shardings(abstract_state, shardings)
@@ -301,7 +411,7 @@ def load_trained(config: ExperimentConfig, workdir: storage.PathLike, name: str,
         params = checkpoint.average_checkpoints(str(directory),
                                                 max(config.train.average_last, 2), abstract)
         return model, params, vocab
-    with checkpointer(directory, config) as manager:
+    with checkpointer(directory, checkpoint_policy(config)) as manager:
         if which in ("best", "latest"):
             step = manager.best_step() if which == "best" else None
             step = step if step is not None else manager.latest_step()

@@ -20,6 +20,7 @@ from distill_jax.data.vocab import TeacherTokenizer, Vocabulary
 from distill_jax.errors import UserError
 from distill_jax.experiment import ExperimentConfig
 from distill_jax.models.bert import BertConfig, BertModel, init_cmlm_head
+from distill_jax.trainer import CheckpointPolicy, abstract_init, checkpointer
 
 
 @dataclasses.dataclass
@@ -66,16 +67,6 @@ def build_teacher(config: ExperimentConfig, vocab: Vocabulary, dtype: Any,
                    int(special["cls"]), int(special["mask"]), params)
 
 
-def abstract_init(teacher: Teacher, rng: jax.Array):
-    """``() -> boxed params`` of the teacher with its C-MLM head (for sharded creation)."""
-    dummy = jnp.zeros((1, 8), jnp.int32)
-
-    def init():
-        return teacher.model.init(rng, dummy, method=teacher.model.cmlm_logits)["params"]
-
-    return init
-
-
 def target_hidden(module: BertModel, inputs: dict, src_len: int,
                   deterministic: bool = True) -> jax.Array:
     """Final hidden states of the target part of ``build_cmlm_inputs`` -> [batch, T, hidden]."""
@@ -92,7 +83,7 @@ def target_logits(module: BertModel, inputs: dict, src_len: int,
 
 def stride_topk(teacher: Teacher, params: Any, src: jax.Array, tgt_out: jax.Array, *,
                 stride: int, top_k: int) -> tuple[jax.Array, jax.Array]:
-    """The teacher's top-K soft targets for every target position (DESIGN.md step 2).
+    """The teacher's top-K soft targets for every target position (docs/method.md §2).
 
     Copy ``i`` of the batch masks target positions ``i, i+S, i+2S, ...``; position ``t``
     takes its prediction from copy ``t % S``, where it (and only the other positions of
@@ -149,7 +140,7 @@ def teacher_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: 
 
 
 def teacher_optimizer(config: ExperimentConfig):
-    """AdamW with warm-up and linear decay (DESIGN.md step 1)."""
+    """AdamW with warm-up and linear decay (docs/method.md §1)."""
     from distill_jax import optim
     return optim.make_optimizer(optim.OptimizerConfig.teacher(
         config.teacher.steps, learning_rate=config.teacher.learning_rate,
@@ -157,12 +148,81 @@ def teacher_optimizer(config: ExperimentConfig):
         weight_decay=config.teacher.weight_decay, grad_clip_norm=config.teacher.grad_clip_norm))
 
 
-def checkpointer(directory: Path, config: ExperimentConfig):
+def checkpoint_policy(config: ExperimentConfig) -> CheckpointPolicy:
     """The teacher's checkpoints: the last two plus the best by validation loss."""
-    from distill_jax import checkpoint
-    return checkpoint.Checkpointer(checkpoint.CheckpointConfig(
-        str(directory), save_every=config.teacher.save_every, keep_last=2,
-        best_metric="loss", best_mode="min"))
+    return CheckpointPolicy(save_every=config.teacher.save_every, keep_last=2,
+                            best_metric="loss", best_mode="min")
+
+
+TRAIN_KEYS = ("src", "tgt_out", "mlm_mask", "mlm_positions")  # what the C-MLM step reads
+
+
+def training_task(config: ExperimentConfig, dataset: PreparedDataset, mesh, dtype: Any):
+    """C-MLM fine-tuning (docs/method.md §1) as a ``trainer.Task``: the teacher from
+    ``teacher.checkpoint``, AdamW, masked batches; validation reports the masked-token loss
+    and accuracy and the soft targets' quality (``quality_evaluator``)."""
+    from distill_jax import runner, train
+    from distill_jax.trainer import Task
+
+    rng = jax.random.PRNGKey(config.train.seed)
+    teacher = build_teacher(config, dataset.vocab, dtype, jax.random.fold_in(rng, 1))
+    init_params = abstract_init(teacher.model, jax.random.fold_in(rng, 2),
+                                method=teacher.model.cmlm_logits)
+    loss_fn = train.cmlm_loss_fn(teacher.model, teacher.teacher_ids, cls_id=teacher.cls_id,
+                                 mask_id=teacher.mask_id)
+    shards = runner.data_shards(mesh)
+    pipeline = teacher_pipeline(config, dataset, config.data.train_split, shards, training=True)
+    valid = teacher_pipeline(config, dataset, config.data.valid_split, shards, training=False)
+    # The quality scorer is made at the first validation: it is jitted for the shardings
+    # of the trainer's state, which exists only then.
+    scorers: list = []
+
+    def summarize(total: dict, params: Any) -> dict[str, float]:
+        if not scorers:
+            scorers.append(quality_evaluator(
+                config, dataset, teacher, jax.tree.map(lambda x: x.sharding, params), mesh,
+                shards))
+        return {"loss": total["loss"][0] / total["loss"][1],
+                "masked_accuracy": total["accuracy"][0] / total["accuracy"][1],
+                **scorers[0](params)}
+
+    return Task(
+        name="teacher", init_params=init_params, optimizer=teacher_optimizer(config),
+        loss_fn=loss_fn, eval_loss_fn=loss_fn, train_keys=TRAIN_KEYS, eval_keys=TRAIN_KEYS,
+        batches=iter(pipeline), valid=valid, summarize=summarize,
+        schedule=runner.Schedule(config.teacher.steps, eval_every=config.teacher.eval_every,
+                                 save_every=config.teacher.save_every),
+        checkpoints=checkpoint_policy(config), rng=jax.random.fold_in(rng, 3),
+        pretrained_params=teacher.pretrained_params)
+
+
+def quality_evaluator(config: ExperimentConfig, dataset: PreparedDataset, teacher: Teacher,
+                      param_shardings: Any, mesh, shards: int):
+    """``quality(params) -> {stride_top1, stride_topk, stride_p_ref}`` on the first
+    ``teacher.quality_examples`` validation pairs (``teacher_quality``)."""
+    from distill_jax import sharding, teacher_quality
+
+    split = config.data.valid_split
+    pipeline = BatchPipeline(
+        *dataset.records(split, config.teacher.quality_examples),
+        PipelineConfig(seed=config.data.seed, shuffle=False, num_epochs=1,
+                       tokens_per_batch=config.teacher.tokens_per_batch, batch_multiple=shards,
+                       bucket_step=config.data.bucket_step))
+    score = teacher_quality.make_scorer(
+        teacher, param_shardings, mesh, stride=config.teacher.stride,
+        top_k=config.teacher.top_k, temperature=config.distill.temperature)
+
+    def quality(params):
+        total = None
+        for number in range(pipeline.batches_per_epoch):
+            batch = pipeline.load_batch(number)
+            arrays = sharding.shard_batch({"src": batch["src"], "tgt_out": batch["tgt_out"]},
+                                          mesh)
+            total = teacher_quality.add_sums(total, score(params, arrays["src"],
+                                                          arrays["tgt_out"]))
+        return teacher_quality.rates(total)
+
+    return quality
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +263,7 @@ def select_finetuned(config: ExperimentConfig, workdir: Path,
             raise UserError(
                 f"the teacher run in {teacher_dir} was made with teacher.steps={trained_steps} "
                 f"({saved_config}); this command has teacher.steps={config.teacher.steps}")
-    with checkpointer(directory, config) as manager:
+    with checkpointer(directory, checkpoint_policy(config)) as manager:
         saved = tuple(manager.all_steps())
         if not saved:
             raise UserError(
@@ -237,11 +297,12 @@ def load_finetuned(config: ExperimentConfig, workdir: Path, vocab: Vocabulary, m
 
     if checkpoint is None:
         checkpoint = select_finetuned(config, workdir)
-    with checkpointer(checkpoint.directory, config) as manager:
+    with checkpointer(checkpoint.directory, checkpoint_policy(config)) as manager:
         step = checkpoint.step
         teacher = dataclasses.replace(
             build_teacher(config, vocab, dtype, jax.random.PRNGKey(0)), pretrained_params=None)
-        init_params = abstract_init(teacher, jax.random.PRNGKey(0))
+        init_params = abstract_init(teacher.model, jax.random.PRNGKey(0),
+                                    method=teacher.model.cmlm_logits)
         # Forward passes only from here on: the configured attention kernel.
         bert_config = dataclasses.replace(
             teacher.config, attention_impl=config.teacher.inference_attention)

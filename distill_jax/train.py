@@ -134,6 +134,7 @@ def make_train_step(
     compute_dtype: Any = jnp.float32,
     rules: Rules = LOGICAL_AXIS_RULES,
     frozen_shardings: Any = None,
+    compiler_options: Optional[Mapping[str, Any]] = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """``train_step(state, batch, rng) -> (new_state, metrics)``, one jitted function.
 
@@ -145,6 +146,9 @@ def make_train_step(
     ``train_step(state, batch, rng, frozen)``: ``frozen`` is a step input laid out as
     ``frozen_shardings``, passed to ``loss_fn(params, batch, rng, frozen)`` and never
     updated (nor baked into the compiled program as a constant).
+
+    ``compiler_options``: XLA options of the step (default: the platform's choice,
+    ``donated_state_compiler_options(mesh)``; an experiment's ``runtime`` section sets it).
     """
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
@@ -174,12 +178,15 @@ def make_train_step(
         in_shardings=in_shardings,
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
-        compiler_options=donated_state_compiler_options(mesh),
+        compiler_options=dict(donated_state_compiler_options(mesh)
+                              if compiler_options is None else compiler_options),
     )
 
 
-def donated_state_compiler_options(mesh: Mesh) -> dict[str, Any]:
-    """XLA options for a step that updates a donated state in place.
+def donated_state_compiler_options(mesh: Mesh, cpu_region_analysis: bool = True
+                                   ) -> dict[str, Any]:
+    """XLA options for a step that updates a donated state in place (``runtime.
+    cpu_copy_region_analysis`` of an experiment is ``cpu_region_analysis``).
 
     On CPUs: copy insertion with region analysis (``xla_cpu_copy_insertion_use_region_analysis``,
     the default of XLA's GPU compiler). Without it XLA's CPU compiler copies every
@@ -187,7 +194,7 @@ def donated_state_compiler_options(mesh: Mesh) -> dict[str, Any]:
     update) before using it: 156 copies, 176 MB per step for the reference student, which
     region analysis proves unnecessary. Other platforms: no options.
     """
-    if mesh.devices.flat[0].platform == "cpu":
+    if mesh.devices.flat[0].platform == "cpu" and cpu_region_analysis:
         return {"xla_cpu_copy_insertion_use_region_analysis": True}
     return {}
 

@@ -108,6 +108,7 @@ def test_resuming_a_run_saved_before_a_field_was_added(tmp_path):
     del saved["flag"]
     path.write_text(json.dumps(saved))
     runner.check_or_save_config(Outer(), path, what="test")  # no error
+    assert json.loads(path.read_text())["flag"] is False  # the value it resumes with, recorded
     (path.parent / "checkpoints" / "1").mkdir(parents=True)  # a step was saved
-    with pytest.raises(UserError, match=r"changed fields: flag: None -> True\."):
+    with pytest.raises(UserError, match=r"changed fields: flag: False -> True\."):
         runner.check_or_save_config(Outer(flag=True), path, what="test")

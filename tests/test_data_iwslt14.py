@@ -196,7 +196,7 @@ def test_score_split_adds_tokenized_bleu_on_the_iwslt14_corpus(tmp_path, minilm_
     import jax
     from flax import linen as nn
 
-    from distill_jax import configlib, sharding, student
+    from distill_jax import configlib, sharding, student, trainer
 
     data = tmp_path / "data"
     data.mkdir()
@@ -205,7 +205,7 @@ def test_score_split_adds_tokenized_bleu_on_the_iwslt14_corpus(tmp_path, minilm_
     ds = open_prepared(tmp_path / "out")
     config = configlib.load_config_file("configs/tiny.py")
     model = student.build_model(config, ds.vocab, jax.numpy.float32)
-    params = nn.meta.unbox(student.abstract_init(model, jax.random.PRNGKey(0))())
+    params = nn.meta.unbox(trainer.abstract_init(model, jax.random.PRNGKey(0), 2)())
     scores, hypotheses = student.score_split(model, params, ds.vocab, ds, "test",
                                              config.decode, sharding.make_mesh(config.mesh),
                                              limit=4)

@@ -44,4 +44,5 @@ def test_layers_are_recognised():
     assert {"distill_jax.cli", "distill_jax.commands.train_student", "distill_jax.student",
             "distill_jax.models.transformer"} <= modules
     assert _imported_modules(PACKAGE / "commands" / "train_student.py") & {
-        "distill_jax.student"}
+        "distill_jax.api"}
+    assert _imported_modules(PACKAGE / "api.py") & {"distill_jax.runner"}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 import tiny_experiment
-from distill_jax import cli, configlib
+from distill_jax import cli, configlib, trainer
 from distill_jax import teacher as teacher_lib
 from distill_jax.errors import UserError
 
@@ -25,7 +25,7 @@ def _config(steps=4):
 def _teacher_run(workdir, config, losses):
     """A teacher checkpoint folder as train-teacher leaves it: a step per loss."""
     directory = workdir / "teacher" / "checkpoints"
-    with teacher_lib.checkpointer(directory, config) as manager:
+    with trainer.checkpointer(directory, teacher_lib.checkpoint_policy(config)) as manager:
         for step, loss in losses.items():
             manager.save(step, {"w": jnp.full((3,), float(step))},
                          extra={"data": {"position": step}}, metrics={"loss": loss}, force=True)

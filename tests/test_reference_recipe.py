@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax import optim, sharding, student, train
+from distill_jax import optim, sharding, student, train, trainer
 from distill_jax.commands import common
 from distill_jax.errors import UserError
 from distill_jax.experiment import ExperimentConfig, TrainConfig
@@ -125,7 +125,7 @@ def test_final_checkpoint_best_or_last(tmp_path, which):
     state, shardings = sharding.create_sharded_state(lambda: train.TrainState.create(
         _Tiny().init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))["params"], tx), mesh)
     states = {}
-    manager = student.checkpointer(tmp_path / "checkpoints", config)
+    manager = trainer.checkpointer(tmp_path / "checkpoints", student.checkpoint_policy(config))
     for step, bleu in ((1, 30.0), (2, 10.0)):
         state = state.replace(step=jnp.asarray(step, jnp.int32),
                               params=jax.tree.map(lambda p: p + 1.0, state.params))

@@ -72,3 +72,26 @@ def test_unknown_mode_is_refused_by_the_cli():
     assert out.returncode == 2
     assert "DISTILL_JAX_HOST_MEMORY='sometimes'" in out.stderr
     assert "'keep' or 'system'" in out.stderr
+
+
+def test_a_runs_host_memory_mode_replaces_the_default_before_jax_starts():
+    """The CLI applies the environment's mode first; a run's ``runtime.host_memory`` (the
+    experiment config, ``runtime.apply``) then takes over while no JAX computation has run,
+    and is kept once one has (with a warning)."""
+    code = textwrap.dedent("""
+        from distill_jax import experiment, runtime
+        runtime.configure_host()
+        runtime.apply(experiment.RuntimeConfig(host_memory="system"))
+        import jax
+        print(runtime.applied_host_memory(), jax.config.read("jax_cpu_enable_async_dispatch"))
+        jax.numpy.ones(2).block_until_ready()
+        print(runtime.configure_host("keep"), runtime.applied_host_memory())
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "DISTILL_JAX_HOST_MEMORY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "system True", "{'keep_freed_memory': False, 'sync_cpu_dispatch': False} system"]
+    assert "host memory mode 'keep' requested after JAX's backends were initialized" in \
+        out.stderr

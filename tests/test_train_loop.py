@@ -1,4 +1,4 @@
-"""runner.train_loop and its resume, with a fake step and an in-memory checkpointer (fast):
+"""runner.TrainLoop and its resume, with a fake step and an in-memory checkpointer (fast):
 a non-finite loss, gradient norm or state stops the run naming the step and saves nothing
 of it (issue #34 item 4); the first training-log record after a resume equals an
 uninterrupted run's (item 8); a run that never saved a step takes a new config (item 6)."""
@@ -69,8 +69,9 @@ def fresh_state():
                             opt_state=())
 
 
-def run(directory, checkpoints, total, batches=None, stop_after=None, step=step_fn):
-    """train_loop from the latest checkpoint; ``stop_after`` kills it (an exception)
+def run(directory, checkpoints, total, batches=None, stop_after=None, step=step_fn,
+        callbacks=()):
+    """TrainLoop from the latest checkpoint; ``stop_after`` kills it (an exception)
     once that many batches were drawn."""
     log = runner.MetricsLog(directory)
     batches = batches or Batches()
@@ -88,11 +89,12 @@ def run(directory, checkpoints, total, batches=None, stop_after=None, step=step_
             yield next(batches)
 
     try:
-        return runner.train_loop(
-            state=state, train_step=step, batches=draw(), to_device=lambda b: b,
-            total_steps=total, rng=jax.random.PRNGKey(0), checkpoints=checkpoints,
-            data_state=batches.get_state, log=log, evaluate=None, eval_every=10 ** 6,
-            save_every=4, desc="test", no_progress=True, log_every=10)
+        return runner.TrainLoop(
+            train_step=step, batches=draw(), to_device=lambda b: b,
+            data_state=batches.get_state, rng=jax.random.PRNGKey(0), checkpoints=checkpoints,
+            log=log, schedule=runner.Schedule(total, eval_every=10 ** 6, save_every=4,
+                                              log_every=10),
+            desc="test", no_progress=True, callbacks=callbacks).run(state)
     except Killed:
         return None
 
@@ -179,3 +181,30 @@ def test_a_failed_start_does_not_bind_the_run_to_its_config(tmp_path):
     with pytest.raises(UserError, match="changed fields: checkpoint: '/right' -> '/other'"):
         runner.check_or_save_config(TeacherConfig(checkpoint="/other"), path,
                                     what="train-teacher")
+
+
+def test_callbacks_see_every_step_log_record_and_the_end(tmp_path):
+    """The hook points (runner.Callback): one begin/end pair per update, the training-log
+    records as written to metrics.jsonl, and the end."""
+    class Recorder(runner.Callback):
+        def __init__(self):
+            self.begun, self.ended, self.logged, self.finished = [], [], [], []
+
+        def on_step_begin(self, step):
+            self.begun.append(step)
+
+        def on_step_end(self, step, state, metrics):
+            self.ended.append((step, int(state.step), sorted(metrics)))
+
+        def on_train_log(self, step, values):
+            self.logged.append((step, values["loss"]))
+
+        def on_end(self, step, state):
+            self.finished.append(step)
+
+    recorder = Recorder()
+    run(tmp_path, Checkpoints(), total=12, callbacks=[recorder])
+    assert recorder.begun == list(range(12))
+    assert recorder.ended == [(s, s, ["grad_norm", "loss"]) for s in range(1, 13)]
+    assert [(r["step"], r["loss"]) for r in records(tmp_path)] == recorder.logged
+    assert [s for s, _ in recorder.logged] == [10, 12] and recorder.finished == [12]

@@ -7,9 +7,8 @@ import argparse
 import os
 from typing import Optional
 
-from distill_jax import configlib, sharding, storage
-from distill_jax.errors import UserError
-from distill_jax.experiment import ExperimentConfig, with_overrides
+from distill_jax import api, sharding, storage
+from distill_jax.experiment import ExperimentConfig
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,16 +62,5 @@ def workdir(args: argparse.Namespace) -> storage.epath.Path:
 
 def load_experiment(args: argparse.Namespace) -> ExperimentConfig:
     """The config file with the command-line overrides (and, for a baseline, the config's
-    ``baseline_overrides``) applied."""
-    config = configlib.load_config_file(args.config)
-    if not isinstance(config, ExperimentConfig):
-        raise UserError(f"{args.config}: get_config() must return an ExperimentConfig, "
-                        f"got {type(config).__name__}")
-    config = with_overrides(config, args.overrides)
-    try:
-        config.check()
-    except ValueError as err:
-        raise UserError(f"{args.config}: {err}") from None
-    return config
-
-
+    ``baseline_overrides``) applied (``api.load_config``)."""
+    return api.load_config(args.config, args.overrides)

@@ -8,8 +8,9 @@ import argparse
 import json
 import sys
 
+from distill_jax import api
 from distill_jax.errors import UserError
-from distill_jax.metrics import bleu, read_lines, rouge, tokenized_bleu
+from distill_jax.metrics import read_lines
 
 METRICS = ("bleu", "bleu_tok", "rouge", "all")
 
@@ -47,19 +48,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.hyp} and {args.ref} are empty: no sentence to score")
     except (OSError, ValueError) as err:
         raise UserError(str(err)) from None
-    result: dict = {}
-    if args.metric in ("bleu", "all"):
-        result.update(bleu(hypotheses, references, lowercase=args.lowercase))
-    if args.metric in ("bleu_tok", "all"):
-        try:
-            tok = tokenized_bleu(hypotheses, references, lang=args.lang,
-                                 references_tokenized=args.ref_tokenized,
-                                 lowercase=not args.tok_cased)
-        except ImportError as err:
-            raise UserError(str(err)) from None
-        result.update({"bleu_tok": tok["bleu"], "bleu_tok_signature": tok["signature"]})
-    if args.metric in ("rouge", "all"):
-        result.update(rouge(hypotheses, references))
+    result = api.score(hypotheses, references, metric=args.metric, lowercase=args.lowercase,
+                       tok_cased=args.tok_cased, lang=args.lang,
+                       references_tokenized=args.ref_tokenized)
     if args.json:
         print(json.dumps(result))
     else:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from distill_jax import runner, storage, student
+
+from distill_jax import api, runner, storage
 from distill_jax.commands import common
 from distill_jax.errors import UserError
 from distill_jax.experiment import DecodeConfig
 from distill_jax.metrics import read_lines
-from distill_jax.translate import STREAM_WAIT, translate_stream, translate_texts
+from distill_jax.translate import STREAM_WAIT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,22 +88,17 @@ def _stdin_lines():
 
 
 def run(args: argparse.Namespace) -> int:
-    from distill_jax import sharding
-
     common.initialize_processes(args)
     config = common.load_experiment(args)
-    decode = decode_options(args, config.decode)
-    workdir = common.workdir(args)
-    name = args.name or student.default_name(config)
-    mesh = sharding.make_mesh(config.mesh)
-    model, params, vocab = student.load_trained(config, workdir, name, args.checkpoint, mesh)
+    config = dataclasses.replace(config, decode=decode_options(args, config.decode))
+    student = api.Student.load(config, args.workdir, args.name, args.checkpoint)
     options = dict(seed=args.seed, nbest=args.nbest, top_p=args.top_p or 1.0)
     nbest = args.nbest is not None
     if args.input == "-" and _single_process():
         pieces = []
         written = 0
-        for outputs in translate_stream(model, params, vocab, _stdin_lines(), decode, mesh,
-                                        wait=args.stream_wait, **options):
+        for outputs in student.translate_stream(_stdin_lines(), wait=args.stream_wait,
+                                                **options):
             text = format_outputs(outputs, written, nbest)
             written += len(outputs)
             if args.output == "-":
@@ -118,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         raise UserError(str(err)) from None
     texts = [t.rstrip("\r\n") for t in texts]
-    outputs = translate_texts(model, params, vocab, texts, decode, mesh,
-                              progress=not args.no_progress and args.output != "-", **options)
+    outputs = student.translate(texts, progress=not args.no_progress and args.output != "-",
+                                **options)
     if not runner.is_chief():
         return 0
     text = format_outputs(outputs, 0, nbest)

@@ -1,6 +1,7 @@
 """``distill-jax soft-targets``: run the fine-tuned teacher over a split with stride
 masking and write its top-K logits and ids into the soft-target cache
-(``WORKDIR/soft_targets/SPLIT``, local or ``gs://``, see ``soft_target_cache``).
+(``WORKDIR/soft_targets/SPLIT``, local or ``gs://``, see ``soft_target_cache``;
+``api.extract_soft_targets``, ``distill_jax/extraction.py``).
 
 The cache is filled chunk by chunk. Every process takes part in every batch (each scores
 its own rows of the global batch); the rows of a chunk are gathered on every process and
@@ -19,16 +20,9 @@ not reused (``teacher.select_finetuned``, docs/interfaces.md).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-import jax
-import numpy as np
-
-from distill_jax import runlock, runner
+from distill_jax import api
 from distill_jax.commands import common
-from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
-
-WRITES_IN_FLIGHT = 8  # chunk writes a process leaves running before waiting for them
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,153 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "resuming; an unfinished cache keeps its own)")
 
 
-class _Subset:
-    """Records ``ids`` of a random-access source, as a source of their own."""
-
-    def __init__(self, source, ids: np.ndarray):
-        self.source, self.ids = source, ids
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int):
-        return self.source[int(self.ids[int(index)])]
-
-    def __getitems__(self, indices):
-        return self.source.__getitems__([int(self.ids[int(i)]) for i in indices])
-
-
-def global_rows(array: jax.Array) -> np.ndarray:
-    """Every row of a batch-sharded global array, on every process."""
-    from jax.experimental import multihost_utils
-    if jax.process_count() == 1:
-        return np.asarray(jax.device_get(array))
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
 def run(args: argparse.Namespace) -> int:
-    from jax.experimental import multihost_utils
-
-    from distill_jax import sharding, student
-    from distill_jax import teacher as teacher_lib
-    from distill_jax.data.prepared import open_prepared
-    from distill_jax.errors import UserError
-    from distill_jax.soft_target_cache import (CacheError, create_or_resume, is_finished,
-                                               open_cache, remove)
-
     common.initialize_processes(args)
-    config = common.load_experiment(args)
-    workdir = common.workdir(args)
-    split = args.split or config.data.train_split
-    # One writer per cache; the lock sits beside the cache folder, which --force replaces.
-    runlock.acquire(workdir / "soft_targets", f"soft-targets --split {split}", f".{split}.lock")
-    if args.chunk_rows < 1:
-        raise UserError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
-    dataset = open_prepared(runner.prepared_dir(config, workdir))
-    dtype = runner.compute_dtype(config)
-    # The teacher checkpoint the targets come from (an unfinished run is refused unless
-    # --teacher-step names one); its step and digest are part of the cache's identity.
-    selected = teacher_lib.select_finetuned(config, workdir, args.teacher_step)
-    if selected.explicit and selected.step < config.teacher.steps and runner.is_chief():
-        print(f"note: soft targets from the teacher checkpoint of step {selected.step} "
-              f"(--teacher-step), not from a finished run of teacher.steps="
-              f"{config.teacher.steps}", flush=True)
-    identity = dataclasses.replace(
-        student.cache_identity(config, dataset, split, config.teacher.top_k),
-        teacher_step=selected.step, teacher_digest=selected.digest)
-    records, lengths = dataset.records(split, config.data.example_limit(split))  # lengths [n, 2]
-    cache_path = workdir / "soft_targets" / split
-    if not args.force and is_finished(cache_path):
-        # A finished cache made from this teacher and data is reused, not recomputed.
-        try:
-            cache = open_cache(cache_path, identity, num_examples=len(lengths))
-        except CacheError as error:
-            if runner.is_chief():
-                print(f"recomputing the soft targets: {error}", flush=True)
-        else:
-            if runner.is_chief():
-                print(f"soft targets of {len(cache)} {split} examples (K={cache.top_k}) are "
-                      f"already in {cache_path}; nothing to do (--force recomputes them)",
-                      flush=True)
-                print(quality_summary(config, workdir, selected.step), flush=True)
-            return 0
-
-    mesh = sharding.make_mesh(config.mesh)
-    teacher, params, param_shardings = teacher_lib.load_finetuned(
-        config, workdir, dataset.vocab, mesh, dtype, selected)
-    # Process 0 creates (or checks) the cache; the others open it once it exists.
-    try:
-        if jax.process_index() == 0:
-            if args.force and cache_path.exists():
-                remove(cache_path)  # finished or not: --force starts again
-            writer = create_or_resume(cache_path, identity, lengths[:, 1],
-                                      chunk_rows=args.chunk_rows)
-        multihost_utils.sync_global_devices("soft-target cache created")
-        if jax.process_index() != 0:
-            writer = create_or_resume(cache_path, identity, lengths[:, 1],
-                                      chunk_rows=args.chunk_rows, create=False)
-    except CacheError as err:
-        raise UserError(str(err)) from None
-    # Every process works through the same list of pending chunks (process 0's listing).
-    stored = np.zeros(writer.num_chunks, np.int32)
-    if jax.process_index() == 0:
-        stored[list(writer.stored_chunks())] = 1
-    stored = np.asarray(multihost_utils.broadcast_one_to_all(stored))
-    pending = [int(c) for c in np.flatnonzero(stored == 0)]
-
-    rows = sharding.batch_sharding(mesh)
-    extract = jax.jit(
-        lambda p, src, tgt_out: teacher_lib.stride_topk(
-            teacher, p, src, tgt_out, stride=config.teacher.stride, top_k=config.teacher.top_k),
-        in_shardings=(param_shardings, rows, rows), out_shardings=(rows, rows))
-    pipeline_config = PipelineConfig(
-        seed=config.data.seed, shuffle=False, num_epochs=1,
-        tokens_per_batch=config.teacher.tokens_per_batch,
-        batch_multiple=runner.data_shards(mesh), bucket_step=config.data.bucket_step)
-
-    bar = runner.progress(writer.num_chunks, writer.num_chunks - len(pending),
-                          f"soft targets ({split}, chunks)", args.no_progress)
-    for turn, chunk in enumerate(pending):
-        runner.crash_point(f"chunk-start:{turn}", settle=writer.flush)  # (crash tests only)
-        examples = np.asarray(writer.examples_of(chunk), np.int64)  # [examples of the chunk]
-        pipeline = BatchPipeline(_Subset(records, examples), lengths[examples], pipeline_config)
-        owner = turn % jax.process_count()
-        results = {}
-        for number in range(pipeline.batches_per_epoch):
-            batch = pipeline.load_batch(number)
-            arrays = sharding.shard_batch({"src": batch["src"], "tgt_out": batch["tgt_out"]}, mesh)
-            logits, ids = extract(params, arrays["src"], arrays["tgt_out"])
-            logits, ids = global_rows(logits), global_rows(ids)  # [global rows, T, K]
-            if owner != jax.process_index():
-                continue
-            for row, local in enumerate(pipeline.plan(0).batches[number]):  # global rows
-                if local >= 0:
-                    example = int(examples[local])
-                    length = int(lengths[example, 1])
-                    results[example] = (logits[row, :length], ids[row, :length])
-        if owner == jax.process_index():
-            writer.write_chunk(chunk, results)
-            runner.crash_point(f"chunk:{turn}")  # (crash tests only)
-            if writer.writes_in_flight() >= WRITES_IN_FLIGHT:
-                writer.flush()
-        bar.update(1)
-    bar.close()
-    writer.flush()
-    multihost_utils.sync_global_devices("soft targets written")
-    if runner.is_chief():
-        try:
-            path = writer.finalize()
-        except CacheError as err:
-            raise UserError(str(err)) from None
-        print(f"soft targets of {writer.num_examples} {split} examples (K={identity.top_k}) "
-              f"from the teacher checkpoint {selected.describe()} -> {path}", flush=True)
-        print(quality_summary(config, workdir, selected.step), flush=True)
-    multihost_utils.sync_global_devices("soft-target cache finalized")
+    api.extract_soft_targets(common.load_experiment(args), args.workdir,
+                             split=args.split, force=args.force, teacher_step=args.teacher_step,
+                             chunk_rows=args.chunk_rows, no_progress=args.no_progress)
     return 0
-
-
-def quality_summary(config, workdir, step: int) -> str:
-    """The teacher checkpoint's soft-target quality on validation, from its run's log."""
-    from distill_jax import teacher_quality
-    return teacher_quality.checkpoint_summary(workdir / "teacher", step, config.teacher.top_k,
-                                              config.distill.temperature)

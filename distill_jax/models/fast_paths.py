@@ -9,10 +9,12 @@ left to JAX's own autodiff. The two agree to float32 rounding (tested in
 ``tests/test_transformer.py`` and ``tests/test_bert.py``, trick by trick and for whole
 models); timings of each are in BENCHMARKS.md.
 
-The switch: the environment variable ``DISTILL_JAX_FAST_PATHS``, read once when this
-module is imported: ``1`` (default) on, ``0`` off. ``ENABLED`` holds it; the entry points
-read ``ENABLED`` when a model is traced, so code that sets it later (tests, benchmarks)
-must do so before the functions it affects are traced (``jax.jit`` keeps what it traced).
+The switch: the experiment config's ``runtime.fast_paths`` (set through ``configure`` when a
+run starts), whose default is the environment variable ``DISTILL_JAX_FAST_PATHS``, also
+read when this module is imported: ``1`` (default) on, ``0`` off. ``ENABLED`` holds it; the
+entry points read ``ENABLED`` when a model is traced, so code that sets it later (tests,
+benchmarks) must do so before the functions it affects are traced (``jax.jit`` keeps what
+it traced).
 
 The tricks (entry point: fast form; where it is on):
 
@@ -39,7 +41,8 @@ The tricks (entry point: fast form; where it is on):
     product, the softmax and the weighted sum, where a select kept the scores apart. It
     gives the same softmax weights as the select (see ``MASK_BIAS``) and the select's
     gradient. On in inference calls (``deterministic``), on every backend; ``MASK_BY_BIAS``
-    turns this one trick off alone, for benchmarks that time the select form. Plain:
+    (``runtime.mask_by_bias``) turns this one trick off alone, e.g. for benchmarks that time
+    the select form. Plain:
     ``where(mask, logits, MASK_VALUE)``.
 
 ``softmax_weighted_sum`` -- attention's ``softmax(logits) @ value``. Fast: the
@@ -75,7 +78,9 @@ import numpy as np
 Dtype = Any
 
 
-def _read_switch() -> bool:
+def default_enabled() -> bool:
+    """The switch's default: the environment variable ``DISTILL_JAX_FAST_PATHS`` (1 when
+    unset); the experiment config's ``runtime.fast_paths`` takes it as its default."""
     value = os.environ.get("DISTILL_JAX_FAST_PATHS", "1")
     if value not in ("0", "1"):
         raise ValueError(f"DISTILL_JAX_FAST_PATHS={value!r}: expected 1 (fast paths on, the "
@@ -84,9 +89,16 @@ def _read_switch() -> bool:
 
 
 # The switch (see the module docstring): False computes every operation in its plain form.
-ENABLED: bool = _read_switch()
+ENABLED: bool = default_enabled()
 # The mask-as-bias trick alone (apply_mask), for benchmarks that time the select form.
 MASK_BY_BIAS: bool = True
+
+
+def configure(enabled: bool, mask_by_bias: bool = True) -> None:
+    """Sets the switches (an experiment's ``runtime.fast_paths`` / ``mask_by_bias``): call
+    it before the functions it affects are traced."""
+    global ENABLED, MASK_BY_BIAS
+    ENABLED, MASK_BY_BIAS = bool(enabled), bool(mask_by_bias)
 
 # Attention logits of masked positions in the select form. Large but finite, so that a
 # fully masked row (a padding query) gets a uniform distribution instead of NaNs.
