@@ -1,4 +1,4 @@
-"""The teacher's stride-masked top-K soft targets (DESIGN.md step 2)."""
+"""The teacher's stride-masked top-K soft targets (docs/method.md §2)."""
 
 
 import jax
