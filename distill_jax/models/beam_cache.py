@@ -16,9 +16,10 @@ Names
 ``max_len``   target positions the cache has room for (a decoding phase's last step, below)
 ``heads``, ``kv``   attention heads and per-head width of the decoder
 ``src_len``   padded source width
-Hypothesis ``j`` of sentence ``b`` is row ``b * beams + j`` of every per-hypothesis
-array (the decoder's input tokens ``[batch * beams, 1]``, its logits
-``[batch * beams, 1, vocab]``).
+Hypothesis ``j`` of sentence ``b`` is row ``b * g + j`` of every per-hypothesis array of
+a step that feeds ``g`` hypotheses per sentence (the decoder's input tokens
+``[batch * g, 1]``, its logits ``[batch * g, 1, vocab]``; ``g = beams`` but in beam
+search's first step, see invariant 2).
 
 Layout (the leaves of the ``cache`` collection)
 -----------------------------------------------
@@ -47,13 +48,15 @@ Invariants
    counters to 0 and stores the cross-attention projections; its logits are discarded.
 2. A step (``decode=True`` on an existing cache) feeds one position of the first ``g``
    hypotheses of every sentence, ``[batch * g, 1]`` with ``1 <= g <= beams`` (``g = 1``:
-   beam search's first step, where every hypothesis would be the same BOS; otherwise
-   ``g = beams``). Every layer writes the new keys/values of hypothesis ``j < g`` into its
+   beam search's first step, where every hypothesis would be the same BOS, when the
+   vocabulary has at least ``2 * beams`` tokens; otherwise ``g = beams``). Every layer writes the new keys/values of hypothesis ``j < g`` into its
    own slot ``j`` at position ``position_index``, entries ``position_index * beams + j``
-   (``write_self_attention``). Entries are written once and never moved afterwards.
+   (``write_self_attention``). Entries are written once and, but by the reference
+   reorder of invariant 5, never moved afterwards.
 3. The same step sets ``beam_ancestry[b, j, position_index] = j`` for every ``j < beams``
-   (the fed and the unfed hypotheses alike) and then increments ``position_index`` and
-   every ``cache_index`` (``decoder_step``, ``step_mask``).
+   (the fed and the unfed hypotheses alike; ``step_mask``), then increments
+   ``position_index`` (``decoder_step``); each layer increments its ``cache_index`` after
+   its write (``write_self_attention``).
 4. Ancestry mask: in the step at position ``t``, hypothesis ``j`` of sentence ``b`` may
    attend to entry ``p * beams + i`` iff ``p <= t`` and ``beam_ancestry[b, j, p] == i``
    (after the write of 3): exactly one entry per decoded position, the key/value of its
@@ -69,7 +72,8 @@ Invariants
    of slot ``origin[b, j]`` to slot ``j`` at every position and keeps the ancestry as
    written by 3 (``beam_ancestry[b, j, p] == j`` for decoded ``p``); both forms give every
    hypothesis the same keys/values at every decoded position (``hypothesis_keys_values``)
-   and so the same search results; the ancestry form copies ``[batch, beams, max_len]``
+   and so the same search results, up to the order of float summation in attention
+   (tests/test_decode.py compares them); the ancestry form copies ``[batch, beams, max_len]``
    int32 per step where the gather copied every layer's keys and values (an eighth of
    beam search's time on a CPU).
 6. Growth and phases (``grow``, ``phase_ends``): every step attends over all
