@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,7 @@ from distill_jax.models import beam_cache
 from distill_jax.models.beam_cache import DEFAULT_CACHE_PHASES, gather_beams, phase_ends
 from distill_jax.models.transformer import Transformer, grow_decode_cache, init_decode_cache
 
-MaxLen = Optional[Union[int, tuple[float, float]]]
+MaxLen = int | tuple[float, float] | None
 
 NEG_INF = -jnp.inf
 
@@ -81,7 +82,9 @@ def length_limits(model: Transformer, src: jax.Array, max_len: MaxLen) -> tuple[
             raise ValueError(f"max_len=(a, b) needs a >= 0, got a={a}")
         steps = min(cfg.max_len, math.floor(a * src_width + b))
         if steps < 1:
-            raise ValueError(f"max_len={max_len} allows no target token for sources of width {src_width}")
+            raise ValueError(
+                f"max_len={max_len} allows no target token for sources of width {src_width}"
+            )
         src_len = jnp.sum((src != cfg.pad_id) & (src != cfg.eos_id), axis=1)  # [batch]
         limits = jnp.floor(a * src_len + b).astype(jnp.int32)  # [batch]
         limits = jnp.clip(limits, 1, steps)  # [batch]
@@ -90,16 +93,26 @@ def length_limits(model: Transformer, src: jax.Array, max_len: MaxLen) -> tuple[
     return steps, limits
 
 
-def _run_phases(model: Transformer, params: Any, encoded: jax.Array, src: jax.Array,
-                beams: int, ends: list[int], cond: Callable, body: Callable, state: Any) -> Any:
+def _run_phases(
+    model: Transformer,
+    params: Any,
+    encoded: jax.Array,
+    src: jax.Array,
+    beams: int,
+    ends: list[int],
+    cond: Callable,
+    body: Callable,
+    state: Any,
+) -> Any:
     """``lax.while_loop(cond, body, state)`` run as one loop per phase: the loop of the
     phase ending at step ``end`` also stops there, then the cache (``state.cache``) grows
     to the next phase's length. ``state`` has fields ``step`` and ``cache``."""
     for phase, end in enumerate(ends):
         if phase:
             with jax.named_scope("grow_cache"):
-                state = state._replace(cache=grow_decode_cache(
-                    model, params, encoded, src, state.cache, end, beams))
+                state = state._replace(
+                    cache=grow_decode_cache(model, params, encoded, src, state.cache, end, beams)
+                )
         state = jax.lax.while_loop(lambda s, end=end: cond(s) & (s.step < end), body, state)
     return state
 
@@ -135,8 +148,14 @@ def _next_logits(model, params, cache, encoded, src, tokens):
     """One decoder step: tokens [batch * beams] (hypothesis j of sentence b in row
     b * beams + j), src [batch, src] -> (logits [batch * beams, vocab], new cache)."""
     logits, variables = model.apply(
-        {"params": params, "cache": cache}, encoded, src, tokens[:, None],
-        decode=True, mutable=["cache"], method=Transformer.decode)  # [n, 1, vocab]
+        {"params": params, "cache": cache},
+        encoded,
+        src,
+        tokens[:, None],
+        decode=True,
+        mutable=["cache"],
+        method=Transformer.decode,
+    )  # [n, 1, vocab]
     return logits[:, 0], variables["cache"]
 
 
@@ -149,8 +168,9 @@ def _next_log_probs(model, params, cache, encoded, src, tokens):
     """``_next_logits`` -> (log-probs [batch * beams, vocab] with pad/bos at -inf, cache)."""
     logits, cache = _next_logits(model, params, cache, encoded, src, tokens)
     log_probs = log_softmax(logits)  # [n, vocab]
-    banned = jnp.isin(jnp.arange(model.config.vocab_size),
-                      jnp.array(_never_generated(model.config), jnp.int32))  # [vocab]
+    banned = jnp.isin(
+        jnp.arange(model.config.vocab_size), jnp.array(_never_generated(model.config), jnp.int32)
+    )  # [vocab]
     return jnp.where(banned[None, :], NEG_INF, log_probs), cache
 
 
@@ -166,8 +186,9 @@ def _block_width(vocab: int) -> int:
     return min(divisors, key=lambda w: (abs(w - TOP_K_BLOCK), w), default=TOP_K_BLOCK)
 
 
-def top_log_probs(logits: jax.Array, k: int, banned: tuple[int, ...] = ()
-                  ) -> tuple[jax.Array, jax.Array]:
+def top_log_probs(
+    logits: jax.Array, k: int, banned: tuple[int, ...] = ()
+) -> tuple[jax.Array, jax.Array]:
     """The ``k`` largest log-probabilities of every row and their token ids, best first:
     ``jax.lax.top_k(log_softmax(logits), k)`` for logits [rows, vocab] with the token ids
     ``banned`` at -inf, without writing the [rows, vocab] log-probs.
@@ -190,14 +211,15 @@ def top_log_probs(logits: jax.Array, k: int, banned: tuple[int, ...] = ()
         mask = jnp.isin(jnp.arange(vocab), banned_ids)[None, :]  # [1, vocab]
         return jax.lax.top_k(jnp.where(mask, NEG_INF, log_softmax(logits)), k)
     full = vocab // width * width
-    block_max = jnp.max(logits[:, :full].reshape(rows, full // width, width),
-                        axis=-1)  # [rows, full blocks]
+    block_max = jnp.max(
+        logits[:, :full].reshape(rows, full // width, width), axis=-1
+    )  # [rows, full blocks]
     if full < vocab:
         block_max = jnp.concatenate(
-            [block_max, jnp.max(logits[:, full:], axis=-1, keepdims=True)], axis=1)
+            [block_max, jnp.max(logits[:, full:], axis=-1, keepdims=True)], axis=1
+        )
     best_blocks = jnp.sort(jax.lax.top_k(block_max, searched)[1], axis=-1)  # [rows, searched]
-    tokens = (best_blocks[:, :, None] * width
-              + jnp.arange(width)).reshape(rows, searched * width)
+    tokens = (best_blocks[:, :, None] * width + jnp.arange(width)).reshape(rows, searched * width)
     values = jnp.take_along_axis(logits, jnp.minimum(tokens, vocab - 1), axis=1)
     allowed = (tokens < vocab) & ~jnp.isin(tokens, banned_ids)  # [rows, searched*block]
     values, chosen = jax.lax.top_k(jnp.where(allowed, values, NEG_INF), k)  # [rows, k]
@@ -219,7 +241,8 @@ class _BeamState(NamedTuple):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "beam_size", "length_penalty", "max_len", "cache_phases"))
+    jax.jit, static_argnames=("model", "beam_size", "length_penalty", "max_len", "cache_phases")
+)
 def beam_search(
     model: Transformer,
     params: Any,
@@ -258,8 +281,10 @@ def beam_search(
 
     def max_penalty(step):
         """Largest penalty any live hypothesis can still receive -> [batch]."""
-        return jnp.maximum(gnmt_length_penalty(step + 1, length_penalty),
-                           gnmt_length_penalty(limits, length_penalty))  # [batch]
+        return jnp.maximum(
+            gnmt_length_penalty(step + 1, length_penalty),
+            gnmt_length_penalty(limits, length_penalty),
+        )  # [batch]
 
     def sentence_done(state: _BeamState) -> jax.Array:
         """[batch] bool: the sentence's finished list can no longer change."""
@@ -281,28 +306,39 @@ def beam_search(
             tokens = jnp.full((batch, fed), cfg.bos_id, jnp.int32)  # [batch, fed]
         else:
             tokens = jax.lax.dynamic_index_in_dim(
-                state.live_seqs, step - 1, axis=2, keepdims=False)  # [batch, beams]
+                state.live_seqs, step - 1, axis=2, keepdims=False
+            )  # [batch, beams]
         logits, cache = _next_logits(
-            model, params, state.cache, encoded, src, tokens.reshape(-1))  # [batch*fed, vocab]
+            model, params, state.cache, encoded, src, tokens.reshape(-1)
+        )  # [batch*fed, vocab]
         # The 2 * beam_size best extensions of the whole beam are among the 2 * beam_size
         # best of each hypothesis; ties go to the lower (hypothesis, token) as in one
         # top_k over all of them.
         row_best, row_tokens = top_log_probs(logits, per_row, never)  # [batch*fed, per_row]
-        candidates = (state.live_log_probs[:, :fed, None]
-                      + row_best.reshape(batch, fed, per_row))  # [batch, fed, per_row]
+        candidates = state.live_log_probs[:, :fed, None] + row_best.reshape(
+            batch, fed, per_row
+        )  # [batch, fed, per_row]
         best_log_probs, top_index = jax.lax.top_k(
-            candidates.reshape(batch, fed * per_row), 2 * beam_size)  # [batch, 2*beams]
+            candidates.reshape(batch, fed * per_row), 2 * beam_size
+        )  # [batch, 2*beams]
         top_origin = top_index // per_row  # [batch, 2*beams]
         top_tokens = jnp.take_along_axis(
-            row_tokens.reshape(batch, fed * per_row), top_index, axis=1)  # [batch, 2*beams]
+            row_tokens.reshape(batch, fed * per_row), top_index, axis=1
+        )  # [batch, 2*beams]
         top_seqs = gather_beams(state.live_seqs, top_origin)  # [batch, 2*beams, steps]
         top_seqs = top_seqs.at[:, :, step].set(top_tokens)  # [batch, 2*beams, steps]
 
         ends = (top_tokens == cfg.eos_id) | (step + 1 >= limits)[:, None]  # [batch, 2*beams]
-        new_scores = best_log_probs / gnmt_length_penalty(step + 1, length_penalty)  # [batch, 2*beams]
+        new_scores = best_log_probs / gnmt_length_penalty(
+            step + 1, length_penalty
+        )  # [batch, 2*beams]
         new_scores = jnp.where(ends & (rank < beam_size)[None, :], new_scores, NEG_INF)
-        all_scores = jnp.concatenate([state.finished_scores, new_scores], axis=1)  # [batch, 3*beams]
-        all_seqs = jnp.concatenate([state.finished_seqs, top_seqs], axis=1)  # [batch, 3*beams, steps]
+        all_scores = jnp.concatenate(
+            [state.finished_scores, new_scores], axis=1
+        )  # [batch, 3*beams]
+        all_seqs = jnp.concatenate(
+            [state.finished_seqs, top_seqs], axis=1
+        )  # [batch, 3*beams, steps]
         finished_scores, keep = jax.lax.top_k(all_scores, beam_size)  # [batch, beams]
         finished_seqs = gather_beams(all_seqs, keep)  # [batch, beams, steps]
 
@@ -312,7 +348,9 @@ def beam_search(
         origin = gather_beams(top_origin, keep)  # [batch, beams]
         # survivor j extends hypothesis origin[b, j]: beam_cache, invariant 5
         cache = beam_cache.reorder(cache, origin)
-        return _BeamState(step + 1, live_seqs, live_log_probs, finished_seqs, finished_scores, cache)
+        return _BeamState(
+            step + 1, live_seqs, live_log_probs, finished_seqs, finished_scores, cache
+        )
 
     first_beam_only = jnp.where(jnp.arange(beam_size) == 0, 0.0, NEG_INF)  # [beams]
     init = _BeamState(
@@ -326,8 +364,9 @@ def beam_search(
     # The first step always runs: every sentence's bound is >= 1.
     first = advance(init, first=True)
     final = _run_phases(model, params, encoded, src, beam_size, ends, cond, advance, first)
-    sequences = jnp.where(final.finished_scores[:, :, None] > NEG_INF,
-                          final.finished_seqs, cfg.pad_id)  # [batch, beams, steps]
+    sequences = jnp.where(
+        final.finished_scores[:, :, None] > NEG_INF, final.finished_seqs, cfg.pad_id
+    )  # [batch, beams, steps]
     return sequences, final.finished_scores
 
 
@@ -365,9 +404,12 @@ def _left_to_right(
     def body(state: _SampleState) -> _SampleState:
         step = state.step
         previous = jax.lax.dynamic_index_in_dim(
-            state.seqs, jnp.maximum(step - 1, 0), axis=1, keepdims=False)  # [batch]
+            state.seqs, jnp.maximum(step - 1, 0), axis=1, keepdims=False
+        )  # [batch]
         tokens = jnp.where(step == 0, cfg.bos_id, previous)  # [batch]
-        log_probs, cache = _next_log_probs(model, params, state.cache, encoded, src, tokens)  # [batch, vocab]
+        log_probs, cache = _next_log_probs(
+            model, params, state.cache, encoded, src, tokens
+        )  # [batch, vocab]
         chosen = jnp.where(state.done, cfg.pad_id, choose(log_probs, step))  # [batch]
         chosen_log_prob = jnp.take_along_axis(log_probs, chosen[:, None], axis=1)[:, 0]  # [batch]
         total = state.log_probs + jnp.where(state.done, 0.0, chosen_log_prob)  # [batch]
@@ -400,8 +442,13 @@ def greedy_search(
     Returns (sequences [batch, steps], summed log-probs [batch]).
     """
     return _left_to_right(
-        model, params, src, max_len, lambda log_probs, step: jnp.argmax(log_probs, axis=-1),
-        cache_phases)
+        model,
+        params,
+        src,
+        max_len,
+        lambda log_probs, step: jnp.argmax(log_probs, axis=-1),
+        cache_phases,
+    )
 
 
 def nucleus_mask(logits: jax.Array, top_p: float) -> jax.Array:
@@ -415,8 +462,9 @@ def nucleus_mask(logits: jax.Array, top_p: float) -> jax.Array:
     probs = jax.nn.softmax(logits, axis=-1)  # [rows, vocab]
     ranked = -jnp.sort(-probs, axis=-1)  # [rows, vocab] descending
     before = jnp.cumsum(ranked, axis=-1) - ranked  # mass of the tokens ranked above
-    threshold = jnp.min(jnp.where(before < top_p, ranked, jnp.inf), axis=-1,
-                        keepdims=True)  # [rows, 1] probability of the last kept token
+    threshold = jnp.min(
+        jnp.where(before < top_p, ranked, jnp.inf), axis=-1, keepdims=True
+    )  # [rows, 1] probability of the last kept token
     return jnp.where(probs >= threshold, logits, NEG_INF)
 
 
@@ -427,8 +475,9 @@ def _per_row_keys(rng: jax.Array) -> bool:
     return rng.ndim == (1 if typed else 2)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_len", "temperature", "top_k",
-                                             "top_p", "cache_phases"))
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_len", "temperature", "top_k", "top_p", "cache_phases")
+)
 def sample(
     model: Transformer,
     params: Any,
@@ -466,8 +515,9 @@ def sample(
             logits = jnp.where(logits >= kth_best, logits, NEG_INF)  # [batch, vocab]
         logits = nucleus_mask(logits, top_p)  # [batch, vocab]
         if per_row:
-            return jax.vmap(lambda key, row: jax.random.categorical(
-                jax.random.fold_in(key, step), row))(rng, logits)  # [batch]
+            return jax.vmap(
+                lambda key, row: jax.random.categorical(jax.random.fold_in(key, step), row)
+            )(rng, logits)  # [batch]
         return jax.random.categorical(jax.random.fold_in(rng, step), logits, axis=-1)  # [batch]
 
     return _left_to_right(model, params, src, max_len, choose, cache_phases)

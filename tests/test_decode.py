@@ -24,16 +24,27 @@ VOCAB = 7
 MAX_LEN = 4  # decoding bound of the exhaustive tests
 ALPHA = 0.6
 # Sentences of different lengths (pieces + EOS), 0-padded.
-SOURCES = np.array([
-    [4, 5, 6, 3, 2, 0, 0, 0],
-    [6, 2, 0, 0, 0, 0, 0, 0],
-    [3, 3, 4, 5, 6, 4, 5, 2],
-], np.int32)  # [batch, src]
+SOURCES = np.array(
+    [
+        [4, 5, 6, 3, 2, 0, 0, 0],
+        [6, 2, 0, 0, 0, 0, 0, 0],
+        [3, 3, 4, 5, 6, 4, 5, 2],
+    ],
+    np.int32,
+)  # [batch, src]
 
 
-MODEL = Transformer(TransformerConfig(
-    vocab_size=VOCAB, d_model=16, num_heads=2, mlp_dim=32, num_encoder_layers=1,
-    num_decoder_layers=1, max_len=8))
+MODEL = Transformer(
+    TransformerConfig(
+        vocab_size=VOCAB,
+        d_model=16,
+        num_heads=2,
+        mlp_dim=32,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        max_len=8,
+    )
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +82,8 @@ def brute_force_scores(params, src_rows, hyps, alpha):
     tgt_in = np.full((len(hyps), width), PAD, np.int32)  # [hyps, width]
     labels = np.full((len(hyps), width), PAD, np.int32)  # [hyps, width]
     for i, h in enumerate(hyps):
-        tgt_in[i, :len(h)] = (BOS,) + h[:-1]
-        labels[i, :len(h)] = h
+        tgt_in[i, : len(h)] = (BOS,) + h[:-1]
+        labels[i, : len(h)] = h
     log_probs = np.asarray(_log_probs(params, src_rows, tgt_in), np.float64)  # [hyps, width, vocab]
     token_lp = np.take_along_axis(log_probs, labels[:, :, None], axis=2)[:, :, 0]  # [hyps, width]
     lengths = np.array([len(h) for h in hyps])  # [hyps]
@@ -96,8 +107,9 @@ def test_beam_search_is_exhaustive_with_a_wide_beam(model_and_params):
     step), so the finished list must be exactly the 320 best of all 341 hypotheses."""
     model, params = model_and_params
     assert len(all_hypotheses(MAX_LEN)) == 341
-    seqs, scores = beam_search(model, params, SOURCES[:2], beam_size=320,
-                               length_penalty=ALPHA, max_len=MAX_LEN)
+    seqs, scores = beam_search(
+        model, params, SOURCES[:2], beam_size=320, length_penalty=ALPHA, max_len=MAX_LEN
+    )
     for row in range(2):
         hyps, reference = exhaustive_scores(params, SOURCES[row], ALPHA)
         order = np.argsort(-reference, kind="stable")
@@ -110,8 +122,9 @@ def test_beam_search_is_exhaustive_with_a_wide_beam(model_and_params):
 
 def test_beam_search_with_vocab_size_beams_finds_the_best(model_and_params):
     model, params = model_and_params
-    seqs, scores = beam_search(model, params, SOURCES, beam_size=VOCAB,
-                               length_penalty=ALPHA, max_len=MAX_LEN)
+    seqs, scores = beam_search(
+        model, params, SOURCES, beam_size=VOCAB, length_penalty=ALPHA, max_len=MAX_LEN
+    )
     assert seqs.shape == (3, VOCAB, MAX_LEN) and scores.shape == (3, VOCAB)
     for row in range(3):
         hyps, reference = exhaustive_scores(params, SOURCES[row], ALPHA)
@@ -130,12 +143,15 @@ def reference_beam_search(params, src_row, beam, alpha, max_len):
     for step in range(max_len):
         tgt_in = np.full((beam, MAX_LEN + 2), PAD, np.int32)  # [beam, width]
         for i, (prefix, _) in enumerate(live):
-            tgt_in[i, :len(prefix) + 1] = (BOS,) + prefix
+            tgt_in[i, : len(prefix) + 1] = (BOS,) + prefix
         log_probs = np.asarray(_log_probs(params, np.repeat(src_row[None], beam, 0), tgt_in))
-        candidates = [(total + log_probs[i, len(prefix), t], prefix + (t,))
-                      for i, (prefix, total) in enumerate(live)
-                      for t in range(VOCAB) if t not in (PAD, BOS)]
-        candidates = sorted(candidates, key=lambda c: -c[0])[:2 * beam]
+        candidates = [
+            (total + log_probs[i, len(prefix), t], prefix + (t,))
+            for i, (prefix, total) in enumerate(live)
+            for t in range(VOCAB)
+            if t not in (PAD, BOS)
+        ]
+        candidates = sorted(candidates, key=lambda c: -c[0])[: 2 * beam]
         live = []
         for rank, (total, hyp) in enumerate(candidates):
             if hyp[-1] == EOS or step + 1 == max_len:
@@ -153,8 +169,9 @@ def test_early_stopping_loses_nothing(model_and_params):
     change the result of searching to the length bound."""
     model, params = model_and_params
     alpha, bound = 2.0, MAX_LEN + 2
-    seqs, scores = beam_search(model, params, SOURCES, beam_size=3, length_penalty=alpha,
-                               max_len=bound)
+    seqs, scores = beam_search(
+        model, params, SOURCES, beam_size=3, length_penalty=alpha, max_len=bound
+    )
     for row in range(3):
         reference = reference_beam_search(params, SOURCES[row], 3, alpha, bound)
         np.testing.assert_allclose(scores[row], [r[0] for r in reference], rtol=0, atol=1e-5)
@@ -184,8 +201,9 @@ def test_early_stopping_ends_the_loop_before_the_bound(model_and_params, monkeyp
     jax.clear_caches()  # trace beam_search again, with the counter
     try:
         bound = MAX_LEN + 2
-        seqs, scores = beam_search(model, params, sources, beam_size=2, length_penalty=0.0,
-                                   max_len=bound)
+        seqs, scores = beam_search(
+            model, params, sources, beam_size=2, length_penalty=0.0, max_len=bound
+        )
         jax.block_until_ready(seqs)
     finally:
         monkeypatch.undo()
@@ -201,8 +219,9 @@ def test_beam_of_one_is_greedy(model_and_params):
     """Without a length penalty a single beam makes the greedy choices."""
     model, params = model_and_params
     greedy_seqs, greedy_lp = greedy_search(model, params, SOURCES, max_len=MAX_LEN + 2)
-    seqs, scores = beam_search(model, params, SOURCES, beam_size=1, length_penalty=0.0,
-                               max_len=MAX_LEN + 2)
+    seqs, scores = beam_search(
+        model, params, SOURCES, beam_size=1, length_penalty=0.0, max_len=MAX_LEN + 2
+    )
     np.testing.assert_array_equal(seqs[:, 0], greedy_seqs)
     np.testing.assert_allclose(scores[:, 0], greedy_lp, rtol=0, atol=1e-5)
     # Greedy's summed log-probs are those of a full forward pass over its output.
@@ -248,13 +267,13 @@ def test_sharded_batch_gives_the_same_result(model_and_params):
 def test_sampling_with_top_1_is_greedy(model_and_params):
     model, params = model_and_params
     greedy_seqs, greedy_lp = greedy_search(model, params, SOURCES, max_len=MAX_LEN + 2)
-    seqs, lp = sample(model, params, SOURCES, jax.random.key(7), top_k=1, temperature=0.7,
-                      max_len=MAX_LEN + 2)
+    seqs, lp = sample(
+        model, params, SOURCES, jax.random.key(7), top_k=1, temperature=0.7, max_len=MAX_LEN + 2
+    )
     np.testing.assert_array_equal(seqs, greedy_seqs)
     np.testing.assert_allclose(lp, greedy_lp, rtol=0, atol=1e-6)
     # Unrestricted sampling at a high temperature does leave the greedy path.
-    hot, _ = sample(model, params, SOURCES, jax.random.key(7), temperature=5.0,
-                    max_len=MAX_LEN + 2)
+    hot, _ = sample(model, params, SOURCES, jax.random.key(7), temperature=5.0, max_len=MAX_LEN + 2)
     assert not np.array_equal(hot, greedy_seqs)
 
 
@@ -263,9 +282,11 @@ def test_length_bounds_are_respected(model_and_params):
     bound = (0.5, 1)
     src_len = np.sum((SOURCES != PAD) & (SOURCES != EOS), axis=1)  # [batch]
     limits = np.floor(0.5 * src_len + 1).astype(int)  # [batch]: 3, 1, 4
-    outputs = [beam_search(model, params, SOURCES, beam_size=2, max_len=bound)[0][:, 0],
-               greedy_search(model, params, SOURCES, max_len=bound)[0],
-               sample(model, params, SOURCES, jax.random.key(0), max_len=bound)[0]]
+    outputs = [
+        beam_search(model, params, SOURCES, beam_size=2, max_len=bound)[0][:, 0],
+        greedy_search(model, params, SOURCES, max_len=bound)[0],
+        sample(model, params, SOURCES, jax.random.key(0), max_len=bound)[0],
+    ]
     hit_bound_without_eos = False
     for seqs in outputs:
         assert seqs.shape == (3, 5)  # floor(0.5 * 8 + 1)
@@ -294,9 +315,12 @@ def test_log_softmax_equals_jax_log_softmax():
     np.testing.assert_allclose(ours, want, rtol=1e-6, atol=1e-4)
     assert np.all(np.isfinite(np.asarray(ours)))
     x = jnp.asarray(rng.normal(size=(3, 7)), jnp.bfloat16)
-    np.testing.assert_allclose(np.asarray(log_softmax(x), np.float32),  # bf16 rounding
-                               np.asarray(jax.nn.log_softmax(x, axis=-1), np.float32),
-                               rtol=2 ** -7, atol=2 ** -6)
+    np.testing.assert_allclose(
+        np.asarray(log_softmax(x), np.float32),  # bf16 rounding
+        np.asarray(jax.nn.log_softmax(x, axis=-1), np.float32),
+        rtol=2**-7,
+        atol=2**-6,
+    )
 
 
 def test_sources_longer_than_max_len_are_truncated_for_generation(model_and_params, capsys):
@@ -318,7 +342,7 @@ def test_sources_longer_than_max_len_are_truncated_for_generation(model_and_para
         np.testing.assert_array_equal(a, b)
     # Batches of 7-id sources with bucket_step 4 pad to 7 under max_len=7, not to 8.
     config = DecodeConfig(bucket_step=4)
-    (_, src), = translate.decode_batches([cut[1:]] * 3, config, shards=1, max_len=7)
+    ((_, src),) = translate.decode_batches([cut[1:]] * 3, config, shards=1, max_len=7)
     assert src.shape[1] == 7
     with pytest.raises(ValueError, match="longer than max_len 7"):
         translate.decode_batches([cut], config, shards=1, max_len=7)
@@ -337,30 +361,43 @@ def test_phase_ends():
         phase_ends(32, 0)
 
 
-LONG_MODEL = Transformer(TransformerConfig(
-    vocab_size=VOCAB, d_model=16, num_heads=2, mlp_dim=32, num_encoder_layers=1,
-    num_decoder_layers=2, max_len=32))
+LONG_MODEL = Transformer(
+    TransformerConfig(
+        vocab_size=VOCAB,
+        d_model=16,
+        num_heads=2,
+        mlp_dim=32,
+        num_encoder_layers=1,
+        num_decoder_layers=2,
+        max_len=32,
+    )
+)
 
 
 @pytest.fixture(scope="module")
 def long_model_and_params():
     """A model with room for 32 target positions (its hypotheses run to their length
     bounds, which is what the tests of decoding phases need)."""
-    params = nn.unbox(jax.jit(LONG_MODEL.init)(
-        jax.random.key(5), SOURCES, SOURCES[:, :4])["params"])
+    params = nn.unbox(
+        jax.jit(LONG_MODEL.init)(jax.random.key(5), SOURCES, SOURCES[:, :4])["params"]
+    )
     table = params["shared_embedding"]["embedding"]  # [vocab, embed]
     params["shared_embedding"]["embedding"] = 2.0 * table
     return LONG_MODEL, params
 
 
-@pytest.mark.parametrize("rows, bound, last_phase, all_searches", [
-    (slice(None), 24, True, False),  # sentences end in the first phase and in the last
-    (slice(None), (2.0, 8), True, True),  # the same with per-sentence bounds
-    (slice(1, 2), (2.0, 8), False, False),  # the whole batch is done within the first phase
-])
+@pytest.mark.parametrize(
+    "rows, bound, last_phase, all_searches",
+    [
+        (slice(None), 24, True, False),  # sentences end in the first phase and in the last
+        (slice(None), (2.0, 8), True, True),  # the same with per-sentence bounds
+        (slice(1, 2), (2.0, 8), False, False),  # the whole batch is done within the first phase
+    ],
+)
 @pytest.mark.slow  # among the longest tests: kept out of the fast tier
-def test_growing_caches_decode_like_one_full_size_cache(long_model_and_params, rows, bound,
-                                                        last_phase, all_searches):
+def test_growing_caches_decode_like_one_full_size_cache(
+    long_model_and_params, rows, bound, last_phase, all_searches
+):
     """cache_phases=4 (the default: the loop runs in phases over caches that grow between
     them) gives the sequences and scores of cache_phases=1 (one loop over a cache sized
     for the whole bound), for beam search and (in one case, to keep compiling down)
@@ -371,8 +408,9 @@ def test_growing_caches_decode_like_one_full_size_cache(long_model_and_params, r
     src = SOURCES[rows]
     steps, _ = length_limits(model, src, bound)
     assert phase_ends(steps, 4) == [8, 16, 24]
-    one_seqs, one_scores = beam_search(model, params, src, beam_size=3, max_len=bound,
-                                       cache_phases=1)
+    one_seqs, one_scores = beam_search(
+        model, params, src, beam_size=3, max_len=bound, cache_phases=1
+    )
     seqs, scores = beam_search(model, params, src, beam_size=3, max_len=bound)
     np.testing.assert_array_equal(seqs, one_seqs)
     np.testing.assert_allclose(scores, one_scores, rtol=0, atol=1e-5)
@@ -381,9 +419,11 @@ def test_growing_caches_decode_like_one_full_size_cache(long_model_and_params, r
     if not all_searches:
         return
     for search in (
-            lambda **kw: greedy_search(model, params, src, max_len=bound, **kw),
-            lambda **kw: sample(model, params, src, jax.random.key(1), temperature=1.5,
-                                max_len=bound, **kw)):
+        lambda **kw: greedy_search(model, params, src, max_len=bound, **kw),
+        lambda **kw: sample(
+            model, params, src, jax.random.key(1), temperature=1.5, max_len=bound, **kw
+        ),
+    ):
         one_seqs, one_lp = search(cache_phases=1)
         seqs, lp = search()
         np.testing.assert_array_equal(seqs, one_seqs)
@@ -403,9 +443,11 @@ def test_grow_decode_cache_pads_the_position_axis_only(long_model_and_params):
     full = init_decode_cache(model, params, encoded, SOURCES, 16, 3)
     assert jax.tree_util.tree_structure(grown) == jax.tree_util.tree_structure(full)
     padded = 0
-    for (path, old), new, want in zip(jax.tree_util.tree_leaves_with_path(small),
-                                      jax.tree_util.tree_leaves(grown),
-                                      jax.tree_util.tree_leaves(full)):
+    for (path, old), new, want in zip(
+        jax.tree_util.tree_leaves_with_path(small),
+        jax.tree_util.tree_leaves(grown),
+        jax.tree_util.tree_leaves(full),
+    ):
         assert new.shape == want.shape, path
         if old.shape == new.shape:
             np.testing.assert_array_equal(new, old)  # cross-attention, counters: kept
@@ -416,8 +458,9 @@ def test_grow_decode_cache_pads_the_position_axis_only(long_model_and_params):
         assert len(axis) == 1 and new.shape[axis[0]] == 2 * old.shape[axis[0]], name
         front = tuple(slice(0, o) for o in old.shape)
         np.testing.assert_array_equal(np.asarray(new)[front], old)
-        assert not np.asarray(new)[tuple(slice(o, None) if i == axis[0] else slice(None)
-                                         for i, o in enumerate(old.shape))].any()
+        assert not np.asarray(new)[
+            tuple(slice(o, None) if i == axis[0] else slice(None) for i, o in enumerate(old.shape))
+        ].any()
     # per decoder layer: the self-attention keys and values; and the ancestry table
     assert padded == 2 * model.config.num_decoder_layers + 1
     with pytest.raises(ValueError, match="cannot grow"):
@@ -448,11 +491,14 @@ def _plain_top_log_probs(logits, k, banned=()):
     return jax.lax.top_k(jnp.where(mask, -jnp.inf, jax.nn.log_softmax(logits, axis=-1)), k)
 
 
-@pytest.mark.parametrize("vocab, width", [
-    (2000, 125),  # blocks of a divisor of the vocabulary
-    (4099, 128),  # a prime: a shorter last block
-    (300, 150),  # fewer blocks than searched: the plain path
-])
+@pytest.mark.parametrize(
+    "vocab, width",
+    [
+        (2000, 125),  # blocks of a divisor of the vocabulary
+        (4099, 128),  # a prime: a shorter last block
+        (300, 150),  # fewer blocks than searched: the plain path
+    ],
+)
 def test_top_log_probs_is_top_k_of_the_masked_log_softmax(vocab, width):
     """Same tokens, in the same order (ties to the lower id), and the same values as
     top_k of the masked log-softmax: with many tied logits, with banned tokens holding a
@@ -482,9 +528,17 @@ def test_beam_search_over_a_large_vocabulary_is_the_plain_one(monkeypatch):
     (2000 tokens: 16 blocks, 8 searched) gives what it gives with the plain per-row top_k."""
     import distill_jax.decode as decode_lib
 
-    model = Transformer(TransformerConfig(
-        vocab_size=2000, d_model=16, num_heads=2, mlp_dim=32, num_encoder_layers=1,
-        num_decoder_layers=1, max_len=8))
+    model = Transformer(
+        TransformerConfig(
+            vocab_size=2000,
+            d_model=16,
+            num_heads=2,
+            mlp_dim=32,
+            num_encoder_layers=1,
+            num_decoder_layers=1,
+            max_len=8,
+        )
+    )
     src = SOURCES.copy()
     src[src > 2] += 1500
     params = nn.unbox(jax.jit(model.init)(jax.random.key(7), src, src[:, :4])["params"])
@@ -526,8 +580,12 @@ def test_a_step_may_feed_only_the_first_hypotheses(model_and_params):
         tgt_in[:, 1] = nxt[:, j]
         full = model.apply({"params": params}, SOURCES, tgt_in)  # [batch, 2, vocab]
         np.testing.assert_allclose(first, full[:, 0], rtol=0, atol=1e-4)
-        np.testing.assert_allclose(np.asarray(second).reshape(len(SOURCES), beams, VOCAB)[:, j],
-                                   full[:, 1], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(second).reshape(len(SOURCES), beams, VOCAB)[:, j],
+            full[:, 1],
+            rtol=0,
+            atol=1e-4,
+        )
     with pytest.raises(ValueError, match="hypotheses"):
         _next_logits(model, params, cache, encoded, SOURCES, jnp.full((4 * len(SOURCES),), BOS))
 
@@ -547,7 +605,9 @@ def test_nucleus_mask_keeps_the_fewest_tokens_reaching_p():
             probs /= probs.sum()
             order = np.argsort(-probs, kind="stable")
             mass = np.cumsum(probs[order])
-            count = int(np.searchsorted(mass, p - 1e-6)) + 1 if p < 1 else int(np.isfinite(row).sum())
+            count = (
+                int(np.searchsorted(mass, p - 1e-6)) + 1 if p < 1 else int(np.isfinite(row).sum())
+            )
             kept = np.sort(order[:count])
             assert np.array_equal(np.flatnonzero(np.isfinite(out)), kept), (p, row)
             np.testing.assert_allclose(out[kept], row[kept], rtol=1e-6)
@@ -556,8 +616,16 @@ def test_nucleus_mask_keeps_the_fewest_tokens_reaching_p():
 def test_nucleus_sampling_with_a_tiny_p_is_greedy(model_and_params):
     model, params = model_and_params
     greedy_seqs, greedy_lp = greedy_search(model, params, SOURCES, max_len=MAX_LEN + 2)
-    seqs, lp = sample(model, params, SOURCES, jax.random.key(7), temperature=3.0, top_k=4,
-                      top_p=1e-4, max_len=MAX_LEN + 2)
+    seqs, lp = sample(
+        model,
+        params,
+        SOURCES,
+        jax.random.key(7),
+        temperature=3.0,
+        top_k=4,
+        top_p=1e-4,
+        max_len=MAX_LEN + 2,
+    )
     np.testing.assert_array_equal(seqs, greedy_seqs)
     np.testing.assert_allclose(lp, greedy_lp, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="top_p"):
@@ -571,8 +639,9 @@ def test_per_sentence_keys_make_samples_independent_of_the_batch(model_and_param
     keys = jax.random.split(jax.random.key(11), 3)  # [3] typed keys
     seqs, lp = sample(model, params, SOURCES, keys, temperature=2.0, max_len=MAX_LEN + 2)
     order = np.array([2, 0, 1])
-    again, again_lp = sample(model, params, SOURCES[order], keys[order], temperature=2.0,
-                             max_len=MAX_LEN + 2)
+    again, again_lp = sample(
+        model, params, SOURCES[order], keys[order], temperature=2.0, max_len=MAX_LEN + 2
+    )
     np.testing.assert_array_equal(np.asarray(again), np.asarray(seqs)[order])
     np.testing.assert_allclose(again_lp, np.asarray(lp)[order], rtol=0, atol=1e-6)
     assert len({tuple(np.asarray(s)) for s in seqs}) > 1
@@ -599,44 +668,59 @@ def test_ancestry_reorder_keeps_the_cache_contents_of_the_gather_reorder(model_a
     moved = False
     for step in range(steps):
         if step == first_phase:  # the next phase: both caches grow the same way
-            fast, reference = (grow_decode_cache(model, params, encoded, SOURCES, c, steps, beams)
-                               for c in (fast, reference))
+            fast, reference = (
+                grow_decode_cache(model, params, encoded, SOURCES, c, steps, beams)
+                for c in (fast, reference)
+            )
         fed = 1 if step == 0 else beams
         tokens = jnp.asarray(rng.integers(3, VOCAB, size=batch * fed), jnp.int32)
         fast_logits, fast = _next_logits(model, params, fast, encoded, SOURCES, tokens)
         ref_logits, reference = _next_logits(model, params, reference, encoded, SOURCES, tokens)
         np.testing.assert_allclose(fast_logits, ref_logits, rtol=0, atol=1e-5)
         origin = rng.integers(0, fed, size=(batch, beams)).astype(np.int32)  # [batch, beams]
-        written = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(fast)
-                   if "cached" in jax.tree_util.keystr(p)}
+        written = {
+            jax.tree_util.keystr(p): x
+            for p, x in jax.tree_util.tree_leaves_with_path(fast)
+            if "cached" in jax.tree_util.keystr(p)
+        }
         fast = beam_cache.reorder(fast, jnp.asarray(origin))
         reference = beam_cache.reorder_by_gather(reference, jnp.asarray(origin))
         for path, x in jax.tree_util.tree_leaves_with_path(fast):  # keys/values stay put
             if jax.tree_util.keystr(path) in written:
                 np.testing.assert_array_equal(x, written[jax.tree_util.keystr(path)])
-        ancestry = np.asarray(reference["decoder"]["beam_ancestry"])[:, :, :step + 1]
-        np.testing.assert_array_equal(ancestry, np.broadcast_to(
-            np.arange(beams)[None, :, None], ancestry.shape))
+        ancestry = np.asarray(reference["decoder"]["beam_ancestry"])[:, :, : step + 1]
+        np.testing.assert_array_equal(
+            ancestry, np.broadcast_to(np.arange(beams)[None, :, None], ancestry.shape)
+        )
         fast_views = beam_cache.hypothesis_keys_values(fast)
         ref_views = beam_cache.hypothesis_keys_values(reference)
         assert len(fast_views) == model.config.num_decoder_layers
         for layer, (key, value) in fast_views.items():
-            assert key.shape == (batch, beams, model.config.num_heads, model.config.head_dim,
-                                 step + 1)
+            assert key.shape == (
+                batch,
+                beams,
+                model.config.num_heads,
+                model.config.head_dim,
+                step + 1,
+            )
             np.testing.assert_allclose(key, ref_views[layer][0], rtol=0, atol=1e-6)
             np.testing.assert_allclose(value, ref_views[layer][1], rtol=0, atol=1e-6)
         raw = np.asarray(fast["decoder"]["layer_0"]["self_attention"]["cached_value"])
         slot_contents = raw.reshape(batch, -1, raw.shape[2] // beams, beams, raw.shape[3])
         view = np.asarray(fast_views["['decoder']['layer_0']['self_attention']"][1])
-        moved |= not np.allclose(view.transpose(0, 2, 3, 1, 4)[:, :, :step + 1],
-                                 slot_contents[:, :, :step + 1])
+        moved |= not np.allclose(
+            view.transpose(0, 2, 3, 1, 4)[:, :, : step + 1], slot_contents[:, :, : step + 1]
+        )
     assert moved  # the survivors' histories did leave their own slots (the test can fail)
 
 
-@pytest.mark.parametrize("fixture, bound", [
-    ("model_and_params", MAX_LEN + 2),  # one phase
-    ("long_model_and_params", 16),  # two phases: the cache grows once
-])
+@pytest.mark.parametrize(
+    "fixture, bound",
+    [
+        ("model_and_params", MAX_LEN + 2),  # one phase
+        ("long_model_and_params", 16),  # two phases: the cache grows once
+    ],
+)
 def test_beam_search_with_the_gather_reorder_is_the_same(fixture, bound, request, monkeypatch):
     """Beam search with ``beam_cache.reorder`` (only the ancestry moves) finds the
     sequences and scores it finds with the reference ``reorder_by_gather``."""
@@ -647,8 +731,7 @@ def test_beam_search_with_the_gather_reorder_is_the_same(fixture, bound, request
     monkeypatch.setattr(beam_cache, "reorder", beam_cache.reorder_by_gather)
     jax.clear_caches()  # trace beam_search again, with the reference reorder
     try:
-        gather_seqs, gather_scores = beam_search(model, params, SOURCES, beam_size=3,
-                                                 max_len=bound)
+        gather_seqs, gather_scores = beam_search(model, params, SOURCES, beam_size=3, max_len=bound)
     finally:
         monkeypatch.undo()
         jax.clear_caches()

@@ -11,8 +11,12 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHOD = ROOT / "docs" / "method.md"
 # Where citations and references live (scripts/ is left to its own checks).
-CITING = [ROOT / "README.md", *sorted((ROOT / "distill_jax").rglob("*.py")),
-          *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "tests").glob("*.py"))]
+CITING = [
+    ROOT / "README.md",
+    *sorted((ROOT / "distill_jax").rglob("*.py")),
+    *sorted((ROOT / "docs").glob("*.md")),
+    *sorted((ROOT / "tests").glob("*.py")),
+]
 
 
 def _sections() -> set[str]:
@@ -80,10 +84,15 @@ def test_dotted_names_are_in_the_code():
     assert not unknown, f"docs/method.md names what the code does not have: {unknown}"
 
 
-@pytest.mark.parametrize("name, known", [("losses.combined_loss", True),
-                                         ("teacher.top_k", True),
-                                         ("jax.lax.while_loop", True),
-                                         ("jax.lax.no_such_loop", False),
-                                         ("losses.no_such_loss", False)])
+@pytest.mark.parametrize(
+    "name, known",
+    [
+        ("losses.combined_loss", True),
+        ("teacher.top_k", True),
+        ("jax.lax.while_loop", True),
+        ("jax.lax.no_such_loop", False),
+        ("losses.no_such_loss", False),
+    ],
+)
 def test_the_name_check_can_fail(name, known):
     assert _resolve(name) == known

@@ -17,8 +17,15 @@ TGT_IN = np.array([[1, 10, 11, 4, 5], [1, 6, 7, 2, 0]], np.int32)  # [batch, tgt
 
 def tiny_config(**overrides) -> TransformerConfig:
     """A 2+2 layer model small enough to compile quickly."""
-    fields = dict(vocab_size=13, d_model=16, num_heads=2, mlp_dim=24, num_encoder_layers=2,
-                  num_decoder_layers=2, max_len=12)
+    fields = dict(
+        vocab_size=13,
+        d_model=16,
+        num_heads=2,
+        mlp_dim=24,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        max_len=12,
+    )
     fields.update(overrides)
     return TransformerConfig(**fields)
 
@@ -38,8 +45,14 @@ def full_and_incremental(model, params, src, tgt_in):
     steps = []
     for t in range(tgt_in.shape[1]):
         logits, variables = model.apply(
-            {"params": params, "cache": cache}, encoded, src, tgt_in[:, t:t + 1],
-            decode=True, mutable=["cache"], method=Transformer.decode)
+            {"params": params, "cache": cache},
+            encoded,
+            src,
+            tgt_in[:, t : t + 1],
+            decode=True,
+            mutable=["cache"],
+            method=Transformer.decode,
+        )
         cache = variables["cache"]
         steps.append(logits)
     return full, jnp.concatenate(steps, axis=1)
@@ -83,8 +96,9 @@ def test_parameters_carry_logical_axes():
     assert decoder_layer["feed_forward_block"]["norm"]["scale"] == P("embed")
     assert specs["decoder"]["positions"]["embedding"] == P(None, "embed")
     # Only the one shared table has a vocab axis: no separate output projection.
-    vocab_leaves = [s for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-                    if "vocab" in s]
+    vocab_leaves = [
+        s for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)) if "vocab" in s
+    ]
     assert len(vocab_leaves) == 1
 
 
@@ -92,22 +106,30 @@ def test_dropout_only_when_not_deterministic():
     model, variables = init(tiny_config(dropout_rate=0.3))
     apply = jax.jit(model.apply, static_argnames="deterministic")
     reference = apply(variables, SRC, TGT_IN)
-    same_rng = apply(variables, SRC, TGT_IN, deterministic=True,
-                     rngs={"dropout": jax.random.key(1)})
+    same_rng = apply(
+        variables, SRC, TGT_IN, deterministic=True, rngs={"dropout": jax.random.key(1)}
+    )
     np.testing.assert_array_equal(same_rng, reference)
-    noisy_1 = apply(variables, SRC, TGT_IN, deterministic=False, rngs={"dropout": jax.random.key(1)})
-    noisy_2 = apply(variables, SRC, TGT_IN, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    noisy_1 = apply(
+        variables, SRC, TGT_IN, deterministic=False, rngs={"dropout": jax.random.key(1)}
+    )
+    noisy_2 = apply(
+        variables, SRC, TGT_IN, deterministic=False, rngs={"dropout": jax.random.key(2)}
+    )
     assert np.abs(noisy_1 - reference).max() > 1e-3
     assert np.abs(noisy_1 - noisy_2).max() > 1e-3
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(d_model=15), "divisible by num_heads"),
-    (dict(vocab_size=3), "vocab_size"),
-    (dict(positions="rotary"), "positions"),
-    (dict(attention_impl="flash"), "attention_impl"),
-    (dict(attention_impl="cudnn"), "forward-only"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(d_model=15), "divisible by num_heads"),
+        (dict(vocab_size=3), "vocab_size"),
+        (dict(positions="rotary"), "positions"),
+        (dict(attention_impl="flash"), "attention_impl"),
+        (dict(attention_impl="cudnn"), "forward-only"),
+    ],
+)
 def test_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
@@ -141,8 +163,12 @@ def test_fused_attention_path_matches_einsum():
     def loss(m, p):
         return jnp.sum(m.apply({"params": p}, SRC, TGT_IN) ** 2)
 
-    np.testing.assert_allclose(fused.apply(variables, SRC, TGT_IN),
-                               model.apply(variables, SRC, TGT_IN), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        fused.apply(variables, SRC, TGT_IN),
+        model.apply(variables, SRC, TGT_IN),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     grads = jax.grad(functools.partial(loss, model))(params)
     fused_grads = jax.grad(functools.partial(loss, fused))(params)
     # float32 rounding: each of the two, and the einsum attention before its softmax
@@ -154,11 +180,14 @@ def test_fused_attention_path_matches_einsum():
     np.testing.assert_allclose(incremental[real], full[real], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("in_dims,x_shape,k_shape", [
-    (1, (3, 5, 8), (8, 6)),          # feed-forward: [batch, len, embed] @ [embed, mlp]
-    (1, (3, 5, 8), (8, 2, 4)),       # q/k/v projections: -> [batch, len, heads, kv]
-    (2, (3, 5, 2, 4), (2, 4, 8)),    # output projection: [.., heads, kv] -> [.., embed]
-])
+@pytest.mark.parametrize(
+    "in_dims,x_shape,k_shape",
+    [
+        (1, (3, 5, 8), (8, 6)),  # feed-forward: [batch, len, embed] @ [embed, mlp]
+        (1, (3, 5, 8), (8, 2, 4)),  # q/k/v projections: -> [batch, len, heads, kv]
+        (2, (3, 5, 2, 4), (2, 4, 8)),  # output projection: [.., heads, kv] -> [.., embed]
+    ],
+)
 def test_matmul_matches_einsum_values_and_gradients(in_dims, x_shape, k_shape):
     """fast_paths.matmul (flattened rows, custom backward with the CPU transpose copy)
     computes the einsum over the trailing axes, and so do its two gradients."""
@@ -167,9 +196,9 @@ def test_matmul_matches_einsum_values_and_gradients(in_dims, x_shape, k_shape):
     kx, kk, kg = jax.random.split(jax.random.key(3), 3)
     x = jax.random.normal(kx, x_shape)
     kernel = jax.random.normal(kk, k_shape)
-    letters = "abcdefg"[:len(k_shape)]
+    letters = "abcdefg"[: len(k_shape)]
     spec = f"...{letters[:in_dims]},{letters}->...{letters[in_dims:]}"
-    out_shape = x_shape[:len(x_shape) - in_dims] + k_shape[in_dims:]
+    out_shape = x_shape[: len(x_shape) - in_dims] + k_shape[in_dims:]
     cotangent = jax.random.normal(kg, out_shape)
 
     def loss(f, x, kernel):
@@ -195,8 +224,9 @@ def test_matmul_keeps_dtypes():
     out = fast_paths.matmul(x, kernel, 1, out_dtype=jnp.float32)
     assert out.dtype == jnp.float32 and out.shape == (2, 3, 5)
     assert fast_paths.matmul(x, kernel, 1).dtype == jnp.bfloat16
-    dx, dk = jax.grad(lambda x, k: jnp.sum(fast_paths.matmul(x, k, 1, out_dtype=jnp.float32)),
-                      argnums=(0, 1))(x, kernel)
+    dx, dk = jax.grad(
+        lambda x, k: jnp.sum(fast_paths.matmul(x, k, 1, out_dtype=jnp.float32)), argnums=(0, 1)
+    )(x, kernel)
     assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(dx, np.float32), np.full((2, 3, 4), 5.0))
     np.testing.assert_array_equal(np.asarray(dk, np.float32), np.full((4, 5), 6.0))
@@ -220,8 +250,10 @@ def test_einsum_attention_matches_plain_softmax(dtype, tol):
     def reference(params, x):
         p = jax.tree.map(lambda a: a.astype(dtype), params)
         xd = x.astype(dtype)
-        q, k, v = (jnp.einsum("ble,ehd->blhd", xd, p[n]["kernel"]) + p[n]["bias"]
-                   for n in ("query", "key", "value"))
+        q, k, v = (
+            jnp.einsum("ble,ehd->blhd", xd, p[n]["kernel"]) + p[n]["bias"]
+            for n in ("query", "key", "value")
+        )
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / 2.0
         weights = jax.nn.softmax(jnp.where(mask, logits, fast_paths.MASK_VALUE), -1).astype(dtype)
         context = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
@@ -232,13 +264,16 @@ def test_einsum_attention_matches_plain_softmax(dtype, tol):
 
     out, ref = ours(params, x), reference(params, x)
     assert out.dtype == dtype
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol
+    )
     # the fully masked row averages the values uniformly, as softmax does
     assert np.isfinite(np.asarray(out, np.float32)).all()
     if dtype == jnp.float32:
+
         def loss(f):
             return lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+
         g_ours = jax.grad(loss(ours), argnums=(0, 1))(params, x)
         g_ref = jax.grad(loss(reference), argnums=(0, 1))(params, x)
         for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
@@ -255,12 +290,14 @@ def test_layer_norm_matches_flax_with_either_kind_of_row_sums(dtype):
 
     assert fast_paths.layer_norm_stats_by_dot(True)  # deterministic calls take the products
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((3, 7, 48)) * 3 + rng.standard_normal((3, 7, 1)) * 50,
-                    jnp.float32).astype(dtype)
+    x = jnp.asarray(
+        rng.standard_normal((3, 7, 48)) * 3 + rng.standard_normal((3, 7, 1)) * 50, jnp.float32
+    ).astype(dtype)
     ref = nn.LayerNorm(epsilon=1e-5, dtype=dtype, use_fast_variance=False)
     params = ref.init(jax.random.key(0), x)
     params = jax.tree.map(
-        lambda a: a + jnp.asarray(rng.standard_normal(a.shape), jnp.float32), params)
+        lambda a: a + jnp.asarray(rng.standard_normal(a.shape), jnp.float32), params
+    )
 
     def loss(module, p, x, **kwargs):
         return jnp.sum(jnp.sin(module.apply(p, x, **kwargs).astype(jnp.float32)))
@@ -272,8 +309,9 @@ def test_layer_norm_matches_flax_with_either_kind_of_row_sums(dtype):
         shapes = jax.tree.map(jnp.shape, nn.unbox(ours.init(jax.random.key(0), x)))
         assert shapes == jax.tree.map(jnp.shape, params)
         got = ours.apply(params, x, deterministic=by_dot)
-        got_grads = jax.grad(functools.partial(loss, ours, deterministic=by_dot),
-                             argnums=(0, 1))(params, x)
+        got_grads = jax.grad(functools.partial(loss, ours, deterministic=by_dot), argnums=(0, 1))(
+            params, x
+        )
         assert got.dtype == dtype
         if not by_dot:
             np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
@@ -281,11 +319,13 @@ def test_layer_norm_matches_flax_with_either_kind_of_row_sums(dtype):
                 np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
         else:
             tol = 2e-5 if dtype == jnp.float32 else 2e-2
-            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                       rtol=tol, atol=tol)
+            np.testing.assert_allclose(
+                np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol
+            )
             for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-                np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                           rtol=tol, atol=tol * 10)
+                np.testing.assert_allclose(
+                    np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol * 10
+                )
 
 
 def test_inference_calls_on_cpu_take_layer_norm_statistics_by_products():
@@ -297,18 +337,29 @@ def test_inference_calls_on_cpu_take_layer_norm_statistics_by_products():
     assert jax.default_backend() == "cpu"
     assert fast_paths.layer_norm_stats_by_dot(True)
     assert not fast_paths.layer_norm_stats_by_dot(False)
-    cfg = TransformerConfig(vocab_size=50, d_model=16, num_heads=2, mlp_dim=32,
-                            num_encoder_layers=1, num_decoder_layers=1, max_len=8,
-                            dropout_rate=0.0, attention_dropout_rate=0.0,
-                            activation_dropout_rate=0.0)
+    cfg = TransformerConfig(
+        vocab_size=50,
+        d_model=16,
+        num_heads=2,
+        mlp_dim=32,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        max_len=8,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        activation_dropout_rate=0.0,
+    )
     model = Transformer(cfg)
     src = jnp.asarray(np.random.default_rng(1).integers(3, 50, (2, 6)), jnp.int32)
     tgt = jnp.asarray(np.random.default_rng(2).integers(3, 50, (2, 5)), jnp.int32)
     params = model.init(jax.random.key(0), src, tgt)
 
     def dots(deterministic):
-        jaxpr = jax.make_jaxpr(lambda p: model.apply(
-            p, src, tgt, deterministic=deterministic, rngs={"dropout": jax.random.key(1)}))(params)
+        jaxpr = jax.make_jaxpr(
+            lambda p: model.apply(
+                p, src, tgt, deterministic=deterministic, rngs={"dropout": jax.random.key(1)}
+            )
+        )(params)
         return str(jaxpr).count("dot_general")
 
     norms = 2 + 3  # encoder layer: 2 LayerNorms, decoder layer: 3 (post-LN, no final norms)
@@ -330,8 +381,9 @@ def test_mask_by_bias_has_the_values_and_gradient_of_the_select():
     mask[1, :, 1, :] = False  # a query row that sees nothing
     mask = jnp.asarray(mask)
     biased = fast_paths.mask_by_bias(logits, mask)
-    np.testing.assert_array_equal(np.asarray(biased),
-                                  np.asarray(jnp.where(mask, logits, fast_paths.MASK_BIAS)))
+    np.testing.assert_array_equal(
+        np.asarray(biased), np.asarray(jnp.where(mask, logits, fast_paths.MASK_BIAS))
+    )
 
     def softmax_of(masking):
         return lambda x: jax.nn.softmax(masking(x), axis=-1)
@@ -341,6 +393,7 @@ def test_mask_by_bias_has_the_values_and_gradient_of_the_select():
     np.testing.assert_allclose(by_bias(logits), by_select(logits), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(by_bias(logits)[1, :, 1], np.full((3, 6), 1 / 6), rtol=1e-6)
     weights = jax.random.normal(jax.random.key(1), logits.shape)
+
     def weighted_grad(f):
         return jax.grad(lambda x: jnp.sum(f(x) * weights))(logits)
 
@@ -410,14 +463,18 @@ def test_fast_paths_switch_off_keeps_the_outputs_and_changes_the_program(monkeyp
         def loss(p):
             logits = model.apply(p, src, tgt, deterministic=False)
             return jnp.sum(jnp.sin(logits))
+
         return jax.grad(loss)(p)
 
     def run(enabled):
         monkeypatch.setattr(fast_paths, "ENABLED", enabled)
         # fresh lambdas, so that no call reuses the other setting's trace
         jaxpr = jax.make_jaxpr(lambda p: infer(p))(variables)
-        return (np.asarray(jax.jit(lambda p: infer(p))(variables)),
-                jax.jit(lambda p: grads(p))(variables), jaxpr)
+        return (
+            np.asarray(jax.jit(lambda p: infer(p))(variables)),
+            jax.jit(lambda p: grads(p))(variables),
+            jaxpr,
+        )
 
     (fast, fast_grads, fast_jaxpr), (plain, plain_grads, plain_jaxpr) = run(True), run(False)
     np.testing.assert_allclose(plain, fast, rtol=1e-5, atol=1e-5)
@@ -425,10 +482,16 @@ def test_fast_paths_switch_off_keeps_the_outputs_and_changes_the_program(monkeyp
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     norms = 2 * 2 + 2 * 3 + 2  # 2 per encoder layer, 3 per decoder layer, 2 final norms
     # on: each LayerNorm's two row sums are dot products (an inference call on CPU)
-    assert (count_primitive(fast_jaxpr, "dot_general")
-            == count_primitive(plain_jaxpr, "dot_general") + 2 * norms)
-    for name in ("custom_vjp_call", "name=mask_by_bias", "name=_matmul_rows",
-                 "name=_softmax_weighted_sum"):
+    assert (
+        count_primitive(fast_jaxpr, "dot_general")
+        == count_primitive(plain_jaxpr, "dot_general") + 2 * norms
+    )
+    for name in (
+        "custom_vjp_call",
+        "name=mask_by_bias",
+        "name=_matmul_rows",
+        "name=_softmax_weighted_sum",
+    ):
         assert name in str(fast_jaxpr) and name not in str(plain_jaxpr), name
 
 
@@ -444,9 +507,16 @@ def test_fast_paths_switch_reads_its_environment_variable():
         if value is not None:
             env["DISTILL_JAX_FAST_PATHS"] = value
         return subprocess.run(
-            [sys.executable, "-c",
-             "from distill_jax.models import fast_paths; print(fast_paths.ENABLED)"],
-            capture_output=True, text=True, env=env, timeout=120)
+            [
+                sys.executable,
+                "-c",
+                "from distill_jax.models import fast_paths; print(fast_paths.ENABLED)",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
 
     assert enabled("0").stdout.strip() == "False"
     assert enabled(None).stdout.strip() == "True"
@@ -454,23 +524,29 @@ def test_fast_paths_switch_reads_its_environment_variable():
     assert refused.returncode != 0 and "DISTILL_JAX_FAST_PATHS='off'" in refused.stderr
 
 
-def _fake_decode_cache(rng, batch=2, beams=3, max_len=4, heads=2, head_dim=3, src_len=5,
-                       decoded=3):
+def _fake_decode_cache(rng, batch=2, beams=3, max_len=4, heads=2, head_dim=3, src_len=5, decoded=3):
     """A cache collection with the layout of ``beam_cache`` (random contents, one decoder
     layer, ``decoded`` positions written)."""
     slots = max_len * beams
-    return {"decoder": {
-        "position_index": jnp.asarray(decoded, jnp.int32),
-        "beam_ancestry": jnp.asarray(rng.integers(0, beams, (batch, beams, max_len)), jnp.int32),
-        "layer_0": {
-            "self_attention": {
-                "cached_key": jnp.asarray(rng.normal(size=(batch, heads, head_dim, slots))),
-                "cached_value": jnp.asarray(rng.normal(size=(batch, heads, slots, head_dim))),
-                "cache_index": jnp.asarray(decoded, jnp.int32)},
-            "cross_attention": {
-                "cached_key": jnp.asarray(rng.normal(size=(batch, heads, head_dim, src_len))),
-                "cached_value": jnp.asarray(rng.normal(size=(batch, heads, src_len, head_dim)))},
-        }}}
+    return {
+        "decoder": {
+            "position_index": jnp.asarray(decoded, jnp.int32),
+            "beam_ancestry": jnp.asarray(
+                rng.integers(0, beams, (batch, beams, max_len)), jnp.int32
+            ),
+            "layer_0": {
+                "self_attention": {
+                    "cached_key": jnp.asarray(rng.normal(size=(batch, heads, head_dim, slots))),
+                    "cached_value": jnp.asarray(rng.normal(size=(batch, heads, slots, head_dim))),
+                    "cache_index": jnp.asarray(decoded, jnp.int32),
+                },
+                "cross_attention": {
+                    "cached_key": jnp.asarray(rng.normal(size=(batch, heads, head_dim, src_len))),
+                    "cached_value": jnp.asarray(rng.normal(size=(batch, heads, src_len, head_dim))),
+                },
+            },
+        }
+    }
 
 
 def test_step_mask_shows_each_hypothesis_its_ancestors_slots():
@@ -508,8 +584,9 @@ def test_reorders_and_the_hypothesis_view_entry_by_entry():
     fast = beam_cache.reorder(cache, origin)
     for path, x in jax.tree_util.tree_leaves_with_path(fast):
         if path[-1].key == "beam_ancestry":
-            np.testing.assert_array_equal(x, np.asarray(leaves[path])[
-                np.arange(batch)[:, None], np.asarray(origin)])
+            np.testing.assert_array_equal(
+                x, np.asarray(leaves[path])[np.arange(batch)[:, None], np.asarray(origin)]
+            )
         else:
             np.testing.assert_array_equal(x, leaves[path])
 
@@ -518,10 +595,12 @@ def test_reorders_and_the_hypothesis_view_entry_by_entry():
     new_self = gathered["decoder"]["layer_0"]["self_attention"]
     for b, j, p in np.ndindex(batch, beams, max_len):
         src_entry, dst_entry = p * beams + int(origin[b, j]), p * beams + j
-        np.testing.assert_array_equal(new_self["cached_key"][b, :, :, dst_entry],
-                                      old_self["cached_key"][b, :, :, src_entry])
-        np.testing.assert_array_equal(new_self["cached_value"][b, :, dst_entry],
-                                      old_self["cached_value"][b, :, src_entry])
+        np.testing.assert_array_equal(
+            new_self["cached_key"][b, :, :, dst_entry], old_self["cached_key"][b, :, :, src_entry]
+        )
+        np.testing.assert_array_equal(
+            new_self["cached_value"][b, :, dst_entry], old_self["cached_value"][b, :, src_entry]
+        )
     for path, x in jax.tree_util.tree_leaves_with_path(gathered):
         if path[-2].key != "self_attention" or path[-1].key == "cache_index":
             np.testing.assert_array_equal(x, leaves[path])  # cross-attention, ancestry, counters
@@ -529,7 +608,13 @@ def test_reorders_and_the_hypothesis_view_entry_by_entry():
     views = beam_cache.hypothesis_keys_values(cache)
     key, value = views["['decoder']['layer_0']['self_attention']"]
     decoded = int(cache["decoder"]["position_index"])
-    assert key.shape == (batch, beams, 2, 3, decoded) and value.shape == (batch, beams, 2, decoded, 3)
+    assert key.shape == (batch, beams, 2, 3, decoded) and value.shape == (
+        batch,
+        beams,
+        2,
+        decoded,
+        3,
+    )
     ancestry = np.asarray(cache["decoder"]["beam_ancestry"])
     for b, j, p in np.ndindex(batch, beams, decoded):
         entry = p * beams + ancestry[b, j, p]

@@ -122,8 +122,10 @@ DEFAULT_CACHE_PHASES = 4
 
 # --- the self-attention keys/values (layers.MultiHeadAttention) ---------------------------
 
-def write_self_attention(module: nn.Module, key: jax.Array, value: jax.Array,
-                         beams: int) -> tuple[jax.Array, jax.Array]:
+
+def write_self_attention(
+    module: nn.Module, key: jax.Array, value: jax.Array, beams: int
+) -> tuple[jax.Array, jax.Array]:
     """The self-attention cache of ``module`` (a ``MultiHeadAttention`` inside its call).
 
     The first call (the one that creates the cache) takes key/value [batch, max_len,
@@ -139,10 +141,10 @@ def write_self_attention(module: nn.Module, key: jax.Array, value: jax.Array,
     if not initialized:
         batch, max_len, heads, head_dim = key.shape
         slots = max_len * beams
-        module.variable("cache", CACHED_KEY, jnp.zeros, (batch, heads, head_dim, slots),
-                        key.dtype)
-        module.variable("cache", CACHED_VALUE, jnp.zeros, (batch, heads, slots, head_dim),
-                        value.dtype)
+        module.variable("cache", CACHED_KEY, jnp.zeros, (batch, heads, head_dim, slots), key.dtype)
+        module.variable(
+            "cache", CACHED_VALUE, jnp.zeros, (batch, heads, slots, head_dim), value.dtype
+        )
         module.variable("cache", CACHE_INDEX, lambda: jnp.array(0, dtype=jnp.int32))
         # [batch, heads, kv, max_len], [batch, heads, max_len, kv]
         return key.transpose(0, 2, 3, 1), value.transpose(0, 2, 1, 3)
@@ -151,33 +153,40 @@ def write_self_attention(module: nn.Module, key: jax.Array, value: jax.Array,
     cache_index = module.variable("cache", CACHE_INDEX)
     batch, heads, head_dim, slots = cached_key.value.shape
     if key.shape[1] != 1:
-        raise ValueError(
-            f"incremental decoding takes one position per call, got {key.shape[1]}")
+        raise ValueError(f"incremental decoding takes one position per call, got {key.shape[1]}")
     fed = key.shape[0] // batch
     if key.shape[0] % batch or not 1 <= fed <= beams or slots % beams:
-        raise ValueError(f"the cache holds {beams} hypotheses of {batch} sentences in "
-                         f"{slots} slots each; got {key.shape[0]} hypotheses")
+        raise ValueError(
+            f"the cache holds {beams} hypotheses of {batch} sentences in "
+            f"{slots} slots each; got {key.shape[0]} hypotheses"
+        )
     index = cache_index.value
     key = key.reshape(batch, fed, heads, head_dim).transpose(0, 2, 3, 1)  # [b, h, kv, fed]
     value = value.reshape(batch, fed, heads, head_dim).transpose(0, 2, 1, 3)  # [b, h, fed, kv]
     cached_key.value = jax.lax.dynamic_update_slice(
-        cached_key.value, key.astype(cached_key.value.dtype), (0, 0, 0, index * beams))
+        cached_key.value, key.astype(cached_key.value.dtype), (0, 0, 0, index * beams)
+    )
     cached_value.value = jax.lax.dynamic_update_slice(
-        cached_value.value, value.astype(cached_value.value.dtype), (0, 0, index * beams, 0))
+        cached_value.value, value.astype(cached_value.value.dtype), (0, 0, index * beams, 0)
+    )
     cache_index.value = index + 1
     return cached_key.value, cached_value.value
 
 
-def cross_attention(module: nn.Module, inputs_kv: jax.Array,
-                    project: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
-                    ) -> tuple[jax.Array, jax.Array]:
+def cross_attention(
+    module: nn.Module,
+    inputs_kv: jax.Array,
+    project: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+) -> tuple[jax.Array, jax.Array]:
     """The cross-attention cache of ``module``: the first call projects the encoder output
     ``inputs_kv`` [batch, src_len, embed] once with ``project`` (-> key, value [batch,
     src_len, heads, kv]) and keeps key [batch, heads, kv, src_len] and value [batch,
     heads, src_len, kv]; later calls return them and ignore ``inputs_kv``."""
     if module.has_variable("cache", CACHED_KEY):
-        return (module.get_variable("cache", CACHED_KEY),
-                module.get_variable("cache", CACHED_VALUE))
+        return (
+            module.get_variable("cache", CACHED_KEY),
+            module.get_variable("cache", CACHED_VALUE),
+        )
     key, value = project(inputs_kv)
     key_t, value_h = key.transpose(0, 2, 3, 1), value.transpose(0, 2, 1, 3)
     module.put_variable("cache", CACHED_KEY, key_t)
@@ -187,8 +196,10 @@ def cross_attention(module: nn.Module, inputs_kv: jax.Array,
 
 # --- the step counter and the ancestry (transformer.Decoder) ------------------------------
 
-def decoder_step(module: nn.Module, rows: int, length: int, beams: int
-                 ) -> tuple[jax.Array | None, jax.Array | None, int]:
+
+def decoder_step(
+    module: nn.Module, rows: int, length: int, beams: int
+) -> tuple[jax.Array | None, jax.Array | None, int]:
     """The decoder's part of a decoding call of ``module`` (a ``Decoder`` inside its call),
     whose target is [rows, length]: (the position of the fed token, the self-attention
     mask, the cache's beams, which the self-attention layers need to find their slots).
@@ -206,14 +217,14 @@ def decoder_step(module: nn.Module, rows: int, length: int, beams: int
     if not initialized:
         return None, None, beams
     if length != 1:
-        raise ValueError(
-            f"incremental decoding takes one target position per call, got {length}")
+        raise ValueError(f"incremental decoding takes one target position per call, got {length}")
     sentences, beams = ancestry.value.shape[:2]
     fed = rows // sentences  # hypotheses fed per sentence
     if rows % sentences or not 1 <= fed <= beams:
         raise ValueError(
             f"the cache holds {beams} hypotheses of each of {sentences} sentences;"
-            f" got {rows} rows, not 1 to {beams} per sentence")
+            f" got {rows} rows, not 1 to {beams} per sentence"
+        )
     position = index.value[None]  # [1]
     ancestry.value, mask = step_mask(ancestry.value, index.value)  # mask [batch, 1, beams, slots]
     mask = mask[:, :, :fed]  # [batch, 1, g, max_len * beams]
@@ -227,8 +238,9 @@ def step_mask(ancestry: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Arr
     beams, max_len * beams] over the position-major entries: hypothesis j sees entry
     p * beams + i iff p <= index and ancestry[b, j, p] == i (invariant 4))."""
     batch, beams, max_len = ancestry.shape
-    own_slot = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[None, :, None],
-                                (batch, beams, 1))
+    own_slot = jnp.broadcast_to(
+        jnp.arange(beams, dtype=jnp.int32)[None, :, None], (batch, beams, 1)
+    )
     ancestry = jax.lax.dynamic_update_slice(ancestry, own_slot, (0, 0, index))
     slots = jnp.arange(beams, dtype=jnp.int32)[None, None, None, :]  # [1, 1, 1, beams]
     decoded = (jnp.arange(max_len) <= index)[None, None, :, None]  # [1, 1, max_len, 1]
@@ -237,6 +249,7 @@ def step_mask(ancestry: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Arr
 
 
 # --- reorder (the searches) ---------------------------------------------------------------
+
 
 def gather_beams(x: jax.Array, origin: jax.Array) -> jax.Array:
     """x [batch, beams, ...], origin [batch, new_beams] -> x[b, origin[b, j]] [batch, new_beams, ...]."""
@@ -252,6 +265,7 @@ def reorder(cache: Any, origin: jax.Array) -> Any:
     """Makes hypothesis j of sentence b the continuation of hypothesis ``origin[b, j]``
     (origin [batch, beams]): gathers the rows of ``beam_ancestry`` only (invariant 5); the
     keys/values stay in the slots where they were written."""
+
     def move(path, x):
         if _name(path[-1]) != ANCESTRY:
             return x
@@ -261,8 +275,11 @@ def reorder(cache: Any, origin: jax.Array) -> Any:
 
 
 def _is_self_attention_entry(path) -> bool:
-    return (len(path) >= 2 and _name(path[-2]) == SELF_ATTENTION
-            and _name(path[-1]) in (CACHED_KEY, CACHED_VALUE))
+    return (
+        len(path) >= 2
+        and _name(path[-2]) == SELF_ATTENTION
+        and _name(path[-1]) in (CACHED_KEY, CACHED_VALUE)
+    )
 
 
 def reorder_by_gather(cache: Any, origin: jax.Array) -> Any:
@@ -272,6 +289,7 @@ def reorder_by_gather(cache: Any, origin: jax.Array) -> Any:
     the mask of invariant 4 shows hypothesis j its own slot. Gives the searches the
     results of ``reorder`` (tests/test_decode.py) at the cost of copying every layer's
     keys and values per step."""
+
     def move(path, x):
         if not _is_self_attention_entry(path):
             return x
@@ -306,22 +324,26 @@ def hypothesis_keys_values(cache: Any) -> dict[str, tuple[jax.Array, jax.Array]]
     for layer, entries in layers.items():
         _, heads, head_dim, slots = entries[CACHED_KEY].shape
         key = entries[CACHED_KEY].reshape(batch, 1, heads, head_dim, slots // beams, beams)
-        key = jnp.take_along_axis(key[..., :decoded, :], slot[:, :, None, None, :, None],
-                                  axis=5)[..., 0]
+        key = jnp.take_along_axis(key[..., :decoded, :], slot[:, :, None, None, :, None], axis=5)[
+            ..., 0
+        ]
         value = entries[CACHED_VALUE].reshape(batch, 1, heads, slots // beams, beams, head_dim)
-        value = jnp.take_along_axis(value[:, :, :, :decoded], slot[:, :, None, :, None, None],
-                                    axis=4)[:, :, :, :, 0]
+        value = jnp.take_along_axis(
+            value[:, :, :, :decoded], slot[:, :, None, :, None, None], axis=4
+        )[:, :, :, :, 0]
         views[layer] = (key, value)  # [batch, beams, heads, kv, t], [batch, beams, heads, t, kv]
     return views
 
 
 # --- growth and phases ----------------------------------------------------------------------
 
+
 def grow(cache: Any, target: Any) -> Any:
     """``cache`` with every leaf padded with zeros at the end of the axes where ``target``
     (the ``jax.ShapeDtypeStruct`` tree of a cache for more positions) is larger: the
     self-attention keys/values' entry axis and the ancestry's position axis (invariant 6);
     leaves of equal shape are returned as they are."""
+
     def pad(old: jax.Array, new: jax.ShapeDtypeStruct) -> jax.Array:
         if old.shape == new.shape:
             return old
@@ -343,8 +365,22 @@ def phase_ends(steps: int, phases: int) -> list[int]:
 
 
 __all__ = [
-    "ANCESTRY", "CACHED_KEY", "CACHED_VALUE", "CACHE_INDEX", "DEFAULT_CACHE_PHASES",
-    "MIN_PHASE_STEPS", "POSITION_INDEX", "SELF_ATTENTION", "cross_attention", "decoder_step",
-    "gather_beams", "grow", "hypothesis_keys_values", "phase_ends", "reorder",
-    "reorder_by_gather", "step_mask", "write_self_attention",
+    "ANCESTRY",
+    "CACHED_KEY",
+    "CACHED_VALUE",
+    "CACHE_INDEX",
+    "DEFAULT_CACHE_PHASES",
+    "MIN_PHASE_STEPS",
+    "POSITION_INDEX",
+    "SELF_ATTENTION",
+    "cross_attention",
+    "decoder_step",
+    "gather_beams",
+    "grow",
+    "hypothesis_keys_values",
+    "phase_ends",
+    "reorder",
+    "reorder_by_gather",
+    "step_mask",
+    "write_self_attention",
 ]

@@ -25,7 +25,8 @@ the plain ones, and the switch that turns them off); this module calls its entry
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,7 +41,7 @@ Initializer = Callable[..., jax.Array]
 
 def padding_mask(q_valid: jax.Array, kv_valid: jax.Array) -> jax.Array:
     """[batch, q], [batch, kv] booleans -> [batch, 1, q, kv] attention mask."""
-    return (q_valid[:, None, :, None] & kv_valid[:, None, None, :])
+    return q_valid[:, None, :, None] & kv_valid[:, None, None, :]
 
 
 def causal_mask(length: int) -> jax.Array:
@@ -79,16 +80,22 @@ class LayerNorm(nn.Module):
         """x [..., features] -> [..., features] in ``dtype``."""
         features = x.shape[-1]
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-            (features,), jnp.float32)
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (features,),
+            jnp.float32,
+        )
         bias = self.param(
-            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            (features,), jnp.float32)
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            (features,),
+            jnp.float32,
+        )
         centred, var = fast_paths.layer_norm_statistics(x, deterministic)  # [..., f], [..., 1]
         return (centred * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias).astype(self.dtype)
 
 
-def layer_norm(epsilon: float, dtype: Dtype, name: Optional[str] = None) -> LayerNorm:
+def layer_norm(epsilon: float, dtype: Dtype, name: str | None = None) -> LayerNorm:
     """LayerNorm whose scale and bias are laid out along ``embed``; statistics in fp32."""
     return LayerNorm(epsilon=epsilon, dtype=dtype, name=name)
 
@@ -113,8 +120,8 @@ class Projection(nn.Module):
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    kernel_axes: tuple[Optional[str], ...]
-    bias_axes: tuple[Optional[str], ...]
+    kernel_axes: tuple[str | None, ...]
+    bias_axes: tuple[str | None, ...]
     kernel_init: Initializer = nn.initializers.xavier_uniform()
     bias_init: Initializer = nn.initializers.zeros
     dtype: Dtype = jnp.float32
@@ -124,18 +131,26 @@ class Projection(nn.Module):
         """(kernel [*in_shape, *out_shape], bias [*out_shape]), float32."""
         in_dims = len(self.in_shape)
         kernel = self.param(
-            "kernel", nn.with_logical_partitioning(matrix_init(self.kernel_init, in_dims),
-                                                   self.kernel_axes),
-            tuple(self.in_shape) + tuple(self.out_shape), jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.bias_axes),
-                          tuple(self.out_shape), jnp.float32)
+            "kernel",
+            nn.with_logical_partitioning(matrix_init(self.kernel_init, in_dims), self.kernel_axes),
+            tuple(self.in_shape) + tuple(self.out_shape),
+            jnp.float32,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(self.bias_init, self.bias_axes),
+            tuple(self.out_shape),
+            jnp.float32,
+        )
         return kernel, bias
 
     def __call__(self, x: jax.Array) -> jax.Array:
         in_dims = len(self.in_shape)
-        if tuple(x.shape[x.ndim - in_dims:]) != tuple(self.in_shape):
-            raise ValueError(f"{self.name}: input's trailing axes {x.shape[x.ndim - in_dims:]} "
-                             f"are not {self.in_shape}")
+        if tuple(x.shape[x.ndim - in_dims :]) != tuple(self.in_shape):
+            raise ValueError(
+                f"{self.name}: input's trailing axes {x.shape[x.ndim - in_dims :]} "
+                f"are not {self.in_shape}"
+            )
         kernel, bias = self.weights()
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return fast_paths.matmul(x, kernel, in_dims) + bias  # [..., *out_shape]
@@ -187,17 +202,22 @@ class MultiHeadAttention(nn.Module):
     def _projection(self, name: str, in_features: int) -> Projection:
         """[..., embed] -> [..., heads, kv]."""
         return Projection(
-            in_shape=(in_features,), out_shape=(self.num_heads, self.head_dim),
-            kernel_axes=("embed", "heads", "kv"), bias_axes=("heads", "kv"),
-            kernel_init=self.kernel_init, bias_init=self.bias_init, dtype=self.dtype,
-            name=name)
+            in_shape=(in_features,),
+            out_shape=(self.num_heads, self.head_dim),
+            kernel_axes=("embed", "heads", "kv"),
+            bias_axes=("heads", "kv"),
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            dtype=self.dtype,
+            name=name,
+        )
 
     @nn.compact
     def __call__(
         self,
         inputs_q: jax.Array,  # [batch, q_len, embed]
         inputs_kv: jax.Array,  # [batch, kv_len, embed]
-        mask: Optional[jax.Array] = None,  # bool, broadcastable to [batch, heads, q_len, kv_len]
+        mask: jax.Array | None = None,  # bool, broadcastable to [batch, heads, q_len, kv_len]
         *,
         deterministic: bool = True,
         decode: bool = False,
@@ -205,15 +225,17 @@ class MultiHeadAttention(nn.Module):
     ) -> jax.Array:
         features = inputs_q.shape[-1]
         if self.implementation not in ATTENTION_IMPLS:
-            raise ValueError(f"attention implementation {self.implementation!r} is not one of "
-                             f"{ATTENTION_IMPLS}")
+            raise ValueError(
+                f"attention implementation {self.implementation!r} is not one of {ATTENTION_IMPLS}"
+            )
         if inputs_kv is inputs_q:  # self-attention: one matmul for the three projections
             query, key, value = self._query_key_value(inputs_q)
         else:
             query = self._projection("query", features)(inputs_q)  # [batch, q_len, heads, kv]
             key = value = None  # cross-attention: projected below unless cached
         query = nn.with_logical_constraint(
-            query, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+            query, ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+        )
 
         if decode:
             # The decoding caches hold keys/values heads-major, so that no step transposes
@@ -225,8 +247,9 @@ class MultiHeadAttention(nn.Module):
                 key_t, value_h = beam_cache.cross_attention(self, inputs_kv, self._key_value)
             else:
                 key_t, value_h = beam_cache.write_self_attention(self, key, value, beams)
-            return self._attend(query, key_t, value_h, mask, features, deterministic,
-                                key_transposed=True)
+            return self._attend(
+                query, key_t, value_h, mask, features, deterministic, key_transposed=True
+            )
         if key is None:
             key, value = self._key_value(inputs_kv)  # [batch, kv_len, heads, kv] each
 
@@ -235,8 +258,13 @@ class MultiHeadAttention(nn.Module):
             if mask is not None:  # the fused kernels want the full [.., q_len, kv_len] extent
                 mask = jnp.broadcast_to(mask, mask.shape[:2] + (query.shape[1], key.shape[1]))
             context = jax.nn.dot_product_attention(
-                query, key, value, mask=mask, scale=1.0 / float(np.sqrt(self.head_dim)),
-                implementation=self.implementation)  # [batch, q_len, heads, kv]
+                query,
+                key,
+                value,
+                mask=mask,
+                scale=1.0 / float(np.sqrt(self.head_dim)),
+                implementation=self.implementation,
+            )  # [batch, q_len, heads, kv]
             return self._output(context, features)
 
         # Heads-major copies, so that both attention matmuls are batched over leading
@@ -260,8 +288,10 @@ class MultiHeadAttention(nn.Module):
         bias = jnp.stack(biases, axis=0)  # [3, heads, kv]
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         qkv = fast_paths.matmul(x, kernel, 1) + bias  # [batch, len, 3, heads, kv]
-        qkv = nn.with_logical_constraint(qkv, ("activation_batch", "activation_length", None,
-                                               "activation_heads", "activation_kv"))
+        qkv = nn.with_logical_constraint(
+            qkv,
+            ("activation_batch", "activation_length", None, "activation_heads", "activation_kv"),
+        )
         names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
         return tuple(nn.with_logical_constraint(qkv[:, :, i], names) for i in range(3))
 
@@ -273,8 +303,7 @@ class MultiHeadAttention(nn.Module):
         value = self._projection("value", kv_features)(inputs_kv)
         return (nn.with_logical_constraint(key, names), nn.with_logical_constraint(value, names))
 
-    def _attend(self, query, key_h, value_h, mask, features, deterministic,
-                key_transposed=False):
+    def _attend(self, query, key_h, value_h, mask, features, deterministic, key_transposed=False):
         """Our einsum attention: query [batch * g, q_len, heads, kv], heads-major key/value
         [batch, heads, kv_len, kv] (key [batch, heads, kv, kv_len] with
         ``key_transposed``) -> [batch * g, q_len, embed].
@@ -293,14 +322,18 @@ class MultiHeadAttention(nn.Module):
         query = query / jnp.sqrt(self.head_dim).astype(self.dtype)
         query = query.reshape(batch, group * q_len, heads, head_dim)  # [batch, g*q, heads, kv]
         query_h = query.transpose(0, 2, 1, 3)  # [batch, heads, g*q, kv]
-        logits = jnp.einsum("bhqd,bhdk->bhqk" if key_transposed else "bhqd,bhkd->bhqk",
-                            query_h, key_h,
-                            preferred_element_type=jnp.float32)  # [batch, heads, g*q, kv_len]
+        logits = jnp.einsum(
+            "bhqd,bhdk->bhqk" if key_transposed else "bhqd,bhkd->bhqk",
+            query_h,
+            key_h,
+            preferred_element_type=jnp.float32,
+        )  # [batch, heads, g*q, kv_len]
         logits = fast_paths.apply_mask(logits, mask, deterministic)  # [batch, heads, g*q, kv_len]
         if deterministic:
             # inference (teacher forward, soft targets, decoding), no attention dropout
             context = fast_paths.softmax_weighted_sum(
-                logits, value_h.astype(self.dtype))  # [batch, heads, g*q, kv]
+                logits, value_h.astype(self.dtype)
+            )  # [batch, heads, g*q, kv]
         else:
             # training: the textbook form with attention dropout on the weights; the
             # faster inference form is no faster here once its gradient is counted, and
@@ -316,9 +349,13 @@ class MultiHeadAttention(nn.Module):
     def _output(self, context: jax.Array, features: int) -> jax.Array:
         """[batch, q_len, heads, kv] -> [batch, q_len, embed] (the "out" projection)."""
         return Projection(
-            in_shape=(self.num_heads, self.head_dim), out_shape=(features,),
-            kernel_axes=("heads", "kv", "embed"), bias_axes=("embed",),
-            kernel_init=self.kernel_init, bias_init=self.bias_init, dtype=self.dtype,
+            in_shape=(self.num_heads, self.head_dim),
+            out_shape=(features,),
+            kernel_axes=("heads", "kv", "embed"),
+            bias_axes=("embed",),
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            dtype=self.dtype,
             name="out",
         )(context)  # [batch, q_len, embed]
 
@@ -337,17 +374,28 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
         features = x.shape[-1]
         h = Projection(
-            in_shape=(features,), out_shape=(self.mlp_dim,), kernel_axes=("embed", "mlp"),
-            bias_axes=("mlp",), kernel_init=self.kernel_init, bias_init=self.bias_init,
-            dtype=self.dtype, name="intermediate",
+            in_shape=(features,),
+            out_shape=(self.mlp_dim,),
+            kernel_axes=("embed", "mlp"),
+            bias_axes=("mlp",),
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            dtype=self.dtype,
+            name="intermediate",
         )(x)  # [batch, length, mlp]
         h = nn.with_logical_constraint(
-            h, ("activation_batch", "activation_length", "activation_mlp"))
+            h, ("activation_batch", "activation_length", "activation_mlp")
+        )
         h = self.activation(h)
         if self.dropout_rate > 0.0 and not deterministic:
             h = nn.Dropout(rate=self.dropout_rate)(h, deterministic=False)
         return Projection(
-            in_shape=(self.mlp_dim,), out_shape=(features,), kernel_axes=("mlp", "embed"),
-            bias_axes=("embed",), kernel_init=self.kernel_init, bias_init=self.bias_init,
-            dtype=self.dtype, name="output",
+            in_shape=(self.mlp_dim,),
+            out_shape=(features,),
+            kernel_axes=("mlp", "embed"),
+            bias_axes=("embed",),
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            dtype=self.dtype,
+            name="output",
         )(h)  # [batch, length, embed]

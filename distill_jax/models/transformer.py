@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -35,7 +35,7 @@ POSITION_KINDS = ("sinusoidal", "learned")
 # How the shared embedding starts: fairseq's normal(0, d^-1/2), or Glorot-uniform over
 # [vocab, embed] as OpenNMT-py's -param_init_glorot draws every matrix.
 EMBEDDING_INITS = {
-    "normal": lambda d_model: nn.initializers.normal(stddev=d_model ** -0.5),
+    "normal": lambda d_model: nn.initializers.normal(stddev=d_model**-0.5),
     "glorot": lambda d_model: nn.initializers.xavier_uniform(),
 }
 
@@ -76,26 +76,32 @@ class TransformerConfig:
     def __post_init__(self):
         if self.vocab_size <= 3:
             raise ValueError(
-                f"vocab_size must be larger than 3 (pad, bos, eos plus tokens), got {self.vocab_size}")
+                f"vocab_size must be larger than 3 (pad, bos, eos plus tokens), got {self.vocab_size}"
+            )
         if self.d_model % self.num_heads:
             raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+            )
         if self.positions not in POSITION_KINDS:
             raise ValueError(f"positions must be one of {POSITION_KINDS}, got {self.positions!r}")
         if self.embedding_init not in EMBEDDING_INITS:
-            raise ValueError(f"embedding_init must be one of {sorted(EMBEDDING_INITS)}, got "
-                             f"{self.embedding_init!r}")
+            raise ValueError(
+                f"embedding_init must be one of {sorted(EMBEDDING_INITS)}, got "
+                f"{self.embedding_init!r}"
+            )
         if self.max_len < 1:
             raise ValueError(f"max_len must be positive, got {self.max_len}")
         if self.attention_impl not in STUDENT_ATTENTION_IMPLS:
             raise ValueError(
                 f"attention_impl must be one of {STUDENT_ATTENTION_IMPLS}, got "
-                f"{self.attention_impl!r} (\"cudnn\" is forward-only: its gradient with "
-                "padding masks came out NaN, see BENCHMARKS.md)")
+                f'{self.attention_impl!r} ("cudnn" is forward-only: its gradient with '
+                "padding masks came out NaN, see BENCHMARKS.md)"
+            )
         for name in ("pad_id", "bos_id", "eos_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(
-                    f"{name}={getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
+                    f"{name}={getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})"
+                )
 
     @property
     def head_dim(self) -> int:
@@ -116,12 +122,15 @@ class PositionEmbedding(nn.Module):
             table = self.param(
                 "embedding",
                 nn.with_logical_partitioning(
-                    nn.initializers.normal(stddev=cfg.d_model ** -0.5), (None, "embed")),
+                    nn.initializers.normal(stddev=cfg.d_model**-0.5), (None, "embed")
+                ),
                 (cfg.max_len, cfg.d_model),
                 jnp.float32,
             )  # [max_len, embed]
         else:
-            table = jnp.asarray(layers.sinusoidal_positions(cfg.max_len, cfg.d_model))  # [max_len, embed]
+            table = jnp.asarray(
+                layers.sinusoidal_positions(cfg.max_len, cfg.d_model)
+            )  # [max_len, embed]
         return jnp.take(table, positions, axis=0)[None].astype(cfg.dtype)  # [1, length, embed]
 
 
@@ -131,13 +140,15 @@ def _check_length(what: str, length: int, cfg: TransformerConfig) -> None:
     if length > cfg.max_len:
         raise ValueError(
             f"{what} length {length} is longer than the model's max_len {cfg.max_len} (the size "
-            f"of its position table); truncate or drop longer sequences, or raise max_len")
+            f"of its position table); truncate or drop longer sequences, or raise max_len"
+        )
 
 
 def _constrain_hidden(x: jax.Array) -> jax.Array:
     """Logical sharding constraint for [batch, length, embed] activations."""
     return nn.with_logical_constraint(
-        x, ("activation_batch", "activation_length", "activation_embed"))
+        x, ("activation_batch", "activation_length", "activation_embed")
+    )
 
 
 class Sublayer(nn.Module):
@@ -179,15 +190,21 @@ class EncoderLayer(nn.Module):
         attn_block = Sublayer(cfg, name="self_attention_block")
         normed = attn_block(x, deterministic)  # [batch, src, embed]
         h = layers.MultiHeadAttention(
-            num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-            dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype,
+            num_heads=cfg.num_heads,
+            head_dim=cfg.head_dim,
+            dropout_rate=cfg.attention_dropout_rate,
+            dtype=cfg.dtype,
             implementation=cfg.attention_impl,
-            name="self_attention")(normed, normed, mask, deterministic=deterministic)
+            name="self_attention",
+        )(normed, normed, mask, deterministic=deterministic)
         x = attn_block.finish(x, h, deterministic)  # [batch, src, embed]
         ff_block = Sublayer(cfg, name="feed_forward_block")
         h = layers.FeedForward(
-            mlp_dim=cfg.mlp_dim, dropout_rate=cfg.activation_dropout_rate, dtype=cfg.dtype,
-            name="feed_forward")(ff_block(x, deterministic), deterministic=deterministic)
+            mlp_dim=cfg.mlp_dim,
+            dropout_rate=cfg.activation_dropout_rate,
+            dtype=cfg.dtype,
+            name="feed_forward",
+        )(ff_block(x, deterministic), deterministic=deterministic)
         return _constrain_hidden(ff_block.finish(x, h, deterministic))  # [batch, src, embed]
 
 
@@ -201,7 +218,7 @@ class DecoderLayer(nn.Module):
         self,
         x: jax.Array,  # [batch, tgt, embed]
         encoded: jax.Array,  # [batch, src, embed]
-        self_mask: Optional[jax.Array],  # [1, 1, tgt, tgt]; decoding: [batch, 1, beams, max_len*beams]
+        self_mask: jax.Array | None,  # [1, 1, tgt, tgt]; decoding: [batch, 1, beams, max_len*beams]
         cross_mask: jax.Array,  # [batch, 1, 1, src] (one row per sentence)
         *,
         deterministic: bool,
@@ -212,24 +229,32 @@ class DecoderLayer(nn.Module):
         block = Sublayer(cfg, name="self_attention_block")
         normed = block(x, deterministic)  # [batch, tgt, embed]
         h = layers.MultiHeadAttention(
-            num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-            dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype,
+            num_heads=cfg.num_heads,
+            head_dim=cfg.head_dim,
+            dropout_rate=cfg.attention_dropout_rate,
+            dtype=cfg.dtype,
             implementation=cfg.attention_impl,
-            name="self_attention")(normed, normed, self_mask,
-                                   deterministic=deterministic, decode=decode, beams=beams)
+            name="self_attention",
+        )(normed, normed, self_mask, deterministic=deterministic, decode=decode, beams=beams)
         x = block.finish(x, h, deterministic)  # [batch, tgt, embed]
         block = Sublayer(cfg, name="cross_attention_block")
         h = layers.MultiHeadAttention(
-            num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-            dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype,
-            implementation=cfg.attention_impl, is_cross_attention=True,
-            name="cross_attention")(block(x, deterministic), encoded, cross_mask,
-                                    deterministic=deterministic, decode=decode)
+            num_heads=cfg.num_heads,
+            head_dim=cfg.head_dim,
+            dropout_rate=cfg.attention_dropout_rate,
+            dtype=cfg.dtype,
+            implementation=cfg.attention_impl,
+            is_cross_attention=True,
+            name="cross_attention",
+        )(block(x, deterministic), encoded, cross_mask, deterministic=deterministic, decode=decode)
         x = block.finish(x, h, deterministic)  # [batch, tgt, embed]
         block = Sublayer(cfg, name="feed_forward_block")
         h = layers.FeedForward(
-            mlp_dim=cfg.mlp_dim, dropout_rate=cfg.activation_dropout_rate, dtype=cfg.dtype,
-            name="feed_forward")(block(x, deterministic), deterministic=deterministic)
+            mlp_dim=cfg.mlp_dim,
+            dropout_rate=cfg.activation_dropout_rate,
+            dtype=cfg.dtype,
+            name="feed_forward",
+        )(block(x, deterministic), deterministic=deterministic)
         return _constrain_hidden(block.finish(x, h, deterministic))  # [batch, tgt, embed]
 
 
@@ -245,7 +270,7 @@ def _embed_tokens(
     """Scaled token embeddings plus positions, with dropout -> [batch, length, embed]."""
     x = embedding(tokens)  # [batch, length, embed]
     if config.scale_embeddings:
-        x = x * jnp.asarray(config.d_model ** 0.5, dtype=x.dtype)
+        x = x * jnp.asarray(config.d_model**0.5, dtype=x.dtype)
     x = x + positions(position_ids)  # [batch, length, embed]
     return _constrain_hidden(dropout(x, deterministic=deterministic))
 
@@ -262,15 +287,22 @@ class Encoder(nn.Module):
         cfg = self.config
         _check_length("source", src.shape[1], cfg)
         x = _embed_tokens(
-            self.shared_embedding, PositionEmbedding(cfg, name="positions"),
-            nn.Dropout(cfg.dropout_rate), cfg, src, jnp.arange(src.shape[1]), deterministic)
+            self.shared_embedding,
+            PositionEmbedding(cfg, name="positions"),
+            nn.Dropout(cfg.dropout_rate),
+            cfg,
+            src,
+            jnp.arange(src.shape[1]),
+            deterministic,
+        )
         valid = src != cfg.pad_id  # [batch, src]
         mask = layers.padding_mask(valid, valid)  # [batch, 1, src, src]
         for i in range(cfg.num_encoder_layers):
             x = EncoderLayer(cfg, name=f"layer_{i}")(x, mask, deterministic=deterministic)
         if cfg.pre_layer_norm:
             x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="final_norm")(
-                x, deterministic=deterministic)
+                x, deterministic=deterministic
+            )
         return x  # [batch, src, embed]
 
 
@@ -299,20 +331,34 @@ class Decoder(nn.Module):
         self_mask = layers.causal_mask(length)  # [1, 1, tgt, tgt]
         if decode:  # the cache-creating call's output is discarded (self_mask None)
             position, self_mask, beams = beam_cache.decoder_step(
-                self, tgt_in.shape[0], length, beams)
+                self, tgt_in.shape[0], length, beams
+            )
             if position is not None:  # a step: the fed token's position [1]
                 position_ids = position
         x = _embed_tokens(
-            self.shared_embedding, PositionEmbedding(cfg, name="positions"),
-            nn.Dropout(cfg.dropout_rate), cfg, tgt_in, position_ids, deterministic)
+            self.shared_embedding,
+            PositionEmbedding(cfg, name="positions"),
+            nn.Dropout(cfg.dropout_rate),
+            cfg,
+            tgt_in,
+            position_ids,
+            deterministic,
+        )
         cross_mask = (src != cfg.pad_id)[:, None, None, :]  # [batch, 1, 1, src]
         for i in range(cfg.num_decoder_layers):
             x = DecoderLayer(cfg, name=f"layer_{i}")(
-                x, encoded, self_mask, cross_mask, deterministic=deterministic, decode=decode,
-                beams=beams)
+                x,
+                encoded,
+                self_mask,
+                cross_mask,
+                deterministic=deterministic,
+                decode=decode,
+                beams=beams,
+            )
         if cfg.pre_layer_norm:
             x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="final_norm")(
-                x, deterministic=deterministic)
+                x, deterministic=deterministic
+            )
         return x  # [batch, tgt, embed]
 
 
@@ -329,12 +375,15 @@ class Transformer(nn.Module):
             dtype=cfg.dtype,
             param_dtype=jnp.float32,
             embedding_init=nn.with_logical_partitioning(
-                EMBEDDING_INITS[cfg.embedding_init](cfg.d_model), ("vocab", "embed")),
+                EMBEDDING_INITS[cfg.embedding_init](cfg.d_model), ("vocab", "embed")
+            ),
         )
         self.encoder = Encoder(cfg, self.shared_embedding)
         self.decoder = Decoder(cfg, self.shared_embedding)
 
-    def __call__(self, src: jax.Array, tgt_in: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, src: jax.Array, tgt_in: jax.Array, *, deterministic: bool = True
+    ) -> jax.Array:
         """src [batch, src], tgt_in [batch, tgt] -> logits [batch, tgt, vocab] float32."""
         encoded = self.encode(src, deterministic=deterministic)  # [batch, src, embed]
         return self.decode(encoded, src, tgt_in, deterministic=deterministic)
@@ -361,13 +410,15 @@ class Transformer(nn.Module):
         still ``[batch, src]`` (one row per sentence) and ``encoded`` is ignored (the cache
         holds its projection). ``beams`` is read only when the cache is created.
         """
-        h = self.decoder(encoded, src, tgt_in, deterministic=deterministic, decode=decode,
-                         beams=beams)
+        h = self.decoder(
+            encoded, src, tgt_in, deterministic=deterministic, decode=decode, beams=beams
+        )
         table = self.shared_embedding.embedding.astype(self.config.dtype)  # [vocab, embed]
         logits = fast_paths.matmul(h, table.T, 1, out_dtype=jnp.float32)  # [batch, tgt, vocab]
         return nn.with_logical_constraint(
             logits.astype(jnp.float32),
-            ("activation_batch", "activation_length", "activation_vocab"))
+            ("activation_batch", "activation_length", "activation_vocab"),
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_len", "beams"))
@@ -392,11 +443,19 @@ def init_decode_cache(
         raise ValueError(f"beams must be >= 1, got {beams}")
     if not 1 <= max_len <= model.config.max_len:
         raise ValueError(
-            f"max_len must be in [1, config.max_len={model.config.max_len}], got {max_len}")
+            f"max_len must be in [1, config.max_len={model.config.max_len}], got {max_len}"
+        )
     dummy = jnp.full((src.shape[0], max_len), model.config.bos_id, jnp.int32)  # [batch, max_len]
     _, variables = model.apply(
-        {"params": params}, encoded, src, dummy, decode=True, beams=beams, mutable=["cache"],
-        method=Transformer.decode)
+        {"params": params},
+        encoded,
+        src,
+        dummy,
+        decode=True,
+        beams=beams,
+        mutable=["cache"],
+        method=Transformer.decode,
+    )
     return variables["cache"]
 
 
@@ -422,5 +481,8 @@ def grow_decode_cache(
     (``distill_jax.decode``)."""
     target = jax.eval_shape(
         functools.partial(init_decode_cache, model, max_len=max_len, beams=beams),
-        params, encoded, src)
+        params,
+        encoded,
+        src,
+    )
     return beam_cache.grow(cache, target)
