@@ -70,7 +70,7 @@ def fresh_state():
 
 
 def run(directory, checkpoints, total, batches=None, stop_after=None, step=step_fn,
-        callbacks=()):
+        callbacks=(), evaluate=None, eval_every=10 ** 6):
     """TrainLoop from the latest checkpoint; ``stop_after`` kills it (an exception)
     once that many batches were drawn."""
     log = runner.MetricsLog(directory)
@@ -92,9 +92,9 @@ def run(directory, checkpoints, total, batches=None, stop_after=None, step=step_
         return runner.TrainLoop(
             train_step=step, batches=draw(), to_device=lambda b: b,
             data_state=batches.get_state, rng=jax.random.PRNGKey(0), checkpoints=checkpoints,
-            log=log, schedule=runner.Schedule(total, eval_every=10 ** 6, save_every=4,
+            log=log, schedule=runner.Schedule(total, eval_every=eval_every, save_every=4,
                                               log_every=10),
-            desc="test", no_progress=True, callbacks=callbacks).run(state)
+            evaluate=evaluate, desc="test", no_progress=True, callbacks=callbacks).run(state)
     except Killed:
         return None
 
@@ -208,3 +208,29 @@ def test_callbacks_see_every_step_log_record_and_the_end(tmp_path):
     assert recorder.ended == [(s, s, ["grad_norm", "loss"]) for s in range(1, 13)]
     assert [(r["step"], r["loss"]) for r in records(tmp_path)] == recorder.logged
     assert [s for s, _ in recorder.logged] == [10, 12] and recorder.finished == [12]
+
+
+def test_validations_reach_the_log_the_callbacks_and_the_keep_best_policy(tmp_path):
+    class Evals(runner.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_eval(self, step, values, state):
+            self.seen.append((step, dict(values), int(state.step)))
+
+    saved_metrics = {}
+
+    class Recording(Checkpoints):
+        def save(self, step, state, *, extra=None, metrics=None, force=False):
+            saved_metrics[step] = metrics
+            super().save(step, state, extra=extra, metrics=metrics, force=force)
+
+    evals = Evals()
+    run(tmp_path, Recording(), total=10, callbacks=[evals], eval_every=4,
+        evaluate=lambda state, step: {"score": float(step) / 2})
+    assert evals.seen == [(4, {"score": 2.0}, 4), (8, {"score": 4.0}, 8),
+                          (10, {"score": 5.0}, 10)]
+    valid = [r for r in records(tmp_path) if r["split"] == "valid"]
+    assert [(r["step"], r["score"]) for r in valid] == [(4, 2.0), (8, 4.0), (10, 5.0)]
+    # (saves every 4 steps and at the end: each with that step's validation values)
+    assert saved_metrics == {4: {"score": 2.0}, 8: {"score": 4.0}, 10: {"score": 5.0}}
