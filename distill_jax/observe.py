@@ -9,6 +9,8 @@
 * :class:`StepProfiler` traces the training steps of ``--profile-steps A:B``
   (:func:`parse_profile_steps`) with ``jax.profiler`` into ``RUN_DIR/profile/``, for
   TensorBoard's profile plugin, XProf or Perfetto.
+* :class:`TensorBoardCallback` and :class:`ProfileCallback` hook both into
+  :class:`distill_jax.runner.TrainLoop` (``callbacks=[...]``).
 
 Steps are counted as the state's step counter is: step ``s`` is the update that takes the
 state from ``s`` to ``s + 1`` (the metrics log records it as step ``s + 1``). ``A:B``
@@ -21,11 +23,11 @@ import argparse
 import logging
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from distill_jax import storage
+from distill_jax import runner, storage
 from distill_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -233,3 +235,57 @@ class StepProfiler:
             self._local = None
         logger.info("profile of steps %d to %d written to %s", self.traced[0],
                     self.traced[-1], self.directory)
+
+
+# ----------------------------------------------------------------------------- loop hooks
+
+
+class TensorBoardCallback(runner.Callback):
+    """Writes a training loop's records to a :class:`TensorBoardWriter`: each training-log
+    record with ``learning_rate``, the rate the schedule gave the record's last update
+    (optax counts updates from 0: update ``step`` used ``learning_rate(step - 1)``), each
+    validation's values, and at each validation the rows ``samples(state, step)`` returns,
+    ``(sources, hypotheses, references)`` (e.g. a few validation sources translated
+    greedily). ``samples`` is called on every process (a translation is a computation of
+    the whole job); only an active writer records them. The writer is closed at the end."""
+
+    def __init__(self, writer: TensorBoardWriter, *,
+                 learning_rate: Callable[[int], Any] | None = None,
+                 samples: Callable[[Any, int], tuple[Sequence[str], Sequence[str],
+                                                     Sequence[str]]] | None = None) -> None:
+        self.writer = writer
+        self.learning_rate = learning_rate
+        self.samples = samples
+
+    def on_train_log(self, step: int, values: Mapping[str, float]) -> None:
+        values = dict(values)
+        if self.learning_rate is not None:
+            values["learning_rate"] = float(self.learning_rate(step - 1))
+        self.writer.scalars(step, "train", values)
+
+    def on_eval(self, step: int, values: Mapping[str, float], state: Any) -> None:
+        self.writer.scalars(step, "valid", values)
+        if self.samples is not None:
+            self.writer.samples(step, *self.samples(state, step))
+        self.writer.flush()
+
+    def on_end(self, step: int, state: Any) -> None:
+        self.writer.close()
+
+
+class ProfileCallback(runner.Callback):
+    """Drives a :class:`StepProfiler` from a training loop (whose ``step`` is the number
+    of updates done: the update about to run in ``on_step_begin(step)`` is the profiler's
+    step ``step``, and ``on_step_end(step)`` ends step ``step - 1``)."""
+
+    def __init__(self, profiler: StepProfiler) -> None:
+        self.profiler = profiler
+
+    def on_step_begin(self, step: int) -> None:
+        self.profiler.before_step(step)
+
+    def on_step_end(self, step: int, state: Any, metrics: Mapping[str, Any]) -> None:
+        self.profiler.after_step(step - 1, state)
+
+    def on_end(self, step: int, state: Any) -> None:
+        self.profiler.close(state)

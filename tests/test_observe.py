@@ -5,6 +5,7 @@ import argparse
 import logging
 import struct
 import sys
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -170,3 +171,103 @@ def test_a_resumed_run_hides_the_events_after_its_checkpoint(tmp_path):
 def test_samples_table_needs_one_of_each_per_row():
     with pytest.raises(ValueError, match="2 sources, 1 hypotheses and 2 references"):
         observe.samples_table(["a", "b"], ["x"], ["r", "s"])
+
+
+# ----------------------------------------------------------------------------- loop hooks
+
+
+class _State(NamedTuple):
+    step: jax.Array
+    x: jax.Array
+
+
+class _Checkpoints:
+    """What TrainLoop needs of a checkpoint manager (nothing is written)."""
+
+    def save(self, *args, **kwargs):
+        pass
+
+    def wait(self):
+        pass
+
+    def latest_step(self):
+        return None
+
+
+def _train_loop(tmp_path, total_steps, callbacks, *, eval_every=100):
+    """distill_jax.runner.TrainLoop on a tiny jitted update, with ``callbacks``."""
+    from distill_jax import runner
+
+    @jax.jit
+    def train_step(state, batch, rng):
+        with jax.profiler.TraceAnnotation("update"):
+            x = jnp.tanh(state.x @ state.x.T) * 0.5
+        loss = jnp.sum(x)
+        return _State(state.step + 1, x), {"loss": (loss, jnp.float32(1.0))}
+
+    batches = iter(lambda: {"tgt_out": jnp.ones((2, 3))}, None)
+    loop = runner.TrainLoop(
+        train_step=train_step, batches=batches, to_device=lambda b: b, data_state=dict,
+        rng=jax.random.key(0), checkpoints=_Checkpoints(), log=runner.MetricsLog(tmp_path),
+        schedule=runner.Schedule(total_steps=total_steps, eval_every=eval_every,
+                                 save_every=100, log_every=2),
+        evaluate=lambda state, step: {"bleu": float(step)}, no_progress=True,
+        callbacks=callbacks)
+    return loop.run(_State(jnp.int32(0), jnp.ones((8, 8))))
+
+
+def test_the_profile_callback_traces_the_window_of_a_training_loop(tmp_path):
+    profiler = observe.StepProfiler((1, 3), tmp_path / "run")
+    _train_loop(tmp_path, 5, [observe.ProfileCallback(profiler)])
+    assert profiler.traced == [1, 2]  # the updates from state step 1 to 3
+    assert _trace_bytes(tmp_path / "run" / "profile").count(b"update") >= 1
+    ended = observe.StepProfiler((3, 9), tmp_path / "ended")
+    _train_loop(tmp_path / "e", 5, [observe.ProfileCallback(ended)])
+    assert ended.traced == [3, 4]  # the loop's end closes the trace
+
+
+class _Recorder:
+    """A TensorBoardWriter stand-in that records the calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def scalars(self, step, split, values):
+        self.calls.append(("scalars", step, split, dict(values)))
+
+    def samples(self, step, sources, hypotheses, references):
+        self.calls.append(("samples", step, list(sources), list(hypotheses), list(references)))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def test_the_tensorboard_callback_logs_the_learning_rate_and_samples(tmp_path):
+    writer = _Recorder()
+    seen = []
+
+    def samples(state, step):
+        seen.append(int(state.step))
+        return ["ein hund"], [f"a dog {step}"], ["a dog"]
+
+    callback = observe.TensorBoardCallback(
+        writer, learning_rate=lambda count: jnp.float32(0.5 * count), samples=samples)
+    _train_loop(tmp_path, 4, [callback], eval_every=2)
+    train = [(c[1], c[3]["learning_rate"]) for c in writer.calls if c[:1] == ("scalars",)
+             and c[2] == "train"]
+    assert train == [(2, 0.5), (4, 1.5)]  # update N used the schedule's value at count N-1
+    assert [c[1:] for c in writer.calls if c[0] == "samples"] == [
+        (2, ["ein hund"], ["a dog 2"], ["a dog"]), (4, ["ein hund"], ["a dog 4"], ["a dog"])]
+    assert [c[1:] for c in writer.calls if c[:1] == ("scalars",) and c[2] == "valid"] == [
+        (2, "valid", {"bleu": 2.0}), (4, "valid", {"bleu": 4.0})]
+    assert seen == [2, 4] and writer.calls[-1] == ("close",)
+    # An inactive writer (not process 0, no tensorboardX) still has the samples computed:
+    # a translation is a computation of the whole job.
+    seen.clear()
+    quiet = observe.TensorBoardCallback(observe.TensorBoardWriter(tmp_path, enabled=False),
+                                        samples=samples)
+    _train_loop(tmp_path / "quiet", 2, [quiet], eval_every=2)
+    assert seen == [2]
