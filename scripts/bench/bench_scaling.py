@@ -73,7 +73,7 @@ MODELS = {
         num_decoder_layers=3,
         max_len=64,
     ),
-    # the reference student (DESIGN.md: 6+6, d 512, ff 2048, 8 heads)
+    # the reference student (docs/method.md: 6+6, d 512, ff 2048, 8 heads)
     "reference": dict(vocab_size=10_320, max_len=64),
 }
 
