@@ -5,7 +5,7 @@
 
 This simulates a multi-host run (a TPU pod slice, a GPU cluster) on one machine: every
 copy gets ``DISTILL_JAX_COORDINATOR=127.0.0.1:<free port>``, ``DISTILL_JAX_NUM_PROCESSES``
-and its own ``DISTILL_JAX_PROCESS_ID`` (read by ``runner.initialize_processes``), and by
+and its own ``DISTILL_JAX_PROCESS_ID`` (read by ``sharding.maybe_initialize_distributed``), and by
 default runs on ``--devices-per-process`` simulated CPU devices (``XLA_FLAGS``) with gloo
 cross-process collectives (``JAX_CPU_COLLECTIVES_IMPLEMENTATION``).
 
