@@ -9,8 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import atexit
+import dataclasses
+import json
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # One persistent XLA compilation cache for the session, inherited by the `distill-jax`
@@ -58,3 +62,95 @@ def gcs():
     pytest.importorskip("gcsfs")
     with gcs_emulator.running() as emulator:
         yield emulator
+
+
+# ----------------------------------------------------------------------------- shared runs
+# What several test modules read is made once per session: the tiny corpus and teacher of
+# the end-to-end tests, and the quick demo (whose prepared Multi30k is the one the data
+# tests read). Tests only read these; each writes its own runs into its own folders.
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyCorpus:
+    """tests/tiny_experiment.py's tiny random BERT (MiniLM's vocabulary and tokenizer) and
+    the first 240 / 24 / 24 lines of Multi30k de-en, prepared (read it through
+    ``--set data.prepared=DATA``)."""
+
+    teacher: pathlib.Path
+    corpus: pathlib.Path  # the text files (train/val/test2016 .de/.en)
+    data: pathlib.Path  # the prepared dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory, minilm_dir, shared_data) -> TinyCorpus:
+    import tiny_experiment
+
+    root = tmp_path_factory.mktemp("tiny-corpus")
+    teacher = tiny_experiment.save_tiny_teacher(root / "teacher", minilm_dir)
+    specs = tiny_experiment.write_corpus(shared_data, root / "corpus")
+    tiny_experiment.prepare(teacher, root / "corpus", specs, root / "data")
+    return TinyCorpus(teacher, root / "corpus", root / "data")
+
+
+DEMO_TEST = "tests/test_demo.py::test_quick_demo_runs_end_to_end"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickDemo:
+    workdir: pathlib.Path  # WORKDIR of the run
+    env: dict  # its environment (a rerun uses the same)
+    result: subprocess.CompletedProcess  # the first run: exit status, stdout, stderr
+
+
+def _demo_applies(shared_data: pathlib.Path) -> bool:
+    """The demo reads ../shared/data beside the checkout."""
+    return pathlib.Path(shared_data).resolve() == (REPO.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory, minilm_dir, shared_data) -> QuickDemo:
+    """`scripts/demo.sh --quick` run once, as a user runs it (on the real devices: no
+    simulated ones), into a fresh WORKDIR; a failed run is returned too (its test says
+    why)."""
+    if not _demo_applies(shared_data):
+        pytest.skip("the demo reads ../shared/data beside the checkout")
+    workdir = tmp_path_factory.mktemp("quick-demo") / "demo"
+    env = dict(os.environ, WORKDIR=str(workdir), VENV=sys.prefix,
+               DISTILL_JAX_CACHE=str(pathlib.Path(minilm_dir).parent))
+    env.pop("XLA_FLAGS", None)  # the demo runs as a user would: on the real devices
+    result = subprocess.run(["bash", "scripts/demo.sh", "--quick"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=1800)
+    return QuickDemo(workdir, env, result)
+
+
+# What the demo's `prepare` call must have recorded for its dataset to be the one
+# multi30k_de_en would prepare (the same command: prepare's default limits).
+MULTI30K_DE_EN = {"corpus": "multi30k", "direction": "de-en",
+                  "limits": {"max_src_len": 256, "max_tgt_len": 256}}
+
+
+@pytest.fixture(scope="session")
+def multi30k_de_en(request, tmp_path_factory, shared_data, minilm_dir) -> pathlib.Path:
+    """Multi30k de-en prepared with the MiniLM tokenizer: `distill-jax prepare --dataset
+    multi30k --direction de-en --data-dir SHARED/multi30k --teacher MINILM --out DIR`.
+
+    When this session also runs the quick demo, which prepares it with that same command,
+    the demo's `data` folder is used (once the demo has made it; checked to be the same
+    corpus, direction, limits and tokenizer), so that the full corpus is prepared once;
+    otherwise (e.g. the fast tier) it is prepared here."""
+    if _demo_applies(shared_data) and any(
+            item.nodeid.endswith(DEMO_TEST.split("/", 1)[1]) for item in request.session.items):
+        data = request.getfixturevalue("quick_demo").workdir / "data"
+        meta_path = data / "dataset.json"
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if ({k: meta.get(k) for k in MULTI30K_DE_EN} == MULTI30K_DE_EN and
+                    meta["vocab"]["teacher"] == str(minilm_dir)):
+                return data
+    from distill_jax.cli import main
+
+    out = tmp_path_factory.mktemp("m30k") / "de_en"
+    assert main(["prepare", "--dataset", "multi30k", "--direction", "de-en",
+                 "--data-dir", str(shared_data / "multi30k"), "--teacher", str(minilm_dir),
+                 "--out", str(out)]) == 0
+    return out

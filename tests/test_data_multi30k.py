@@ -6,7 +6,6 @@ import unicodedata
 import numpy as np
 import pytest
 
-from distill_jax.cli import main
 from distill_jax.data.cmlm import masked_capacity, masked_positions
 from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
 from distill_jax.data.prepared import open_prepared
@@ -17,13 +16,10 @@ SPLITS = {"train": 29000, "val": 1014, "test2016": 1000, "test2017": 1000,
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, shared_data, minilm_dir):
-    """Multi30k de-en prepared once for this module."""
-    out = tmp_path_factory.mktemp("m30k") / "de_en"
-    assert main(["prepare", "--dataset", "multi30k", "--direction", "de-en",
-                 "--data-dir", str(shared_data / "multi30k"), "--teacher", str(minilm_dir),
-                 "--out", str(out)]) == 0
-    return open_prepared(out)
+def prepared(multi30k_de_en):
+    """Multi30k de-en prepared once for the session (conftest.multi30k_de_en: `distill-jax
+    prepare`, by the quick demo when it runs in the session)."""
+    return open_prepared(multi30k_de_en)
 
 
 def _lines(path):

@@ -5,7 +5,6 @@ soft targets, train a baseline and a distilled student, print the table and the 
 import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
 
@@ -39,22 +38,19 @@ def test_demo_arguments_full_and_quick_paths():
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_end_to_end(tmp_path, minilm_dir, shared_data):
-    if pathlib.Path(shared_data).resolve() != (REPO.parent / "shared" / "data").resolve():
-        pytest.skip("the demo reads ../shared/data beside the checkout")
-    env = dict(os.environ, WORKDIR=str(tmp_path / "demo"), VENV=sys.prefix,
-               DISTILL_JAX_CACHE=str(pathlib.Path(minilm_dir).parent))
-    env.pop("XLA_FLAGS", None)  # the demo runs as a user would: on the real devices
-    result = subprocess.run(["bash", "scripts/demo.sh", "--quick"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=1800)
+def test_quick_demo_runs_end_to_end(quick_demo):
+    """The session's quick demo run (conftest.quick_demo: made once, its prepared Multi30k
+    is also what tests/test_data_multi30k.py reads), then the same command again."""
+    result, work, env = quick_demo.result, quick_demo.workdir, quick_demo.env
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
+    out = result.stdout  # results (report.py's table)
+    said = result.stdout + result.stderr  # status lines: printed or logged (stderr)
     assert "| baseline | none |" in out and "| distilled | offline, K 8, α 0.5, pretrained teacher |" in out
     assert "val BLEU" in out and "test2016 BLEU" in out
-    assert "teacher quality at step 4 on validation: stride top-1" in out  # soft-targets
+    assert "teacher quality at step 4 on validation: stride top-1" in said  # soft-targets
     assert "teacher at step 4: masked accuracy" in out and "val stride top-1" in out
     assert "baseline val accuracy" in out  # report.py, beside the teacher's figures
-    work = tmp_path / "demo"
+    assert "already prepared" not in said  # the first run prepared the corpus itself
     assert (work / "curves.png").stat().st_size > 10_000
     for name in ("baseline", "distilled"):
         assert (work / "students" / name / "results.json").is_file()
@@ -66,7 +62,9 @@ def test_quick_demo_runs_end_to_end(tmp_path, minilm_dir, shared_data):
     again = subprocess.run(["bash", "scripts/demo.sh", "--quick"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "[baseline] already finished" in again.stdout
-    assert "[distilled] already finished" in again.stdout
+    assert f"already prepared: {work / 'data'}" in again.stdout
+    again_said = again.stdout + again.stderr
+    assert "[baseline] already finished" in again_said
+    assert "[distilled] already finished" in again_said
     assert (work / "students" / "baseline" / "results.json").stat().st_mtime_ns == mtime
     assert "| distilled | offline, K 8, α 0.5, pretrained teacher |" in again.stdout

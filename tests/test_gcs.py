@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 import gcs_emulator
-import tiny_experiment
 
 CONFIG = "configs/tiny.py"
 CHUNK_ROWS = "256"  # several cache chunks for the tiny train split (~3,600 rows)
@@ -176,22 +175,19 @@ def _cache_arrays(path):
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory, minilm_dir, shared_data, gcs):
+def experiment(tmp_path_factory, tiny_corpus, gcs):
+    """(this module's folder, the session's tiny teacher, its prepared data, its corpus
+    text): the prepared dataset stays local (read through grain)."""
     root = tmp_path_factory.mktemp("gcs-pipeline")
-    teacher = tiny_experiment.save_tiny_teacher(root / "teacher", minilm_dir)
-    specs = tiny_experiment.write_corpus(shared_data, root / "corpus")
-    data = root / "data"  # the prepared dataset stays local (read through grain)
-    tiny_experiment.prepare(teacher, root / "corpus", specs, data)
-    return root, teacher, data
+    return root, tiny_corpus.teacher, tiny_corpus.data, tiny_corpus.corpus
 
 
 @pytest.mark.slow
 def test_pipeline_on_gcs_killed_and_rerun_scores_like_local(experiment, gcs):
-    root, teacher, data = experiment
+    root, teacher, data, corpus = experiment
     env = _env(gcs.env)
-    local = _pipeline(root / "work", teacher, data, env, kill=False, corpus=root / "corpus")
-    remote = _pipeline(gcs.gs("e2e", "work"), teacher, data, env, kill=True,
-                       corpus=root / "corpus")
+    local = _pipeline(root / "work", teacher, data, env, kill=False, corpus=corpus)
+    remote = _pipeline(gcs.gs("e2e", "work"), teacher, data, env, kill=True, corpus=corpus)
     for remote_array, local_array in zip(remote.pop("cache"), local.pop("cache")):
         np.testing.assert_array_equal(remote_array, local_array)  # the same soft targets
     assert remote == local  # every BLEU / ROUGE figure, to the digit
@@ -213,7 +209,7 @@ def test_two_processes_write_one_cache_and_checkpoint_on_gcs(experiment, gcs):
 
     from distill_jax import storage
 
-    root, teacher, data = experiment
+    root, teacher, data, _ = experiment
     env = _env(gcs.env)
     workdir = gcs.gs("two", "work")
     common = ["--set", f"teacher.checkpoint={teacher}", "--set", "teacher.steps=2",

@@ -9,20 +9,16 @@ import time
 
 import pytest
 
-import tiny_experiment
-
 pytestmark = pytest.mark.slow
 
 CONFIG = "configs/tiny.py"
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, minilm_dir, shared_data):
-    root = tmp_path_factory.mktemp("safety")
-    teacher = tiny_experiment.save_tiny_teacher(root / "teacher", minilm_dir)
-    specs = tiny_experiment.write_corpus(shared_data, root / "corpus")
-    tiny_experiment.prepare(teacher, root / "corpus", specs, root / "data")
-    return root, teacher
+def prepared(tiny_corpus):
+    """(the folder of the session's tiny prepared corpus, ROOT/data; its teacher): read
+    only, through data.prepared; every run directory is the test's own."""
+    return tiny_corpus.data.parent, tiny_corpus.teacher
 
 
 def _args(workdir, data, teacher, command, *extra):
