@@ -50,6 +50,7 @@ setup(
             "gcp-storage-emulator>=2026.7.19",
             "ctranslate2>=4.8.5",
             "ruff>=0.17.6",
+            "tensorboardX>=2.6.5",
         ],
         # Contributing: the test extra and the pre-commit hooks (.pre-commit-config.yaml).
         "dev": ["distill-jax[test]", "pre-commit>=4.7.0"],
@@ -60,9 +61,8 @@ setup(
         "plots": ["matplotlib>=3.11.2"],
         # Upstream TFDS datasets (wmt14_translate, cnn_dailymail) need TensorFlow to build.
         "tf": ["tensorflow"],
-        # TensorBoard event files beside metrics.jsonl (distill_jax/observe.py). Not in the
-        # test environment, so no floor: floors are the versions tested (constraints.txt).
-        "tensorboard": ["tensorboardX"],
+        # TensorBoard event files beside metrics.jsonl (distill_jax/observe.py).
+        "tensorboard": ["tensorboardX>=2.6.5"],
     },
     entry_points={"console_scripts": ["distill-jax=distill_jax.cli:main"]},
 )

@@ -113,7 +113,7 @@ def test_version_floors_are_the_tested_versions():
             assert [s.operator for s in specs] == [">="], f"setup.py: {req} needs one floor"
             floors[key] = specs[0].version
     assert {"jax", "flax", "optax", "orbax-checkpoint", "transformers", "ruff"} <= set(floors)
-    assert untested <= {"tensorflow", "tensorboardx"}, untested
+    assert untested <= {"tensorflow"}, untested
     wrong = {k: (v, pins[k]) for k, v in floors.items() if pins[k] != v}
     assert not wrong, f"setup.py floor vs constraints.txt: {wrong}"
 
