@@ -118,10 +118,12 @@ def _start(config: ExperimentConfig, workdir: storage.PathLike):
 
 def train_teacher(config: ExperimentConfig, workdir: storage.PathLike, *,
                   no_progress: bool = False,
-                  callbacks: Sequence[runner.Callback] = ()) -> TeacherRun:
+                  callbacks: Sequence[runner.Callback] = (),
+                  profile_steps: Optional[tuple[int, int]] = None) -> TeacherRun:
     """C-MLM fine-tuning of ``teacher.checkpoint`` (docs/method.md §1) in
     ``WORKDIR/teacher``; resumes a stopped run. ``callbacks`` hook into the training loop
-    (``runner.Callback``)."""
+    (``runner.Callback``); ``profile_steps=(A, B)`` traces steps A to B-1 with
+    ``jax.profiler`` into ``WORKDIR/teacher/profile``."""
     from distill_jax import teacher, trainer
 
     out = _begin(config, workdir) / "teacher"
@@ -131,7 +133,7 @@ def train_teacher(config: ExperimentConfig, workdir: storage.PathLike, *,
         dataset, dtype, mesh = _start(config, workdir)
         task = teacher.training_task(config, dataset, mesh, dtype)
         run = trainer.Trainer(task, mesh, out, trainer.TrainerOptions.of(
-            config, no_progress=no_progress, callbacks=callbacks))
+            config, no_progress=no_progress, callbacks=callbacks, profile_steps=profile_steps))
         run.resume()
         run.fit()
         best = run.checkpoints.best_step()
@@ -163,11 +165,13 @@ def extract_soft_targets(config: ExperimentConfig, workdir: storage.PathLike, *,
 def train_student(config: ExperimentConfig, workdir: storage.PathLike, *,
                   name: Optional[str] = None, teacher_step: Optional[int] = None,
                   no_progress: bool = False,
-                  callbacks: Sequence[runner.Callback] = ()) -> StudentRun:
+                  callbacks: Sequence[runner.Callback] = (),
+                  profile_steps: Optional[tuple[int, int]] = None) -> StudentRun:
     """The student (docs/method.md §3) in ``WORKDIR/students/NAME`` (``name`` defaults
     to baseline / distilled / distilled-online from ``distill.kd``); resumes a stopped
     run. At the end the best (or averaged) parameters translate the validation and test
-    splits into ``SPLIT.hyp.txt`` and their scores go to ``results.json``."""
+    splits into ``SPLIT.hyp.txt`` and their scores go to ``results.json``. ``callbacks``
+    and ``profile_steps`` as in :func:`train_teacher`."""
     from distill_jax import student, trainer
 
     name = name or student.default_name(config)
@@ -178,7 +182,7 @@ def train_student(config: ExperimentConfig, workdir: storage.PathLike, *,
         setup = student.training_task(config, workdir, dataset, mesh, dtype, name,
                                       teacher_step)
         run = trainer.Trainer(setup.task, mesh, out, trainer.TrainerOptions.of(
-            config, no_progress=no_progress, callbacks=callbacks))
+            config, no_progress=no_progress, callbacks=callbacks, profile_steps=profile_steps))
         results_path = out / "results.json"
         if run.resume() >= config.train.steps and results_path.exists():
             if runner.is_chief():  # a finished run: nothing to redo (delete results.json to rescore)

@@ -67,9 +67,9 @@ def check_or_save_config(config: Any, path: storage.PathLike, *, what: str,
                 f"{path.parent} holds a {what} run with another config; changed fields: "
                 + "; ".join(changed) + ". Use another --workdir (or name) or remove it.")
         if is_chief():
-            print(f"{path.parent}: no step of the earlier {what} run was saved; starting over "
-                  "with the new config (changed fields: " + "; ".join(changed) + ")",
-                  file=sys.stderr, flush=True)
+            logger.warning("%s: no step of the earlier %s run was saved; starting over with "
+                           "the new config (changed fields: %s)", path.parent, what,
+                           "; ".join(changed))
     if is_chief():
         storage.write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True))
 
@@ -112,8 +112,8 @@ def data_shards(mesh) -> int:
 
 
 class MetricsLog:
-    """Appends metrics records to ``metrics.jsonl`` (and TensorBoard when tensorboardX is
-    installed); only process 0 writes."""
+    """Appends metrics records to ``metrics.jsonl``; only process 0 writes (TensorBoard
+    event files: ``observe.TensorBoardCallback``)."""
 
     def __init__(self, directory: storage.PathLike):
         directory = storage.path(directory)
@@ -122,15 +122,8 @@ class MetricsLog:
         self.enabled = is_chief()
         # (sums, target tokens) of the log window a resumed checkpoint was saved in
         self.resumed_window: Optional[tuple[dict, float]] = None
-        self._tb = None
         if self.enabled and not storage.is_remote(directory):
-            # (TensorBoard event files are written for local directories only.)
             storage.makedirs(directory)
-            try:
-                from tensorboardX import SummaryWriter  # optional
-                self._tb = SummaryWriter(str(directory / "tensorboard"))
-            except ImportError:
-                pass
 
     def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -138,9 +131,6 @@ class MetricsLog:
         record = {"step": int(step), "split": split, "time": time.time(),
                   **{k: float(v) for k, v in values.items()}}
         self._lines.append(json.dumps(record))
-        if self._tb is not None:
-            for k, v in values.items():
-                self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
     def truncate_after(self, step: int) -> None:
         """Drops records past ``step`` (left by a run killed after its last checkpoint), so a

@@ -34,14 +34,28 @@ def build_model(config: ExperimentConfig, vocab: Vocabulary, dtype: Any) -> Tran
     return Transformer(dataclasses.replace(config.student, vocab_size=len(vocab), dtype=dtype))
 
 
+def _optimizer_config(config: ExperimentConfig):
+    from distill_jax import optim
+    return optim.OptimizerConfig.student(
+        learning_rate=config.train.learning_rate, warmup_steps=config.train.warmup_steps,
+        grad_clip_norm=config.train.grad_clip_norm, schedule=config.train.schedule,
+        model_size=config.student.d_model, eps=config.train.adam_eps)
+
+
 def make_optimizer(config: ExperimentConfig):
     """Adam with ``train.schedule`` (noam: ``train.learning_rate`` is the factor and
     ``student.d_model`` the model size)."""
     from distill_jax import optim
-    return optim.make_optimizer(optim.OptimizerConfig.student(
-        learning_rate=config.train.learning_rate, warmup_steps=config.train.warmup_steps,
-        grad_clip_norm=config.train.grad_clip_norm, schedule=config.train.schedule,
-        model_size=config.student.d_model, eps=config.train.adam_eps))
+    return optim.make_optimizer(_optimizer_config(config))
+
+
+def learning_rate_schedule(config: ExperimentConfig):
+    """The student optimizer's learning rate of each update (counted from 0)."""
+    from distill_jax import optim
+    return optim.make_schedule(_optimizer_config(config))
+
+
+SAMPLES = 4  # validation translations shown at each validation (TensorBoard)
 
 
 def student_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: str,
@@ -307,13 +321,24 @@ def training_task(config: ExperimentConfig, workdir: storage.PathLike,
     if cache is not None:  # soft targets read ahead of the step that needs them
         batches = SoftTargetBatches(batches, cache, config.distill.top_k)
 
+    last: dict = {}  # the latest validation's hypotheses, for samples()
+
     def summarize(total: dict, params: Any) -> dict[str, float]:
-        scores, _ = score_split(model, params, vocab, dataset, config.data.valid_split,
-                                config.decode, mesh, limit=config.train.bleu_sentences)
+        scores, last["hypotheses"] = score_split(
+            model, params, vocab, dataset, config.data.valid_split, config.decode, mesh,
+            limit=config.train.bleu_sentences)
         return {"loss": total["loss"][0] / total["loss"][1],
                 "nll": total["nll"][0] / total["nll"][1],
                 "accuracy": total["accuracy"][0] / total["accuracy"][1],
                 **{metric: scores[metric] for metric in SELECT_METRICS}}
+
+    def samples(state: Any, step: int) -> tuple[list[str], list[str], list[str]]:
+        """The first validation sources, the validation's outputs for them (beam search with
+        ``config.decode``, as BLEU scored them) and their references."""
+        hypotheses = last.get("hypotheses", [])[:SAMPLES]
+        sources, references = reference_texts(dataset, config.data.valid_split,
+                                              len(hypotheses))
+        return [vocab.decode(ids.tolist()) for ids in sources], hypotheses, references
 
     task = Task(
         name=f"student {name}",
@@ -325,7 +350,8 @@ def training_task(config: ExperimentConfig, workdir: storage.PathLike,
         summarize=summarize,
         schedule=runner.Schedule(config.train.steps, eval_every=config.train.eval_every,
                                  save_every=config.train.save_every),
-        checkpoints=checkpoint_policy(config), rng=jax.random.fold_in(rng, 2), frozen=frozen)
+        checkpoints=checkpoint_policy(config), rng=jax.random.fold_in(rng, 2), frozen=frozen,
+        learning_rate=learning_rate_schedule(config), samples=samples)
     return StudentTask(task, model, vocab, provenance)
 
 

@@ -139,13 +139,24 @@ def teacher_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: 
                          pipeline_config)
 
 
+def _optimizer_config(config: ExperimentConfig):
+    from distill_jax import optim
+    return optim.OptimizerConfig.teacher(
+        config.teacher.steps, learning_rate=config.teacher.learning_rate,
+        warmup_fraction=config.teacher.warmup_fraction,
+        weight_decay=config.teacher.weight_decay, grad_clip_norm=config.teacher.grad_clip_norm)
+
+
 def teacher_optimizer(config: ExperimentConfig):
     """AdamW with warm-up and linear decay (docs/method.md §1)."""
     from distill_jax import optim
-    return optim.make_optimizer(optim.OptimizerConfig.teacher(
-        config.teacher.steps, learning_rate=config.teacher.learning_rate,
-        warmup_fraction=config.teacher.warmup_fraction,
-        weight_decay=config.teacher.weight_decay, grad_clip_norm=config.teacher.grad_clip_norm))
+    return optim.make_optimizer(_optimizer_config(config))
+
+
+def teacher_schedule(config: ExperimentConfig):
+    """The teacher optimizer's learning rate of each update (counted from 0)."""
+    from distill_jax import optim
+    return optim.make_schedule(_optimizer_config(config))
 
 
 def checkpoint_policy(config: ExperimentConfig) -> CheckpointPolicy:
@@ -193,7 +204,7 @@ def training_task(config: ExperimentConfig, dataset: PreparedDataset, mesh, dtyp
         schedule=runner.Schedule(config.teacher.steps, eval_every=config.teacher.eval_every,
                                  save_every=config.teacher.save_every),
         checkpoints=checkpoint_policy(config), rng=jax.random.fold_in(rng, 3),
-        pretrained_params=teacher.pretrained_params)
+        pretrained_params=teacher.pretrained_params, learning_rate=teacher_schedule(config))
 
 
 def quality_evaluator(config: ExperimentConfig, dataset: PreparedDataset, teacher: Teacher,

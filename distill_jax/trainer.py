@@ -13,7 +13,10 @@ run in a directory::
     trainer.close()
 
 Hook into the loop with ``TrainerOptions.callbacks`` (``runner.Callback``: per step, per
-training-log record, per validation, at the end).
+training-log record, per validation, at the end). Every run also writes TensorBoard event
+files (``observe.TensorBoardCallback``: the logged values, the learning rate, the task's
+sample translations) when the ``tensorboard`` extra is installed, and traces the steps of
+``TrainerOptions.profile_steps`` (``observe.ProfileCallback``).
 """
 
 from __future__ import annotations
@@ -77,6 +80,11 @@ class Task:
     rng: jax.Array  # the loop's base dropout key
     pretrained_params: Any = None  # placed over the initialised params (a loaded BERT)
     frozen: Optional[tuple[Any, Any]] = None  # (params, shardings) every step reads, never updates
+    learning_rate: Optional[Callable[[int], Any]] = None  # the optimizer's schedule (update -> lr)
+    # (state, step) -> (sources, hypotheses, references): a few validation translations
+    # logged at each validation (TensorBoard)
+    samples: Optional[Callable[[Any, int], tuple[Sequence[str], Sequence[str],
+                                                 Sequence[str]]]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,16 +96,20 @@ class TrainerOptions:
     cpu_copy_region_analysis: bool = True  # the train step's XLA option on CPUs (train.py)
     no_progress: bool = False  # no progress bar
     callbacks: Sequence[runner.Callback] = ()  # loop hooks (runner.Callback)
+    # (A, B): a jax.profiler trace of steps A to B-1 into RUN_DIR/profile (--profile-steps)
+    profile_steps: Optional[tuple[int, int]] = None
 
     @classmethod
     def of(cls, config: Any, *, no_progress: bool = False,
-           callbacks: Sequence[runner.Callback] = ()) -> "TrainerOptions":
+           callbacks: Sequence[runner.Callback] = (),
+           profile_steps: Optional[tuple[int, int]] = None) -> "TrainerOptions":
         """The options an experiment config sets (``train.compute_dtype``,
         ``train.accum_steps``, ``runtime.cpu_copy_region_analysis``)."""
         return cls(compute_dtype=runner.compute_dtype(config),
                    accum_steps=config.train.accum_steps,
                    cpu_copy_region_analysis=config.runtime.cpu_copy_region_analysis,
-                   no_progress=no_progress, callbacks=tuple(callbacks))
+                   no_progress=no_progress, callbacks=tuple(callbacks),
+                   profile_steps=profile_steps)
 
 
 class Trainer:
@@ -155,7 +167,18 @@ class Trainer:
     def fit(self) -> Any:
         """Trains from the current state up to ``task.schedule.total_steps`` (fewer when
         preempted); returns the state."""
+        from distill_jax import observe
+
         task = self.task
+        first = self.step
+        profiler = observe.StepProfiler(self.options.profile_steps, self.directory)
+        profiler.check(first, task.schedule.total_steps)
+        callbacks = [*self.options.callbacks, observe.TensorBoardCallback(
+            observe.TensorBoardWriter(self.directory, enabled=runner.is_chief(),
+                                      resume_step=first or None),
+            learning_rate=task.learning_rate, samples=task.samples)]
+        if self.options.profile_steps is not None:
+            callbacks.append(observe.ProfileCallback(profiler))
         step_fn = self._train_step
         if task.frozen is not None:
             frozen = task.frozen[0]
@@ -165,7 +188,7 @@ class Trainer:
             to_device=lambda batch: self.device_batch(batch, task.train_keys),
             data_state=task.batches.get_state, rng=task.rng, checkpoints=self.checkpoints,
             log=self.log, schedule=task.schedule, evaluate=self.evaluate, desc=task.name,
-            no_progress=self.options.no_progress, callbacks=self.options.callbacks)
+            no_progress=self.options.no_progress, callbacks=callbacks)
         self.state = loop.run(self.state)
         return self.state
 

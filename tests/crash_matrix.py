@@ -120,10 +120,20 @@ def _ocdbt(relative: pathlib.Path) -> bool:
         p.startswith("ocdbt.process_") for p in parts))
 
 
+# Views of a run that carry wall-clock times and the host name by design (TensorBoard event
+# files, profiler traces); metrics.jsonl is the record they view, and it is compared.
+VIEWS = ("tensorboard", "profile")
+
+
 def files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
     return {str(p.relative_to(directory)): p for p in sorted(directory.rglob("*"))
             if p.is_file() and p.name not in SKIPPED
-            and not _ocdbt(p.relative_to(directory))}
+            and not _ocdbt(p.relative_to(directory))
+            and not _is_view(p.relative_to(directory))}
+
+
+def _is_view(relative: pathlib.Path) -> bool:
+    return any(part in VIEWS for part in relative.parts)
 
 
 def array_stores(directory: pathlib.Path) -> list[str]:

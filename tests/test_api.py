@@ -6,6 +6,7 @@ name, translate (beam, greedy, sampling, n-best) and score a split."""
 import dataclasses
 import json
 import os
+import struct
 
 import jax
 import pytest
@@ -13,6 +14,7 @@ import pytest
 import distill_jax as dj
 import tiny_experiment
 from distill_jax import experiment, runner, runtime, train
+from distill_jax import student as student_lib
 from distill_jax.errors import UserError
 from distill_jax.models import fast_paths
 
@@ -136,6 +138,31 @@ class Recorder(runner.Callback):
         self.evals.append((step, dict(values)))
 
 
+def _check_observers(run_dir, config, recorder):
+    """--profile-steps 1:3 left a trace; the TensorBoard events hold every logged value,
+    the schedule's learning rate and the validations' sample translations."""
+    from tensorboardX.proto import event_pb2
+
+    assert list((run_dir / "profile").rglob("*.xplane.pb")), "no profiler trace"
+    events = []
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):  # TFRecord framing: length, CRC, Event, CRC
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+            offset += 12 + length + 4
+    scalars = {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value
+               if v.HasField("simple_value")}
+    schedule = student_lib.learning_rate_schedule(config)
+    assert scalars[(4, "train/learning_rate")] == pytest.approx(float(schedule(3)))
+    for step, values in recorder.evals:
+        assert scalars[(step, "valid/bleu")] == pytest.approx(values["bleu"])
+    texts = [(e.step, v.tensor.string_val[0].decode()) for e in events
+             for v in e.summary.value if v.HasField("tensor")]
+    assert [step for step, _ in texts] == [2, 4]
+    assert texts[0][1].startswith("| source | hypothesis | reference |")
+
+
 @pytest.mark.slow
 def test_the_method_end_to_end_through_the_api(tmp_path, minilm_dir, shared_data):
     teacher_dir = tiny_experiment.save_tiny_teacher(tmp_path / "teacher", minilm_dir)
@@ -157,8 +184,10 @@ def test_the_method_end_to_end_through_the_api(tmp_path, minilm_dir, shared_data
     assert dj.extract_soft_targets(config, workdir, no_progress=True).reused
 
     recorder = Recorder()
-    run = dj.train_student(config, workdir, no_progress=True, callbacks=[recorder])
+    run = dj.train_student(config, workdir, no_progress=True, callbacks=[recorder],
+                           profile_steps=(1, 3))
     assert (run.name, run.final_step, run.finished) == ("distilled", 4, True)
+    _check_observers(workdir / "students" / "distilled", config, recorder)
     assert recorder.steps == [1, 2, 3, 4] and [s for s, _ in recorder.evals] == [2, 4]
     assert run.validation == {k: v for k, v in recorder.evals[-1][1].items()}
     assert run.results["teacher"]["checkpoint_step"] == 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from distill_jax import api
+from distill_jax import api, observe
 from distill_jax.commands import common
 
 
@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None,
                         help="run name under WORKDIR/students (default: baseline / distilled / "
                              "distilled-online from distill.kd)")
+    observe.add_profile_argument(parser)
     parser.add_argument("--teacher-step", type=int, default=None, metavar="N",
                         help="distil from the teacher checkpoint of step N (it must be saved) "
                              "instead of the best one of the finished teacher run; with "
@@ -29,5 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     common.initialize_processes(args)
     api.train_student(common.load_experiment(args), args.workdir, name=args.name,
-                      teacher_step=args.teacher_step, no_progress=args.no_progress)
+                      teacher_step=args.teacher_step, no_progress=args.no_progress,
+                      profile_steps=args.profile_steps)
     return 0
