@@ -186,7 +186,7 @@ def train_student(config: ExperimentConfig, workdir: storage.PathLike, *,
         results_path = out / "results.json"
         if run.resume() >= config.train.steps and results_path.exists():
             if runner.is_chief():  # a finished run: nothing to redo (delete results.json to rescore)
-                print(f"[{name}] already finished: {results_path}", flush=True)
+                logger.info("[%s] already finished: %s", name, results_path)
             run.close()
             return _student_run(name, out, run.step)
         state = run.fit()

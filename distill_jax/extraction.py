@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Optional
 
 import jax
@@ -30,6 +31,8 @@ from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
 from distill_jax.errors import UserError
 from distill_jax.experiment import ExperimentConfig
 from distill_jax.soft_target_cache import DEFAULT_CHUNK_ROWS, CacheError
+
+logger = logging.getLogger(__name__)
 
 WRITES_IN_FLIGHT = 8  # chunk writes a process leaves running before waiting for them
 
@@ -94,9 +97,9 @@ def extract(config: ExperimentConfig, workdir: storage.PathLike, split: str, *,
     # --teacher-step names one); its step and digest are part of the cache's identity.
     selected = teacher_lib.select_finetuned(config, workdir, teacher_step)
     if selected.explicit and selected.step < config.teacher.steps and runner.is_chief():
-        print(f"note: soft targets from the teacher checkpoint of step {selected.step} "
-              f"(--teacher-step), not from a finished run of teacher.steps="
-              f"{config.teacher.steps}", flush=True)
+        logger.warning("soft targets from the teacher checkpoint of step %d (--teacher-step), "
+                       "not from a finished run of teacher.steps=%d", selected.step,
+                       config.teacher.steps)
     identity = dataclasses.replace(
         student.cache_identity(config, dataset, split, config.teacher.top_k),
         teacher_step=selected.step, teacher_digest=selected.digest)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections import deque
 from typing import Any, Optional
 
@@ -21,6 +22,8 @@ from distill_jax.errors import UserError
 from distill_jax.experiment import ExperimentConfig
 from distill_jax.models.transformer import Transformer
 from distill_jax.trainer import CheckpointPolicy, abstract_init, checkpointer
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_NAMES = {"none": "baseline", "offline": "distilled", "online": "distilled-online"}
 
@@ -178,9 +181,9 @@ def open_soft_targets(config: ExperimentConfig, workdir, dataset: PreparedDatase
     checkpoints = storage.path(workdir) / "teacher" / "checkpoints"
     if teacher_step is None and not checkpoints.is_dir():
         if runner.is_chief():
-            print(f"note: {checkpoints} is gone, so the soft targets in {path} cannot be "
-                  f"checked against it; they were made from {describe_teacher(*made_from)}",
-                  file=sys.stderr, flush=True)
+            logger.warning("%s is gone, so the soft targets in %s cannot be checked against "
+                           "it; they were made from %s", checkpoints, path,
+                           describe_teacher(*made_from))
     else:
         selected = teacher_lib.select_finetuned(config, workdir, teacher_step)
         if made_from != (selected.step, selected.digest):
