@@ -14,25 +14,61 @@ learning rate of 2e-4 on 1,024-token batches so that it learns within the budget
 
 import dataclasses
 
-from distill_jax.experiment import (DataConfig, DecodeConfig, DistillConfig, ExperimentConfig,
-                                    TeacherConfig, TrainConfig, default_student)
+from distill_jax.experiment import (
+    DataConfig,
+    DecodeConfig,
+    DistillConfig,
+    ExperimentConfig,
+    TeacherConfig,
+    TrainConfig,
+    default_student,
+)
 
 
 def get_config() -> ExperimentConfig:
     student = dataclasses.replace(
-        default_student(), d_model=256, num_heads=4, mlp_dim=1024, num_encoder_layers=3,
-        num_decoder_layers=3, dropout_rate=0.1, max_len=128)
+        default_student(),
+        d_model=256,
+        num_heads=4,
+        mlp_dim=1024,
+        num_encoder_layers=3,
+        num_decoder_layers=3,
+        dropout_rate=0.1,
+        max_len=128,
+    )
     return ExperimentConfig(
         name="gigaword_cpu",
-        data=DataConfig(valid_split="valid", test_splits=(), train_examples=3000,
-                        tokens_per_batch=1024, bucket_step=16, max_src_len=64, max_tgt_len=32),
-        teacher=TeacherConfig(steps=300, tokens_per_batch=1024, eval_every=150,
-                              save_every=150, learning_rate=2e-4, mask_rate=0.3, top_k=8),
+        data=DataConfig(
+            valid_split="valid",
+            test_splits=(),
+            train_examples=3000,
+            tokens_per_batch=1024,
+            bucket_step=16,
+            max_src_len=64,
+            max_tgt_len=32,
+        ),
+        teacher=TeacherConfig(
+            steps=300,
+            tokens_per_batch=1024,
+            eval_every=150,
+            save_every=150,
+            learning_rate=2e-4,
+            mask_rate=0.3,
+            top_k=8,
+        ),
         student=student,
         # the paper's Gigaword weights (results recorded before this change used alpha 0.5)
         distill=DistillConfig(kd="offline", alpha=0.1, temperature=10.0, top_k=8),
-        train=TrainConfig(steps=600, learning_rate=1e-3, warmup_steps=120, eval_every=300,
-                          save_every=300, bleu_sentences=200, select_metric="rougeL"),
-        decode=DecodeConfig(beam_size=4, length_penalty=0.6, max_len_a=0.0, max_len_b=24,
-                            tokens_per_batch=2048),
+        train=TrainConfig(
+            steps=600,
+            learning_rate=1e-3,
+            warmup_steps=120,
+            eval_every=300,
+            save_every=300,
+            bleu_sentences=200,
+            select_metric="rougeL",
+        ),
+        decode=DecodeConfig(
+            beam_size=4, length_penalty=0.6, max_len_a=0.0, max_len_b=24, tokens_per_batch=2048
+        ),
     )

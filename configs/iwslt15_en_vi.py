@@ -37,10 +37,12 @@ def get_config():
     """The IWSLT14 reference recipe (configs/iwslt14_de_en.py) with the En-Vi data splits and
     distillation weights."""
     reference = configlib.load_config_file(
-        str(pathlib.Path(__file__).with_name("iwslt14_de_en.py")))
+        str(pathlib.Path(__file__).with_name("iwslt14_de_en.py"))
+    )
     return dataclasses.replace(
-        reference, name="iwslt15_en_vi",
+        reference,
+        name="iwslt15_en_vi",
         data=dataclasses.replace(reference.data, valid_split="valid", test_splits=("test",)),
-        teacher=dataclasses.replace(reference.teacher,
-                                    checkpoint="bert-base-multilingual-cased"),
-        distill=dataclasses.replace(reference.distill, alpha=0.1, temperature=5.0))
+        teacher=dataclasses.replace(reference.teacher, checkpoint="bert-base-multilingual-cased"),
+        distill=dataclasses.replace(reference.distill, alpha=0.1, temperature=5.0),
+    )

@@ -28,10 +28,11 @@ def get_config():
     larger batches, a shorter teacher and longer students."""
     cpu = configlib.load_config_file(str(pathlib.Path(__file__).with_name("multi30k_cpu.py")))
     return dataclasses.replace(
-        cpu, name="multi30k_full_de_en",
-        data=dataclasses.replace(cpu.data, train_examples=0, tokens_per_batch=2048,
-                                 bucket_step=8),
-        teacher=dataclasses.replace(cpu.teacher, steps=400, tokens_per_batch=2048,
-                                    eval_every=200, save_every=200, top_k=8),
+        cpu,
+        name="multi30k_full_de_en",
+        data=dataclasses.replace(cpu.data, train_examples=0, tokens_per_batch=2048, bucket_step=8),
+        teacher=dataclasses.replace(
+            cpu.teacher, steps=400, tokens_per_batch=2048, eval_every=200, save_every=200, top_k=8
+        ),
         train=dataclasses.replace(cpu.train, steps=1500, warmup_steps=300, bleu_sentences=0),
     )

@@ -23,7 +23,9 @@ def get_config():
     """configs/multi30k_full.py with a 1,600-step teacher validated on all of val."""
     full = configlib.load_config_file(str(pathlib.Path(__file__).with_name("multi30k_full.py")))
     return dataclasses.replace(
-        full, name="multi30k_strong_de_en",
-        teacher=dataclasses.replace(full.teacher, steps=1600, eval_every=200, save_every=200,
-                                    quality_examples=0),
+        full,
+        name="multi30k_strong_de_en",
+        teacher=dataclasses.replace(
+            full.teacher, steps=1600, eval_every=200, save_every=200, quality_examples=0
+        ),
     )

@@ -29,7 +29,11 @@ def get_config():
     """The IWSLT14 reference recipe (configs/iwslt14_de_en.py) with WMT's dropout and
     distillation weights."""
     reference = configlib.load_config_file(
-        str(pathlib.Path(__file__).with_name("iwslt14_de_en.py")))
+        str(pathlib.Path(__file__).with_name("iwslt14_de_en.py"))
+    )
     return dataclasses.replace(
-        reference, name="wmt14_en_de", student=opennmt_student(dropout=0.1),
-        distill=dataclasses.replace(reference.distill, alpha=0.1, temperature=5.0))
+        reference,
+        name="wmt14_en_de",
+        student=opennmt_student(dropout=0.1),
+        distill=dataclasses.replace(reference.distill, alpha=0.1, temperature=5.0),
+    )

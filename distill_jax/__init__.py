@@ -18,8 +18,17 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("load_config", "train_teacher", "extract_soft_targets", "train_student", "score",
-        "Student", "TeacherRun", "StudentRun", "SoftTargets")
+_API = (
+    "load_config",
+    "train_teacher",
+    "extract_soft_targets",
+    "train_student",
+    "score",
+    "Student",
+    "TeacherRun",
+    "StudentRun",
+    "SoftTargets",
+)
 
 __all__ = ["__version__", *_API]
 

@@ -22,7 +22,8 @@ import contextlib
 import dataclasses
 import json
 import logging
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from distill_jax import runlock, runner, runtime, storage
 from distill_jax.errors import UserError
@@ -31,8 +32,17 @@ from distill_jax.extraction import SoftTargets
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_config", "train_teacher", "extract_soft_targets", "train_student", "score",
-           "Student", "TeacherRun", "StudentRun", "SoftTargets"]
+__all__ = [
+    "load_config",
+    "train_teacher",
+    "extract_soft_targets",
+    "train_student",
+    "score",
+    "Student",
+    "TeacherRun",
+    "StudentRun",
+    "SoftTargets",
+]
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -44,8 +54,9 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
 
     config = configlib.load_config_file(path)
     if not isinstance(config, ExperimentConfig):
-        raise UserError(f"{path}: get_config() must return an ExperimentConfig, "
-                        f"got {type(config).__name__}")
+        raise UserError(
+            f"{path}: get_config() must return an ExperimentConfig, got {type(config).__name__}"
+        )
     config = with_overrides(config, overrides)
     try:
         config.check()
@@ -60,7 +71,7 @@ class TeacherRun:
 
     directory: str  # WORKDIR/teacher: checkpoints/, metrics.jsonl, config.json
     final_step: int  # the last step trained (teacher.steps unless preempted)
-    best_step: Optional[int]  # the checkpoint with the lowest validation loss
+    best_step: int | None  # the checkpoint with the lowest validation loss
     validation: dict  # the last validation record's values (loss, masked_accuracy, ...)
 
 
@@ -73,7 +84,7 @@ class StudentRun:
     final_step: int  # the last step trained (train.steps unless preempted)
     finished: bool  # results.json written (False: preempted; call again to resume)
     validation: dict  # the last validation record's values (loss, accuracy, bleu, ...)
-    results: Optional[dict]  # results.json: the final parameters' scores per split
+    results: dict | None  # results.json: the final parameters' scores per split
 
 
 def _begin(config: ExperimentConfig, workdir: storage.PathLike):
@@ -85,8 +96,9 @@ def _begin(config: ExperimentConfig, workdir: storage.PathLike):
 
 
 @contextlib.contextmanager
-def _locked(directory: storage.PathLike, what: str, name: str = runlock.LOCK_NAME
-            ) -> Iterator[None]:
+def _locked(
+    directory: storage.PathLike, what: str, name: str = runlock.LOCK_NAME
+) -> Iterator[None]:
     """Holds the run directory's lock (one writer, ``runlock``) for the block."""
     runlock.acquire(directory, what, name)
     try:
@@ -116,10 +128,14 @@ def _start(config: ExperimentConfig, workdir: storage.PathLike):
     return dataset, runner.compute_dtype(config), sharding.make_mesh(config.mesh)
 
 
-def train_teacher(config: ExperimentConfig, workdir: storage.PathLike, *,
-                  no_progress: bool = False,
-                  callbacks: Sequence[runner.Callback] = (),
-                  profile_steps: Optional[tuple[int, int]] = None) -> TeacherRun:
+def train_teacher(
+    config: ExperimentConfig,
+    workdir: storage.PathLike,
+    *,
+    no_progress: bool = False,
+    callbacks: Sequence[runner.Callback] = (),
+    profile_steps: tuple[int, int] | None = None,
+) -> TeacherRun:
     """C-MLM fine-tuning of ``teacher.checkpoint`` (docs/method.md §1) in
     ``WORKDIR/teacher``; resumes a stopped run. ``callbacks`` hook into the training loop
     (``runner.Callback``); ``profile_steps=(A, B)`` traces steps A to B-1 with
@@ -128,12 +144,19 @@ def train_teacher(config: ExperimentConfig, workdir: storage.PathLike, *,
 
     out = _begin(config, workdir) / "teacher"
     with _locked(out, "train-teacher"):  # one writer per run directory
-        runner.check_or_save_config(config.teacher, out / "config.json",
-                                    what="train-teacher", runtime=config.runtime)
+        runner.check_or_save_config(
+            config.teacher, out / "config.json", what="train-teacher", runtime=config.runtime
+        )
         dataset, dtype, mesh = _start(config, workdir)
         task = teacher.training_task(config, dataset, mesh, dtype)
-        run = trainer.Trainer(task, mesh, out, trainer.TrainerOptions.of(
-            config, no_progress=no_progress, callbacks=callbacks, profile_steps=profile_steps))
+        run = trainer.Trainer(
+            task,
+            mesh,
+            out,
+            trainer.TrainerOptions.of(
+                config, no_progress=no_progress, callbacks=callbacks, profile_steps=profile_steps
+            ),
+        )
         run.resume()
         run.fit()
         best = run.checkpoints.best_step()
@@ -141,10 +164,16 @@ def train_teacher(config: ExperimentConfig, workdir: storage.PathLike, *,
     return TeacherRun(str(out), run.step, best, _last_record(out))
 
 
-def extract_soft_targets(config: ExperimentConfig, workdir: storage.PathLike, *,
-                         split: Optional[str] = None, force: bool = False,
-                         teacher_step: Optional[int] = None, chunk_rows: Optional[int] = None,
-                         no_progress: bool = False) -> SoftTargets:
+def extract_soft_targets(
+    config: ExperimentConfig,
+    workdir: storage.PathLike,
+    *,
+    split: str | None = None,
+    force: bool = False,
+    teacher_step: int | None = None,
+    chunk_rows: int | None = None,
+    no_progress: bool = False,
+) -> SoftTargets:
     """The fine-tuned teacher's stride-masked top-K soft targets of ``split`` (default
     ``data.train_split``) into ``WORKDIR/soft_targets/SPLIT`` (docs/method.md §2), from
     the best checkpoint of the finished teacher run or the saved step ``teacher_step``;
@@ -157,16 +186,26 @@ def extract_soft_targets(config: ExperimentConfig, workdir: storage.PathLike, *,
     # One writer per cache; the lock sits beside the cache folder, which force replaces.
     with _locked(workdir / "soft_targets", f"soft-targets --split {split}", f".{split}.lock"):
         return extraction.extract(
-            config, workdir, split, force=force, teacher_step=teacher_step,
+            config,
+            workdir,
+            split,
+            force=force,
+            teacher_step=teacher_step,
             chunk_rows=DEFAULT_CHUNK_ROWS if chunk_rows is None else chunk_rows,
-            no_progress=no_progress)
+            no_progress=no_progress,
+        )
 
 
-def train_student(config: ExperimentConfig, workdir: storage.PathLike, *,
-                  name: Optional[str] = None, teacher_step: Optional[int] = None,
-                  no_progress: bool = False,
-                  callbacks: Sequence[runner.Callback] = (),
-                  profile_steps: Optional[tuple[int, int]] = None) -> StudentRun:
+def train_student(
+    config: ExperimentConfig,
+    workdir: storage.PathLike,
+    *,
+    name: str | None = None,
+    teacher_step: int | None = None,
+    no_progress: bool = False,
+    callbacks: Sequence[runner.Callback] = (),
+    profile_steps: tuple[int, int] | None = None,
+) -> StudentRun:
     """The student (docs/method.md §3) in ``WORKDIR/students/NAME`` (``name`` defaults
     to baseline / distilled / distilled-online from ``distill.kd``); resumes a stopped
     run. At the end the best (or averaged) parameters translate the validation and test
@@ -179,13 +218,20 @@ def train_student(config: ExperimentConfig, workdir: storage.PathLike, *,
     with _locked(out, f"train-student --name {name}"):  # one writer per run directory
         runner.check_or_save_config(config, out / "config.json", what="train-student")
         dataset, dtype, mesh = _start(config, workdir)
-        setup = student.training_task(config, workdir, dataset, mesh, dtype, name,
-                                      teacher_step)
-        run = trainer.Trainer(setup.task, mesh, out, trainer.TrainerOptions.of(
-            config, no_progress=no_progress, callbacks=callbacks, profile_steps=profile_steps))
+        setup = student.training_task(config, workdir, dataset, mesh, dtype, name, teacher_step)
+        run = trainer.Trainer(
+            setup.task,
+            mesh,
+            out,
+            trainer.TrainerOptions.of(
+                config, no_progress=no_progress, callbacks=callbacks, profile_steps=profile_steps
+            ),
+        )
         results_path = out / "results.json"
         if run.resume() >= config.train.steps and results_path.exists():
-            if runner.is_chief():  # a finished run: nothing to redo (delete results.json to rescore)
+            if (
+                runner.is_chief()
+            ):  # a finished run: nothing to redo (delete results.json to rescore)
                 logger.info("[%s] already finished: %s", name, results_path)
             run.close()
             return _student_run(name, out, run.step)
@@ -193,10 +239,12 @@ def train_student(config: ExperimentConfig, workdir: storage.PathLike, *,
         if run.step < config.train.steps:  # preempted; a rerun resumes
             run.close()
             return _student_run(name, out, run.step)
-        final_params, which = student.final_parameters(config, run.checkpoints, state,
-                                                       run.shardings)
-        student.write_results(config, dataset, setup, mesh, final_params, which, out,
-                              no_progress=no_progress)
+        final_params, which = student.final_parameters(
+            config, run.checkpoints, state, run.shardings
+        )
+        student.write_results(
+            config, dataset, setup, mesh, final_params, which, out, no_progress=no_progress
+        )
     return _student_run(name, out, run.step)
 
 
@@ -206,9 +254,16 @@ def _student_run(name: str, out: Any, step: int) -> StudentRun:
     return StudentRun(name, str(out), step, results is not None, _last_record(out), results)
 
 
-def score(hypotheses: Sequence[str], references: Sequence[str], *, metric: str = "bleu",
-          lowercase: bool = False, tok_cased: bool = False, lang: str = "en",
-          references_tokenized: bool = False) -> dict:
+def score(
+    hypotheses: Sequence[str],
+    references: Sequence[str],
+    *,
+    metric: str = "bleu",
+    lowercase: bool = False,
+    tok_cased: bool = False,
+    lang: str = "en",
+    references_tokenized: bool = False,
+) -> dict:
     """Scores of line-aligned hypotheses against references, as ``distill-jax evaluate``:
     ``metric`` "bleu" (detokenized sacreBLEU: ``bleu``, ``signature``), "bleu_tok"
     (Moses-tokenized BLEU, lowercased unless ``tok_cased``: ``bleu_tok``,
@@ -226,9 +281,13 @@ def score(hypotheses: Sequence[str], references: Sequence[str], *, metric: str =
         result.update(metrics.bleu(hypotheses, references, lowercase=lowercase))
     if metric in ("bleu_tok", "all"):
         try:
-            tok = metrics.tokenized_bleu(hypotheses, references, lang=lang,
-                                         references_tokenized=references_tokenized,
-                                         lowercase=not tok_cased)
+            tok = metrics.tokenized_bleu(
+                hypotheses,
+                references,
+                lang=lang,
+                references_tokenized=references_tokenized,
+                lowercase=not tok_cased,
+            )
         except ImportError as err:
             raise UserError(str(err)) from None
         result.update({"bleu_tok": tok["bleu"], "bleu_tok_signature": tok["signature"]})
@@ -240,14 +299,26 @@ def score(hypotheses: Sequence[str], references: Sequence[str], *, metric: str =
 class Student:
     """A trained student, ready to translate: ``Student.load(config, workdir, name)``."""
 
-    def __init__(self, config: ExperimentConfig, workdir: storage.PathLike, model: Any,
-                 params: Any, vocab: Any, mesh: Any):
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        workdir: storage.PathLike,
+        model: Any,
+        params: Any,
+        vocab: Any,
+        mesh: Any,
+    ):
         self.config, self.workdir = config, storage.path(workdir)
         self.model, self.params, self.vocab, self.mesh = model, params, vocab, mesh
 
     @classmethod
-    def load(cls, config: ExperimentConfig, workdir: storage.PathLike,
-             name: Optional[str] = None, checkpoint: str = "best") -> "Student":
+    def load(
+        cls,
+        config: ExperimentConfig,
+        workdir: storage.PathLike,
+        name: str | None = None,
+        checkpoint: str = "best",
+    ) -> Student:
         """The student run ``WORKDIR/students/NAME`` (default: from ``distill.kd``) at
         ``checkpoint``: "best" (validation ``train.select_metric``), "latest", "averaged"
         or a saved step number (as text or int)."""
@@ -256,10 +327,11 @@ class Student:
         workdir = _begin(config, workdir)
         mesh = sharding.make_mesh(config.mesh)
         model, params, vocab = student.load_trained(
-            config, workdir, name or student.default_name(config), str(checkpoint), mesh)
+            config, workdir, name or student.default_name(config), str(checkpoint), mesh
+        )
         return cls(config, workdir, model, params, vocab, mesh)
 
-    def decode_config(self, method: Optional[str] = None, **fields: Any):
+    def decode_config(self, method: str | None = None, **fields: Any):
         """``config.decode`` with ``method`` ("beam", "greedy", "sample") and any other
         ``DecodeConfig`` fields replaced (``beam_size``, ``length_penalty``,
         ``temperature``, ``top_k``, ...)."""
@@ -274,9 +346,17 @@ class Student:
             raise UserError(f"decode options: {err}") from None
         return decode
 
-    def translate(self, texts: Sequence[str], *, method: Optional[str] = None,
-                  nbest: Optional[int] = None, top_p: float = 1.0, seed: int = 0,
-                  progress: bool = False, **decode_fields: Any) -> list:
+    def translate(
+        self,
+        texts: Sequence[str],
+        *,
+        method: str | None = None,
+        nbest: int | None = None,
+        top_p: float = 1.0,
+        seed: int = 0,
+        progress: bool = False,
+        **decode_fields: Any,
+    ) -> list:
         """Detokenized outputs of ``texts``, one per source (what ``distill-jax generate``
         writes); with ``nbest`` N, a list of N ``translate.Translation(text, score)`` per
         source, best first. ``method`` "beam" (default from the config), "greedy" or
@@ -289,13 +369,28 @@ class Student:
             translate.check_options(decode, nbest, top_p)
         except ValueError as err:
             raise UserError(str(err)) from None
-        return translate.translate_texts(self.model, self.params, self.vocab, list(texts),
-                                         decode, self.mesh, seed=seed, nbest=nbest,
-                                         top_p=top_p, progress=progress)
+        return translate.translate_texts(
+            self.model,
+            self.params,
+            self.vocab,
+            list(texts),
+            decode,
+            self.mesh,
+            seed=seed,
+            nbest=nbest,
+            top_p=top_p,
+            progress=progress,
+        )
 
-    def translate_stream(self, lines: Iterable[str], *, nbest: Optional[int] = None,
-                         top_p: float = 1.0, seed: int = 0, wait: Optional[float] = None
-                         ) -> Iterator[list]:
+    def translate_stream(
+        self,
+        lines: Iterable[str],
+        *,
+        nbest: int | None = None,
+        top_p: float = 1.0,
+        seed: int = 0,
+        wait: float | None = None,
+    ) -> Iterator[list]:
         """:meth:`translate` of lines as they arrive (one process only): yields the outputs
         of each micro-batch, in order, once it is decoded (``translate.translate_stream``:
         the lines that arrived are decoded once none came for ``wait`` seconds)."""
@@ -306,12 +401,21 @@ class Student:
         except ValueError as err:
             raise UserError(str(err)) from None
         return translate.translate_stream(
-            self.model, self.params, self.vocab, lines, self.config.decode, self.mesh,
-            seed=seed, nbest=nbest, top_p=top_p,
-            wait=translate.STREAM_WAIT if wait is None else wait)
+            self.model,
+            self.params,
+            self.vocab,
+            lines,
+            self.config.decode,
+            self.mesh,
+            seed=seed,
+            nbest=nbest,
+            top_p=top_p,
+            wait=translate.STREAM_WAIT if wait is None else wait,
+        )
 
-    def score(self, split: str, *, limit: int = 0, progress: bool = False,
-              **decode_fields: Any) -> dict:
+    def score(
+        self, split: str, *, limit: int = 0, progress: bool = False, **decode_fields: Any
+    ) -> dict:
         """BLEU (detokenized sacreBLEU and its signature), ROUGE-1/2/L and, on a
         Moses-tokenized corpus, tokenized BLEU of the student's outputs on a prepared
         ``split`` (its first ``limit`` pairs; 0 = all), as ``train-student`` scores its
@@ -322,6 +426,14 @@ class Student:
 
         dataset = open_prepared(runner.prepared_dir(self.config, self.workdir))
         scores, hypotheses = student.score_split(
-            self.model, self.params, self.vocab, dataset, split,
-            self.decode_config(**decode_fields), self.mesh, limit=limit, progress=progress)
+            self.model,
+            self.params,
+            self.vocab,
+            dataset,
+            split,
+            self.decode_config(**decode_fields),
+            self.mesh,
+            limit=limit,
+            progress=progress,
+        )
         return {**scores, "hypotheses": hypotheses}

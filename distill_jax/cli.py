@@ -21,20 +21,41 @@ from distill_jax.errors import UserError
 
 # (subcommand, module, one-line help)
 SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("prepare", "distill_jax.commands.prepare",
-     "build a dataset (TFDS, array_record) and the student vocabulary"),
-    ("train-teacher", "distill_jax.commands.train_teacher",
-     "fine-tune BERT as a conditional masked language model (C-MLM) over the student vocabulary"),
-    ("soft-targets", "distill_jax.commands.soft_targets",
-     "write the fine-tuned teacher's top-K soft targets of a split into its cache (local, gs://)"),
-    ("train-student", "distill_jax.commands.train_student",
-     "train the Transformer student: distill.kd=none (baseline), offline or online"),
-    ("generate", "distill_jax.commands.generate",
-     "translate / summarize text with a trained student (beam search, greedy, sampling)"),
-    ("evaluate", "distill_jax.commands.evaluate",
-     "score generated text against references: sacreBLEU, ROUGE-1/2/L"),
-    ("export", "distill_jax.commands.export",
-     "export a trained student to transformers (Marian, M2M100) and CTranslate2"),
+    (
+        "prepare",
+        "distill_jax.commands.prepare",
+        "build a dataset (TFDS, array_record) and the student vocabulary",
+    ),
+    (
+        "train-teacher",
+        "distill_jax.commands.train_teacher",
+        "fine-tune BERT as a conditional masked language model (C-MLM) over the student vocabulary",
+    ),
+    (
+        "soft-targets",
+        "distill_jax.commands.soft_targets",
+        "write the fine-tuned teacher's top-K soft targets of a split into its cache (local, gs://)",
+    ),
+    (
+        "train-student",
+        "distill_jax.commands.train_student",
+        "train the Transformer student: distill.kd=none (baseline), offline or online",
+    ),
+    (
+        "generate",
+        "distill_jax.commands.generate",
+        "translate / summarize text with a trained student (beam search, greedy, sampling)",
+    ),
+    (
+        "evaluate",
+        "distill_jax.commands.evaluate",
+        "score generated text against references: sacreBLEU, ROUGE-1/2/L",
+    ),
+    (
+        "export",
+        "distill_jax.commands.export",
+        "export a trained student to transformers (Marian, M2M100) and CTranslate2",
+    ),
 )
 
 
@@ -42,16 +63,20 @@ def _add_verbosity(parser: argparse.ArgumentParser, default: str | None) -> None
     """``--verbosity``; on a subcommand its default is suppressed, so that a value given
     before the subcommand is not overwritten."""
     parser.add_argument(
-        "--verbosity", type=str.lower, choices=list(logs.VERBOSITIES),
+        "--verbosity",
+        type=str.lower,
+        choices=list(logs.VERBOSITIES),
         default=argparse.SUPPRESS if default is None else default,
-        help="which status messages are logged to standard error (default: info)")
+        help="which status messages are logged to standard error (default: info)",
+    )
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only ``command``'s module is imported to add its arguments."""
     parser = argparse.ArgumentParser(
         prog="distill-jax",
-        description="Distil a C-MLM fine-tuned BERT into a Transformer seq2seq student.")
+        description="Distil a C-MLM fine-tuned BERT into a Transformer seq2seq student.",
+    )
     _add_verbosity(parser, "info")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name, help_text in SUBCOMMANDS:
@@ -105,6 +130,7 @@ def _exit_if_multiprocess(status: int) -> None:
     jax = sys.modules.get("jax")
     if jax is not None and jax.process_count() > 1:
         from distill_jax import runlock
+
         runlock.release_all()
         sys.stdout.flush()
         sys.stderr.flush()

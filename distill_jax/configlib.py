@@ -15,7 +15,8 @@ import json
 import os
 import types
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from distill_jax.errors import UserError
 
@@ -25,7 +26,8 @@ def load_config_file(path: str) -> Any:
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist")
     spec = importlib.util.spec_from_file_location(
-        f"distill_jax_config_{abs(hash(os.path.abspath(path)))}", path)
+        f"distill_jax_config_{abs(hash(os.path.abspath(path)))}", path
+    )
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
@@ -35,22 +37,27 @@ def load_config_file(path: str) -> Any:
     except UserError:
         raise
     except SyntaxError as err:  # the file itself does not parse
-        file = path if not err.filename or os.path.abspath(err.filename) == \
-            os.path.abspath(path) else err.filename
+        file = (
+            path
+            if not err.filename or os.path.abspath(err.filename) == os.path.abspath(path)
+            else err.filename
+        )
         where = f"{file}, line {err.lineno}" if err.lineno else file
         raise UserError(f"config file {where}: syntax error: {err.msg}") from None
     except Exception as err:  # noqa: BLE001 (running the file failed: an import, a name, ...)
-        raise UserError(f"config file {_failing_line(err, path)}: "
-                        f"{type(err).__name__}: {err}") from None
+        raise UserError(
+            f"config file {_failing_line(err, path)}: {type(err).__name__}: {err}"
+        ) from None
     if not dataclasses.is_dataclass(config):
         raise UserError(f"{path}: get_config() returned {type(config).__name__}, not a dataclass")
     return config
 
 
 def _failing_line(err: BaseException, path: str) -> str:
-    """"PATH, line N" of the last traceback frame inside the config file (``path`` alone
+    """ "PATH, line N" of the last traceback frame inside the config file (``path`` alone
     when none is)."""
     import traceback
+
     target = os.path.abspath(path)
     line = None
     for frame in traceback.extract_tb(err.__traceback__):
@@ -123,8 +130,10 @@ def _override_one(node: Any, path: list[str], text: str, dotted: str) -> Any:
     names = [f.name for f in dataclasses.fields(node)]
     head = path[0]
     if head not in names:
-        raise UserError(f"override {dotted}: {type(node).__name__} has no field {head!r} "
-                        f"(fields: {', '.join(names)})")
+        raise UserError(
+            f"override {dotted}: {type(node).__name__} has no field {head!r} "
+            f"(fields: {', '.join(names)})"
+        )
     if len(path) > 1:
         child = _override_one(getattr(node, head), path[1:], text, dotted)
         return _replace(node, head, child, dotted)
@@ -167,8 +176,7 @@ def declared_defaults(config: Any) -> dict:
     return json.loads(json.dumps(out, default=str))
 
 
-def diff(saved: dict, current: dict, prefix: str = "", defaults: dict | None = None
-         ) -> list[str]:
+def diff(saved: dict, current: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
     """Dotted names of fields whose values differ between two config dicts.
 
     With ``defaults`` (:func:`declared_defaults` of the current config), a field that the
@@ -183,8 +191,14 @@ def diff(saved: dict, current: dict, prefix: str = "", defaults: dict | None = N
         if isinstance(b, dict) and (isinstance(a, dict) or key not in saved):
             # (a section the saved config lacks: each field against its default)
             sub = defaults.get(key)
-            out.extend(diff(a if isinstance(a, dict) else {}, b, name + ".",
-                            sub if isinstance(sub, dict) else None))
+            out.extend(
+                diff(
+                    a if isinstance(a, dict) else {},
+                    b,
+                    name + ".",
+                    sub if isinstance(sub, dict) else None,
+                )
+            )
         elif key not in saved and key in defaults and defaults[key] == b:
             continue
         elif a != b:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from distill_jax import runtime
 from distill_jax.models import fast_paths
@@ -88,8 +89,10 @@ class TeacherConfig:
         if self.init not in TEACHER_INITS:
             raise ValueError(f"teacher.init must be one of {TEACHER_INITS}, got {self.init!r}")
         if self.inference_attention not in ATTENTION_IMPLS:
-            raise ValueError(f"teacher.inference_attention must be one of {ATTENTION_IMPLS}, "
-                             f"got {self.inference_attention!r}")
+            raise ValueError(
+                f"teacher.inference_attention must be one of {ATTENTION_IMPLS}, "
+                f"got {self.inference_attention!r}"
+            )
         if not 0 < self.mask_rate < 1:
             raise ValueError(f"teacher.mask_rate must be in (0, 1), got {self.mask_rate}")
 
@@ -123,7 +126,7 @@ class TrainConfig:
     # being factor * (student.d_model * warmup_steps)^-0.5
     learning_rate: float = 5e-4
     warmup_steps: int = 4000  # warm-up updates
-    grad_clip_norm: Optional[float] = None  # global gradient-norm clip (None = off)
+    grad_clip_norm: float | None = None  # global gradient-norm clip (None = off)
     label_smoothing: float = 0.1  # label smoothing of the cross-entropy term
     adam_eps: float = 1e-8  # Adam denominator epsilon (the OpenNMT-py reference: 1e-9)
     accum_steps: int = 1  # gradient-accumulation micro-batches per update
@@ -141,14 +144,18 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.select_metric not in SELECT_METRICS:
-            raise ValueError(f"train.select_metric must be one of {SELECT_METRICS}, "
-                             f"got {self.select_metric!r}")
+            raise ValueError(
+                f"train.select_metric must be one of {SELECT_METRICS}, got {self.select_metric!r}"
+            )
         if self.schedule not in STUDENT_SCHEDULES:
-            raise ValueError(f"train.schedule must be one of {STUDENT_SCHEDULES}, "
-                             f"got {self.schedule!r}")
+            raise ValueError(
+                f"train.schedule must be one of {STUDENT_SCHEDULES}, got {self.schedule!r}"
+            )
         if self.final_checkpoint not in FINAL_CHECKPOINTS:
-            raise ValueError(f"train.final_checkpoint must be one of {FINAL_CHECKPOINTS}, "
-                             f"got {self.final_checkpoint!r}")
+            raise ValueError(
+                f"train.final_checkpoint must be one of {FINAL_CHECKPOINTS}, "
+                f"got {self.final_checkpoint!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +203,10 @@ class RuntimeConfig:
 
     def __post_init__(self):
         if self.host_memory not in runtime.HOST_MEMORY_MODES:
-            raise ValueError(f"runtime.host_memory must be one of {runtime.HOST_MEMORY_MODES}, "
-                             f"got {self.host_memory!r}")
+            raise ValueError(
+                f"runtime.host_memory must be one of {runtime.HOST_MEMORY_MODES}, "
+                f"got {self.host_memory!r}"
+            )
 
 
 def default_student() -> TransformerConfig:
@@ -211,10 +220,19 @@ def opennmt_student(dropout: float = 0.3) -> TransformerConfig:
     attention weights and feed-forward activations, Glorot-initialised kernels (ours always
     are) and embedding."""
     return dataclasses.replace(
-        default_student(), d_model=512, num_heads=8, mlp_dim=2048, num_encoder_layers=6,
-        num_decoder_layers=6, dropout_rate=dropout, attention_dropout_rate=dropout,
-        activation_dropout_rate=dropout, pre_layer_norm=True, layer_norm_eps=1e-6,
-        embedding_init="glorot")
+        default_student(),
+        d_model=512,
+        num_heads=8,
+        mlp_dim=2048,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        dropout_rate=dropout,
+        attention_dropout_rate=dropout,
+        activation_dropout_rate=dropout,
+        pre_layer_norm=True,
+        layer_norm_eps=1e-6,
+        embedding_init="glorot",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,16 +262,20 @@ class ExperimentConfig:
         if self.distill.kd == "offline" and self.distill.top_k > self.teacher.top_k:
             raise ValueError(
                 f"distill.top_k {self.distill.top_k} is larger than teacher.top_k "
-                f"{self.teacher.top_k} (the entries the soft-target cache keeps per position)")
+                f"{self.teacher.top_k} (the entries the soft-target cache keeps per position)"
+            )
         if self.train.schedule in ("inverse_sqrt", "noam") and self.train.warmup_steps < 1:
-            raise ValueError(f"train.warmup_steps must be ≥ 1 with train.schedule "
-                             f"{self.train.schedule!r}, got {self.train.warmup_steps}")
+            raise ValueError(
+                f"train.warmup_steps must be ≥ 1 with train.schedule "
+                f"{self.train.schedule!r}, got {self.train.warmup_steps}"
+            )
         for side in ("src", "tgt"):
             limit = getattr(self.data, f"max_{side}_len")
             if limit > self.student.max_len:
                 raise ValueError(
                     f"data.max_{side}_len {limit} is longer than student.max_len "
-                    f"{self.student.max_len} (the size of the student's position table)")
+                    f"{self.student.max_len} (the size of the student's position table)"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,8 +284,8 @@ class Range:
     it, unless ``low_open``) and below ``high`` (or at it, unless ``high_open``); ``None``
     when ``optional``, and the values in ``also``."""
 
-    low: Optional[float] = None
-    high: Optional[float] = None
+    low: float | None = None
+    high: float | None = None
     low_open: bool = False
     high_open: bool = False
     optional: bool = False
@@ -280,15 +302,16 @@ class Range:
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
-        if self.high is not None and (value >= self.high if self.high_open
-                                      else value > self.high):
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
             return False
         return True
 
     def describe(self) -> str:
         if self.low is not None and self.high is not None:
-            text = (f"in {'(' if self.low_open else '['}{_number(self.low)}, "
-                    f"{_number(self.high)}{')' if self.high_open else ']'}")
+            text = (
+                f"in {'(' if self.low_open else '['}{_number(self.low)}, "
+                f"{_number(self.high)}{')' if self.high_open else ']'}"
+            )
         elif self.low is not None:
             text = f"{'>' if self.low_open else '≥'} {_number(self.low)}"
         elif self.high is not None:
@@ -313,41 +336,72 @@ DROPOUT = Range(0, 1, high_open=True)  # [0, 1)
 # numeric field has an entry).
 RANGES: dict[str, Range] = {
     # data
-    "data.train_examples": AT_LEAST_0, "data.tokens_per_batch": AT_LEAST_1,
-    "data.bucket_step": AT_LEAST_1, "data.max_src_len": Range(2), "data.max_tgt_len": Range(2),
+    "data.train_examples": AT_LEAST_0,
+    "data.tokens_per_batch": AT_LEAST_1,
+    "data.bucket_step": AT_LEAST_1,
+    "data.max_src_len": Range(2),
+    "data.max_tgt_len": Range(2),
     "data.seed": AT_LEAST_0,
     # teacher
-    "teacher.steps": AT_LEAST_1, "teacher.learning_rate": POSITIVE,
-    "teacher.warmup_fraction": Range(0, 1, high_open=True), "teacher.weight_decay": AT_LEAST_0,
-    "teacher.grad_clip_norm": POSITIVE, "teacher.dropout": DROPOUT,
-    "teacher.tokens_per_batch": AT_LEAST_1, "teacher.mask_rate": Range(0, 1, True, True),
-    "teacher.eval_every": AT_LEAST_1, "teacher.save_every": AT_LEAST_1,
-    "teacher.top_k": AT_LEAST_1, "teacher.stride": AT_LEAST_1,
+    "teacher.steps": AT_LEAST_1,
+    "teacher.learning_rate": POSITIVE,
+    "teacher.warmup_fraction": Range(0, 1, high_open=True),
+    "teacher.weight_decay": AT_LEAST_0,
+    "teacher.grad_clip_norm": POSITIVE,
+    "teacher.dropout": DROPOUT,
+    "teacher.tokens_per_batch": AT_LEAST_1,
+    "teacher.mask_rate": Range(0, 1, True, True),
+    "teacher.eval_every": AT_LEAST_1,
+    "teacher.save_every": AT_LEAST_1,
+    "teacher.top_k": AT_LEAST_1,
+    "teacher.stride": AT_LEAST_1,
     "teacher.quality_examples": AT_LEAST_0,
     # student
-    "student.vocab_size": Range(4), "student.d_model": AT_LEAST_1, "student.num_heads": AT_LEAST_1,
-    "student.mlp_dim": AT_LEAST_1, "student.num_encoder_layers": AT_LEAST_1,
-    "student.num_decoder_layers": AT_LEAST_1, "student.dropout_rate": DROPOUT,
-    "student.attention_dropout_rate": DROPOUT, "student.activation_dropout_rate": DROPOUT,
-    "student.max_len": Range(2), "student.layer_norm_eps": POSITIVE,
-    "student.pad_id": AT_LEAST_0, "student.bos_id": AT_LEAST_0, "student.eos_id": AT_LEAST_0,
+    "student.vocab_size": Range(4),
+    "student.d_model": AT_LEAST_1,
+    "student.num_heads": AT_LEAST_1,
+    "student.mlp_dim": AT_LEAST_1,
+    "student.num_encoder_layers": AT_LEAST_1,
+    "student.num_decoder_layers": AT_LEAST_1,
+    "student.dropout_rate": DROPOUT,
+    "student.attention_dropout_rate": DROPOUT,
+    "student.activation_dropout_rate": DROPOUT,
+    "student.max_len": Range(2),
+    "student.layer_norm_eps": POSITIVE,
+    "student.pad_id": AT_LEAST_0,
+    "student.bos_id": AT_LEAST_0,
+    "student.eos_id": AT_LEAST_0,
     # distill
-    "distill.alpha": PROBABILITY, "distill.temperature": POSITIVE, "distill.top_k": AT_LEAST_1,
+    "distill.alpha": PROBABILITY,
+    "distill.temperature": POSITIVE,
+    "distill.top_k": AT_LEAST_1,
     # train
-    "train.steps": AT_LEAST_1, "train.learning_rate": POSITIVE, "train.warmup_steps": AT_LEAST_0,
+    "train.steps": AT_LEAST_1,
+    "train.learning_rate": POSITIVE,
+    "train.warmup_steps": AT_LEAST_0,
     "train.grad_clip_norm": Range(0, low_open=True, optional=True),
-    "train.label_smoothing": DROPOUT, "train.adam_eps": POSITIVE, "train.accum_steps": AT_LEAST_1,
-    "train.seed": AT_LEAST_0, "train.eval_every": AT_LEAST_1, "train.save_every": AT_LEAST_1,
-    "train.keep_last": AT_LEAST_1, "train.average_last": AT_LEAST_0,
+    "train.label_smoothing": DROPOUT,
+    "train.adam_eps": POSITIVE,
+    "train.accum_steps": AT_LEAST_1,
+    "train.seed": AT_LEAST_0,
+    "train.eval_every": AT_LEAST_1,
+    "train.save_every": AT_LEAST_1,
+    "train.keep_last": AT_LEAST_1,
+    "train.average_last": AT_LEAST_0,
     "train.bleu_sentences": AT_LEAST_0,
     # decode
-    "decode.beam_size": AT_LEAST_1, "decode.length_penalty": AT_LEAST_0,
-    "decode.max_len_a": AT_LEAST_0, "decode.max_len_b": AT_LEAST_0,
-    "decode.temperature": POSITIVE, "decode.top_k": AT_LEAST_0,
-    "decode.tokens_per_batch": AT_LEAST_1, "decode.bucket_step": AT_LEAST_1,
+    "decode.beam_size": AT_LEAST_1,
+    "decode.length_penalty": AT_LEAST_0,
+    "decode.max_len_a": AT_LEAST_0,
+    "decode.max_len_b": AT_LEAST_0,
+    "decode.temperature": POSITIVE,
+    "decode.top_k": AT_LEAST_0,
+    "decode.tokens_per_batch": AT_LEAST_1,
+    "decode.bucket_step": AT_LEAST_1,
     "decode.cache_phases": AT_LEAST_1,
     # mesh: a positive size, or -1 for the remaining devices
-    "mesh.data": Range(1, also=(-1,)), "mesh.fsdp": Range(1, also=(-1,)),
+    "mesh.data": Range(1, also=(-1,)),
+    "mesh.fsdp": Range(1, also=(-1,)),
     "mesh.tensor": Range(1, also=(-1,)),
 }
 
@@ -369,7 +423,7 @@ def numeric_fields(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_ranges(config: "ExperimentConfig") -> None:
+def check_ranges(config: ExperimentConfig) -> None:
     """Raises ValueError naming the first numeric field outside its ``RANGES`` entry
     (e.g. ``train.steps must be ≥ 1, got -5``)."""
     for name, value in numeric_fields(config).items():

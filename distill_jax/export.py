@@ -48,8 +48,9 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -65,8 +66,11 @@ MARKER = ".distill_jax_export.json"  # written by every export; --overwrite need
 CT2_FOLDER = "ctranslate2"  # --ctranslate2 writes the CTranslate2 model here
 FORMATS = ("auto", "marian", "m2m100", "fsmt", "ctranslate2")
 TRANSFORMERS_FORMATS = ("marian", "m2m100", "fsmt")
-ARCHITECTURES = {"marian": "MarianMTModel", "m2m100": "M2M100ForConditionalGeneration",
-                 "fsmt": "FSMTForConditionalGeneration"}
+ARCHITECTURES = {
+    "marian": "MarianMTModel",
+    "m2m100": "M2M100ForConditionalGeneration",
+    "fsmt": "FSMTForConditionalGeneration",
+}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -87,19 +91,27 @@ def check_exportable(config: TransformerConfig, fmt: str = "auto") -> str:
     fmt = resolve_format(config, fmt)
     problems = []
     if fmt in ("marian", "fsmt") and config.pre_layer_norm:
-        problems.append(f"student.pre_layer_norm=True ({ARCHITECTURES[fmt]} is post-LN: a "
-                        "LayerNorm after each block and no final LayerNorm; use --format "
-                        "m2m100 or ctranslate2)")
+        problems.append(
+            f"student.pre_layer_norm=True ({ARCHITECTURES[fmt]} is post-LN: a "
+            "LayerNorm after each block and no final LayerNorm; use --format "
+            "m2m100 or ctranslate2)"
+        )
     if fmt == "m2m100" and not config.pre_layer_norm:
-        problems.append("student.pre_layer_norm=False (M2M100 is pre-LN with final "
-                        "LayerNorms; use --format marian, fsmt or ctranslate2)")
+        problems.append(
+            "student.pre_layer_norm=False (M2M100 is pre-LN with final "
+            "LayerNorms; use --format marian, fsmt or ctranslate2)"
+        )
     if fmt == "m2m100" and config.positions == "learned":
-        problems.append("student.positions='learned' (M2M100 computes sinusoid positions "
-                        "and loads no position table; use --format ctranslate2)")
+        problems.append(
+            "student.positions='learned' (M2M100 computes sinusoid positions "
+            "and loads no position table; use --format ctranslate2)"
+        )
     if fmt in TRANSFORMERS_FORMATS and abs(config.layer_norm_eps - TORCH_LAYER_NORM_EPS) > 1e-12:
-        problems.append(f"student.layer_norm_eps={config.layer_norm_eps} ({ARCHITECTURES[fmt]}'s "
-                        f"LayerNorms use {TORCH_LAYER_NORM_EPS}, not configurable; --format "
-                        "ctranslate2 stores any epsilon)")
+        problems.append(
+            f"student.layer_norm_eps={config.layer_norm_eps} ({ARCHITECTURES[fmt]}'s "
+            f"LayerNorms use {TORCH_LAYER_NORM_EPS}, not configurable; --format "
+            "ctranslate2 stores any epsilon)"
+        )
     if problems:
         raise UserError(f"cannot export this student as {fmt}: " + "; ".join(problems))
     return fmt
@@ -107,21 +119,25 @@ def check_exportable(config: TransformerConfig, fmt: str = "auto") -> str:
 
 def _check_vocab(config: TransformerConfig, vocab: Vocabulary) -> None:
     if (config.pad_id, config.bos_id, config.eos_id) != (PAD, BOS, EOS):
-        raise UserError(f"the student's special ids (pad {config.pad_id}, bos {config.bos_id}, "
-                        f"eos {config.eos_id}) are not the vocabulary's ({PAD}, {BOS}, {EOS})")
+        raise UserError(
+            f"the student's special ids (pad {config.pad_id}, bos {config.bos_id}, "
+            f"eos {config.eos_id}) are not the vocabulary's ({PAD}, {BOS}, {EOS})"
+        )
     if config.vocab_size != len(vocab):
-        raise UserError(f"the student has {config.vocab_size} embeddings, the vocabulary "
-                        f"{len(vocab)} pieces")
+        raise UserError(
+            f"the student has {config.vocab_size} embeddings, the vocabulary {len(vocab)} pieces"
+        )
 
 
-def _local_path(path: os.PathLike | str) -> Optional[Path]:
+def _local_path(path: os.PathLike | str) -> Path | None:
     """``path`` resolved, or None for a remote URL (gs://...)."""
     text = str(path)
     return None if "://" in text else Path(text).expanduser().resolve()
 
 
-def check_target(out: os.PathLike | str, workdir: Optional[os.PathLike | str],
-                 overwrite: bool) -> None:
+def check_target(
+    out: os.PathLike | str, workdir: os.PathLike | str | None, overwrite: bool
+) -> None:
     """Refuses (UserError) an ``out`` that exists unless ``overwrite``, and with
     ``overwrite`` anything but a folder an earlier export wrote (its marker file lists
     every entry in it), the work directory, a folder inside it or a folder above it."""
@@ -129,8 +145,10 @@ def check_target(out: os.PathLike | str, workdir: Optional[os.PathLike | str],
     if not (path.exists() or path.is_symlink()):
         return
     if not overwrite:
-        raise UserError(f"{out} exists; choose another --out or pass --overwrite (which "
-                        "replaces only a folder written by distill-jax export)")
+        raise UserError(
+            f"{out} exists; choose another --out or pass --overwrite (which "
+            "replaces only a folder written by distill-jax export)"
+        )
     target = _local_path(out)
     work = _local_path(workdir) if workdir else None
     if work is not None:
@@ -141,18 +159,21 @@ def check_target(out: os.PathLike | str, workdir: Optional[os.PathLike | str],
         if target in work.parents:
             raise UserError(f"--overwrite refused: {out} holds the work directory {workdir}")
     if path.is_symlink() or not path.is_dir():
-        raise UserError(f"--overwrite refused: {out} is not a folder written by distill-jax "
-                        "export")
+        raise UserError(f"--overwrite refused: {out} is not a folder written by distill-jax export")
     marker = path / MARKER
     try:
         listed = set(json.loads(marker.read_text(encoding="utf-8"))["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"--overwrite refused: {out} has no readable {MARKER}, so it was not "
-                        "written by distill-jax export; choose another --out") from None
+        raise UserError(
+            f"--overwrite refused: {out} has no readable {MARKER}, so it was not "
+            "written by distill-jax export; choose another --out"
+        ) from None
     extra = sorted(set(os.listdir(path)) - listed)
     if extra:
-        raise UserError(f"--overwrite refused: {out} holds files the export did not write: "
-                        f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        raise UserError(
+            f"--overwrite refused: {out} holds files the export did not write: "
+            f"{extra[:5]}{' ...' if len(extra) > 5 else ''}"
+        )
 
 
 # ----------------------------------------------------------------------------- weights
@@ -215,8 +236,12 @@ def _feed_forward(prefix: str, p: Mapping, out: dict) -> None:
 
 
 # Every student parameter module the conversion reads, per layer kind.
-_ENCODER_LAYER_KEYS = {"self_attention", "self_attention_block", "feed_forward",
-                       "feed_forward_block"}
+_ENCODER_LAYER_KEYS = {
+    "self_attention",
+    "self_attention_block",
+    "feed_forward",
+    "feed_forward_block",
+}
 _DECODER_LAYER_KEYS = _ENCODER_LAYER_KEYS | {"cross_attention", "cross_attention_block"}
 
 
@@ -224,8 +249,10 @@ def _check_known(p: Mapping, config: TransformerConfig, fmt: str) -> None:
     """Raises UserError on a student parameter the conversion does not know, so nothing is
     dropped silently."""
     unknown = [k for k in p if k not in ("shared_embedding", "encoder", "decoder")]
-    for side, count, keys in (("encoder", config.num_encoder_layers, _ENCODER_LAYER_KEYS),
-                              ("decoder", config.num_decoder_layers, _DECODER_LAYER_KEYS)):
+    for side, count, keys in (
+        ("encoder", config.num_encoder_layers, _ENCODER_LAYER_KEYS),
+        ("decoder", config.num_decoder_layers, _DECODER_LAYER_KEYS),
+    ):
         known = {f"layer_{i}" for i in range(count)}
         if config.positions == "learned":
             known.add("positions")
@@ -235,12 +262,15 @@ def _check_known(p: Mapping, config: TransformerConfig, fmt: str) -> None:
         for i in range(count):
             unknown += [f"{side}/layer_{i}/{k}" for k in p[side][f"layer_{i}"] if k not in keys]
     if unknown:
-        raise UserError(f"cannot export this student as {fmt}: parameters without a "
-                        f"counterpart: {sorted(unknown)}")
+        raise UserError(
+            f"cannot export this student as {fmt}: parameters without a "
+            f"counterpart: {sorted(unknown)}"
+        )
 
 
-def transformers_state_dict(params: Any, config: TransformerConfig,
-                            fmt: str) -> dict[str, np.ndarray]:
+def transformers_state_dict(
+    params: Any, config: TransformerConfig, fmt: str
+) -> dict[str, np.ndarray]:
     """The weights of ``fmt`` (marian, m2m100 or fsmt: transformers' names, torch layouts)
     of student ``params``. One embedding is written (``model.shared`` or, for FSMT,
     the decoder's); the classes tie the others and the output projection to it."""
@@ -257,8 +287,10 @@ def transformers_state_dict(params: Any, config: TransformerConfig,
         out["model.shared.weight"] = embedding
     if fmt == "marian":
         out["final_logits_bias"] = np.zeros((1, config.vocab_size), np.float32)
-    for side, count in (("encoder", config.num_encoder_layers),
-                        ("decoder", config.num_decoder_layers)):
+    for side, count in (
+        ("encoder", config.num_encoder_layers),
+        ("decoder", config.num_decoder_layers),
+    ):
         tree = p[side]
         if fmt == "fsmt":
             out[f"model.{side}.embed_positions.weight"] = position_table(p, config, side)
@@ -272,8 +304,9 @@ def transformers_state_dict(params: Any, config: TransformerConfig,
             _norm(f"{prefix}.self_attn_layer_norm", layer["self_attention_block"]["norm"], out)
             if side == "decoder":
                 _attention(f"{prefix}.encoder_attn", layer["cross_attention"], out)
-                _norm(f"{prefix}.encoder_attn_layer_norm",
-                      layer["cross_attention_block"]["norm"], out)
+                _norm(
+                    f"{prefix}.encoder_attn_layer_norm", layer["cross_attention_block"]["norm"], out
+                )
             _feed_forward(prefix, layer["feed_forward"], out)
             _norm(f"{prefix}.final_layer_norm", layer["feed_forward_block"]["norm"], out)
     return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
@@ -315,29 +348,41 @@ def _common_config(config: TransformerConfig) -> dict:
     }
 
 
-def transformers_config(config: TransformerConfig, decode: DecodeConfig, fmt: str,
-                        langs: Sequence[str] = ("src", "tgt")) -> dict:
+def transformers_config(
+    config: TransformerConfig, decode: DecodeConfig, fmt: str, langs: Sequence[str] = ("src", "tgt")
+) -> dict:
     """``config.json`` of a transformers export (``fmt``: marian, m2m100 or fsmt), with the
     student vocabulary's ids."""
     out = {"architectures": [ARCHITECTURES[fmt]], **_common_config(config)}
     if fmt == "marian":
-        out.update(model_type="marian", vocab_size=config.vocab_size,
-                   decoder_vocab_size=config.vocab_size, share_encoder_decoder_embeddings=True)
+        out.update(
+            model_type="marian",
+            vocab_size=config.vocab_size,
+            decoder_vocab_size=config.vocab_size,
+            share_encoder_decoder_embeddings=True,
+        )
     elif fmt == "m2m100":
         # token i reads row pad_token_id + 1 + i of M2M100's sinusoids: -1 makes it row i,
         # the student's (the real pad id, 0, is the tokenizer's and generation_config's)
         out.update(model_type="m2m_100", vocab_size=config.vocab_size, pad_token_id=-1)
     else:
-        out.update(model_type="fsmt", langs=list(langs), src_vocab_size=config.vocab_size,
-                   tgt_vocab_size=config.vocab_size, forced_eos_token_id=config.eos_id,
-                   num_beams=decode.beam_size if decode.method == "beam" else 1,
-                   length_penalty=decode.length_penalty, max_length=config.max_len + 1,
-                   early_stopping=False)
+        out.update(
+            model_type="fsmt",
+            langs=list(langs),
+            src_vocab_size=config.vocab_size,
+            tgt_vocab_size=config.vocab_size,
+            forced_eos_token_id=config.eos_id,
+            num_beams=decode.beam_size if decode.method == "beam" else 1,
+            length_penalty=decode.length_penalty,
+            max_length=config.max_len + 1,
+            early_stopping=False,
+        )
     return out
 
 
-def fsmt_config(config: TransformerConfig, decode: DecodeConfig,
-                langs: Sequence[str] = ("src", "tgt")) -> dict:
+def fsmt_config(
+    config: TransformerConfig, decode: DecodeConfig, langs: Sequence[str] = ("src", "tgt")
+) -> dict:
     """``config.json`` of an FSMT export."""
     return transformers_config(config, decode, "fsmt", langs)
 
@@ -358,11 +403,16 @@ def generation_config(config: TransformerConfig, decode: DecodeConfig) -> dict:
         "max_length": config.max_len + 1,
     }
     if decode.method == "beam":
-        out.update(num_beams=decode.beam_size, length_penalty=decode.length_penalty,
-                   early_stopping="never", do_sample=False)
+        out.update(
+            num_beams=decode.beam_size,
+            length_penalty=decode.length_penalty,
+            early_stopping="never",
+            do_sample=False,
+        )
     elif decode.method == "sample":
-        out.update(do_sample=True, temperature=decode.temperature, top_k=decode.top_k or None,
-                   num_beams=1)
+        out.update(
+            do_sample=True, temperature=decode.temperature, top_k=decode.top_k or None, num_beams=1
+        )
     else:
         out.update(do_sample=False, num_beams=1)
     return out
@@ -380,8 +430,11 @@ def ctranslate2_spec(params: Any, config: TransformerConfig, vocab: Vocabulary):
     p = _host_tree(params)
     _check_known(p, config, "ctranslate2")
     spec = transformer_spec.TransformerSpec.from_config(
-        (config.num_encoder_layers, config.num_decoder_layers), config.num_heads,
-        pre_norm=config.pre_layer_norm, activation=common_spec.Activation.RELU)
+        (config.num_encoder_layers, config.num_decoder_layers),
+        config.num_heads,
+        pre_norm=config.pre_layer_norm,
+        activation=common_spec.Activation.RELU,
+    )
     embedding = p["shared_embedding"]["embedding"]  # [vocab, embed]
     scale = math.sqrt(config.d_model) if config.scale_embeddings else 1.0
 
@@ -408,16 +461,22 @@ def ctranslate2_spec(params: Any, config: TransformerConfig, vocab: Vocabulary):
             layer = tree[f"layer_{i}"]
             attn = layer["self_attention"]
             parts = [_qkv(attn, k) for k in ("query", "key", "value")]
-            linear(layer_spec.self_attention.linear[0], np.concatenate([w for w, _ in parts]),
-                   np.concatenate([b for _, b in parts]))
+            linear(
+                layer_spec.self_attention.linear[0],
+                np.concatenate([w for w, _ in parts]),
+                np.concatenate([b for _, b in parts]),
+            )
             linear(layer_spec.self_attention.linear[1], *_out(attn))
             norm(layer_spec.self_attention.layer_norm, layer["self_attention_block"]["norm"])
             if side == "decoder":
                 cross = layer["cross_attention"]
                 linear(layer_spec.attention.linear[0], *_qkv(cross, "query"))
                 kv = [_qkv(cross, k) for k in ("key", "value")]
-                linear(layer_spec.attention.linear[1], np.concatenate([w for w, _ in kv]),
-                       np.concatenate([b for _, b in kv]))
+                linear(
+                    layer_spec.attention.linear[1],
+                    np.concatenate([w for w, _ in kv]),
+                    np.concatenate([b for _, b in kv]),
+                )
                 linear(layer_spec.attention.linear[2], *_out(cross))
                 norm(layer_spec.attention.layer_norm, layer["cross_attention_block"]["norm"])
             feed_forward(layer_spec.ffn, layer)
@@ -427,23 +486,29 @@ def ctranslate2_spec(params: Any, config: TransformerConfig, vocab: Vocabulary):
     spec.decoder.start_from_zero_embedding = False
     spec.config.layer_norm_epsilon = float(config.layer_norm_eps)
     spec.config.add_source_eos = True
-    for field, token_id in (("bos_token", BOS), ("eos_token", EOS), ("unk_token", UNK),
-                            ("decoder_start_token", config.bos_id)):
+    for field, token_id in (
+        ("bos_token", BOS),
+        ("eos_token", EOS),
+        ("unk_token", UNK),
+        ("decoder_start_token", config.bos_id),
+    ):
         setattr(spec.config, field, vocab.pieces[token_id])
     spec.register_source_vocabulary(list(vocab.pieces))
     spec.register_target_vocabulary(list(vocab.pieces))
     return spec
 
 
-def write_ctranslate2(folder: Path, params: Any, config: TransformerConfig,
-                      vocab: Vocabulary) -> None:
+def write_ctranslate2(
+    folder: Path, params: Any, config: TransformerConfig, vocab: Vocabulary
+) -> None:
     """Writes the CTranslate2 model (float32) of the student into ``folder`` (which must
     not exist)."""
     try:
         import ctranslate2
     except ImportError:
-        raise UserError("the CTranslate2 export needs the ctranslate2 package: "
-                        "pip install -e \".[export]\"") from None
+        raise UserError(
+            'the CTranslate2 export needs the ctranslate2 package: pip install -e ".[export]"'
+        ) from None
 
     spec = ctranslate2_spec(params, config, vocab)
 
@@ -462,8 +527,9 @@ def ctranslate2_suppressed(vocab: Vocabulary) -> list[list[str]]:
     return [[vocab.pieces[PAD]], [vocab.pieces[BOS]]]
 
 
-def max_new_tokens(src_ids: Sequence[int], decode: DecodeConfig, max_len: int,
-                   pad_id: int = PAD, eos_id: int = EOS) -> int:
+def max_new_tokens(
+    src_ids: Sequence[int], decode: DecodeConfig, max_len: int, pad_id: int = PAD, eos_id: int = EOS
+) -> int:
     """The student's length bound for one source (``decode.length_limits``), to pass as
     ``generate(max_new_tokens=...)``: ``floor(a * n + b)`` tokens, ``n`` the source ids that
     are neither pad nor EOS (computed in float32 as the student does), within
@@ -490,22 +556,29 @@ def build_tokenizer(vocab: Vocabulary, max_len: int):
     from tokenizers import Tokenizer, decoders, processors
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer.from_str(vocab.wordpiece_tokenizer().to_str())   # a copy to extend
+    backend = Tokenizer.from_str(vocab.wordpiece_tokenizer().to_str())  # a copy to extend
     eos = vocab.pieces[EOS]
     backend.post_processor = processors.TemplateProcessing(
-        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, EOS)])
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, EOS)]
+    )
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     fillers = [p for p in vocab.pieces if p.startswith("<fill_")]
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=vocab.pieces[PAD], bos_token=vocab.pieces[BOS],
-        eos_token=eos, extra_special_tokens=fillers, clean_up_tokenization_spaces=False,
-        split_special_tokens=True, model_max_length=max_len)
+        tokenizer_object=backend,
+        pad_token=vocab.pieces[PAD],
+        bos_token=vocab.pieces[BOS],
+        eos_token=eos,
+        extra_special_tokens=fillers,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=True,
+        model_max_length=max_len,
+    )
 
 
 # ----------------------------------------------------------------------------- model card
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -516,29 +589,39 @@ _USAGE = {
     "transformers": [
         "```python",
         "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
-        "PATH = \"path/to/this/folder\"",
+        'PATH = "path/to/this/folder"',
         "tokenizer = AutoTokenizer.from_pretrained(PATH)",
         "model = AutoModelForSeq2SeqLM.from_pretrained(PATH).eval()",
-        "batch = tokenizer([\"a source sentence\"], return_tensors=\"pt\", padding=True)",
+        'batch = tokenizer(["a source sentence"], return_tensors="pt", padding=True)',
         "print(tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True))",
-        "```"],
+        "```",
+    ],
     "ctranslate2": [
         "```python",
         "import ctranslate2, transformers",
-        "PATH = \"path/to/this/folder\"",
+        'PATH = "path/to/this/folder"',
         "tokenizer = transformers.AutoTokenizer.from_pretrained(PATH)",
-        "translator = ctranslate2.Translator(PATH, compute_type=\"float32\")",
-        "source = tokenizer.tokenize(\"a source sentence\")   # </s> is added by the model",
+        'translator = ctranslate2.Translator(PATH, compute_type="float32")',
+        'source = tokenizer.tokenize("a source sentence")   # </s> is added by the model',
         "result = translator.translate_batch([source], beam_size=4, suppress_sequences="
-        "[[\"<pad>\"], [\"<s>\"]])",
+        '[["<pad>"], ["<s>"]])',
         "print(tokenizer.convert_tokens_to_string(result[0].hypotheses[0]))",
-        "```"],
+        "```",
+    ],
 }
 
 
-def model_card(run_dir: Path, name: str, config: TransformerConfig, vocab: Vocabulary,
-               dataset_meta: Optional[Mapping], checkpoint: str, fmt: str = "marian",
-               langs: Sequence[str] = ("src", "tgt"), license: str = "unknown") -> str:
+def model_card(
+    run_dir: Path,
+    name: str,
+    config: TransformerConfig,
+    vocab: Vocabulary,
+    dataset_meta: Mapping | None,
+    checkpoint: str,
+    fmt: str = "marian",
+    langs: Sequence[str] = ("src", "tgt"),
+    license: str = "unknown",
+) -> str:
     """README.md of the export, a ``huggingface_hub.ModelCard``: metadata (language,
     datasets, license, BLEU per split in ``model-index``) from ``ModelCardData``, the text
     from the run's ``config.json`` and ``results.json`` in ``run_dir``."""
@@ -555,44 +638,73 @@ def model_card(run_dir: Path, name: str, config: TransformerConfig, vocab: Vocab
     dataset = str((dataset_meta or {}).get("tfds_name", data.get("dataset", "unknown")))
     splits = results.get("splits", {})
     library = "ctranslate2" if fmt == "ctranslate2" else "transformers"
-    languages = [lang for lang in langs
-                 if lang.isalpha() and 2 <= len(lang) <= 3 and lang not in ("src", "tgt")]
+    languages = [
+        lang
+        for lang in langs
+        if lang.isalpha() and 2 <= len(lang) <= 3 and lang not in ("src", "tgt")
+    ]
     pair = "-".join(langs)
-    evals = [EvalResult(task_type="translation", task_name=f"Translation {pair}",
-                        dataset_type=dataset, dataset_name=dataset, dataset_split=split,
-                        metric_type="bleu", metric_name="BLEU (sacreBLEU, case-insensitive)",
-                        metric_value=round(float(s["bleu"]), 2))
-             for split, s in splits.items() if "bleu" in s]
+    evals = [
+        EvalResult(
+            task_type="translation",
+            task_name=f"Translation {pair}",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split=split,
+            metric_type="bleu",
+            metric_name="BLEU (sacreBLEU, case-insensitive)",
+            metric_value=round(float(s["bleu"]), 2),
+        )
+        for split, s in splits.items()
+        if "bleu" in s
+    ]
     card_data = ModelCardData(
-        language=languages or None, license=license, library_name=library,
-        pipeline_tag="translation", datasets=[dataset],
+        language=languages or None,
+        license=license,
+        library_name=library,
+        pipeline_tag="translation",
+        datasets=[dataset],
         tags=["distill-jax", "knowledge-distillation", fmt],
-        model_name=name, eval_results=evals or None)
-    method = ("a baseline trained on the references alone (no distillation), for comparison "
-              "with students distilled" if kd == "none" else
-              f"a student distilled ({kd} soft targets)")
+        model_name=name,
+        eval_results=evals or None,
+    )
+    method = (
+        "a baseline trained on the references alone (no distillation), for comparison "
+        "with students distilled"
+        if kd == "none"
+        else f"a student distilled ({kd} soft targets)"
+    )
     layout = "pre-LN with final LayerNorms" if config.pre_layer_norm else "post-LN"
     lines = [
-        f"# {name}: a distill-jax student ({fmt})", "",
+        f"# {name}: a distill-jax student ({fmt})",
+        "",
         f"A Transformer encoder-decoder ({layout}) trained with distill-jax: {method} from a "
-        "C-MLM fine-tuned BERT teacher (Chen et al., ACL 2020, \"Distilling Knowledge Learned "
-        f"in BERT for Text Generation\"). Exported with `distill-jax export --format {fmt}`.",
-        "", "## Data", "",
+        'C-MLM fine-tuned BERT teacher (Chen et al., ACL 2020, "Distilling Knowledge Learned '
+        f'in BERT for Text Generation"). Exported with `distill-jax export --format {fmt}`.',
+        "",
+        "## Data",
+        "",
         f"- dataset: `{dataset}` (train split `{data.get('train_split', 'train')}`), {pair}",
         f"- vocabulary: {len(vocab.pieces)} WordPiece pieces of the teacher tokenizer "
-        f"(`{vocab.name}`), shared by source and target", "",
-        "## Teacher", "",
+        f"(`{vocab.name}`), shared by source and target",
+        "",
+        "## Teacher",
+        "",
         f"- checkpoint: `{teacher.get('checkpoint', '?')}`"
         f" (init `{teacher.get('init', '?')}`, fine-tuned {teacher.get('steps', '?')} steps as "
         "a conditional masked language model)"
-        + ("; this baseline uses only its tokenizer" if kd == "none" else ""), "",
-        "## Distillation", "",
+        + ("; this baseline uses only its tokenizer" if kd == "none" else ""),
+        "",
+        "## Distillation",
+        "",
         f"- mode: `{kd}`" + (" (baseline, no teacher)" if kd == "none" else ""),
     ]
     if kd != "none":
-        lines += [f"- alpha {distill.get('alpha', '?')}, temperature "
-                  f"{distill.get('temperature', '?')}, top-K {distill.get('top_k', '?')}, "
-                  f"loss `{distill.get('kd_mode', '?')}`"]
+        lines += [
+            f"- alpha {distill.get('alpha', '?')}, temperature "
+            f"{distill.get('temperature', '?')}, top-K {distill.get('top_k', '?')}, "
+            f"loss `{distill.get('kd_mode', '?')}`"
+        ]
     lines += [
         f"- student: {config.num_encoder_layers}+{config.num_decoder_layers} layers, d "
         f"{config.d_model}, {config.num_heads} heads, feed-forward {config.mlp_dim}, "
@@ -603,39 +715,69 @@ def model_card(run_dir: Path, name: str, config: TransformerConfig, vocab: Vocab
         f"{train.get('label_smoothing', '?')}, seed {results.get('seed', train.get('seed', '?'))}",
         f"- exported parameters: `--checkpoint {checkpoint}`"
         + (f" (training reported: {results['checkpoint']})" if "checkpoint" in results else ""),
-        "", "## Scores", "",
+        "",
+        "## Scores",
+        "",
     ]
     if splits:
-        lines += ["Beam search as configured in distill-jax (beam "
-                  f"{decode.get('beam_size', '?')}, GNMT length penalty "
-                  f"{decode.get('length_penalty', '?')}); BLEU is case-insensitive sacreBLEU.",
-                  "", "| split | BLEU | ROUGE-1 | ROUGE-2 | ROUGE-L |", "|---|---|---|---|---|"]
+        lines += [
+            "Beam search as configured in distill-jax (beam "
+            f"{decode.get('beam_size', '?')}, GNMT length penalty "
+            f"{decode.get('length_penalty', '?')}); BLEU is case-insensitive sacreBLEU.",
+            "",
+            "| split | BLEU | ROUGE-1 | ROUGE-2 | ROUGE-L |",
+            "|---|---|---|---|---|",
+        ]
         for split, s in splits.items():
-            lines.append(f"| {split} | {s.get('bleu', float('nan')):.2f} | "
-                         f"{s.get('rouge1', float('nan')):.2f} | "
-                         f"{s.get('rouge2', float('nan')):.2f} | "
-                         f"{s.get('rougeL', float('nan')):.2f} |")
+            lines.append(
+                f"| {split} | {s.get('bleu', float('nan')):.2f} | "
+                f"{s.get('rouge1', float('nan')):.2f} | "
+                f"{s.get('rouge2', float('nan')):.2f} | "
+                f"{s.get('rougeL', float('nan')):.2f} |"
+            )
     else:
         lines.append("No results.json in the run folder: not scored.")
-    caveat = ([] if fmt != "marian" else [
-        "", "Copy or upload this folder as it is (`huggingface_hub.upload_folder`): "
-        "transformers' `save_pretrained` / `push_to_hub` leave Marian's position tables out "
-        "and the reloaded model would use Marian's own sinusoids, not this model's."])
-    lines += ["", "## Use", "", *_USAGE[library], *caveat, "",
-              "Differences from `distill-jax generate`: the length penalty (transformers and "
-              "CTranslate2 divide by `length ** alpha`, distill-jax by GNMT's "
-              "`((5 + length) / 6) ** alpha`; with 0 they agree) and the length bound (one "
-              "per call; distill-jax: `a * source length + b` per sentence). Token ids are "
-              "the same for any text.", ""]
+    caveat = (
+        []
+        if fmt != "marian"
+        else [
+            "",
+            "Copy or upload this folder as it is (`huggingface_hub.upload_folder`): "
+            "transformers' `save_pretrained` / `push_to_hub` leave Marian's position tables out "
+            "and the reloaded model would use Marian's own sinusoids, not this model's.",
+        ]
+    )
+    lines += [
+        "",
+        "## Use",
+        "",
+        *_USAGE[library],
+        *caveat,
+        "",
+        "Differences from `distill-jax generate`: the length penalty (transformers and "
+        "CTranslate2 divide by `length ** alpha`, distill-jax by GNMT's "
+        "`((5 + length) / 6) ** alpha`; with 0 they agree) and the length bound (one "
+        "per call; distill-jax: `a * source length + b` per sentence). Token ids are "
+        "the same for any text.",
+        "",
+    ]
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def write_export(folder: Path, params: Any, config: TransformerConfig, vocab: Vocabulary,
-                 decode: DecodeConfig, card: str, langs: Sequence[str] = ("src", "tgt"),
-                 fmt: str = "auto", ctranslate2: bool = False) -> None:
+def write_export(
+    folder: Path,
+    params: Any,
+    config: TransformerConfig,
+    vocab: Vocabulary,
+    decode: DecodeConfig,
+    card: str,
+    langs: Sequence[str] = ("src", "tgt"),
+    fmt: str = "auto",
+    ctranslate2: bool = False,
+) -> None:
     """Writes the export (format ``fmt``; with ``ctranslate2`` also a CTranslate2 model in
     ``ctranslate2/``) into an existing empty ``folder``."""
     from safetensors.numpy import save_file
@@ -646,13 +788,18 @@ def write_export(folder: Path, params: Any, config: TransformerConfig, vocab: Vo
         os.rmdir(folder)  # CTranslate2's converter creates its output folder
         write_ctranslate2(folder, params, config, vocab)
     else:
-        save_file(transformers_state_dict(params, config, fmt), str(folder / WEIGHTS_NAME),
-                  metadata={"format": "pt"})
+        save_file(
+            transformers_state_dict(params, config, fmt),
+            str(folder / WEIGHTS_NAME),
+            metadata={"format": "pt"},
+        )
         (folder / "config.json").write_text(
             json.dumps(transformers_config(config, decode, fmt, langs), indent=2) + "\n",
-            encoding="utf-8")
+            encoding="utf-8",
+        )
         (folder / "generation_config.json").write_text(
-            json.dumps(generation_config(config, decode), indent=2) + "\n", encoding="utf-8")
+            json.dumps(generation_config(config, decode), indent=2) + "\n", encoding="utf-8"
+        )
         if ctranslate2:
             write_ctranslate2(folder / CT2_FOLDER, params, config, vocab)
     # (the tokenizer files do not touch CTranslate2's config.json)
@@ -664,9 +811,11 @@ def write_marker(folder: Path, fmt: str) -> None:
     """The marker file that lets ``--overwrite`` recognise the export: it lists every
     entry of ``folder`` (itself included)."""
     entries = sorted(set(os.listdir(folder)) | {MARKER})
-    (folder / MARKER).write_text(json.dumps(
-        {"written_by": "distill-jax export", "format": fmt, "files": entries}, indent=2) + "\n",
-        encoding="utf-8")
+    (folder / MARKER).write_text(
+        json.dumps({"written_by": "distill-jax export", "format": fmt, "files": entries}, indent=2)
+        + "\n",
+        encoding="utf-8",
+    )
 
 
 def _readable_files(folder: Path) -> None:
@@ -691,16 +840,30 @@ def _exchange(a: Path, b: Path) -> bool:
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                          ctypes.c_uint]
-    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
-                     _RENAME_EXCHANGE) == 0
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
-def export(out: os.PathLike, params: Any, config: TransformerConfig, vocab: Vocabulary,
-           decode: DecodeConfig, card: str, langs: Sequence[str] = ("src", "tgt"), *,
-           fmt: str = "auto", ctranslate2: bool = False, overwrite: bool = False,
-           workdir: Optional[os.PathLike | str] = None) -> Path:
+def export(
+    out: os.PathLike,
+    params: Any,
+    config: TransformerConfig,
+    vocab: Vocabulary,
+    decode: DecodeConfig,
+    card: str,
+    langs: Sequence[str] = ("src", "tgt"),
+    *,
+    fmt: str = "auto",
+    ctranslate2: bool = False,
+    overwrite: bool = False,
+    workdir: os.PathLike | str | None = None,
+) -> Path:
     """Writes the export to ``out`` atomically: into a temporary folder beside it, moved
     to ``out`` once complete. An existing ``out`` is refused unless ``overwrite``, and then
     replaced only if an earlier export wrote it (``check_target``), by swapping the new

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Optional
 
 import jax
 import numpy as np
@@ -56,6 +55,7 @@ class _Subset:
 def global_rows(array: jax.Array) -> np.ndarray:
     """Every row of a batch-sharded global array, on every process."""
     from jax.experimental import multihost_utils
+
     if jax.process_count() == 1:
         return np.asarray(jax.device_get(array))
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
@@ -74,9 +74,16 @@ class SoftTargets:
     reused: bool  # True: a finished cache of this teacher and data was already there
 
 
-def extract(config: ExperimentConfig, workdir: storage.PathLike, split: str, *,
-            force: bool = False, teacher_step: Optional[int] = None,
-            chunk_rows: int = DEFAULT_CHUNK_ROWS, no_progress: bool = False) -> SoftTargets:
+def extract(
+    config: ExperimentConfig,
+    workdir: storage.PathLike,
+    split: str,
+    *,
+    force: bool = False,
+    teacher_step: int | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    no_progress: bool = False,
+) -> SoftTargets:
     """Fills ``WORKDIR/soft_targets/SPLIT`` with the fine-tuned teacher's stride-masked
     top-K soft targets (module docstring); ``force`` removes an existing cache first. Call
     it with the run directory's lock held (``runlock``)."""
@@ -85,8 +92,7 @@ def extract(config: ExperimentConfig, workdir: storage.PathLike, split: str, *,
     from distill_jax import sharding, student
     from distill_jax import teacher as teacher_lib
     from distill_jax.data.prepared import open_prepared
-    from distill_jax.soft_target_cache import (create_or_resume, is_finished, open_cache,
-                                               remove)
+    from distill_jax.soft_target_cache import create_or_resume, is_finished, open_cache, remove
 
     workdir = storage.path(workdir)
     if chunk_rows < 1:
@@ -97,16 +103,28 @@ def extract(config: ExperimentConfig, workdir: storage.PathLike, split: str, *,
     # --teacher-step names one); its step and digest are part of the cache's identity.
     selected = teacher_lib.select_finetuned(config, workdir, teacher_step)
     if selected.explicit and selected.step < config.teacher.steps and runner.is_chief():
-        logger.warning("soft targets from the teacher checkpoint of step %d (--teacher-step), "
-                       "not from a finished run of teacher.steps=%d", selected.step,
-                       config.teacher.steps)
+        logger.warning(
+            "soft targets from the teacher checkpoint of step %d (--teacher-step), "
+            "not from a finished run of teacher.steps=%d",
+            selected.step,
+            config.teacher.steps,
+        )
     identity = dataclasses.replace(
         student.cache_identity(config, dataset, split, config.teacher.top_k),
-        teacher_step=selected.step, teacher_digest=selected.digest)
+        teacher_step=selected.step,
+        teacher_digest=selected.digest,
+    )
     records, lengths = dataset.records(split, config.data.example_limit(split))  # lengths [n, 2]
     cache_path = workdir / "soft_targets" / split
-    done = functools.partial(SoftTargets, str(cache_path), split, len(lengths), identity.top_k,
-                             selected.step, selected.digest)
+    done = functools.partial(
+        SoftTargets,
+        str(cache_path),
+        split,
+        len(lengths),
+        identity.top_k,
+        selected.step,
+        selected.digest,
+    )
     if not force and is_finished(cache_path):
         # A finished cache made from this teacher and data is reused, not recomputed.
         try:
@@ -116,26 +134,29 @@ def extract(config: ExperimentConfig, workdir: storage.PathLike, split: str, *,
                 print(f"recomputing the soft targets: {error}", flush=True)
         else:
             if runner.is_chief():
-                print(f"soft targets of {len(cache)} {split} examples (K={cache.top_k}) are "
-                      f"already in {cache_path}; nothing to do (--force recomputes them)",
-                      flush=True)
+                print(
+                    f"soft targets of {len(cache)} {split} examples (K={cache.top_k}) are "
+                    f"already in {cache_path}; nothing to do (--force recomputes them)",
+                    flush=True,
+                )
                 print(quality_summary(config, workdir, selected.step), flush=True)
             return done(reused=True)
 
     mesh = sharding.make_mesh(config.mesh)
     teacher, params, param_shardings = teacher_lib.load_finetuned(
-        config, workdir, dataset.vocab, mesh, dtype, selected)
+        config, workdir, dataset.vocab, mesh, dtype, selected
+    )
     # Process 0 creates (or checks) the cache; the others open it once it exists.
     try:
         if jax.process_index() == 0:
             if force and cache_path.exists():
                 remove(cache_path)  # finished or not: --force starts again
-            writer = create_or_resume(cache_path, identity, lengths[:, 1],
-                                      chunk_rows=chunk_rows)
+            writer = create_or_resume(cache_path, identity, lengths[:, 1], chunk_rows=chunk_rows)
         multihost_utils.sync_global_devices("soft-target cache created")
         if jax.process_index() != 0:
-            writer = create_or_resume(cache_path, identity, lengths[:, 1],
-                                      chunk_rows=chunk_rows, create=False)
+            writer = create_or_resume(
+                cache_path, identity, lengths[:, 1], chunk_rows=chunk_rows, create=False
+            )
     except CacheError as err:
         raise UserError(str(err)) from None
     # Every process works through the same list of pending chunks (process 0's listing).
@@ -148,15 +169,26 @@ def extract(config: ExperimentConfig, workdir: storage.PathLike, split: str, *,
     rows = sharding.batch_sharding(mesh)
     extract = jax.jit(
         lambda p, src, tgt_out: teacher_lib.stride_topk(
-            teacher, p, src, tgt_out, stride=config.teacher.stride, top_k=config.teacher.top_k),
-        in_shardings=(param_shardings, rows, rows), out_shardings=(rows, rows))
+            teacher, p, src, tgt_out, stride=config.teacher.stride, top_k=config.teacher.top_k
+        ),
+        in_shardings=(param_shardings, rows, rows),
+        out_shardings=(rows, rows),
+    )
     pipeline_config = PipelineConfig(
-        seed=config.data.seed, shuffle=False, num_epochs=1,
+        seed=config.data.seed,
+        shuffle=False,
+        num_epochs=1,
         tokens_per_batch=config.teacher.tokens_per_batch,
-        batch_multiple=runner.data_shards(mesh), bucket_step=config.data.bucket_step)
+        batch_multiple=runner.data_shards(mesh),
+        bucket_step=config.data.bucket_step,
+    )
 
-    bar = runner.progress(writer.num_chunks, writer.num_chunks - len(pending),
-                          f"soft targets ({split}, chunks)", no_progress)
+    bar = runner.progress(
+        writer.num_chunks,
+        writer.num_chunks - len(pending),
+        f"soft targets ({split}, chunks)",
+        no_progress,
+    )
     for turn, chunk in enumerate(pending):
         runner.crash_point(f"chunk-start:{turn}", settle=writer.flush)  # (crash tests only)
         examples = np.asarray(writer.examples_of(chunk), np.int64)  # [examples of the chunk]
@@ -189,8 +221,11 @@ def extract(config: ExperimentConfig, workdir: storage.PathLike, split: str, *,
             path = writer.finalize()
         except CacheError as err:
             raise UserError(str(err)) from None
-        print(f"soft targets of {writer.num_examples} {split} examples (K={identity.top_k}) "
-              f"from the teacher checkpoint {selected.describe()} -> {path}", flush=True)
+        print(
+            f"soft targets of {writer.num_examples} {split} examples (K={identity.top_k}) "
+            f"from the teacher checkpoint {selected.describe()} -> {path}",
+            flush=True,
+        )
         print(quality_summary(config, workdir, selected.step), flush=True)
     multihost_utils.sync_global_devices("soft-target cache finalized")
     return done(reused=False)
@@ -199,5 +234,7 @@ def extract(config: ExperimentConfig, workdir: storage.PathLike, split: str, *,
 def quality_summary(config: ExperimentConfig, workdir, step: int) -> str:
     """The teacher checkpoint's soft-target quality on validation, from its run's log."""
     from distill_jax import teacher_quality
-    return teacher_quality.checkpoint_summary(storage.path(workdir) / "teacher", step,
-                                              config.teacher.top_k, config.distill.temperature)
+
+    return teacher_quality.checkpoint_summary(
+        storage.path(workdir) / "teacher", step, config.teacher.top_k, config.distill.temperature
+    )

@@ -15,7 +15,8 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,8 +31,15 @@ Path = pathlib.Path
 FlaxPath = tuple[str, ...]
 
 # Files fetched from the Hub: the config, safetensors weights and the tokenizer.
-HUB_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json",
-                "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+HUB_PATTERNS = (
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 # Pickle-based weight files that are refused.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Checkpoint keys that are known and not used (after dropping the ``bert.`` prefix).
@@ -76,51 +84,70 @@ IDENTITY = Transform("identity", lambda w, s: w, lambda s: tuple(s))
 LINEAR = Transform("linear", lambda w, s: w.T, lambda s: (s[1], s[0]))
 # q/k/v Linear weight [heads*kv, embed] -> attention kernel [embed, heads, kv]
 LINEAR_TO_HEADS = Transform(
-    "linear_to_heads", lambda w, s: w.T.reshape(s), lambda s: (s[1] * s[2], s[0]))
+    "linear_to_heads", lambda w, s: w.T.reshape(s), lambda s: (s[1] * s[2], s[0])
+)
 # q/k/v bias [heads*kv] -> [heads, kv]
 BIAS_TO_HEADS = Transform("bias_to_heads", lambda w, s: w.reshape(s), lambda s: (s[0] * s[1],))
 # attention output Linear weight [embed, heads*kv] -> attention kernel [heads, kv, embed]
 LINEAR_FROM_HEADS = Transform(
-    "linear_from_heads", lambda w, s: w.T.reshape(s), lambda s: (s[2], s[0] * s[1]))
+    "linear_from_heads", lambda w, s: w.T.reshape(s), lambda s: (s[2], s[0] * s[1])
+)
 
 
 def _linear(hf: str, flax: FlaxPath) -> dict[str, tuple[FlaxPath, Transform]]:
     """Table rows for a torch Linear (weight + bias) -> flax Dense."""
-    return {f"{hf}.weight": (flax + ("kernel",), LINEAR),
-            f"{hf}.bias": (flax + ("bias",), IDENTITY)}
+    return {
+        f"{hf}.weight": (flax + ("kernel",), LINEAR),
+        f"{hf}.bias": (flax + ("bias",), IDENTITY),
+    }
 
 
 def _layer_norm(hf: str, flax: FlaxPath) -> dict[str, tuple[FlaxPath, Transform]]:
     """Table rows for a torch LayerNorm (weight, bias) -> flax LayerNorm (scale, bias)."""
-    return {f"{hf}.weight": (flax + ("scale",), IDENTITY),
-            f"{hf}.bias": (flax + ("bias",), IDENTITY)}
+    return {
+        f"{hf}.weight": (flax + ("scale",), IDENTITY),
+        f"{hf}.bias": (flax + ("bias",), IDENTITY),
+    }
 
 
-def bert_key_table(config: BertConfig, *, mlm_transform: bool = False
-                   ) -> dict[str, tuple[FlaxPath, Transform]]:
+def bert_key_table(
+    config: BertConfig, *, mlm_transform: bool = False
+) -> dict[str, tuple[FlaxPath, Transform]]:
     """Hugging Face key (without ``bert.``) -> (Flax path in ``params``, transform).
 
     With ``mlm_transform``, BERT's ``cls.predictions.transform`` maps onto
     ``cmlm_head/dense`` and ``cmlm_head/LayerNorm``.
     """
     table = {
-        "embeddings.word_embeddings.weight":
-            (("embeddings", "word_embeddings", "embedding"), IDENTITY),
-        "embeddings.position_embeddings.weight":
-            (("embeddings", "position_embeddings", "embedding"), IDENTITY),
-        "embeddings.token_type_embeddings.weight":
-            (("embeddings", "token_type_embeddings", "embedding"), IDENTITY),
+        "embeddings.word_embeddings.weight": (
+            ("embeddings", "word_embeddings", "embedding"),
+            IDENTITY,
+        ),
+        "embeddings.position_embeddings.weight": (
+            ("embeddings", "position_embeddings", "embedding"),
+            IDENTITY,
+        ),
+        "embeddings.token_type_embeddings.weight": (
+            ("embeddings", "token_type_embeddings", "embedding"),
+            IDENTITY,
+        ),
         **_layer_norm("embeddings.LayerNorm", ("embeddings", "LayerNorm")),
     }
     for i in range(config.num_hidden_layers):
         hf, fx = f"encoder.layer.{i}", ("encoder", f"layer_{i}")
         for proj in ("query", "key", "value"):
             table[f"{hf}.attention.self.{proj}.weight"] = (
-                fx + ("attention", proj, "kernel"), LINEAR_TO_HEADS)
+                fx + ("attention", proj, "kernel"),
+                LINEAR_TO_HEADS,
+            )
             table[f"{hf}.attention.self.{proj}.bias"] = (
-                fx + ("attention", proj, "bias"), BIAS_TO_HEADS)
+                fx + ("attention", proj, "bias"),
+                BIAS_TO_HEADS,
+            )
         table[f"{hf}.attention.output.dense.weight"] = (
-            fx + ("attention", "out", "kernel"), LINEAR_FROM_HEADS)
+            fx + ("attention", "out", "kernel"),
+            LINEAR_FROM_HEADS,
+        )
         table[f"{hf}.attention.output.dense.bias"] = (fx + ("attention", "out", "bias"), IDENTITY)
         table.update(_layer_norm(f"{hf}.attention.output.LayerNorm", fx + ("attention_LayerNorm",)))
         table.update(_linear(f"{hf}.intermediate.dense", fx + ("ffn", "intermediate")))
@@ -134,11 +161,16 @@ def bert_key_table(config: BertConfig, *, mlm_transform: bool = False
 
 def _looks_like_local_path(name: str) -> bool:
     """True for names that can only be a local path (not ``org/model`` Hub ids)."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-            or (os.sep != "/" and os.sep in name) or not _HUB_ID.fullmatch(name))
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+        or not _HUB_ID.fullmatch(name)
+    )
 
 
-def local_folder_or_hub_id(path_or_name) -> Optional[Path]:
+def local_folder_or_hub_id(path_or_name) -> Path | None:
     """The checkpoint folder ``path_or_name`` names, or None when it is a Hub model id
     (no such local path, and a valid id). A missing path that cannot be a Hub id (absolute,
     ``./``, ``~``, two or more ``/``) is a :class:`CheckpointNotFound` saying that the path
@@ -152,18 +184,21 @@ def local_folder_or_hub_id(path_or_name) -> Optional[Path]:
         parent = next((p for p in path.absolute().parents if p.exists()), None)
         raise CheckpointNotFound(
             f"no checkpoint folder at {path_or_name}: the path does not exist ("
-            f"{path.absolute()}" + (f"; the nearest existing folder is {parent})" if parent
-                                    else ")"))
+            f"{path.absolute()}"
+            + (f"; the nearest existing folder is {parent})" if parent else ")")
+        )
     return None
 
 
 def not_a_local_folder(path_or_name) -> str:
     """The part of a message saying a Hub-like name is no local folder either."""
-    return (f"the path {path_or_name} does not exist (no folder "
-            f"{Path(str(path_or_name)).absolute()}), and as a Hugging Face Hub model id")
+    return (
+        f"the path {path_or_name} does not exist (no folder "
+        f"{Path(str(path_or_name)).absolute()}), and as a Hugging Face Hub model id"
+    )
 
 
-def resolve_checkpoint(path_or_name, *, revision: Optional[str] = None) -> Path:
+def resolve_checkpoint(path_or_name, *, revision: str | None = None) -> Path:
     """A local folder as is; otherwise a Hub name, downloaded (config, safetensors and
     tokenizer files only) into the Hugging Face cache."""
     path = local_folder_or_hub_id(path_or_name)
@@ -172,13 +207,17 @@ def resolve_checkpoint(path_or_name, *, revision: Optional[str] = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=str(path_or_name), revision=revision,
-                                      allow_patterns=list(HUB_PATTERNS)))
+        return Path(
+            snapshot_download(
+                repo_id=str(path_or_name), revision=revision, allow_patterns=list(HUB_PATTERNS)
+            )
+        )
     except Exception as e:  # offline, unknown repo, network errors, bad revision
         raise CheckpointUnavailable(
             f"{path_or_name!r} is not a local folder: {not_a_local_folder(path_or_name)} it "
             f"could not be downloaded from the Hugging Face Hub (revision={revision!r}): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -190,7 +229,9 @@ def _safetensors_files(folder: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e})")
+            raise CheckpointError(
+                f"{index}: not a safetensors index with a 'weight_map' ({e})"
+            ) from None
         files = [folder / name for name in sorted(set(weight_map.values()))]
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
@@ -202,9 +243,9 @@ def _safetensors_files(folder: Path) -> list[Path]:
             f"{folder} has only pickle weights {pickles}: pickle checkpoints are refused "
             "(loading them can run arbitrary code) and were not opened. Convert once, in an "
             "environment you trust, with transformers + torch: "
-            "AutoModel.from_pretrained(folder).save_pretrained(out, safe_serialization=True)")
-    raise CheckpointError(
-        f"{folder} has no model.safetensors or model.safetensors.index.json")
+            "AutoModel.from_pretrained(folder).save_pretrained(out, safe_serialization=True)"
+        )
+    raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json")
 
 
 def _read_config(folder: Path) -> dict:
@@ -237,13 +278,15 @@ def _set(tree: dict, path: FlaxPath, value) -> None:
 def _damaged_weights(file: Path, err: Exception) -> CheckpointError:
     return CheckpointError(
         f"{file} is not a readable safetensors file ({type(err).__name__}: {err}); it may be "
-        "truncated or damaged: copy or download it again")
+        "truncated or damaged: copy or download it again"
+    )
 
 
 def _open_weights(file: Path):
     """``safe_open`` of one weight file; a truncated or foreign file is a CheckpointError
     naming it."""
     from safetensors import SafetensorError
+
     try:
         return safe_open(file, framework="numpy")
     except (SafetensorError, OSError, ValueError) as err:
@@ -256,19 +299,23 @@ def _index_keys(files: list[Path]) -> dict[str, tuple[Path, str]]:
     for file in files:
         with _open_weights(file) as f:
             for key in f.keys():
-                name = key[len("bert."):] if key.startswith("bert.") else key
+                name = key[len("bert.") :] if key.startswith("bert.") else key
                 if name in sources:
                     raise CheckpointError(f"{file}: key {key!r} appears twice in the checkpoint")
                 sources[name] = (file, key)
     return sources
 
 
-def _read_params(files: list[Path], sources: dict[str, tuple[Path, str]],
-                 table: dict[str, tuple[FlaxPath, Transform]],
-                 expected: dict[FlaxPath, tuple]) -> dict:
+def _read_params(
+    files: list[Path],
+    sources: dict[str, tuple[Path, str]],
+    table: dict[str, tuple[FlaxPath, Transform]],
+    expected: dict[FlaxPath, tuple],
+) -> dict:
     """Reads every tensor of ``table`` (file by file), checks its shape against the one
     ``expected`` from the config and returns the nested float32 ``params`` dict."""
     from safetensors import SafetensorError
+
     params: dict = {}
     for file in files:
         with _open_weights(file) as f:
@@ -280,8 +327,8 @@ def _read_params(files: list[Path], sources: dict[str, tuple[Path, str]],
                 want = transform.hf_shape(expected[flax_path])
                 if found != want:
                     raise CheckpointError(
-                        f"{file}: key {key!r} has shape {found}, expected {want} "
-                        f"from config.json")
+                        f"{file}: key {key!r} has shape {found}, expected {want} from config.json"
+                    )
                 try:
                     array = f.get_tensor(key).astype(np.float32)
                 except (SafetensorError, OSError, ValueError) as err:
@@ -290,9 +337,14 @@ def _read_params(files: list[Path], sources: dict[str, tuple[Path, str]],
     return params
 
 
-def load_bert(path_or_name, *, cmlm_vocab_size: Optional[int] = None, dtype: Any = jnp.float32,
-              revision: Optional[str] = None,
-              attention_impl: str = "einsum") -> tuple[BertModel, dict, BertConfig]:
+def load_bert(
+    path_or_name,
+    *,
+    cmlm_vocab_size: int | None = None,
+    dtype: Any = jnp.float32,
+    revision: str | None = None,
+    attention_impl: str = "einsum",
+) -> tuple[BertModel, dict, BertConfig]:
     """Loads a Hugging Face BERT checkpoint into ``(model, params, config)``.
 
     ``params`` is the plain ``params`` collection (nested dict of float32 arrays, use as
@@ -305,8 +357,12 @@ def load_bert(path_or_name, *, cmlm_vocab_size: Optional[int] = None, dtype: Any
     (``layers.MultiHeadAttention.implementation``). Keys may carry the ``bert.`` prefix or not.
     """
     folder = resolve_checkpoint(path_or_name, revision=revision)
-    config = BertConfig.from_hf_dict(_read_config(folder), cmlm_vocab_size=cmlm_vocab_size,
-                                     dtype=dtype, attention_impl=attention_impl)
+    config = BertConfig.from_hf_dict(
+        _read_config(folder),
+        cmlm_vocab_size=cmlm_vocab_size,
+        dtype=dtype,
+        attention_impl=attention_impl,
+    )
     model = BertModel(config)
     files = _safetensors_files(folder)
     sources = _index_keys(files)
@@ -315,25 +371,30 @@ def load_bert(path_or_name, *, cmlm_vocab_size: Optional[int] = None, dtype: Any
     load_transform = has_transform and cmlm_vocab_size is not None
     table = bert_key_table(config, mlm_transform=load_transform)
     expected = _expected_shapes(model, with_head=load_transform)
-    ignored = re.compile("|".join(IGNORED_KEYS + ((r"cls\.predictions\.transform\..*",)
-                                                  if not load_transform else ())))
+    ignored = re.compile(
+        "|".join(
+            IGNORED_KEYS + ((r"cls\.predictions\.transform\..*",) if not load_transform else ())
+        )
+    )
     unknown = sorted(k for k in sources if k not in table and not ignored.fullmatch(k))
     if unknown:
         raise CheckpointError(
             f"{folder}: checkpoint keys not explained by config.json "
             f"(num_hidden_layers={config.num_hidden_layers}): {unknown[:10]}"
-            + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
+            + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        )
 
     missing = [k for k in table if k not in sources]
     if missing:
         raise CheckpointError(
             f"{folder}: checkpoint is missing key(s) {missing[:10]} "
-            f"(for {'/'.join(table[missing[0]][0])}, ...)")
+            f"(for {'/'.join(table[missing[0]][0])}, ...)"
+        )
     params = _read_params(files, sources, table, expected)
     return model, params, config
 
 
-def load_tokenizer(path_or_name, *, revision: Optional[str] = None):
+def load_tokenizer(path_or_name, *, revision: str | None = None):
     """The checkpoint's own fast WordPiece tokenizer (``transformers.AutoTokenizer``)."""
     from transformers import AutoTokenizer
 
@@ -342,6 +403,7 @@ def load_tokenizer(path_or_name, *, revision: Optional[str] = None):
         raise CheckpointError(f"{folder} has no tokenizer (neither tokenizer.json nor vocab.txt)")
     tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
     if not tokenizer.is_fast:
-        raise CheckpointError(f"{folder}: no fast tokenizer could be built "
-                              f"(got {type(tokenizer).__name__})")
+        raise CheckpointError(
+            f"{folder}: no fast tokenizer could be built (got {type(tokenizer).__name__})"
+        )
     return tokenizer

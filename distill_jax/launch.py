@@ -33,7 +33,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import BinaryIO, Optional, Sequence
+from collections.abc import Sequence
+from typing import BinaryIO
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_DEVICES_PER_PROCESS = 4
@@ -49,8 +50,14 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
-def child_environment(base: dict[str, str], *, process_id: int, num_processes: int,
-                      coordinator: str, devices_per_process: Optional[int]) -> dict[str, str]:
+def child_environment(
+    base: dict[str, str],
+    *,
+    process_id: int,
+    num_processes: int,
+    coordinator: str,
+    devices_per_process: int | None,
+) -> dict[str, str]:
     """The environment of copy ``process_id``.
 
     With ``devices_per_process`` set, the copy runs on that many simulated CPU devices:
@@ -81,6 +88,7 @@ def _child_setup() -> None:
     if sys.platform.startswith("linux"):
         try:
             import ctypes
+
             libc = ctypes.CDLL(None, use_errno=True)
             pr_set_pdeathsig = 1
             libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
@@ -107,11 +115,18 @@ def exit_status(returncode: int) -> int:
 class LocalJob:
     """N copies of a command started together; see the module docstring."""
 
-    def __init__(self, command: Sequence[str], num_processes: int, *,
-                 devices_per_process: Optional[int] = DEFAULT_DEVICES_PER_PROCESS,
-                 port: Optional[int] = None, grace_period_s: float = DEFAULT_GRACE_PERIOD_S,
-                 env: Optional[dict[str, str]] = None,
-                 stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None):
+    def __init__(
+        self,
+        command: Sequence[str],
+        num_processes: int,
+        *,
+        devices_per_process: int | None = DEFAULT_DEVICES_PER_PROCESS,
+        port: int | None = None,
+        grace_period_s: float = DEFAULT_GRACE_PERIOD_S,
+        env: dict[str, str] | None = None,
+        stdout: BinaryIO | None = None,
+        stderr: BinaryIO | None = None,
+    ):
         if num_processes < 1:
             raise ValueError(f"the number of processes must be at least 1, got {num_processes}")
         if not command:
@@ -127,7 +142,7 @@ class LocalJob:
         self.processes: list[subprocess.Popen] = []
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        self._signal_received: Optional[int] = None
+        self._signal_received: int | None = None
 
     def log(self, message: str) -> None:
         with self._lock:
@@ -137,13 +152,22 @@ class LocalJob:
     def start(self) -> None:
         """Starts every copy (all before any output thread, as ``preexec_fn`` requires)."""
         for i in range(self.num_processes):
-            env = child_environment(self.env, process_id=i, num_processes=self.num_processes,
-                                    coordinator=self.coordinator,
-                                    devices_per_process=self.devices_per_process)
+            env = child_environment(
+                self.env,
+                process_id=i,
+                num_processes=self.num_processes,
+                coordinator=self.coordinator,
+                devices_per_process=self.devices_per_process,
+            )
             try:
-                proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        preexec_fn=_child_setup)
+                proc = subprocess.Popen(
+                    self.command,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    preexec_fn=_child_setup,
+                )
             except OSError as err:
                 self.log(f"cannot start {self.command[0]!r}: {err}")
                 self.terminate_all()
@@ -152,8 +176,9 @@ class LocalJob:
         for i, proc in enumerate(self.processes):
             prefix = f"[{i}] ".encode()
             for stream, sink in ((proc.stdout, self.stdout), (proc.stderr, self.stderr)):
-                thread = threading.Thread(target=_pump, args=(stream, sink, prefix, self._lock),
-                                          daemon=True)
+                thread = threading.Thread(
+                    target=_pump, args=(stream, sink, prefix, self._lock), daemon=True
+                )
                 thread.start()
                 self._threads.append(thread)
 
@@ -188,16 +213,19 @@ class LocalJob:
 
     def wait(self) -> int:
         """Waits for the copies; returns the job's exit status (see the module docstring)."""
-        failed: Optional[tuple[int, int]] = None  # (process id, returncode)
-        signal_deadline: Optional[float] = None
+        failed: tuple[int, int] | None = None  # (process id, returncode)
+        signal_deadline: float | None = None
         while any(p.poll() is None for p in self.processes):
             if failed is None:
                 for i, proc in enumerate(self.processes):
                     code = proc.poll()
                     if code is not None and code != 0:
                         failed = (i, code)
-                        how = (f"was killed by signal {-code}" if code < 0
-                               else f"exited with status {code}")
+                        how = (
+                            f"was killed by signal {-code}"
+                            if code < 0
+                            else f"exited with status {code}"
+                        )
                         if any(p.poll() is None for p in self.processes):
                             self.log(f"process {i} {how}; stopping the others")
                             self.terminate_all()
@@ -205,8 +233,10 @@ class LocalJob:
             if self._signal_received is not None and signal_deadline is None:
                 signal_deadline = time.monotonic() + self.grace_period_s
             if signal_deadline is not None and time.monotonic() > signal_deadline:
-                self.log(f"copies still running {self.grace_period_s:g} s after signal "
-                         f"{self._signal_received}; sending SIGKILL")
+                self.log(
+                    f"copies still running {self.grace_period_s:g} s after signal "
+                    f"{self._signal_received}; sending SIGKILL"
+                )
                 self.send(signal.SIGKILL)
                 signal_deadline = float("inf")
             time.sleep(_POLL_S)
@@ -217,8 +247,10 @@ class LocalJob:
             failed = next(((i, c) for i, c in enumerate(codes) if c != 0), None)
         if failed is not None:
             i, code = failed
-            self.log(f"process {i} failed first (exit status {exit_status(code)}); "
-                     f"exit statuses: {[exit_status(c) for c in codes]}")
+            self.log(
+                f"process {i} failed first (exit status {exit_status(code)}); "
+                f"exit statuses: {[exit_status(c) for c in codes]}"
+            )
             return exit_status(code)
         return 0  # every copy exited with 0 (after a forwarded signal, too: a clean stop)
 
@@ -243,21 +275,32 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m distill_jax.launch",
         description="Run N copies of COMMAND on this machine as one multi-process JAX job "
-                    "(coordinator on 127.0.0.1).")
-    parser.add_argument("--local-processes", "-n", type=int, required=True, metavar="N",
-                        help="number of processes")
-    parser.add_argument("--devices-per-process", type=int,
-                        default=int(os.environ.get("DEVICES_PER_PROCESS",
-                                                   DEFAULT_DEVICES_PER_PROCESS)),
-                        help="simulated CPU devices per process (env DEVICES_PER_PROCESS, "
-                             "default %(default)s); 0: leave the platform and XLA_FLAGS alone")
-    parser.add_argument("--port", type=int, default=None,
-                        help="coordinator port on 127.0.0.1 (default: a free one)")
-    parser.add_argument("--grace-period", type=float, default=DEFAULT_GRACE_PERIOD_S,
-                        help="seconds between SIGTERM and SIGKILL when stopping the copies "
-                             "(default %(default)s)")
-    parser.add_argument("command", nargs=argparse.REMAINDER,
-                        help="the command (after --), e.g. -- distill-jax train-student ...")
+        "(coordinator on 127.0.0.1).",
+    )
+    parser.add_argument(
+        "--local-processes", "-n", type=int, required=True, metavar="N", help="number of processes"
+    )
+    parser.add_argument(
+        "--devices-per-process",
+        type=int,
+        default=int(os.environ.get("DEVICES_PER_PROCESS", DEFAULT_DEVICES_PER_PROCESS)),
+        help="simulated CPU devices per process (env DEVICES_PER_PROCESS, "
+        "default %(default)s); 0: leave the platform and XLA_FLAGS alone",
+    )
+    parser.add_argument(
+        "--port", type=int, default=None, help="coordinator port on 127.0.0.1 (default: a free one)"
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=float,
+        default=DEFAULT_GRACE_PERIOD_S,
+        help="seconds between SIGTERM and SIGKILL when stopping the copies (default %(default)s)",
+    )
+    parser.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="the command (after --), e.g. -- distill-jax train-student ...",
+    )
     args = parser.parse_args(argv)
     if args.command and args.command[0] == "--":
         args.command = args.command[1:]
@@ -270,13 +313,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    job = LocalJob(args.command, args.local_processes,
-                   devices_per_process=args.devices_per_process or None,
-                   port=args.port, grace_period_s=args.grace_period)
-    job.log(f"{args.local_processes} processes, coordinator {job.coordinator}: "
-            + " ".join(args.command))
+    job = LocalJob(
+        args.command,
+        args.local_processes,
+        devices_per_process=args.devices_per_process or None,
+        port=args.port,
+        grace_period_s=args.grace_period,
+    )
+    job.log(
+        f"{args.local_processes} processes, coordinator {job.coordinator}: "
+        + " ".join(args.command)
+    )
     try:
         return job.run()
     except OSError:

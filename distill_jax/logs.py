@@ -26,8 +26,12 @@ import sys
 from collections.abc import Callable, Iterator
 
 ROOT = "distill_jax"
-VERBOSITIES: dict[str, int] = {"debug": logging.DEBUG, "info": logging.INFO,
-                               "warning": logging.WARNING, "error": logging.ERROR}
+VERBOSITIES: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -93,8 +97,9 @@ def parse_verbosity(value: str) -> int:
     try:
         return VERBOSITIES[value.lower()]
     except KeyError:
-        raise ValueError(f"unknown verbosity {value!r}; choose one of "
-                         f"{', '.join(VERBOSITIES)}") from None
+        raise ValueError(
+            f"unknown verbosity {value!r}; choose one of {', '.join(VERBOSITIES)}"
+        ) from None
 
 
 @contextlib.contextmanager

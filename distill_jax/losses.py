@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -50,35 +50,50 @@ def _check_logits_targets(logits, targets, weights, logits_name="logits"):
     if logits.ndim != 3:
         raise ValueError(f"{logits_name} must be [batch, length, vocab]; got shape {logits.shape}")
     if targets is not None and tuple(targets.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"targets shape {targets.shape} does not match {logits_name} "
-                         f"shape {logits.shape} (expected {logits.shape[:2]})")
+        raise ValueError(
+            f"targets shape {targets.shape} does not match {logits_name} "
+            f"shape {logits.shape} (expected {logits.shape[:2]})"
+        )
     if tuple(weights.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"weights shape {weights.shape} does not match {logits_name} "
-                         f"shape {logits.shape} (expected {logits.shape[:2]})")
+        raise ValueError(
+            f"weights shape {weights.shape} does not match {logits_name} "
+            f"shape {logits.shape} (expected {logits.shape[:2]})"
+        )
 
 
 def _check_teacher(student_logits, teacher_logits, teacher_indices):
     """Raises ValueError unless the teacher arrays fit the student logits."""
-    if teacher_logits.ndim != 3 or tuple(teacher_logits.shape[:2]) != tuple(student_logits.shape[:2]):
-        raise ValueError(f"teacher_logits shape {teacher_logits.shape} does not match student "
-                         f"logits shape {student_logits.shape} (expected "
-                         f"{tuple(student_logits.shape[:2])} + (K,) or + (vocab,))")
+    if teacher_logits.ndim != 3 or tuple(teacher_logits.shape[:2]) != tuple(
+        student_logits.shape[:2]
+    ):
+        raise ValueError(
+            f"teacher_logits shape {teacher_logits.shape} does not match student "
+            f"logits shape {student_logits.shape} (expected "
+            f"{tuple(student_logits.shape[:2])} + (K,) or + (vocab,))"
+        )
     vocab = student_logits.shape[-1]
     if teacher_indices is None:
         if teacher_logits.shape[-1] != vocab:
-            raise ValueError(f"teacher_logits shape {teacher_logits.shape}: a dense teacher "
-                             f"(teacher_indices=None) needs the student vocabulary size {vocab} "
-                             f"as its last dimension")
+            raise ValueError(
+                f"teacher_logits shape {teacher_logits.shape}: a dense teacher "
+                f"(teacher_indices=None) needs the student vocabulary size {vocab} "
+                f"as its last dimension"
+            )
         return
     if tuple(teacher_indices.shape) != tuple(teacher_logits.shape):
-        raise ValueError(f"teacher_indices shape {teacher_indices.shape} does not match "
-                         f"teacher_logits shape {teacher_logits.shape}")
+        raise ValueError(
+            f"teacher_indices shape {teacher_indices.shape} does not match "
+            f"teacher_logits shape {teacher_logits.shape}"
+        )
     if not jnp.issubdtype(teacher_indices.dtype, jnp.integer):
-        raise ValueError(f"teacher_indices must be integer student ids; got dtype "
-                         f"{teacher_indices.dtype}")
+        raise ValueError(
+            f"teacher_indices must be integer student ids; got dtype {teacher_indices.dtype}"
+        )
     if teacher_logits.shape[-1] > vocab:
-        raise ValueError(f"teacher_logits shape {teacher_logits.shape}: K = "
-                         f"{teacher_logits.shape[-1]} exceeds the student vocabulary size {vocab}")
+        raise ValueError(
+            f"teacher_logits shape {teacher_logits.shape}: K = "
+            f"{teacher_logits.shape[-1]} exceeds the student vocabulary size {vocab}"
+        )
 
 
 def _check_number(name, value, low, high, low_open=False, high_open=False):
@@ -145,25 +160,25 @@ def log_softmax_at(logits, indices, temperature=1.0):
 
 def _log_softmax_at_fwd(logits, indices, temperature):
     z = _as_float(logits) / temperature if temperature != 1.0 else _as_float(logits)  # [b, t, V]
-    top = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))             # [b, t, 1]
-    lse = top + jnp.log(jnp.sum(jnp.exp(z - top), axis=-1, keepdims=True))      # [b, t, 1]
-    at = jnp.take_along_axis(z, indices.astype(jnp.int32), axis=-1) - lse       # [b, t, n]
-    mean = jnp.mean(z, axis=-1) - lse[..., 0]                                   # [b, t]
+    top = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))  # [b, t, 1]
+    lse = top + jnp.log(jnp.sum(jnp.exp(z - top), axis=-1, keepdims=True))  # [b, t, 1]
+    at = jnp.take_along_axis(z, indices.astype(jnp.int32), axis=-1) - lse  # [b, t, n]
+    mean = jnp.mean(z, axis=-1) - lse[..., 0]  # [b, t]
     return (at, mean), (logits, indices, lse)
 
 
 def _log_softmax_at_bwd(temperature, residuals, cotangents):
     logits, indices, lse = residuals
-    g_at, g_mean = cotangents                                                   # [b, t, n], [b, t]
+    g_at, g_mean = cotangents  # [b, t, n], [b, t]
     z = _as_float(logits) / temperature if temperature != 1.0 else _as_float(logits)
     vocab = z.shape[-1]
-    total = (jnp.sum(g_at, axis=-1) + g_mean)[..., None]                        # [b, t, 1]
+    total = (jnp.sum(g_at, axis=-1) + g_mean)[..., None]  # [b, t, 1]
     dz = (g_mean[..., None] / vocab - jnp.exp(z - lse) * total).astype(g_at.dtype)  # [b, t, V]
     # n entries per position, scattered with (batch, length) as batching dimensions (the
     # vmaps), so that XLA's SPMD partitioner keeps the scatter local to each batch shard
     # (with explicit (b, t, id) coordinates it all-gathered the indices and updates).
     scatter = jax.vmap(jax.vmap(lambda row, ids, g: row.at[ids].add(g)))
-    dz = scatter(dz, indices.astype(jnp.int32), g_at)                           # [b, t, V]
+    dz = scatter(dz, indices.astype(jnp.int32), g_at)  # [b, t, V]
     if temperature != 1.0:
         dz = dz / temperature
     return dz.astype(logits.dtype), None
@@ -202,14 +217,14 @@ def cross_entropy(logits, targets, weights, label_smoothing=0.0):
     """
     _check_logits_targets(logits, targets, weights)
     eps = _check_number("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
-    log_p_y, mean_log_p = log_softmax_at(logits, targets[..., None])            # [b, t, 1], [b, t]
+    log_p_y, mean_log_p = log_softmax_at(logits, targets[..., None])  # [b, t, 1], [b, t]
     return _smoothed_sums(log_p_y[..., 0], mean_log_p, weights, eps)
 
 
 def _smoothed_sums(log_p_y, mean_log_p, weights, eps):
     """(smoothed loss sum, nll sum) from log p_y and mean_v log p_v, both [b, t]."""
-    nll = -log_p_y                                                               # [b, t]
-    loss = (1.0 - eps) * nll + eps * (-mean_log_p)                               # [b, t]
+    nll = -log_p_y  # [b, t]
+    loss = (1.0 - eps) * nll + eps * (-mean_log_p)  # [b, t]
     return _weighted_sum(loss, weights), _weighted_sum(nll, weights)
 
 
@@ -218,8 +233,8 @@ def _smoothed_sums(log_p_y, mean_log_p, weights, eps):
 
 def _teacher_probs(teacher_logits, temperature):
     """Teacher log p and p = softmax(teacher_logits / T) over the last axis ([b, t, K])."""
-    scaled = _as_float(jax.lax.stop_gradient(teacher_logits)) / temperature      # [b, t, K]
-    log_p = jax.nn.log_softmax(scaled, axis=-1)                                  # [b, t, K]
+    scaled = _as_float(jax.lax.stop_gradient(teacher_logits)) / temperature  # [b, t, K]
+    log_p = jax.nn.log_softmax(scaled, axis=-1)  # [b, t, K]
     return log_p, jnp.exp(log_p)
 
 
@@ -230,11 +245,12 @@ def _student_log_probs_at(student_logits, teacher_indices, temperature):
     """
     if teacher_indices is None:
         return jax.nn.log_softmax(_as_float(student_logits) / temperature, axis=-1)  # [b, t, V]
-    return log_softmax_at(student_logits, teacher_indices, temperature)[0]      # [b, t, K]
+    return log_softmax_at(student_logits, teacher_indices, temperature)[0]  # [b, t, K]
 
 
-def distillation_per_token(student_logits, teacher_logits, teacher_indices=None, *,
-                           mode="paper", temperature=10.0):
+def distillation_per_token(
+    student_logits, teacher_logits, teacher_indices=None, *, mode="paper", temperature=10.0
+):
     """The distillation loss at every position, [batch, length] (unweighted).
 
     See the module docstring for the three modes. Teacher entries with probability 0
@@ -249,8 +265,9 @@ def distillation_per_token(student_logits, teacher_logits, teacher_indices=None,
       temperature: T > 0.
     """
     _check_mode(mode)
-    temp = _check_number("temperature", temperature, 0.0, float("inf"), low_open=True,
-                         high_open=True)
+    temp = _check_number(
+        "temperature", temperature, 0.0, float("inf"), low_open=True, high_open=True
+    )
     _check_teacher(student_logits, teacher_logits, teacher_indices)
     student_temp = 1.0 if mode == "paper" else temp
     log_q = _student_log_probs_at(student_logits, teacher_indices, student_temp)  # [b, t, K]
@@ -260,19 +277,20 @@ def distillation_per_token(student_logits, teacher_logits, teacher_indices=None,
 def _distillation_terms(teacher_logits, log_q, mode, temp):
     """Per-token distillation loss [b, t] from the teacher's logits and the student's
     log-probabilities at the same entries (both [b, t, K])."""
-    log_p, p = _teacher_probs(teacher_logits, temp)                              # [b, t, K]
+    log_p, p = _teacher_probs(teacher_logits, temp)  # [b, t, K]
     if mode == "paper":
-        terms = -p * log_q                                                       # [b, t, K]
+        terms = -p * log_q  # [b, t, K]
     elif mode == "soft_ce_t":
-        terms = -(temp ** 2) * p * log_q
+        terms = -(temp**2) * p * log_q
     else:  # "kl"
-        terms = (temp ** 2) * p * (log_p - log_q)
-    terms = jnp.where(p == 0, 0.0, terms)                                        # 0 * log 0 = 0
-    return jnp.sum(terms, axis=-1)                                               # [b, t]
+        terms = (temp**2) * p * (log_p - log_q)
+    terms = jnp.where(p == 0, 0.0, terms)  # 0 * log 0 = 0
+    return jnp.sum(terms, axis=-1)  # [b, t]
 
 
-def distillation_loss(student_logits, teacher_logits, teacher_indices, weights, *,
-                      mode="paper", temperature=10.0):
+def distillation_loss(
+    student_logits, teacher_logits, teacher_indices, weights, *, mode="paper", temperature=10.0
+):
     """Distillation loss summed over weighted positions (see the module docstring).
 
     Args:
@@ -292,18 +310,28 @@ def distillation_loss(student_logits, teacher_logits, teacher_indices, weights, 
     _check_logits_targets(student_logits, None, weights, "student_logits")
     _check_teacher(student_logits, teacher_logits, teacher_indices)
     # whatever a cache holds at padding (even NaN) must reach neither loss nor gradient
-    teacher_logits = jnp.where(weights[..., None] != 0, teacher_logits, 0)       # [b, t, K]
-    per_token = distillation_per_token(student_logits, teacher_logits, teacher_indices,
-                                       mode=mode, temperature=temperature)  # [b, t]
+    teacher_logits = jnp.where(weights[..., None] != 0, teacher_logits, 0)  # [b, t, K]
+    per_token = distillation_per_token(
+        student_logits, teacher_logits, teacher_indices, mode=mode, temperature=temperature
+    )  # [b, t]
     return _weighted_sum(per_token, weights)
 
 
 # --------------------------------------------------------------------------- combined
 
 
-def combined_loss(student_logits, targets, weights, *, alpha=0.5, label_smoothing=0.1,
-                  teacher_logits=None, teacher_indices=None, kd_mode="paper",
-                  temperature=10.0):
+def combined_loss(
+    student_logits,
+    targets,
+    weights,
+    *,
+    alpha=0.5,
+    label_smoothing=0.1,
+    teacher_logits=None,
+    teacher_indices=None,
+    kd_mode="paper",
+    temperature=10.0,
+):
     """The student's training loss (1 - alpha) * xe + alpha * kd, summed, with metrics.
 
     Without a teacher (teacher_logits None) the loss is the label-smoothed cross-entropy
@@ -334,16 +362,19 @@ def combined_loss(student_logits, targets, weights, *, alpha=0.5, label_smoothin
         # backward pass over the logits for the two terms together.
         _check_logits_targets(student_logits, targets, weights)
         eps = _check_number("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
-        temp = _check_number("temperature", temperature, 0.0, float("inf"), low_open=True,
-                             high_open=True)
+        temp = _check_number(
+            "temperature", temperature, 0.0, float("inf"), low_open=True, high_open=True
+        )
         _check_teacher(student_logits, teacher_logits, teacher_indices)
-        indices = jnp.concatenate([targets[..., None].astype(jnp.int32),
-                                   teacher_indices.astype(jnp.int32)], axis=-1)  # [b, t, 1+K]
-        log_p_at, mean_log_p = log_softmax_at(student_logits, indices)           # [b, t, 1+K], [b, t]
+        indices = jnp.concatenate(
+            [targets[..., None].astype(jnp.int32), teacher_indices.astype(jnp.int32)], axis=-1
+        )  # [b, t, 1+K]
+        log_p_at, mean_log_p = log_softmax_at(student_logits, indices)  # [b, t, 1+K], [b, t]
         xe_sum, nll_sum = _smoothed_sums(log_p_at[..., 0], mean_log_p, weights, eps)
-        teacher_logits = jnp.where(weights[..., None] != 0, teacher_logits, 0)   # [b, t, K]
+        teacher_logits = jnp.where(weights[..., None] != 0, teacher_logits, 0)  # [b, t, K]
         kd_sum = _weighted_sum(
-            _distillation_terms(teacher_logits, log_p_at[..., 1:], "paper", temp), weights)
+            _distillation_terms(teacher_logits, log_p_at[..., 1:], "paper", temp), weights
+        )
     else:
         xe_sum, nll_sum = cross_entropy(student_logits, targets, weights, label_smoothing)
     count = jnp.sum(weights.astype(xe_sum.dtype))
@@ -357,8 +388,14 @@ def combined_loss(student_logits, targets, weights, *, alpha=0.5, label_smoothin
         total = xe_sum
     else:
         if kd_sum is None:
-            kd_sum = distillation_loss(student_logits, teacher_logits, teacher_indices,
-                                       weights, mode=kd_mode, temperature=temperature)
+            kd_sum = distillation_loss(
+                student_logits,
+                teacher_logits,
+                teacher_indices,
+                weights,
+                mode=kd_mode,
+                temperature=temperature,
+            )
         total = (1.0 - alpha) * xe_sum + alpha * kd_sum
         metrics["kd"] = (kd_sum, count)
     metrics["loss"] = (total, count)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import html
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 # Tokens Moses keeps whole that the student's WordPiece output splits (see moses_tokens).
 _CLITIC = re.compile(r"(?<=\w) ' (s|t|re|ve|ll|d|m)\b", re.IGNORECASE)
@@ -39,17 +39,18 @@ _THOUSANDS = re.compile(r"(?<=\d) , (?=\d{3}\b)")
 _DECIMAL = re.compile(r"(?<=\d) \. (?=\d)")
 # More that detokenize_words glues (the text it writes is Moses-tokenized the same way).
 _TRUNCATED = re.compile(  # "sport- und", "gitarre-, banjo-" (not "black - and - white")
-    r"(?<=\w) - (?=(?:and|or|und|oder|bis|sowie) (?!-)|[,;])")
+    r"(?<=\w) - (?=(?:and|or|und|oder|bis|sowie) (?!-)|[,;])"
+)
 _LEADING_HYPHEN = re.compile(r"(?<!- )(?<!\S)(and|or|und|oder) - (?=\w)")  # "und -handschuhe"
-_QUOTE_HYPHEN = re.compile(r"(?<=“) - (?=\w)")                  # German „open“-anzeige
+_QUOTE_HYPHEN = re.compile(r"(?<=“) - (?=\w)")  # German „open“-anzeige
 _CURLY_CLITIC = re.compile(r" ([’‘]) (s|t|re|ve|ll|d|m)\b", re.IGNORECASE)  # "joe‘s"
-_LETTER_AMP = re.compile(r"(?<![^\s-])(\w) & (\w)(?![^\s-])")             # "a&m", "q&a"
+_LETTER_AMP = re.compile(r"(?<![^\s-])(\w) & (\w)(?![^\s-])")  # "a&m", "q&a"
 _ENTITY = re.compile(r"(?<!\S)& (amp|lt|gt|quot|apos|#\d+) ;(?!\S)")  # "&amp;" split up
-_HASH_NUMBER = re.compile(r"(?<!\S)# (?=\d)")                           # "#8"
-_CLOCK = re.compile(r"(?<=\d) : (?=\d\d\b)")                           # "10:30"
-_SLASH = re.compile(r"(?<=\w) / (?=\w)")                                # "and/or", "24/7"
-_ACRONYM = re.compile(r"(?<!\S)\w \.(?: \w \.)+(?!\S)")                # "u.s.", "e.g."
-_DOMAIN = re.compile(r"(?<=\w) \. (?=(?:com|org|net|edu|gov)\b)")        # "example.com"
+_HASH_NUMBER = re.compile(r"(?<!\S)# (?=\d)")  # "#8"
+_CLOCK = re.compile(r"(?<=\d) : (?=\d\d\b)")  # "10:30"
+_SLASH = re.compile(r"(?<=\w) / (?=\w)")  # "and/or", "24/7"
+_ACRONYM = re.compile(r"(?<!\S)\w \.(?: \w \.)+(?!\S)")  # "u.s.", "e.g."
+_DOMAIN = re.compile(r"(?<=\w) \. (?=(?:com|org|net|edu|gov)\b)")  # "example.com"
 # Placeholders for single quotes whose side detokenize_words decided (private-use chars).
 _QUOTE_OPEN, _QUOTE_CLOSE, _QUOTE_INNER = "\ue000", "\ue001", "\ue002"
 _WORD = re.compile(r"\w+")
@@ -59,7 +60,8 @@ def _check_lengths(hypotheses: Sequence[str], references: Sequence[str]) -> None
     if len(hypotheses) != len(references):
         raise ValueError(
             f"{len(hypotheses)} hypotheses but {len(references)} references: "
-            "they must be line-aligned")
+            "they must be line-aligned"
+        )
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str], *, lowercase: bool = False) -> dict:
@@ -83,7 +85,7 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str], *, lowercase: boo
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _moses(lang: str):
     """(tokenizer, detokenizer) of sacremoses for ``lang``."""
     try:
@@ -127,6 +129,7 @@ def _single_quotes(tokens: list[str]) -> list[str]:
     ``says ' free dinner '``); otherwise it opens when a later quote follows; a last lone
     one is in-word after a single letter (``d ' oeuvres``, ``o ' clock``), opens at the
     start, else attaches left (``adult '``, ``4 '``)."""
+
     def plural(i: int) -> bool:
         return i >= 0 and bool(_WORD.fullmatch(tokens[i])) and tokens[i][-1] in "sS"
 
@@ -134,15 +137,20 @@ def _single_quotes(tokens: list[str]) -> list[str]:
     out = list(tokens)
     is_open = False
     for k, i in enumerate(quotes):
-        later = quotes[k + 1:]
+        later = quotes[k + 1 :]
         if is_open:
             out[i], is_open = _QUOTE_CLOSE, False
         elif plural(i - 1) and not any(not plural(j - 1) for j in later):
             out[i] = _QUOTE_CLOSE
         elif later:
             out[i], is_open = _QUOTE_OPEN, True
-        elif (i > 0 and i + 1 < len(tokens) and len(tokens[i - 1]) == 1
-              and tokens[i - 1].isalpha() and _WORD.fullmatch(tokens[i + 1])):
+        elif (
+            i > 0
+            and i + 1 < len(tokens)
+            and len(tokens[i - 1]) == 1
+            and tokens[i - 1].isalpha()
+            and _WORD.fullmatch(tokens[i + 1])
+        ):
             out[i] = _QUOTE_INNER
         else:
             out[i] = _QUOTE_OPEN if i == 0 else _QUOTE_CLOSE
@@ -188,9 +196,14 @@ def moses_detokenize(text: str, lang: str = "en") -> str:
     return detokenizer.detokenize(html.unescape(text).split())
 
 
-def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str], *,
-                   lang: str = "en", references_tokenized: bool = False,
-                   lowercase: bool = True) -> dict:
+def tokenized_bleu(
+    hypotheses: Sequence[str],
+    references: Sequence[str],
+    *,
+    lang: str = "en",
+    references_tokenized: bool = False,
+    lowercase: bool = True,
+) -> dict:
     """Tokenized corpus BLEU (the reference's ``multi-bleu.perl`` score), lowercased unless
     ``lowercase`` is False.
 
@@ -210,8 +223,12 @@ def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str], *,
         return text.lower() if lowercase else text
 
     hyps = [case(moses_tokens(h, lang, rejoin=True)) for h in hypotheses]
-    refs = [case(" ".join(html.unescape(r).split())) if references_tokenized
-            else case(moses_tokens(r, lang)) for r in references]
+    refs = [
+        case(" ".join(html.unescape(r).split()))
+        if references_tokenized
+        else case(moses_tokens(r, lang))
+        for r in references
+    ]
     metric = BLEU(tokenize="none", lowercase=lowercase, force=True)
     result = metric.corpus_score(hyps, [refs])
     return {
@@ -246,6 +263,7 @@ def read_lines(path: str) -> list[str]:
     Raises ValueError naming the file and the 1-based line of the first invalid byte.
     """
     from distill_jax import storage
+
     raw = storage.path(path).read_bytes()  # a local path or gs://
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
@@ -256,5 +274,6 @@ def read_lines(path: str) -> list[str]:
             out.append(line.decode("utf-8").rstrip("\r"))
         except UnicodeDecodeError as err:
             raise ValueError(
-                f"{path}, line {number}: invalid UTF-8 at byte {err.start} of the line") from None
+                f"{path}, line {number}: invalid UTF-8 at byte {err.start} of the line"
+            ) from None
     return out

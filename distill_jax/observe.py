@@ -57,21 +57,28 @@ class TensorBoardWriter:
     ``purge_step``), as ``metrics.jsonl`` drops those records.
     """
 
-    def __init__(self, run_dir: storage.PathLike, *, enabled: bool = True,
-                 resume_step: int | None = None) -> None:
+    def __init__(
+        self, run_dir: storage.PathLike, *, enabled: bool = True, resume_step: int | None = None
+    ) -> None:
         self.directory = storage.path(run_dir) / TENSORBOARD_DIR
         self._writer = None
         if not enabled:
             return
         if storage.is_remote(self.directory):
-            _notice_once("remote", "TensorBoard event files are written for local run "
-                         "directories only, not %s", self.directory)
+            _notice_once(
+                "remote",
+                "TensorBoard event files are written for local run directories only, not %s",
+                self.directory,
+            )
             return
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
-            _notice_once("missing", "tensorboardX is not installed: no TensorBoard event files "
-                         "(%s adds them)", INSTALL_HINT)
+            _notice_once(
+                "missing",
+                "tensorboardX is not installed: no TensorBoard event files (%s adds them)",
+                INSTALL_HINT,
+            )
             return
         storage.makedirs(self.directory)
         purge = None if not resume_step else int(resume_step) + 1
@@ -94,8 +101,15 @@ class TensorBoardWriter:
         if self._writer is not None:
             self._writer.add_text(tag, text, int(step))
 
-    def samples(self, step: int, sources: Sequence[str], hypotheses: Sequence[str],
-                references: Sequence[str], *, tag: str = "valid/samples") -> None:
+    def samples(
+        self,
+        step: int,
+        sources: Sequence[str],
+        hypotheses: Sequence[str],
+        references: Sequence[str],
+        *,
+        tag: str = "valid/samples",
+    ) -> None:
         """Sample translations as one Markdown table at ``step``."""
         if self._writer is not None:
             self.text(step, tag, samples_table(sources, hypotheses, references))
@@ -110,19 +124,23 @@ class TensorBoardWriter:
             self._writer = None
 
 
-def samples_table(sources: Sequence[str], hypotheses: Sequence[str],
-                  references: Sequence[str]) -> str:
+def samples_table(
+    sources: Sequence[str], hypotheses: Sequence[str], references: Sequence[str]
+) -> str:
     """A Markdown table of (source, hypothesis, reference) rows; ``|`` is escaped."""
     if not len(sources) == len(hypotheses) == len(references):
-        raise ValueError(f"{len(sources)} sources, {len(hypotheses)} hypotheses and "
-                         f"{len(references)} references: one of each per row")
+        raise ValueError(
+            f"{len(sources)} sources, {len(hypotheses)} hypotheses and "
+            f"{len(references)} references: one of each per row"
+        )
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
     rows = ["| source | hypothesis | reference |", "|---|---|---|"]
-    rows += [f"| {cell(s)} | {cell(h)} | {cell(r)} |"
-             for s, h, r in zip(sources, hypotheses, references)]
+    rows += [
+        f"| {cell(s)} | {cell(h)} | {cell(r)} |" for s, h, r in zip(sources, hypotheses, references)
+    ]
     return "\n".join(rows)
 
 
@@ -140,22 +158,28 @@ def parse_profile_steps(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not A:B (two integers, the first step traced and the step after "
-            "the last, e.g. 10:15)") from None
+            "the last, e.g. 10:15)"
+        ) from None
     if start < 0 or stop < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: steps are counted from 0, not negative")
     if start >= stop:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: the first step A must be below B (A:B traces steps A to B-1)")
+            f"{text!r}: the first step A must be below B (A:B traces steps A to B-1)"
+        )
     return start, stop
 
 
 def add_profile_argument(parser: argparse.ArgumentParser) -> None:
     """``--profile-steps A:B`` on a training command's parser."""
     parser.add_argument(
-        "--profile-steps", type=parse_profile_steps, default=None, metavar="A:B",
+        "--profile-steps",
+        type=parse_profile_steps,
+        default=None,
+        metavar="A:B",
         help="write a jax.profiler trace of training steps A to B-1 (the updates from state "
-             "step A to B) into RUN_DIR/profile/ (view it with TensorBoard's profile plugin "
-             "or XProf)")
+        "step A to B) into RUN_DIR/profile/ (view it with TensorBoard's profile plugin "
+        "or XProf)",
+    )
 
 
 class StepProfiler:
@@ -185,7 +209,8 @@ class StepProfiler:
         if start >= total_steps or stop <= first_step:
             raise UserError(
                 f"--profile-steps {start}:{stop}: the run's steps are {first_step} to "
-                f"{total_steps - 1}, so nothing would be traced")
+                f"{total_steps - 1}, so nothing would be traced"
+            )
 
     def before_step(self, step: int) -> None:
         if self.window is None or self._running or self._done:
@@ -233,8 +258,12 @@ class StepProfiler:
                     target.write_bytes(path.read_bytes())
             shutil.rmtree(self._local, ignore_errors=True)
             self._local = None
-        logger.info("profile of steps %d to %d written to %s", self.traced[0],
-                    self.traced[-1], self.directory)
+        logger.info(
+            "profile of steps %d to %d written to %s",
+            self.traced[0],
+            self.traced[-1],
+            self.directory,
+        )
 
 
 # ----------------------------------------------------------------------------- loop hooks
@@ -249,10 +278,14 @@ class TensorBoardCallback(runner.Callback):
     greedily). ``samples`` is called on every process (a translation is a computation of
     the whole job); only an active writer records them. The writer is closed at the end."""
 
-    def __init__(self, writer: TensorBoardWriter, *,
-                 learning_rate: Callable[[int], Any] | None = None,
-                 samples: Callable[[Any, int], tuple[Sequence[str], Sequence[str],
-                                                     Sequence[str]]] | None = None) -> None:
+    def __init__(
+        self,
+        writer: TensorBoardWriter,
+        *,
+        learning_rate: Callable[[int], Any] | None = None,
+        samples: Callable[[Any, int], tuple[Sequence[str], Sequence[str], Sequence[str]]]
+        | None = None,
+    ) -> None:
         self.writer = writer
         self.learning_rate = learning_rate
         self.samples = samples

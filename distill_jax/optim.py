@@ -15,7 +15,8 @@ update uses ``schedule(0)`` (0 for both warm-ups, as in transformers and fairseq
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,8 @@ def linear_warmup_decay(peak: float, warmup_steps: int, total_steps: int) -> Sch
     if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
         raise ValueError(
             f"linear schedule needs 0 <= warmup_steps <= total_steps and total_steps > 0, "
-            f"got warmup_steps={warmup_steps}, total_steps={total_steps}")
+            f"got warmup_steps={warmup_steps}, total_steps={total_steps}"
+        )
 
     def schedule(count):
         count = jnp.asarray(count, jnp.float32)
@@ -62,13 +64,14 @@ def noam(factor: float, warmup_steps: int, model_size: int) -> Schedule:
     ``step = count + 1``, as OpenNMT-py (its step counter starts at 1); it peaks at
     ``factor * (model_size * warmup)^-0.5`` on update ``warmup``."""
     if warmup_steps <= 0 or model_size <= 0:
-        raise ValueError(f"noam schedule needs warmup_steps > 0 and model_size > 0, got "
-                         f"warmup_steps={warmup_steps}, model_size={model_size}")
+        raise ValueError(
+            f"noam schedule needs warmup_steps > 0 and model_size > 0, got "
+            f"warmup_steps={warmup_steps}, model_size={model_size}"
+        )
 
     def schedule(count):
         step = jnp.asarray(count, jnp.float32) + 1.0
-        return factor * model_size ** -0.5 * jnp.minimum(step ** -0.5,
-                                                        step * warmup_steps ** -1.5)
+        return factor * model_size**-0.5 * jnp.minimum(step**-0.5, step * warmup_steps**-1.5)
 
     return schedule
 
@@ -91,19 +94,27 @@ class OptimizerConfig:
     warmup_steps: int = 0  # warm-up length in updates; 0 = use warmup_fraction
     warmup_fraction: float = 0.05  # warm-up as a fraction of total_steps (linear only)
     total_steps: int = 0  # training length in updates (needed by "linear")
-    grad_clip_norm: Optional[float] = 1.0  # global gradient-norm clip; None = no clipping
+    grad_clip_norm: float | None = 1.0  # global gradient-norm clip; None = no clipping
     model_size: int = 512  # d_model of the noam schedule
 
     @classmethod
-    def teacher(cls, total_steps: int, **overrides) -> "OptimizerConfig":
+    def teacher(cls, total_steps: int, **overrides) -> OptimizerConfig:
         """The C-MLM fine-tuning recipe (AdamW 5e-5, 5% warm-up, linear decay, clip 1)."""
         return cls(total_steps=total_steps, **overrides)
 
     @classmethod
-    def student(cls, **overrides) -> "OptimizerConfig":
+    def student(cls, **overrides) -> OptimizerConfig:
         """The Transformer recipe (Adam (0.9, 0.98), inverse-sqrt, 4000 warm-up)."""
-        settings = dict(learning_rate=5e-4, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0,
-                        schedule="inverse_sqrt", warmup_steps=4000, grad_clip_norm=None)
+        settings = dict(
+            learning_rate=5e-4,
+            b1=0.9,
+            b2=0.98,
+            eps=1e-8,
+            weight_decay=0.0,
+            schedule="inverse_sqrt",
+            warmup_steps=4000,
+            grad_clip_norm=None,
+        )
         settings.update(overrides)
         return cls(**settings)
 
@@ -161,7 +172,14 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
         if cfg.grad_clip_norm <= 0:
             raise ValueError(f"grad_clip_norm must be positive or None, got {cfg.grad_clip_norm}")
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-    parts.append(optax.adamw(
-        learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay, mask=weight_decay_mask))
+    parts.append(
+        optax.adamw(
+            learning_rate=schedule,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=weight_decay_mask,
+        )
+    )
     return optax.chain(*parts)

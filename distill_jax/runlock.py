@@ -36,8 +36,6 @@ import os
 import socket
 import sys
 import threading
-import time
-from typing import Optional
 from urllib.parse import quote
 
 from distill_jax import storage
@@ -48,7 +46,7 @@ logger = logging.getLogger("distill_jax")
 LOCK_NAME = ".lock"
 DEFAULT_LEASE_TTL_S = 120.0
 _HTTP_TIMEOUT_S = 30.0
-_HELD: list["RunLock"] = []
+_HELD: list[RunLock] = []
 
 
 def lease_ttl_s() -> float:
@@ -57,8 +55,9 @@ def lease_ttl_s() -> float:
     try:
         ttl = float(value) if value else DEFAULT_LEASE_TTL_S
     except ValueError:
-        raise UserError(f"DISTILL_JAX_LEASE_TTL_S must be a number of seconds, got {value!r}"
-                        ) from None
+        raise UserError(
+            f"DISTILL_JAX_LEASE_TTL_S must be a number of seconds, got {value!r}"
+        ) from None
     if not ttl > 0:
         raise UserError(f"DISTILL_JAX_LEASE_TTL_S must be > 0, got {value!r}")
     return ttl
@@ -66,18 +65,24 @@ def lease_ttl_s() -> float:
 
 def _record(command: str, **extra) -> dict:
     """Who holds a lock: pid, host, command, start time (UTC)."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-            "argv": " ".join(sys.argv),
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"), **extra}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "argv": " ".join(sys.argv),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
 
 
-def describe(record: Optional[dict]) -> str:
+def describe(record: dict | None) -> str:
     """A holder record in words."""
     if not record:
         return "a run that is starting (its lock record is not written yet)"
-    return (f"`{record.get('command', '?')}` (pid {record.get('pid', '?')} on host "
-            f"{record.get('host', '?')}, started {record.get('started', '?')})")
+    return (
+        f"`{record.get('command', '?')}` (pid {record.get('pid', '?')} on host "
+        f"{record.get('host', '?')}, started {record.get('started', '?')})"
+    )
 
 
 class RunLock:
@@ -89,7 +94,7 @@ class RunLock:
     def release(self) -> None:
         raise NotImplementedError
 
-    def lost(self) -> Optional[str]:
+    def lost(self) -> str | None:
         """Why the lock is no longer held, or None while it is."""
         return None
 
@@ -115,7 +120,7 @@ class FileLock(RunLock):
         data = json.dumps(_record(what)).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
-        self._fd: Optional[int] = fd
+        self._fd: int | None = fd
 
     def release(self) -> None:
         if self._fd is None:
@@ -128,7 +133,7 @@ class FileLock(RunLock):
             self._fd = None
 
 
-def _read_record(data: bytes) -> Optional[dict]:
+def _read_record(data: bytes) -> dict | None:
     try:
         record = json.loads(data.decode() or "null")
     except (UnicodeDecodeError, ValueError):
@@ -158,8 +163,13 @@ class _PreconditionFailed(Exception):
 class Lease(RunLock):
     """A lease object on Cloud Storage, renewed in a background thread."""
 
-    def __init__(self, directory: storage.PathLike, what: str, name: str = LOCK_NAME,
-                 ttl_s: Optional[float] = None):
+    def __init__(
+        self,
+        directory: storage.PathLike,
+        what: str,
+        name: str = LOCK_NAME,
+        ttl_s: float | None = None,
+    ):
         super().__init__(directory, what)
         self.ttl_s = lease_ttl_s() if ttl_s is None else ttl_s
         self.url = os.fspath(self.directory).rstrip("/") + "/" + name
@@ -168,56 +178,67 @@ class Lease(RunLock):
         self.endpoint, self.session = storage.json_api_session(self.url)
         self.record = _record(what, ttl_s=self.ttl_s)
         self.generation = self._take()
-        self._lost: Optional[str] = None
+        self._lost: str | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew_loop, name="distill-jax-lease",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._renew_loop, name="distill-jax-lease", daemon=True
+        )
         self._thread.start()
 
     # -- Cloud Storage JSON API calls
     def _request(self, method: str, url: str, **kwargs):
         import requests
+
         try:
             return self.session.request(method, url, timeout=_HTTP_TIMEOUT_S, **kwargs)
         except requests.RequestException as err:
-            raise UserError(f"{self.url}: cannot reach Cloud Storage ({type(err).__name__}: "
-                            f"{err})") from None
+            raise UserError(
+                f"{self.url}: cannot reach Cloud Storage ({type(err).__name__}: {err})"
+            ) from None
 
     def _check(self, response, doing: str):
         if response.status_code == 412:
             raise _PreconditionFailed()
         if not response.ok:
-            raise UserError(f"{self.url}: Cloud Storage answered HTTP {response.status_code} "
-                            f"when {doing} the run's lease: {response.text[:200]}")
+            raise UserError(
+                f"{self.url}: Cloud Storage answered HTTP {response.status_code} "
+                f"when {doing} the run's lease: {response.text[:200]}"
+            )
         return response
 
     def _write(self, if_generation: str) -> str:
         """Writes the lease record if the object's generation is ``if_generation`` ("0":
         absent); returns the new generation."""
         response = self._request(
-            "POST", f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o",
+            "POST",
+            f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o",
             params={"uploadType": "media", "name": self.key, "ifGenerationMatch": if_generation},
             data=json.dumps(self.record).encode(),
-            headers={"Content-Type": "application/octet-stream"})
+            headers={"Content-Type": "application/octet-stream"},
+        )
         return str(self._check(response, "writing").json()["generation"])
 
     def _object_url(self) -> str:
         return f"{self.endpoint}/storage/v1/b/{self.bucket}/o/{quote(self.key, safe='')}"
 
-    def _current(self) -> Optional[tuple[str, dict, float]]:
+    def _current(self) -> tuple[str, dict, float] | None:
         """(generation, record, seconds since it was last written, on Cloud Storage's
         clock) of the lease object, or None when there is none."""
         response = self._request("GET", self._object_url())
         if response.status_code == 404:
             return None
         meta = self._check(response, "reading").json()
-        media = self._request("GET", self._object_url(),
-                              params={"alt": "media", "generation": meta["generation"]})
+        media = self._request(
+            "GET", self._object_url(), params={"alt": "media", "generation": meta["generation"]}
+        )
         record = _read_record(media.content) if media.ok else None
         updated = datetime.datetime.fromisoformat(meta["updated"].replace("Z", "+00:00"))
         date = response.headers.get("Date")
-        now = (email.utils.parsedate_to_datetime(date) if date
-               else datetime.datetime.now(datetime.timezone.utc))
+        now = (
+            email.utils.parsedate_to_datetime(date)
+            if date
+            else datetime.datetime.now(datetime.timezone.utc)
+        )
         # (Date has whole seconds: an age just under 0 is a fresh write)
         return str(meta["generation"]), record or {}, max(0.0, (now - updated).total_seconds())
 
@@ -238,31 +259,41 @@ class Lease(RunLock):
                     f"{self.directory} is in use by {describe(record)}; its lease "
                     f"{self.url} was renewed {age:.0f} s ago. One run writes a run directory "
                     f"at a time: wait for it to end, or stop it (a lease not renewed for "
-                    f"{ttl:.0f} s is taken over automatically)")
+                    f"{ttl:.0f} s is taken over automatically)"
+                )
             try:
                 taken = self._write(generation)
             except _PreconditionFailed:
                 continue  # someone else renewed or took it first: look again
-            logger.warning("took over the lease %s of %s (%s)", self.url, describe(record),
-                           "a process of this host that has ended" if ended
-                           else f"not renewed for {age:.0f} s")
+            logger.warning(
+                "took over the lease %s of %s (%s)",
+                self.url,
+                describe(record),
+                "a process of this host that has ended"
+                if ended
+                else f"not renewed for {age:.0f} s",
+            )
             return taken
-        raise UserError(f"{self.directory}: could not take the lease {self.url} (other runs "
-                        "keep taking it); is another run starting on this directory?")
+        raise UserError(
+            f"{self.directory}: could not take the lease {self.url} (other runs "
+            "keep taking it); is another run starting on this directory?"
+        )
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
             try:
                 self.generation = self._write(self.generation)
             except _PreconditionFailed:
-                self._lost = (f"the lease {self.url} of this run was taken over by another run "
-                              f"(it was not renewed for {self.ttl_s:.0f} s)")
+                self._lost = (
+                    f"the lease {self.url} of this run was taken over by another run "
+                    f"(it was not renewed for {self.ttl_s:.0f} s)"
+                )
                 logger.error("%s", self._lost)
                 return
             except Exception as err:  # a network error: try again at the next renewal
                 logger.warning("renewing the lease %s failed: %s", self.url, err)
 
-    def lost(self) -> Optional[str]:
+    def lost(self) -> str | None:
         return self._lost
 
     def release(self) -> None:
@@ -272,13 +303,14 @@ class Lease(RunLock):
         self._thread.join(timeout=_HTTP_TIMEOUT_S)
         if self._lost is None:
             try:
-                self._request("DELETE", self._object_url(),
-                              params={"ifGenerationMatch": self.generation})
+                self._request(
+                    "DELETE", self._object_url(), params={"ifGenerationMatch": self.generation}
+                )
             except UserError as err:  # it expires by itself
                 logger.warning("could not release the lease %s: %s", self.url, err)
 
 
-def acquire(directory: storage.PathLike, what: str, name: str = LOCK_NAME) -> Optional[RunLock]:
+def acquire(directory: storage.PathLike, what: str, name: str = LOCK_NAME) -> RunLock | None:
     """Locks the run directory ``directory`` for the command ``what`` (process 0 of a
     multi-process run; the others learn the outcome). Raises ``UserError`` naming the
     holder when another run has it. The lock is held until :func:`release_all`."""
@@ -288,12 +320,16 @@ def acquire(directory: storage.PathLike, what: str, name: str = LOCK_NAME) -> Op
     lock, error = None, None
     if jax.process_index() == 0:
         try:
-            lock = (Lease(directory, what, name) if storage.is_remote(directory)
-                    else FileLock(directory, what, name))
+            lock = (
+                Lease(directory, what, name)
+                if storage.is_remote(directory)
+                else FileLock(directory, what, name)
+            )
         except UserError as err:
             error = str(err)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
         if failed and error is None:
             error = f"process 0 could not lock the run directory {directory} (see its message)"

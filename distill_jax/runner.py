@@ -14,7 +14,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +35,14 @@ def is_chief() -> bool:
     return jax.process_index() == 0
 
 
-def check_or_save_config(config: Any, path: storage.PathLike, *, what: str,
-                         checkpoints: Optional[storage.PathLike] = None,
-                         runtime: Any = None) -> None:
+def check_or_save_config(
+    config: Any,
+    path: storage.PathLike,
+    *,
+    what: str,
+    checkpoints: storage.PathLike | None = None,
+    runtime: Any = None,
+) -> None:
     """Saves ``config`` at ``path`` (local or ``gs://``) on the first run; refuses to resume
     ``what`` with a different config (the differing fields are named). ``runtime`` (an
     ``experiment.RuntimeConfig``), for a ``config`` that is one section (the teacher's),
@@ -65,11 +71,17 @@ def check_or_save_config(config: Any, path: storage.PathLike, *, what: str,
         if saved_steps(checkpoints if checkpoints is not None else path.parent / "checkpoints"):
             raise UserError(
                 f"{path.parent} holds a {what} run with another config; changed fields: "
-                + "; ".join(changed) + ". Use another --workdir (or name) or remove it.")
+                + "; ".join(changed)
+                + ". Use another --workdir (or name) or remove it."
+            )
         if is_chief():
-            logger.warning("%s: no step of the earlier %s run was saved; starting over with "
-                           "the new config (changed fields: %s)", path.parent, what,
-                           "; ".join(changed))
+            logger.warning(
+                "%s: no step of the earlier %s run was saved; starting over with "
+                "the new config (changed fields: %s)",
+                path.parent,
+                what,
+                "; ".join(changed),
+            )
     if is_chief():
         storage.write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True))
 
@@ -89,18 +101,22 @@ def prepared_dir(config: ExperimentConfig, workdir: storage.PathLike):
     open local files only."""
     where = config.data.prepared if config.data.prepared else storage.path(workdir) / "data"
     return storage.require_local(
-        where, "the prepared dataset",
+        where,
+        "the prepared dataset",
         "copy it to local disk on every host (e.g. `gcloud storage cp -r "
         f"{where} ~/data/`, or run `distill-jax prepare` on every host: it is deterministic) "
-        "and point data.prepared at the copy (--set data.prepared=PATH)")
+        "and point data.prepared at the copy (--set data.prepared=PATH)",
+    )
 
 
 def compute_dtype(config: ExperimentConfig):
     try:
         return COMPUTE_DTYPES[config.train.compute_dtype]
     except KeyError:
-        raise UserError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got "
-                        f"{config.train.compute_dtype!r}") from None
+        raise UserError(
+            f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got "
+            f"{config.train.compute_dtype!r}"
+        ) from None
 
 
 def data_shards(mesh) -> int:
@@ -121,15 +137,19 @@ class MetricsLog:
         self._lines = storage.LineLog(self.path)
         self.enabled = is_chief()
         # (sums, target tokens) of the log window a resumed checkpoint was saved in
-        self.resumed_window: Optional[tuple[dict, float]] = None
+        self.resumed_window: tuple[dict, float] | None = None
         if self.enabled and not storage.is_remote(directory):
             storage.makedirs(directory)
 
     def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": int(step), "split": split, "time": time.time(),
-                  **{k: float(v) for k, v in values.items()}}
+        record = {
+            "step": int(step),
+            "split": split,
+            "time": time.time(),
+            **{k: float(v) for k, v in values.items()},
+        }
         self._lines.append(json.dumps(record))
 
     def truncate_after(self, step: int) -> None:
@@ -137,11 +157,12 @@ class MetricsLog:
         resumed run's log reads as one run."""
         if not self.enabled or not self.path.exists():
             return
-        self._lines.replace([line for line in self._lines.lines()
-                             if json.loads(line)["step"] <= step])
+        self._lines.replace(
+            [line for line in self._lines.lines() if json.loads(line)["step"] <= step]
+        )
 
 
-def add_metrics(total: Optional[dict], metrics: Mapping[str, Any]) -> dict:
+def add_metrics(total: dict | None, metrics: Mapping[str, Any]) -> dict:
     """Accumulates (sum, count) pairs on the host."""
     metrics = jax.device_get(dict(metrics))
     if total is None:
@@ -151,8 +172,16 @@ def add_metrics(total: Optional[dict], metrics: Mapping[str, Any]) -> dict:
 
 def progress(total: int, initial: int, desc: str, disable: bool):
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                disable=disable or not is_chief(), file=sys.stderr, smoothing=0.1)
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        dynamic_ncols=True,
+        disable=disable or not is_chief(),
+        file=sys.stderr,
+        smoothing=0.1,
+    )
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -174,14 +203,20 @@ def resume(checkpoints: Any, state: Any, shardings: Any, batches: Any, log: Metr
     # record): the first record after the resume then averages the same steps as an
     # uninterrupted run's. (Checkpoints written before it was saved start a new window.)
     window = extra.get("log_window")
-    log.resumed_window = (None if window is None else
-                          ({k: (float(s), float(c)) for k, (s, c) in window["sums"].items()},
-                           float(window["tokens"])))
+    log.resumed_window = (
+        None
+        if window is None
+        else (
+            {k: (float(s), float(c)) for k, (s, c) in window["sums"].items()},
+            float(window["tokens"]),
+        )
+    )
     return state
 
 
-def evaluate_split(eval_step: Callable, params: Any, pipeline: Any,
-                   to_device: Callable[[dict], dict]) -> dict:
+def evaluate_split(
+    eval_step: Callable, params: Any, pipeline: Any, to_device: Callable[[dict], dict]
+) -> dict:
     """(sum, count) metrics of ``eval_step`` over one pass of ``pipeline``, on the host."""
     total = None
     for i in range(pipeline.batches_per_epoch):
@@ -240,7 +275,7 @@ class TrainLoop:
     checkpoints: Any  # checkpoint.Checkpointer (or anything with its methods)
     log: MetricsLog
     schedule: Schedule
-    evaluate: Optional[Callable[[Any, int], dict[str, float]]] = None
+    evaluate: Callable[[Any, int], dict[str, float]] | None = None
     desc: str = "train"  # progress bar and message label
     no_progress: bool = False
     callbacks: Sequence[Callback] = ()
@@ -265,7 +300,7 @@ class TrainLoop:
         total_steps, log_every = schedule.total_steps, schedule.log_every
         start = int(jax.device_get(state.step))
         bar = progress(total_steps, start, desc, self.no_progress)
-        window: Optional[dict] = None
+        window: dict | None = None
         tokens_since, time_since = 0.0, time.perf_counter()
         partial = False
         if log.resumed_window is not None:
@@ -288,42 +323,62 @@ class TrainLoop:
             if step % log_every == 0 or step == total_steps:
                 values = {k: s / max(c, 1e-9) for k, (s, c) in window.items()}
                 elapsed = time.perf_counter() - time_since
-                values["target_tokens_per_s"] = (tokens_since * jax.process_count()
-                                                 / max(elapsed, 1e-9))
+                values["target_tokens_per_s"] = (
+                    tokens_since * jax.process_count() / max(elapsed, 1e-9)
+                )
                 if partial:  # averages only the steps since the resume
                     values["partial"] = 1.0
                     partial = False
                 log.write(step, "train", values)
                 for callback in self.callbacks:
                     callback.on_train_log(step, values)
-                bar.set_postfix(loss=f"{values['loss']:.3f}",
-                                tok_s=f"{values['target_tokens_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{values['loss']:.3f}", tok_s=f"{values['target_tokens_per_s']:.0f}"
+                )
                 window, tokens_since, time_since = None, 0.0, time.perf_counter()
             bar.update(1)
             crash_point(f"step:{step}", settle=checkpoints.wait)
             eval_values = None
-            if self.evaluate is not None and (step % schedule.eval_every == 0
-                                              or step == total_steps):
+            if self.evaluate is not None and (
+                step % schedule.eval_every == 0 or step == total_steps
+            ):
                 eval_values = self.evaluate(state, step)
                 log.write(step, "valid", eval_values)
                 for callback in self.callbacks:
                     callback.on_eval(step, eval_values, state)
                 if is_chief():
-                    bar.write(f"[{desc}] step {step}: " + ", ".join(
-                        f"{k} {v:.4g}" for k, v in eval_values.items()))
-            preempted = jax.process_count() > 1 and \
-                multihost_utils.reached_preemption_sync_point(step)
+                    bar.write(
+                        f"[{desc}] step {step}: "
+                        + ", ".join(f"{k} {v:.4g}" for k, v in eval_values.items())
+                    )
+            preempted = jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(
+                step
+            )
             if step % schedule.save_every == 0 or step == total_steps or preempted:
                 if not _state_is_finite(state):
-                    _stop(f"step {step}: the parameters or optimizer state hold values that "
-                          "are not finite after this update", desc, checkpoints)
+                    _stop(
+                        f"step {step}: the parameters or optimizer state hold values that "
+                        "are not finite after this update",
+                        desc,
+                        checkpoints,
+                    )
                 runlock.check_held()  # (a gs:// lease lost to another run: stop, write nothing)
                 # Validation metrics (when this step has them) feed the keep-best policy.
-                log_window = None if window is None else {
-                    "sums": {k: [s, c] for k, (s, c) in window.items()}, "tokens": tokens_since}
-                checkpoints.save(step, state,
-                                 extra={"data": self.data_state(), "log_window": log_window},
-                                 metrics=eval_values, force=True)
+                log_window = (
+                    None
+                    if window is None
+                    else {
+                        "sums": {k: [s, c] for k, (s, c) in window.items()},
+                        "tokens": tokens_since,
+                    }
+                )
+                checkpoints.save(
+                    step,
+                    state,
+                    extra={"data": self.data_state(), "log_window": log_window},
+                    metrics=eval_values,
+                    force=True,
+                )
                 crash_point(f"save:{step}")
             if preempted:
                 # SIGTERM (TPU maintenance, scancel) reached every process at this step: the
@@ -337,31 +392,40 @@ class TrainLoop:
         return state
 
 
-def _stop_if_not_finite(metrics: Mapping[str, Any], step: int, desc: str,
-                        checkpoints: Any) -> None:
+def _stop_if_not_finite(metrics: Mapping[str, Any], step: int, desc: str, checkpoints: Any) -> None:
     """Stops the run when step ``step``'s loss or gradient norm is not finite."""
     loss = float(metrics["loss"][0]) / max(float(metrics["loss"][1]), 1e-9)
     grad_norm = float(metrics["grad_norm"][0]) if "grad_norm" in metrics else 0.0
     if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-        _stop(f"step {step}: the training loss is {loss:g} and the gradient norm {grad_norm:g}",
-              desc, checkpoints)
+        _stop(
+            f"step {step}: the training loss is {loss:g} and the gradient norm {grad_norm:g}",
+            desc,
+            checkpoints,
+        )
 
 
 def _stop(what: str, desc: str, checkpoints: Any) -> None:
     checkpoints.wait()  # the saves started before this step are good: finish them
     latest = checkpoints.latest_step()
-    kept = (f"the last good checkpoint, step {latest}, is kept (a rerun resumes from it)"
-            if latest is not None else "no checkpoint was saved")
+    kept = (
+        f"the last good checkpoint, step {latest}, is kept (a rerun resumes from it)"
+        if latest is not None
+        else "no checkpoint was saved"
+    )
     raise UserError(
         f"[{desc}] {what}: not finite. Training stopped without saving this state; {kept}. "
         "Lower the learning rate, clip gradients, or check the inputs (e.g. the soft-target "
-        "cache).")
+        "cache)."
+    )
 
 
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
@@ -373,7 +437,7 @@ def _state_is_finite(state: Any) -> bool:
 CRASH_ENV = "DISTILL_JAX_CRASH_AT"
 
 
-def crash_point(name: str, settle: Optional[Callable[[], None]] = None) -> None:
+def crash_point(name: str, settle: Callable[[], None] | None = None) -> None:
     """For crash tests (tests/crash_matrix.py): kills this process with SIGKILL, like
     ``kill -9``, when ``name`` is in the comma-separated ``DISTILL_JAX_CRASH_AT`` (after
     ``settle()``, which finishes the writes in flight: a kill *between* writes). Names:

@@ -42,7 +42,7 @@ HOST_MEMORY_MODES = ("keep", "system")
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_MAX_INT = 2 ** 31 - 1
+_MAX_INT = 2**31 - 1
 
 _state: dict[str, bool] = {}
 _mode: list[str] = []  # the mode configure_host applied
@@ -100,8 +100,11 @@ def configure_host(mode: str | None = None) -> dict[str, bool]:
         if _mode[0] == mode:
             return dict(_state)
         if _backends_initialized():
-            logger.warning("host memory mode %r requested after JAX's backends were "
-                           "initialized; keeping %r", mode, _mode[0])
+            logger.warning(
+                "host memory mode %r requested after JAX's backends were initialized; keeping %r",
+                mode,
+                _mode[0],
+            )
             return dict(_state)
         _undo()
     _mode[:] = [mode]
@@ -114,8 +117,10 @@ def configure_host(mode: str | None = None) -> dict[str, bool]:
     if _backends_initialized():
         # Too late for the dispatch setting: the CPU client exists. Keeping freed memory
         # would then only affect what the main thread allocates.
-        logger.warning("configure_host() called after JAX's backends were initialized; "
-                       "host memory settings not applied")
+        logger.warning(
+            "configure_host() called after JAX's backends were initialized; "
+            "host memory settings not applied"
+        )
         return dict(_state)
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     _state["sync_cpu_dispatch"] = True
@@ -134,6 +139,7 @@ def _undo() -> None:
     once they were set)."""
     if _state.get("sync_cpu_dispatch"):
         import jax
+
         jax.config.update("jax_cpu_enable_async_dispatch", True)
     if _state.get("keep_freed_memory"):
         libc = _glibc()
@@ -157,6 +163,11 @@ def apply(settings) -> None:
 
     applied = configure_host(settings.host_memory)
     fast_paths.configure(settings.fast_paths, settings.mask_by_bias)
-    logger.info("runtime: host_memory=%s %s, fast_paths=%s, mask_by_bias=%s, "
-                "cpu_copy_region_analysis=%s", applied_host_memory(), applied,
-                settings.fast_paths, settings.mask_by_bias, settings.cpu_copy_region_analysis)
+    logger.info(
+        "runtime: host_memory=%s %s, fast_paths=%s, mask_by_bias=%s, cpu_copy_region_analysis=%s",
+        applied_host_memory(),
+        applied,
+        settings.fast_paths,
+        settings.mask_by_bias,
+        settings.cpu_copy_region_analysis,
+    )

@@ -21,7 +21,8 @@ import contextlib
 import dataclasses
 import logging
 import math
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -77,21 +78,23 @@ class MeshConfig:
             if num_devices % fixed:
                 raise ValueError(
                     f"mesh {self} cannot use {num_devices} devices: the fixed axes "
-                    f"(product {fixed}) do not divide the device count")
+                    f"(product {fixed}) do not divide the device count"
+                )
             resolved = list(shape)
             resolved[free[0]] = num_devices // fixed
             return tuple(resolved)
         if fixed != num_devices:
             raise ValueError(
                 f"mesh shape (data={self.data}, fsdp={self.fsdp}, tensor={self.tensor}) "
-                f"has {fixed} devices but {num_devices} devices are available")
+                f"has {fixed} devices but {num_devices} devices are available"
+            )
         return shape
 
 
 def maybe_initialize_distributed(
-    coordinator_address: Optional[str] = None,
-    num_processes: Optional[int] = None,
-    process_id: Optional[int] = None,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
     *,
     auto: bool = False,
 ) -> None:
@@ -108,13 +111,17 @@ def maybe_initialize_distributed(
         return
     if coordinator_address is None or num_processes is None or process_id is None:
         from distill_jax.errors import UserError
-        raise UserError("a multi-process run needs --coordinator, --num-processes and "
-                        "--process-id (or their DISTILL_JAX_* environment variables)")
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+
+        raise UserError(
+            "a multi-process run needs --coordinator, --num-processes and "
+            "--process-id (or their DISTILL_JAX_* environment variables)"
+        )
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
 
 
-def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``Mesh`` with axes (data, fsdp, tensor) over ``devices`` (default: all global
     devices, so it works across hosts)."""
     devices = list(jax.devices() if devices is None else devices)
@@ -146,11 +153,11 @@ def _axes_size(mesh: Mesh, axes: Any) -> int:
 
 
 def mesh_spec_for(
-    logical_spec: Optional[PartitionSpec],
+    logical_spec: PartitionSpec | None,
     shape: Sequence[int],
     mesh: Mesh,
     rules: Rules = LOGICAL_AXIS_RULES,
-    fallbacks: Optional[list[str]] = None,
+    fallbacks: list[str] | None = None,
 ) -> PartitionSpec:
     """The mesh PartitionSpec of an array with ``shape`` and logical axis names.
 
@@ -161,14 +168,14 @@ def mesh_spec_for(
         return PartitionSpec()
     if len(logical_spec) != len(shape):
         raise ValueError(
-            f"logical axes {tuple(logical_spec)} do not match an array of shape {tuple(shape)}")
+            f"logical axes {tuple(logical_spec)} do not match an array of shape {tuple(shape)}"
+        )
     mesh_axes = list(nn.logical_to_mesh_axes(tuple(logical_spec), rules))
     for i, (dim, axes) in enumerate(zip(shape, mesh_axes)):
         size = _axes_size(mesh, axes)
         if size > 1 and dim % size:
             if fallbacks is not None:
-                fallbacks.append(
-                    f"{logical_spec[i]}={dim} not divisible by {axes}={size}")
+                fallbacks.append(f"{logical_spec[i]}={dim} not divisible by {axes}={size}")
             mesh_axes[i] = None
     return PartitionSpec(*mesh_axes)
 
@@ -183,9 +190,7 @@ def logical_specs(abstract_tree: Any) -> Any:
     return nn.get_partition_spec(abstract_tree)
 
 
-def tree_shardings(
-    abstract_tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES
-) -> Any:
+def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
     """``NamedSharding``s for every leaf of an abstract (``eval_shape``) tree whose
     parameters may carry logical axis boxes; the result matches ``nn.unbox(tree)``."""
     specs = logical_specs(abstract_tree)
@@ -193,12 +198,19 @@ def tree_shardings(
     fallbacks: list[str] = []
     shardings = jax.tree.map(
         lambda spec, leaf: NamedSharding(
-            mesh, mesh_spec_for(spec, np.shape(leaf), mesh, rules, fallbacks)),
-        specs, unboxed, is_leaf=_is_spec)
+            mesh, mesh_spec_for(spec, np.shape(leaf), mesh, rules, fallbacks)
+        ),
+        specs,
+        unboxed,
+        is_leaf=_is_spec,
+    )
     if fallbacks:
         logger.warning(
             "replicating %d parameter dimensions that the mesh %s does not divide: %s",
-            len(fallbacks), dict(mesh.shape), sorted(set(fallbacks)))
+            len(fallbacks),
+            dict(mesh.shape),
+            sorted(set(fallbacks)),
+        )
     return shardings
 
 
@@ -226,7 +238,9 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """``jax.ShapeDtypeStruct``s carrying ``shardings`` (the target of a restore)."""
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
-        nn.unbox(tree), shardings)
+        nn.unbox(tree),
+        shardings,
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -245,7 +259,8 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
     if global_batch % shards:
         raise ValueError(
             f"global batch size {global_batch} is not divisible by data*fsdp={shards} "
-            f"of mesh {dict(mesh.shape)}")
+            f"of mesh {dict(mesh.shape)}"
+        )
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -265,6 +280,5 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
         except ValueError as err:
             raise ValueError(f"batch entry {key!r}: {err}") from None
         global_shape = (global_batch,) + value.shape[1:]
-        out[key] = jax.make_array_from_process_local_data(
-            batch_sharding(mesh), value, global_shape)
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh), value, global_shape)
     return out

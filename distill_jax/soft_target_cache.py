@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -78,8 +78,8 @@ class CacheIdentity:
     top_k: int  # K, entries kept per position
     stride: int  # masking stride S used for extraction (every position masked once)
     vocab_size: int = 0  # entries of the student vocabulary: every index is below it
-    teacher_step: Optional[int] = None  # step of the fine-tuned teacher checkpoint used
-    teacher_digest: Optional[str] = None  # its checkpoint.Checkpointer.fingerprint
+    teacher_step: int | None = None  # step of the fine-tuned teacher checkpoint used
+    teacher_digest: str | None = None  # its checkpoint.Checkpointer.fingerprint
 
 
 _PROVENANCE = ("teacher_step", "teacher_digest")  # compared together, after the rest
@@ -87,13 +87,13 @@ _OPTIONAL = {"vocab_size": 0, "teacher_step": None, "teacher_digest": None}
 
 
 def describe_teacher(step, digest) -> str:
-    """"teacher checkpoint step 30 (digest 1a2b3c4d5e6f)" for messages."""
+    """ "teacher checkpoint step 30 (digest 1a2b3c4d5e6f)" for messages."""
     if step is None:
         return "an unrecorded teacher checkpoint"
     return f"teacher checkpoint step {step} (digest {str(digest)[:12]})"
 
 
-def identity_difference(have: dict, want: CacheIdentity) -> Optional[str]:
+def identity_difference(have: dict, want: CacheIdentity) -> str | None:
     """Why a cache with identity ``have`` (a header or layout dict) is not one for
     ``want``, or None when it is. K may be smaller in ``want`` (a run can use the first
     K' <= K entries); fields left unset in ``want`` are not compared."""
@@ -109,8 +109,10 @@ def identity_difference(have: dict, want: CacheIdentity) -> Optional[str]:
             return f"was made for {field} {stored!r}, but this run uses {field} {value!r}"
     made_from = (have.get("teacher_step"), have.get("teacher_digest"))
     if want.teacher_step is not None and made_from != (want.teacher_step, want.teacher_digest):
-        return (f"was made from {describe_teacher(*made_from)}, but the one selected now is "
-                f"{describe_teacher(want.teacher_step, want.teacher_digest)}")
+        return (
+            f"was made from {describe_teacher(*made_from)}, but the one selected now is "
+            f"{describe_teacher(want.teacher_step, want.teacher_digest)}"
+        )
     return None
 
 
@@ -123,8 +125,9 @@ def plan_chunks(target_lengths: np.ndarray, chunk_rows: int) -> tuple[np.ndarray
     """
     lengths = np.asarray(target_lengths, np.int64)
     if len(lengths) and lengths.max() > chunk_rows:
-        raise ValueError(f"chunk_rows {chunk_rows} is below the longest target "
-                         f"({int(lengths.max())} rows)")
+        raise ValueError(
+            f"chunk_rows {chunk_rows} is below the longest target ({int(lengths.max())} rows)"
+        )
     rows = np.zeros((len(lengths), 2), np.int64)
     starts, chunk, used = [0], 0, 0
     for i, length in enumerate(lengths):
@@ -139,42 +142,70 @@ def plan_chunks(target_lengths: np.ndarray, chunk_rows: int) -> tuple[np.ndarray
     return rows, np.asarray(starts, np.int64)
 
 
-def _array_spec(directory, name: str, *, total_rows: int = 0, top_k: int = 0,
-                chunk_rows: int = 0, create: bool = False) -> dict:
-    spec = {"driver": "zarr3", "kvstore": storage.tensorstore_kvstore(storage.path(directory) / name),
-            "context": {"cache_pool": {"total_bytes_limit": _CACHE_POOL_BYTES}},
-            "recheck_cached_data": "open",
-            # A chunk of zeros is stored too: a stored object is what marks a chunk as done.
-            "store_data_equal_to_fill_value": True}
+def _array_spec(
+    directory,
+    name: str,
+    *,
+    total_rows: int = 0,
+    top_k: int = 0,
+    chunk_rows: int = 0,
+    create: bool = False,
+) -> dict:
+    spec = {
+        "driver": "zarr3",
+        "kvstore": storage.tensorstore_kvstore(storage.path(directory) / name),
+        "context": {"cache_pool": {"total_bytes_limit": _CACHE_POOL_BYTES}},
+        "recheck_cached_data": "open",
+        # A chunk of zeros is stored too: a stored object is what marks a chunk as done.
+        "store_data_equal_to_fill_value": True,
+    }
     if create:
         inner = min(INNER_ROWS, chunk_rows)
         spec["metadata"] = {
-            "shape": [max(total_rows, 1), top_k], "data_type": _ARRAYS[name],
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, top_k]}},
-            "codecs": [{"name": "sharding_indexed", "configuration": {
-                "chunk_shape": [inner, top_k],
-                # A CRC32C after every inner chunk: verified whenever it is decoded.
-                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                           {"name": "crc32c"}],
-                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                                 {"name": "crc32c"}],
-                # The index first: read with an ordinary byte range (not a suffix range).
-                "index_location": "start"}}],
-            "fill_value": 0}
+            "shape": [max(total_rows, 1), top_k],
+            "data_type": _ARRAYS[name],
+            "chunk_grid": {
+                "name": "regular",
+                "configuration": {"chunk_shape": [chunk_rows, top_k]},
+            },
+            "codecs": [
+                {
+                    "name": "sharding_indexed",
+                    "configuration": {
+                        "chunk_shape": [inner, top_k],
+                        # A CRC32C after every inner chunk: verified whenever it is decoded.
+                        "codecs": [
+                            {"name": "bytes", "configuration": {"endian": "little"}},
+                            {"name": "crc32c"},
+                        ],
+                        "index_codecs": [
+                            {"name": "bytes", "configuration": {"endian": "little"}},
+                            {"name": "crc32c"},
+                        ],
+                        # The index first: read with an ordinary byte range (not a suffix range).
+                        "index_location": "start",
+                    },
+                }
+            ],
+            "fill_value": 0,
+        }
     return spec
 
 
 def _open_array(directory, name: str, **kwargs):
     import tensorstore as ts
+
     create = kwargs.get("create", False)
     try:
         # (A new cache's folder was emptied before: no delete_existing, which would issue a
         # range delete over the bucket's listing.)
-        return ts.open(_array_spec(directory, name, **kwargs), create=create,
-                       open=not create).result()
+        return ts.open(
+            _array_spec(directory, name, **kwargs), create=create, open=not create
+        ).result()
     except (ValueError, RuntimeError) as err:
-        raise CacheError(f"{storage.path(directory) / name}: cannot open the soft-target "
-                         f"array: {err}") from None
+        raise CacheError(
+            f"{storage.path(directory) / name}: cannot open the soft-target array: {err}"
+        ) from None
 
 
 def _stored_chunks(directory, name: str) -> set[int]:
@@ -187,7 +218,7 @@ def _stored_chunks(directory, name: str) -> set[int]:
     return found
 
 
-def _read_json(file) -> Optional[dict]:
+def _read_json(file) -> dict | None:
     """The JSON object in ``file``, None when it does not exist; a damaged one (cut
     short, emptied) is a :class:`CacheError` naming it."""
     file = storage.path(file)
@@ -196,8 +227,10 @@ def _read_json(file) -> Optional[dict]:
     try:
         value = json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise CacheError(f"{file} is damaged (not valid JSON: {err}); remove the cache "
-                         "(`distill-jax soft-targets --force` remakes it)") from None
+        raise CacheError(
+            f"{file} is damaged (not valid JSON: {err}); remove the cache "
+            "(`distill-jax soft-targets --force` remakes it)"
+        ) from None
     if not isinstance(value, dict):
         raise CacheError(f"{file} is damaged (not a JSON object)")
     return value
@@ -206,8 +239,14 @@ def _read_json(file) -> Optional[dict]:
 class CacheWriter:
     """Fills a cache chunk by chunk; create or resume one with :func:`create_or_resume`."""
 
-    def __init__(self, path, identity: CacheIdentity, rows: np.ndarray,
-                 chunk_starts: np.ndarray, chunk_rows: int):
+    def __init__(
+        self,
+        path,
+        identity: CacheIdentity,
+        rows: np.ndarray,
+        chunk_starts: np.ndarray,
+        chunk_rows: int,
+    ):
         self.path = storage.path(path)
         self.identity = identity
         self.rows = rows  # [n, 2] first row, count
@@ -255,21 +294,29 @@ class CacheWriter:
             if values.shape != (length, k) or ids.shape != (length, k):
                 raise CacheError(
                     f"example {example}: expected soft targets of shape {(length, k)}, got "
-                    f"logits {values.shape} and indices {ids.shape}")
+                    f"logits {values.shape} and indices {ids.shape}"
+                )
             if values.size and np.any(np.diff(values, axis=-1) > 0):
-                raise CacheError(f"example {example}: top-K logits must be sorted in "
-                                 "decreasing order along K")
+                raise CacheError(
+                    f"example {example}: top-K logits must be sorted in decreasing order along K"
+                )
             if not np.all(np.isfinite(values.astype(np.float16))):
-                raise CacheError(f"example {example}: the teacher's top-K logits are not all "
-                                 "finite in float16 (NaN, or beyond +-65504); not stored")
+                raise CacheError(
+                    f"example {example}: the teacher's top-K logits are not all "
+                    "finite in float16 (NaN, or beyond +-65504); not stored"
+                )
             size = self.identity.vocab_size
             if ids.size and (ids.min() < 0 or (size and ids.max() >= size)):
-                raise CacheError(f"example {example}: top-K indices span {ids.min()}..{ids.max()}, "
-                                 f"outside the student vocabulary of {size} entries")
-            logits[start - first_row:start - first_row + length] = values
-            indices[start - first_row:start - first_row + length] = ids
-        self._writes += [self._arrays["indices"][first_row:end].write(indices),
-                         self._arrays["logits"][first_row:end].write(logits)]
+                raise CacheError(
+                    f"example {example}: top-K indices span {ids.min()}..{ids.max()}, "
+                    f"outside the student vocabulary of {size} entries"
+                )
+            logits[start - first_row : start - first_row + length] = values
+            indices[start - first_row : start - first_row + length] = ids
+        self._writes += [
+            self._arrays["indices"][first_row:end].write(indices),
+            self._arrays["logits"][first_row:end].write(logits),
+        ]
 
     def writes_in_flight(self) -> int:
         return len(self._writes) // 2
@@ -288,24 +335,44 @@ class CacheWriter:
         if missing:
             raise CacheError(
                 f"{self.path}: {len(missing)} of {self.num_chunks} chunks have no soft targets "
-                f"yet (first missing: {missing[:5]})")
-        header = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self.identity),
-                  "num_examples": self.num_examples, "num_chunks": self.num_chunks,
-                  "total_rows": int(self.num_chunks * self.chunk_rows),
-                  "chunk_rows": self.chunk_rows, "arrays": sorted(_ARRAYS)}
+                f"yet (first missing: {missing[:5]})"
+            )
+        header = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **asdict(self.identity),
+            "num_examples": self.num_examples,
+            "num_chunks": self.num_chunks,
+            "total_rows": int(self.num_chunks * self.chunk_rows),
+            "chunk_rows": self.chunk_rows,
+            "arrays": sorted(_ARRAYS),
+        }
         storage.write_text_atomic(self.path / _HEADER, json.dumps(header, indent=2))
         return self.path
 
 
-def _layout(identity: CacheIdentity, rows: np.ndarray, chunk_starts: np.ndarray,
-            chunk_rows: int) -> dict:
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "identity": asdict(identity),
-            "num_examples": int(len(rows)), "num_chunks": int(len(chunk_starts) - 1),
-            "chunk_rows": int(chunk_rows), "target_rows": int(rows[:, 1].sum())}
+def _layout(
+    identity: CacheIdentity, rows: np.ndarray, chunk_starts: np.ndarray, chunk_rows: int
+) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "identity": asdict(identity),
+        "num_examples": int(len(rows)),
+        "num_chunks": int(len(chunk_starts) - 1),
+        "chunk_rows": int(chunk_rows),
+        "target_rows": int(rows[:, 1].sum()),
+    }
 
 
-def create_or_resume(path, identity: CacheIdentity, target_lengths: np.ndarray, *,
-                     chunk_rows: int = DEFAULT_CHUNK_ROWS, create: bool = True) -> CacheWriter:
+def create_or_resume(
+    path,
+    identity: CacheIdentity,
+    target_lengths: np.ndarray,
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    create: bool = True,
+) -> CacheWriter:
     """Starts a cache for examples with the given target lengths (``len(tgt_out)``), or
     resumes an unfinished one at ``path`` made for the same identity and lengths (keeping
     its chunk size). ``create=False`` only opens what another process created.
@@ -321,34 +388,46 @@ def create_or_resume(path, identity: CacheIdentity, target_lengths: np.ndarray, 
     layout = _layout(identity, rows, chunk_starts, chunk_rows)
     if not create:
         if previous != layout:
-            raise CacheError(f"{path}: the cache layout written by process 0 is not this "
-                             "process's (different data?)")
+            raise CacheError(
+                f"{path}: the cache layout written by process 0 is not this "
+                "process's (different data?)"
+            )
         return CacheWriter(path, identity, rows, chunk_starts, chunk_rows)
     if (path / _HEADER).exists():
         storage.rmtree(path)
         previous = None
     if previous is not None:
-        stored_rows = np.load(io.BytesIO((path / _ROWS).read_bytes())) \
-            if (path / _ROWS).exists() else None
+        stored_rows = (
+            np.load(io.BytesIO((path / _ROWS).read_bytes())) if (path / _ROWS).exists() else None
+        )
         if previous != layout or stored_rows is None or not np.array_equal(stored_rows, rows):
             why = None
             if previous.get("format_version") != FORMAT_VERSION:
-                why = (f"was started by another version of distill-jax (format version "
-                       f"{previous.get('format_version')}, this one writes {FORMAT_VERSION})")
+                why = (
+                    f"was started by another version of distill-jax (format version "
+                    f"{previous.get('format_version')}, this one writes {FORMAT_VERSION})"
+                )
             elif isinstance(previous.get("identity"), dict):
                 why = identity_difference(previous["identity"], identity)
             raise CacheError(
                 f"{path} is an unfinished cache for other data"
                 f"{'' if why is None else ': it ' + why}; remove it (or pass --force) to start "
-                "again")
+                "again"
+            )
         return CacheWriter(path, identity, rows, chunk_starts, chunk_rows)
     if path.exists():
         storage.rmtree(path)  # debris without a layout (e.g. killed while creating)
     storage.makedirs(path)
     total_rows = int(len(chunk_starts) - 1) * chunk_rows
     for name in _ARRAYS:
-        _open_array(path, name, total_rows=total_rows, top_k=identity.top_k,
-                    chunk_rows=chunk_rows, create=True)
+        _open_array(
+            path,
+            name,
+            total_rows=total_rows,
+            top_k=identity.top_k,
+            chunk_rows=chunk_rows,
+            create=True,
+        )
     buffer = io.BytesIO()
     np.save(buffer, rows)
     storage.write_bytes_atomic(path / _ROWS, buffer.getvalue())
@@ -371,17 +450,19 @@ class SoftTargetCache:
     the vocabulary, vectorised over the rows read); a failure raises :class:`CacheError`
     naming the chunk."""
 
-    def __init__(self, path, header: dict, rows: np.ndarray,
-                 preload_bytes: int = DEFAULT_PRELOAD_BYTES):
+    def __init__(
+        self, path, header: dict, rows: np.ndarray, preload_bytes: int = DEFAULT_PRELOAD_BYTES
+    ):
         self.path = storage.path(path)
         self.header = header
         self.rows = rows  # [n, 2] first row, count
         self.chunk_rows = int(header["chunk_rows"])
         self.vocab_size = int(header.get("vocab_size") or 0)
         self._arrays = {name: _open_array(self.path, name) for name in _ARRAYS}
-        size = sum(int(np.prod(a.shape)) * np.dtype(_ARRAYS[n]).itemsize
-                   for n, a in self._arrays.items())
-        self.in_memory: Optional[dict] = None
+        size = sum(
+            int(np.prod(a.shape)) * np.dtype(_ARRAYS[n]).itemsize for n, a in self._arrays.items()
+        )
+        self.in_memory: dict | None = None
         if size <= preload_bytes:
             self.in_memory = self._read_whole()
 
@@ -400,7 +481,8 @@ class SoftTargetCache:
         return CacheError(
             f"soft-target cache {self.path}: chunk {chunk} of {name} "
             f"({self.chunk_file(name, chunk)}) is damaged: {why}. Remake the cache: "
-            "`distill-jax soft-targets --force` (same --config and --set)")
+            "`distill-jax soft-targets --force` (same --config and --set)"
+        )
 
     def _read_whole(self) -> dict:
         """Both arrays, whole (one request per stored chunk and array, all in flight at
@@ -431,7 +513,7 @@ class SoftTargetCache:
             rows = np.flatnonzero(bad)
             raise self._damaged(name, int(chunk_of(rows)), f"{len(rows)} rows hold {what}")
 
-    def read_async(self, examples: Sequence[int]) -> "PendingRead":
+    def read_async(self, examples: Sequence[int]) -> PendingRead:
         """Starts reading the rows of ``examples`` (one request per array, or none when the
         cache is in memory); returns a :class:`PendingRead`."""
         examples = np.asarray(examples, np.int64)
@@ -441,14 +523,17 @@ class SoftTargetCache:
         within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
         positions = np.repeat(starts, counts) + within
         if self.in_memory is not None:
-            return PendingRead(counts, self.in_memory["logits"][positions],
-                               self.in_memory["indices"][positions])
+            return PendingRead(
+                counts, self.in_memory["logits"][positions], self.in_memory["indices"][positions]
+            )
         if total == 0:
             k = self.top_k
             return PendingRead(counts, np.zeros((0, k), np.float16), np.zeros((0, k), np.int32))
-        return PendingRead(counts, *(self._arrays[name].vindex[positions].read()
-                                     for name in ("logits", "indices")),
-                           check=(self, positions))
+        return PendingRead(
+            counts,
+            *(self._arrays[name].vindex[positions].read() for name in ("logits", "indices")),
+            check=(self, positions),
+        )
 
     def _locate(self, name: str, chunks, err: Exception) -> CacheError:
         """The first of ``chunks`` (those a failed read touched) that cannot be read on its
@@ -457,11 +542,12 @@ class SoftTargetCache:
         for chunk in chunks:
             chunk = int(chunk)
             try:
-                array[chunk * self.chunk_rows:(chunk + 1) * self.chunk_rows].read().result()
+                array[chunk * self.chunk_rows : (chunk + 1) * self.chunk_rows].read().result()
             except ValueError as again:
                 return self._damaged(name, chunk, _first_line(again))
-        return CacheError(f"soft-target cache {self.path}: reading {name} failed: "
-                          f"{_first_line(err)}")
+        return CacheError(
+            f"soft-target cache {self.path}: reading {name} failed: {_first_line(err)}"
+        )
 
     def __getitem__(self, example_index: int) -> tuple[np.ndarray, np.ndarray]:
         """(logits float32 [target_len, K], indices int32 [target_len, K]) of one example."""
@@ -494,13 +580,20 @@ class PendingRead:
                     touched = np.unique(positions // cache.chunk_rows)
                     raise cache._locate(name, touched, err) from None
                 part = np.asarray(part)
-                cache._check_values(name, part,
-                                    lambda rows: positions[rows[0]] // cache.chunk_rows)
+                cache._check_values(
+                    name,
+                    part,
+                    lambda rows, positions=positions, cache=cache: (
+                        positions[rows[0]] // cache.chunk_rows
+                    ),
+                )
             parts.append(part)
         logits, indices = parts
         cuts = np.cumsum(self._counts)[:-1]
-        return (np.split(np.asarray(logits, np.float32), cuts),
-                np.split(np.asarray(indices, np.int32), cuts))
+        return (
+            np.split(np.asarray(logits, np.float32), cuts),
+            np.split(np.asarray(indices, np.int32), cuts),
+        )
 
 
 def _check_identity(path, header: dict, expected: CacheIdentity) -> None:
@@ -514,33 +607,43 @@ def is_finished(path) -> bool:
     return (storage.path(path) / _HEADER).exists()
 
 
-def read_header(path, expected: Optional[CacheIdentity] = None,
-                num_examples: Optional[int] = None) -> dict:
+def read_header(
+    path, expected: CacheIdentity | None = None, num_examples: int | None = None
+) -> dict:
     """The header of a finished cache, refusing one that is unfinished, of another format,
     made for another identity than ``expected`` (see :func:`identity_difference`) or for
     another number of examples. Reads ``header.json`` only."""
     path = storage.path(path)
     header = _read_json(path / _HEADER)
     if header is None:
-        hint = " (extraction did not finish; rerun soft-targets to resume)" \
-            if (path / _LAYOUT).exists() else ""
+        hint = (
+            " (extraction did not finish; rerun soft-targets to resume)"
+            if (path / _LAYOUT).exists()
+            else ""
+        )
         raise CacheError(f"{path} is not a finished soft-target cache: no {_HEADER}{hint}")
     if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{path / _HEADER}: format {header.get('format')!r} version "
-                         f"{header.get('format_version')}, this code reads {FORMAT!r} version "
-                         f"{FORMAT_VERSION} (remake it: `distill-jax soft-targets --force`)")
+        raise CacheError(
+            f"{path / _HEADER}: format {header.get('format')!r} version "
+            f"{header.get('format_version')}, this code reads {FORMAT!r} version "
+            f"{FORMAT_VERSION} (remake it: `distill-jax soft-targets --force`)"
+        )
     if expected is not None:
         _check_identity(path, header, expected)
     n = int(header["num_examples"])
     if num_examples is not None and n != num_examples:
-        raise CacheError(f"{path} has soft targets for {n} examples; the dataset split has "
-                         f"{num_examples}")
+        raise CacheError(
+            f"{path} has soft targets for {n} examples; the dataset split has {num_examples}"
+        )
     return header
 
 
-def open_cache(path, expected: Optional[CacheIdentity] = None,
-               num_examples: Optional[int] = None,
-               preload_bytes: int = DEFAULT_PRELOAD_BYTES) -> SoftTargetCache:
+def open_cache(
+    path,
+    expected: CacheIdentity | None = None,
+    num_examples: int | None = None,
+    preload_bytes: int = DEFAULT_PRELOAD_BYTES,
+) -> SoftTargetCache:
     """Opens a finished cache, refusing it if it is unfinished, truncated, damaged, or was
     made for another teacher / teacher checkpoint / vocabulary / dataset / split than
     ``expected`` (``top_k`` may be smaller in ``expected``: a run can use the first
@@ -558,12 +661,15 @@ def open_cache(path, expected: Optional[CacheIdentity] = None,
     for name in _ARRAYS:
         stored = _stored_chunks(path, name)
         if len(stored & set(range(chunks))) != chunks:
-            raise CacheError(f"{path / name}: {chunks - len(stored)} of {chunks} chunks are "
-                             "missing (truncated or damaged cache)")
+            raise CacheError(
+                f"{path / name}: {chunks - len(stored)} of {chunks} chunks are "
+                "missing (truncated or damaged cache)"
+            )
     for name in _ARRAYS:
         shape = tuple(_open_array(path, name).shape)
         if shape != (int(header["total_rows"]), int(header["top_k"])):
-            raise CacheError(f"{path / name}: shape {shape}, the header says "
-                             f"{(header['total_rows'], header['top_k'])} (truncated?)")
+            raise CacheError(
+                f"{path / name}: shape {shape}, the header says "
+                f"{(header['total_rows'], header['top_k'])} (truncated?)"
+            )
     return SoftTargetCache(path, header, rows, preload_bytes)
-

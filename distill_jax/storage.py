@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Union
 
 from etils import epath
 
 from distill_jax.errors import UserError
 
-PathLike = Union[str, os.PathLike, epath.Path]
+PathLike = str | os.PathLike | epath.Path
 REMOTE_SCHEMES = ("gs",)  # what Cloud Storage-backed paths start with (``gs://``)
 _PUBLIC_ENDPOINT = "https://storage.googleapis.com"
 _CHECK_TIMEOUT_S = 20.0
@@ -101,13 +100,17 @@ def list_files(directory: PathLike) -> list[str]:
     directory = path(directory)
     if is_remote(directory):
         import fsspec
+
         fs = fsspec.filesystem(scheme(directory))
         root = os.fspath(directory).partition("://")[2].rstrip("/")
         fs.invalidate_cache()
-        return [name[len(root) + 1:] for name in fs.find(root) if name.startswith(root + "/")]
+        return [name[len(root) + 1 :] for name in fs.find(root) if name.startswith(root + "/")]
     root = os.fspath(directory)
-    return [os.path.relpath(os.path.join(base, name), root)
-            for base, _, names in os.walk(root) for name in names]
+    return [
+        os.path.relpath(os.path.join(base, name), root)
+        for base, _, names in os.walk(root)
+        for name in names
+    ]
 
 
 class LineLog:
@@ -121,8 +124,7 @@ class LineLog:
 
     def _load(self) -> list[str]:
         if self._lines is None:
-            self._lines = (self.path.read_text().splitlines()
-                           if self.path.exists() else [])
+            self._lines = self.path.read_text().splitlines() if self.path.exists() else []
         return self._lines
 
     def lines(self) -> list[str]:
@@ -152,8 +154,9 @@ def require_local(value: PathLike, what: str, hint: str) -> epath.Path:
     """``value`` if it is a local path; a ``UserError`` naming ``what`` and ``hint`` if it is
     on object storage (for readers that can only open local files)."""
     if is_remote(value):
-        raise UserError(f"{what} {os.fspath(value)} is on Cloud Storage, which it cannot be read "
-                        f"from: {hint}")
+        raise UserError(
+            f"{what} {os.fspath(value)} is on Cloud Storage, which it cannot be read from: {hint}"
+        )
     return path(value)
 
 
@@ -173,14 +176,17 @@ def json_api_session(value: PathLike):
     import google.auth
     from google.auth.exceptions import DefaultCredentialsError
     from google.auth.transport.requests import AuthorizedSession
+
     try:
         credentials, _ = google.auth.default(
-            scopes=["https://www.googleapis.com/auth/devstorage.read_write"])
+            scopes=["https://www.googleapis.com/auth/devstorage.read_write"]
+        )
     except DefaultCredentialsError:
         raise UserError(
             f"{text}: no Google Cloud credentials found (on a Cloud TPU VM or GCE the "
             "service account provides them; elsewhere run `gcloud auth "
-            "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS)") from None
+            "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS)"
+        ) from None
     return _PUBLIC_ENDPOINT, AuthorizedSession(credentials)
 
 
@@ -198,21 +204,29 @@ def check_access(value: PathLike) -> None:
     try:
         response = session.get(url, params={"maxResults": 1}, timeout=_CHECK_TIMEOUT_S)
     except requests.RequestException as err:
-        raise UserError(f"{text}: cannot reach Cloud Storage at {endpoint} "
-                        f"({type(err).__name__}); check the network (or "
-                        "STORAGE_EMULATOR_HOST)") from None
+        raise UserError(
+            f"{text}: cannot reach Cloud Storage at {endpoint} "
+            f"({type(err).__name__}); check the network (or "
+            "STORAGE_EMULATOR_HOST)"
+        ) from None
     except Exception as err:  # credential refresh failures (google.auth.exceptions)
         raise UserError(f"{text}: cannot authenticate to Cloud Storage: {err}") from None
     if response.status_code == 404:
-        raise UserError(f"{text}: bucket gs://{bucket} does not exist (create it with "
-                        f"`gcloud storage buckets create gs://{bucket}`)")
+        raise UserError(
+            f"{text}: bucket gs://{bucket} does not exist (create it with "
+            f"`gcloud storage buckets create gs://{bucket}`)"
+        )
     if response.status_code in (401, 403):
-        raise UserError(f"{text}: no permission to list gs://{bucket} (HTTP "
-                        f"{response.status_code}); the credentials need read/write access "
-                        "to its objects")
+        raise UserError(
+            f"{text}: no permission to list gs://{bucket} (HTTP "
+            f"{response.status_code}); the credentials need read/write access "
+            "to its objects"
+        )
     if not response.ok:
-        raise UserError(f"{text}: Cloud Storage answered HTTP {response.status_code} for "
-                        f"gs://{bucket}: {response.text[:200]}")
+        raise UserError(
+            f"{text}: Cloud Storage answered HTTP {response.status_code} for "
+            f"gs://{bucket}: {response.text[:200]}"
+        )
 
 
 def tensorstore_kvstore(value: PathLike) -> dict | str:

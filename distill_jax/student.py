@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 from collections import deque
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -39,43 +39,55 @@ def build_model(config: ExperimentConfig, vocab: Vocabulary, dtype: Any) -> Tran
 
 def _optimizer_config(config: ExperimentConfig):
     from distill_jax import optim
+
     return optim.OptimizerConfig.student(
-        learning_rate=config.train.learning_rate, warmup_steps=config.train.warmup_steps,
-        grad_clip_norm=config.train.grad_clip_norm, schedule=config.train.schedule,
-        model_size=config.student.d_model, eps=config.train.adam_eps)
+        learning_rate=config.train.learning_rate,
+        warmup_steps=config.train.warmup_steps,
+        grad_clip_norm=config.train.grad_clip_norm,
+        schedule=config.train.schedule,
+        model_size=config.student.d_model,
+        eps=config.train.adam_eps,
+    )
 
 
 def make_optimizer(config: ExperimentConfig):
     """Adam with ``train.schedule`` (noam: ``train.learning_rate`` is the factor and
     ``student.d_model`` the model size)."""
     from distill_jax import optim
+
     return optim.make_optimizer(_optimizer_config(config))
 
 
 def learning_rate_schedule(config: ExperimentConfig):
     """The student optimizer's learning rate of each update (counted from 0)."""
     from distill_jax import optim
+
     return optim.make_schedule(_optimizer_config(config))
 
 
 SAMPLES = 4  # validation translations shown at each validation (TensorBoard)
 
 
-def student_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: str,
-                     shards: int, *, training: bool) -> BatchPipeline:
+def student_pipeline(
+    config: ExperimentConfig, dataset: PreparedDataset, split: str, shards: int, *, training: bool
+) -> BatchPipeline:
     # Training drops pairs over the data limits; evaluation keeps every pair and truncates
     # what the student's position table cannot hold (ExperimentConfig checks that the
     # training limits fit in it).
     max_len = config.student.max_len
     pipeline_config = PipelineConfig(
-        seed=config.data.seed, shuffle=training, num_epochs=None if training else 1,
-        tokens_per_batch=config.data.tokens_per_batch, batch_multiple=shards,
+        seed=config.data.seed,
+        shuffle=training,
+        num_epochs=None if training else 1,
+        tokens_per_batch=config.data.tokens_per_batch,
+        batch_multiple=shards,
         bucket_step=config.data.bucket_step,
         max_src_len=config.data.max_src_len if training else max_len,
         max_tgt_len=config.data.max_tgt_len if training else max_len,
-        truncate=not training, max_padded_len=max_len)
-    return BatchPipeline(*dataset.records(split, config.data.example_limit(split)),
-                         pipeline_config)
+        truncate=not training,
+        max_padded_len=max_len,
+    )
+    return BatchPipeline(*dataset.records(split, config.data.example_limit(split)), pipeline_config)
 
 
 def attach_soft_targets(batch: dict, cache, top_k: int, pending=None) -> dict:
@@ -89,8 +101,11 @@ def attach_soft_targets(batch: dict, cache, top_k: int, pending=None) -> dict:
     logits = np.zeros((rows, tgt_len, top_k), np.float32)  # [rows, T, K]
     indices = np.zeros((rows, tgt_len, top_k), np.int32)  # [rows, T, K]
     real = [row for row, record in enumerate(batch["index"]) if record >= 0]
-    pending = pending if pending is not None else cache.read_async(
-        [int(batch["index"][row]) for row in real])
+    pending = (
+        pending
+        if pending is not None
+        else cache.read_async([int(batch["index"][row]) for row in real])
+    )
     cached_logits, cached_ids = pending.result()  # per example [len(tgt_out), K_cache]
     for row, values, ids in zip(real, cached_logits, cached_ids):
         length = int(np.count_nonzero(batch["tgt_out"][row]))
@@ -98,7 +113,8 @@ def attach_soft_targets(batch: dict, cache, top_k: int, pending=None) -> dict:
             raise UserError(
                 f"soft-target cache {cache.path}: record {int(batch['index'][row])} has "
                 f"{len(values)} target rows, the batch has {length} target tokens (cache made "
-                "for other data?)")
+                "for other data?)"
+            )
         logits[row, :length] = values[:, :top_k]
         indices[row, :length] = ids[:, :top_k]
     return {**batch, "kd_logits": logits, "kd_indices": indices}
@@ -114,7 +130,7 @@ class SoftTargetBatches:
         self._batches, self._cache, self._top_k, self._depth = batches, cache, top_k, depth
         self._ahead: deque = deque()  # (batch, pending read, state before the batch)
 
-    def __iter__(self) -> "SoftTargetBatches":
+    def __iter__(self) -> SoftTargetBatches:
         return self
 
     def _fill(self) -> None:
@@ -144,31 +160,35 @@ class SoftTargetBatches:
         self._batches.set_state(state)
 
 
-def cache_identity(config: ExperimentConfig, dataset: PreparedDataset, split: str,
-                   top_k: int):
+def cache_identity(config: ExperimentConfig, dataset: PreparedDataset, split: str, top_k: int):
     """What a soft-target cache for this experiment must have been made from."""
     from distill_jax.soft_target_cache import CacheIdentity
+
     teacher = f"{config.teacher.checkpoint}|init={config.teacher.init}|steps={config.teacher.steps}"
     fingerprint = hashlib.sha256(json.dumps(dataset.meta, sort_keys=True).encode()).hexdigest()
-    return CacheIdentity(teacher=teacher, vocabulary=dataset.vocab.sha256,
-                         dataset=f"{dataset.meta['tfds_name']}@{fingerprint[:16]}", split=split,
-                         top_k=top_k, stride=config.teacher.stride,
-                         vocab_size=len(dataset.vocab))
+    return CacheIdentity(
+        teacher=teacher,
+        vocabulary=dataset.vocab.sha256,
+        dataset=f"{dataset.meta['tfds_name']}@{fingerprint[:16]}",
+        split=split,
+        top_k=top_k,
+        stride=config.teacher.stride,
+        vocab_size=len(dataset.vocab),
+    )
 
 
-def open_soft_targets(config: ExperimentConfig, workdir, dataset: PreparedDataset, split: str,
-                      teacher_step=None):
+def open_soft_targets(
+    config: ExperimentConfig, workdir, dataset: PreparedDataset, split: str, teacher_step=None
+):
     """The soft-target cache a run with ``distill.kd=offline`` trains on, refused (a
     ``UserError`` naming why) unless it was made for this experiment's teacher and data
     *and* from the teacher checkpoint selected now (``teacher.select_finetuned``: the best
     of the finished run, or ``teacher_step``). When the teacher's checkpoints have been
     removed since the extraction there is nothing to select: the cache is used as it is,
     with a note naming the checkpoint it was made from."""
-    import sys
 
     from distill_jax import teacher as teacher_lib
-    from distill_jax.soft_target_cache import (CacheError, describe_teacher, open_cache,
-                                               read_header)
+    from distill_jax.soft_target_cache import CacheError, describe_teacher, open_cache, read_header
 
     path = storage.path(workdir) / "soft_targets" / split
     identity = cache_identity(config, dataset, split, config.distill.top_k)
@@ -181,23 +201,30 @@ def open_soft_targets(config: ExperimentConfig, workdir, dataset: PreparedDatase
     checkpoints = storage.path(workdir) / "teacher" / "checkpoints"
     if teacher_step is None and not checkpoints.is_dir():
         if runner.is_chief():
-            logger.warning("%s is gone, so the soft targets in %s cannot be checked against "
-                           "it; they were made from %s", checkpoints, path,
-                           describe_teacher(*made_from))
+            logger.warning(
+                "%s is gone, so the soft targets in %s cannot be checked against "
+                "it; they were made from %s",
+                checkpoints,
+                path,
+                describe_teacher(*made_from),
+            )
     else:
         selected = teacher_lib.select_finetuned(config, workdir, teacher_step)
         if made_from != (selected.step, selected.digest):
-            redo = (f"{path} was made from {describe_teacher(*made_from)}, but the one "
-                    f"selected now is {describe_teacher(selected.step, selected.digest)} of "
-                    f"{selected.directory}. Remake it from the selected checkpoint with "
-                    "`distill-jax soft-targets --force"
-                    f"{f' --teacher-step {selected.step}' if selected.explicit else ''}` "
-                    "(same --config and --set)")
+            redo = (
+                f"{path} was made from {describe_teacher(*made_from)}, but the one "
+                f"selected now is {describe_teacher(selected.step, selected.digest)} of "
+                f"{selected.directory}. Remake it from the selected checkpoint with "
+                "`distill-jax soft-targets --force"
+                f"{f' --teacher-step {selected.step}' if selected.explicit else ''}` "
+                "(same --config and --set)"
+            )
             if made_from[0] in selected.saved_steps and made_from[0] != selected.step:
                 redo += f", or train on it as it is with --teacher-step {made_from[0]}"
             raise UserError(redo)
-        identity = dataclasses.replace(identity, teacher_step=selected.step,
-                                       teacher_digest=selected.digest)
+        identity = dataclasses.replace(
+            identity, teacher_step=selected.step, teacher_digest=selected.digest
+        )
     return open_cache(path, identity, num_examples=count)
 
 
@@ -209,13 +236,18 @@ def reference_texts(dataset: PreparedDataset, split: str, limit: int = 0):
     source = dataset.source(split)
     count = len(source) if not limit else min(limit, len(source))
     records = source.__getitems__(list(range(count)))
-    return ([np.asarray(r["src"], np.int32) for r in records],
-            [r["tgt_text"].decode() if isinstance(r["tgt_text"], bytes) else str(r["tgt_text"])
-             for r in records])
+    return (
+        [np.asarray(r["src"], np.int32) for r in records],
+        [
+            r["tgt_text"].decode() if isinstance(r["tgt_text"], bytes) else str(r["tgt_text"])
+            for r in records
+        ],
+    )
 
 
-def score_split(model, params, vocab, dataset, split, decode_config, mesh, *, limit=0,
-                progress=False) -> tuple[dict, list[str]]:
+def score_split(
+    model, params, vocab, dataset, split, decode_config, mesh, *, limit=0, progress=False
+) -> tuple[dict, list[str]]:
     """Detokenized sacreBLEU (case-insensitive: the uncased teacher's pieces lowercase the
     output) and ROUGE-1/2/L F-measures of the student's outputs for ``split`` (translation
     reports BLEU, summarisation ROUGE; both are cheap); returns (scores, hypotheses).
@@ -228,25 +260,37 @@ def score_split(model, params, vocab, dataset, split, decode_config, mesh, *, li
     from distill_jax import metrics, translate
 
     sources, references = reference_texts(dataset, split, limit)
-    outputs = translate.translate_ids(model, params, sources, decode_config, mesh,
-                                     progress=progress)
+    outputs = translate.translate_ids(
+        model, params, sources, decode_config, mesh, progress=progress
+    )
     hypotheses = [vocab.decode(ids.tolist()) for ids in outputs]
     text = dataset.meta.get("text") or {}
     tokenized = text.get("tokenizer") == "moses"
     if tokenized:
         lang = text.get("tgt_lang", "en")
         scores = metrics.bleu(
-            [metrics.moses_detokenize(metrics.moses_tokens(h, lang, rejoin=True), lang)
-             for h in hypotheses],
-            [metrics.moses_detokenize(r, lang) for r in references], lowercase=True)
+            [
+                metrics.moses_detokenize(metrics.moses_tokens(h, lang, rejoin=True), lang)
+                for h in hypotheses
+            ],
+            [metrics.moses_detokenize(r, lang) for r in references],
+            lowercase=True,
+        )
     else:
         scores = metrics.bleu(hypotheses, references, lowercase=True)
-    result = {"bleu": scores["bleu"], "bleu_signature": scores["signature"],
-              **metrics.rouge(hypotheses, references)}
+    result = {
+        "bleu": scores["bleu"],
+        "bleu_signature": scores["signature"],
+        **metrics.rouge(hypotheses, references),
+    }
     if tokenized:
-        tok = metrics.tokenized_bleu(hypotheses, references, lang=lang,
-                                     references_tokenized=True,
-                                     lowercase=text.get("lowercase", True))
+        tok = metrics.tokenized_bleu(
+            hypotheses,
+            references,
+            lang=lang,
+            references_tokenized=True,
+            lowercase=text.get("lowercase", True),
+        )
         result.update(bleu_tok=tok["bleu"], bleu_tok_signature=tok["signature"])
     return result, hypotheses
 
@@ -254,9 +298,12 @@ def score_split(model, params, vocab, dataset, split, decode_config, mesh, *, li
 def checkpoint_policy(config: ExperimentConfig) -> CheckpointPolicy:
     """The student's checkpoints: the last ones (enough to average) plus the best by
     ``train.select_metric`` on the validation split (BLEU unless configured)."""
-    return CheckpointPolicy(save_every=config.train.save_every,
-                            keep_last=max(config.train.keep_last, config.train.average_last),
-                            best_metric=config.train.select_metric, best_mode="max")
+    return CheckpointPolicy(
+        save_every=config.train.save_every,
+        keep_last=max(config.train.keep_last, config.train.average_last),
+        best_metric=config.train.select_metric,
+        best_mode="max",
+    )
 
 
 EVAL_KEYS = ("src", "tgt_in", "tgt_out")  # what the student's steps read
@@ -272,9 +319,15 @@ class StudentTask:
     provenance: dict  # the teacher checkpoint distilled from: checkpoint_step, _digest
 
 
-def training_task(config: ExperimentConfig, workdir: storage.PathLike,
-                  dataset: PreparedDataset, mesh, dtype: Any, name: str,
-                  teacher_step: Optional[int] = None) -> StudentTask:
+def training_task(
+    config: ExperimentConfig,
+    workdir: storage.PathLike,
+    dataset: PreparedDataset,
+    mesh,
+    dtype: Any,
+    name: str,
+    teacher_step: int | None = None,
+) -> StudentTask:
     """The student's training as a ``trainer.Task`` (docs/method.md §3): the baseline
     (``distill.kd=none``), offline (soft targets from the cache, read ahead of the step)
     or online (the fine-tuned teacher inside the step, its parameters a frozen input).
@@ -292,31 +345,43 @@ def training_task(config: ExperimentConfig, workdir: storage.PathLike,
     teacher_fn, cache, frozen = None, None, None
     provenance: dict = {}  # the teacher checkpoint distilled from (results.json)
     if teacher_step is not None and kd == "none":
-        raise UserError("--teacher-step applies to distill.kd=offline or online, not to a "
-                        "baseline (distill.kd=none)")
+        raise UserError(
+            "--teacher-step applies to distill.kd=offline or online, not to a "
+            "baseline (distill.kd=none)"
+        )
     if kd == "offline":
-        cache = open_soft_targets(config, workdir, dataset, config.data.train_split,
-                                  teacher_step)
-        provenance = {"checkpoint_step": cache.header.get("teacher_step"),
-                      "checkpoint_digest": cache.header.get("teacher_digest")}
+        cache = open_soft_targets(config, workdir, dataset, config.data.train_split, teacher_step)
+        provenance = {
+            "checkpoint_step": cache.header.get("teacher_step"),
+            "checkpoint_digest": cache.header.get("teacher_digest"),
+        }
         keys += ["kd_logits", "kd_indices"]
     elif kd == "online":
         selected = teacher_lib.select_finetuned(config, workdir, teacher_step)
         teacher, teacher_params, teacher_shardings = teacher_lib.load_finetuned(
-            config, workdir, vocab, mesh, dtype, selected)
+            config, workdir, vocab, mesh, dtype, selected
+        )
         frozen = (teacher_params, teacher_shardings)
         provenance = {"checkpoint_step": selected.step, "checkpoint_digest": selected.digest}
 
         def online_teacher(batch, params):
-            return teacher_lib.stride_topk(teacher, params, batch["src"], batch["tgt_out"],
-                                           stride=config.teacher.stride,
-                                           top_k=config.distill.top_k)
+            return teacher_lib.stride_topk(
+                teacher,
+                params,
+                batch["src"],
+                batch["tgt_out"],
+                stride=config.teacher.stride,
+                top_k=config.distill.top_k,
+            )
+
         teacher_fn = online_teacher
 
     settings = train.StudentLossConfig(
         alpha=config.distill.alpha if kd != "none" else 0.0,
-        label_smoothing=config.train.label_smoothing, kd_mode=config.distill.kd_mode,
-        temperature=config.distill.temperature)
+        label_smoothing=config.train.label_smoothing,
+        kd_mode=config.distill.kd_mode,
+        temperature=config.distill.temperature,
+    )
     shards = runner.data_shards(mesh)
     pipeline = student_pipeline(config, dataset, config.data.train_split, shards, training=True)
     valid = student_pipeline(config, dataset, config.data.valid_split, shards, training=False)
@@ -328,33 +393,51 @@ def training_task(config: ExperimentConfig, workdir: storage.PathLike,
 
     def summarize(total: dict, params: Any) -> dict[str, float]:
         scores, last["hypotheses"] = score_split(
-            model, params, vocab, dataset, config.data.valid_split, config.decode, mesh,
-            limit=config.train.bleu_sentences)
-        return {"loss": total["loss"][0] / total["loss"][1],
-                "nll": total["nll"][0] / total["nll"][1],
-                "accuracy": total["accuracy"][0] / total["accuracy"][1],
-                **{metric: scores[metric] for metric in SELECT_METRICS}}
+            model,
+            params,
+            vocab,
+            dataset,
+            config.data.valid_split,
+            config.decode,
+            mesh,
+            limit=config.train.bleu_sentences,
+        )
+        return {
+            "loss": total["loss"][0] / total["loss"][1],
+            "nll": total["nll"][0] / total["nll"][1],
+            "accuracy": total["accuracy"][0] / total["accuracy"][1],
+            **{metric: scores[metric] for metric in SELECT_METRICS},
+        }
 
     def samples(state: Any, step: int) -> tuple[list[str], list[str], list[str]]:
         """The first validation sources, the validation's outputs for them (beam search with
         ``config.decode``, as BLEU scored them) and their references."""
         hypotheses = last.get("hypotheses", [])[:SAMPLES]
-        sources, references = reference_texts(dataset, config.data.valid_split,
-                                              len(hypotheses))
+        sources, references = reference_texts(dataset, config.data.valid_split, len(hypotheses))
         return [vocab.decode(ids.tolist()) for ids in sources], hypotheses, references
 
     task = Task(
         name=f"student {name}",
         init_params=abstract_init(model, jax.random.fold_in(rng, 1), num_inputs=2),
-        optimizer=make_optimizer(config), loss_fn=train.student_loss_fn(model, settings,
-                                                                        teacher_fn),
+        optimizer=make_optimizer(config),
+        loss_fn=train.student_loss_fn(model, settings, teacher_fn),
         eval_loss_fn=train.student_loss_fn(model, dataclasses.replace(settings, alpha=0.0)),
-        train_keys=tuple(keys), eval_keys=EVAL_KEYS, batches=batches, valid=valid,
+        train_keys=tuple(keys),
+        eval_keys=EVAL_KEYS,
+        batches=batches,
+        valid=valid,
         summarize=summarize,
-        schedule=runner.Schedule(config.train.steps, eval_every=config.train.eval_every,
-                                 save_every=config.train.save_every),
-        checkpoints=checkpoint_policy(config), rng=jax.random.fold_in(rng, 2), frozen=frozen,
-        learning_rate=learning_rate_schedule(config), samples=samples)
+        schedule=runner.Schedule(
+            config.train.steps,
+            eval_every=config.train.eval_every,
+            save_every=config.train.save_every,
+        ),
+        checkpoints=checkpoint_policy(config),
+        rng=jax.random.fold_in(rng, 2),
+        frozen=frozen,
+        learning_rate=learning_rate_schedule(config),
+        samples=samples,
+    )
     return StudentTask(task, model, vocab, provenance)
 
 
@@ -377,45 +460,77 @@ def final_parameters(config: ExperimentConfig, manager, state, shardings) -> tup
     if best is not None and best != int(jax.device_get(state.step)):
         with checkpointer(directory, checkpoint_policy(config)) as reader:
             restored, _ = reader.restore(best, abstract)
-        metric = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2",
-                  "rougeL": "ROUGE-L"}[config.train.select_metric]
+        metric = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}[
+            config.train.select_metric
+        ]
         return restored.params, f"best validation {metric}, step {best}"
     return state.params, f"step {int(jax.device_get(state.step))}"
 
 
-def write_results(config: ExperimentConfig, dataset: PreparedDataset, setup: StudentTask,
-                  mesh, params: Any, which: str, out: storage.PathLike, *,
-                  no_progress: bool = False) -> dict:
+def write_results(
+    config: ExperimentConfig,
+    dataset: PreparedDataset,
+    setup: StudentTask,
+    mesh,
+    params: Any,
+    which: str,
+    out: storage.PathLike,
+    *,
+    no_progress: bool = False,
+) -> dict:
     """Scores ``params`` (described by ``which``) on the validation and test splits: each
     split's hypotheses into ``OUT/SPLIT.hyp.txt``, a line per split on stdout, and last
     ``OUT/results.json`` (a run with it is finished). Returns the results."""
     out = storage.path(out)
     name = out.name
     kd = config.distill.kd
-    results = {"name": name, "experiment": config.name, "kd": kd, "steps": config.train.steps,
-               "seed": config.train.seed, "checkpoint": which,
-               "teacher": None if kd == "none" else {
-                   "checkpoint": config.teacher.checkpoint, "init": config.teacher.init,
-                   "steps": config.teacher.steps, "top_k": config.distill.top_k,
-                   "alpha": config.distill.alpha, **setup.provenance},
-               "splits": {}}
+    results = {
+        "name": name,
+        "experiment": config.name,
+        "kd": kd,
+        "steps": config.train.steps,
+        "seed": config.train.seed,
+        "checkpoint": which,
+        "teacher": None
+        if kd == "none"
+        else {
+            "checkpoint": config.teacher.checkpoint,
+            "init": config.teacher.init,
+            "steps": config.teacher.steps,
+            "top_k": config.distill.top_k,
+            "alpha": config.distill.alpha,
+            **setup.provenance,
+        },
+        "splits": {},
+    }
     for split in (config.data.valid_split, *config.data.test_splits):
-        scores, hypotheses = score_split(setup.model, params, setup.vocab, dataset, split,
-                                         config.decode, mesh, progress=not no_progress)
+        scores, hypotheses = score_split(
+            setup.model,
+            params,
+            setup.vocab,
+            dataset,
+            split,
+            config.decode,
+            mesh,
+            progress=not no_progress,
+        )
         results["splits"][split] = scores
         if runner.is_chief():
-            storage.write_text_atomic(out / f"{split}.hyp.txt",
-                                      "".join(h + "\n" for h in hypotheses))
-            print(f"[{name}] {split}: BLEU {scores['bleu']:.2f}, ROUGE-1/2/L "
-                  f"{scores['rouge1']:.2f}/{scores['rouge2']:.2f}/{scores['rougeL']:.2f} "
-                  f"({which})", flush=True)
+            storage.write_text_atomic(
+                out / f"{split}.hyp.txt", "".join(h + "\n" for h in hypotheses)
+            )
+            print(
+                f"[{name}] {split}: BLEU {scores['bleu']:.2f}, ROUGE-1/2/L "
+                f"{scores['rouge1']:.2f}/{scores['rouge2']:.2f}/{scores['rougeL']:.2f} "
+                f"({which})",
+                flush=True,
+            )
     if runner.is_chief():  # written last: a run with results.json is finished
         storage.write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     return results
 
 
-def load_trained(config: ExperimentConfig, workdir: storage.PathLike, name: str, which: str,
-                 mesh):
+def load_trained(config: ExperimentConfig, workdir: storage.PathLike, name: str, which: str, mesh):
     """(model, params, vocab) of a trained student (``workdir`` local or ``gs://``);
     ``which`` is best, latest, averaged or a step number."""
     from distill_jax import checkpoint, sharding, train
@@ -424,10 +539,12 @@ def load_trained(config: ExperimentConfig, workdir: storage.PathLike, name: str,
     out = workdir / "students" / name
     directory = out / "checkpoints"
     if not directory.is_dir():
-        raise UserError(f"no student checkpoints in {directory}; run `distill-jax train-student`"
-                        f" (runs: {sorted(p.name for p in (workdir / 'students').glob('*'))})"
-                        if (workdir / "students").is_dir() else
-                        f"no student checkpoints in {directory}; run `distill-jax train-student`")
+        raise UserError(
+            f"no student checkpoints in {directory}; run `distill-jax train-student`"
+            f" (runs: {sorted(p.name for p in (workdir / 'students').glob('*'))})"
+            if (workdir / "students").is_dir()
+            else f"no student checkpoints in {directory}; run `distill-jax train-student`"
+        )
     dataset = open_prepared(runner.prepared_dir(config, workdir))
     vocab = dataset.vocab
     model = build_model(config, vocab, runner.compute_dtype(config))
@@ -437,8 +554,9 @@ def load_trained(config: ExperimentConfig, workdir: storage.PathLike, name: str,
     shardings = sharding.tree_shardings(abstract_state, mesh)
     abstract = sharding.abstract_with_shardings(abstract_state, shardings)
     if which == "averaged":
-        params = checkpoint.average_checkpoints(str(directory),
-                                                max(config.train.average_last, 2), abstract)
+        params = checkpoint.average_checkpoints(
+            str(directory), max(config.train.average_last, 2), abstract
+        )
         return model, params, vocab
     with checkpointer(directory, checkpoint_policy(config)) as manager:
         if which in ("best", "latest"):
@@ -447,8 +565,10 @@ def load_trained(config: ExperimentConfig, workdir: storage.PathLike, name: str,
         elif which.isdigit() and int(which) in manager.all_steps():
             step = int(which)
         else:
-            raise UserError(f"--checkpoint {which!r}: expected best, latest, averaged or one of "
-                            f"the saved steps {manager.all_steps()} in {directory}")
+            raise UserError(
+                f"--checkpoint {which!r}: expected best, latest, averaged or one of "
+                f"the saved steps {manager.all_steps()} in {directory}"
+            )
         if step is None:
             raise UserError(f"{directory} has no checkpoint")
         params = manager.restore(step, abstract)[0].params

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ class Teacher:
     teacher_ids: np.ndarray  # [student vocab] student id -> BERT id
     cls_id: int  # BERT's [CLS]
     mask_id: int  # BERT's [MASK]
-    pretrained_params: Optional[dict]  # loaded BERT + initialised head, None for random init
+    pretrained_params: dict | None  # loaded BERT + initialised head, None for random init
 
 
 def check_tokenizer(config: ExperimentConfig, vocab: Vocabulary) -> None:
@@ -43,46 +43,65 @@ def check_tokenizer(config: ExperimentConfig, vocab: Vocabulary) -> None:
         raise UserError(
             f"teacher.checkpoint {config.teacher.checkpoint!r} has another WordPiece vocabulary "
             f"(sha256 {tokenizer.vocab_sha256[:16]}) than the one the dataset was prepared with "
-            f"({vocab.teacher!r}, sha256 {vocab.teacher_vocab_sha256[:16]})")
+            f"({vocab.teacher!r}, sha256 {vocab.teacher_vocab_sha256[:16]})"
+        )
 
 
-def build_teacher(config: ExperimentConfig, vocab: Vocabulary, dtype: Any,
-                  rng: jax.Array) -> Teacher:
+def build_teacher(
+    config: ExperimentConfig, vocab: Vocabulary, dtype: Any, rng: jax.Array
+) -> Teacher:
     """Loads BERT (or only its config, for ``teacher.init = "random"``) with a C-MLM head
     over the student vocabulary whose rows start from BERT's embeddings of the same pieces."""
     from distill_jax.hf import load_bert
 
     check_tokenizer(config, vocab)
-    _, params, bert_config = load_bert(config.teacher.checkpoint, cmlm_vocab_size=len(vocab),
-                                       dtype=dtype)
+    _, params, bert_config = load_bert(
+        config.teacher.checkpoint, cmlm_vocab_size=len(vocab), dtype=dtype
+    )
     bert_config = dataclasses.replace(
-        bert_config, hidden_dropout_prob=config.teacher.dropout,
-        attention_probs_dropout_prob=config.teacher.dropout)
+        bert_config,
+        hidden_dropout_prob=config.teacher.dropout,
+        attention_probs_dropout_prob=config.teacher.dropout,
+    )
     if config.teacher.init == "pretrained":
         params = init_cmlm_head(bert_config, params, vocab.teacher_ids, rng)
     else:
         params = None  # same architecture, random weights (the "does pretraining matter" ablation)
     special = vocab.teacher_special_ids
-    return Teacher(BertModel(bert_config), bert_config, np.asarray(vocab.teacher_ids, np.int32),
-                   int(special["cls"]), int(special["mask"]), params)
+    return Teacher(
+        BertModel(bert_config),
+        bert_config,
+        np.asarray(vocab.teacher_ids, np.int32),
+        int(special["cls"]),
+        int(special["mask"]),
+        params,
+    )
 
 
-def target_hidden(module: BertModel, inputs: dict, src_len: int,
-                  deterministic: bool = True) -> jax.Array:
+def target_hidden(
+    module: BertModel, inputs: dict, src_len: int, deterministic: bool = True
+) -> jax.Array:
     """Final hidden states of the target part of ``build_cmlm_inputs`` -> [batch, T, hidden]."""
-    hidden = module(inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"],
-                    inputs["position_ids"], deterministic=deterministic)  # [b, 1+S+T, hidden]
-    return hidden[:, 1 + src_len:]
+    hidden = module(
+        inputs["input_ids"],
+        inputs["token_type_ids"],
+        inputs["attention_mask"],
+        inputs["position_ids"],
+        deterministic=deterministic,
+    )  # [b, 1+S+T, hidden]
+    return hidden[:, 1 + src_len :]
 
 
-def target_logits(module: BertModel, inputs: dict, src_len: int,
-                  deterministic: bool = True) -> jax.Array:
+def target_logits(
+    module: BertModel, inputs: dict, src_len: int, deterministic: bool = True
+) -> jax.Array:
     """C-MLM logits of the target part of ``build_cmlm_inputs`` -> [batch, T, student vocab]."""
     return module.cmlm_head(target_hidden(module, inputs, src_len, deterministic))
 
 
-def stride_topk(teacher: Teacher, params: Any, src: jax.Array, tgt_out: jax.Array, *,
-                stride: int, top_k: int) -> tuple[jax.Array, jax.Array]:
+def stride_topk(
+    teacher: Teacher, params: Any, src: jax.Array, tgt_out: jax.Array, *, stride: int, top_k: int
+) -> tuple[jax.Array, jax.Array]:
     """The teacher's top-K soft targets for every target position (docs/method.md §2).
 
     Copy ``i`` of the batch masks target positions ``i, i+S, i+2S, ...``; position ``t``
@@ -103,10 +122,12 @@ def stride_topk(teacher: Teacher, params: Any, src: jax.Array, tgt_out: jax.Arra
     per_copy_logits, per_copy_ids = [], []
     for copy in range(copies):
         masked = (positions % stride == copy)[None, :] & (tgt_out != 0)  # [b, T]
-        inputs = build_cmlm_inputs(src, tgt_out, teacher_ids, masked,
-                                   cls_id=teacher.cls_id, mask_id=teacher.mask_id)
-        hidden = teacher.model.apply({"params": params}, inputs, src.shape[1],
-                                     method=target_hidden)  # [b, T, H]
+        inputs = build_cmlm_inputs(
+            src, tgt_out, teacher_ids, masked, cls_id=teacher.cls_id, mask_id=teacher.mask_id
+        )
+        hidden = teacher.model.apply(
+            {"params": params}, inputs, src.shape[1], method=target_hidden
+        )  # [b, T, H]
         hidden = jnp.pad(hidden, ((0, 0), (0, groups * stride - tgt_len), (0, 0)))
         mine = hidden.reshape(batch, groups, stride, -1)[:, :, copy]  # [b, groups, H]
         logits = teacher.model.apply({"params": params}, mine, method=head)  # [b, groups, V]
@@ -118,51 +139,61 @@ def stride_topk(teacher: Teacher, params: Any, src: jax.Array, tgt_out: jax.Arra
     values = jnp.stack(per_copy_logits, axis=2).reshape(batch, groups * copies, top_k)
     ids = jnp.stack(per_copy_ids, axis=2).reshape(batch, groups * copies, top_k)
     real = (tgt_out != 0)[:, :, None]  # [b, T, 1]
-    return (jnp.where(real, values[:, :tgt_len], 0.0),
-            jnp.where(real, ids[:, :tgt_len], 0))
+    return (jnp.where(real, values[:, :tgt_len], 0.0), jnp.where(real, ids[:, :tgt_len], 0))
 
 
 # ----------------------------------------------------------------------------- training
 
 
-def teacher_pipeline(config: ExperimentConfig, dataset: PreparedDataset, split: str,
-                     shards: int, *, training: bool) -> BatchPipeline:
+def teacher_pipeline(
+    config: ExperimentConfig, dataset: PreparedDataset, split: str, shards: int, *, training: bool
+) -> BatchPipeline:
     """Student batches with C-MLM masks (random, rate ``teacher.mask_rate``)."""
     pipeline_config = PipelineConfig(
-        seed=config.data.seed, shuffle=training, num_epochs=None if training else 1,
-        tokens_per_batch=config.teacher.tokens_per_batch, batch_multiple=shards,
+        seed=config.data.seed,
+        shuffle=training,
+        num_epochs=None if training else 1,
+        tokens_per_batch=config.teacher.tokens_per_batch,
+        batch_multiple=shards,
         bucket_step=config.data.bucket_step,
         max_src_len=config.data.max_src_len if training else None,
         max_tgt_len=config.data.max_tgt_len if training else None,
-        mlm_mask_rate=config.teacher.mask_rate)
-    return BatchPipeline(*dataset.records(split, config.data.example_limit(split)),
-                         pipeline_config)
+        mlm_mask_rate=config.teacher.mask_rate,
+    )
+    return BatchPipeline(*dataset.records(split, config.data.example_limit(split)), pipeline_config)
 
 
 def _optimizer_config(config: ExperimentConfig):
     from distill_jax import optim
+
     return optim.OptimizerConfig.teacher(
-        config.teacher.steps, learning_rate=config.teacher.learning_rate,
+        config.teacher.steps,
+        learning_rate=config.teacher.learning_rate,
         warmup_fraction=config.teacher.warmup_fraction,
-        weight_decay=config.teacher.weight_decay, grad_clip_norm=config.teacher.grad_clip_norm)
+        weight_decay=config.teacher.weight_decay,
+        grad_clip_norm=config.teacher.grad_clip_norm,
+    )
 
 
 def teacher_optimizer(config: ExperimentConfig):
     """AdamW with warm-up and linear decay (docs/method.md §1)."""
     from distill_jax import optim
+
     return optim.make_optimizer(_optimizer_config(config))
 
 
 def teacher_schedule(config: ExperimentConfig):
     """The teacher optimizer's learning rate of each update (counted from 0)."""
     from distill_jax import optim
+
     return optim.make_schedule(_optimizer_config(config))
 
 
 def checkpoint_policy(config: ExperimentConfig) -> CheckpointPolicy:
     """The teacher's checkpoints: the last two plus the best by validation loss."""
-    return CheckpointPolicy(save_every=config.teacher.save_every, keep_last=2,
-                            best_metric="loss", best_mode="min")
+    return CheckpointPolicy(
+        save_every=config.teacher.save_every, keep_last=2, best_metric="loss", best_mode="min"
+    )
 
 
 TRAIN_KEYS = ("src", "tgt_out", "mlm_mask", "mlm_positions")  # what the C-MLM step reads
@@ -177,10 +208,12 @@ def training_task(config: ExperimentConfig, dataset: PreparedDataset, mesh, dtyp
 
     rng = jax.random.PRNGKey(config.train.seed)
     teacher = build_teacher(config, dataset.vocab, dtype, jax.random.fold_in(rng, 1))
-    init_params = abstract_init(teacher.model, jax.random.fold_in(rng, 2),
-                                method=teacher.model.cmlm_logits)
-    loss_fn = train.cmlm_loss_fn(teacher.model, teacher.teacher_ids, cls_id=teacher.cls_id,
-                                 mask_id=teacher.mask_id)
+    init_params = abstract_init(
+        teacher.model, jax.random.fold_in(rng, 2), method=teacher.model.cmlm_logits
+    )
+    loss_fn = train.cmlm_loss_fn(
+        teacher.model, teacher.teacher_ids, cls_id=teacher.cls_id, mask_id=teacher.mask_id
+    )
     shards = runner.data_shards(mesh)
     pipeline = teacher_pipeline(config, dataset, config.data.train_split, shards, training=True)
     valid = teacher_pipeline(config, dataset, config.data.valid_split, shards, training=False)
@@ -190,25 +223,53 @@ def training_task(config: ExperimentConfig, dataset: PreparedDataset, mesh, dtyp
 
     def summarize(total: dict, params: Any) -> dict[str, float]:
         if not scorers:
-            scorers.append(quality_evaluator(
-                config, dataset, teacher, jax.tree.map(lambda x: x.sharding, params), mesh,
-                shards))
-        return {"loss": total["loss"][0] / total["loss"][1],
-                "masked_accuracy": total["accuracy"][0] / total["accuracy"][1],
-                **scorers[0](params)}
+            scorers.append(
+                quality_evaluator(
+                    config,
+                    dataset,
+                    teacher,
+                    jax.tree.map(lambda x: x.sharding, params),
+                    mesh,
+                    shards,
+                )
+            )
+        return {
+            "loss": total["loss"][0] / total["loss"][1],
+            "masked_accuracy": total["accuracy"][0] / total["accuracy"][1],
+            **scorers[0](params),
+        }
 
     return Task(
-        name="teacher", init_params=init_params, optimizer=teacher_optimizer(config),
-        loss_fn=loss_fn, eval_loss_fn=loss_fn, train_keys=TRAIN_KEYS, eval_keys=TRAIN_KEYS,
-        batches=iter(pipeline), valid=valid, summarize=summarize,
-        schedule=runner.Schedule(config.teacher.steps, eval_every=config.teacher.eval_every,
-                                 save_every=config.teacher.save_every),
-        checkpoints=checkpoint_policy(config), rng=jax.random.fold_in(rng, 3),
-        pretrained_params=teacher.pretrained_params, learning_rate=teacher_schedule(config))
+        name="teacher",
+        init_params=init_params,
+        optimizer=teacher_optimizer(config),
+        loss_fn=loss_fn,
+        eval_loss_fn=loss_fn,
+        train_keys=TRAIN_KEYS,
+        eval_keys=TRAIN_KEYS,
+        batches=iter(pipeline),
+        valid=valid,
+        summarize=summarize,
+        schedule=runner.Schedule(
+            config.teacher.steps,
+            eval_every=config.teacher.eval_every,
+            save_every=config.teacher.save_every,
+        ),
+        checkpoints=checkpoint_policy(config),
+        rng=jax.random.fold_in(rng, 3),
+        pretrained_params=teacher.pretrained_params,
+        learning_rate=teacher_schedule(config),
+    )
 
 
-def quality_evaluator(config: ExperimentConfig, dataset: PreparedDataset, teacher: Teacher,
-                      param_shardings: Any, mesh, shards: int):
+def quality_evaluator(
+    config: ExperimentConfig,
+    dataset: PreparedDataset,
+    teacher: Teacher,
+    param_shardings: Any,
+    mesh,
+    shards: int,
+):
     """``quality(params) -> {stride_top1, stride_topk, stride_p_ref}`` on the first
     ``teacher.quality_examples`` validation pairs (``teacher_quality``)."""
     from distill_jax import sharding, teacher_quality
@@ -216,21 +277,30 @@ def quality_evaluator(config: ExperimentConfig, dataset: PreparedDataset, teache
     split = config.data.valid_split
     pipeline = BatchPipeline(
         *dataset.records(split, config.teacher.quality_examples),
-        PipelineConfig(seed=config.data.seed, shuffle=False, num_epochs=1,
-                       tokens_per_batch=config.teacher.tokens_per_batch, batch_multiple=shards,
-                       bucket_step=config.data.bucket_step))
+        PipelineConfig(
+            seed=config.data.seed,
+            shuffle=False,
+            num_epochs=1,
+            tokens_per_batch=config.teacher.tokens_per_batch,
+            batch_multiple=shards,
+            bucket_step=config.data.bucket_step,
+        ),
+    )
     score = teacher_quality.make_scorer(
-        teacher, param_shardings, mesh, stride=config.teacher.stride,
-        top_k=config.teacher.top_k, temperature=config.distill.temperature)
+        teacher,
+        param_shardings,
+        mesh,
+        stride=config.teacher.stride,
+        top_k=config.teacher.top_k,
+        temperature=config.distill.temperature,
+    )
 
     def quality(params):
         total = None
         for number in range(pipeline.batches_per_epoch):
             batch = pipeline.load_batch(number)
-            arrays = sharding.shard_batch({"src": batch["src"], "tgt_out": batch["tgt_out"]},
-                                          mesh)
-            total = teacher_quality.add_sums(total, score(params, arrays["src"],
-                                                          arrays["tgt_out"]))
+            arrays = sharding.shard_batch({"src": batch["src"], "tgt_out": batch["tgt_out"]}, mesh)
+            total = teacher_quality.add_sums(total, score(params, arrays["src"], arrays["tgt_out"]))
         return teacher_quality.rates(total)
 
     return quality
@@ -250,8 +320,9 @@ class TeacherCheckpoint:
         return f"step {self.step} (digest {self.digest[:12]}) of {self.directory}"
 
 
-def select_finetuned(config: ExperimentConfig, workdir: Path,
-                     step: Optional[int] = None) -> TeacherCheckpoint:
+def select_finetuned(
+    config: ExperimentConfig, workdir: Path, step: int | None = None
+) -> TeacherCheckpoint:
     """The teacher checkpoint to take soft targets from: ``step`` when given (it must be
     saved), else the best by validation loss of a *finished* run (one that saved step
     ``teacher.steps``). An unfinished run (killed, preempted, still training) is refused:
@@ -273,16 +344,20 @@ def select_finetuned(config: ExperimentConfig, workdir: Path,
         if trained_steps is not None and trained_steps != config.teacher.steps:
             raise UserError(
                 f"the teacher run in {teacher_dir} was made with teacher.steps={trained_steps} "
-                f"({saved_config}); this command has teacher.steps={config.teacher.steps}")
+                f"({saved_config}); this command has teacher.steps={config.teacher.steps}"
+            )
     with checkpointer(directory, checkpoint_policy(config)) as manager:
         saved = tuple(manager.all_steps())
         if not saved:
             raise UserError(
-                f"no teacher checkpoint in {directory}; run `distill-jax train-teacher`")
+                f"no teacher checkpoint in {directory}; run `distill-jax train-teacher`"
+            )
         if step is not None:
             if step not in saved:
-                raise UserError(f"--teacher-step {step}: {directory} has no checkpoint of that "
-                                f"step (saved: {', '.join(map(str, saved))})")
+                raise UserError(
+                    f"--teacher-step {step}: {directory} has no checkpoint of that "
+                    f"step (saved: {', '.join(map(str, saved))})"
+                )
             chosen = step
         else:
             if saved[-1] < config.teacher.steps:
@@ -291,15 +366,21 @@ def select_finetuned(config: ExperimentConfig, workdir: Path,
                     f"is step {saved[-1]} of teacher.steps={config.teacher.steps}. Finish it "
                     "(rerun `distill-jax train-teacher` with the same --config and --set; it "
                     f"resumes), or pass --teacher-step {saved[-1]} to use that checkpoint as "
-                    f"it is (saved: {', '.join(map(str, saved))})")
+                    f"it is (saved: {', '.join(map(str, saved))})"
+                )
             chosen = manager.best_step() or saved[-1]
         digest = manager.fingerprint(chosen)
     return TeacherCheckpoint(str(directory), int(chosen), digest, saved, step is not None)
 
 
-def load_finetuned(config: ExperimentConfig, workdir: Path, vocab: Vocabulary, mesh,
-                   dtype: Any, checkpoint: Optional[TeacherCheckpoint] = None
-                   ) -> tuple[Teacher, Any, Any]:
+def load_finetuned(
+    config: ExperimentConfig,
+    workdir: Path,
+    vocab: Vocabulary,
+    mesh,
+    dtype: Any,
+    checkpoint: TeacherCheckpoint | None = None,
+) -> tuple[Teacher, Any, Any]:
     """The fine-tuned teacher's parameters, sharded on ``mesh``: of ``checkpoint``, by
     default :func:`select_finetuned`'s (a finished run's best validation checkpoint).
 
@@ -311,12 +392,15 @@ def load_finetuned(config: ExperimentConfig, workdir: Path, vocab: Vocabulary, m
     with checkpointer(checkpoint.directory, checkpoint_policy(config)) as manager:
         step = checkpoint.step
         teacher = dataclasses.replace(
-            build_teacher(config, vocab, dtype, jax.random.PRNGKey(0)), pretrained_params=None)
-        init_params = abstract_init(teacher.model, jax.random.PRNGKey(0),
-                                    method=teacher.model.cmlm_logits)
+            build_teacher(config, vocab, dtype, jax.random.PRNGKey(0)), pretrained_params=None
+        )
+        init_params = abstract_init(
+            teacher.model, jax.random.PRNGKey(0), method=teacher.model.cmlm_logits
+        )
         # Forward passes only from here on: the configured attention kernel.
         bert_config = dataclasses.replace(
-            teacher.config, attention_impl=config.teacher.inference_attention)
+            teacher.config, attention_impl=config.teacher.inference_attention
+        )
         teacher = dataclasses.replace(teacher, model=BertModel(bert_config), config=bert_config)
         optimizer = teacher_optimizer(config)
         abstract = jax.eval_shape(lambda: train.TrainState.create(init_params(), optimizer))

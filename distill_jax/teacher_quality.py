@@ -20,7 +20,7 @@ computes them from a cached split beside the students' accuracies.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -44,33 +44,38 @@ def agreement_sums(values, ids, references, temperature: float) -> dict:
     import jax.numpy as jnp
 
     xp = jnp if any(isinstance(a, jax.Array) for a in (values, ids, references)) else np
-    real = references != 0                                         # [b, T]
-    match = (ids == references[..., None]) & real[..., None]       # [b, T, K]
+    real = references != 0  # [b, T]
+    match = (ids == references[..., None]) & real[..., None]  # [b, T, K]
     scaled = values.astype(xp.float32) / temperature
     soft = xp.exp(scaled - scaled.max(axis=-1, keepdims=True))
-    soft = soft / soft.sum(axis=-1, keepdims=True)                 # [b, T, K]
-    return {"positions": real.sum().astype(xp.float32),
-            "top1": match[..., 0].sum().astype(xp.float32),
-            "topk": match.any(axis=-1).sum().astype(xp.float32),
-            "p_ref": (soft * match).sum().astype(xp.float32)}
+    soft = soft / soft.sum(axis=-1, keepdims=True)  # [b, T, K]
+    return {
+        "positions": real.sum().astype(xp.float32),
+        "top1": match[..., 0].sum().astype(xp.float32),
+        "topk": match.any(axis=-1).sum().astype(xp.float32),
+        "p_ref": (soft * match).sum().astype(xp.float32),
+    }
 
 
 def rates(sums: dict) -> dict:
     """``agreement_sums`` totals -> ``stride_top1``, ``stride_topk``, ``stride_p_ref``."""
     positions = max(float(sums["positions"]), 1.0)
-    return {"stride_top1": float(sums["top1"]) / positions,
-            "stride_topk": float(sums["topk"]) / positions,
-            "stride_p_ref": float(sums["p_ref"]) / positions}
+    return {
+        "stride_top1": float(sums["top1"]) / positions,
+        "stride_topk": float(sums["topk"]) / positions,
+        "stride_p_ref": float(sums["p_ref"]) / positions,
+    }
 
 
-def add_sums(total: Optional[dict], sums: dict) -> dict:
+def add_sums(total: dict | None, sums: dict) -> dict:
     """Running totals of ``agreement_sums`` dicts (as host floats)."""
     sums = {k: float(v) for k, v in sums.items()}
     return sums if total is None else {k: total[k] + sums[k] for k in total}
 
 
-def make_scorer(teacher: Any, param_shardings: Any, mesh: Any, *, stride: int, top_k: int,
-                temperature: float):
+def make_scorer(
+    teacher: Any, param_shardings: Any, mesh: Any, *, stride: int, top_k: int, temperature: float
+):
     """``score(params, src, tgt_out) -> agreement_sums`` jitted: the teacher's stride top-K
     soft targets of a batch compared with its references, on ``mesh``."""
     import jax
@@ -89,12 +94,14 @@ def make_scorer(teacher: Any, param_shardings: Any, mesh: Any, *, stride: int, t
 
 def describe(values: dict, top_k: int, temperature: float) -> str:
     """One line: ``stride top-1 70.9%, top-8 86.3%, p(ref) at T 10 0.173``."""
-    return (f"stride top-1 {100 * values['stride_top1']:.1f}%, top-{top_k} "
-            f"{100 * values['stride_topk']:.1f}%, p(ref) at T {temperature:g} "
-            f"{values['stride_p_ref']:.3f}")
+    return (
+        f"stride top-1 {100 * values['stride_top1']:.1f}%, top-{top_k} "
+        f"{100 * values['stride_topk']:.1f}%, p(ref) at T {temperature:g} "
+        f"{values['stride_p_ref']:.3f}"
+    )
 
 
-def logged_quality(metrics_path: Any, step: int) -> Optional[dict]:
+def logged_quality(metrics_path: Any, step: int) -> dict | None:
     """The validation record of ``step`` in a teacher run's ``metrics.jsonl`` if it has
     the stride figures (None otherwise: no such record, or a run from before they were
     measured)."""
@@ -109,8 +116,11 @@ def logged_quality(metrics_path: Any, step: int) -> Optional[dict]:
             record = json.loads(line)
         except ValueError:
             continue
-        if record.get("split") == "valid" and record.get("step") == step \
-                and all(k in record for k in QUALITY_KEYS):
+        if (
+            record.get("split") == "valid"
+            and record.get("step") == step
+            and all(k in record for k in QUALITY_KEYS)
+        ):
             found = record
     return found
 
@@ -122,10 +132,11 @@ def checkpoint_summary(teacher_dir: Any, step: int, top_k: int, temperature: flo
 
     record = logged_quality(storage.path(teacher_dir) / "metrics.jsonl", step)
     if record is None:
-        return (f"teacher quality: no validation record with stride figures at step {step} "
-                f"(validations run every teacher.eval_every steps)")
-    line = f"teacher quality at step {step} on validation: " + describe(record, top_k,
-                                                                          temperature)
+        return (
+            f"teacher quality: no validation record with stride figures at step {step} "
+            f"(validations run every teacher.eval_every steps)"
+        )
+    line = f"teacher quality at step {step} on validation: " + describe(record, top_k, temperature)
     if "masked_accuracy" in record:
         line += f", masked accuracy {100 * record['masked_accuracy']:.1f}%"
     return line + " (compare stride top-1 with the baseline student's validation accuracy)"

@@ -16,7 +16,8 @@ not depend on the mesh.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,10 +33,10 @@ from distill_jax.sharding import BATCH_AXES, LOGICAL_AXIS_RULES, Rules, logical_
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
-LossFn = Callable[[Any, Batch, Optional[jax.Array]], tuple[jax.Array, Metrics]]
+LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, Metrics]]
 # An online teacher: (student batch, frozen teacher params) -> (teacher_logits,
 # teacher_indices or None).
-TeacherFn = Callable[[Batch, Any], tuple[jax.Array, Optional[jax.Array]]]
+TeacherFn = Callable[[Batch, Any], tuple[jax.Array, jax.Array | None]]
 
 
 class TrainState(struct.PyTreeNode):
@@ -46,11 +47,10 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any  # optax state of ``params``
 
     @classmethod
-    def create(cls, params: Any, optimizer: optax.GradientTransformation) -> "TrainState":
+    def create(cls, params: Any, optimizer: optax.GradientTransformation) -> TrainState:
         """A fresh state at step 0 (call it inside the init function of
         ``sharding.create_sharded_state`` so that it is born sharded)."""
-        return cls(step=jnp.zeros((), jnp.int32), params=params,
-                   opt_state=optimizer.init(params))
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
 def cast_floats(tree: Any, dtype: Any) -> Any:
@@ -69,8 +69,8 @@ def split_micro_batches(batch: Batch, accum_steps: int) -> dict[str, jax.Array]:
         rows = value.shape[0]
         if rows % accum_steps:
             raise ValueError(
-                f"batch entry {key!r} has {rows} rows, not divisible by "
-                f"accum_steps={accum_steps}")
+                f"batch entry {key!r} has {rows} rows, not divisible by accum_steps={accum_steps}"
+            )
         value = value.reshape((rows // accum_steps, accum_steps) + value.shape[1:])
         out[key] = jnp.swapaxes(value, 0, 1)  # [accum, B / accum, ...]
     return out
@@ -83,14 +83,21 @@ def _zeros_like_metrics(metrics_shape: Any) -> Any:
 def _check_metrics(metrics: Mapping) -> None:
     if "loss" not in metrics:
         raise ValueError(
-            f"loss_fn metrics must contain 'loss' = (sum, token count); got keys {sorted(metrics)}")
+            f"loss_fn metrics must contain 'loss' = (sum, token count); got keys {sorted(metrics)}"
+        )
 
 
 def accumulate_gradients(
-    loss_fn: LossFn, params: Any, batch: Batch, rng: jax.Array, accum_steps: int,
-    compute_dtype: Any, mesh: Mesh,
+    loss_fn: LossFn,
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    accum_steps: int,
+    compute_dtype: Any,
+    mesh: Mesh,
 ) -> tuple[Any, Metrics]:
     """Gradients of the SUMMED loss and summed metrics over ``accum_steps`` micro-batches."""
+
     def summed_loss(p, micro_batch, micro_rng):
         return loss_fn(cast_floats(p, compute_dtype), micro_batch, micro_rng)
 
@@ -103,8 +110,10 @@ def accumulate_gradients(
     micro_batches = split_micro_batches(batch, accum_steps)
     micro_batches = jax.tree.map(
         lambda x: jax.lax.with_sharding_constraint(
-            x, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))),
-        micro_batches)
+            x, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+        ),
+        micro_batches,
+    )
     first = jax.tree.map(lambda x: x[0], micro_batches)
     metrics_shape = jax.eval_shape(lambda: summed_loss(params, first, rng)[1])
     _check_metrics(metrics_shape)
@@ -118,8 +127,7 @@ def accumulate_gradients(
         return (grads_acc, metrics_acc), None
 
     init = (jax.tree.map(jnp.zeros_like, params), _zeros_like_metrics(metrics_shape))
-    (grads, metrics), _ = jax.lax.scan(
-        body, init, (jnp.arange(accum_steps), micro_batches))
+    (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(accum_steps), micro_batches))
     return grads, metrics
 
 
@@ -134,7 +142,7 @@ def make_train_step(
     compute_dtype: Any = jnp.float32,
     rules: Rules = LOGICAL_AXIS_RULES,
     frozen_shardings: Any = None,
-    compiler_options: Optional[Mapping[str, Any]] = None,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """``train_step(state, batch, rng) -> (new_state, metrics)``, one jitted function.
 
@@ -155,12 +163,16 @@ def make_train_step(
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def step(state: TrainState, batch: Batch, rng: jax.Array, frozen: Any = None):
-        objective = loss_fn if frozen_shardings is None else (
-            lambda p, b, r: loss_fn(p, b, r, cast_floats(frozen, compute_dtype)))
+        objective = (
+            loss_fn
+            if frozen_shardings is None
+            else (lambda p, b, r: loss_fn(p, b, r, cast_floats(frozen, compute_dtype)))
+        )
         with logical_context(mesh, rules):
             step_rng = jax.random.fold_in(rng, state.step)
             grads, metrics = accumulate_gradients(
-                objective, state.params, batch, step_rng, accum_steps, compute_dtype, mesh)
+                objective, state.params, batch, step_rng, accum_steps, compute_dtype, mesh
+            )
             tokens = metrics["loss"][1]
             grads = jax.tree.map(lambda g: g / jnp.maximum(tokens, 1.0), grads)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -178,13 +190,13 @@ def make_train_step(
         in_shardings=in_shardings,
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
-        compiler_options=dict(donated_state_compiler_options(mesh)
-                              if compiler_options is None else compiler_options),
+        compiler_options=dict(
+            donated_state_compiler_options(mesh) if compiler_options is None else compiler_options
+        ),
     )
 
 
-def donated_state_compiler_options(mesh: Mesh, cpu_region_analysis: bool = True
-                                   ) -> dict[str, Any]:
+def donated_state_compiler_options(mesh: Mesh, cpu_region_analysis: bool = True) -> dict[str, Any]:
     """XLA options for a step that updates a donated state in place (``runtime.
     cpu_copy_region_analysis`` of an experiment is ``cpu_region_analysis``).
 
@@ -217,11 +229,10 @@ def make_eval_step(
         _check_metrics(metrics)
         return metrics
 
-    return jax.jit(step, in_shardings=(param_shardings, batch_shardings),
-                   out_shardings=replicated)
+    return jax.jit(step, in_shardings=(param_shardings, batch_shardings), out_shardings=replicated)
 
 
-def _dropout(rng: Optional[jax.Array]) -> tuple[bool, dict]:
+def _dropout(rng: jax.Array | None) -> tuple[bool, dict]:
     """(deterministic, rngs) for ``Module.apply`` from an optional dropout key."""
     return (True, {}) if rng is None else (False, {"dropout": rng})
 
@@ -237,7 +248,11 @@ CMLM_HEAD_POSITIONS = ("masked", "all")
 
 
 def cmlm_loss_fn(
-    teacher_model: nn.Module, teacher_ids: Any, *, cls_id: int, mask_id: int,
+    teacher_model: nn.Module,
+    teacher_ids: Any,
+    *,
+    cls_id: int,
+    mask_id: int,
     head_positions: str = "masked",
 ) -> LossFn:
     """The teacher's C-MLM objective on a student batch (``src``, ``tgt_out``, ``mlm_mask``,
@@ -266,37 +281,59 @@ def cmlm_loss_fn(
     the same masks except in the last layer (other shapes there), so equal in distribution.
     """
     if head_positions not in CMLM_HEAD_POSITIONS:
-        raise ValueError(f"head_positions must be one of {CMLM_HEAD_POSITIONS}, "
-                         f"got {head_positions!r}")
+        raise ValueError(
+            f"head_positions must be one of {CMLM_HEAD_POSITIONS}, got {head_positions!r}"
+        )
     teacher_ids = np.asarray(teacher_ids, np.int32)
     head = lambda module, hidden: module.cmlm_head(hidden)  # noqa: E731
 
     def loss_fn(params, batch, rng):
         _require(batch, ("src", "tgt_out", "mlm_mask"), "the C-MLM teacher loss")
-        inputs = build_cmlm_inputs(batch["src"], batch["tgt_out"], jnp.asarray(teacher_ids),
-                                   batch["mlm_mask"], cls_id=cls_id, mask_id=mask_id)
+        inputs = build_cmlm_inputs(
+            batch["src"],
+            batch["tgt_out"],
+            jnp.asarray(teacher_ids),
+            batch["mlm_mask"],
+            cls_id=cls_id,
+            mask_id=mask_id,
+        )
         deterministic, rngs = _dropout(rng)
-        args = (inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"],
-                inputs["position_ids"])
+        args = (
+            inputs["input_ids"],
+            inputs["token_type_ids"],
+            inputs["attention_mask"],
+            inputs["position_ids"],
+        )
         start = 1 + batch["src"].shape[1]  # the first target position of the input
         if head_positions == "all":
             logits = teacher_model.apply(
-                {"params": params}, *args, deterministic=deterministic,
-                method="cmlm_logits", rngs=rngs)  # [b, 1+S+T, student vocab]
-            return losses.combined_loss(logits[:, start:], inputs["labels"],
-                                        inputs["label_weights"], label_smoothing=0.0)
+                {"params": params},
+                *args,
+                deterministic=deterministic,
+                method="cmlm_logits",
+                rngs=rngs,
+            )  # [b, 1+S+T, student vocab]
+            return losses.combined_loss(
+                logits[:, start:], inputs["labels"], inputs["label_weights"], label_smoothing=0.0
+            )
         positions = batch.get("mlm_positions")  # [b, M] target positions, -1 = none
         if positions is None:
-            positions = masked_positions(inputs["label_weights"] > 0,
-                                         inputs["labels"].shape[1])  # [b, T]
+            positions = masked_positions(
+                inputs["label_weights"] > 0, inputs["labels"].shape[1]
+            )  # [b, T]
         picked = jnp.maximum(positions, 0)  # [b, M]
-        hidden = teacher_model.apply({"params": params}, *args, deterministic=deterministic,
-                                     output_positions=start + picked, rngs=rngs)  # [b, M, H]
+        hidden = teacher_model.apply(
+            {"params": params},
+            *args,
+            deterministic=deterministic,
+            output_positions=start + picked,
+            rngs=rngs,
+        )  # [b, M, H]
         logits = teacher_model.apply({"params": params}, hidden, method=head)  # [b, M, V]
         labels = jnp.take_along_axis(inputs["labels"], picked, axis=1)  # [b, M]
-        weights = jnp.where(positions >= 0,
-                            jnp.take_along_axis(inputs["label_weights"], picked, axis=1),
-                            0.0)  # [b, M]
+        weights = jnp.where(
+            positions >= 0, jnp.take_along_axis(inputs["label_weights"], picked, axis=1), 0.0
+        )  # [b, M]
         return losses.combined_loss(logits, labels, weights, label_smoothing=0.0)
 
     return loss_fn
@@ -315,7 +352,7 @@ class StudentLossConfig:
 def student_loss_fn(
     student_model: nn.Module,
     settings: StudentLossConfig = StudentLossConfig(),
-    teacher: Optional[TeacherFn] = None,
+    teacher: TeacherFn | None = None,
 ) -> LossFn:
     """The student's objective on a student batch (``src``, ``tgt_in``, ``tgt_out``).
 
@@ -325,21 +362,32 @@ def student_loss_fn(
     ``kd_logits`` / ``kd_indices`` if present; without either, the loss is label-smoothed
     cross-entropy.
     """
+
     def loss_fn(params, batch, rng, teacher_params=None):
         _require(batch, ("src", "tgt_in", "tgt_out"), "the student loss")
         deterministic, rngs = _dropout(rng)
-        logits = student_model.apply({"params": params}, batch["src"], batch["tgt_in"],
-                                     deterministic=deterministic, rngs=rngs)  # [b, T, V]
+        logits = student_model.apply(
+            {"params": params},
+            batch["src"],
+            batch["tgt_in"],
+            deterministic=deterministic,
+            rngs=rngs,
+        )  # [b, T, V]
         if teacher is not None:
-            teacher_logits, teacher_indices = jax.lax.stop_gradient(
-                teacher(batch, teacher_params))
+            teacher_logits, teacher_indices = jax.lax.stop_gradient(teacher(batch, teacher_params))
         else:
             teacher_logits, teacher_indices = batch.get("kd_logits"), batch.get("kd_indices")
         weights = (batch["tgt_out"] != 0).astype(jnp.float32)  # [b, T]
         return losses.combined_loss(
-            logits, batch["tgt_out"], weights, alpha=settings.alpha,
-            label_smoothing=settings.label_smoothing, teacher_logits=teacher_logits,
-            teacher_indices=teacher_indices, kd_mode=settings.kd_mode,
-            temperature=settings.temperature)
+            logits,
+            batch["tgt_out"],
+            weights,
+            alpha=settings.alpha,
+            label_smoothing=settings.label_smoothing,
+            teacher_logits=teacher_logits,
+            teacher_indices=teacher_indices,
+            kd_mode=settings.kd_mode,
+            temperature=settings.temperature,
+        )
 
     return loss_fn

@@ -22,7 +22,8 @@ sample translations) when the ``tensorboard`` extra is installed, and traces the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,13 +45,21 @@ class CheckpointPolicy:
 def checkpointer(directory: storage.PathLike, policy: CheckpointPolicy):
     """The ``checkpoint.Checkpointer`` of a run's ``checkpoints`` folder (local or gs://)."""
     from distill_jax import checkpoint
-    return checkpoint.Checkpointer(checkpoint.CheckpointConfig(
-        str(directory), save_every=policy.save_every, keep_last=policy.keep_last,
-        best_metric=policy.best_metric, best_mode=policy.best_mode))
+
+    return checkpoint.Checkpointer(
+        checkpoint.CheckpointConfig(
+            str(directory),
+            save_every=policy.save_every,
+            keep_last=policy.keep_last,
+            best_metric=policy.best_metric,
+            best_mode=policy.best_mode,
+        )
+    )
 
 
-def abstract_init(module: Any, rng: jax.Array, num_inputs: int = 1,
-                  method: Optional[Callable] = None) -> Callable[[], Any]:
+def abstract_init(
+    module: Any, rng: jax.Array, num_inputs: int = 1, method: Callable | None = None
+) -> Callable[[], Any]:
     """``() -> boxed params`` of a Flax module (for sharded creation): ``module.init`` on
     ``num_inputs`` dummy ``[1, 8]`` int32 id arrays, through ``method`` when given."""
     dummy = jnp.zeros((1, 8), jnp.int32)
@@ -79,12 +88,11 @@ class Task:
     checkpoints: CheckpointPolicy
     rng: jax.Array  # the loop's base dropout key
     pretrained_params: Any = None  # placed over the initialised params (a loaded BERT)
-    frozen: Optional[tuple[Any, Any]] = None  # (params, shardings) every step reads, never updates
-    learning_rate: Optional[Callable[[int], Any]] = None  # the optimizer's schedule (update -> lr)
+    frozen: tuple[Any, Any] | None = None  # (params, shardings) every step reads, never updates
+    learning_rate: Callable[[int], Any] | None = None  # the optimizer's schedule (update -> lr)
     # (state, step) -> (sources, hypotheses, references): a few validation translations
     # logged at each validation (TensorBoard)
-    samples: Optional[Callable[[Any, int], tuple[Sequence[str], Sequence[str],
-                                                 Sequence[str]]]] = None
+    samples: Callable[[Any, int], tuple[Sequence[str], Sequence[str], Sequence[str]]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,19 +105,27 @@ class TrainerOptions:
     no_progress: bool = False  # no progress bar
     callbacks: Sequence[runner.Callback] = ()  # loop hooks (runner.Callback)
     # (A, B): a jax.profiler trace of steps A to B-1 into RUN_DIR/profile (--profile-steps)
-    profile_steps: Optional[tuple[int, int]] = None
+    profile_steps: tuple[int, int] | None = None
 
     @classmethod
-    def of(cls, config: Any, *, no_progress: bool = False,
-           callbacks: Sequence[runner.Callback] = (),
-           profile_steps: Optional[tuple[int, int]] = None) -> "TrainerOptions":
+    def of(
+        cls,
+        config: Any,
+        *,
+        no_progress: bool = False,
+        callbacks: Sequence[runner.Callback] = (),
+        profile_steps: tuple[int, int] | None = None,
+    ) -> TrainerOptions:
         """The options an experiment config sets (``train.compute_dtype``,
         ``train.accum_steps``, ``runtime.cpu_copy_region_analysis``)."""
-        return cls(compute_dtype=runner.compute_dtype(config),
-                   accum_steps=config.train.accum_steps,
-                   cpu_copy_region_analysis=config.runtime.cpu_copy_region_analysis,
-                   no_progress=no_progress, callbacks=tuple(callbacks),
-                   profile_steps=profile_steps)
+        return cls(
+            compute_dtype=runner.compute_dtype(config),
+            accum_steps=config.train.accum_steps,
+            cpu_copy_region_analysis=config.runtime.cpu_copy_region_analysis,
+            no_progress=no_progress,
+            callbacks=tuple(callbacks),
+            profile_steps=profile_steps,
+        )
 
 
 class Trainer:
@@ -117,25 +133,43 @@ class Trainer:
     the state is born sharded, the steps are jitted once, :meth:`resume` restores the
     latest checkpoint and :meth:`fit` trains up to the schedule's last step."""
 
-    def __init__(self, task: Task, mesh: Any, directory: storage.PathLike,
-                 options: TrainerOptions = TrainerOptions()):
+    def __init__(
+        self,
+        task: Task,
+        mesh: Any,
+        directory: storage.PathLike,
+        options: TrainerOptions = TrainerOptions(),
+    ):
         self.task, self.mesh, self.options = task, mesh, options
         self.directory = storage.path(directory)
         self.state, self.shardings = sharding.create_sharded_state(
-            lambda: train.TrainState.create(task.init_params(), task.optimizer), mesh)
+            lambda: train.TrainState.create(task.init_params(), task.optimizer), mesh
+        )
         if task.pretrained_params is not None:
-            self.state = self.state.replace(params=sharding.place_tree(
-                task.pretrained_params, self.shardings.params))
+            self.state = self.state.replace(
+                params=sharding.place_tree(task.pretrained_params, self.shardings.params)
+            )
         frozen_shardings = task.frozen[1] if task.frozen is not None else None
         self._train_step = train.make_train_step(
-            task.loss_fn, task.optimizer, mesh, self.shardings, self._batch_shardings(
-                task.train_keys), accum_steps=options.accum_steps,
-            compute_dtype=options.compute_dtype, frozen_shardings=frozen_shardings,
+            task.loss_fn,
+            task.optimizer,
+            mesh,
+            self.shardings,
+            self._batch_shardings(task.train_keys),
+            accum_steps=options.accum_steps,
+            compute_dtype=options.compute_dtype,
+            frozen_shardings=frozen_shardings,
             compiler_options=train.donated_state_compiler_options(
-                mesh, options.cpu_copy_region_analysis))
+                mesh, options.cpu_copy_region_analysis
+            ),
+        )
         self._eval_step = train.make_eval_step(
-            task.eval_loss_fn, mesh, self.shardings.params,
-            self._batch_shardings(task.eval_keys), compute_dtype=options.compute_dtype)
+            task.eval_loss_fn,
+            mesh,
+            self.shardings.params,
+            self._batch_shardings(task.eval_keys),
+            compute_dtype=options.compute_dtype,
+        )
         self.checkpoints = checkpointer(self.directory / "checkpoints", task.checkpoints)
         self.log = runner.MetricsLog(self.directory)
 
@@ -153,15 +187,19 @@ class Trainer:
     def resume(self) -> int:
         """Restores the latest checkpoint (state, data position, metrics log); returns the
         step the run continues from (0 when there is none)."""
-        self.state = runner.resume(self.checkpoints, self.state, self.shardings,
-                                   self.task.batches, self.log)
+        self.state = runner.resume(
+            self.checkpoints, self.state, self.shardings, self.task.batches, self.log
+        )
         return self.step
 
     def evaluate(self, state: Any, step: int) -> dict[str, float]:
         """The task's validation values for ``state`` (step ``step``)."""
-        totals = runner.evaluate_split(self._eval_step, state.params, self.task.valid,
-                                       lambda batch: self.device_batch(batch,
-                                                                       self.task.eval_keys))
+        totals = runner.evaluate_split(
+            self._eval_step,
+            state.params,
+            self.task.valid,
+            lambda batch: self.device_batch(batch, self.task.eval_keys),
+        )
         return self.task.summarize(totals, state.params)
 
     def fit(self) -> Any:
@@ -173,10 +211,16 @@ class Trainer:
         first = self.step
         profiler = observe.StepProfiler(self.options.profile_steps, self.directory)
         profiler.check(first, task.schedule.total_steps)
-        callbacks = [*self.options.callbacks, observe.TensorBoardCallback(
-            observe.TensorBoardWriter(self.directory, enabled=runner.is_chief(),
-                                      resume_step=first or None),
-            learning_rate=task.learning_rate, samples=task.samples)]
+        callbacks = [
+            *self.options.callbacks,
+            observe.TensorBoardCallback(
+                observe.TensorBoardWriter(
+                    self.directory, enabled=runner.is_chief(), resume_step=first or None
+                ),
+                learning_rate=task.learning_rate,
+                samples=task.samples,
+            ),
+        ]
         if self.options.profile_steps is not None:
             callbacks.append(observe.ProfileCallback(profiler))
         step_fn = self._train_step
@@ -184,11 +228,19 @@ class Trainer:
             frozen = task.frozen[0]
             step_fn = lambda state, batch, rng: self._train_step(state, batch, rng, frozen)  # noqa: E731
         loop = runner.TrainLoop(
-            train_step=step_fn, batches=task.batches,
+            train_step=step_fn,
+            batches=task.batches,
             to_device=lambda batch: self.device_batch(batch, task.train_keys),
-            data_state=task.batches.get_state, rng=task.rng, checkpoints=self.checkpoints,
-            log=self.log, schedule=task.schedule, evaluate=self.evaluate, desc=task.name,
-            no_progress=self.options.no_progress, callbacks=callbacks)
+            data_state=task.batches.get_state,
+            rng=task.rng,
+            checkpoints=self.checkpoints,
+            log=self.log,
+            schedule=task.schedule,
+            evaluate=self.evaluate,
+            desc=task.name,
+            no_progress=self.options.no_progress,
+            callbacks=callbacks,
+        )
         self.state = loop.run(self.state)
         return self.state
 

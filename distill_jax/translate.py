@@ -15,7 +15,8 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-from typing import Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -46,8 +47,9 @@ def _round_up(x: int, step: int) -> int:
     return -(-x // step) * step
 
 
-def batch_shape(length: int, config: DecodeConfig, shards: int,
-                max_len: Optional[int] = None) -> tuple[int, int]:
+def batch_shape(
+    length: int, config: DecodeConfig, shards: int, max_len: int | None = None
+) -> tuple[int, int]:
     """(rows, width) of the batch a source of ``length`` ids is decoded in: the width is
     ``length`` rounded up to ``config.bucket_step`` (at most ``max_len``), the rows fill
     ``config.tokens_per_batch`` at that width (at most ``MAX_ROWS``), a multiple of
@@ -59,19 +61,21 @@ def batch_shape(length: int, config: DecodeConfig, shards: int,
     return _round_up(rows, shards), width
 
 
-def _batch(members: Sequence[tuple[int, np.ndarray]], rows: int, width: int
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _batch(
+    members: Sequence[tuple[int, np.ndarray]], rows: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(row indices [rows] (-1 = filler), src [rows, width]) of (index, source) pairs."""
     src = np.zeros((rows, width), np.int32)
     index = np.full(rows, -1, np.int64)
     for row, (i, source) in enumerate(members):
-        src[row, :len(source)] = source
+        src[row, : len(source)] = source
         index[row] = i
     return index, src
 
 
-def decode_batches(sources: Sequence[np.ndarray], config: DecodeConfig, shards: int,
-                   max_len: Optional[int] = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def decode_batches(
+    sources: Sequence[np.ndarray], config: DecodeConfig, shards: int, max_len: int | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Groups sources (id arrays ending in </s>) into padded batches of equal width.
 
     Returns a list of (row indices into ``sources`` ([rows], -1 = filler), src [rows, S]).
@@ -89,7 +93,7 @@ def decode_batches(sources: Sequence[np.ndarray], config: DecodeConfig, shards: 
     batches = []
     for (rows, width), members in groups.items():
         for start in range(0, len(members), rows):
-            chosen = members[start:start + rows]
+            chosen = members[start : start + rows]
             batches.append(_batch([(i, sources[i]) for i in chosen], rows, width))
     return batches
 
@@ -99,12 +103,20 @@ def to_host(x: jax.Array) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def search(model, params, src: jax.Array, config: DecodeConfig,
-           rng: Optional[jax.Array] = None, *, nbest: int = 1, top_p: float = 1.0
-           ) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    model,
+    params,
+    src: jax.Array,
+    config: DecodeConfig,
+    rng: jax.Array | None = None,
+    *,
+    nbest: int = 1,
+    top_p: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``nbest`` best outputs of one batch by ``config.method``: (ids [rows, nbest,
     steps], scores [rows, nbest]), best first. Beam search scores a hypothesis by its
     summed log-probs over the GNMT length penalty (slots it could not fill: -inf); greedy
@@ -116,54 +128,86 @@ def search(model, params, src: jax.Array, config: DecodeConfig,
     phases = config.cache_phases
     if config.method == "beam":
         sequences, scores = decode.beam_search(
-            model, params, src, beam_size=config.beam_size, length_penalty=config.length_penalty,
-            max_len=max_len, cache_phases=phases)
+            model,
+            params,
+            src,
+            beam_size=config.beam_size,
+            length_penalty=config.length_penalty,
+            max_len=max_len,
+            cache_phases=phases,
+        )
         return to_host(sequences)[:, :nbest], to_host(scores)[:, :nbest]
     if config.method == "greedy":
-        sequences, scores = decode.greedy_search(model, params, src, max_len=max_len,
-                                                 cache_phases=phases)
+        sequences, scores = decode.greedy_search(
+            model, params, src, max_len=max_len, cache_phases=phases
+        )
     elif config.method == "sample":
-        sequences, scores = decode.sample(model, params, src, rng, temperature=config.temperature,
-                                          top_k=config.top_k, top_p=top_p, max_len=max_len,
-                                          cache_phases=phases)
+        sequences, scores = decode.sample(
+            model,
+            params,
+            src,
+            rng,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=top_p,
+            max_len=max_len,
+            cache_phases=phases,
+        )
     else:
         raise UserError(f"decode.method must be beam, greedy or sample, got {config.method!r}")
     return to_host(sequences)[:, None], to_host(scores)[:, None]
 
 
-def check_options(config: DecodeConfig, nbest: Optional[int], top_p: float) -> None:
+def check_options(config: DecodeConfig, nbest: int | None, top_p: float) -> None:
     """Raises ValueError unless ``nbest`` (None or 1..beam_size, more than 1 only with beam
     search) and ``top_p`` (in (0, 1], below 1 only with sampling) suit ``config``."""
     if nbest is not None:
         if nbest < 1:
             raise ValueError(f"nbest must be >= 1, got {nbest}")
         if nbest > 1 and config.method != "beam":
-            raise ValueError(f"nbest {nbest} needs beam search (decode.method 'beam', not "
-                             f"{config.method!r}): it gives one hypothesis per source")
+            raise ValueError(
+                f"nbest {nbest} needs beam search (decode.method 'beam', not "
+                f"{config.method!r}): it gives one hypothesis per source"
+            )
         if config.method == "beam" and nbest > config.beam_size:
-            raise ValueError(f"nbest {nbest} is larger than the beam "
-                             f"(decode.beam_size {config.beam_size})")
+            raise ValueError(
+                f"nbest {nbest} is larger than the beam (decode.beam_size {config.beam_size})"
+            )
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_p < 1.0 and config.method != "sample":
-        raise ValueError(f"top_p {top_p} applies to sampling (decode.method 'sample', not "
-                         f"{config.method!r})")
+        raise ValueError(
+            f"top_p {top_p} applies to sampling (decode.method 'sample', not {config.method!r})"
+        )
 
 
 def _row_keys(seed: int, index: np.ndarray) -> np.ndarray:
     """Sampling keys [rows, 2] (raw uint32): the seed folded with each row's source index
     (fillers: 0)."""
     base = jax.random.PRNGKey(seed)
-    return np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
-        base, np.maximum(index, 0).astype(np.uint32)))
+    return np.asarray(
+        jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+            base, np.maximum(index, 0).astype(np.uint32)
+        )
+    )
 
 
-def _decode_batch(model, params, index: np.ndarray, src: np.ndarray, config: DecodeConfig,
-                  mesh, seed: int, nbest: int, top_p: float) -> list[list[Hypothesis]]:
+def _decode_batch(
+    model,
+    params,
+    index: np.ndarray,
+    src: np.ndarray,
+    config: DecodeConfig,
+    mesh,
+    seed: int,
+    nbest: int,
+    top_p: float,
+) -> list[list[Hypothesis]]:
     """The hypotheses (best first, at most ``nbest``) of the rows of one batch."""
     keys = _global_from_full(_row_keys(seed, index), mesh) if config.method == "sample" else None
-    ids, scores = search(model, params, _global_from_full(src, mesh), config, keys,
-                         nbest=nbest, top_p=top_p)
+    ids, scores = search(
+        model, params, _global_from_full(src, mesh), config, keys, nbest=nbest, top_p=top_p
+    )
     cfg = model.config
     out = []
     for row in range(len(index)):
@@ -172,15 +216,23 @@ def _decode_batch(model, params, index: np.ndarray, src: np.ndarray, config: Dec
             if score == -np.inf:
                 continue
             stop = np.flatnonzero((seq == cfg.eos_id) | (seq == cfg.pad_id))
-            hyps.append(Hypothesis(seq[:stop[0]] if len(stop) else seq, float(score)))
+            hyps.append(Hypothesis(seq[: stop[0]] if len(stop) else seq, float(score)))
         out.append(hyps)
     return out
 
 
-def translate_ids(model, params, sources: Sequence[np.ndarray], config: DecodeConfig, mesh,
-                  *, seed: int = 0, progress: bool = False, nbest: Optional[int] = None,
-                  top_p: float = 1.0
-                  ) -> Union[list[np.ndarray], list[list[Hypothesis]]]:
+def translate_ids(
+    model,
+    params,
+    sources: Sequence[np.ndarray],
+    config: DecodeConfig,
+    mesh,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    nbest: int | None = None,
+    top_p: float = 1.0,
+) -> list[np.ndarray] | list[list[Hypothesis]]:
     """Output ids (without </s> and padding) for every source, in input order; with
     ``nbest``, the list of the (up to) ``nbest`` best ``Hypothesis`` of every source
     instead, best first (``check_options`` says which settings take it). ``top_p`` < 1:
@@ -205,15 +257,20 @@ def translate_ids(model, params, sources: Sequence[np.ndarray], config: DecodeCo
     return outputs
 
 
-def truncate_sources(sources: Sequence[np.ndarray], max_len: int, eos_id: int
-                     ) -> list[np.ndarray]:
+def truncate_sources(sources: Sequence[np.ndarray], max_len: int, eos_id: int) -> list[np.ndarray]:
     """Sources cut to ``max_len`` ids (the last one ``eos_id``); notes on stderr how many."""
-    cut = [np.append(np.asarray(s)[:max_len - 1], eos_id).astype(np.int32)
-           if len(s) > max_len else s for s in sources]
+    cut = [
+        np.append(np.asarray(s)[: max_len - 1], eos_id).astype(np.int32) if len(s) > max_len else s
+        for s in sources
+    ]
     longer = sum(len(s) > max_len for s in sources)
     if longer and runner.is_chief():
-        print(f"note: {longer} of {len(sources)} sources are longer than the model's max_len "
-              f"{max_len} and were truncated", file=sys.stderr, flush=True)
+        print(
+            f"note: {longer} of {len(sources)} sources are longer than the model's max_len "
+            f"{max_len} and were truncated",
+            file=sys.stderr,
+            flush=True,
+        )
     return cut
 
 
@@ -221,35 +278,65 @@ def _global_from_full(src: np.ndarray, mesh) -> jax.Array:
     """A batch-sharded global array from a batch that every process holds whole (each
     process reads all sources, so no exchange is needed)."""
     from distill_jax import sharding
-    return jax.make_array_from_callback(src.shape, sharding.batch_sharding(mesh),
-                                        lambda index: src[index])
+
+    return jax.make_array_from_callback(
+        src.shape, sharding.batch_sharding(mesh), lambda index: src[index]
+    )
 
 
-def _texts(vocab, hyps: list[Hypothesis], nbest: Optional[int]
-           ) -> Union[str, list[Translation]]:
+def _texts(vocab, hyps: list[Hypothesis], nbest: int | None) -> str | list[Translation]:
     """A source's output text, or with ``nbest`` its ``Translation`` list."""
     if nbest is None:
         return vocab.decode(hyps[0].ids.tolist())
     return [Translation(vocab.decode(h.ids.tolist()), h.score) for h in hyps]
 
 
-def translate_texts(model, params, vocab, texts: Sequence[str], config: DecodeConfig, mesh,
-                    *, seed: int = 0, progress: bool = False, nbest: Optional[int] = None,
-                    top_p: float = 1.0) -> Union[list[str], list[list[Translation]]]:
+def translate_texts(
+    model,
+    params,
+    vocab,
+    texts: Sequence[str],
+    config: DecodeConfig,
+    mesh,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    nbest: int | None = None,
+    top_p: float = 1.0,
+) -> list[str] | list[list[Translation]]:
     """Detokenized outputs for raw source sentences (``Vocabulary.decode``); with ``nbest``,
     the list of the (up to) ``nbest`` best ``Translation`` (text, score) of every sentence,
     best first. ``seed``, ``nbest``, ``top_p``: see ``translate_ids``."""
     from distill_jax.data.vocab import EOS
 
     sources = [np.asarray(vocab.encode(text) + [EOS], np.int32) for text in texts]
-    outputs = translate_ids(model, params, sources, config, mesh, seed=seed, progress=progress,
-                            nbest=nbest or 1, top_p=top_p)
+    outputs = translate_ids(
+        model,
+        params,
+        sources,
+        config,
+        mesh,
+        seed=seed,
+        progress=progress,
+        nbest=nbest or 1,
+        top_p=top_p,
+    )
     return [_texts(vocab, hyps, nbest) for hyps in outputs]
 
 
-def translate_stream(model, params, vocab, lines: Iterable[str], config: DecodeConfig, mesh,
-                     *, seed: int = 0, nbest: Optional[int] = None, top_p: float = 1.0,
-                     wait: float = STREAM_WAIT) -> Iterator[list]:
+def translate_stream(
+    model,
+    params,
+    vocab,
+    lines: Iterable[str],
+    config: DecodeConfig,
+    mesh,
+    *,
+    seed: int = 0,
+    nbest: int | None = None,
+    top_p: float = 1.0,
+    wait: float = STREAM_WAIT,
+) -> Iterator[list]:
     """Translates ``lines`` as they arrive (e.g. ``sys.stdin``, read on a thread of its own),
     in length-bucketed micro-batches, with the outputs of ``translate_texts``.
 
@@ -263,8 +350,10 @@ def translate_stream(model, params, vocab, lines: Iterable[str], config: DecodeC
 
     check_options(config, nbest, top_p)
     if jax.process_count() > 1:
-        raise UserError("streaming translation runs in one process; give the processes a "
-                        "file to translate instead")
+        raise UserError(
+            "streaming translation runs in one process; give the processes a "
+            "file to translate instead"
+        )
     if not wait > 0:
         raise ValueError(f"wait must be > 0 seconds, got {wait}")
     arrived: queue.Queue = queue.Queue()
@@ -287,8 +376,9 @@ def translate_stream(model, params, vocab, lines: Iterable[str], config: DecodeC
     def run(shape: tuple[int, int]) -> None:
         members = pending.pop(shape)
         index, src = _batch(members, *shape)
-        for row, hyps in enumerate(_decode_batch(model, params, index, src, config, mesh,
-                                                 seed, nbest or 1, top_p)):
+        for row, hyps in enumerate(
+            _decode_batch(model, params, index, src, config, mesh, seed, nbest or 1, top_p)
+        ):
             if index[row] >= 0:
                 done[int(index[row])] = hyps
 
@@ -308,9 +398,13 @@ def translate_stream(model, params, vocab, lines: Iterable[str], config: DecodeC
             else:
                 source = np.asarray(vocab.encode(item.rstrip("\r\n")) + [EOS], np.int32)
                 if len(source) > cfg.max_len:
-                    print(f"note: line {count + 1} is longer than the model's max_len "
-                          f"{cfg.max_len} and was truncated", file=sys.stderr, flush=True)
-                    source = np.append(source[:cfg.max_len - 1], cfg.eos_id).astype(np.int32)
+                    print(
+                        f"note: line {count + 1} is longer than the model's max_len "
+                        f"{cfg.max_len} and was truncated",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    source = np.append(source[: cfg.max_len - 1], cfg.eos_id).astype(np.int32)
                 shape = batch_shape(len(source), config, shards, cfg.max_len)
                 pending.setdefault(shape, []).append((count, source))
                 count += 1

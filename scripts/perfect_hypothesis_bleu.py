@@ -36,20 +36,29 @@ def _lines(path: pathlib.Path) -> list[str]:
 def pre_fix_decode(vocab, ids) -> str:
     """The text ``Vocabulary.decode`` wrote before detokenization (same ids)."""
     from distill_jax.data.vocab import join_pieces
+
     pieces = [vocab.pieces[i] for i in ids]
     return re.sub(r" ([.?!,])", r"\1", " ".join(join_pieces(pieces)))
 
 
-def scores(data_dir: str | os.PathLike, teacher: str | os.PathLike, *,
-           splits: tuple[str, ...] = tuple(SPLITS), pre_fix: bool = False) -> dict:
+def scores(
+    data_dir: str | os.PathLike,
+    teacher: str | os.PathLike,
+    *,
+    splits: tuple[str, ...] = tuple(SPLITS),
+    pre_fix: bool = False,
+) -> dict:
     """split -> detokenized case-insensitive sacreBLEU of the encode -> decode round trip."""
     from distill_jax import metrics
     from distill_jax.data.vocab import TeacherTokenizer, Vocabulary
 
     data_dir = pathlib.Path(data_dir)
     tokenizer = TeacherTokenizer.load(teacher)
-    vocab = Vocabulary.build(tokenizer.tokenize_batch(_lines(data_dir / "train.de")) +
-                             tokenizer.tokenize_batch(_lines(data_dir / "train.en")), tokenizer)
+    vocab = Vocabulary.build(
+        tokenizer.tokenize_batch(_lines(data_dir / "train.de"))
+        + tokenizer.tokenize_batch(_lines(data_dir / "train.en")),
+        tokenizer,
+    )
     out = {}
     for split in splits:
         references = _lines(data_dir / SPLITS[split])
@@ -61,19 +70,28 @@ def scores(data_dir: str | os.PathLike, teacher: str | os.PathLike, *,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "multi30k"),
-                        help="the Multi30k files (train.de, train.en, val.en, "
-                             "test_2016_flickr.en)")
-    parser.add_argument("--teacher", default=str(REPO / ".cache" / "distill-jax" /
-                                                 "all-MiniLM-L6-v2"),
-                        help="the teacher tokenizer (scripts/fetch_minilm.sh prints its path)")
-    parser.add_argument("--pre-fix", action="store_true",
-                        help="render as decode did before detokenization, for comparison")
+    parser.add_argument(
+        "--data-dir",
+        default=str(REPO.parent / "shared" / "data" / "multi30k"),
+        help="the Multi30k files (train.de, train.en, val.en, test_2016_flickr.en)",
+    )
+    parser.add_argument(
+        "--teacher",
+        default=str(REPO / ".cache" / "distill-jax" / "all-MiniLM-L6-v2"),
+        help="the teacher tokenizer (scripts/fetch_minilm.sh prints its path)",
+    )
+    parser.add_argument(
+        "--pre-fix",
+        action="store_true",
+        help="render as decode did before detokenization, for comparison",
+    )
     args = parser.parse_args(argv)
     for name in ("train.de", *SPLITS.values()):
         if not (pathlib.Path(args.data_dir) / name).is_file():
-            print(f"error: {pathlib.Path(args.data_dir) / name} does not exist (--data-dir)",
-                  file=sys.stderr)
+            print(
+                f"error: {pathlib.Path(args.data_dir) / name} does not exist (--data-dir)",
+                file=sys.stderr,
+            )
             return 2
     results = scores(args.data_dir, args.teacher, pre_fix=args.pre_fix)
     for split, result in results.items():

@@ -66,25 +66,30 @@ def main(argv=None) -> int:
             run_dir = storage.path(args.workdir) / "students" / name
             results_file = run_dir / "results.json"
             if not results_file.exists():
-                raise UserError(f"{results_file}: no such file (the run {name!r} has not "
-                                "finished)")
+                raise UserError(f"{results_file}: no such file (the run {name!r} has not finished)")
             results = json.loads(results_file.read_text())
-            student = dj.Student.load(config, args.workdir, name,
-                                      checkpoint_of(results["checkpoint"]))
+            student = dj.Student.load(
+                config, args.workdir, name, checkpoint_of(results["checkpoint"])
+            )
             record = {"checkpoint": results["checkpoint"], "splits": {}}
             for split in config.data.test_splits:
                 again = student.score(split, progress=not args.no_progress)["bleu"]
                 reported = results["splits"][split]["bleu"]
                 if abs(again - reported) > 0.01:
-                    raise UserError(f"{name}: {split} BLEU {again:.2f} decoded again, but "
-                                    f"results.json reports {reported:.2f}")
+                    raise UserError(
+                        f"{name}: {split} BLEU {again:.2f} decoded again, but "
+                        f"results.json reports {reported:.2f}"
+                    )
                 record["splits"][split] = {"bleu": again, "reported": reported}
             for split in splits:
                 scores = student.score(split, progress=not args.no_progress)
-                storage.write_text_atomic(run_dir / f"{split}.hyp.txt",
-                                          "\n".join(scores["hypotheses"]) + "\n")
-                record["splits"][split] = {"bleu": scores["bleu"],
-                                           "bleu_signature": scores["bleu_signature"]}
+                storage.write_text_atomic(
+                    run_dir / f"{split}.hyp.txt", "\n".join(scores["hypotheses"]) + "\n"
+                )
+                record["splits"][split] = {
+                    "bleu": scores["bleu"],
+                    "bleu_signature": scores["bleu_signature"],
+                }
                 print(f"{name} {split}: BLEU {scores['bleu']:.2f}", flush=True)
             records[name] = record
     except UserError as err:
@@ -98,19 +103,35 @@ def main(argv=None) -> int:
             values = [records[n]["splits"][split]["bleu"] for n in names]
             summary[stem][split] = {
                 "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    print("| system | runs | " + " | ".join(f"{s} BLEU" for s in
-                                         [*config.data.test_splits, *splits]) + " |")
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            }
+    print(
+        "| system | runs | "
+        + " | ".join(f"{s} BLEU" for s in [*config.data.test_splits, *splits])
+        + " |"
+    )
     print("|---|---|" + "---|" * (len(config.data.test_splits) + len(splits)))
     for stem, row in summary.items():
-        cells = [f"{row[s]['mean']:.2f} ± {row[s]['std']:.2f}"
-                 for s in [*config.data.test_splits, *splits]]
+        cells = [
+            f"{row[s]['mean']:.2f} ± {row[s]['std']:.2f}"
+            for s in [*config.data.test_splits, *splits]
+        ]
         print(f"| {stem} | {len(row['runs'])} | " + " | ".join(cells) + " |")
     out = pathlib.Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": args.config, "machine": cpu_model(),
-                                           "commit": git_commit(), "runs": records, "systems": summary},
-                              indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "config": args.config,
+                "machine": cpu_model(),
+                "commit": git_commit(),
+                "runs": records,
+                "systems": summary,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return 0
 
 

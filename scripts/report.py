@@ -46,9 +46,12 @@ def distillation(r: dict) -> str:
     return ", ".join(parts)
 
 
-def results_table(workdir: pathlib.Path | list[pathlib.Path], metrics: list[str] | None = None,
-                  names: list[str] | None = None, baseline: str | None = None
-                  ) -> tuple[str, list[dict]]:
+def results_table(
+    workdir: pathlib.Path | list[pathlib.Path],
+    metrics: list[str] | None = None,
+    names: list[str] | None = None,
+    baseline: str | None = None,
+) -> tuple[str, list[dict]]:
     """The per-run table (and per-seed summary) of ``metrics`` on every scored split of the
     runs in ``workdir`` (one or several; only those called ``names``, in that order, when
     given); by default BLEU, plus ROUGE-1/2/L when every run recorded them. With
@@ -65,33 +68,41 @@ def results_table(workdir: pathlib.Path | list[pathlib.Path], metrics: list[str]
     for path in runs:
         name = path.parent.name
         if name in by_name:
-            sys.exit(f"run name {name!r} is in both {by_name[name].parent.parent.parent} and "
-                     f"{path.parent.parent.parent}: rename one (train-student --name)")
+            sys.exit(
+                f"run name {name!r} is in both {by_name[name].parent.parent.parent} and "
+                f"{path.parent.parent.parent}: rename one (train-student --name)"
+            )
         by_name[name] = path
     if names is not None:
         missing = [n for n in names if n not in by_name]
         if missing:
-            sys.exit(f"no finished run called {', '.join(missing)} in "
-                     f"{', '.join(map(str, workdirs))}")
+            sys.exit(
+                f"no finished run called {', '.join(missing)} in {', '.join(map(str, workdirs))}"
+            )
         runs = [by_name[n] for n in names]
     results = [json.loads(p.read_text()) for p in runs]
     splits = list(results[0]["splits"])
     if metrics is None:
-        metrics = [m for m in METRICS
-                   if all(m in r["splits"][s] for r in results for s in r["splits"])]
+        metrics = [
+            m for m in METRICS if all(m in r["splits"][s] for r in results for s in r["splits"])
+        ]
     for path, r in zip(runs, results):
         for s in splits:
             missing = [m for m in metrics if m not in r["splits"].get(s, {})]
             if missing:
-                sys.exit(f"{path}: split {s!r} has no {', '.join(missing)} "
-                         "(rerun train-student to rescore, or choose --metrics)")
+                sys.exit(
+                    f"{path}: split {s!r} has no {', '.join(missing)} "
+                    "(rerun train-student to rescore, or choose --metrics)"
+                )
     columns = [(s, m) for s in splits for m in metrics]
     reference = None
     if baseline is not None:
         reference = next((r for r in results if r["name"] == baseline), None)
         if reference is None:
-            sys.exit(f"--baseline {baseline!r} is not among the tabled runs "
-                     f"({', '.join(r['name'] for r in results)})")
+            sys.exit(
+                f"--baseline {baseline!r} is not among the tabled runs "
+                f"({', '.join(r['name'] for r in results)})"
+            )
 
     def cell(r: dict, s: str, m: str) -> str:
         value = r["splits"][s][m]
@@ -99,22 +110,37 @@ def results_table(workdir: pathlib.Path | list[pathlib.Path], metrics: list[str]
             return f"{value:.2f}"
         return f"{value:.2f} ({value - reference['splits'][s][m]:+.2f})"
 
-    lines = ["| student | distillation | steps | checkpoint | "
-             + " | ".join(f"{s} {METRICS[m]}" for s, m in columns) + " |",
-             "|---|---|---|---|" + "---|" * len(columns)]
+    lines = [
+        "| student | distillation | steps | checkpoint | "
+        + " | ".join(f"{s} {METRICS[m]}" for s, m in columns)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(columns),
+    ]
     records = []
     hardware, commit = f"{cpu_model()} ({platform.machine()}), CPU", git_commit()
     for r in results:
-        lines.append(f"| {r['name']} | {distillation(r)} | {r['steps']} | {r['checkpoint']} | "
-                     + " | ".join(cell(r, s, m) for s, m in columns) + " |")
+        lines.append(
+            f"| {r['name']} | {distillation(r)} | {r['steps']} | {r['checkpoint']} | "
+            + " | ".join(cell(r, s, m) for s, m in columns)
+            + " |"
+        )
         for s, m in columns:
-            records.append({"system": r["name"], "kd": r["kd"], "teacher": r.get("teacher"),
-                            "seed": r.get("seed"), "split": s, "metric": m,
-                            "value": r["splits"][s][m],
-                            **({"signature": r["splits"][s]["bleu_signature"]}
-                               if m == "bleu" else {}),
-                            "checkpoint": r["checkpoint"], "steps": r["steps"],
-                            "hardware": hardware, "commit": commit})
+            records.append(
+                {
+                    "system": r["name"],
+                    "kd": r["kd"],
+                    "teacher": r.get("teacher"),
+                    "seed": r.get("seed"),
+                    "split": s,
+                    "metric": m,
+                    "value": r["splits"][s][m],
+                    **({"signature": r["splits"][s]["bleu_signature"]} if m == "bleu" else {}),
+                    "checkpoint": r["checkpoint"],
+                    "steps": r["steps"],
+                    "hardware": hardware,
+                    "commit": commit,
+                }
+            )
     table = "\n".join(lines)
     if reference is not None:
         table += f"\n\n(in brackets: the difference from {baseline})"
@@ -133,12 +159,17 @@ def seed_summary(records: list[dict], columns: list[tuple[str, str]]) -> str:
     groups = {k: v for k, v in groups.items() if min(len(x) for x in v.values()) >= 2}
     if not groups:
         return ""
-    lines = ["| system | seeds | "
-             + " | ".join(f"{s} {METRICS[m]} (mean ± std)" for s, m in columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
+    lines = [
+        "| system | seeds | "
+        + " | ".join(f"{s} {METRICS[m]} (mean ± std)" for s, m in columns)
+        + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
     for stem, by_column in groups.items():
-        cells = [f"{statistics.mean(by_column[c]):.2f} ± {statistics.stdev(by_column[c]):.2f}"
-                 for c in columns]
+        cells = [
+            f"{statistics.mean(by_column[c]):.2f} ± {statistics.stdev(by_column[c]):.2f}"
+            for c in columns
+        ]
         lines.append(f"| {stem} | {len(by_column[columns[0]])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -146,6 +177,7 @@ def seed_summary(records: list[dict], columns: list[tuple[str, str]]) -> str:
 def plot(workdir: pathlib.Path) -> pathlib.Path | None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -182,44 +214,61 @@ def teacher_line(workdir: pathlib.Path) -> str | None:
     """The teacher's last validation (masked accuracy, stride-masked soft-target quality)
     beside the students' last validation accuracy: a teacher helps only when its stride
     top-1 is clearly above the baseline's accuracy. None without a teacher run."""
-    valid = [r for r in read_jsonl(workdir / "teacher" / "metrics.jsonl")
-             if r.get("split") == "valid"]
+    valid = [
+        r for r in read_jsonl(workdir / "teacher" / "metrics.jsonl") if r.get("split") == "valid"
+    ]
     if not valid:
         return None
     last = valid[-1]
-    parts = [f"teacher at step {last['step']}: masked accuracy "
-             f"{100 * last.get('masked_accuracy', float('nan')):.1f}%"]
+    parts = [
+        f"teacher at step {last['step']}: masked accuracy "
+        f"{100 * last.get('masked_accuracy', float('nan')):.1f}%"
+    ]
     if "stride_top1" in last:
-        parts.append(f"val stride top-1 {100 * last['stride_top1']:.1f}%, top-K "
-                     f"{100 * last['stride_topk']:.1f}%")
+        parts.append(
+            f"val stride top-1 {100 * last['stride_top1']:.1f}%, top-K "
+            f"{100 * last['stride_topk']:.1f}%"
+        )
     for run in sorted((workdir / "students").glob("*/metrics.jsonl")):
-        accuracy = [r["accuracy"] for r in read_jsonl(run)
-                    if r.get("split") == "valid" and "accuracy" in r]
+        accuracy = [
+            r["accuracy"] for r in read_jsonl(run) if r.get("split") == "valid" and "accuracy" in r
+        ]
         if accuracy:
             parts.append(f"{run.parent.name} val accuracy {100 * accuracy[-1]:.1f}%")
     return "; ".join(parts)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("workdir", type=pathlib.Path, nargs="+")
-    parser.add_argument("--runs", default=None,
-                        help="comma-separated run names to table, in this order (default: all)")
-    parser.add_argument("--baseline", default=None,
-                        help="a run name: also show every score's difference from that run's")
+    parser.add_argument(
+        "--runs",
+        default=None,
+        help="comma-separated run names to table, in this order (default: all)",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="a run name: also show every score's difference from that run's",
+    )
     parser.add_argument("--json", type=pathlib.Path, help="also write the records as JSON")
-    parser.add_argument("--metrics", default=None,
-                        help=f"comma-separated, from {', '.join(METRICS)} (default: BLEU, and "
-                             "ROUGE when every run has it)")
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help=f"comma-separated, from {', '.join(METRICS)} (default: BLEU, and "
+        "ROUGE when every run has it)",
+    )
     args = parser.parse_args()
     metrics = None
     if args.metrics:
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
-            parser.error(f"--metrics: unknown {', '.join(unknown)}; choose from "
-                         f"{', '.join(METRICS)}")
+            parser.error(
+                f"--metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}"
+            )
     names = [n.strip() for n in args.runs.split(",") if n.strip()] if args.runs else None
     table, records = results_table(args.workdir, metrics, names, args.baseline)
     print(table)

@@ -28,12 +28,12 @@ COLUMNS = ("loss", "masked_accuracy", "stride_top1", "stride_topk", "stride_p_re
 def curve(workdir: pathlib.Path) -> tuple[list[dict], dict]:
     """(validation records in step order, the run's saved teacher config)."""
     run = workdir / "teacher"
-    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() \
-        else []
+    lines = (
+        (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+    )
     records = [json.loads(line) for line in lines if line.strip()]
     valid = {r["step"]: r for r in records if r.get("split") == "valid"}
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() \
-        else {}
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
     return [valid[s] for s in sorted(valid)], config
 
 
@@ -44,27 +44,38 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     points, config = curve(args.workdir)
     if not points:
-        print(f"teacher_curve: no validation record in {args.workdir / 'teacher'}",
-              file=sys.stderr)
+        print(f"teacher_curve: no validation record in {args.workdir / 'teacher'}", file=sys.stderr)
         return 2
     print("| step | val loss | masked acc. | stride top-1 | stride top-K | p(ref) |")
     print("|---|---|---|---|---|---|")
     for p in points:
-        print(f"| {p['step']} | {p['loss']:.3f} | {100 * p['masked_accuracy']:.1f}% | "
-              f"{100 * p.get('stride_top1', float('nan')):.1f}% | "
-              f"{100 * p.get('stride_topk', float('nan')):.1f}% | "
-              f"{p.get('stride_p_ref', float('nan')):.3f} |")
+        print(
+            f"| {p['step']} | {p['loss']:.3f} | {100 * p['masked_accuracy']:.1f}% | "
+            f"{100 * p.get('stride_top1', float('nan')):.1f}% | "
+            f"{100 * p.get('stride_topk', float('nan')):.1f}% | "
+            f"{p.get('stride_p_ref', float('nan')):.3f} |"
+        )
     steps = config.get("steps")
     reached = points[-1]["step"]
     if steps and reached < steps:
         print(f"(the run reached step {reached} of teacher.steps={steps})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "teacher_config": config, "reached_step": reached,
-            "points": [{"step": p["step"], **{k: p[k] for k in COLUMNS if k in p}}
-                       for p in points],
-            "hardware": cpu_model(), "commit": git_commit()}, indent=1) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "teacher_config": config,
+                    "reached_step": reached,
+                    "points": [
+                        {"step": p["step"], **{k: p[k] for k in COLUMNS if k in p}} for p in points
+                    ],
+                    "hardware": cpu_model(),
+                    "commit": git_commit(),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -39,11 +39,16 @@ from distill_jax.commands import common
 from distill_jax.data.prepared import open_prepared
 from distill_jax.data.vocab import EOS
 from distill_jax.errors import UserError
+
 from provenance import cpu_model, git_commit  # noqa: E402
 
 
-def agreement(logits: list[np.ndarray], indices: list[np.ndarray], references: list[list[int]],
-              temperature: float) -> dict:
+def agreement(
+    logits: list[np.ndarray],
+    indices: list[np.ndarray],
+    references: list[list[int]],
+    temperature: float,
+) -> dict:
     """Top-1 accuracy, top-K recall and mean soft-target probability of the references
     (``distill_jax.teacher_quality.agreement_sums`` over every example).
 
@@ -53,14 +58,22 @@ def agreement(logits: list[np.ndarray], indices: list[np.ndarray], references: l
     for values, ids, ref in zip(logits, indices, references):
         ref = np.asarray(ref)
         if ids.shape[0] != ref.shape[0]:
-            raise ValueError(f"soft targets of {ids.shape[0]} positions for a reference of "
-                             f"{ref.shape[0]}")
-        total = quality.add_sums(total, quality.agreement_sums(
-            np.asarray(values, np.float64)[None], np.asarray(ids)[None], ref[None], temperature))
+            raise ValueError(
+                f"soft targets of {ids.shape[0]} positions for a reference of {ref.shape[0]}"
+            )
+        total = quality.add_sums(
+            total,
+            quality.agreement_sums(
+                np.asarray(values, np.float64)[None], np.asarray(ids)[None], ref[None], temperature
+            ),
+        )
     figures = quality.rates(total or {"positions": 0, "top1": 0, "topk": 0, "p_ref": 0})
-    return {"positions": int(total["positions"]) if total else 0,
-            "top1": figures["stride_top1"], "topk": figures["stride_topk"],
-            "p_ref": figures["stride_p_ref"]}
+    return {
+        "positions": int(total["positions"]) if total else 0,
+        "top1": figures["stride_top1"],
+        "topk": figures["stride_topk"],
+        "p_ref": figures["stride_p_ref"],
+    }
 
 
 def student_accuracy(workdir, name: str) -> float | None:
@@ -80,23 +93,34 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="FIELD=VALUE", help="the overrides the teacher was made with")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="the overrides the teacher was made with",
+    )
     parser.add_argument("--split", default=None, help="cached split (default: data.valid_split)")
     parser.add_argument("--students", default="", help="comma-separated student run names")
-    parser.add_argument("--temperatures", default="",
-                        help="comma-separated temperatures to report p(ref) at as well")
+    parser.add_argument(
+        "--temperatures",
+        default="",
+        help="comma-separated temperatures to report p(ref) at as well",
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     try:
         try:
             temperatures = [float(t) for t in filter(None, args.temperatures.split(","))]
         except ValueError:
-            raise UserError(f"--temperatures: not a comma-separated list of numbers: "
-                            f"{args.temperatures!r}") from None
+            raise UserError(
+                f"--temperatures: not a comma-separated list of numbers: {args.temperatures!r}"
+            ) from None
         if any(not t > 0 for t in temperatures):
-            raise UserError(f"--temperatures: every temperature must be > 0, got "
-                            f"{args.temperatures!r}")
+            raise UserError(
+                f"--temperatures: every temperature must be > 0, got {args.temperatures!r}"
+            )
         config = common.load_experiment(args)
         split = args.split or config.data.valid_split
         dataset = open_prepared(runner.prepared_dir(config, args.workdir))
@@ -105,39 +129,55 @@ def main(argv=None) -> int:
             cache = open_cache(
                 storage.path(args.workdir) / "soft_targets" / split,
                 student.cache_identity(config, dataset, split, config.teacher.top_k),
-                num_examples=len(lengths))
+                num_examples=len(lengths),
+            )
         except CacheError as err:
-            raise UserError(f"{err} (run `distill-jax soft-targets --split {split}` first)") \
-                from None
+            raise UserError(
+                f"{err} (run `distill-jax soft-targets --split {split}` first)"
+            ) from None
         examples = list(range(len(lengths)))
         logits, indices = cache.read_async(examples).result()
-        references = [[int(t) for t in r["tgt"]] + [EOS]
-                      for r in records.__getitems__(examples)]
+        references = [[int(t) for t in r["tgt"]] + [EOS] for r in records.__getitems__(examples)]
         figures = agreement(logits, indices, references, config.distill.temperature)
-        others = {f"{t:g}": agreement(logits, indices, references, t)["p_ref"]
-                  for t in temperatures}
+        others = {
+            f"{t:g}": agreement(logits, indices, references, t)["p_ref"] for t in temperatures
+        }
     except UserError as err:
         print(f"teacher_quality: {err}", file=sys.stderr)
         return 2
-    figures.update(split=split, top_k=cache.top_k, temperature=config.distill.temperature,
-                   teacher_steps=config.teacher.steps)
-    print(f"teacher ({config.teacher.steps} steps) on {split}, {figures['positions']} target "
-          f"positions, stride-{config.teacher.stride} masking: top-1 {100 * figures['top1']:.1f}%, "
-          f"top-{cache.top_k} {100 * figures['topk']:.1f}%, mean soft-target probability of the "
-          f"reference (T {config.distill.temperature:g}) {figures['p_ref']:.3f}")
+    figures.update(
+        split=split,
+        top_k=cache.top_k,
+        temperature=config.distill.temperature,
+        teacher_steps=config.teacher.steps,
+    )
+    print(
+        f"teacher ({config.teacher.steps} steps) on {split}, {figures['positions']} target "
+        f"positions, stride-{config.teacher.stride} masking: top-1 {100 * figures['top1']:.1f}%, "
+        f"top-{cache.top_k} {100 * figures['topk']:.1f}%, mean soft-target probability of the "
+        f"reference (T {config.distill.temperature:g}) {figures['p_ref']:.3f}"
+    )
     for t, p in others.items():
         print(f"  at T {t}: {p:.3f}")
     students = {}
     for name in filter(None, args.students.split(",")):
         students[name] = student_accuracy(args.workdir, name)
-        shown = "no validation record" if students[name] is None else \
-            f"{100 * students[name]:.1f}%"
+        shown = "no validation record" if students[name] is None else f"{100 * students[name]:.1f}%"
         print(f"student {name}: validation accuracy {shown}")
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({
-            **figures, "p_ref_at": others, "students": students,
-            "hardware": cpu_model(), "commit": git_commit()},
-                                                      indent=1) + "\n")
+        pathlib.Path(args.json).write_text(
+            json.dumps(
+                {
+                    **figures,
+                    "p_ref_at": others,
+                    "students": students,
+                    "hardware": cpu_model(),
+                    "commit": git_commit(),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -46,8 +46,9 @@ def shared_data() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def minilm_dir() -> pathlib.Path:
     """The all-MiniLM-L6-v2 checkpoint folder fetched by scripts/fetch_minilm.sh."""
-    path = pathlib.Path(os.environ.get(
-        "DISTILL_JAX_MINILM", REPO / ".cache" / "distill-jax" / "all-MiniLM-L6-v2"))
+    path = pathlib.Path(
+        os.environ.get("DISTILL_JAX_MINILM", REPO / ".cache" / "distill-jax" / "all-MiniLM-L6-v2")
+    )
     if not (path / "model.safetensors").is_file():
         pytest.skip(f"all-MiniLM-L6-v2 is not at {path}; run scripts/fetch_minilm.sh")
     return path
@@ -58,6 +59,7 @@ def gcs():
     """A Cloud Storage emulator on 127.0.0.1 for the whole session (tests/gcs_emulator.py);
     skipped when gcp-storage-emulator or gcsfs is not installed (the `test` extra)."""
     import gcs_emulator  # (before gcsfs is imported)
+
     pytest.importorskip("gcp_storage_emulator")
     pytest.importorskip("gcsfs")
     with gcs_emulator.running() as emulator:
@@ -115,18 +117,31 @@ def quick_demo(tmp_path_factory, minilm_dir, shared_data) -> QuickDemo:
     if not _demo_applies(shared_data):
         pytest.skip("the demo reads ../shared/data beside the checkout")
     workdir = tmp_path_factory.mktemp("quick-demo") / "demo"
-    env = dict(os.environ, WORKDIR=str(workdir), VENV=sys.prefix,
-               DISTILL_JAX_CACHE=str(pathlib.Path(minilm_dir).parent))
+    env = dict(
+        os.environ,
+        WORKDIR=str(workdir),
+        VENV=sys.prefix,
+        DISTILL_JAX_CACHE=str(pathlib.Path(minilm_dir).parent),
+    )
     env.pop("XLA_FLAGS", None)  # the demo runs as a user would: on the real devices
-    result = subprocess.run(["bash", "scripts/demo.sh", "--quick"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(
+        ["bash", "scripts/demo.sh", "--quick"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     return QuickDemo(workdir, env, result)
 
 
 # What the demo's `prepare` call must have recorded for its dataset to be the one
 # multi30k_de_en would prepare (the same command: prepare's default limits).
-MULTI30K_DE_EN = {"corpus": "multi30k", "direction": "de-en",
-                  "limits": {"max_src_len": 256, "max_tgt_len": 256}}
+MULTI30K_DE_EN = {
+    "corpus": "multi30k",
+    "direction": "de-en",
+    "limits": {"max_src_len": 256, "max_tgt_len": 256},
+}
 
 
 @pytest.fixture(scope="session")
@@ -139,18 +154,35 @@ def multi30k_de_en(request, tmp_path_factory, shared_data, minilm_dir) -> pathli
     corpus, direction, limits and tokenizer), so that the full corpus is prepared once;
     otherwise (e.g. the fast tier) it is prepared here."""
     if _demo_applies(shared_data) and any(
-            item.nodeid.endswith(DEMO_TEST.split("/", 1)[1]) for item in request.session.items):
+        item.nodeid.endswith(DEMO_TEST.split("/", 1)[1]) for item in request.session.items
+    ):
         data = request.getfixturevalue("quick_demo").workdir / "data"
         meta_path = data / "dataset.json"
         if meta_path.is_file():
             meta = json.loads(meta_path.read_text())
-            if ({k: meta.get(k) for k in MULTI30K_DE_EN} == MULTI30K_DE_EN and
-                    meta["vocab"]["teacher"] == str(minilm_dir)):
+            if {k: meta.get(k) for k in MULTI30K_DE_EN} == MULTI30K_DE_EN and meta["vocab"][
+                "teacher"
+            ] == str(minilm_dir):
                 return data
     from distill_jax.cli import main
 
     out = tmp_path_factory.mktemp("m30k") / "de_en"
-    assert main(["prepare", "--dataset", "multi30k", "--direction", "de-en",
-                 "--data-dir", str(shared_data / "multi30k"), "--teacher", str(minilm_dir),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                "multi30k",
+                "--direction",
+                "de-en",
+                "--data-dir",
+                str(shared_data / "multi30k"),
+                "--teacher",
+                str(minilm_dir),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out

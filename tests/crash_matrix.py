@@ -68,12 +68,18 @@ STAGES = {
 # stage -> [(crash point, what it is)]; tiny.py: the teacher saves at 3 and 6, the
 # student at 2, 4, 6, 8 (validation at 4 and 8), training logs at the last step only
 CASES = {
-    "teacher": [("save:3", "during the checkpoint save of step 3"),
-                ("step:5", "between saves, after step 5")],
-    "soft-targets": [("chunk:2", "during the write of the third chunk"),
-                     ("chunk-start:3", "between chunk writes (the first three stored)")],
-    "student": [("save:4", "during the checkpoint save of step 4"),
-                ("step:5", "between saves, after step 5")],
+    "teacher": [
+        ("save:3", "during the checkpoint save of step 3"),
+        ("step:5", "between saves, after step 5"),
+    ],
+    "soft-targets": [
+        ("chunk:2", "during the write of the third chunk"),
+        ("chunk-start:3", "between chunk writes (the first three stored)"),
+    ],
+    "student": [
+        ("save:4", "during the checkpoint save of step 4"),
+        ("step:5", "between saves, after step 5"),
+    ],
 }
 
 
@@ -89,14 +95,24 @@ def _env(root: pathlib.Path) -> dict[str, str]:
 
 def cli(root, workdir, teacher, stage, crash_at=None) -> subprocess.CompletedProcess:
     command, extra, _ = STAGES[stage]
-    args = [sys.executable, "-m", "distill_jax.cli", command, "--config", CONFIG,
-            "--workdir", str(workdir), "--set", f"teacher.checkpoint={teacher}",
-            "--no-progress", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "distill_jax.cli",
+        command,
+        "--config",
+        CONFIG,
+        "--workdir",
+        str(workdir),
+        "--set",
+        f"teacher.checkpoint={teacher}",
+        "--no-progress",
+        *extra,
+    ]
     env = _env(root)
     if crash_at:
         env["DISTILL_JAX_CRASH_AT"] = crash_at
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1800)
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
 
 
 def _normalised(path: pathlib.Path) -> bytes:
@@ -107,8 +123,9 @@ def _normalised(path: pathlib.Path) -> bytes:
         return data
     if path.name.endswith(".jsonl"):
         records = [json.loads(line) for line in data.decode().splitlines()]
-        return "\n".join(json.dumps({k: v for k, v in r.items() if k not in fields})
-                         for r in records).encode()
+        return "\n".join(
+            json.dumps({k: v for k, v in r.items() if k not in fields}) for r in records
+        ).encode()
     record = json.loads(data)
     return json.dumps({k: v for k, v in record.items() if k not in fields}).encode()
 
@@ -116,8 +133,11 @@ def _normalised(path: pathlib.Path) -> bytes:
 def _ocdbt(relative: pathlib.Path) -> bool:
     """Whether a file is part of an Orbax OCDBT array store (compared by content)."""
     parts = relative.parts
-    return "state" in parts and (relative.name == "manifest.ocdbt" or "d" in parts or any(
-        p.startswith("ocdbt.process_") for p in parts))
+    return "state" in parts and (
+        relative.name == "manifest.ocdbt"
+        or "d" in parts
+        or any(p.startswith("ocdbt.process_") for p in parts)
+    )
 
 
 # Views of a run that carry wall-clock times and the host name by design (TensorBoard event
@@ -126,10 +146,14 @@ VIEWS = ("tensorboard", "profile")
 
 
 def files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
-    return {str(p.relative_to(directory)): p for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.name not in SKIPPED
-            and not _ocdbt(p.relative_to(directory))
-            and not _is_view(p.relative_to(directory))}
+    return {
+        str(p.relative_to(directory)): p
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+        and p.name not in SKIPPED
+        and not _ocdbt(p.relative_to(directory))
+        and not _is_view(p.relative_to(directory))
+    }
 
 
 def _is_view(relative: pathlib.Path) -> bool:
@@ -138,9 +162,11 @@ def _is_view(relative: pathlib.Path) -> bool:
 
 def array_stores(directory: pathlib.Path) -> list[str]:
     """The Orbax ``state`` items (OCDBT array stores) under ``directory``."""
-    return sorted(str(p.parent.relative_to(directory))
-                  for p in directory.rglob("manifest.ocdbt")
-                  if p.parent.name == "state")
+    return sorted(
+        str(p.parent.relative_to(directory))
+        for p in directory.rglob("manifest.ocdbt")
+        if p.parent.name == "state"
+    )
 
 
 def read_arrays(item: pathlib.Path) -> dict[str, tuple[str, tuple, bytes]]:
@@ -154,9 +180,10 @@ def read_arrays(item: pathlib.Path) -> dict[str, tuple[str, tuple, bytes]]:
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(restore_args=args))
-    return {jax.tree_util.keystr(path): (str(np.asarray(x).dtype), np.shape(x),
-                                         np.asarray(x).tobytes())
-            for path, x in jax.tree_util.tree_leaves_with_path(restored)}
+    return {
+        jax.tree_util.keystr(path): (str(np.asarray(x).dtype), np.shape(x), np.asarray(x).tobytes())
+        for path, x in jax.tree_util.tree_leaves_with_path(restored)
+    }
 
 
 def compare(reference: pathlib.Path, candidate: pathlib.Path) -> list[str]:
@@ -173,16 +200,21 @@ def compare(reference: pathlib.Path, candidate: pathlib.Path) -> list[str]:
         if a != b:
             problems.append(f"differs: {name}")
     stores_ref, stores_got = array_stores(reference), array_stores(candidate)
-    problems += [f"checkpoint arrays only in one run: {name}"
-                 for name in sorted(set(stores_ref) ^ set(stores_got))]
+    problems += [
+        f"checkpoint arrays only in one run: {name}"
+        for name in sorted(set(stores_ref) ^ set(stores_got))
+    ]
     for name in sorted(set(stores_ref) & set(stores_got)):
         arrays_ref = read_arrays(reference / name)
         arrays_got = read_arrays(candidate / name)
         if arrays_ref.keys() != arrays_got.keys():
             problems.append(f"checkpoint arrays differ in their tree: {name}")
             continue
-        problems += [f"checkpoint array differs: {name} {key}" for key in sorted(arrays_ref)
-                     if arrays_ref[key] != arrays_got[key]]
+        problems += [
+            f"checkpoint array differs: {name} {key}"
+            for key in sorted(arrays_ref)
+            if arrays_ref[key] != arrays_got[key]
+        ]
     return problems
 
 
@@ -200,18 +232,33 @@ def _left_behind(workdir: pathlib.Path, stage: str) -> str:
     stored soft-target chunks."""
     if stage == "soft-targets":
         cache = workdir / "soft_targets" / "train"
-        chunks = [p for p in (cache / "logits").rglob("*") if p.is_file()
-                  and p.relative_to(cache / "logits").parts[0] == "c"] if cache.exists() else []
-        return (f"{len(chunks)} stored chunk objects, "
-                f"{'a' if (cache / 'header.json').exists() else 'no'} header.json")
+        chunks = (
+            [
+                p
+                for p in (cache / "logits").rglob("*")
+                if p.is_file() and p.relative_to(cache / "logits").parts[0] == "c"
+            ]
+            if cache.exists()
+            else []
+        )
+        return (
+            f"{len(chunks)} stored chunk objects, "
+            f"{'a' if (cache / 'header.json').exists() else 'no'} header.json"
+        )
     where = workdir / STAGES[stage][2][0]
-    steps = sorted(p.name for p in where.rglob("*") if p.is_dir()
-                   and p.parent.name == "checkpoints")
+    steps = sorted(
+        p.name for p in where.rglob("*") if p.is_dir() and p.parent.name == "checkpoints"
+    )
     return "checkpoint folders " + (", ".join(steps) or "none")
 
 
-def run_matrix(root: pathlib.Path, minilm: pathlib.Path, shared_data: pathlib.Path,
-               stages=tuple(STAGES), log=print) -> list[str]:
+def run_matrix(
+    root: pathlib.Path,
+    minilm: pathlib.Path,
+    shared_data: pathlib.Path,
+    stages=tuple(STAGES),
+    log=print,
+) -> list[str]:
     """Runs the matrix under ``root``; returns the failures (empty: every case matched)."""
     started = time.time()
     base, teacher = build(root, minilm, shared_data)
@@ -229,26 +276,32 @@ def run_matrix(root: pathlib.Path, minilm: pathlib.Path, shared_data: pathlib.Pa
             case = f"{stage}, killed {what} ({point})"
             workdir = root / f"{stage}-{point.replace(':', '-')}"
             shutil.copytree(reference, workdir)
-            for later in order[order.index(stage):]:
+            for later in order[order.index(stage) :]:
                 for name in STAGES[later][2]:
                     shutil.rmtree(workdir / name, ignore_errors=True)
             killed = cli(root, workdir, teacher, stage, crash_at=point)
             if killed.returncode != -9:
-                failures.append(f"{case}: expected the kill (-9), got exit "
-                                f"{killed.returncode}:\n{killed.stderr[-2000:]}")
+                failures.append(
+                    f"{case}: expected the kill (-9), got exit "
+                    f"{killed.returncode}:\n{killed.stderr[-2000:]}"
+                )
                 continue
             left = _left_behind(workdir, stage)
             rerun = cli(root, workdir, teacher, stage)
             if rerun.returncode != 0:
-                failures.append(f"{case}: the rerun exited {rerun.returncode}:\n"
-                                f"{rerun.stderr[-3000:]}")
+                failures.append(
+                    f"{case}: the rerun exited {rerun.returncode}:\n{rerun.stderr[-3000:]}"
+                )
                 continue
-            problems = [p for name in STAGES[stage][2]
-                        for p in compare(reference / name, workdir / name)]
+            problems = [
+                p for name in STAGES[stage][2] for p in compare(reference / name, workdir / name)
+            ]
             failures += [f"{case}: {p}" for p in problems]
-            log(f"{case}: the kill left {left}; after the rerun "
+            log(
+                f"{case}: the kill left {left}; after the rerun "
                 f"{'identical' if not problems else f'{len(problems)} differences'}"
-                f" ({time.time() - started:.0f} s)")
+                f" ({time.time() - started:.0f} s)"
+            )
             if not problems:
                 shutil.rmtree(workdir)
     return failures
@@ -256,16 +309,34 @@ def run_matrix(root: pathlib.Path, minilm: pathlib.Path, shared_data: pathlib.Pa
 
 def main(argv=None) -> int:
     import logging
+
     logging.getLogger().setLevel(logging.CRITICAL)  # Orbax's notes on reading arrays to numpy
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=pathlib.Path, default=None,
-                        help="working folder (default: a temporary one, removed at the end)")
-    parser.add_argument("--only", default=",".join(STAGES),
-                        help=f"comma-separated stages of {list(STAGES)}")
-    parser.add_argument("--minilm", type=pathlib.Path, default=pathlib.Path(os.environ.get(
-        "DISTILL_JAX_MINILM", REPO / ".cache" / "distill-jax" / "all-MiniLM-L6-v2")))
-    parser.add_argument("--shared-data", type=pathlib.Path, default=pathlib.Path(os.environ.get(
-        "DISTILL_JAX_SHARED_DATA", REPO.parent / "shared" / "data")))
+    parser.add_argument(
+        "--root",
+        type=pathlib.Path,
+        default=None,
+        help="working folder (default: a temporary one, removed at the end)",
+    )
+    parser.add_argument(
+        "--only", default=",".join(STAGES), help=f"comma-separated stages of {list(STAGES)}"
+    )
+    parser.add_argument(
+        "--minilm",
+        type=pathlib.Path,
+        default=pathlib.Path(
+            os.environ.get(
+                "DISTILL_JAX_MINILM", REPO / ".cache" / "distill-jax" / "all-MiniLM-L6-v2"
+            )
+        ),
+    )
+    parser.add_argument(
+        "--shared-data",
+        type=pathlib.Path,
+        default=pathlib.Path(
+            os.environ.get("DISTILL_JAX_SHARED_DATA", REPO.parent / "shared" / "data")
+        ),
+    )
     args = parser.parse_args(argv)
     stages = [s for s in args.only.split(",") if s]
     unknown = sorted(set(stages) - set(STAGES))
@@ -280,8 +351,14 @@ def main(argv=None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     for failure in failures:
         print("FAIL", failure)
-    print("crash matrix: " + ("every killed run ended identical to the uninterrupted one"
-                              if not failures else f"{len(failures)} failures"))
+    print(
+        "crash matrix: "
+        + (
+            "every killed run ended identical to the uninterrupted one"
+            if not failures
+            else f"{len(failures)} failures"
+        )
+    )
     return 1 if failures else 0
 
 

@@ -28,7 +28,8 @@ def client_env(url: str) -> dict[str, str]:
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",  # tensorstore: no credential lookup
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs: no bucket-layout API calls
         # If anything looked for GCE credentials, it would ask a closed loopback port.
-        "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
+        "GCE_METADATA_HOST": "127.0.0.1:9",
+        "GCE_METADATA_IP": "127.0.0.1:9",
         "NO_GCE_CHECK": "True",
     }
 
@@ -64,12 +65,14 @@ def _send_generations() -> None:
         def handle(request, response, storage, *args, **kwargs):
             handler(request, response, storage, *args, **kwargs)
             try:
-                obj = storage.get_file_obj(request.params["bucket_name"],
-                                           request.params["object_id"])
+                obj = storage.get_file_obj(
+                    request.params["bucket_name"], request.params["object_id"]
+                )
             except Exception:  # not found: the handler has answered already
                 return
             response["x-goog-generation"] = str(obj["generation"])
             response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+
         return handle
 
     for _, methods in server.HANDLERS:
@@ -105,8 +108,11 @@ def _check_generation_preconditions() -> None:
                 return handler(request, response, storage, *args, **kwargs)
             with lock:
                 try:
-                    current = str(storage.get_file_obj(request.params["bucket_name"],
-                                                       object_of(request))["generation"])
+                    current = str(
+                        storage.get_file_obj(request.params["bucket_name"], object_of(request))[
+                            "generation"
+                        ]
+                    )
                 except Exception:  # absent
                     current = "0"
                 if current != str(wanted[0]):
@@ -114,6 +120,7 @@ def _check_generation_preconditions() -> None:
                     response.json({"error": {"code": 412, "message": "conditionNotMet"}})
                     return
                 return handler(request, response, storage, *args, **kwargs)
+
         return handle
 
     def upload_name(request):

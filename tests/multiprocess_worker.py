@@ -39,8 +39,15 @@ VOCAB = 64
 NUM_RECORDS = 44  # 3 global batches of 16 rows per epoch, the last one with 4 empty rows
 TOP_K = 4
 KEYS = ("src", "tgt_in", "tgt_out", "kd_logits", "kd_indices")
-PIPELINE = PipelineConfig(seed=3, shuffle=True, tokens_per_batch=128, batch_multiple=8,
-                          bucket_step=8, num_threads=1, prefetch=2)
+PIPELINE = PipelineConfig(
+    seed=3,
+    shuffle=True,
+    tokens_per_batch=128,
+    batch_multiple=8,
+    bucket_step=8,
+    num_threads=1,
+    prefetch=2,
+)
 
 
 class SyntheticSource:
@@ -85,15 +92,23 @@ def with_soft_targets(batch: dict) -> dict:
         length = int(np.count_nonzero(batch["tgt_out"][row]))
         logits[row, :length] = 3.0 * rng.normal(size=(length, TOP_K))
         indices[row, :length] = np.stack(
-            [rng.choice(VOCAB, TOP_K, replace=False) for _ in range(length)])
+            [rng.choice(VOCAB, TOP_K, replace=False) for _ in range(length)]
+        )
     return {**batch, "kd_logits": logits, "kd_indices": indices}
 
 
 def student_setup():
     """(loss_fn, init_fn, optimizer) of a 2+2-layer width-32 student with dropout."""
-    cfg = TransformerConfig(vocab_size=VOCAB, d_model=32, num_heads=4, mlp_dim=64,
-                            num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.1,
-                            max_len=16)
+    cfg = TransformerConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        num_heads=4,
+        mlp_dim=64,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        dropout_rate=0.1,
+        max_len=16,
+    )
     model = Transformer(cfg)
     loss_fn = train.student_loss_fn(model, train.StudentLossConfig(alpha=0.5))
 
@@ -101,8 +116,9 @@ def student_setup():
         x = jnp.ones((1, 4), jnp.int32)
         return model.init(jax.random.PRNGKey(0), x, x)["params"]
 
-    optimizer = optim.make_optimizer(optim.OptimizerConfig.student(
-        learning_rate=1e-3, schedule="constant", grad_clip_norm=1.0))
+    optimizer = optim.make_optimizer(
+        optim.OptimizerConfig.student(learning_rate=1e-3, schedule="constant", grad_clip_norm=1.0)
+    )
     return loss_fn, init_params, optimizer
 
 
@@ -130,8 +146,10 @@ def gather_rows(local: np.ndarray, mesh) -> np.ndarray:
 
 
 def flat_params(params) -> dict[str, np.ndarray]:
-    return {"param" + jax.tree_util.keystr(path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    return {
+        "param" + jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    }
 
 
 class Trainer:
@@ -142,16 +160,25 @@ class Trainer:
         self.mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
         loss_fn, init_params, optimizer = student_setup()
         self.state, self.shardings = sharding.create_sharded_state(
-            lambda: train.TrainState.create(init_params(), optimizer), self.mesh)
+            lambda: train.TrainState.create(init_params(), optimizer), self.mesh
+        )
         self.step_fn = train.make_train_step(
-            loss_fn, optimizer, self.mesh, self.shardings,
-            {k: sharding.batch_sharding(self.mesh) for k in KEYS})
+            loss_fn,
+            optimizer,
+            self.mesh,
+            self.shardings,
+            {k: sharding.batch_sharding(self.mesh) for k in KEYS},
+        )
         source = SyntheticSource()
         self.pipeline = BatchPipeline(source, source.lengths(), PIPELINE)
         self.batches = iter(self.pipeline)
         self.rng = jax.random.PRNGKey(42)
-        self.record: dict[str, list] = {"loss_sum": [], "tokens": [], "grad_norm": [],
-                                        "indices": []}
+        self.record: dict[str, list] = {
+            "loss_sum": [],
+            "tokens": [],
+            "grad_norm": [],
+            "indices": [],
+        }
 
     def train(self, steps: int, print_steps: bool = False) -> None:
         for _ in range(steps):
@@ -181,8 +208,9 @@ def save_checkpoint(directory: Path, trainer: Trainer) -> None:
     """Writes the train state and the data-iterator state at the current step (an
     asynchronous save, as in training, waited for before returning)."""
     step = int(jax.device_get(trainer.state.step))
-    with checkpoint.Checkpointer(checkpoint.CheckpointConfig(str(directory), save_every=1)) \
-            as manager:
+    with checkpoint.Checkpointer(
+        checkpoint.CheckpointConfig(str(directory), save_every=1)
+    ) as manager:
         manager.save(step, trainer.state, extra={"data": trainer.batches.get_state()})
 
 
@@ -209,11 +237,14 @@ def _env_int(name: str):
 def initialize() -> None:
     """Joins the job the launcher started (no-op when run as a single process), through
     the same function as the ``distill-jax`` training commands."""
-    common.initialize_processes(argparse.Namespace(
-        coordinator=os.environ.get("DISTILL_JAX_COORDINATOR"),
-        num_processes=_env_int("DISTILL_JAX_NUM_PROCESSES"),
-        process_id=_env_int("DISTILL_JAX_PROCESS_ID"),
-        distributed_auto=False))
+    common.initialize_processes(
+        argparse.Namespace(
+            coordinator=os.environ.get("DISTILL_JAX_COORDINATOR"),
+            num_processes=_env_int("DISTILL_JAX_NUM_PROCESSES"),
+            process_id=_env_int("DISTILL_JAX_PROCESS_ID"),
+            distributed_auto=False,
+        )
+    )
 
 
 def save_npz(path: Path, arrays: dict) -> None:
@@ -227,23 +258,43 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--train", type=parse_mesh, action="append", default=[],
-                        metavar="D,F,T", help="train --steps steps on this mesh")
-    parser.add_argument("--save-at", type=int, default=None,
-                        help="checkpoint the first --train run after this many steps")
+    parser.add_argument(
+        "--train",
+        type=parse_mesh,
+        action="append",
+        default=[],
+        metavar="D,F,T",
+        help="train --steps steps on this mesh",
+    )
+    parser.add_argument(
+        "--save-at",
+        type=int,
+        default=None,
+        help="checkpoint the first --train run after this many steps",
+    )
     parser.add_argument("--save-dir", type=Path, default=None)
-    parser.add_argument("--restore-from", type=Path, default=None,
-                        help="restore this checkpoint onto --restore-mesh, train to --steps")
+    parser.add_argument(
+        "--restore-from",
+        type=Path,
+        default=None,
+        help="restore this checkpoint onto --restore-mesh, train to --steps",
+    )
     parser.add_argument("--restore-mesh", type=parse_mesh, default=(-1, 1, 1))
-    parser.add_argument("--print-steps", action="store_true",
-                        help="print STEP n after every step (the kill test's cue)")
+    parser.add_argument(
+        "--print-steps",
+        action="store_true",
+        help="print STEP n after every step (the kill test's cue)",
+    )
     args = parser.parse_args(argv)
 
     initialize()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"process {jax.process_index()}/{jax.process_count()}: "
-          f"{jax.local_device_count()} local / {jax.device_count()} global devices, "
-          f"PID {os.getpid()}", flush=True)
+    print(
+        f"process {jax.process_index()}/{jax.process_count()}: "
+        f"{jax.local_device_count()} local / {jax.device_count()} global devices, "
+        f"PID {os.getpid()}",
+        flush=True,
+    )
     views = {}
     for run, shape in enumerate(args.train):
         trainer = Trainer(shape)
@@ -279,6 +330,7 @@ def exit_on_error() -> None:
     ``jax.distributed``'s shutdown barrier for its peers (up to 5 minutes), while the
     peers wait for it in their next collective; exiting lets the launcher stop the job.
     """
+
     def hook(kind, value, tb):
         sys.__excepthook__(kind, value, tb)
         sys.stdout.flush()

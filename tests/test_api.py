@@ -12,11 +12,12 @@ import jax
 import pytest
 
 import distill_jax as dj
-import tiny_experiment
 from distill_jax import experiment, runner, runtime, train
 from distill_jax import student as student_lib
 from distill_jax.errors import UserError
 from distill_jax.models import fast_paths
+
+import tiny_experiment
 
 CONFIG = "configs/tiny.py"
 
@@ -28,7 +29,8 @@ def test_runtime_defaults_come_from_the_environment(monkeypatch):
     monkeypatch.delenv("DISTILL_JAX_FAST_PATHS", raising=False)
     monkeypatch.delenv("DISTILL_JAX_HOST_MEMORY", raising=False)
     assert experiment.ExperimentConfig().runtime == experiment.RuntimeConfig(
-        fast_paths=True, mask_by_bias=True, host_memory="keep", cpu_copy_region_analysis=True)
+        fast_paths=True, mask_by_bias=True, host_memory="keep", cpu_copy_region_analysis=True
+    )
     monkeypatch.setenv("DISTILL_JAX_FAST_PATHS", "0")
     monkeypatch.setenv("DISTILL_JAX_HOST_MEMORY", "system")
     config = dj.load_config(CONFIG)
@@ -47,12 +49,19 @@ def test_runtime_apply_sets_the_fast_path_switches():
     jax.devices()  # (the host-memory mode is then left as it is)
     before = (fast_paths.ENABLED, fast_paths.MASK_BY_BIAS)
     try:
-        runtime.apply(experiment.RuntimeConfig(fast_paths=False, mask_by_bias=False,
-                                               host_memory=runtime.applied_host_memory()
-                                               or "keep"))
+        runtime.apply(
+            experiment.RuntimeConfig(
+                fast_paths=False,
+                mask_by_bias=False,
+                host_memory=runtime.applied_host_memory() or "keep",
+            )
+        )
         assert (fast_paths.ENABLED, fast_paths.MASK_BY_BIAS) == (False, False)
-        runtime.apply(experiment.RuntimeConfig(fast_paths=True, mask_by_bias=True,
-                                               host_memory=runtime.applied_host_memory()))
+        runtime.apply(
+            experiment.RuntimeConfig(
+                fast_paths=True, mask_by_bias=True, host_memory=runtime.applied_host_memory()
+            )
+        )
         assert (fast_paths.ENABLED, fast_paths.MASK_BY_BIAS) == (True, True)
     finally:
         fast_paths.configure(*before)
@@ -60,9 +69,11 @@ def test_runtime_apply_sets_the_fast_path_switches():
 
 def test_the_compiler_option_follows_the_config():
     from distill_jax.sharding import MeshConfig, make_mesh
+
     mesh = make_mesh(MeshConfig())
     assert train.donated_state_compiler_options(mesh) == {
-        "xla_cpu_copy_insertion_use_region_analysis": True}
+        "xla_cpu_copy_insertion_use_region_analysis": True
+    }
     assert train.donated_state_compiler_options(mesh, False) == {}
 
 
@@ -73,21 +84,28 @@ def test_runtime_is_saved_with_the_run_and_compared_on_resume(tmp_path):
     assert json.loads(path.read_text())["runtime"] == dataclasses.asdict(config.runtime)
     (path.parent / "checkpoints" / "2").mkdir(parents=True)  # a saved step: resumable
     changed = dataclasses.replace(
-        config, runtime=dataclasses.replace(config.runtime, mask_by_bias=False))
+        config, runtime=dataclasses.replace(config.runtime, mask_by_bias=False)
+    )
     with pytest.raises(UserError, match="runtime.mask_by_bias: True -> False"):
         runner.check_or_save_config(changed, path, what="train-student")
     # the teacher's config.json: its section's fields, and the runtime beside them
     teacher_path = tmp_path / "teacher" / "config.json"
-    runner.check_or_save_config(config.teacher, teacher_path, what="train-teacher",
-                                runtime=config.runtime)
+    runner.check_or_save_config(
+        config.teacher, teacher_path, what="train-teacher", runtime=config.runtime
+    )
     saved = json.loads(teacher_path.read_text())
     assert saved["steps"] == config.teacher.steps and saved["runtime"]["fast_paths"] in (
-        True, False)
+        True,
+        False,
+    )
     (teacher_path.parent / "checkpoints" / "3").mkdir(parents=True)
     with pytest.raises(UserError, match="runtime.cpu_copy_region_analysis: True -> False"):
         runner.check_or_save_config(
-            config.teacher, teacher_path, what="train-teacher",
-            runtime=dataclasses.replace(config.runtime, cpu_copy_region_analysis=False))
+            config.teacher,
+            teacher_path,
+            what="train-teacher",
+            runtime=dataclasses.replace(config.runtime, cpu_copy_region_analysis=False),
+        )
 
 
 @pytest.mark.parametrize("section", ["teacher", "student"])
@@ -96,6 +114,7 @@ def test_a_run_saved_before_the_runtime_section_resumes_with_its_defaults(tmp_pa
     they resume with the defaults, and a run that sets another value is refused, naming
     the field."""
     from distill_jax import configlib
+
     config = dj.load_config(CONFIG)
     run = tmp_path / section
     (run / "checkpoints" / "4").mkdir(parents=True)
@@ -105,8 +124,9 @@ def test_a_run_saved_before_the_runtime_section_resumes_with_its_defaults(tmp_pa
 
     def check(cfg):
         if section == "teacher":
-            runner.check_or_save_config(cfg.teacher, run / "config.json", what=section,
-                                        runtime=cfg.runtime)
+            runner.check_or_save_config(
+                cfg.teacher, run / "config.json", what=section, runtime=cfg.runtime
+            )
         else:
             runner.check_or_save_config(cfg, run / "config.json", what=section)
 
@@ -119,6 +139,7 @@ def test_a_run_saved_before_the_runtime_section_resumes_with_its_defaults(tmp_pa
 
 def test_every_config_in_configs_loads_with_the_runtime_defaults():
     import glob
+
     for path in sorted(glob.glob("configs/*.py")):
         config = dj.load_config(path)
         assert config.runtime == experiment.RuntimeConfig(), path
@@ -148,17 +169,25 @@ def _check_observers(run_dir, config, recorder):
     for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
         data, offset = path.read_bytes(), 0
         while offset < len(data):  # TFRecord framing: length, CRC, Event, CRC
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            events.append(event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length]))
             offset += 12 + length + 4
-    scalars = {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value
-               if v.HasField("simple_value")}
+    scalars = {
+        (e.step, v.tag): v.simple_value
+        for e in events
+        for v in e.summary.value
+        if v.HasField("simple_value")
+    }
     schedule = student_lib.learning_rate_schedule(config)
     assert scalars[(4, "train/learning_rate")] == pytest.approx(float(schedule(3)))
     for step, values in recorder.evals:
         assert scalars[(step, "valid/bleu")] == pytest.approx(values["bleu"])
-    texts = [(e.step, v.tensor.string_val[0].decode()) for e in events
-             for v in e.summary.value if v.HasField("tensor")]
+    texts = [
+        (e.step, v.tensor.string_val[0].decode())
+        for e in events
+        for v in e.summary.value
+        if v.HasField("tensor")
+    ]
     assert [step for step, _ in texts] == [2, 4]
     assert texts[0][1].startswith("| source | hypothesis | reference |")
 
@@ -169,9 +198,17 @@ def test_the_method_end_to_end_through_the_api(tmp_path, minilm_dir, shared_data
     specs = tiny_experiment.write_corpus(shared_data, tmp_path / "corpus")
     workdir = tmp_path / "work"
     tiny_experiment.prepare(teacher_dir, tmp_path / "corpus", specs, workdir / "data")
-    config = dj.load_config(CONFIG, [f"teacher.checkpoint={teacher_dir}", "teacher.steps=2",
-                                     "teacher.eval_every=2", "teacher.save_every=2",
-                                     "train.steps=4", "train.eval_every=2"])
+    config = dj.load_config(
+        CONFIG,
+        [
+            f"teacher.checkpoint={teacher_dir}",
+            "teacher.steps=2",
+            "teacher.eval_every=2",
+            "teacher.save_every=2",
+            "train.steps=4",
+            "train.eval_every=2",
+        ],
+    )
 
     teacher = dj.train_teacher(config, str(workdir), no_progress=True)
     assert teacher.final_step == 2 and teacher.best_step == 2
@@ -184,8 +221,9 @@ def test_the_method_end_to_end_through_the_api(tmp_path, minilm_dir, shared_data
     assert dj.extract_soft_targets(config, workdir, no_progress=True).reused
 
     recorder = Recorder()
-    run = dj.train_student(config, workdir, no_progress=True, callbacks=[recorder],
-                           profile_steps=(1, 3))
+    run = dj.train_student(
+        config, workdir, no_progress=True, callbacks=[recorder], profile_steps=(1, 3)
+    )
     assert (run.name, run.final_step, run.finished) == ("distilled", 4, True)
     _check_observers(workdir / "students" / "distilled", config, recorder)
     assert recorder.steps == [1, 2, 3, 4] and [s for s, _ in recorder.evals] == [2, 4]
@@ -215,8 +253,9 @@ def test_the_method_end_to_end_through_the_api(tmp_path, minilm_dir, shared_data
     hypotheses = (workdir / "students" / "distilled" / "test2016.hyp.txt").read_text()
     assert "".join(h + "\n" for h in scores["hypotheses"]) == hypotheses
     references = (tmp_path / "corpus" / "test2016.en").read_text().splitlines()
-    assert dj.score(scores["hypotheses"], references, lowercase=True)["bleu"] == \
-        pytest.approx(scores["bleu"])
+    assert dj.score(scores["hypotheses"], references, lowercase=True)["bleu"] == pytest.approx(
+        scores["bleu"]
+    )
     with pytest.raises(UserError, match="no split 'nope'"):
         student.score("nope")
     assert jax.process_count() == 1

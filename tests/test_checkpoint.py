@@ -29,17 +29,26 @@ class TinyMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, deterministic=True):
-        h = nn.Dense(HIDDEN, kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), ("embed", "mlp")))(x)
+        h = nn.Dense(
+            HIDDEN,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("embed", "mlp")
+            ),
+        )(x)
         h = nn.Dropout(0.2)(nn.relu(h), deterministic=deterministic)
-        return nn.Dense(WIDTH, kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), ("mlp", "embed")))(h)
+        return nn.Dense(
+            WIDTH,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("mlp", "embed")
+            ),
+        )(h)
 
 
 def loss_fn(params, batch, rng):
     det = rng is None
-    out = TinyMLP().apply({"params": params}, batch["x"], deterministic=det,
-                          rngs={} if det else {"dropout": rng})
+    out = TinyMLP().apply(
+        {"params": params}, batch["x"], deterministic=det, rngs={} if det else {"dropout": rng}
+    )
     err = jnp.sum((out - batch["y"]) ** 2)
     count = jnp.asarray(batch["x"].size, jnp.float32)
     return err, {"loss": (err, count)}
@@ -47,24 +56,29 @@ def loss_fn(params, batch, rng):
 
 def make_batch(step):
     rng = np.random.default_rng(1000 + step)
-    return {"x": rng.normal(size=(BATCH, WIDTH)).astype(np.float32),
-            "y": rng.normal(size=(BATCH, WIDTH)).astype(np.float32)}
+    return {
+        "x": rng.normal(size=(BATCH, WIDTH)).astype(np.float32),
+        "y": rng.normal(size=(BATCH, WIDTH)).astype(np.float32),
+    }
 
 
 def setup(mesh):
     """(init state, state shardings, jitted step) on ``mesh``."""
-    tx = optim.make_optimizer(optim.OptimizerConfig(
-        learning_rate=1e-2, schedule="linear", total_steps=20, warmup_steps=2))
+    tx = optim.make_optimizer(
+        optim.OptimizerConfig(learning_rate=1e-2, schedule="linear", total_steps=20, warmup_steps=2)
+    )
     init = lambda: train.TrainState.create(  # noqa: E731
-        TinyMLP().init(jax.random.PRNGKey(0), jnp.zeros((1, WIDTH)))["params"], tx)
+        TinyMLP().init(jax.random.PRNGKey(0), jnp.zeros((1, WIDTH)))["params"], tx
+    )
     state, shardings = sharding.create_sharded_state(init, mesh)
-    step = train.make_train_step(loss_fn, tx, mesh, shardings,
-                                 sharding.batch_shardings(make_batch(0), mesh))
+    step = train.make_train_step(
+        loss_fn, tx, mesh, shardings, sharding.batch_shardings(make_batch(0), mesh)
+    )
     return state, shardings, step
 
 
 def mesh_of(shape):
-    devices = jax.devices()[:int(np.prod(shape))]
+    devices = jax.devices()[: int(np.prod(shape))]
     return sharding.make_mesh(sharding.MeshConfig(*shape), devices=devices)
 
 
@@ -92,10 +106,16 @@ def train_run(directory, total_steps, restore_step=None, mesh_shape=(2, 2, 2)):
 
 def run_script(*args):
     """Runs this file as a script in a new process; returns its JSON output."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__, *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
 
@@ -118,8 +138,7 @@ def saved_on_8x1x1(tmp_path_factory):
     mesh = mesh_of((8, 1, 1))
     state, _, step_fn = setup(mesh)
     for i in range(2):
-        state, _ = step_fn(state, sharding.shard_batch(make_batch(i), mesh),
-                           jax.random.PRNGKey(7))
+        state, _ = step_fn(state, sharding.shard_batch(make_batch(i), mesh), jax.random.PRNGKey(7))
     cfg = checkpoint.CheckpointConfig(str(directory), save_every=1)
     with checkpoint.Checkpointer(cfg) as ckpt:
         ckpt.save(2, state, extra={"note": "8x1x1"})
@@ -135,15 +154,22 @@ def test_restore_onto_other_mesh(saved_on_8x1x1, shape):
     with checkpoint.Checkpointer(checkpoint.CheckpointConfig(str(directory))) as ckpt:
         restored, extra = ckpt.restore_latest(target)
     assert extra == {"note": "8x1x1"}
-    for got, want, s in zip(jax.tree.leaves(restored), jax.tree.leaves(expected),
-                            jax.tree.leaves(shardings)):
+    for got, want, s in zip(
+        jax.tree.leaves(restored), jax.tree.leaves(expected), jax.tree.leaves(shardings)
+    ):
         assert got.sharding == s
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_keep_last_and_best(tmp_path):
-    cfg = checkpoint.CheckpointConfig(str(tmp_path), save_every=1, keep_last=2,
-                                      best_metric="loss", best_mode="min", async_save=False)
+    cfg = checkpoint.CheckpointConfig(
+        str(tmp_path),
+        save_every=1,
+        keep_last=2,
+        best_metric="loss",
+        best_mode="min",
+        async_save=False,
+    )
     state = {"w": jnp.zeros((2,))}
     with checkpoint.Checkpointer(cfg) as ckpt:
         for step, loss in zip(range(1, 7), [5.0, 1.0, 4.0, 3.0, 6.0, 7.0]):
@@ -151,8 +177,9 @@ def test_keep_last_and_best(tmp_path):
         ckpt.wait()
         assert ckpt.all_steps() == [2, 5, 6]
         assert ckpt.best_step() == 2
-    cfg_max = checkpoint.CheckpointConfig(str(tmp_path / "max"), save_every=1, keep_last=1,
-                                          best_metric="bleu", best_mode="max")
+    cfg_max = checkpoint.CheckpointConfig(
+        str(tmp_path / "max"), save_every=1, keep_last=1, best_metric="bleu", best_mode="max"
+    )
     with checkpoint.Checkpointer(cfg_max) as ckpt:
         for step, bleu in zip(range(1, 5), [10.0, 30.0, 20.0, 15.0]):
             ckpt.save(step, state, metrics={"bleu": bleu})
@@ -167,14 +194,20 @@ def test_average_last_n_equals_numpy_mean(tmp_path):
     state, shardings, _ = setup(mesh)
     rng = np.random.default_rng(0)
     saved = []
-    with checkpoint.Checkpointer(checkpoint.CheckpointConfig(str(tmp_path), save_every=1,
-                                                             keep_last=5)) as ckpt:
+    with checkpoint.Checkpointer(
+        checkpoint.CheckpointConfig(str(tmp_path), save_every=1, keep_last=5)
+    ) as ckpt:
         for step in range(1, 5):
-            params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
-                                  state.params)
+            params = jax.tree.map(
+                lambda x: rng.normal(size=x.shape).astype(np.float32), state.params
+            )
             saved.append(params)
-            ckpt.save(step, state.replace(step=jnp.asarray(step), params=sharding.place_tree(
-                params, shardings.params)))
+            ckpt.save(
+                step,
+                state.replace(
+                    step=jnp.asarray(step), params=sharding.place_tree(params, shardings.params)
+                ),
+            )
     target = sharding.abstract_with_shardings(state, shardings)
     averaged = checkpoint.average_checkpoints(str(tmp_path), 3, target)
     expected = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *saved[-3:])

@@ -21,8 +21,9 @@ def test_every_numeric_field_has_a_range():
 def _bad_values(name):
     """Values just outside the range of ``name`` (and the non-finite ones)."""
     allowed = RANGES[name]
-    integer = isinstance(numeric_fields(ExperimentConfig())[name], int) and \
-        not name.endswith("grad_clip_norm")
+    integer = isinstance(numeric_fields(ExperimentConfig())[name], int) and not name.endswith(
+        "grad_clip_norm"
+    )
     out = []
     if allowed.low is not None:
         out.append(allowed.low if allowed.low_open else allowed.low - (1 if integer else 1e-3))
@@ -53,9 +54,18 @@ def test_values_in_range_pass():
     for name in ("configs/tiny.py", "configs/multi30k_full.py", "configs/iwslt14_de_en.py"):
         configlib.load_config_file(name).check()
     # the edges of the ranges are valid
-    config = configlib.override(configlib.load_config_file(CONFIG), [
-        "distill.alpha=0", "distill.alpha=1", "train.steps=1", "data.train_examples=0",
-        "train.grad_clip_norm=None", "mesh.data=-1", "train.label_smoothing=0"])
+    config = configlib.override(
+        configlib.load_config_file(CONFIG),
+        [
+            "distill.alpha=0",
+            "distill.alpha=1",
+            "train.steps=1",
+            "data.train_examples=0",
+            "train.grad_clip_norm=None",
+            "mesh.data=-1",
+            "train.label_smoothing=0",
+        ],
+    )
     config.check()
 
 
@@ -75,12 +85,21 @@ CLI_CASES = [
 ]
 
 
-@pytest.mark.parametrize("command,assignment,message", CLI_CASES,
-                         ids=[c[1] for c in CLI_CASES])
+@pytest.mark.parametrize("command,assignment,message", CLI_CASES, ids=[c[1] for c in CLI_CASES])
 def test_command_line_refuses_before_any_work(tmp_path, capsys, command, assignment, message):
     workdir = tmp_path / "work"
-    status = cli.main([command, "--config", CONFIG, "--workdir", str(workdir),
-                       "--set", assignment, "--no-progress"])
+    status = cli.main(
+        [
+            command,
+            "--config",
+            CONFIG,
+            "--workdir",
+            str(workdir),
+            "--set",
+            assignment,
+            "--no-progress",
+        ]
+    )
     assert status == 2
     err = capsys.readouterr().err
     assert message in err, err

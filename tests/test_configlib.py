@@ -1,7 +1,6 @@
 """Config files and command-line overrides."""
 
 import dataclasses
-from typing import Optional
 
 import pytest
 
@@ -13,7 +12,7 @@ from distill_jax.errors import UserError
 class Inner:
     steps: int = 10  # number of steps
     rate: float = 0.5  # a rate in [0, 1]
-    name: Optional[str] = None  # optional name
+    name: str | None = None  # optional name
     shape: tuple[int, ...] = (1, 2)  # a shape
 
     def __post_init__(self):
@@ -28,19 +27,24 @@ class Outer:
 
 
 def test_overrides_parse_by_annotation():
-    cfg = configlib.override(Outer(), ["inner.steps=7", "inner.rate=0.25", "flag=true",
-                                       "inner.name=abc", "inner.shape=(4,1,2)"])
+    cfg = configlib.override(
+        Outer(),
+        ["inner.steps=7", "inner.rate=0.25", "flag=true", "inner.name=abc", "inner.shape=(4,1,2)"],
+    )
     assert cfg == Outer(Inner(7, 0.25, "abc", (4, 1, 2)), True)
     assert configlib.override(cfg, ["inner.name=none"]).inner.name is None
 
 
-@pytest.mark.parametrize("assignment,message", [
-    ("inner.stpes=3", "Inner has no field 'stpes'"),
-    ("inner.steps=three", "override inner.steps=three: invalid literal"),
-    ("inner.rate=2", "rate must be in \\[0, 1\\], got 2.0"),
-    ("flag=maybe", "expected a boolean"),
-    ("flag", "not of the form"),
-])
+@pytest.mark.parametrize(
+    "assignment,message",
+    [
+        ("inner.stpes=3", "Inner has no field 'stpes'"),
+        ("inner.steps=three", "override inner.steps=three: invalid literal"),
+        ("inner.rate=2", "rate must be in \\[0, 1\\], got 2.0"),
+        ("flag=maybe", "expected a boolean"),
+        ("flag", "not of the form"),
+    ],
+)
 def test_bad_overrides_name_the_field(assignment, message):
     with pytest.raises(UserError, match=message):
         configlib.override(Outer(), [assignment])
@@ -48,16 +52,19 @@ def test_bad_overrides_name_the_field(assignment, message):
 
 def test_config_file_round_trip_and_diff(tmp_path):
     path = tmp_path / "exp.py"
-    path.write_text("import dataclasses\n"
-                    "@dataclasses.dataclass(frozen=True)\n"
-                    "class Inner:\n    steps: int = 10\n"
-                    "@dataclasses.dataclass(frozen=True)\n"
-                    "class Outer:\n    inner: Inner = Inner()\n"
-                    "def get_config():\n    return Outer()\n")
+    path.write_text(
+        "import dataclasses\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class Inner:\n    steps: int = 10\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class Outer:\n    inner: Inner = Inner()\n"
+        "def get_config():\n    return Outer()\n"
+    )
     cfg = configlib.load_config_file(str(path))
     runner.check_or_save_config(cfg, tmp_path / "c.json", what="test")
     changed = configlib.override(cfg, ["inner.steps=11"])
     import json
+
     saved = json.loads((tmp_path / "c.json").read_text())
     assert configlib.diff(saved, configlib.to_dict(changed)) == ["inner.steps: 10 -> 11"]
     with pytest.raises(UserError, match="does not exist"):
@@ -70,20 +77,27 @@ def test_fields_added_after_a_run_was_saved_keep_it_resumable():
     saved = configlib.to_dict(Outer())
     del saved["flag"], saved["inner"]["name"]
     defaults = configlib.declared_defaults(Outer())
-    assert defaults == {"inner": {"steps": 10, "rate": 0.5, "name": None, "shape": [1, 2]},
-                        "flag": False}
+    assert defaults == {
+        "inner": {"steps": 10, "rate": 0.5, "name": None, "shape": [1, 2]},
+        "flag": False,
+    }
     assert configlib.diff(saved, configlib.to_dict(Outer()), defaults=defaults) == []
     # without the defaults an added field with a non-None value reads as a change
     assert configlib.diff(saved, configlib.to_dict(Outer())) == ["flag: None -> False"]
     changed = configlib.override(Outer(), ["flag=true", "inner.name=x"])
     assert configlib.diff(saved, configlib.to_dict(changed), defaults=defaults) == [
-        "flag: None -> True", "inner.name: None -> 'x'"]
+        "flag: None -> True",
+        "inner.name: None -> 'x'",
+    ]
 
 
-@pytest.mark.parametrize("assignment,message", [
-    ("teacher.inference_attention=flash", "teacher.inference_attention must be one of"),
-    ("student.attention_impl=cudnn", "forward-only"),
-])
+@pytest.mark.parametrize(
+    "assignment,message",
+    [
+        ("teacher.inference_attention=flash", "teacher.inference_attention must be one of"),
+        ("student.attention_impl=cudnn", "forward-only"),
+    ],
+)
 def test_attention_kernel_settings_are_checked(assignment, message):
     """The experiment config names the attention kernels a user may pick, and refuses
     the fused cudnn kernel for the (trained) student."""

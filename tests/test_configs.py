@@ -10,8 +10,13 @@ CONFIGS = sorted((pathlib.Path(__file__).resolve().parent.parent / "configs").gl
 
 
 def test_there_are_configs():
-    assert {"demo_multi30k.py", "multi30k_de_en.py", "multi30k_cpu.py", "gigaword_cpu.py",
-            "tiny.py"} <= {p.name for p in CONFIGS}
+    assert {
+        "demo_multi30k.py",
+        "multi30k_de_en.py",
+        "multi30k_cpu.py",
+        "gigaword_cpu.py",
+        "tiny.py",
+    } <= {p.name for p in CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -36,13 +41,16 @@ def test_training_lengths_must_fit_the_student(tmp_path):
     from distill_jax.errors import UserError
 
     def load(*overrides):
-        return common.load_experiment(argparse.Namespace(config="configs/tiny.py",
-                                                         overrides=list(overrides)))
+        return common.load_experiment(
+            argparse.Namespace(config="configs/tiny.py", overrides=list(overrides))
+        )
 
     with pytest.raises(UserError, match="data.max_tgt_len 65 is longer than student.max_len 64"):
         load("data.max_tgt_len=65")
-    for order in (("data.max_src_len=100", "student.max_len=128"),
-                  ("student.max_len=128", "data.max_src_len=100")):
+    for order in (
+        ("data.max_src_len=100", "student.max_len=128"),
+        ("student.max_len=128", "data.max_src_len=100"),
+    ):
         config = load(*order)
         assert (config.data.max_src_len, config.student.max_len) == (100, 128)
 
@@ -53,9 +61,11 @@ def test_decoding_phases_must_be_positive():
     from distill_jax.commands import common
     from distill_jax.errors import UserError
 
-    config = common.load_experiment(argparse.Namespace(
-        config="configs/tiny.py", overrides=["decode.cache_phases=1"]))
+    config = common.load_experiment(
+        argparse.Namespace(config="configs/tiny.py", overrides=["decode.cache_phases=1"])
+    )
     assert config.decode.cache_phases == 1
     with pytest.raises(UserError, match="decode.cache_phases must be >= 1, got 0"):
-        common.load_experiment(argparse.Namespace(
-            config="configs/tiny.py", overrides=["decode.cache_phases=0"]))
+        common.load_experiment(
+            argparse.Namespace(config="configs/tiny.py", overrides=["decode.cache_phases=0"])
+        )

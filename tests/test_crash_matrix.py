@@ -9,8 +9,9 @@ import crash_matrix
 pytestmark = pytest.mark.slow
 
 
-def test_kill_9_anywhere_then_rerun_ends_like_an_uninterrupted_run(tmp_path, minilm_dir,
-                                                                    shared_data):
+def test_kill_9_anywhere_then_rerun_ends_like_an_uninterrupted_run(
+    tmp_path, minilm_dir, shared_data
+):
     lines = []
     failures = crash_matrix.run_matrix(tmp_path, minilm_dir, shared_data, log=lines.append)
     assert not failures, "\n".join(lines + failures)

@@ -5,8 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax.data.cmlm import (build_cmlm_inputs, masked_capacity, masked_positions,
-                                   random_target_mask, stride_masks)
+from distill_jax.data.cmlm import (
+    build_cmlm_inputs,
+    masked_capacity,
+    masked_positions,
+    random_target_mask,
+    stride_masks,
+)
 
 CLS, MASK = 101, 103
 
@@ -32,9 +37,9 @@ def _random_batch(rng, batch=5, src_len=9, tgt_len=7, vocab=40):
     tgt_out = np.zeros((batch, tgt_len), np.int32)
     for row in range(batch):
         n_src, n_tgt = rng.integers(1, src_len + 1), rng.integers(1, tgt_len + 1)
-        src[row, :n_src - 1] = rng.integers(4, vocab, n_src - 1)
+        src[row, : n_src - 1] = rng.integers(4, vocab, n_src - 1)
         src[row, n_src - 1] = 2
-        tgt_out[row, :n_tgt - 1] = rng.integers(4, vocab, n_tgt - 1)
+        tgt_out[row, : n_tgt - 1] = rng.integers(4, vocab, n_tgt - 1)
         tgt_out[row, n_tgt - 1] = 2
     mask = rng.random((batch, tgt_len)) < 0.4
     teacher_ids = rng.permutation(1000)[:vocab].astype(np.int32) + 1000
@@ -45,9 +50,15 @@ def _random_batch(rng, batch=5, src_len=9, tgt_len=7, vocab=40):
 def test_layout_matches_packed_reference(use_jit):
     rng = np.random.default_rng(0)
     src, tgt_out, teacher_ids, mask = _random_batch(rng)
-    fn = lambda *a: build_cmlm_inputs(*a, cls_id=CLS, mask_id=MASK)
-    out = jax.jit(fn)(*map(jnp.asarray, (src, tgt_out, teacher_ids, mask))) if use_jit \
+
+    def fn(*a):
+        return build_cmlm_inputs(*a, cls_id=CLS, mask_id=MASK)
+
+    out = (
+        jax.jit(fn)(*map(jnp.asarray, (src, tgt_out, teacher_ids, mask)))
+        if use_jit
         else fn(src, tgt_out, teacher_ids, mask)
+    )
     out = {k: np.asarray(v) for k, v in out.items()}
     b, s, t = src.shape[0], src.shape[1], tgt_out.shape[1]
     assert out["input_ids"].shape == (b, 1 + s + t)
@@ -75,8 +86,8 @@ def test_only_target_positions_are_masked():
     out = build_cmlm_inputs(src, tgt_out, teacher_ids, everything, cls_id=CLS, mask_id=MASK)
     is_mask = out["input_ids"] == MASK
     s = src.shape[1]
-    assert not is_mask[:, :1 + s].any()
-    np.testing.assert_array_equal(is_mask[:, 1 + s:], tgt_out != 0)
+    assert not is_mask[:, : 1 + s].any()
+    np.testing.assert_array_equal(is_mask[:, 1 + s :], tgt_out != 0)
     np.testing.assert_array_equal(out["label_weights"], (tgt_out != 0).astype(np.float32))
 
 
@@ -88,8 +99,9 @@ def test_random_mask_rate_and_determinism():
     assert abs(masks[:, -1].mean() - 0.15) < 0.03
     again = random_target_mask(tgt_len, seed=3, example_index=17)
     np.testing.assert_array_equal(again, masks[17])
-    assert not np.array_equal(random_target_mask(tgt_len, seed=4, example_index=17), again) \
-        or not np.array_equal(random_target_mask(tgt_len, seed=3, example_index=18), again)
+    assert not np.array_equal(
+        random_target_mask(tgt_len, seed=4, example_index=17), again
+    ) or not np.array_equal(random_target_mask(tgt_len, seed=3, example_index=18), again)
 
 
 def test_random_mask_resamples_empty_masks():
@@ -100,7 +112,7 @@ def test_random_mask_resamples_empty_masks():
     tgt_len, n = 3, 6000
     masks = np.stack([random_target_mask(tgt_len, 0, i) for i in range(n)])
     assert masks.any(axis=1).all()
-    expected = 0.15 / (1 - 0.85 ** tgt_len)
+    expected = 0.15 / (1 - 0.85**tgt_len)
     assert abs(masks.mean() - expected) < 0.015
 
 
@@ -140,8 +152,9 @@ def test_masked_positions_numpy_and_jax():
     mask = np.array([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], bool)
     expected = [[1, 3, 4, -1], [-1, -1, -1, -1], [0, -1, -1, -1]]
     np.testing.assert_array_equal(masked_positions(mask, 4), expected)
-    np.testing.assert_array_equal(np.asarray(jax.jit(
-        lambda m: masked_positions(m, 4))(jnp.asarray(mask))), expected)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(lambda m: masked_positions(m, 4))(jnp.asarray(mask))), expected
+    )
     np.testing.assert_array_equal(masked_positions(mask, 7)[:, 4:], -1)
     with pytest.raises(ValueError, match="capacity 2"):
         masked_positions(mask, 2)

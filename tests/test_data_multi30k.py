@@ -11,8 +11,14 @@ from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
 from distill_jax.data.prepared import open_prepared
 from distill_jax.data.vocab import BOS, EOS, UNK, TeacherTokenizer, detokenize
 
-SPLITS = {"train": 29000, "val": 1014, "test2016": 1000, "test2017": 1000,
-          "mscoco2017": 461, "test2018": 1071}
+SPLITS = {
+    "train": 29000,
+    "val": 1014,
+    "test2016": 1000,
+    "test2017": 1000,
+    "mscoco2017": 461,
+    "test2018": 1071,
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +40,28 @@ def _normalise(text: str) -> str:
 
 def test_all_splits_read_back_with_their_counts(prepared, shared_data):
     import tensorflow_datasets as tfds
+
     meta = json.loads((prepared.path / "dataset.json").read_text())
     assert {s: c["lines"] for s, c in meta["splits"].items()} == SPLITS
     for split, n in SPLITS.items():
-        source = tfds.data_source(meta["tfds_name"], data_dir=str(prepared.path / "tfds"),
-                                  split=split)
+        source = tfds.data_source(
+            meta["tfds_name"], data_dir=str(prepared.path / "tfds"), split=split
+        )
         assert len(source) == n == len(prepared.lengths(split))
     # Record i is line i, and its text is the file's line.
     source = prepared.source("val")
-    de, en = _lines(shared_data / "multi30k" / "val.de"), _lines(shared_data / "multi30k" / "val.en")
+    de, en = (
+        _lines(shared_data / "multi30k" / "val.de"),
+        _lines(shared_data / "multi30k" / "val.en"),
+    )
     for i in (0, 500, 1013):
         ex = source[i]
         assert ex["line"] == i
         assert ex["src_text"].decode() == de[i] and ex["tgt_text"].decode() == en[i]
         assert ex["src"][-1] == EOS and EOS not in ex["tgt"]
-        np.testing.assert_array_equal(prepared.lengths("val")[i], [len(ex["src"]), len(ex["tgt"]) + 1])
+        np.testing.assert_array_equal(
+            prepared.lengths("val")[i], [len(ex["src"]), len(ex["tgt"]) + 1]
+        )
 
 
 def test_vocabulary_ids(prepared, minilm_dir):
@@ -56,7 +69,9 @@ def test_vocabulary_ids(prepared, minilm_dir):
     assert vocab.pieces[:4] == ("<pad>", "<s>", "</s>", "<unk>")
     assert len(vocab) % 8 == 0
     tok = TeacherTokenizer.load(minilm_dir)
-    assert vocab.teacher_ids[:4].tolist() == [tok.special_ids[k] for k in ("pad", "cls", "sep", "unk")]
+    assert vocab.teacher_ids[:4].tolist() == [
+        tok.special_ids[k] for k in ("pad", "cls", "sep", "unk")
+    ]
     for i in (4, 100, 5000):
         assert vocab.teacher_ids[i] == tok.vocab[vocab.pieces[i]]
     # Frequency order: "." is among the most frequent pieces of the training split.
@@ -67,6 +82,7 @@ def test_test2016_round_trips(prepared, shared_data, minilm_dir):
     """decode(encode(line)) equals the line up to lowercasing, accents and whitespace,
     and equals the detokenized text of the teacher tokenizer's own pieces."""
     from transformers import AutoTokenizer
+
     hf = AutoTokenizer.from_pretrained(str(minilm_dir))
     vocab = prepared.vocab
     source = prepared.source("test2016")
@@ -75,7 +91,7 @@ def test_test2016_round_trips(prepared, shared_data, minilm_dir):
         lines = _lines(shared_data / "multi30k" / f"test_2016_flickr.{suffix}")
         for i, line in enumerate(lines):
             ids = source[i][side].tolist()
-            if UNK in ids:   # a character never seen in training
+            if UNK in ids:  # a character never seen in training
                 unk_lines += 1
                 continue
             text = vocab.decode(ids)
@@ -89,8 +105,13 @@ def test_test2016_round_trips(prepared, shared_data, minilm_dir):
 def _pipeline(prepared, **overrides):
     index, count = overrides.pop("process_index", 0), overrides.pop("process_count", 1)
     config = PipelineConfig(**{"seed": 3, "tokens_per_batch": 4096, **overrides})
-    return BatchPipeline(prepared.source("train"), prepared.lengths("train"), config,
-                         process_index=index, process_count=count)
+    return BatchPipeline(
+        prepared.source("train"),
+        prepared.lengths("train"),
+        config,
+        process_index=index,
+        process_count=count,
+    )
 
 
 def test_bucketing_padding_and_shapes(prepared):
@@ -98,10 +119,12 @@ def test_bucketing_padding_and_shapes(prepared):
     for step in (8, 4):
         stats = _pipeline(prepared, bucket_step=step).statistics()
         padded = -(-lengths // step) * step
-        floor = 1 - lengths.sum() / padded.sum()   # padding from rounding lengths alone
-        print(f"bucket_step {step}: padding {stats['padding_fraction']:.4f} "
-              f"(rounding alone {floor:.4f}), {len(stats['shapes'])} shapes, "
-              f"{stats['batches']} batches")
+        floor = 1 - lengths.sum() / padded.sum()  # padding from rounding lengths alone
+        print(
+            f"bucket_step {step}: padding {stats['padding_fraction']:.4f} "
+            f"(rounding alone {floor:.4f}), {len(stats['shapes'])} shapes, "
+            f"{stats['batches']} batches"
+        )
         assert all(s % step == 0 and t % step == 0 and r % 8 == 0 for r, s, t in stats["shapes"])
         assert stats["padding_fraction"] < floor + 0.025  # batching adds little
         assert len(stats["shapes"]) <= 40
@@ -158,19 +181,21 @@ def test_batches_hold_every_record_once_and_are_well_formed(prepared):
             ex = source[int(rows[row])]
             n, m = len(ex["src"]), len(ex["tgt"])
             assert batch["src"][row, :n].tolist() == ex["src"].tolist()
-            assert batch["tgt_in"][row, :m + 1].tolist() == [BOS] + ex["tgt"].tolist()
-            assert batch["tgt_out"][row, :m + 1].tolist() == ex["tgt"].tolist() + [EOS]
-            assert not batch["src"][row, n:].any() and not batch["tgt_out"][row, m + 1:].any()
+            assert batch["tgt_in"][row, : m + 1].tolist() == [BOS] + ex["tgt"].tolist()
+            assert batch["tgt_out"][row, : m + 1].tolist() == ex["tgt"].tolist() + [EOS]
+            assert not batch["src"][row, n:].any() and not batch["tgt_out"][row, m + 1 :].any()
         # C-MLM masks: only real target positions, at least one per real row.
         mask = batch["mlm_mask"]
         assert not (mask & (batch["tgt_out"] == 0)).any()
         assert mask[rows >= 0].any(axis=1).all()
         # ... and their positions, the width the teacher's output layer runs on.
         assert batch["mlm_positions"].shape == (
-            len(rows), masked_capacity(batch["tgt_out"].shape[1], 0.15))
+            len(rows),
+            masked_capacity(batch["tgt_out"].shape[1], 0.15),
+        )
         np.testing.assert_array_equal(
-            batch["mlm_positions"],
-            masked_positions(mask, batch["mlm_positions"].shape[1]))
+            batch["mlm_positions"], masked_positions(mask, batch["mlm_positions"].shape[1])
+        )
     assert sorted(seen) == list(range(29000))
 
 
@@ -180,8 +205,9 @@ def test_hosts_split_disjoint_and_complete(prepared):
         p = _pipeline(prepared, num_epochs=1, process_index=host, process_count=4)
         it = iter(p)
         first = next(it)
-        per_host.append([i for i in first["index"].tolist()] +
-                        [i for b in it for i in b["index"].tolist()])
+        per_host.append(
+            [i for i in first["index"].tolist()] + [i for b in it for i in b["index"].tolist()]
+        )
     real = [set(i for i in h if i >= 0) for h in per_host]
     for a in range(4):
         for b in range(a + 1, 4):
@@ -196,7 +222,7 @@ def test_resume_gives_the_same_batches(prepared):
     assert 0 < pipeline.counts["kept"] < 29000 and pipeline.counts["dropped_too_long"] > 0
     n = pipeline.batches_per_epoch
     reference = iter(pipeline)
-    expected = [next(reference) for _ in range(n + 3)]   # into the second epoch
+    expected = [next(reference) for _ in range(n + 3)]  # into the second epoch
     it = iter(pipeline)
     for _ in range(n - 2):
         next(it)
@@ -204,7 +230,7 @@ def test_resume_gives_the_same_batches(prepared):
     assert state["epoch"] == 0 and state["position"] == n - 2
     resumed = iter(_pipeline(prepared, num_threads=1, max_src_len=16, mlm_mask_rate=0.15))
     resumed.set_state(state)
-    for want in expected[n - 2:]:
+    for want in expected[n - 2 :]:
         got = next(resumed)
         assert got.keys() == want.keys()
         for key in want:
@@ -218,9 +244,11 @@ def test_resume_gives_the_same_batches(prepared):
 def test_global_arrays_on_the_mesh(prepared):
     import jax
     from jax.sharding import Mesh
+
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2, 1), ("data", "fsdp", "tensor"))
     batch = next(iter(_pipeline(prepared)))
     from distill_jax import sharding
+
     arrays = sharding.shard_batch(batch, mesh)
     assert arrays["src"].shape == batch["src"].shape
     assert arrays["src"].sharding.spec[0] == ("data", "fsdp")
@@ -229,11 +257,18 @@ def test_global_arrays_on_the_mesh(prepared):
 
 def test_other_vocabulary_is_refused(prepared, tmp_path):
     from distill_jax.cli import UserError
+
     other = prepared.vocab
     other_pieces = other.pieces[:-1] + ("<fill_x>",)
     from distill_jax.data.vocab import Vocabulary
-    changed = Vocabulary(other_pieces, other.teacher_ids, other.teacher,
-                         other.teacher_vocab_sha256, other.teacher_special_ids)
+
+    changed = Vocabulary(
+        other_pieces,
+        other.teacher_ids,
+        other.teacher,
+        other.teacher_vocab_sha256,
+        other.teacher_special_ids,
+    )
     changed.save(tmp_path / "v.json")
     with pytest.raises(UserError, match=f"{other.name}.*{changed.name}"):
         open_prepared(prepared.path, tmp_path / "v.json")

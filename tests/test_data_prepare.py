@@ -25,8 +25,17 @@ def _write(folder, name, lines=None, raw: bytes | None = None):
 
 
 def _local_args(data, minilm_dir, *extra):
-    return ["--dataset", "local", "--data-dir", str(data), "--teacher", str(minilm_dir),
-            "--split", "train=train.src,train.tgt", *extra]
+    return [
+        "--dataset",
+        "local",
+        "--data-dir",
+        str(data),
+        "--teacher",
+        str(minilm_dir),
+        "--split",
+        "train=train.src,train.tgt",
+        *extra,
+    ]
 
 
 def _fails(args, out, capsys, pattern):
@@ -42,18 +51,34 @@ def test_local_corpus_counts_and_vocabulary(tmp_path, minilm_dir, tokenizer, cap
     _write(data, "train.src", TRAIN_SRC)
     _write(data, "train.tgt", TRAIN_TGT)
     out = tmp_path / "out"
-    assert main(["prepare", *_local_args(data, minilm_dir, "--max-src-len", "20",
-                                         "--size-multiple", "16"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                *_local_args(data, minilm_dir, "--max-src-len", "20", "--size-multiple", "16"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert re.search(r"train\s+6\s+2\s+3\s+1", printed), printed
     ds = open_prepared(out)
-    assert ds.meta["splits"]["train"] == {"lines": 6, "kept": 2, "dropped_empty": 3,
-                                          "dropped_too_long": 1}
+    assert ds.meta["splits"]["train"] == {
+        "lines": 6,
+        "kept": 2,
+        "dropped_empty": 3,
+        "dropped_too_long": 1,
+    }
     source = ds.source("train")
     assert [int(source[i]["line"]) for i in range(len(source))] == [0, 2]
     # The vocabulary comes from every training line, dropped ones included.
-    expected = Vocabulary.build(tokenizer.tokenize_batch(TRAIN_SRC) +
-                                tokenizer.tokenize_batch(TRAIN_TGT), tokenizer, size_multiple=16)
+    expected = Vocabulary.build(
+        tokenizer.tokenize_batch(TRAIN_SRC) + tokenizer.tokenize_batch(TRAIN_TGT),
+        tokenizer,
+        size_multiple=16,
+    )
     assert ds.vocab.pieces == expected.pieces and len(ds.vocab) % 16 == 0
     assert ds.vocab.decode(source[0]["src"]) == "ein hund lauft."
 
@@ -70,8 +95,8 @@ def test_training_text_encodes_to_its_teacher_pieces(shared_data, tokenizer):
     val_ids, val_pieces = vocab.encode_batch(val), tokenizer.tokenize_batch(val)
     unseen = [i for i, line in enumerate(val_pieces) if any(p not in vocab.ids for p in line)]
     spelled = [i for i in unseen if UNK not in val_ids[i]]
-    assert len(spelled) > 20                        # 500 pairs do not cover val's pieces
-    for i in spelled:                               # other pieces, the same text
+    assert len(spelled) > 20  # 500 pairs do not cover val's pieces
+    for i in spelled:  # other pieces, the same text
         assert [vocab.pieces[j] for j in val_ids[i]] != val_pieces[i]
         assert vocab.decode(val_ids[i]) == detokenize(val_pieces[i])
 
@@ -103,16 +128,24 @@ def test_line_count_mismatch(tmp_path, minilm_dir, capsys):
     data = tmp_path / "data"
     _write(data, "train.src", ["a", "b", "c"])
     _write(data, "train.tgt", ["a", "b"])
-    _fails(_local_args(data, minilm_dir), tmp_path / "out", capsys,
-           r"train\.src has 3 lines but .*train\.tgt has 2")
+    _fails(
+        _local_args(data, minilm_dir),
+        tmp_path / "out",
+        capsys,
+        r"train\.src has 3 lines but .*train\.tgt has 2",
+    )
 
 
 def test_invalid_utf8(tmp_path, minilm_dir, capsys):
     data = tmp_path / "data"
     _write(data, "train.src", raw=b"good\nfine\nbad \xff byte\n")
     _write(data, "train.tgt", ["a", "b", "c"])
-    _fails(_local_args(data, minilm_dir), tmp_path / "out", capsys,
-           r"train\.src, line 3: invalid UTF-8")
+    _fails(
+        _local_args(data, minilm_dir),
+        tmp_path / "out",
+        capsys,
+        r"train\.src, line 3: invalid UTF-8",
+    )
 
 
 def test_checksum_mismatch(tmp_path, shared_data, minilm_dir, capsys):
@@ -121,19 +154,28 @@ def test_checksum_mismatch(tmp_path, shared_data, minilm_dir, capsys):
     with open(data / "val.en", "a", encoding="utf-8") as f:
         f.write("one more line\n")
     args = ["--dataset", "multi30k", "--data-dir", str(data), "--teacher", str(minilm_dir)]
-    _fails(args, tmp_path / "out", capsys,
-           r"val\.en: SHA-256 [0-9a-f]{64} differs from "
-           r"1f2a23d992769b5b3d209b0a10dd0b77c08cceb1f20dfb97ed0aafa49d107227")
+    _fails(
+        args,
+        tmp_path / "out",
+        capsys,
+        r"val\.en: SHA-256 [0-9a-f]{64} differs from "
+        r"1f2a23d992769b5b3d209b0a10dd0b77c08cceb1f20dfb97ed0aafa49d107227",
+    )
 
 
 def test_upstream_dataset_without_tensorflow(tmp_path, minilm_dir, capsys):
     try:
         import tensorflow  # noqa: F401
+
         pytest.skip("TensorFlow is installed")
     except ImportError:
         pass
-    _fails(["--dataset", "wmt14_translate/de-en", "--teacher", str(minilm_dir)],
-           tmp_path / "out", capsys, r"needs TensorFlow.*distill-jax\[tf\]")
+    _fails(
+        ["--dataset", "wmt14_translate/de-en", "--teacher", str(minilm_dir)],
+        tmp_path / "out",
+        capsys,
+        r"needs TensorFlow.*distill-jax\[tf\]",
+    )
 
 
 def test_existing_output_is_not_overwritten(tmp_path, minilm_dir, capsys):

@@ -15,8 +15,14 @@ def _plan(*args, workdir=None):
     env = {k: v for k, v in os.environ.items() if k != "WORKDIR"}
     if workdir:
         env["WORKDIR"] = workdir
-    return subprocess.run(["bash", "scripts/demo.sh", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", "scripts/demo.sh", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_demo_arguments_full_and_quick_paths():
@@ -45,7 +51,10 @@ def test_quick_demo_runs_end_to_end(quick_demo):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout  # results (report.py's table)
     said = result.stdout + result.stderr  # status lines: printed or logged (stderr)
-    assert "| baseline | none |" in out and "| distilled | offline, K 8, α 0.5, pretrained teacher |" in out
+    assert (
+        "| baseline | none |" in out
+        and "| distilled | offline, K 8, α 0.5, pretrained teacher |" in out
+    )
     assert "val BLEU" in out and "test2016 BLEU" in out
     assert "teacher quality at step 4 on validation: stride top-1" in said  # soft-targets
     assert "teacher at step 4: masked accuracy" in out and "val stride top-1" in out
@@ -59,8 +68,14 @@ def test_quick_demo_runs_end_to_end(quick_demo):
 
     # Rerunning the same command redoes nothing: every stage finds its work done.
     mtime = (work / "students" / "baseline" / "results.json").stat().st_mtime_ns
-    again = subprocess.run(["bash", "scripts/demo.sh", "--quick"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=900)
+    again = subprocess.run(
+        ["bash", "scripts/demo.sh", "--quick"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"already prepared: {work / 'data'}" in again.stdout
     again_said = again.stdout + again.stderr

@@ -11,7 +11,7 @@ from distill_jax import metrics
 
 
 def _ngrams(tokens, n):
-    return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return collections.Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def _reference_bleu(hyps, refs):
@@ -62,8 +62,9 @@ def test_mismatched_lengths_raise():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "distill_jax.cli", "evaluate", *args],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "distill_jax.cli", "evaluate", *args], capture_output=True, text=True
+    )
 
 
 def test_cli_reports_line_count_mismatch(tmp_path):
@@ -85,7 +86,8 @@ def test_cli_reports_invalid_utf8_with_line(tmp_path):
 def test_cli_prints_scores(tmp_path):
     (tmp_path / "hyp.txt").write_text("the cat sat on the mat\n")
     (tmp_path / "ref.txt").write_text("the cat sat on the mat\n")
-    result = _cli("--hyp", str(tmp_path / "hyp.txt"), "--ref", str(tmp_path / "ref.txt"),
-                  "--metric", "all")
+    result = _cli(
+        "--hyp", str(tmp_path / "hyp.txt"), "--ref", str(tmp_path / "ref.txt"), "--metric", "all"
+    )
     assert result.returncode == 0, result.stderr
     assert "BLEU = 100.00" in result.stdout and "ROUGE-L = 100.00" in result.stdout

@@ -20,8 +20,7 @@ import gcs_emulator
 
 CONFIG = "configs/tiny.py"
 CHUNK_ROWS = "256"  # several cache chunks for the tiny train split (~3,600 rows)
-STUDENT = ["--set", "train.steps=6", "--set", "train.save_every=2", "--set",
-           "train.eval_every=100"]
+STUDENT = ["--set", "train.steps=6", "--set", "train.save_every=2", "--set", "train.eval_every=100"]
 
 
 def _env(emulator_env: dict, **extra) -> dict:
@@ -32,8 +31,18 @@ def _env(emulator_env: dict, **extra) -> dict:
 
 
 def _run(command, workdir, *extra, env, teacher=None, data=None, check=True):
-    args = [sys.executable, "-m", "distill_jax.cli", command, "--config", CONFIG,
-            "--workdir", str(workdir), "--no-progress", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "distill_jax.cli",
+        command,
+        "--config",
+        CONFIG,
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+        *extra,
+    ]
     if teacher is not None:
         args += ["--set", f"teacher.checkpoint={teacher}", "--set", "teacher.steps=2"]
     if data is not None:
@@ -49,6 +58,7 @@ def _run(command, workdir, *extra, env, teacher=None, data=None, check=True):
 
 def _objects_under(gcs, prefix: str) -> list[str]:
     from distill_jax import storage
+
     return storage.list_files(gcs.gs(prefix)) if storage.path(gcs.gs(prefix)).exists() else []
 
 
@@ -73,12 +83,24 @@ def test_missing_bucket_is_refused_by_name(gcs):
 def test_missing_credentials_are_refused_by_name(tmp_path):
     """No emulator and no credentials anywhere (the GCE metadata lookup is pointed at a
     closed loopback port): the command says so instead of retrying."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
-                        "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GOOGLE_APPLICATION_CREDENTIALS")}
-    env.update(CLOUDSDK_CONFIG=str(tmp_path / "gcloud"), NO_GCE_CHECK="True",
-               GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9",
-               GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "STORAGE_EMULATOR_HOST",
+            "TENSORSTORE_GCS_HTTP_URL",
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+            "GOOGLE_APPLICATION_CREDENTIALS",
+        )
+    }
+    env.update(
+        CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+        NO_GCE_CHECK="True",
+        GCE_METADATA_HOST="127.0.0.1:9",
+        GCE_METADATA_IP="127.0.0.1:9",
+        GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+    )
     result = _run("train-teacher", "gs://some-bucket/run", env=env, check=False)
     assert result.returncode == 2
     assert "gs://some-bucket/run: no Google Cloud credentials found" in result.stderr
@@ -88,15 +110,31 @@ def test_prepare_and_prepared_data_on_gcs_are_refused_with_the_remedy(gcs, tmp_p
     env = _env(gcs.env)
     out = gcs.gs("prepared")
     result = subprocess.run(
-        [sys.executable, "-m", "distill_jax.cli", "prepare", "--dataset", "local",
-         "--teacher", "unused", "--out", out], capture_output=True, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "distill_jax.cli",
+            "prepare",
+            "--dataset",
+            "local",
+            "--teacher",
+            "unused",
+            "--out",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 2
     assert f"--out {out} is on Cloud Storage" in result.stderr
     assert "prepare it on every host's local disk" in result.stderr
     result = _run("train-teacher", gcs.gs("no-local-data"), env=env, check=False)
     assert result.returncode == 2
-    assert (f"the prepared dataset {gcs.gs('no-local-data', 'data')} is on Cloud Storage"
-            in result.stderr) and "data.prepared" in result.stderr
+    assert (
+        f"the prepared dataset {gcs.gs('no-local-data', 'data')} is on Cloud Storage"
+        in result.stderr
+    ) and "data.prepared" in result.stderr
     assert _objects_under(gcs, "prepared") == []
 
 
@@ -125,50 +163,122 @@ def _pipeline(workdir, teacher, data, env, *, kill: bool, corpus) -> dict:
     _run("train-teacher", workdir, **common)
     cache = storage.path(workdir) / "soft_targets" / "train"
     if kill:
-        args = [sys.executable, "-m", "distill_jax.cli", "soft-targets", "--config", CONFIG,
-                "--workdir", str(workdir), "--no-progress", "--chunk-rows", CHUNK_ROWS,
-                "--set", f"teacher.checkpoint={teacher}", "--set", "teacher.steps=2",
-                "--set", f"data.prepared={data}"]
-        process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        _wait_then_kill(process, lambda: bool(soft_target_cache._stored_chunks(cache, "logits")),
-                        "soft-targets")
+        args = [
+            sys.executable,
+            "-m",
+            "distill_jax.cli",
+            "soft-targets",
+            "--config",
+            CONFIG,
+            "--workdir",
+            str(workdir),
+            "--no-progress",
+            "--chunk-rows",
+            CHUNK_ROWS,
+            "--set",
+            f"teacher.checkpoint={teacher}",
+            "--set",
+            "teacher.steps=2",
+            "--set",
+            f"data.prepared={data}",
+        ]
+        process = subprocess.Popen(
+            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        _wait_then_kill(
+            process, lambda: bool(soft_target_cache._stored_chunks(cache, "logits")), "soft-targets"
+        )
         assert not soft_target_cache.is_finished(cache)  # a half-written cache is not done
         with pytest.raises(soft_target_cache.CacheError, match="not a finished"):
             soft_target_cache.open_cache(cache)
         refused = _run("train-student", workdir, "--name", "too-early", **common, check=False)
         assert refused.returncode == 2 and "not a finished soft-target cache" in refused.stderr
     _run("soft-targets", workdir, "--chunk-rows", CHUNK_ROWS, **common)
-    _run("train-student", workdir, "--name", "baseline", "--set", "distill.kd=none", *STUDENT,
-         **common)
+    _run(
+        "train-student",
+        workdir,
+        "--name",
+        "baseline",
+        "--set",
+        "distill.kd=none",
+        *STUDENT,
+        **common,
+    )
     if kill:
-        args = [sys.executable, "-m", "distill_jax.cli", "train-student", "--config", CONFIG,
-                "--workdir", str(workdir), "--no-progress", "--name", "distilled",
-                "--set", f"teacher.checkpoint={teacher}", "--set", "teacher.steps=2",
-                "--set", f"data.prepared={data}", *STUDENT]
-        process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+        args = [
+            sys.executable,
+            "-m",
+            "distill_jax.cli",
+            "train-student",
+            "--config",
+            CONFIG,
+            "--workdir",
+            str(workdir),
+            "--no-progress",
+            "--name",
+            "distilled",
+            "--set",
+            f"teacher.checkpoint={teacher}",
+            "--set",
+            "teacher.steps=2",
+            "--set",
+            f"data.prepared={data}",
+            *STUDENT,
+        ]
+        process = subprocess.Popen(
+            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         checkpoints = storage.path(workdir) / "students" / "distilled" / "checkpoints"
-        _wait_then_kill(process, lambda: "2/commit_success.txt" in storage.list_files(
-            checkpoints), "train-student")  # killed after its first complete checkpoint
+        _wait_then_kill(
+            process,
+            lambda: "2/commit_success.txt" in storage.list_files(checkpoints),
+            "train-student",
+        )  # killed after its first complete checkpoint
         assert not (checkpoints.parent / "results.json").exists()
     _run("train-student", workdir, "--name", "distilled", *STUDENT, **common)
     hyp = storage.path(workdir) / "test2016.gen.txt"
-    _run("generate", workdir, "--name", "distilled", "--input", str(corpus / "test2016.de"),
-         "--output", str(hyp), **common)
+    _run(
+        "generate",
+        workdir,
+        "--name",
+        "distilled",
+        "--input",
+        str(corpus / "test2016.de"),
+        "--output",
+        str(hyp),
+        **common,
+    )
     scored = subprocess.run(
-        [sys.executable, "-m", "distill_jax.cli", "evaluate", "--hyp", str(hyp), "--ref",
-         str(corpus / "test2016.en"), "--json"], capture_output=True, text=True, env=env,
-        check=True)
+        [
+            sys.executable,
+            "-m",
+            "distill_jax.cli",
+            "evaluate",
+            "--hyp",
+            str(hyp),
+            "--ref",
+            str(corpus / "test2016.en"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     students = storage.path(workdir) / "students"
-    return {"evaluate": json.loads(scored.stdout),
-            **{name: json.loads((students / name / "results.json").read_text())["splits"]
-               for name in ("baseline", "distilled")},
-            "cache": _cache_arrays(cache)}
+    return {
+        "evaluate": json.loads(scored.stdout),
+        **{
+            name: json.loads((students / name / "results.json").read_text())["splits"]
+            for name in ("baseline", "distilled")
+        },
+        "cache": _cache_arrays(cache),
+    }
 
 
 def _cache_arrays(path):
     from distill_jax.soft_target_cache import open_cache
+
     cache = open_cache(path)
     logits, indices = cache.read_async(range(len(cache))).result()
     return np.concatenate(logits), np.concatenate(indices)
@@ -193,12 +303,24 @@ def test_pipeline_on_gcs_killed_and_rerun_scores_like_local(experiment, gcs):
     assert remote == local  # every BLEU / ROUGE figure, to the digit
     assert local["distilled"]["test2016"]["bleu"] == remote["distilled"]["test2016"]["bleu"]
     # A gs:// cache made for other data (another teacher run) is refused, naming it.
-    refused = _run("train-student", gcs.gs("e2e", "work"), "--name", "foreign", "--set",
-                   f"teacher.checkpoint={teacher}", "--set", "teacher.steps=3",
-                   "--set", f"data.prepared={data}", env=env, check=False)
+    refused = _run(
+        "train-student",
+        gcs.gs("e2e", "work"),
+        "--name",
+        "foreign",
+        "--set",
+        f"teacher.checkpoint={teacher}",
+        "--set",
+        "teacher.steps=3",
+        "--set",
+        f"data.prepared={data}",
+        env=env,
+        check=False,
+    )
     assert refused.returncode == 2
-    assert f"{gcs.gs('e2e', 'work', 'soft_targets', 'train')} was made for teacher" \
-        in refused.stderr
+    assert (
+        f"{gcs.gs('e2e', 'work', 'soft_targets', 'train')} was made for teacher" in refused.stderr
+    )
 
 
 @pytest.mark.slow
@@ -212,21 +334,57 @@ def test_two_processes_write_one_cache_and_checkpoint_on_gcs(experiment, gcs):
     root, teacher, data, _ = experiment
     env = _env(gcs.env)
     workdir = gcs.gs("two", "work")
-    common = ["--set", f"teacher.checkpoint={teacher}", "--set", "teacher.steps=2",
-              "--set", f"data.prepared={data}", "--set", "mesh.data=2", "--set", "mesh.fsdp=2",
-              "--set", "mesh.tensor=2"]
+    common = [
+        "--set",
+        f"teacher.checkpoint={teacher}",
+        "--set",
+        "teacher.steps=2",
+        "--set",
+        f"data.prepared={data}",
+        "--set",
+        "mesh.data=2",
+        "--set",
+        "mesh.fsdp=2",
+        "--set",
+        "mesh.tensor=2",
+    ]
     _run("train-teacher", workdir, *common, env=env)
     command = [sys.executable, "-m", "distill_jax.cli"]
     flags = ["--config", CONFIG, "--workdir", workdir, "--no-progress", *common]
-    launch = [sys.executable, "-m", "distill_jax.launch", "--local-processes", "2",
-              "--devices-per-process", "4", "--"]
-    for sub, extra in (("soft-targets", ["--chunk-rows", CHUNK_ROWS]),
-                       ("train-student", ["--name", "two", "--set", "train.steps=2",
-                                          "--set", "train.save_every=2",
-                                          "--set", "train.eval_every=100"])):
-        two = subprocess.run(launch + command + [sub] + flags + extra, cwd=REPO,
-                             capture_output=True, text=True, timeout=900,
-                             env=clean_env(**gcs.env))
+    launch = [
+        sys.executable,
+        "-m",
+        "distill_jax.launch",
+        "--local-processes",
+        "2",
+        "--devices-per-process",
+        "4",
+        "--",
+    ]
+    for sub, extra in (
+        ("soft-targets", ["--chunk-rows", CHUNK_ROWS]),
+        (
+            "train-student",
+            [
+                "--name",
+                "two",
+                "--set",
+                "train.steps=2",
+                "--set",
+                "train.save_every=2",
+                "--set",
+                "train.eval_every=100",
+            ],
+        ),
+    ):
+        two = subprocess.run(
+            launch + command + [sub] + flags + extra,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=clean_env(**gcs.env),
+        )
         assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     cache = storage.path(workdir) / "soft_targets" / "train"
     layout = json.loads((cache / "layout.json").read_text())

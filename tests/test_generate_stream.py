@@ -19,7 +19,6 @@ import jax
 import numpy as np
 import pytest
 
-import tiny_experiment
 from distill_jax import translate
 from distill_jax.cli import main
 from distill_jax.data.vocab import EOS, TeacherTokenizer, Vocabulary
@@ -27,9 +26,18 @@ from distill_jax.experiment import DecodeConfig
 from distill_jax.models.transformer import Transformer, TransformerConfig
 from distill_jax.sharding import MeshConfig, make_mesh
 
+import tiny_experiment
+
 # Two widths (16 and 32 ids): few shapes to compile.
-DECODE = DecodeConfig(beam_size=3, length_penalty=0.6, max_len_a=1.0, max_len_b=4,
-                      tokens_per_batch=128, bucket_step=16, cache_phases=1)
+DECODE = DecodeConfig(
+    beam_size=3,
+    length_penalty=0.6,
+    max_len_a=1.0,
+    max_len_b=4,
+    tokens_per_batch=128,
+    bucket_step=16,
+    cache_phases=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +47,24 @@ def student(shared_data, minilm_dir):
     test_decode), the vocabulary of 200 Multi30k pairs and 19 val sentences of mixed
     length (repeats included)."""
     tokenizer = TeacherTokenizer.load(minilm_dir)
-    lines = {lang: (shared_data / "multi30k" / f"train.{lang}").read_text(
-        encoding="utf-8").splitlines()[:200] for lang in ("de", "en")}
+    lines = {
+        lang: (shared_data / "multi30k" / f"train.{lang}")
+        .read_text(encoding="utf-8")
+        .splitlines()[:200]
+        for lang in ("de", "en")
+    }
     vocab = Vocabulary.build(tokenizer.tokenize_batch(lines["de"] + lines["en"]), tokenizer)
-    model = Transformer(TransformerConfig(
-        vocab_size=len(vocab), d_model=32, num_heads=4, mlp_dim=64, num_encoder_layers=1,
-        num_decoder_layers=1, max_len=32))
+    model = Transformer(
+        TransformerConfig(
+            vocab_size=len(vocab),
+            d_model=32,
+            num_heads=4,
+            mlp_dim=64,
+            num_encoder_layers=1,
+            num_decoder_layers=1,
+            max_len=32,
+        )
+    )
     dummy = np.ones((1, 4), np.int32)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), dummy, dummy)["params"])
     table = params["shared_embedding"]["embedding"]  # [vocab, embed]
@@ -57,14 +77,20 @@ def student(shared_data, minilm_dir):
 
 def _stream(student, decode, **options):
     model, params, vocab, mesh, sentences = student
-    chunks = list(translate.translate_stream(model, params, vocab, iter(sentences), decode,
-                                             mesh, **options))
+    chunks = list(
+        translate.translate_stream(model, params, vocab, iter(sentences), decode, mesh, **options)
+    )
     return list(itertools.chain.from_iterable(chunks))
 
 
-@pytest.mark.parametrize("method,options", [
-    ("beam", {}), ("beam", {"nbest": 3}),
-    pytest.param("sample", {"top_p": 0.9, "seed": 5}, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("beam", {}),
+        ("beam", {"nbest": 3}),
+        pytest.param("sample", {"top_p": 0.9, "seed": 5}, marks=pytest.mark.slow),
+    ],
+)
 def test_stream_gives_the_batch_outputs(student, method, options):
     """Lines arriving one by one, decoded in micro-batches of their own shapes, give what
     one batch run over all of them gives (n-best lists and samples included)."""
@@ -83,12 +109,13 @@ def test_a_line_is_translated_before_the_input_ends(student):
     end = object()
     watchdog = threading.Timer(120, lines.put, (end,))  # never hang the test run
     watchdog.start()
-    outputs = translate.translate_stream(model, params, vocab, iter(lines.get, end), DECODE,
-                                         mesh, wait=0.05)
+    outputs = translate.translate_stream(
+        model, params, vocab, iter(lines.get, end), DECODE, mesh, wait=0.05
+    )
     expected = translate.translate_texts(model, params, vocab, sentences[:2], DECODE, mesh)
     try:
         lines.put(sentences[0])
-        assert next(outputs) == expected[:1]          # the input has not ended
+        assert next(outputs) == expected[:1]  # the input has not ended
         lines.put(sentences[1])
         assert next(outputs) == expected[1:]
         lines.put(end)
@@ -112,15 +139,20 @@ def test_nbest_lists(student):
     one = translate.translate_texts(model, params, vocab, sentences[:3], greedy, mesh, nbest=1)
     assert [len(h) for h in one] == [1, 1, 1]
     assert [h[0].text for h in one] == translate.translate_texts(
-        model, params, vocab, sentences[:3], greedy, mesh)
+        model, params, vocab, sentences[:3], greedy, mesh
+    )
 
 
 def test_options_outside_their_ranges_are_refused():
     beam, sample = DECODE, dataclasses.replace(DECODE, method="sample")
     for config, nbest, top_p, message in [
-            (beam, 4, 1.0, "larger than the beam"), (beam, 0, 1.0, "nbest must be >= 1"),
-            (sample, 2, 1.0, "needs beam search"), (sample, None, 0.0, r"top_p must be in \(0, 1\]"),
-            (sample, None, 1.5, "top_p must be in"), (beam, None, 0.5, "applies to sampling")]:
+        (beam, 4, 1.0, "larger than the beam"),
+        (beam, 0, 1.0, "nbest must be >= 1"),
+        (sample, 2, 1.0, "needs beam search"),
+        (sample, None, 0.0, r"top_p must be in \(0, 1\]"),
+        (sample, None, 1.5, "top_p must be in"),
+        (beam, None, 0.5, "applies to sampling"),
+    ]:
         with pytest.raises(ValueError, match=message):
             translate.check_options(config, nbest, top_p)
     translate.check_options(beam, 3, 1.0)
@@ -138,7 +170,7 @@ def test_decode_batches_keep_one_width_per_batch():
         for row, i in enumerate(index):
             if i >= 0:
                 assert src.shape == translate.batch_shape(len(sources[i]), config, 4, 28)
-                np.testing.assert_array_equal(src[row, :len(sources[i])], sources[i])
+                np.testing.assert_array_equal(src[row, : len(sources[i])], sources[i])
                 seen.append(int(i))
     assert sorted(seen) == list(range(100))
     assert translate.batch_shape(3, config, 4, 28) == (8, 8)
@@ -146,18 +178,35 @@ def test_decode_batches_keep_one_width_per_batch():
     assert translate.batch_shape(27, config, 4, 28) == (4, 28)
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--nbest", "3"], "--nbest 3 is larger than the beam (decode.beam_size 2)"),
-    (["--nbest", "0"], "--nbest must be >= 1"),
-    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-    (["--top-p", "1.01"], "--top-p must be in (0, 1]"),
-    (["--top-p", "0.9", "--nbest", "2"], "--nbest 2 needs beam search (--top-p samples"),
-    (["--stream-wait", "0"], "--stream-wait must be > 0")])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--nbest", "3"], "--nbest 3 is larger than the beam (decode.beam_size 2)"),
+        (["--nbest", "0"], "--nbest must be >= 1"),
+        (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+        (["--top-p", "1.01"], "--top-p must be in (0, 1]"),
+        (["--top-p", "0.9", "--nbest", "2"], "--nbest 2 needs beam search (--top-p samples"),
+        (["--stream-wait", "0"], "--stream-wait must be > 0"),
+    ],
+)
 def test_generate_refuses_bad_options(tmp_path, capsys, flags, message):
     """Exit status 2 and a message naming the flag, before any student is loaded."""
     workdir = tmp_path / "work"
-    assert main(["generate", "--config", "configs/tiny.py", "--workdir", str(workdir),
-                 "--output", str(tmp_path / "out.txt"), *flags]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                "configs/tiny.py",
+                "--workdir",
+                str(workdir),
+                "--output",
+                str(tmp_path / "out.txt"),
+                *flags,
+            ]
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out.txt").exists() and not workdir.exists()
 
@@ -165,12 +214,30 @@ def test_generate_refuses_bad_options(tmp_path, capsys, flags, message):
 # ----------------------------------------------------------------------------- end to end
 
 
-TRAIN = ["--set", "distill.kd=none", "--set", "train.steps=150", "--set",
-         "train.learning_rate=5e-3", "--set", "train.warmup_steps=20", "--set",
-         "train.eval_every=100000", "--set", "train.save_every=150", "--set",
-         "train.label_smoothing=0.0", "--set", "student.dropout_rate=0.0", "--set",
-         "decode.cache_phases=1", "--set", "decode.bucket_step=16", "--set",
-         "decode.beam_size=3"]
+TRAIN = [
+    "--set",
+    "distill.kd=none",
+    "--set",
+    "train.steps=150",
+    "--set",
+    "train.learning_rate=5e-3",
+    "--set",
+    "train.warmup_steps=20",
+    "--set",
+    "train.eval_every=100000",
+    "--set",
+    "train.save_every=150",
+    "--set",
+    "train.label_smoothing=0.0",
+    "--set",
+    "student.dropout_rate=0.0",
+    "--set",
+    "decode.cache_phases=1",
+    "--set",
+    "decode.bucket_step=16",
+    "--set",
+    "decode.beam_size=3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -180,17 +247,44 @@ def trained(tmp_path_factory, minilm_dir, shared_data):
     root = tmp_path_factory.mktemp("generate")
     teacher = tiny_experiment.save_tiny_teacher(root / "teacher", minilm_dir)
     specs = tiny_experiment.write_corpus(
-        shared_data, root / "corpus",
-        sizes=(("train", "train", 64), ("val", "val", 16), ("test2016", "test_2016_flickr", 16)))
+        shared_data,
+        root / "corpus",
+        sizes=(("train", "train", 64), ("val", "val", 16), ("test2016", "test_2016_flickr", 16)),
+    )
     workdir = root / "work"
     tiny_experiment.prepare(teacher, root / "corpus", specs, workdir / "data")
-    common = ["--config", "configs/tiny.py", "--workdir", str(workdir), "--set",
-              f"teacher.checkpoint={teacher}", "--no-progress", *TRAIN]
-    subprocess.run([sys.executable, "-m", "distill_jax.cli", "train-student", "--name", "b",
-                    *common], check=True, capture_output=True, text=True, timeout=900)
+    common = [
+        "--config",
+        "configs/tiny.py",
+        "--workdir",
+        str(workdir),
+        "--set",
+        f"teacher.checkpoint={teacher}",
+        "--no-progress",
+        *TRAIN,
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "distill_jax.cli", "train-student", "--name", "b", *common],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     sentences = (root / "corpus" / "val.de").read_text(encoding="utf-8").splitlines()
-    return ([sys.executable, "-m", "distill_jax.cli", "generate", "--name", "b",
-             "--checkpoint", "latest", *common], sentences)
+    return (
+        [
+            sys.executable,
+            "-m",
+            "distill_jax.cli",
+            "generate",
+            "--name",
+            "b",
+            "--checkpoint",
+            "latest",
+            *common,
+        ],
+        sentences,
+    )
 
 
 def _readline(pipe, seconds: float) -> str:
@@ -207,23 +301,49 @@ def test_generate_streams_through_a_pipe(trained, tmp_path):
     command, sentences = trained
     (tmp_path / "in.txt").write_text("".join(s + "\n" for s in sentences), encoding="utf-8")
     for extra in ([], ["--nbest", "2"]):
-        subprocess.run([*command, "--input", str(tmp_path / "in.txt"), "--output",
-                        str(tmp_path / "batch.txt"), *extra], check=True, timeout=600)
+        subprocess.run(
+            [
+                *command,
+                "--input",
+                str(tmp_path / "in.txt"),
+                "--output",
+                str(tmp_path / "batch.txt"),
+                *extra,
+            ],
+            check=True,
+            timeout=600,
+        )
         batch = (tmp_path / "batch.txt").read_text(encoding="utf-8")
-        streamed = subprocess.run([*command, *extra], input="".join(s + "\n" for s in sentences),
-                                  capture_output=True, text=True, check=True,
-                                  timeout=600).stdout
+        streamed = subprocess.run(
+            [*command, *extra],
+            input="".join(s + "\n" for s in sentences),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        ).stdout
         assert streamed == batch
     lines = batch.splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(i // 2) for i in range(len(lines))]
     assert all(float(line.split("\t")[1]) < 0 for line in lines)
     expected = (tmp_path / "in.txt").read_text().splitlines()
-    first = subprocess.run([*command, "--input", str(tmp_path / "in.txt")], check=True,
-                           capture_output=True, text=True, timeout=600).stdout.splitlines()
+    first = subprocess.run(
+        [*command, "--input", str(tmp_path / "in.txt")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout.splitlines()
     assert len(set(first)) > 3, first  # a student whose outputs vary
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, bufsize=1,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         started = time.monotonic()
         process.stdin.write(expected[0] + "\n")

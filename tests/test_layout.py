@@ -39,10 +39,14 @@ def test_imports_only_go_down():
 
 def test_layers_are_recognised():
     """The check above sees the files it is meant to judge (a wrong path would pass it)."""
-    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts)
-               for p in PACKAGE.rglob("*.py")}
-    assert {"distill_jax.cli", "distill_jax.commands.train_student", "distill_jax.student",
-            "distill_jax.models.transformer"} <= modules
-    assert _imported_modules(PACKAGE / "commands" / "train_student.py") & {
-        "distill_jax.api"}
+    modules = {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts) for p in PACKAGE.rglob("*.py")
+    }
+    assert {
+        "distill_jax.cli",
+        "distill_jax.commands.train_student",
+        "distill_jax.student",
+        "distill_jax.models.transformer",
+    } <= modules
+    assert _imported_modules(PACKAGE / "commands" / "train_student.py") & {"distill_jax.api"}
     assert _imported_modules(PACKAGE / "api.py") & {"distill_jax.runner"}

@@ -10,7 +10,9 @@ from distill_jax.cli import main
 
 INFO_LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO distill_jax\.commands\.prepare: read local "
-    r"\(src-tgt\): train 3 pairs$", re.M)
+    r"\(src-tgt\): train 3 pairs$",
+    re.M,
+)
 
 
 def _prepare(tmp_path, minilm_dir, name, *verbosity_before, after=()):
@@ -18,9 +20,23 @@ def _prepare(tmp_path, minilm_dir, name, *verbosity_before, after=()):
     data.mkdir(exist_ok=True)
     (data / "train.src").write_text("ein hund läuft .\nzwei katzen\nder mann\n")
     (data / "train.tgt").write_text("a dog runs .\ntwo cats\nthe man\n")
-    return main([*verbosity_before, "prepare", "--dataset", "local", "--data-dir", str(data),
-                 "--teacher", str(minilm_dir), "--split", "train=train.src,train.tgt",
-                 "--out", str(tmp_path / name), *after])
+    return main(
+        [
+            *verbosity_before,
+            "prepare",
+            "--dataset",
+            "local",
+            "--data-dir",
+            str(data),
+            "--teacher",
+            str(minilm_dir),
+            "--split",
+            "train=train.src,train.tgt",
+            "--out",
+            str(tmp_path / name),
+            *after,
+        ]
+    )
 
 
 def test_verbosity_selects_the_status_messages(tmp_path, minilm_dir, capsys):
@@ -34,7 +50,7 @@ def test_verbosity_selects_the_status_messages(tmp_path, minilm_dir, capsys):
     assert _prepare(tmp_path, minilm_dir, "quiet", "--verbosity", "warning") == 0
     quiet = capsys.readouterr()
     assert "INFO" not in quiet.err, quiet.err
-    table = default.out[default.out.index(f"prepared {tmp_path}"):]  # (TFDS prints its own lines)
+    table = default.out[default.out.index(f"prepared {tmp_path}") :]  # (TFDS prints its own lines)
     assert table.replace(str(tmp_path / "default"), str(tmp_path / "quiet")) in quiet.out
 
     # After the subcommand too, in any case.
@@ -45,8 +61,10 @@ def test_verbosity_selects_the_status_messages(tmp_path, minilm_dir, capsys):
 
 
 def test_an_unknown_verbosity_is_refused_with_the_choices(tmp_path, capsys):
-    for argv in (["--verbosity", "loud", "evaluate", "--hyp", "h", "--ref", "r"],
-                 ["evaluate", "--hyp", "h", "--ref", "r", "--verbosity", "loud"]):
+    for argv in (
+        ["--verbosity", "loud", "evaluate", "--hyp", "h", "--ref", "r"],
+        ["evaluate", "--hyp", "h", "--ref", "r", "--verbosity", "loud"],
+    ):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2

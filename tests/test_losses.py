@@ -30,7 +30,7 @@ def _inputs(seed=0):
     targets[weights == 0] = 0
     dense = rng.normal(scale=3.0, size=(B, T, V)).astype(np.float32)
     indices = np.stack([[rng.permutation(V)[:K] for _ in range(T)] for _ in range(B)])
-    indices = indices.astype(np.int32)                        # [B, T, K], distinct per row
+    indices = indices.astype(np.int32)  # [B, T, K], distinct per row
     sparse = rng.normal(scale=3.0, size=(B, T, K)).astype(np.float32)
     return logits, targets, weights, sparse, indices, dense
 
@@ -65,9 +65,9 @@ def _ref_kd_per_token(s, t_logits, idx, mode, temp):
         return -sum(p[k] * logq[idx[k]] for k in range(len(idx)))
     logq = _np_log_softmax(np.asarray(s, np.float64) / temp)
     if mode == "kl":
-        return temp ** 2 * sum(p[k] * (np.log(p[k]) - logq[idx[k]]) for k in range(len(idx)))
+        return temp**2 * sum(p[k] * (np.log(p[k]) - logq[idx[k]]) for k in range(len(idx)))
     assert mode == "soft_ce_t"
-    return -temp ** 2 * sum(p[k] * logq[idx[k]] for k in range(len(idx)))
+    return -(temp**2) * sum(p[k] * logq[idx[k]] for k in range(len(idx)))
 
 
 def _ref_sum(fn, weights):
@@ -86,9 +86,12 @@ def _ref_sum(fn, weights):
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_cross_entropy_matches_numpy(eps):
     logits, targets, weights, *_ = _inputs()
-    loss, nll = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
-                                     jnp.asarray(weights), label_smoothing=eps)
-    ref_loss = _ref_sum(lambda b, t: _ref_xe_per_token(logits[b, t], targets[b, t], eps)[0], weights)
+    loss, nll = losses.cross_entropy(
+        jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights), label_smoothing=eps
+    )
+    ref_loss = _ref_sum(
+        lambda b, t: _ref_xe_per_token(logits[b, t], targets[b, t], eps)[0], weights
+    )
     ref_nll = _ref_sum(lambda b, t: _ref_xe_per_token(logits[b, t], targets[b, t], eps)[1], weights)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
     np.testing.assert_allclose(float(nll), ref_nll, rtol=1e-5)
@@ -105,21 +108,31 @@ def test_padding_with_garbage_does_not_change_losses():
     g_logits, g_targets = logits.copy(), targets.copy()
     g_sparse, g_dense = sparse.copy(), dense.copy()
     g_logits[pad] = rng.normal(scale=1e4, size=(pad.sum(), V))
-    g_targets[pad] = V + 7                                        # out of range: gathers NaN
+    g_targets[pad] = V + 7  # out of range: gathers NaN
     g_sparse[pad] = np.nan
     g_dense[pad] = np.inf
-    clean = [losses.cross_entropy(logits, targets, weights, 0.1),
-             losses.distillation_loss(logits, sparse, indices, weights, mode="kl", temperature=2.0),
-             losses.distillation_loss(logits, dense, None, weights)]
-    dirty = [losses.cross_entropy(g_logits, g_targets, weights, 0.1),
-             losses.distillation_loss(g_logits, g_sparse, indices, weights, mode="kl", temperature=2.0),
-             losses.distillation_loss(g_logits, g_dense, None, weights)]
-    np.testing.assert_allclose(np.asarray(jax.tree.leaves(dirty)), np.asarray(jax.tree.leaves(clean)),
-                               rtol=1e-6)
+    clean = [
+        losses.cross_entropy(logits, targets, weights, 0.1),
+        losses.distillation_loss(logits, sparse, indices, weights, mode="kl", temperature=2.0),
+        losses.distillation_loss(logits, dense, None, weights),
+    ]
+    dirty = [
+        losses.cross_entropy(g_logits, g_targets, weights, 0.1),
+        losses.distillation_loss(g_logits, g_sparse, indices, weights, mode="kl", temperature=2.0),
+        losses.distillation_loss(g_logits, g_dense, None, weights),
+    ]
+    np.testing.assert_allclose(
+        np.asarray(jax.tree.leaves(dirty)), np.asarray(jax.tree.leaves(clean)), rtol=1e-6
+    )
 
     def grad(z, y, tl, ti):
-        return np.asarray(jax.grad(lambda z: losses.combined_loss(
-            z, y, weights, teacher_logits=tl, teacher_indices=ti, kd_mode="kl")[0])(z))
+        return np.asarray(
+            jax.grad(
+                lambda z: losses.combined_loss(
+                    z, y, weights, teacher_logits=tl, teacher_indices=ti, kd_mode="kl"
+                )[0]
+            )(z)
+        )
 
     for tl, g_tl, ti in [(sparse, g_sparse, indices), (dense, g_dense, None)]:
         clean_g, dirty_g = grad(logits, targets, tl, ti), grad(g_logits, g_targets, g_tl, ti)
@@ -133,7 +146,7 @@ def test_bf16_logits_are_reduced_in_float32():
     loss, _ = losses.cross_entropy(low, targets, weights, 0.1)
     kd = losses.distillation_loss(low, jnp.asarray(sparse, jnp.bfloat16), indices, weights)
     assert loss.dtype == jnp.float32 and kd.dtype == jnp.float32
-    rounded = np.asarray(low.astype(jnp.float32))                # the bf16 values, exactly
+    rounded = np.asarray(low.astype(jnp.float32))  # the bf16 values, exactly
     ref = _ref_sum(lambda b, t: _ref_xe_per_token(rounded[b, t], targets[b, t], 0.1)[0], weights)
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
 
@@ -148,12 +161,15 @@ def test_distillation_matches_numpy(mode, sparse_teacher):
     temp = 3.0
     if sparse_teacher:
         kd = losses.distillation_loss(logits, sparse, indices, weights, mode=mode, temperature=temp)
-        ref = _ref_sum(lambda b, t: _ref_kd_per_token(logits[b, t], sparse[b, t], indices[b, t],
-                                                      mode, temp), weights)
+        ref = _ref_sum(
+            lambda b, t: _ref_kd_per_token(logits[b, t], sparse[b, t], indices[b, t], mode, temp),
+            weights,
+        )
     else:
         kd = losses.distillation_loss(logits, dense, None, weights, mode=mode, temperature=temp)
-        ref = _ref_sum(lambda b, t: _ref_kd_per_token(logits[b, t], dense[b, t], None, mode, temp),
-                       weights)
+        ref = _ref_sum(
+            lambda b, t: _ref_kd_per_token(logits[b, t], dense[b, t], None, mode, temp), weights
+        )
     np.testing.assert_allclose(float(kd), ref, rtol=1e-5)
 
 
@@ -163,17 +179,29 @@ def test_dense_equals_sparse_with_all_indices():
     idx = np.broadcast_to(perm, (B, T, V)).astype(np.int32)
     for mode in losses.KD_MODES:
         a = losses.distillation_loss(logits, dense, None, weights, mode=mode, temperature=2.0)
-        b = losses.distillation_loss(logits, dense[..., perm], idx, weights, mode=mode, temperature=2.0)
+        b = losses.distillation_loss(
+            logits, dense[..., perm], idx, weights, mode=mode, temperature=2.0
+        )
         np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
 
 
 def test_kl_is_nonnegative_and_zero_at_the_teacher():
     logits, _, weights, sparse, indices, dense = _inputs()
     for temp in (1.0, 4.0):
-        assert float(losses.distillation_loss(logits, dense, None, weights, mode="kl",
-                                              temperature=temp)) > 0.0
-        assert float(losses.distillation_loss(logits, sparse, indices, weights, mode="kl",
-                                              temperature=temp)) > 0.0
+        assert (
+            float(
+                losses.distillation_loss(logits, dense, None, weights, mode="kl", temperature=temp)
+            )
+            > 0.0
+        )
+        assert (
+            float(
+                losses.distillation_loss(
+                    logits, sparse, indices, weights, mode="kl", temperature=temp
+                )
+            )
+            > 0.0
+        )
         same = losses.distillation_loss(dense, dense, None, weights, mode="kl", temperature=temp)
         assert abs(float(same)) < 1e-4
     # soft_ce_t differs from kl by T^2 times the teacher entropy, which is > 0
@@ -186,9 +214,13 @@ def test_kl_has_the_t_squared_factor():
     logits, _, weights, _, _, dense = _inputs()
     temp = 5.0
     kd = losses.distillation_loss(logits, dense, None, weights, mode="kl", temperature=temp)
-    without = _ref_sum(lambda b, t: _ref_kd_per_token(logits[b, t], dense[b, t], None, "kl", temp),
-                       weights) / temp ** 2
-    np.testing.assert_allclose(float(kd) / without, temp ** 2, rtol=1e-5)
+    without = (
+        _ref_sum(
+            lambda b, t: _ref_kd_per_token(logits[b, t], dense[b, t], None, "kl", temp), weights
+        )
+        / temp**2
+    )
+    np.testing.assert_allclose(float(kd) / without, temp**2, rtol=1e-5)
 
 
 def test_paper_mode_tempers_only_the_teacher_and_has_no_t_squared():
@@ -196,8 +228,9 @@ def test_paper_mode_tempers_only_the_teacher_and_has_no_t_squared():
     temp = 10.0
     kd = losses.distillation_loss(logits, sparse, indices, weights, temperature=temp)  # default
     # the same as handing the teacher logits already divided by T, at T = 1
-    pre = losses.distillation_loss(logits, sparse / temp, indices, weights, mode="paper",
-                                   temperature=1.0)
+    pre = losses.distillation_loss(
+        logits, sparse / temp, indices, weights, mode="paper", temperature=1.0
+    )
     np.testing.assert_allclose(float(kd), float(pre), rtol=1e-5)
 
     def ref(b, t):  # student at T = 1 over the full vocabulary, no factor
@@ -207,24 +240,32 @@ def test_paper_mode_tempers_only_the_teacher_and_has_no_t_squared():
 
     np.testing.assert_allclose(float(kd), _ref_sum(ref, weights), rtol=1e-5)
     # a tempered student would give something else
-    tempered = _ref_sum(lambda b, t: _ref_kd_per_token(logits[b, t], sparse[b, t], indices[b, t],
-                                                       "soft_ce_t", temp), weights)
+    tempered = _ref_sum(
+        lambda b, t: _ref_kd_per_token(
+            logits[b, t], sparse[b, t], indices[b, t], "soft_ce_t", temp
+        ),
+        weights,
+    )
     assert float(kd) != pytest.approx(tempered, rel=1e-2)
-    assert float(kd) != pytest.approx(tempered / temp ** 2, rel=1e-2)
+    assert float(kd) != pytest.approx(tempered / temp**2, rel=1e-2)
 
 
 def test_zero_probability_teacher_entries_are_ignored():
     logits, _, weights, sparse, indices, _ = _inputs()
     masked = sparse.copy()
-    masked[..., -1] = -np.inf                                     # entry K-1 gets p = 0
+    masked[..., -1] = -np.inf  # entry K-1 gets p = 0
     for mode in losses.KD_MODES:
         got = losses.distillation_loss(logits, masked, indices, weights, mode=mode, temperature=2.0)
-        want = losses.distillation_loss(logits, sparse[..., :-1], indices[..., :-1], weights,
-                                        mode=mode, temperature=2.0)
+        want = losses.distillation_loss(
+            logits, sparse[..., :-1], indices[..., :-1], weights, mode=mode, temperature=2.0
+        )
         assert np.isfinite(float(got))
         np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
-        g = jax.grad(lambda z: losses.distillation_loss(z, masked, indices, weights, mode=mode,
-                                                        temperature=2.0))(jnp.asarray(logits))
+        g = jax.grad(
+            lambda z, mode=mode: losses.distillation_loss(
+                z, masked, indices, weights, mode=mode, temperature=2.0
+            )
+        )(jnp.asarray(logits))
         assert np.all(np.isfinite(np.asarray(g)))
     # but a broken (NaN) teacher at a real token is not hidden
     broken = sparse.copy()
@@ -234,8 +275,9 @@ def test_zero_probability_teacher_entries_are_ignored():
 
 def test_teacher_receives_no_gradient():
     logits, _, weights, sparse, indices, _ = _inputs()
-    g = jax.grad(lambda t: losses.distillation_loss(logits, t, indices, weights, mode="kl",
-                                                    temperature=2.0))(jnp.asarray(sparse))
+    g = jax.grad(
+        lambda t: losses.distillation_loss(logits, t, indices, weights, mode="kl", temperature=2.0)
+    )(jnp.asarray(sparse))
     assert np.all(np.asarray(g) == 0.0)
 
 
@@ -252,8 +294,14 @@ def test_paper_gradient_matches_finite_differences_and_closed_form():
         idx = np.stack([[rng.permutation(v)[:k] for _ in range(t)] for _ in range(b)])
 
         def f(z):
-            return losses.distillation_loss(z, jnp.asarray(teacher), jnp.asarray(idx),
-                                            jnp.asarray(weights), mode="paper", temperature=temp)
+            return losses.distillation_loss(
+                z,
+                jnp.asarray(teacher),
+                jnp.asarray(idx),
+                jnp.asarray(weights),
+                mode="paper",
+                temperature=temp,
+            )
 
         grad = np.asarray(jax.grad(f)(jnp.asarray(logits)))
         assert grad.dtype == np.float64
@@ -276,7 +324,7 @@ def test_paper_gradient_matches_finite_differences_and_closed_form():
                 target[idx[i, j, kk]] += p[kk]
             closed[i, j] = weights[i, j] * (q - target)
     np.testing.assert_allclose(grad, closed, atol=1e-12)
-    assert np.all(grad[1, 1] == 0.0)                              # the padded position
+    assert np.all(grad[1, 1] == 0.0)  # the padded position
 
 
 @pytest.mark.parametrize("temp", [1.0, 2.0])
@@ -286,7 +334,7 @@ def test_log_softmax_at_values_and_gradient_match_the_dense_log_softmax(temp):
     rng = np.random.default_rng(7)
     logits = jnp.asarray(rng.normal(scale=3.0, size=(2, 3, 9)), jnp.float32)
     idx = rng.integers(0, 9, size=(2, 3, 4)).astype(np.int32)
-    idx[0, 0] = [5, 5, 2, 5]                                      # duplicates
+    idx[0, 0] = [5, 5, 2, 5]  # duplicates
     idx = jnp.asarray(idx)
     g_at = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32).at[1, 2].set(0.0)
     g_mean = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32).at[1, 2].set(0.0)
@@ -315,18 +363,25 @@ def test_combined_loss_gradient_matches_the_unfused_terms():
     gradient equals that of (1 - alpha) * cross_entropy + alpha * distillation_loss, each
     of which runs the primitive on its own; and that of a float64 finite difference."""
     logits, targets, weights, sparse, indices, _ = _inputs(seed=4)
-    indices[0, 0, 0] = targets[0, 0]                              # target among the K ids
+    indices[0, 0, 0] = targets[0, 0]  # target among the K ids
     alpha, eps, temp = 0.4, 0.1, 10.0
 
     def combined(z):
-        return losses.combined_loss(z, targets, weights, alpha=alpha, label_smoothing=eps,
-                                    teacher_logits=sparse, teacher_indices=indices,
-                                    temperature=temp)[0]
+        return losses.combined_loss(
+            z,
+            targets,
+            weights,
+            alpha=alpha,
+            label_smoothing=eps,
+            teacher_logits=sparse,
+            teacher_indices=indices,
+            temperature=temp,
+        )[0]
 
     def separate(z):
-        return ((1 - alpha) * losses.cross_entropy(z, targets, weights, eps)[0]
-                + alpha * losses.distillation_loss(z, sparse, indices, weights,
-                                                   temperature=temp))
+        return (1 - alpha) * losses.cross_entropy(z, targets, weights, eps)[
+            0
+        ] + alpha * losses.distillation_loss(z, sparse, indices, weights, temperature=temp)
 
     z = jnp.asarray(logits)
     np.testing.assert_allclose(float(combined(z)), float(separate(z)), rtol=1e-6)
@@ -359,25 +414,36 @@ def _ref_combined_per_token(logits, targets, sparse, indices, b, t, alpha, eps, 
 
 def test_combined_loss_matches_numpy_and_normalises_per_token():
     logits, targets, weights, sparse, indices, _ = _inputs()
-    targets[:, ::2] = np.argmax(logits[:, ::2], axis=-1)          # some right, some wrong
+    targets[:, ::2] = np.argmax(logits[:, ::2], axis=-1)  # some right, some wrong
     alpha, eps, temp = 0.3, 0.1, 10.0
-    total, m = losses.combined_loss(logits, targets, weights, alpha=alpha, label_smoothing=eps,
-                                    teacher_logits=sparse, teacher_indices=indices,
-                                    temperature=temp)
-    per_token = [_ref_combined_per_token(logits, targets, sparse, indices, b, t, alpha, eps, temp)
-                 for b in range(B) for t in range(LENGTHS[b])]
+    total, m = losses.combined_loss(
+        logits,
+        targets,
+        weights,
+        alpha=alpha,
+        label_smoothing=eps,
+        teacher_logits=sparse,
+        teacher_indices=indices,
+        temperature=temp,
+    )
+    per_token = [
+        _ref_combined_per_token(logits, targets, sparse, indices, b, t, alpha, eps, temp)
+        for b in range(B)
+        for t in range(LENGTHS[b])
+    ]
     np.testing.assert_allclose(float(total), sum(per_token), rtol=1e-5)
     np.testing.assert_allclose(float(total) / float(weights.sum()), np.mean(per_token), rtol=1e-5)
     xe, _ = losses.cross_entropy(logits, targets, weights, eps)
     kd = losses.distillation_loss(logits, sparse, indices, weights, temperature=temp)
     np.testing.assert_allclose(float(total), (1 - alpha) * float(xe) + alpha * float(kd), rtol=1e-6)
     assert set(m) == {"loss", "xe", "nll", "kd", "accuracy"}
-    for name, (s, c) in m.items():
+    for name, (_s, c) in m.items():
         assert float(c) == sum(LENGTHS), name
     np.testing.assert_allclose(float(m["loss"][0]), float(total), rtol=1e-6)
     np.testing.assert_allclose(float(m["kd"][0]), float(kd), rtol=1e-6)
-    correct = sum(int(np.argmax(logits[b, t]) == targets[b, t])
-                  for b in range(B) for t in range(LENGTHS[b]))
+    correct = sum(
+        int(np.argmax(logits[b, t]) == targets[b, t]) for b in range(B) for t in range(LENGTHS[b])
+    )
     assert 0 < correct < sum(LENGTHS)
     assert float(m["accuracy"][0]) == correct
 
@@ -393,8 +459,11 @@ def test_combined_loss_without_teacher_is_cross_entropy():
 
 def test_metrics_accumulate_over_split_batches():
     logits, targets, weights, sparse, indices, _ = _inputs()
-    step = jax.jit(lambda z, y, w, tl, ti: losses.combined_loss(
-        z, y, w, alpha=0.5, label_smoothing=0.1, teacher_logits=tl, teacher_indices=ti))
+    step = jax.jit(
+        lambda z, y, w, tl, ti: losses.combined_loss(
+            z, y, w, alpha=0.5, label_smoothing=0.1, teacher_logits=tl, teacher_indices=ti
+        )
+    )
     total, full = step(logits, targets, weights, sparse, indices)
     _, first = step(logits[:1], targets[:1], weights[:1], sparse[:1], indices[:1])
     _, second = step(logits[1:], targets[1:], weights[1:], sparse[1:], indices[1:])
@@ -406,7 +475,9 @@ def test_metrics_accumulate_over_split_batches():
     norm = losses.normalize_metrics(merged)
     assert norm["loss"] == pytest.approx(float(total) / sum(LENGTHS), rel=1e-5)
     # a half with a different token count weighs accordingly (not a mean of means)
-    halves = (losses.normalize_metrics(first)["loss"] + losses.normalize_metrics(second)["loss"]) / 2
+    halves = (
+        losses.normalize_metrics(first)["loss"] + losses.normalize_metrics(second)["loss"]
+    ) / 2
     assert norm["loss"] != pytest.approx(halves, rel=1e-4)
 
 

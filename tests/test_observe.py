@@ -22,16 +22,19 @@ def test_profile_steps_are_parsed():
     assert observe.parse_profile_steps("0:1") == (0, 1)
 
 
-@pytest.mark.parametrize("value, message", [
-    ("5:2", "the first step A must be below B"),
-    ("3:3", "the first step A must be below B"),
-    ("-1:4", "not negative"),
-    ("2:-4", "not negative"),
-    ("a:b", "is not A:B (two integers"),
-    ("1.5:3", "is not A:B"),
-    ("7", "is not A:B"),
-    ("", "is not A:B"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("5:2", "the first step A must be below B"),
+        ("3:3", "the first step A must be below B"),
+        ("-1:4", "not negative"),
+        ("2:-4", "not negative"),
+        ("a:b", "is not A:B (two integers"),
+        ("1.5:3", "is not A:B"),
+        ("7", "is not A:B"),
+        ("", "is not A:B"),
+    ],
+)
 def test_a_bad_window_stops_the_command_with_exit_2(value, message, capsys):
     parser = argparse.ArgumentParser(prog="distill-jax train-student")
     observe.add_profile_argument(parser)
@@ -45,6 +48,7 @@ def test_a_bad_window_stops_the_command_with_exit_2(value, message, capsys):
 
 def _loop(profiler, first, last):
     """A tiny jitted training loop over steps [first, last), each named in the trace."""
+
     @jax.jit
     def step_fn(x):
         return jnp.tanh(x @ x.T) * 0.5
@@ -89,8 +93,11 @@ def test_no_window_traces_nothing_and_a_window_out_of_reach_is_refused(tmp_path)
     _loop(idle, 0, 3)
     idle.check(0, 3)
     assert idle.traced == [] and not (tmp_path / "idle").exists()
-    with pytest.raises(UserError, match=r"--profile-steps 8:10: the run's steps are 0 to 7, "
-                                        "so nothing would be traced"):
+    with pytest.raises(
+        UserError,
+        match=r"--profile-steps 8:10: the run's steps are 0 to 7, "
+        "so nothing would be traced",
+    ):
         observe.StepProfiler((8, 10), tmp_path).check(0, 8)
     with pytest.raises(UserError, match="steps are 6 to 7"):
         observe.StepProfiler((2, 5), tmp_path).check(6, 8)  # resumed past the window
@@ -100,8 +107,9 @@ def test_no_window_traces_nothing_and_a_window_out_of_reach_is_refused(tmp_path)
 # ----------------------------------------------------------------------------- TensorBoard
 
 
-def test_without_tensorboardx_the_writer_does_nothing_and_says_so_once(tmp_path, monkeypatch,
-                                                                        caplog):
+def test_without_tensorboardx_the_writer_does_nothing_and_says_so_once(
+    tmp_path, monkeypatch, caplog
+):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # an import of it fails
     monkeypatch.setattr(observe, "_notified", set())
     with caplog.at_level(logging.INFO, logger="distill_jax.observe"):
@@ -112,8 +120,10 @@ def test_without_tensorboardx_the_writer_does_nothing_and_says_so_once(tmp_path,
             writer.close()
             assert not writer.active
     notices = [r.getMessage() for r in caplog.records if "tensorboardX" in r.getMessage()]
-    assert notices == ['tensorboardX is not installed: no TensorBoard event files '
-                       '(pip install -e ".[tensorboard]" adds them)']
+    assert notices == [
+        "tensorboardX is not installed: no TensorBoard event files "
+        '(pip install -e ".[tensorboard]" adds them)'
+    ]
     assert not (tmp_path / "a" / "tensorboard").exists()
 
 
@@ -135,8 +145,8 @@ def _events(directory):
         data = path.read_bytes()
         offset = 0
         while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            events.append(event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length]))
             offset += 12 + length + 4
     return events
 
@@ -150,15 +160,31 @@ def test_scalars_and_sample_translations_are_written(tmp_path):
     writer.samples(20, ["ein hund | läuft"], ["a dog runs"], ["a dog is running"])
     writer.close()
     events = _events(tmp_path / "run" / "tensorboard")
-    scalars = {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value
-               if v.HasField("simple_value")}
-    assert scalars == {(10, "train/loss"): 2.5, (10, "train/learning_rate"): pytest.approx(1e-3),
-                       (20, "valid/bleu"): 12.25}
-    texts = [(e.step, v.tag, v.tensor.string_val[0].decode()) for e in events
-             for v in e.summary.value if v.HasField("tensor")]
-    assert texts == [(20, "valid/samples/text_summary",
-                      "| source | hypothesis | reference |\n|---|---|---|\n"
-                      "| ein hund \\| läuft | a dog runs | a dog is running |")]
+    scalars = {
+        (e.step, v.tag): v.simple_value
+        for e in events
+        for v in e.summary.value
+        if v.HasField("simple_value")
+    }
+    assert scalars == {
+        (10, "train/loss"): 2.5,
+        (10, "train/learning_rate"): pytest.approx(1e-3),
+        (20, "valid/bleu"): 12.25,
+    }
+    texts = [
+        (e.step, v.tag, v.tensor.string_val[0].decode())
+        for e in events
+        for v in e.summary.value
+        if v.HasField("tensor")
+    ]
+    assert texts == [
+        (
+            20,
+            "valid/samples/text_summary",
+            "| source | hypothesis | reference |\n|---|---|---|\n"
+            "| ein hund \\| läuft | a dog runs | a dog is running |",
+        )
+    ]
 
 
 def test_a_resumed_run_hides_the_events_after_its_checkpoint(tmp_path):
@@ -207,12 +233,20 @@ def _train_loop(tmp_path, total_steps, callbacks, *, eval_every=100):
 
     batches = iter(lambda: {"tgt_out": jnp.ones((2, 3))}, None)
     loop = runner.TrainLoop(
-        train_step=train_step, batches=batches, to_device=lambda b: b, data_state=dict,
-        rng=jax.random.key(0), checkpoints=_Checkpoints(), log=runner.MetricsLog(tmp_path),
-        schedule=runner.Schedule(total_steps=total_steps, eval_every=eval_every,
-                                 save_every=100, log_every=2),
-        evaluate=lambda state, step: {"bleu": float(step)}, no_progress=True,
-        callbacks=callbacks)
+        train_step=train_step,
+        batches=batches,
+        to_device=lambda b: b,
+        data_state=dict,
+        rng=jax.random.key(0),
+        checkpoints=_Checkpoints(),
+        log=runner.MetricsLog(tmp_path),
+        schedule=runner.Schedule(
+            total_steps=total_steps, eval_every=eval_every, save_every=100, log_every=2
+        ),
+        evaluate=lambda state, step: {"bleu": float(step)},
+        no_progress=True,
+        callbacks=callbacks,
+    )
     return loop.run(_State(jnp.int32(0), jnp.ones((8, 8))))
 
 
@@ -254,20 +288,29 @@ def test_the_tensorboard_callback_logs_the_learning_rate_and_samples(tmp_path):
         return ["ein hund"], [f"a dog {step}"], ["a dog"]
 
     callback = observe.TensorBoardCallback(
-        writer, learning_rate=lambda count: jnp.float32(0.5 * count), samples=samples)
+        writer, learning_rate=lambda count: jnp.float32(0.5 * count), samples=samples
+    )
     _train_loop(tmp_path, 4, [callback], eval_every=2)
-    train = [(c[1], c[3]["learning_rate"]) for c in writer.calls if c[:1] == ("scalars",)
-             and c[2] == "train"]
+    train = [
+        (c[1], c[3]["learning_rate"])
+        for c in writer.calls
+        if c[:1] == ("scalars",) and c[2] == "train"
+    ]
     assert train == [(2, 0.5), (4, 1.5)]  # update N used the schedule's value at count N-1
     assert [c[1:] for c in writer.calls if c[0] == "samples"] == [
-        (2, ["ein hund"], ["a dog 2"], ["a dog"]), (4, ["ein hund"], ["a dog 4"], ["a dog"])]
+        (2, ["ein hund"], ["a dog 2"], ["a dog"]),
+        (4, ["ein hund"], ["a dog 4"], ["a dog"]),
+    ]
     assert [c[1:] for c in writer.calls if c[:1] == ("scalars",) and c[2] == "valid"] == [
-        (2, "valid", {"bleu": 2.0}), (4, "valid", {"bleu": 4.0})]
+        (2, "valid", {"bleu": 2.0}),
+        (4, "valid", {"bleu": 4.0}),
+    ]
     assert seen == [2, 4] and writer.calls[-1] == ("close",)
     # An inactive writer (not process 0, no tensorboardX) still has the samples computed:
     # a translation is a computation of the whole job.
     seen.clear()
-    quiet = observe.TensorBoardCallback(observe.TensorBoardWriter(tmp_path, enabled=False),
-                                        samples=samples)
+    quiet = observe.TensorBoardCallback(
+        observe.TensorBoardWriter(tmp_path, enabled=False), samples=samples
+    )
     _train_loop(tmp_path / "quiet", 2, [quiet], eval_every=2)
     assert seen == [2]

@@ -22,9 +22,20 @@ CONFIG = "configs/tiny.py"
 
 
 def _cli(workdir, teacher, command, *extra, check=True):
-    args = [sys.executable, "-m", "distill_jax.cli", command, "--config", CONFIG,
-            "--workdir", str(workdir), "--set", f"teacher.checkpoint={teacher}", "--no-progress",
-            *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "distill_jax.cli",
+        command,
+        "--config",
+        CONFIG,
+        "--workdir",
+        str(workdir),
+        "--set",
+        f"teacher.checkpoint={teacher}",
+        "--no-progress",
+        *extra,
+    ]
     return subprocess.run(args, check=check, capture_output=True, text=True, timeout=900)
 
 
@@ -44,6 +55,7 @@ def _final_params(workdir, name):
     from distill_jax import configlib
     from distill_jax.sharding import MeshConfig, make_mesh
     from distill_jax.student import load_trained
+
     config = configlib.load_config_file(CONFIG)
     _, params, _ = load_trained(config, workdir, name, "latest", make_mesh(MeshConfig()))
     return jax.tree.map(np.asarray, params)
@@ -51,15 +63,36 @@ def _final_params(workdir, name):
 
 def test_sigkill_and_rerun_finishes_like_an_uninterrupted_run(experiment):
     workdir, teacher = experiment
-    common = ["--set", "teacher.steps=2", "--set", "train.steps=8", "--set", "train.save_every=2",
-              "--set", "train.eval_every=100"]
+    common = [
+        "--set",
+        "teacher.steps=2",
+        "--set",
+        "train.steps=8",
+        "--set",
+        "train.save_every=2",
+        "--set",
+        "train.eval_every=100",
+    ]
     _cli(workdir, teacher, "train-student", "--name", "straight", *common)
 
     # Kill at a random checkpoint (seeded: the test is deterministic).
     kill_after = random.Random(0).choice([2, 4, 6])
-    args = [sys.executable, "-m", "distill_jax.cli", "train-student", "--config", CONFIG,
-            "--workdir", str(workdir), "--set", f"teacher.checkpoint={teacher}",
-            "--no-progress", "--name", "killed", *common]
+    args = [
+        sys.executable,
+        "-m",
+        "distill_jax.cli",
+        "train-student",
+        "--config",
+        CONFIG,
+        "--workdir",
+        str(workdir),
+        "--set",
+        f"teacher.checkpoint={teacher}",
+        "--no-progress",
+        "--name",
+        "killed",
+        *common,
+    ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = workdir / "students" / "killed" / "checkpoints"
     deadline = time.time() + 600
@@ -80,6 +113,7 @@ def test_sigkill_and_rerun_finishes_like_an_uninterrupted_run(experiment):
         np.testing.assert_array_equal(a, b)
     # The resumed run's training log reads as one run: each step logged once.
     import json
+
     lines = (workdir / "students" / "killed" / "metrics.jsonl").read_text().splitlines()
     train_steps = [json.loads(x)["step"] for x in lines if json.loads(x)["split"] == "train"]
     assert train_steps == sorted(set(train_steps))
@@ -94,20 +128,65 @@ def test_train_student_command_runs_as_two_processes(experiment):
     from test_multiprocess import NOISE_LEAVES, REPO, clean_env
 
     workdir, teacher = experiment
-    common = ["--set", "teacher.steps=2", "--set", "train.steps=4", "--set", "train.save_every=2",
-              "--set", "train.eval_every=100", "--set", "mesh.data=2", "--set", "mesh.fsdp=2",
-              "--set", "mesh.tensor=2"]
-    command = [sys.executable, "-m", "distill_jax.cli", "train-student", "--config", CONFIG,
-               "--workdir", str(workdir), "--set", f"teacher.checkpoint={teacher}",
-               "--no-progress", *common]
-    one = subprocess.run(command + ["--name", "one-process"], cwd=REPO, capture_output=True,
-                         text=True, timeout=900,
-                         env=clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    common = [
+        "--set",
+        "teacher.steps=2",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.save_every=2",
+        "--set",
+        "train.eval_every=100",
+        "--set",
+        "mesh.data=2",
+        "--set",
+        "mesh.fsdp=2",
+        "--set",
+        "mesh.tensor=2",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "distill_jax.cli",
+        "train-student",
+        "--config",
+        CONFIG,
+        "--workdir",
+        str(workdir),
+        "--set",
+        f"teacher.checkpoint={teacher}",
+        "--no-progress",
+        *common,
+    ]
+    one = subprocess.run(
+        command + ["--name", "one-process"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        [sys.executable, "-m", "distill_jax.launch", "--local-processes", "2",
-         "--devices-per-process", "4", "--", *command, "--name", "two-processes"],
-        cwd=REPO, capture_output=True, text=True, timeout=900, env=clean_env())
+        [
+            sys.executable,
+            "-m",
+            "distill_jax.launch",
+            "--local-processes",
+            "2",
+            "--devices-per-process",
+            "4",
+            "--",
+            *command,
+            "--name",
+            "two-processes",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=clean_env(),
+    )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert "[0] [two-processes] test2016: BLEU" in two.stdout
     assert "[1] [two-processes]" not in two.stdout  # only the chief prints results
@@ -121,8 +200,9 @@ def test_train_student_command_runs_as_two_processes(experiment):
     flat_one = jax.tree_util.tree_leaves_with_path(ones)
     for (path, a), b in zip(flat_one, jax.tree.leaves(twos)):
         noise = NOISE_LEAVES in jax.tree_util.keystr(path)
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=4e-3 if noise else 1e-6,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            a, b, rtol=1e-5, atol=4e-3 if noise else 1e-6, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def test_soft_targets_rerun_reuses_a_finished_cache(experiment):
@@ -148,21 +228,49 @@ def test_soft_targets_rerun_reuses_a_finished_cache(experiment):
 def test_foreign_cache_and_changed_config_are_refused(experiment):
     workdir, teacher = experiment
     # Another teacher run (teacher.steps=3) than the one the cache was made with.
-    result = _cli(workdir, teacher, "train-student", "--name", "refused", "--set",
-                  "teacher.steps=3", check=False)
+    result = _cli(
+        workdir,
+        teacher,
+        "train-student",
+        "--name",
+        "refused",
+        "--set",
+        "teacher.steps=3",
+        check=False,
+    )
     assert result.returncode == 2
     assert "was made for teacher" in result.stderr and "soft-targets" in result.stderr
     # That failed start saved no step, so it does not bind the run to its config (#34
     # item 6): a corrected command is not refused for "changed fields".
-    result = _cli(workdir, teacher, "train-student", "--name", "refused", "--set",
-                  "teacher.steps=3", "--set", "train.steps=9", check=False)
+    result = _cli(
+        workdir,
+        teacher,
+        "train-student",
+        "--name",
+        "refused",
+        "--set",
+        "teacher.steps=3",
+        "--set",
+        "train.steps=9",
+        check=False,
+    )
     assert result.returncode == 2
     assert "run with another config" not in result.stderr  # (a note says it started over)
     assert "was made for teacher" in result.stderr
     # Once a step is saved (here: a step folder), another config is refused, naming it.
     (workdir / "students" / "refused" / "checkpoints" / "2").mkdir(parents=True)
-    result = _cli(workdir, teacher, "train-student", "--name", "refused", "--set",
-                  "teacher.steps=3", "--set", "train.steps=8", check=False)
+    result = _cli(
+        workdir,
+        teacher,
+        "train-student",
+        "--name",
+        "refused",
+        "--set",
+        "teacher.steps=3",
+        "--set",
+        "train.steps=8",
+        check=False,
+    )
     assert result.returncode == 2
     assert "changed fields: train.steps: 9 -> 8." in result.stderr
 
@@ -174,41 +282,54 @@ def test_online_and_offline_distillation_give_the_same_loss(experiment):
     from distill_jax.soft_target_cache import open_cache
 
     workdir, teacher_dir = experiment
-    config = configlib.override(configlib.load_config_file(CONFIG),
-                                [f"teacher.checkpoint={teacher_dir}", "teacher.steps=2"])
+    config = configlib.override(
+        configlib.load_config_file(CONFIG), [f"teacher.checkpoint={teacher_dir}", "teacher.steps=2"]
+    )
     dataset = open_prepared(workdir / "data")
     mesh = sharding.make_mesh(config.mesh)
     model = student.build_model(config, dataset.vocab, jnp.float32)
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
-                                 jnp.zeros((1, 8), jnp.int32))["params"])
+    params = nn.unbox(
+        model.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), jnp.int32)
+        )["params"]
+    )
     pipeline = student.student_pipeline(config, dataset, "train", 8, training=True)
     batch = pipeline.load_batch(0)
     cache = open_cache(str(workdir / "soft_targets" / "train"))
     offline_batch = student.attach_soft_targets(batch, cache, config.distill.top_k)
 
-    teacher, teacher_params, _ = teacher_lib.load_finetuned(config, workdir, dataset.vocab, mesh,
-                                                            jnp.float32)
-    settings = train.StudentLossConfig(alpha=0.5, label_smoothing=0.1, kd_mode="paper",
-                                       temperature=10.0)
+    teacher, teacher_params, _ = teacher_lib.load_finetuned(
+        config, workdir, dataset.vocab, mesh, jnp.float32
+    )
+    settings = train.StudentLossConfig(
+        alpha=0.5, label_smoothing=0.1, kd_mode="paper", temperature=10.0
+    )
 
     def online_teacher(b, p):
-        return teacher_lib.stride_topk(teacher, p, b["src"], b["tgt_out"],
-                                       stride=config.teacher.stride, top_k=config.distill.top_k)
+        return teacher_lib.stride_topk(
+            teacher,
+            p,
+            b["src"],
+            b["tgt_out"],
+            stride=config.teacher.stride,
+            top_k=config.distill.top_k,
+        )
 
     offline = train.student_loss_fn(model, settings)
     online = train.student_loss_fn(model, settings, online_teacher)
     keys = ("src", "tgt_in", "tgt_out")
-    off_sum, off_metrics = offline(params, {k: offline_batch[k] for k in
-                                            keys + ("kd_logits", "kd_indices")}, None)
-    on_sum, on_metrics = online(params, {k: batch[k] for k in keys}, None,
-                                jax.device_get(teacher_params))
+    off_sum, off_metrics = offline(
+        params, {k: offline_batch[k] for k in keys + ("kd_logits", "kd_indices")}, None
+    )
+    on_sum, on_metrics = online(
+        params, {k: batch[k] for k in keys}, None, jax.device_get(teacher_params)
+    )
     assert float(off_metrics["kd"][0]) > 0
     # The cache stores float16 logits; the online teacher computes them in float32.
     np.testing.assert_allclose(float(on_sum), float(off_sum), rtol=2e-3)
     np.testing.assert_allclose(float(on_metrics["kd"][0]), float(off_metrics["kd"][0]), rtol=2e-3)
     # And the online teacher's top-K ids are exactly the cached ones.
-    _, ids = jax.jit(lambda b: online_teacher(b, teacher_params))(
-        {k: batch[k] for k in keys})
+    _, ids = jax.jit(lambda b: online_teacher(b, teacher_params))({k: batch[k] for k in keys})
     mask = batch["tgt_out"] != 0
     np.testing.assert_array_equal(np.asarray(ids)[mask], offline_batch["kd_indices"][mask])
 
@@ -220,12 +341,31 @@ def test_student_selects_its_checkpoint_by_the_configured_metric(experiment):
     import json
 
     workdir, teacher = experiment
-    _cli(workdir, teacher, "train-student", "--name", "by-rouge", "--set", "teacher.steps=2",
-         "--set", "train.steps=6", "--set", "train.save_every=2", "--set", "train.eval_every=2",
-         "--set", "train.select_metric=rougeL", "--set", "train.bleu_sentences=16")
+    _cli(
+        workdir,
+        teacher,
+        "train-student",
+        "--name",
+        "by-rouge",
+        "--set",
+        "teacher.steps=2",
+        "--set",
+        "train.steps=6",
+        "--set",
+        "train.save_every=2",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.select_metric=rougeL",
+        "--set",
+        "train.bleu_sentences=16",
+    )
     run = workdir / "students" / "by-rouge"
-    valid = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(x)["split"] == "valid"]
+    valid = [
+        json.loads(x)
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["split"] == "valid"
+    ]
     assert [r["step"] for r in valid] == [2, 4, 6]
     assert all({"bleu", "rouge1", "rouge2", "rougeL"} <= set(r) for r in valid)
     results = json.loads((run / "results.json").read_text())
@@ -241,8 +381,16 @@ def test_student_selects_its_checkpoint_by_the_configured_metric(experiment):
 
 def test_an_unknown_selection_metric_is_refused(experiment):
     workdir, teacher = experiment
-    bad = _cli(workdir, teacher, "train-student", "--name", "bad-metric", "--set",
-               "train.select_metric=meteor", check=False)
+    bad = _cli(
+        workdir,
+        teacher,
+        "train-student",
+        "--name",
+        "bad-metric",
+        "--set",
+        "train.select_metric=meteor",
+        check=False,
+    )
     assert bad.returncode != 0
     assert "train.select_metric must be one of" in bad.stderr
     assert not (workdir / "students" / "bad-metric").exists()
@@ -266,8 +414,10 @@ def test_teacher_quality_is_measured_in_training_and_shown_by_soft_targets(exper
     import teacher_quality as script
 
     workdir, teacher = experiment
-    records = [json.loads(line) for line in
-               (workdir / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (workdir / "teacher" / "metrics.jsonl").read_text().splitlines()
+    ]
     valid = [r for r in records if r["split"] == "valid" and r["step"] == 2]
     assert len(valid) == 1
     logged = valid[0]
@@ -282,14 +432,15 @@ def test_teacher_quality_is_measured_in_training_and_shown_by_soft_targets(exper
 
     dataset = open_prepared(workdir / "data")
     examples, lengths = dataset.records(split)
-    assert config.teacher.quality_examples == 0 or \
-        len(lengths) <= config.teacher.quality_examples  # the whole split was measured
+    assert (
+        config.teacher.quality_examples == 0 or len(lengths) <= config.teacher.quality_examples
+    )  # the whole split was measured
     header = json.loads((workdir / "soft_targets" / split / "header.json").read_text())
-    identity = CacheIdentity(**{f.name: header[f.name]
-                                for f in dataclasses.fields(CacheIdentity)})
+    identity = CacheIdentity(**{f.name: header[f.name] for f in dataclasses.fields(CacheIdentity)})
     assert identity.teacher_step == 2
-    cache = open_cache(storage.path(workdir) / "soft_targets" / split, identity,
-                       num_examples=len(lengths))
+    cache = open_cache(
+        storage.path(workdir) / "soft_targets" / split, identity, num_examples=len(lengths)
+    )
     ids = list(range(len(lengths)))
     logits, indices = cache.read_async(ids).result()
     references = [[int(t) for t in r["tgt"]] + [EOS] for r in examples.__getitems__(ids)]

@@ -9,17 +9,19 @@ import shutil
 import jax.numpy as jnp
 import pytest
 
-import tiny_experiment
 from distill_jax import cli, configlib, trainer
 from distill_jax import teacher as teacher_lib
 from distill_jax.errors import UserError
+
+import tiny_experiment
 
 CONFIG = "configs/tiny.py"
 
 
 def _config(steps=4):
-    return configlib.override(configlib.load_config_file(CONFIG),
-                              [f"teacher.steps={steps}", "teacher.save_every=2"])
+    return configlib.override(
+        configlib.load_config_file(CONFIG), [f"teacher.steps={steps}", "teacher.save_every=2"]
+    )
 
 
 def _teacher_run(workdir, config, losses):
@@ -27,8 +29,13 @@ def _teacher_run(workdir, config, losses):
     directory = workdir / "teacher" / "checkpoints"
     with trainer.checkpointer(directory, teacher_lib.checkpoint_policy(config)) as manager:
         for step, loss in losses.items():
-            manager.save(step, {"w": jnp.full((3,), float(step))},
-                         extra={"data": {"position": step}}, metrics={"loss": loss}, force=True)
+            manager.save(
+                step,
+                {"w": jnp.full((3,), float(step))},
+                extra={"data": {"position": step}},
+                metrics={"loss": loss},
+                force=True,
+            )
     return directory
 
 
@@ -55,13 +62,19 @@ def test_the_digest_tells_apart_two_runs_at_the_same_step(tmp_path):
 def test_an_unfinished_run_is_refused_unless_a_step_is_asked_for(tmp_path):
     config = _config(steps=6)
     _teacher_run(tmp_path, config, {2: 1.0, 4: 0.5})  # killed before step 6
-    with pytest.raises(UserError, match=r"teacher run in .* has not finished: its last "
-                                        r"checkpoint is step 4 of teacher.steps=6.*"
-                                        r"--teacher-step 4"):
+    with pytest.raises(
+        UserError,
+        match=r"teacher run in .* has not finished: its last "
+        r"checkpoint is step 4 of teacher.steps=6.*"
+        r"--teacher-step 4",
+    ):
         teacher_lib.select_finetuned(config, tmp_path)
     assert teacher_lib.select_finetuned(config, tmp_path, 2).step == 2
-    with pytest.raises(UserError, match=r"--teacher-step 3: .* no checkpoint of that step "
-                                        r"\(saved: 2, 4\)"):
+    with pytest.raises(
+        UserError,
+        match=r"--teacher-step 3: .* no checkpoint of that step "
+        r"\(saved: 2, 4\)",
+    ):
         teacher_lib.select_finetuned(config, tmp_path, 3)
 
 
@@ -69,8 +82,11 @@ def test_a_teacher_run_made_with_other_steps_is_refused(tmp_path):
     config = _config(steps=4)
     _teacher_run(tmp_path, config, {2: 1.0, 4: 0.5})
     (tmp_path / "teacher" / "config.json").write_text(json.dumps({"steps": 8}))
-    with pytest.raises(UserError, match=r"made with teacher.steps=8 .* this command has "
-                                        r"teacher.steps=4"):
+    with pytest.raises(
+        UserError,
+        match=r"made with teacher.steps=8 .* this command has "
+        r"teacher.steps=4",
+    ):
         teacher_lib.select_finetuned(config, tmp_path)
 
 
@@ -84,16 +100,27 @@ def test_an_emptied_metadata_file_is_named(tmp_path):
     config = _config()
     directory = _teacher_run(tmp_path, config, {2: 1.0, 4: 0.5})
     (directory / "4" / "extra" / "metadata").write_text("")
-    with pytest.raises(UserError, match=r"checkpoint .*checkpoints/4 is damaged: "
-                                        r".*4/extra/metadata is not valid JSON"):
+    with pytest.raises(
+        UserError,
+        match=r"checkpoint .*checkpoints/4 is damaged: "
+        r".*4/extra/metadata is not valid JSON",
+    ):
         teacher_lib.select_finetuned(config, tmp_path)
 
 
 # ----------------------------------------------------------------------------- end to end
 
 
-TEACHER = ["--set", "teacher.steps=4", "--set", "teacher.save_every=2", "--set",
-           "teacher.eval_every=2", "--set", "teacher.learning_rate=1e-3"]
+TEACHER = [
+    "--set",
+    "teacher.steps=4",
+    "--set",
+    "teacher.save_every=2",
+    "--set",
+    "teacher.eval_every=2",
+    "--set",
+    "teacher.learning_rate=1e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +139,20 @@ def _cli(workdir, teacher, command, *extra, capsys=None):
     """``distill-jax COMMAND`` in this process: (exit status, stdout, stderr)."""
     if capsys is not None:
         capsys.readouterr()
-    status = cli.main([command, "--config", CONFIG, "--workdir", str(workdir), "--set",
-                       f"teacher.checkpoint={teacher}", "--no-progress", *TEACHER, *extra])
+    status = cli.main(
+        [
+            command,
+            "--config",
+            CONFIG,
+            "--workdir",
+            str(workdir),
+            "--set",
+            f"teacher.checkpoint={teacher}",
+            "--no-progress",
+            *TEACHER,
+            *extra,
+        ]
+    )
     out = capsys.readouterr() if capsys is not None else None
     return status, out.out if out else "", out.err if out else ""
 
@@ -129,47 +168,71 @@ def test_soft_targets_follow_the_teacher_checkpoint(experiment, capsys):
     checkpoint explicitly; once the run is finished that cache is refused by train-student,
     naming both checkpoints, and soft-targets remakes it from the selected one."""
     workdir, teacher = experiment
-    config = configlib.override(configlib.load_config_file(CONFIG),
-                                [a for a in TEACHER if a != "--set"])
+    config = configlib.override(
+        configlib.load_config_file(CONFIG), [a for a in TEACHER if a != "--set"]
+    )
     checkpoints = workdir / "teacher" / "checkpoints"
     final = teacher_lib.select_finetuned(config, workdir)
     assert final.step == 4 and final.saved_steps == (2, 4)
     shutil.move(checkpoints / "4", workdir / "step4")  # the run as if killed after step 2
 
     status, _, err = _cli(workdir, teacher, "soft-targets", capsys=capsys)
-    assert status == 2 and "has not finished: its last checkpoint is step 2 of " \
-        "teacher.steps=4" in err and "--teacher-step 2" in err
+    assert (
+        status == 2
+        and "has not finished: its last checkpoint is step 2 of teacher.steps=4" in err
+        and "--teacher-step 2" in err
+    )
     assert not (workdir / "soft_targets" / "train").exists()
-    status, _, err = _cli(workdir, teacher, "train-student", "--name", "online", "--set",
-                          "distill.kd=online", capsys=capsys)
+    status, _, err = _cli(
+        workdir,
+        teacher,
+        "train-student",
+        "--name",
+        "online",
+        "--set",
+        "distill.kd=online",
+        capsys=capsys,
+    )
     assert status == 2 and "has not finished" in err
     assert not (workdir / "students" / "online" / "checkpoints").exists()
 
-    status, out, _ = _cli(workdir, teacher, "soft-targets", "--teacher-step", "2",
-                          "--chunk-rows", "512", capsys=capsys)
+    status, out, _ = _cli(
+        workdir,
+        teacher,
+        "soft-targets",
+        "--teacher-step",
+        "2",
+        "--chunk-rows",
+        "512",
+        capsys=capsys,
+    )
     assert status == 0 and "from the teacher checkpoint step 2" in out
     early = teacher_lib.select_finetuned(config, workdir, 2)
-    assert (_header(workdir)["teacher_step"], _header(workdir)["teacher_digest"]) == \
-        (2, early.digest)
+    assert (_header(workdir)["teacher_step"], _header(workdir)["teacher_digest"]) == (
+        2,
+        early.digest,
+    )
 
     shutil.move(workdir / "step4", checkpoints / "4")  # the teacher run finished
     status, _, err = _cli(workdir, teacher, "train-student", capsys=capsys)
     assert status == 2, err
-    assert f"was made from teacher checkpoint step 2 (digest {early.digest[:12]}), but the " \
+    assert (
+        f"was made from teacher checkpoint step 2 (digest {early.digest[:12]}), but the "
         f"one selected now is teacher checkpoint step 4 (digest {final.digest[:12]})" in err
+    )
     assert "`distill-jax soft-targets --force`" in err and "--teacher-step 2" in err
     assert not (workdir / "students" / "distilled" / "checkpoints").exists()
 
-    status, out, _ = _cli(workdir, teacher, "soft-targets", "--chunk-rows", "512",
-                          capsys=capsys)
+    status, out, _ = _cli(workdir, teacher, "soft-targets", "--chunk-rows", "512", capsys=capsys)
     assert status == 0 and "recomputing the soft targets" in out and "step 2" in out
-    assert (_header(workdir)["teacher_step"], _header(workdir)["teacher_digest"]) == \
-        (4, final.digest)
+    assert (_header(workdir)["teacher_step"], _header(workdir)["teacher_digest"]) == (
+        4,
+        final.digest,
+    )
     status, out, _ = _cli(workdir, teacher, "soft-targets", capsys=capsys)
     assert status == 0 and "nothing to do" in out
     # Asking for the early checkpoint now refuses the cache made from the final one.
-    status, _, err = _cli(workdir, teacher, "train-student", "--teacher-step", "2",
-                          capsys=capsys)
+    status, _, err = _cli(workdir, teacher, "train-student", "--teacher-step", "2", capsys=capsys)
     assert status == 2 and "soft-targets --force --teacher-step 2" in err
 
 
@@ -182,8 +245,12 @@ def test_damaged_cache_chunk_stops_train_student_before_training(experiment, cap
 
     workdir, teacher = experiment
     if _header_or_none(workdir) != 4:
-        assert _cli(workdir, teacher, "soft-targets", "--force", "--chunk-rows", "512",
-                    capsys=capsys)[0] == 0
+        assert (
+            _cli(workdir, teacher, "soft-targets", "--force", "--chunk-rows", "512", capsys=capsys)[
+                0
+            ]
+            == 0
+        )
     assert _header(workdir)["num_chunks"] > 2
     file = workdir / "soft_targets" / "train" / "logits" / "c" / "1" / "0"
     good = file.read_bytes()
@@ -193,11 +260,12 @@ def test_damaged_cache_chunk_stops_train_student_before_training(experiment, cap
     elif damage == "flip":
         data[len(data) // 2] ^= 0x10
     else:
-        data = data[:len(data) // 3]
+        data = data[: len(data) // 3]
     file.write_bytes(bytes(data))
     try:
-        status, _, err = _cli(workdir, teacher, "train-student", "--name", f"bad-{damage}",
-                              capsys=capsys)
+        status, _, err = _cli(
+            workdir, teacher, "train-student", "--name", f"bad-{damage}", capsys=capsys
+        )
     finally:
         file.write_bytes(good)
     assert status == 2, err
@@ -232,8 +300,19 @@ def test_damaged_teacher_files_are_named(experiment, capsys, tmp_path):
     shutil.copytree(teacher, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    status = cli.main(["train-teacher", "--config", CONFIG, "--workdir", str(tmp_path / "w"),
-                       "--set", f"teacher.checkpoint={broken}", "--set",
-                       f"data.prepared={workdir / 'data'}", "--no-progress"])
+    status = cli.main(
+        [
+            "train-teacher",
+            "--config",
+            CONFIG,
+            "--workdir",
+            str(tmp_path / "w"),
+            "--set",
+            f"teacher.checkpoint={broken}",
+            "--set",
+            f"data.prepared={workdir / 'data'}",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 2 and f"{weights} is not a readable safetensors file" in err, err

@@ -14,11 +14,22 @@ SIGNATURE = "nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|version:2.6.0"
 def _write(workdir, name, kd, seed, val, test):
     run = workdir / "students" / name
     run.mkdir(parents=True)
-    (run / "results.json").write_text(json.dumps({
-        "name": name, "kd": kd, "steps": 500, "seed": seed, "checkpoint": "step 500",
-        "teacher": None if kd == "none" else {"checkpoint": "minilm", "init": "pretrained"},
-        "splits": {"val": {"bleu": val, "bleu_signature": SIGNATURE},
-                   "test2016": {"bleu": test, "bleu_signature": SIGNATURE}}}))
+    (run / "results.json").write_text(
+        json.dumps(
+            {
+                "name": name,
+                "kd": kd,
+                "steps": 500,
+                "seed": seed,
+                "checkpoint": "step 500",
+                "teacher": None if kd == "none" else {"checkpoint": "minilm", "init": "pretrained"},
+                "splits": {
+                    "val": {"bleu": val, "bleu_signature": SIGNATURE},
+                    "test2016": {"bleu": test, "bleu_signature": SIGNATURE},
+                },
+            }
+        )
+    )
 
 
 def test_seed_groups_are_summarised_and_recorded(tmp_path):
@@ -45,9 +56,19 @@ def test_seed_groups_are_summarised_and_recorded(tmp_path):
 def _write_scores(workdir, name, seed, **scores):
     run = workdir / "students" / name
     run.mkdir(parents=True)
-    (run / "results.json").write_text(json.dumps({
-        "name": name, "kd": "none", "steps": 10, "seed": seed, "checkpoint": "step 10",
-        "teacher": None, "splits": {"valid": {"bleu_signature": SIGNATURE, **scores}}}))
+    (run / "results.json").write_text(
+        json.dumps(
+            {
+                "name": name,
+                "kd": "none",
+                "steps": 10,
+                "seed": seed,
+                "checkpoint": "step 10",
+                "teacher": None,
+                "splits": {"valid": {"bleu_signature": SIGNATURE, **scores}},
+            }
+        )
+    )
 
 
 def test_rouge_columns_appear_when_every_run_has_them(tmp_path):
@@ -57,7 +78,11 @@ def test_rouge_columns_appear_when_every_run_has_them(tmp_path):
     assert "valid ROUGE-2" in table and "valid BLEU" in table
     assert "| baseline | 2 | 6.00 ± 1.41 | 31.00 ± 1.41 | 11.00 ± 1.41 | 29.00 ± 1.41 |" in table
     assert sorted(r["metric"] for r in records if r["seed"] == 1) == [
-        "bleu", "rouge1", "rouge2", "rougeL"]
+        "bleu",
+        "rouge1",
+        "rouge2",
+        "rougeL",
+    ]
     assert all(("signature" in r) == (r["metric"] == "bleu") for r in records)
     table, records = report.results_table(tmp_path, ["rougeL"])
     assert "BLEU" not in table and {r["metric"] for r in records} == {"rougeL"}
@@ -83,11 +108,16 @@ def test_ablations_across_work_directories_show_their_difference_from_the_baseli
     _write(main, "unwanted", "offline", 0, 1.0, 1.0)
     _write(other, "distilled-random-teacher", "offline", 0, 9.0, 10.25)
     table, records = report.results_table(
-        [main, other], names=["baseline", "distilled-random-teacher", "distilled"],
-        baseline="baseline")
+        [main, other],
+        names=["baseline", "distilled-random-teacher", "distilled"],
+        baseline="baseline",
+    )
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split(" | ")[0] for row in rows[1:]] == [
-        "| baseline", "| distilled-random-teacher", "| distilled"]  # the asked order
+        "| baseline",
+        "| distilled-random-teacher",
+        "| distilled",
+    ]  # the asked order
     assert "| 9.00 (-1.00) | 10.25 (-0.75) |" in rows[2]
     assert "| 12.00 (+2.00) | 12.50 (+1.50) |" in rows[3]
     assert "| 10.00 | 11.00 |" in rows[1]  # the reference itself has no difference
@@ -99,9 +129,10 @@ def test_report_refuses_ambiguous_or_missing_runs(tmp_path):
     _write(first, "distilled", "offline", 0, 1.0, 1.0)
     _write(second, "distilled", "offline", 1, 2.0, 2.0)
     for call, words in (
-            (lambda: report.results_table([first, second]), ["distilled", str(second)]),
-            (lambda: report.results_table([first], names=["distilled", "k32"]), ["k32"]),
-            (lambda: report.results_table([first], baseline="baseline"), ["baseline"])):
+        (lambda: report.results_table([first, second]), ["distilled", str(second)]),
+        (lambda: report.results_table([first], names=["distilled", "k32"]), ["k32"]),
+        (lambda: report.results_table([first], baseline="baseline"), ["baseline"]),
+    ):
         try:
             call()
         except SystemExit as exit_:
@@ -112,28 +143,46 @@ def test_report_refuses_ambiguous_or_missing_runs(tmp_path):
 
 def test_ablations_script_names_what_it_needs_first(tmp_path):
     import subprocess
+
     repo = os.path.join(os.path.dirname(__file__), "..")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "dataset.json").write_text("{}")
     result = subprocess.run(
-        ["bash", "scripts/ablations.sh", "configs/multi30k_cpu.py", str(tmp_path),
-         str(tmp_path / "out.json")], cwd=repo, capture_output=True, text=True, timeout=60)
+        [
+            "bash",
+            "scripts/ablations.sh",
+            "configs/multi30k_cpu.py",
+            str(tmp_path),
+            str(tmp_path / "out.json"),
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert f"{tmp_path}/teacher is missing" in result.stderr
     assert "scripts/experiment.sh" in result.stderr
-    assert not (tmp_path / "out.json").exists() and not (tmp_path.parent / (
-        tmp_path.name + "-random")).exists()
+    assert (
+        not (tmp_path / "out.json").exists()
+        and not (tmp_path.parent / (tmp_path.name + "-random")).exists()
+    )
 
 
 def test_online_cost_script_names_what_it_needs_first(tmp_path):
     """scripts/online_cost.sh refuses a work directory without the teacher stages and
     trains nothing there."""
     import subprocess
+
     repo = os.path.join(os.path.dirname(__file__), "..")
     (tmp_path / "teacher" / "checkpoints").mkdir(parents=True)
     result = subprocess.run(
         ["bash", "scripts/online_cost.sh", "configs/multi30k_cpu.py", str(tmp_path), "20"],
-        cwd=repo, capture_output=True, text=True, timeout=60)
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert f"{tmp_path}/soft_targets/train is missing" in result.stderr
     assert "scripts/experiment.sh" in result.stderr

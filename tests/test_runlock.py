@@ -29,9 +29,13 @@ HOLDER = textwrap.dedent("""
 
 def _hold(directory, *name):
     """A process that holds the lock of ``directory`` until it is killed."""
-    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory), *name],
-                               stdout=subprocess.PIPE, text=True, cwd=REPO,
-                               env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(directory), *name],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert process.stdout.readline().strip() == "held"
     return process
 
@@ -53,7 +57,7 @@ def test_local_lock_refuses_a_second_writer_and_recovers_from_kill_9(tmp_path):
     finally:
         _kill(holder)
     # The kernel released the killed holder's lock: the next run takes it at once.
-    lock = runlock.acquire(run, "third")
+    runlock.acquire(run, "third")  # held until release_all()
     try:
         record = json.loads((run / ".lock").read_text())
         assert record["pid"] == os.getpid() and record["command"] == "third"
@@ -66,11 +70,14 @@ def test_local_lock_refuses_a_second_writer_and_recovers_from_kill_9(tmp_path):
     runlock.release_all()
 
 
-@pytest.mark.parametrize("command,where", [
-    ("train-teacher", ("teacher",)),
-    ("train-student", ("students", "distilled")),
-    ("soft-targets", ("soft_targets", ".train.lock")),
-])
+@pytest.mark.parametrize(
+    "command,where",
+    [
+        ("train-teacher", ("teacher",)),
+        ("train-student", ("students", "distilled")),
+        ("soft-targets", ("soft_targets", ".train.lock")),
+    ],
+)
 def test_commands_refuse_a_locked_run_directory(tmp_path, capsys, command, where):
     """Each writing command takes its run directory's lock before anything else: a
     second run exits 2 naming the holder and writes nothing (no config.json)."""
@@ -79,8 +86,7 @@ def test_commands_refuse_a_locked_run_directory(tmp_path, capsys, command, where
     directory = workdir.joinpath(*(where[:-1] if name else where))
     holder = _hold(directory, *name)
     try:
-        status = cli.main([command, "--config", CONFIG, "--workdir", str(workdir),
-                           "--no-progress"])
+        status = cli.main([command, "--config", CONFIG, "--workdir", str(workdir), "--no-progress"])
         err = capsys.readouterr().err
     finally:
         _kill(holder)
@@ -114,15 +120,27 @@ def test_multi_process_run_locks_once_and_stops_together(tmp_path):
         runlock.release_all()
     """)
     run = tmp_path / "run"
-    job = subprocess.run(launcher(2, sys.executable, "-c", script, str(run)), cwd=REPO,
-                         capture_output=True, text=True, timeout=300, env=clean_env())
+    job = subprocess.run(
+        launcher(2, sys.executable, "-c", script, str(run)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+    )
     assert job.returncode == 0, job.stdout + job.stderr
     assert "[0] got lock" in job.stdout and "[1] got no lock (not process 0)" in job.stdout
 
     holder = _hold(run)
     try:
-        job = subprocess.run(launcher(2, sys.executable, "-c", script, str(run)), cwd=REPO,
-                             capture_output=True, text=True, timeout=300, env=clean_env())
+        job = subprocess.run(
+            launcher(2, sys.executable, "-c", script, str(run)),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=clean_env(),
+        )
     finally:
         _kill(holder)
     assert job.returncode == 2, job.stdout + job.stderr
@@ -184,8 +202,12 @@ def test_gcs_lease_renewal_keeps_a_live_holder(gcs):
 def test_gcs_lease_of_an_ended_process_on_this_host_is_taken_over_at_once(gcs):
     """A rerun after kill -9 on the same machine does not wait for the lease to expire."""
     run = gcs.gs("work", "soft_targets")
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                           capture_output=True, text=True, check=True)
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     holder = runlock.Lease(run, "killed", ttl_s=600)
     holder._stop.set()
     holder._thread.join()

@@ -38,8 +38,9 @@ def _probe(mode):
         env["DISTILL_JAX_HOST_MEMORY"] = mode
     else:
         env.pop("DISTILL_JAX_HOST_MEMORY", None)
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300
+    )
     return out
 
 
@@ -67,8 +68,13 @@ def test_kept_memory_is_reused_without_page_faults_and_system_mode_faults():
 
 def test_unknown_mode_is_refused_by_the_cli():
     env = dict(os.environ, DISTILL_JAX_HOST_MEMORY="sometimes")
-    out = subprocess.run([sys.executable, "-m", "distill_jax.cli", "evaluate", "--hyp", "x",
-                          "--ref", "y"], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "distill_jax.cli", "evaluate", "--hyp", "x", "--ref", "y"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2
     assert "DISTILL_JAX_HOST_MEMORY='sometimes'" in out.stderr
     assert "'keep' or 'system'" in out.stderr
@@ -88,10 +94,12 @@ def test_a_runs_host_memory_mode_replaces_the_default_before_jax_starts():
         print(runtime.configure_host("keep"), runtime.applied_host_memory())
     """)
     env = {k: v for k, v in os.environ.items() if k != "DISTILL_JAX_HOST_MEMORY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
-        "system True", "{'keep_freed_memory': False, 'sync_cpu_dispatch': False} system"]
-    assert "host memory mode 'keep' requested after JAX's backends were initialized" in \
-        out.stderr
+        "system True",
+        "{'keep_freed_memory': False, 'sync_cpu_dispatch': False} system",
+    ]
+    assert "host memory mode 'keep' requested after JAX's backends were initialized" in out.stderr

@@ -40,8 +40,9 @@ def test_make_mesh_axes_and_devices():
 
 def test_logical_spec_to_mesh_spec():
     mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
-    assert sharding.mesh_spec_for(P("embed", "heads", "kv"), (32, 4, 8), mesh) == \
-        P("fsdp", "tensor", None)
+    assert sharding.mesh_spec_for(P("embed", "heads", "kv"), (32, 4, 8), mesh) == P(
+        "fsdp", "tensor", None
+    )
     assert sharding.mesh_spec_for(P("vocab", "embed"), (64, 32), mesh) == P("tensor", "fsdp")
     assert sharding.mesh_spec_for(None, (3,), mesh) == P()
 
@@ -50,21 +51,24 @@ def test_divisibility_fallback_replicates_dim(caplog):
     """12 heads on tensor=8 are replicated (the embed dim stays on fsdp), with a log line."""
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 8))
     fallbacks = []
-    spec = sharding.mesh_spec_for(P("embed", "heads", "kv"), (16, 12, 4), mesh,
-                                  fallbacks=fallbacks)
+    spec = sharding.mesh_spec_for(P("embed", "heads", "kv"), (16, 12, 4), mesh, fallbacks=fallbacks)
     assert spec == P("fsdp", None, None)  # fsdp has size 1 here: harmless
     assert fallbacks == ["heads=12 not divisible by tensor=8"]
 
     class Heads(nn.Module):
         @nn.compact
         def __call__(self):
-            return self.param("w", nn.with_logical_partitioning(
-                nn.initializers.ones, ("embed", "heads")), (16, 12))
+            return self.param(
+                "w",
+                nn.with_logical_partitioning(nn.initializers.ones, ("embed", "heads")),
+                (16, 12),
+            )
 
     mesh2 = sharding.make_mesh(sharding.MeshConfig(1, 1, 8))
     with caplog.at_level(logging.WARNING, logger="distill_jax.sharding"):
         state, shardings = sharding.create_sharded_state(
-            lambda: Heads().init(jax.random.PRNGKey(0))["params"], mesh2)
+            lambda: Heads().init(jax.random.PRNGKey(0))["params"], mesh2
+        )
     assert shardings["w"].spec == P("fsdp", None)
     assert state["w"].sharding.spec == P("fsdp", None)
     np.testing.assert_array_equal(np.asarray(state["w"]), 1.0)
@@ -92,10 +96,19 @@ class Tiny(nn.Module):
 
     @nn.compact
     def __call__(self, ids):
-        x = nn.Embed(64, 32, embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(1.0), ("vocab", "embed")))(ids)
-        return nn.DenseGeneral((4, 8), kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), ("embed", "heads", "kv")))(x)
+        x = nn.Embed(
+            64,
+            32,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(1.0), ("vocab", "embed")
+            ),
+        )(ids)
+        return nn.DenseGeneral(
+            (4, 8),
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("embed", "heads", "kv")
+            ),
+        )(x)
 
 
 def test_state_born_sharded_on_2x2x2():
@@ -124,6 +137,7 @@ def test_maybe_initialize_distributed_single_process_is_noop():
 
 def test_maybe_initialize_distributed_names_what_a_multi_process_run_lacks():
     from distill_jax.errors import UserError
+
     with pytest.raises(UserError, match="--coordinator, --num-processes and --process-id"):
         sharding.maybe_initialize_distributed("localhost:1234", 2, None)
     with pytest.raises(UserError, match="--coordinator"):

@@ -5,11 +5,23 @@ import numpy as np
 import pytest
 
 from distill_jax import storage
-from distill_jax.soft_target_cache import (CacheError, CacheIdentity, create_or_resume,
-                                           is_finished, open_cache, plan_chunks)
+from distill_jax.soft_target_cache import (
+    CacheError,
+    CacheIdentity,
+    create_or_resume,
+    is_finished,
+    open_cache,
+    plan_chunks,
+)
 
-IDENTITY = CacheIdentity(teacher="teacher@abc", vocabulary="vocab@123",
-                         dataset="multi30k/de-en@xyz", split="train", top_k=4, stride=7)
+IDENTITY = CacheIdentity(
+    teacher="teacher@abc",
+    vocabulary="vocab@123",
+    dataset="multi30k/de-en@xyz",
+    split="train",
+    top_k=4,
+    stride=7,
+)
 
 
 @pytest.fixture(params=["local", "gs"])
@@ -18,8 +30,9 @@ def where(request, tmp_path):
     if request.param == "local":
         return lambda name: str(tmp_path / name)
     gcs = request.getfixturevalue("gcs")
-    return lambda name: gcs.gs("cache-tests", request.node.name.replace("[", "-")
-                               .replace("]", ""), name)
+    return lambda name: gcs.gs(
+        "cache-tests", request.node.name.replace("[", "-").replace("]", ""), name
+    )
 
 
 def _example(i, length, k=4):
@@ -100,9 +113,10 @@ def test_truncated_cache_is_refused(where):
         open_cache(path)
 
 
-@pytest.mark.parametrize("field,value", [("vocabulary", "vocab@other"),
-                                         ("dataset", "gigaword@1"), ("teacher", "other"),
-                                         ("stride", 5)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("vocabulary", "vocab@other"), ("dataset", "gigaword@1"), ("teacher", "other"), ("stride", 5)],
+)
 def test_foreign_cache_is_refused(tmp_path, field, value):
     path = str(tmp_path / "cache")
     _fill(path, [2]).finalize()
@@ -156,7 +170,7 @@ def test_soft_target_batches_read_ahead_and_resume_exactly(tmp_path):
                 raise StopIteration
             i, self.step = self.step, self.step + 1
             tgt_out = np.zeros((2, 8), np.int32)
-            tgt_out[0, :lengths[i]] = 5
+            tgt_out[0, : lengths[i]] = 5
             return {"index": np.array([i, -1], np.int32), "tgt_out": tgt_out}
 
         def get_state(self):
@@ -185,6 +199,7 @@ def test_cache_from_another_teacher_checkpoint_is_refused_by_name(tmp_path):
     step 15 is refused for step 30 (and for another checkpoint of the same step), the
     message naming both; a reader that does not know the checkpoint still opens it."""
     from dataclasses import replace
+
     path = str(tmp_path / "cache")
     made = replace(IDENTITY, teacher_step=15, teacher_digest="a" * 64)
     writer = create_or_resume(path, made, np.array([2, 3]), chunk_rows=8)
@@ -196,24 +211,35 @@ def test_cache_from_another_teacher_checkpoint_is_refused_by_name(tmp_path):
     open_cache(path, made)
     open_cache(path, IDENTITY)  # not compared when not given
     for step, digest in ((30, "b" * 64), (15, "c" * 64)):
-        with pytest.raises(CacheError, match=rf"was made from teacher checkpoint step 15 "
-                                             rf"\(digest aaaaaaaaaaaa\), but the one selected "
-                                             rf"now is teacher checkpoint step {step} "
-                                             rf"\(digest {digest[:12]}\)"):
+        with pytest.raises(
+            CacheError,
+            match=rf"was made from teacher checkpoint step 15 "
+            rf"\(digest aaaaaaaaaaaa\), but the one selected "
+            rf"now is teacher checkpoint step {step} "
+            rf"\(digest {digest[:12]}\)",
+        ):
             open_cache(path, replace(made, teacher_step=step, teacher_digest=digest))
 
 
 def test_unfinished_cache_from_another_teacher_checkpoint_is_not_resumed(tmp_path):
     from dataclasses import replace
+
     path = str(tmp_path / "cache")
     made = replace(IDENTITY, teacher_step=15, teacher_digest="a" * 64)
     writer = create_or_resume(path, made, np.array([2, 3, 4]), chunk_rows=4)
     writer.write_chunk(0, {0: _example(0, 2)})
     writer.flush()
-    with pytest.raises(CacheError, match="unfinished cache for other data: it was made from "
-                                         "teacher checkpoint step 15.*step 30"):
-        create_or_resume(path, replace(made, teacher_step=30, teacher_digest="b" * 64),
-                         np.array([2, 3, 4]), chunk_rows=4)
+    with pytest.raises(
+        CacheError,
+        match="unfinished cache for other data: it was made from "
+        "teacher checkpoint step 15.*step 30",
+    ):
+        create_or_resume(
+            path,
+            replace(made, teacher_step=30, teacher_digest="b" * 64),
+            np.array([2, 3, 4]),
+            chunk_rows=4,
+        )
 
 
 # ----------------------------------------------------------------------------- damage
@@ -261,7 +287,7 @@ def test_truncated_chunk_is_refused_naming_it(tmp_path, cut):
     _three_chunks(path)
     file = tmp_path / "cache" / "indices" / "c" / "2" / "0"
     data = file.read_bytes()
-    file.write_bytes(data[:cut] if cut >= 0 else data[:len(data) + cut])
+    file.write_bytes(data[:cut] if cut >= 0 else data[: len(data) + cut])
     with pytest.raises(CacheError, match=r"chunk 2 of indices \(.*c/2/0\) is damaged"):
         open_cache(path)
 
@@ -270,30 +296,40 @@ def test_truncated_chunk_is_refused_naming_it(tmp_path, cut):
 def test_nan_logits_and_foreign_indices_are_refused_naming_the_chunk(tmp_path, preload):
     """Values written over a chunk with a valid checksum (NaN logits, an index outside
     the student vocabulary) are caught by the reader's value check."""
-    import tensorstore as ts
     from dataclasses import replace
 
+    import tensorstore as ts
+
     from distill_jax.soft_target_cache import _array_spec
+
     path = str(tmp_path / "cache")
     _three_chunks(path, replace(IDENTITY, vocab_size=100))
     size = 1 << 20 if preload else 0
     logits = ts.open(_array_spec(path, "logits"), open=True).result()
     logits[9, 2].write(np.float16(np.nan)).result()  # row 9: chunk 1
-    with pytest.raises(CacheError, match=r"chunk 1 of logits .* 1 rows hold logits that are "
-                                         r"not finite"):
+    with pytest.raises(
+        CacheError,
+        match=r"chunk 1 of logits .* 1 rows hold logits that are "
+        r"not finite",
+    ):
         open_cache(path, preload_bytes=size).read_async([0, 1, 2]).result()
     logits[9, 2].write(np.float16(1.0)).result()
     indices = ts.open(_array_spec(path, "indices"), open=True).result()
     indices[17, 0].write(np.int32(100)).result()  # row 17: chunk 2
-    with pytest.raises(CacheError, match=r"chunk 2 of indices .* indices outside the student "
-                                         r"vocabulary \(0\.\.99\)"):
+    with pytest.raises(
+        CacheError,
+        match=r"chunk 2 of indices .* indices outside the student "
+        r"vocabulary \(0\.\.99\)",
+    ):
         open_cache(path, preload_bytes=size).read_async([2]).result()
 
 
 def test_writer_refuses_non_finite_logits_and_foreign_indices(tmp_path):
     from dataclasses import replace
-    writer = create_or_resume(str(tmp_path / "c"), replace(IDENTITY, vocab_size=100),
-                              np.array([3]), chunk_rows=8)
+
+    writer = create_or_resume(
+        str(tmp_path / "c"), replace(IDENTITY, vocab_size=100), np.array([3]), chunk_rows=8
+    )
     logits, indices = _example(0, 3)
     bad = logits.copy()
     bad[1] = np.nan
@@ -314,4 +350,5 @@ def test_damaged_header_or_rows_is_refused_naming_the_file(tmp_path, name):
 
 def test_cache_errors_exit_with_status_2():
     from distill_jax.errors import UserError
+
     assert issubclass(CacheError, UserError) and issubclass(CacheError, ValueError)

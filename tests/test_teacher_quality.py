@@ -36,19 +36,31 @@ def test_agreement_refuses_misaligned_targets():
 def test_student_accuracy_is_the_last_validation_record(tmp_path):
     run = tmp_path / "students" / "baseline"
     run.mkdir(parents=True)
-    lines = [{"step": 10, "split": "train", "accuracy": 0.1},
-             {"step": 10, "split": "valid", "accuracy": 0.4},
-             {"step": 20, "split": "valid", "accuracy": 0.55, "bleu": 3.0}]
+    lines = [
+        {"step": 10, "split": "train", "accuracy": 0.1},
+        {"step": 10, "split": "valid", "accuracy": 0.4},
+        {"step": 20, "split": "valid", "accuracy": 0.55, "bleu": 3.0},
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert teacher_quality.student_accuracy(tmp_path, "baseline") == pytest.approx(0.55)
     assert teacher_quality.student_accuracy(tmp_path, "missing") is None
 
 
-@pytest.mark.parametrize("value, message", [("1,hot", "not a comma-separated list of numbers"),
-                                            ("2,0", "every temperature must be > 0")])
+@pytest.mark.parametrize(
+    "value, message",
+    [("1,hot", "not a comma-separated list of numbers"), ("2,0", "every temperature must be > 0")],
+)
 def test_bad_temperatures_are_refused_before_any_work(value, message, tmp_path, capsys):
-    code = teacher_quality.main(["--config", str(tmp_path / "missing.py"), "--workdir",
-                                 str(tmp_path), "--temperatures", value])
+    code = teacher_quality.main(
+        [
+            "--config",
+            str(tmp_path / "missing.py"),
+            "--workdir",
+            str(tmp_path),
+            "--temperatures",
+            value,
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "--temperatures" in err and message in err

@@ -60,24 +60,37 @@ def step_fn(state, batch, rng):
     x = jnp.asarray(batch["x"])
     w = state.params["w"] * 0.9 + x
     loss = x * w
-    return (state.replace(step=state.step + 1, params={"w": w}),
-            {"loss": (3 * loss, jnp.float32(3)), "grad_norm": (jnp.abs(w), jnp.float32(1))})
+    return (
+        state.replace(step=state.step + 1, params={"w": w}),
+        {"loss": (3 * loss, jnp.float32(3)), "grad_norm": (jnp.abs(w), jnp.float32(1))},
+    )
 
 
 def fresh_state():
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros(())},
-                            opt_state=())
+    return train.TrainState(
+        step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros(())}, opt_state=()
+    )
 
 
-def run(directory, checkpoints, total, batches=None, stop_after=None, step=step_fn,
-        callbacks=(), evaluate=None, eval_every=10 ** 6):
+def run(
+    directory,
+    checkpoints,
+    total,
+    batches=None,
+    stop_after=None,
+    step=step_fn,
+    callbacks=(),
+    evaluate=None,
+    eval_every=10**6,
+):
     """TrainLoop from the latest checkpoint; ``stop_after`` kills it (an exception)
     once that many batches were drawn."""
     log = runner.MetricsLog(directory)
     batches = batches or Batches()
     state = fresh_state()
-    state = runner.resume(checkpoints, state, jax.tree.map(lambda x: x.sharding, state),
-                          batches, log)
+    state = runner.resume(
+        checkpoints, state, jax.tree.map(lambda x: x.sharding, state), batches, log
+    )
 
     class Killed(Exception):
         pass
@@ -90,11 +103,19 @@ def run(directory, checkpoints, total, batches=None, stop_after=None, step=step_
 
     try:
         return runner.TrainLoop(
-            train_step=step, batches=draw(), to_device=lambda b: b,
-            data_state=batches.get_state, rng=jax.random.PRNGKey(0), checkpoints=checkpoints,
-            log=log, schedule=runner.Schedule(total, eval_every=eval_every, save_every=4,
-                                              log_every=10),
-            evaluate=evaluate, desc="test", no_progress=True, callbacks=callbacks).run(state)
+            train_step=step,
+            batches=draw(),
+            to_device=lambda b: b,
+            data_state=batches.get_state,
+            rng=jax.random.PRNGKey(0),
+            checkpoints=checkpoints,
+            log=log,
+            schedule=runner.Schedule(total, eval_every=eval_every, save_every=4, log_every=10),
+            evaluate=evaluate,
+            desc="test",
+            no_progress=True,
+            callbacks=callbacks,
+        ).run(state)
     except Killed:
         return None
 
@@ -121,7 +142,7 @@ def test_first_record_after_a_resume_equals_an_uninterrupted_runs(tmp_path, kill
 def test_resume_from_a_checkpoint_without_its_log_window_marks_the_record_partial(tmp_path):
     checkpoints = Checkpoints()
     run(tmp_path, checkpoints, total=25, stop_after=14)
-    for step, (state, extra) in checkpoints.saved.items():  # as written before #34
+    for _state, extra in checkpoints.saved.values():  # as written before #34
         extra.pop("log_window")
     run(tmp_path, checkpoints, total=25)
     marked = [r for r in records(tmp_path) if r.get("partial")]
@@ -139,6 +160,7 @@ def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
 def poisoned(at, *, loss=True):
     """``step_fn`` whose step ``at`` has a NaN loss (or, with ``loss=False``, a finite loss
     and gradient norm but a NaN parameter)."""
+
     def step(state, batch, rng):
         new, metrics = step_fn(state, batch, rng)
         bad = int(new.step) == at
@@ -147,6 +169,7 @@ def poisoned(at, *, loss=True):
         elif bad:
             new = new.replace(params={"w": jnp.float32(np.nan)})
         return new, metrics
+
     return step
 
 
@@ -179,13 +202,13 @@ def test_a_failed_start_does_not_bind_the_run_to_its_config(tmp_path):
     assert json.loads(path.read_text())["checkpoint"] == "/right"
     (tmp_path / "teacher" / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)
     with pytest.raises(UserError, match="changed fields: checkpoint: '/right' -> '/other'"):
-        runner.check_or_save_config(TeacherConfig(checkpoint="/other"), path,
-                                    what="train-teacher")
+        runner.check_or_save_config(TeacherConfig(checkpoint="/other"), path, what="train-teacher")
 
 
 def test_callbacks_see_every_step_log_record_and_the_end(tmp_path):
     """The hook points (runner.Callback): one begin/end pair per update, the training-log
     records as written to metrics.jsonl, and the end."""
+
     class Recorder(runner.Callback):
         def __init__(self):
             self.begun, self.ended, self.logged, self.finished = [], [], [], []
@@ -226,10 +249,15 @@ def test_validations_reach_the_log_the_callbacks_and_the_keep_best_policy(tmp_pa
             super().save(step, state, extra=extra, metrics=metrics, force=force)
 
     evals = Evals()
-    run(tmp_path, Recording(), total=10, callbacks=[evals], eval_every=4,
-        evaluate=lambda state, step: {"score": float(step) / 2})
-    assert evals.seen == [(4, {"score": 2.0}, 4), (8, {"score": 4.0}, 8),
-                          (10, {"score": 5.0}, 10)]
+    run(
+        tmp_path,
+        Recording(),
+        total=10,
+        callbacks=[evals],
+        eval_every=4,
+        evaluate=lambda state, step: {"score": float(step) / 2},
+    )
+    assert evals.seen == [(4, {"score": 2.0}, 4), (8, {"score": 4.0}, 8), (10, {"score": 5.0}, 10)]
     valid = [r for r in records(tmp_path) if r["split"] == "valid"]
     assert [(r["step"], r["score"]) for r in valid] == [(4, 2.0), (8, 4.0), (10, 5.0)]
     # (saves every 4 steps and at the end: each with that step's validation values)

@@ -28,16 +28,18 @@ def student_batch(seed: int) -> dict:
     tgt_len = rng.integers(2, TGT + 1, BATCH)
     for i in range(BATCH):
         src[i, src_len[i] - 1] = 2  # </s>
-        src[i, src_len[i]:] = 0
+        src[i, src_len[i] :] = 0
         tgt[i, 0] = 1  # <s>
         tgt[i, tgt_len[i]] = 2  # </s>
-        tgt[i, tgt_len[i] + 1:] = 0
+        tgt[i, tgt_len[i] + 1 :] = 0
     tgt_in, tgt_out = tgt[:, :-1].copy(), tgt[:, 1:].copy()
     tgt_in[tgt_out == 0] = 0
     mlm_mask = rng.random((BATCH, TGT)) < 0.4
     mlm_mask[:, 0] = True
     return {
-        "src": src, "tgt_in": tgt_in, "tgt_out": tgt_out,
+        "src": src,
+        "tgt_in": tgt_in,
+        "tgt_out": tgt_out,
         "mlm_mask": mlm_mask.astype(np.int32),
         "kd_logits": rng.normal(size=(BATCH, TGT, K)).astype(np.float32) * 3,
         "kd_indices": rng.integers(0, VOCAB, (BATCH, TGT, K)).astype(np.int32),
@@ -46,9 +48,15 @@ def student_batch(seed: int) -> dict:
 
 def teacher_setup():
     """(model, loss_fn, params init, optimizer) of a tiny C-MLM BERT."""
-    cfg = BertConfig(vocab_size=VOCAB + 8, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
-                     cmlm_vocab_size=VOCAB)
+    cfg = BertConfig(
+        vocab_size=VOCAB + 8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        cmlm_vocab_size=VOCAB,
+    )
     model = BertModel(cfg)
     teacher_ids = np.arange(VOCAB, dtype=np.int32) + 5  # ids 0..4 stay special in BERT
     loss_fn = train.cmlm_loss_fn(model, teacher_ids, cls_id=1, mask_id=2)
@@ -57,17 +65,25 @@ def teacher_setup():
         ids = jnp.ones((1, 4), jnp.int32)
         return model.init(jax.random.PRNGKey(0), ids, method="cmlm_logits")["params"]
 
-    optimizer = optim.make_optimizer(optim.OptimizerConfig.teacher(
-        total_steps=10, warmup_fraction=0.0, learning_rate=1e-3))
+    optimizer = optim.make_optimizer(
+        optim.OptimizerConfig.teacher(total_steps=10, warmup_fraction=0.0, learning_rate=1e-3)
+    )
     # The pipeline's batches: the mask and its positions (the output layer runs there only).
     return loss_fn, init_params, optimizer, lambda seed: cmlm_batch(seed, with_positions=True)
 
 
 def student_setup():
     """(loss_fn, params init, optimizer) of a tiny Transformer with offline top-K KD."""
-    cfg = TransformerConfig(vocab_size=VOCAB, d_model=32, num_heads=4, mlp_dim=64,
-                            num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.1,
-                            max_len=16)
+    cfg = TransformerConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        num_heads=4,
+        mlp_dim=64,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dropout_rate=0.1,
+        max_len=16,
+    )
     model = Transformer(cfg)
     loss_fn = train.student_loss_fn(model, train.StudentLossConfig(alpha=0.5))
 
@@ -75,8 +91,9 @@ def student_setup():
         x = jnp.ones((1, 4), jnp.int32)
         return model.init(jax.random.PRNGKey(0), x, x)["params"]
 
-    optimizer = optim.make_optimizer(optim.OptimizerConfig.student(
-        learning_rate=1e-3, schedule="constant", grad_clip_norm=1.0))
+    optimizer = optim.make_optimizer(
+        optim.OptimizerConfig.student(learning_rate=1e-3, schedule="constant", grad_clip_norm=1.0)
+    )
     return loss_fn, init_params, optimizer
 
 
@@ -85,12 +102,19 @@ def run_steps(setup, mesh, *, steps=2, accum_steps=1, compute_dtype=jnp.float32)
     ``setup`` is (loss_fn, init_params, optimizer[, batch of a seed])."""
     loss_fn, init_params, optimizer = setup[:3]
     state, state_shardings = sharding.create_sharded_state(
-        lambda: train.TrainState.create(init_params(), optimizer), mesh)
+        lambda: train.TrainState.create(init_params(), optimizer), mesh
+    )
     batch_of = setup[3] if len(setup) > 3 else student_batch
     first = batch_of(0)
     step = train.make_train_step(
-        loss_fn, optimizer, mesh, state_shardings, sharding.batch_shardings(first, mesh),
-        accum_steps=accum_steps, compute_dtype=compute_dtype)
+        loss_fn,
+        optimizer,
+        mesh,
+        state_shardings,
+        sharding.batch_shardings(first, mesh),
+        accum_steps=accum_steps,
+        compute_dtype=compute_dtype,
+    )
     rng = jax.random.PRNGKey(42)
     losses, grad_norms = [], []
     for i in range(steps):
@@ -123,7 +147,7 @@ def assert_trees_close(actual, expected, rtol=RTOL, lr=1e-3, steps=2):
         else:
             checked.append((name, a, e))
     diff = math.sqrt(sum(float(np.sum((a - e) ** 2)) for _, a, e in checked))
-    norm = math.sqrt(sum(float(np.sum(e ** 2)) for _, _, e in checked))
+    norm = math.sqrt(sum(float(np.sum(e**2)) for _, _, e in checked))
     assert diff <= rtol * norm, f"relative parameter difference {diff / norm:.3g} > {rtol}"
     for name, a, e in checked:
         np.testing.assert_allclose(a, e, rtol=10 * rtol, atol=1e-6, err_msg=name)
@@ -170,8 +194,10 @@ def test_student_reference_is_not_trivial(student_reference):
     setup, (ref_losses, _, ref_params) = student_reference
     loss_fn, init_params, _ = setup
     init = jax.tree.map(np.asarray, nn.unbox(init_params()))
-    moved = max(float(np.max(np.abs(a - b))) for a, b in
-                zip(jax.tree.leaves(ref_params), jax.tree.leaves(init)))
+    moved = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(init))
+    )
     assert moved > 1e-4
     batch = {k: jnp.asarray(v) for k, v in student_batch(0).items()}
     _, with_kd = loss_fn(init, batch, None)
@@ -180,9 +206,16 @@ def test_student_reference_is_not_trivial(student_reference):
 
 def no_dropout_student_setup():
     """A student without dropout: micro-batch splitting then cannot change the masks."""
-    cfg = TransformerConfig(vocab_size=VOCAB, d_model=32, num_heads=4, mlp_dim=64,
-                            num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.0,
-                            max_len=16)
+    cfg = TransformerConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        num_heads=4,
+        mlp_dim=64,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        dropout_rate=0.0,
+        max_len=16,
+    )
     model = Transformer(cfg)
     loss_fn = train.student_loss_fn(model, train.StudentLossConfig(alpha=0.5))
 
@@ -190,8 +223,9 @@ def no_dropout_student_setup():
         x = jnp.ones((1, 4), jnp.int32)
         return model.init(jax.random.PRNGKey(1), x, x)["params"]
 
-    optimizer = optim.make_optimizer(optim.OptimizerConfig.student(
-        learning_rate=1e-3, schedule="constant", grad_clip_norm=None))
+    optimizer = optim.make_optimizer(
+        optim.OptimizerConfig.student(learning_rate=1e-3, schedule="constant", grad_clip_norm=None)
+    )
     return loss_fn, init_params, optimizer
 
 
@@ -235,19 +269,31 @@ def test_eval_step_matches_direct_loss():
     shardings = sharding.tree_shardings(abstract, mesh)
     params = sharding.place_tree(params, shardings)
     batch = student_batch(3)
-    eval_step = train.make_eval_step(loss_fn, mesh, shardings, sharding.batch_shardings(batch, mesh))
+    eval_step = train.make_eval_step(
+        loss_fn, mesh, shardings, sharding.batch_shardings(batch, mesh)
+    )
     metrics = eval_step(params, sharding.shard_batch(batch, mesh))
-    _, expected = loss_fn(nn.unbox(init_params()), {k: jnp.asarray(v) for k, v in batch.items()}, None)
+    _, expected = loss_fn(
+        nn.unbox(init_params()), {k: jnp.asarray(v) for k, v in batch.items()}, None
+    )
     for name in expected:
-        np.testing.assert_allclose(np.asarray(metrics[name][0]), np.asarray(expected[name][0]),
-                                   rtol=RTOL)
+        np.testing.assert_allclose(
+            np.asarray(metrics[name][0]), np.asarray(expected[name][0]), rtol=RTOL
+        )
         assert float(metrics[name][1]) == float(expected[name][1])
 
 
 def test_online_teacher_equals_offline_targets():
     """A teacher callable returning the batch's kd arrays gives the offline loss."""
-    cfg = TransformerConfig(vocab_size=VOCAB, d_model=16, num_heads=2, mlp_dim=32,
-                            num_encoder_layers=1, num_decoder_layers=1, max_len=16)
+    cfg = TransformerConfig(
+        vocab_size=VOCAB,
+        d_model=16,
+        num_heads=2,
+        mlp_dim=32,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        max_len=16,
+    )
     model = Transformer(cfg)
     x = jnp.ones((1, 4), jnp.int32)
     params = nn.unbox(model.init(jax.random.PRNGKey(0), x, x)["params"])
@@ -255,10 +301,9 @@ def test_online_teacher_equals_offline_targets():
     offline = train.student_loss_fn(model)(params, batch, None)[0]
     online_batch = {k: batch[k] for k in ("src", "tgt_in", "tgt_out")}
     online = train.student_loss_fn(
-        model, teacher=lambda b, teacher_params: (teacher_params["logits"],
-                                                  teacher_params["indices"]),
-    )(params, online_batch, None,
-      {"logits": batch["kd_logits"], "indices": batch["kd_indices"]})[0]
+        model,
+        teacher=lambda b, teacher_params: (teacher_params["logits"], teacher_params["indices"]),
+    )(params, online_batch, None, {"logits": batch["kd_logits"], "indices": batch["kd_indices"]})[0]
     plain = train.student_loss_fn(model)(params, online_batch, None)[0]
     np.testing.assert_allclose(float(online), float(offline), rtol=1e-6)
     assert abs(float(plain) - float(offline)) > 1e-3
@@ -313,24 +358,37 @@ def test_weight_decay_mask_excludes_bias_and_layernorm():
 
 def test_weight_decay_applied_only_where_masked():
     """One AdamW step with zero gradients: only decayed params shrink, by lr * wd * p."""
-    params = {"dense": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full((2,), 2.0)},
-              "LayerNorm": {"scale": jnp.full((2,), 2.0), "bias": jnp.full((2,), 2.0)}}
-    cfg = optim.OptimizerConfig(learning_rate=0.1, schedule="constant", weight_decay=0.5,
-                                grad_clip_norm=1.0)
+    params = {
+        "dense": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full((2,), 2.0)},
+        "LayerNorm": {"scale": jnp.full((2,), 2.0), "bias": jnp.full((2,), 2.0)},
+    }
+    cfg = optim.OptimizerConfig(
+        learning_rate=0.1, schedule="constant", weight_decay=0.5, grad_clip_norm=1.0
+    )
     tx = optim.make_optimizer(cfg)
     grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(updates["dense"]["kernel"], -0.1 * 0.5 * 2.0, rtol=1e-6)
-    for leaf in (updates["dense"]["bias"], updates["LayerNorm"]["scale"],
-                 updates["LayerNorm"]["bias"]):
+    for leaf in (
+        updates["dense"]["bias"],
+        updates["LayerNorm"]["scale"],
+        updates["LayerNorm"]["bias"],
+    ):
         np.testing.assert_allclose(leaf, 0.0)
 
 
 def test_grad_clipping():
     """Clip 1.0: a gradient of norm 10 becomes a unit gradient before Adam (SGD-like
     first Adam step is sign-like, so check through the clip transform's output norm)."""
-    cfg = optim.OptimizerConfig(learning_rate=1.0, schedule="constant", weight_decay=0.0,
-                                grad_clip_norm=1.0, b1=0.0, b2=0.0, eps=1e3)
+    cfg = optim.OptimizerConfig(
+        learning_rate=1.0,
+        schedule="constant",
+        weight_decay=0.0,
+        grad_clip_norm=1.0,
+        b1=0.0,
+        b2=0.0,
+        eps=1e3,
+    )
     tx = optim.make_optimizer(cfg)
     params = {"w": jnp.zeros((4,))}
     grads = {"w": jnp.array([5.0, 5.0, 5.0, 5.0])}  # norm 10
@@ -359,14 +417,24 @@ def test_cmlm_masked_head_equals_all_positions(with_positions, training):
     reference form), in evaluation and in training mode (dropout rates 0: the two forms
     draw different dropout masks in the last layer), with the pipeline's
     ``mlm_positions`` and without them."""
-    cfg = BertConfig(vocab_size=VOCAB + 8, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
-                     cmlm_vocab_size=VOCAB, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=VOCAB + 8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        cmlm_vocab_size=VOCAB,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = BertModel(cfg)
     teacher_ids = np.arange(VOCAB, dtype=np.int32) + 5
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32),
-                                 method="cmlm_logits")["params"])
+    params = nn.unbox(
+        model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), method="cmlm_logits")[
+            "params"
+        ]
+    )
     batch = {k: jnp.asarray(v) for k, v in cmlm_batch(3, with_positions=with_positions).items()}
     rng = jax.random.PRNGKey(7) if training else None
     results = {}
@@ -379,14 +447,17 @@ def test_cmlm_masked_head_equals_all_positions(with_positions, training):
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
     assert sorted(metrics) == sorted(ref_metrics)
     for name in ref_metrics:
-        np.testing.assert_allclose(np.asarray(metrics[name]), np.asarray(ref_metrics[name]),
-                                   rtol=1e-6, err_msg=name)
-    masked = int(np.sum(np.asarray(batch["mlm_mask"]).astype(bool)
-                        & (np.asarray(batch["tgt_out"]) != 0)))
+        np.testing.assert_allclose(
+            np.asarray(metrics[name]), np.asarray(ref_metrics[name]), rtol=1e-6, err_msg=name
+        )
+    masked = int(
+        np.sum(np.asarray(batch["mlm_mask"]).astype(bool) & (np.asarray(batch["tgt_out"]) != 0))
+    )
     assert float(metrics["loss"][1]) == masked
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def test_cmlm_head_positions_is_checked():

@@ -14,8 +14,12 @@ import shutil
 import subprocess
 import sys
 
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def save_tiny_teacher(path: pathlib.Path, minilm_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
@@ -24,9 +28,14 @@ def save_tiny_teacher(path: pathlib.Path, minilm_dir: pathlib.Path, seed: int = 
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64,
-                                     max_position_embeddings=160)
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=160,
+    )
     transformers.BertForMaskedLM(config).save_pretrained(path, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (minilm_dir / name).exists():
@@ -34,9 +43,11 @@ def save_tiny_teacher(path: pathlib.Path, minilm_dir: pathlib.Path, seed: int = 
     return path
 
 
-def write_corpus(shared_data: pathlib.Path, out: pathlib.Path,
-                 sizes=(("train", "train", 240), ("val", "val", 24),
-                        ("test2016", "test_2016_flickr", 24))) -> list[str]:
+def write_corpus(
+    shared_data: pathlib.Path,
+    out: pathlib.Path,
+    sizes=(("train", "train", 240), ("val", "val", 24), ("test2016", "test_2016_flickr", 24)),
+) -> list[str]:
     """The first lines of Multi30k splits; returns ``--split`` arguments for prepare
     (file names relative to ``out``)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -45,15 +56,29 @@ def write_corpus(shared_data: pathlib.Path, out: pathlib.Path,
         for lang in ("de", "en"):
             text = (shared_data / "multi30k" / f"{stem}.{lang}").read_text(encoding="utf-8")
             (out / f"{split}.{lang}").write_text(
-                "".join(line + "\n" for line in text.splitlines()[:lines]), encoding="utf-8")
+                "".join(line + "\n" for line in text.splitlines()[:lines]), encoding="utf-8"
+            )
         specs.append(f"{split}={split}.de,{split}.en")
     return specs
 
 
-def prepare(teacher: pathlib.Path, corpus: pathlib.Path, split_specs: list[str],
-            out: pathlib.Path) -> None:
-    args = [sys.executable, "-m", "distill_jax.cli", "prepare", "--dataset", "local",
-            "--data-dir", str(corpus), "--teacher", str(teacher), "--out", str(out)]
+def prepare(
+    teacher: pathlib.Path, corpus: pathlib.Path, split_specs: list[str], out: pathlib.Path
+) -> None:
+    args = [
+        sys.executable,
+        "-m",
+        "distill_jax.cli",
+        "prepare",
+        "--dataset",
+        "local",
+        "--data-dir",
+        str(corpus),
+        "--teacher",
+        str(teacher),
+        "--out",
+        str(out),
+    ]
     for spec in split_specs:
         args += ["--split", spec]
     subprocess.run(args, check=True, capture_output=True, text=True)

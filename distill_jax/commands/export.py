@@ -18,18 +18,31 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_trained_student_arguments(parser)
     parser.add_argument("--out", required=True, help="folder to write the export to")
-    parser.add_argument("--format", default="auto", choices=export.FORMATS,
-                        help="auto (marian for post-LN students, m2m100 for pre-LN ones), "
-                             "marian, m2m100, fsmt, or ctranslate2 (a CTranslate2 model "
-                             "folder alone)")
-    parser.add_argument("--ctranslate2", action="store_true",
-                        help="also write a CTranslate2 model (float32) into OUT/ctranslate2")
-    parser.add_argument("--license", default="unknown",
-                        help="license of the model card's metadata (default: unknown)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier export at --out (a folder holding only what "
-                             "distill-jax export wrote; never the work directory or a folder "
-                             "inside or above it), once the new export is complete")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=export.FORMATS,
+        help="auto (marian for post-LN students, m2m100 for pre-LN ones), "
+        "marian, m2m100, fsmt, or ctranslate2 (a CTranslate2 model "
+        "folder alone)",
+    )
+    parser.add_argument(
+        "--ctranslate2",
+        action="store_true",
+        help="also write a CTranslate2 model (float32) into OUT/ctranslate2",
+    )
+    parser.add_argument(
+        "--license",
+        default="unknown",
+        help="license of the model card's metadata (default: unknown)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export at --out (a folder holding only what "
+        "distill-jax export wrote; never the work directory or a folder "
+        "inside or above it), once the new export is complete",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,13 +64,34 @@ def run(args: argparse.Namespace) -> int:
     meta = open_prepared(runner.prepared_dir(config, workdir)).meta
     direction = str(meta.get("direction", "src-tgt")).split("-")
     langs = direction if len(direction) == 2 else ["src", "tgt"]
-    card = export.model_card(workdir / "students" / name, name, model.config,
-                             vocab, meta, args.checkpoint, fmt, langs, args.license)
+    card = export.model_card(
+        workdir / "students" / name,
+        name,
+        model.config,
+        vocab,
+        meta,
+        args.checkpoint,
+        fmt,
+        langs,
+        args.license,
+    )
     logger.info("writing the %s export to %s", fmt, args.out)
-    out = export.export(args.out, params, model.config, vocab, config.decode, card, langs,
-                        fmt=fmt, ctranslate2=args.ctranslate2, overwrite=args.overwrite,
-                        workdir=args.workdir)
-    print(f"[{name}] exported to {out} ({fmt}"
-          f"{', with ctranslate2/' if args.ctranslate2 and fmt != 'ctranslate2' else ''})",
-          flush=True)
+    out = export.export(
+        args.out,
+        params,
+        model.config,
+        vocab,
+        config.decode,
+        card,
+        langs,
+        fmt=fmt,
+        ctranslate2=args.ctranslate2,
+        overwrite=args.overwrite,
+        workdir=args.workdir,
+    )
+    print(
+        f"[{name}] exported to {out} ({fmt}"
+        f"{', with ctranslate2/' if args.ctranslate2 and fmt != 'ctranslate2' else ''})",
+        flush=True,
+    )
     return 0

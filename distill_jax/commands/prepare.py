@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from distill_jax import storage
-from distill_jax.errors import UserError
 from distill_jax.data import builders
 from distill_jax.data.prepared import DATASET_FORMAT
 from distill_jax.data.vocab import TeacherTokenizer, Vocabulary
+from distill_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -27,38 +27,80 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``distill-jax prepare``."""
     parser.add_argument("--dataset", required=True, help=f"one of {_dataset_names()}")
-    parser.add_argument("--direction", default=None,
-                        help="source-target, e.g. de-en (default: the corpus's first)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="local copy of the corpus files (else they are downloaded)")
-    parser.add_argument("--split", action="append", default=[], metavar="NAME=SRC,TGT",
-                        help="for --dataset local: a split and its two files (repeatable)")
-    parser.add_argument("--teacher", required=True,
-                        help="teacher BERT folder or Hugging Face name (its tokenizer is used)")
-    parser.add_argument("--out", required=True,
-                        help="directory to create (local: the dataset is read from local disk)")
-    parser.add_argument("--vocab", type=Path, default=None,
-                        help="reuse this vocab.json instead of building one from train")
-    parser.add_argument("--min-count", type=int, default=1,
-                        help="least training-split count of a piece in the vocabulary")
-    parser.add_argument("--size-multiple", type=int, default=8,
-                        help="vocabulary size is padded to a multiple of this")
-    parser.add_argument("--max-src-len", type=int, default=256,
-                        help="drop pairs whose source has more pieces (</s> included)")
-    parser.add_argument("--max-tgt-len", type=int, default=256,
-                        help="drop pairs whose target has more pieces (</s> included)")
+    parser.add_argument(
+        "--direction", default=None, help="source-target, e.g. de-en (default: the corpus's first)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="local copy of the corpus files (else they are downloaded)",
+    )
+    parser.add_argument(
+        "--split",
+        action="append",
+        default=[],
+        metavar="NAME=SRC,TGT",
+        help="for --dataset local: a split and its two files (repeatable)",
+    )
+    parser.add_argument(
+        "--teacher",
+        required=True,
+        help="teacher BERT folder or Hugging Face name (its tokenizer is used)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="directory to create (local: the dataset is read from local disk)",
+    )
+    parser.add_argument(
+        "--vocab",
+        type=Path,
+        default=None,
+        help="reuse this vocab.json instead of building one from train",
+    )
+    parser.add_argument(
+        "--min-count",
+        type=int,
+        default=1,
+        help="least training-split count of a piece in the vocabulary",
+    )
+    parser.add_argument(
+        "--size-multiple",
+        type=int,
+        default=8,
+        help="vocabulary size is padded to a multiple of this",
+    )
+    parser.add_argument(
+        "--max-src-len",
+        type=int,
+        default=256,
+        help="drop pairs whose source has more pieces (</s> included)",
+    )
+    parser.add_argument(
+        "--max-tgt-len",
+        type=int,
+        default=256,
+        help="drop pairs whose target has more pieces (</s> included)",
+    )
 
 
 def _dataset_names() -> list[str]:
-    return (sorted(builders.CORPORA) + sorted(builders.ARCHIVE_CORPORA) + ["local"] +
-            sorted(builders.UPSTREAM))
+    return (
+        sorted(builders.CORPORA)
+        + sorted(builders.ARCHIVE_CORPORA)
+        + ["local"]
+        + sorted(builders.UPSTREAM)
+    )
 
 
 def _download_manager():
     """TFDS's download manager, caching under ~/.cache/distill-jax/downloads."""
     import tensorflow_datasets as tfds
+
     return tfds.download.DownloadManager(
-        download_dir=str(Path.home() / ".cache" / "distill-jax" / "downloads"))
+        download_dir=str(Path.home() / ".cache" / "distill-jax" / "downloads")
+    )
 
 
 def _local_split_files(specs: list[str], data_dir: Path | None) -> dict[str, tuple[str, str]]:
@@ -77,8 +119,9 @@ def _local_split_files(specs: list[str], data_dir: Path | None) -> dict[str, tup
     return out
 
 
-def _read_texts(args, spec: builders.CorpusSpec, direction: str
-                ) -> dict[str, tuple[list[str], list[str]]]:
+def _read_texts(
+    args, spec: builders.CorpusSpec, direction: str
+) -> dict[str, tuple[list[str], list[str]]]:
     """Fetches (or finds and verifies) the files, then reads every split's line pairs."""
     dl_manager = _download_manager() if args.data_dir is None else None
     return builders.read_corpus(spec, direction, args.data_dir, dl_manager)
@@ -95,11 +138,15 @@ def _print_counts(encoded: dict[str, builders.EncodedSplit], out: Path, vocab: V
 
 def run(args: argparse.Namespace) -> int:
     """Builds the dataset directory ``args.out``."""
-    out = Path(storage.require_local(
-        args.out, "--out",
-        "the prepared dataset is read through grain / tfds.data_source, which open local "
-        "files only; prepare it on every host's local disk (the result is the same everywhere) "
-        "and keep the work directory (--workdir) on Cloud Storage"))
+    out = Path(
+        storage.require_local(
+            args.out,
+            "--out",
+            "the prepared dataset is read through grain / tfds.data_source, which open local "
+            "files only; prepare it on every host's local disk (the result is the same everywhere) "
+            "and keep the work directory (--workdir) on Cloud Storage",
+        )
+    )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty")
     for flag in ("min_count", "size_multiple", "max_src_len", "max_tgt_len"):
@@ -118,32 +165,40 @@ def run(args: argparse.Namespace) -> int:
         archive = builders.ARCHIVE_CORPORA[args.dataset]
         direction = args.direction or archive.direction
         if direction != archive.direction:
-            raise UserError(f"corpus {archive.name!r} has only the direction "
-                            f"{archive.direction!r}, not {direction!r}")
+            raise UserError(
+                f"corpus {archive.name!r} has only the direction "
+                f"{archive.direction!r}, not {direction!r}"
+            )
         texts = builders.read_archive_corpus(
-            archive, args.data_dir, _download_manager() if args.data_dir is None else None)
+            archive, args.data_dir, _download_manager() if args.data_dir is None else None
+        )
         train_split, text_format = archive.train_split, archive.text
     else:
         if args.dataset == "local":
-            split_files = {split: tuple(str(Path(args.data_dir) / name) for name in names)
-                           for split, names in _local_split_files(args.split,
-                                                                  args.data_dir).items()}
+            split_files = {
+                split: tuple(str(Path(args.data_dir) / name) for name in names)
+                for split, names in _local_split_files(args.split, args.data_dir).items()
+            }
             spec = builders.local_corpus(_local_split_files(args.split, args.data_dir))
         elif args.dataset in builders.CORPORA:
             spec = builders.CORPORA[args.dataset]
         else:
-            raise UserError(f"unknown --dataset {args.dataset!r}; choose one of "
-                            f"{_dataset_names()}")
+            raise UserError(f"unknown --dataset {args.dataset!r}; choose one of {_dataset_names()}")
         direction = args.direction or next(iter(spec.directions))
         texts = _read_texts(args, spec, direction)
         train_split, text_format = spec.train_split, spec.text or None
 
-    logger.info("read %s (%s): %s", args.dataset, direction, ", ".join(
-        f"{split} {len(src)} pairs" for split, (src, _) in texts.items()))
+    logger.info(
+        "read %s (%s): %s",
+        args.dataset,
+        direction,
+        ", ".join(f"{split} {len(src)} pairs" for split, (src, _) in texts.items()),
+    )
     tokenizer = TeacherTokenizer.load(args.teacher)
     given_vocab = Vocabulary.load(args.vocab, tokenizer) if args.vocab else None
-    vocab, encoded = builders.encode_corpus(texts, train_split, tokenizer, given_vocab,
-                                            args.min_count, args.size_multiple, limits)
+    vocab, encoded = builders.encode_corpus(
+        texts, train_split, tokenizer, given_vocab, args.min_count, args.size_multiple, limits
+    )
     _refuse_empty_splits(encoded, args.dataset, split_files)
     logger.info("writing the dataset (TFDS array_record) to %s", out)
     _write_dataset(out, args.dataset, direction, vocab, encoded, limits, text_format)
@@ -151,52 +206,81 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_empty_splits(encoded: dict[str, builders.EncodedSplit], corpus: str,
-                        split_files: dict[str, tuple[str, str]]) -> None:
+def _refuse_empty_splits(
+    encoded: dict[str, builders.EncodedSplit], corpus: str, split_files: dict[str, tuple[str, str]]
+) -> None:
     """A split with no pair left to store (empty files, or every line empty or too long)
     is refused here, naming its files, before anything is written."""
     for split, enc in encoded.items():
         if enc.counts.kept:
             continue
         c = enc.counts
-        where = " and ".join(split_files[split]) if split in split_files else \
-            f"corpus {corpus!r}"
-        why = "the files are empty" if c.lines == 0 else (
-            f"all {c.lines} lines were dropped ({c.dropped_empty} empty, "
-            f"{c.dropped_too_long} over --max-src-len / --max-tgt-len)")
+        where = " and ".join(split_files[split]) if split in split_files else f"corpus {corpus!r}"
+        why = (
+            "the files are empty"
+            if c.lines == 0
+            else (
+                f"all {c.lines} lines were dropped ({c.dropped_empty} empty, "
+                f"{c.dropped_too_long} over --max-src-len / --max-tgt-len)"
+            )
+        )
         raise UserError(f"split {split!r} ({where}) has no sentence pair to store: {why}")
 
 
-def _write_dataset(out: Path, corpus: str, direction: str, vocab: Vocabulary,
-                   encoded: dict[str, builders.EncodedSplit], limits: builders.LengthLimits,
-                   text_format: dict | None = None) -> None:
+def _write_dataset(
+    out: Path,
+    corpus: str,
+    direction: str,
+    vocab: Vocabulary,
+    encoded: dict[str, builders.EncodedSplit],
+    limits: builders.LengthLimits,
+    text_format: dict | None = None,
+) -> None:
     """Writes the TFDS dataset, vocabulary, lengths and dataset.json, then renames into place.
     ``text_format`` (how a preprocessed corpus's text is tokenized) goes into dataset.json as
     ``"text"``; scoring reads it to add tokenized BLEU."""
     import tensorflow_datasets as tfds
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         config = builders.config_name(corpus, direction)
         known = {c.name for c in builders.DistillParallel.BUILDER_CONFIGS}
-        config_arg = config if config in known else builders.ParallelCorpusConfig(
-            name=config, corpus=corpus, direction=direction,
-            description=f"{corpus}, direction {direction}.")
-        builder = builders.DistillParallel(config=config_arg, data_dir=str(tmp / "tfds"),
-                                           file_format="array_record", encoded=encoded)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(verify_ssl=True))
+        config_arg = (
+            config
+            if config in known
+            else builders.ParallelCorpusConfig(
+                name=config,
+                corpus=corpus,
+                direction=direction,
+                description=f"{corpus}, direction {direction}.",
+            )
+        )
+        builder = builders.DistillParallel(
+            config=config_arg,
+            data_dir=str(tmp / "tfds"),
+            file_format="array_record",
+            encoded=encoded,
+        )
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=True))
         vocab.save(tmp / "vocab.json")
         (tmp / "lengths").mkdir()
         for split, enc in encoded.items():
             np.save(tmp / "lengths" / f"{split}.npy", enc.lengths())
         meta = {
-            "format": DATASET_FORMAT, "corpus": corpus, "direction": direction,
+            "format": DATASET_FORMAT,
+            "corpus": corpus,
+            "direction": direction,
             "tfds_name": f"{builders.BUILDER_NAME}/{config}",
             "splits": {split: vars(enc.counts) for split, enc in encoded.items()},
             "limits": vars(limits),
-            "vocab": {"name": vocab.name, "sha256": vocab.sha256, "size": len(vocab),
-                      "teacher": vocab.teacher}}
+            "vocab": {
+                "name": vocab.name,
+                "sha256": vocab.sha256,
+                "size": len(vocab),
+                "teacher": vocab.teacher,
+            },
+        }
         if text_format:
             meta["text"] = dict(text_format)
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")

@@ -27,23 +27,42 @@ from distill_jax.commands import common
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from distill_jax.soft_target_cache import DEFAULT_CHUNK_ROWS
+
     common.add_common_arguments(parser)
     parser.add_argument("--split", default=None, help="split to score (default: data.train_split)")
-    parser.add_argument("--force", action="store_true",
-                        help="recompute: remove the cache of this split (finished or not) first")
-    parser.add_argument("--teacher-step", type=int, default=None, metavar="N",
-                        help="take the soft targets from the teacher checkpoint of step N (it "
-                             "must be saved), even if the teacher run has not finished; by "
-                             "default the best checkpoint of a finished run (one that saved "
-                             "step teacher.steps), and an unfinished run is refused")
-    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
-                        help="target positions per stored chunk (the unit of writing and of "
-                             "resuming; an unfinished cache keeps its own)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="recompute: remove the cache of this split (finished or not) first",
+    )
+    parser.add_argument(
+        "--teacher-step",
+        type=int,
+        default=None,
+        metavar="N",
+        help="take the soft targets from the teacher checkpoint of step N (it "
+        "must be saved), even if the teacher run has not finished; by "
+        "default the best checkpoint of a finished run (one that saved "
+        "step teacher.steps), and an unfinished run is refused",
+    )
+    parser.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=DEFAULT_CHUNK_ROWS,
+        help="target positions per stored chunk (the unit of writing and of "
+        "resuming; an unfinished cache keeps its own)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     common.initialize_processes(args)
-    api.extract_soft_targets(common.load_experiment(args), args.workdir,
-                             split=args.split, force=args.force, teacher_step=args.teacher_step,
-                             chunk_rows=args.chunk_rows, no_progress=args.no_progress)
+    api.extract_soft_targets(
+        common.load_experiment(args),
+        args.workdir,
+        split=args.split,
+        force=args.force,
+        teacher_step=args.teacher_step,
+        chunk_rows=args.chunk_rows,
+        no_progress=args.no_progress,
+    )
     return 0

@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     common.initialize_processes(args)
-    api.train_teacher(common.load_experiment(args), args.workdir,
-                      no_progress=args.no_progress, profile_steps=args.profile_steps)
+    api.train_teacher(
+        common.load_experiment(args),
+        args.workdir,
+        no_progress=args.no_progress,
+        profile_steps=args.profile_steps,
+    )
     return 0

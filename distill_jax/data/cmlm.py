@@ -44,23 +44,28 @@ def build_cmlm_inputs(src, tgt_out, teacher_ids, mlm_mask, *, cls_id: int, mask_
       ``jax.numpy`` on JAX arrays (also inside ``jit``).
     """
     xp = _array_module(src, tgt_out, teacher_ids, mlm_mask)
-    src = xp.asarray(src, dtype=xp.int32)                        # [b, S]
-    tgt_out = xp.asarray(tgt_out, dtype=xp.int32)                # [b, T]
-    teacher_ids = xp.asarray(teacher_ids, dtype=xp.int32)        # [V]
+    src = xp.asarray(src, dtype=xp.int32)  # [b, S]
+    tgt_out = xp.asarray(tgt_out, dtype=xp.int32)  # [b, T]
+    teacher_ids = xp.asarray(teacher_ids, dtype=xp.int32)  # [V]
     batch = src.shape[0]
-    src_real = src != 0                                          # [b, S]
-    tgt_real = tgt_out != 0                                      # [b, T]
-    masked = xp.asarray(mlm_mask).astype(bool) & tgt_real        # [b, T]
+    src_real = src != 0  # [b, S]
+    tgt_real = tgt_out != 0  # [b, T]
+    masked = xp.asarray(mlm_mask).astype(bool) & tgt_real  # [b, T]
 
-    cls = xp.full((batch, 1), cls_id, dtype=xp.int32)            # [b, 1]
+    cls = xp.full((batch, 1), cls_id, dtype=xp.int32)  # [b, 1]
     tgt_teacher = xp.where(masked, xp.int32(mask_id), teacher_ids[tgt_out])  # [b, T]
     input_ids = xp.concatenate([cls, teacher_ids[src], tgt_teacher], axis=1)  # [b, 1+S+T]
 
     real = xp.concatenate(
-        [xp.ones((batch, 1), dtype=bool), src_real, tgt_real], axis=1)        # [b, 1+S+T]
+        [xp.ones((batch, 1), dtype=bool), src_real, tgt_real], axis=1
+    )  # [b, 1+S+T]
     token_type_ids = xp.concatenate(
-        [xp.zeros((batch, 1 + src.shape[1]), dtype=xp.int32),
-         xp.ones(tgt_out.shape, dtype=xp.int32)], axis=1)                    # [b, 1+S+T]
+        [
+            xp.zeros((batch, 1 + src.shape[1]), dtype=xp.int32),
+            xp.ones(tgt_out.shape, dtype=xp.int32),
+        ],
+        axis=1,
+    )  # [b, 1+S+T]
     # Positions count real tokens only, so the middle padding is skipped: 0 for [CLS].
     position_ids = xp.where(real, xp.cumsum(real.astype(xp.int32), axis=1) - 1, 0)
     return {
@@ -68,8 +73,8 @@ def build_cmlm_inputs(src, tgt_out, teacher_ids, mlm_mask, *, cls_id: int, mask_
         "token_type_ids": token_type_ids,
         "position_ids": position_ids.astype(xp.int32),
         "attention_mask": real.astype(xp.int32),
-        "labels": tgt_out,                                        # [b, T]
-        "label_weights": masked.astype(xp.float32),               # [b, T]
+        "labels": tgt_out,  # [b, T]
+        "label_weights": masked.astype(xp.float32),  # [b, T]
     }
 
 
@@ -87,8 +92,9 @@ def masked_capacity(tgt_len: int, rate: float) -> int:
     return min(tgt_len, math.ceil(rate * tgt_len + spread) + 1)
 
 
-def random_target_mask(tgt_len: int, seed: int, example_index: int,
-                       rate: float = DEFAULT_MASK_RATE) -> np.ndarray:
+def random_target_mask(
+    tgt_len: int, seed: int, example_index: int, rate: float = DEFAULT_MASK_RATE
+) -> np.ndarray:
     """C-MLM training mask for one target of ``tgt_len`` positions (EOS slot included).
 
     Each position is masked with probability ``rate``; the draw is repeated until at
@@ -104,12 +110,13 @@ def random_target_mask(tgt_len: int, seed: int, example_index: int,
     if not 0.0 < rate <= 1.0:
         raise ValueError(f"random_target_mask: rate must be in (0, 1], got {rate}")
     if seed < 0 or example_index < 0:
-        raise ValueError(f"random_target_mask: seed ({seed}) and example_index "
-                         f"({example_index}) must be >= 0")
+        raise ValueError(
+            f"random_target_mask: seed ({seed}) and example_index ({example_index}) must be >= 0"
+        )
     most = masked_capacity(tgt_len, rate)
     rng = np.random.default_rng([int(seed), int(example_index)])
     while True:
-        mask = rng.random(tgt_len) < rate                        # [tgt_len]
+        mask = rng.random(tgt_len) < rate  # [tgt_len]
         if 1 <= mask.sum() <= most:
             return mask
 
@@ -128,18 +135,20 @@ def masked_positions(mask, capacity: int):
       numpy input and ``jax.numpy`` on JAX arrays.
     """
     xp = _array_module(mask)
-    mask = xp.asarray(mask).astype(bool)                          # [b, T]
+    mask = xp.asarray(mask).astype(bool)  # [b, T]
     if xp is np and mask.shape[0] and int(mask.sum(axis=1).max()) > capacity:
-        raise ValueError(f"masked_positions: a row masks {int(mask.sum(axis=1).max())} "
-                         f"positions, more than the capacity {capacity}")
+        raise ValueError(
+            f"masked_positions: a row masks {int(mask.sum(axis=1).max())} "
+            f"positions, more than the capacity {capacity}"
+        )
     width = mask.shape[1]
     # A stable sort of "not masked" puts each row's masked positions first, in order.
     order = xp.argsort(~mask, axis=1, stable=True)[:, :capacity]  # [b, min(T, capacity)]
-    kept = xp.take_along_axis(mask, order, axis=1)                # [b, min(T, capacity)]
+    kept = xp.take_along_axis(mask, order, axis=1)  # [b, min(T, capacity)]
     positions = xp.where(kept, order, -1).astype(xp.int32)
     if capacity > width:
         positions = xp.pad(positions, ((0, 0), (0, capacity - width)), constant_values=-1)
-    return positions                                              # [b, capacity]
+    return positions  # [b, capacity]
 
 
 def stride_masks(tgt_len: int, stride: int = DEFAULT_STRIDE) -> np.ndarray:
@@ -153,6 +162,6 @@ def stride_masks(tgt_len: int, stride: int = DEFAULT_STRIDE) -> np.ndarray:
     """
     if tgt_len < 1 or stride < 1:
         raise ValueError(f"stride_masks: tgt_len ({tgt_len}) and stride ({stride}) must be >= 1")
-    copies = np.arange(min(stride, tgt_len))[:, None]            # [num_copies, 1]
-    positions = np.arange(tgt_len)[None, :]                      # [1, tgt_len]
-    return positions % stride == copies                          # [num_copies, tgt_len]
+    copies = np.arange(min(stride, tgt_len))[:, None]  # [num_copies, 1]
+    positions = np.arange(tgt_len)[None, :]  # [1, tgt_len]
+    return positions % stride == copies  # [num_copies, tgt_len]

@@ -38,8 +38,13 @@ ARCHIVE = "de-en.tgz"
 URL = "https://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"
 LANGS = ("de", "en")
 TRAIN_FILE = "train.tags.de-en.{}"
-TEST_SETS = ("IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010",
-             "IWSLT14.TED.tst2011", "IWSLT14.TED.tst2012")
+TEST_SETS = (
+    "IWSLT14.TED.dev2010",
+    "IWSLT14.TEDX.dev2012",
+    "IWSLT14.TED.tst2010",
+    "IWSLT14.TED.tst2011",
+    "IWSLT14.TED.tst2012",
+)
 TEST_FILE = "{}.de-en.{}.xml"
 VALID_EVERY = 23  # every 23rd cleaned training pair goes to valid
 MAX_RATIO = 1.5  # clean-corpus-n -ratio
@@ -56,8 +61,9 @@ _SEG_CLOSE = re.compile(r"\s*</seg>\s*")
 
 def member_names() -> list[str]:
     """File names the archive must hold (below its top folder)."""
-    return ([TRAIN_FILE.format(lang) for lang in LANGS] +
-            [TEST_FILE.format(name, lang) for name in TEST_SETS for lang in LANGS])
+    return [TRAIN_FILE.format(lang) for lang in LANGS] + [
+        TEST_FILE.format(name, lang) for name in TEST_SETS for lang in LANGS
+    ]
 
 
 def read_members(archive: Path) -> dict[str, list[str]]:
@@ -73,8 +79,10 @@ def read_members(archive: Path) -> dict[str, list[str]]:
                     try:
                         found[name] = raw.decode("utf-8").splitlines()
                     except UnicodeDecodeError as err:
-                        raise UserError(f"{archive}: {member.name} is not UTF-8 "
-                                        f"({err.reason} at byte {err.start})") from None
+                        raise UserError(
+                            f"{archive}: {member.name} is not UTF-8 "
+                            f"({err.reason} at byte {err.start})"
+                        ) from None
     except (tarfile.TarError, OSError) as err:
         raise UserError(f"{archive}: not a readable tar archive ({err})") from None
     missing = sorted(wanted - set(found))
@@ -98,8 +106,11 @@ def training_text(lines: list[str]) -> list[str]:
 
 def segments(lines: list[str]) -> list[str]:
     """The text of the ``<seg id="N">`` lines of an IWSLT XML file, ``’`` written as ``'``."""
-    return [_SEG_CLOSE.sub("", _SEG_OPEN.sub("", line)).replace("\u2019", "'")
-            for line in lines if "<seg id" in line]
+    return [
+        _SEG_CLOSE.sub("", _SEG_OPEN.sub("", line)).replace("\u2019", "'")
+        for line in lines
+        if "<seg id" in line
+    ]
 
 
 class MosesTokenizers:
@@ -109,8 +120,9 @@ class MosesTokenizers:
         try:
             from sacremoses import MosesTokenizer
         except ImportError:
-            raise UserError("IWSLT14 preprocessing needs sacremoses (pip install sacremoses)"
-                            ) from None
+            raise UserError(
+                "IWSLT14 preprocessing needs sacremoses (pip install sacremoses)"
+            ) from None
         self._make = MosesTokenizer
         self._by_lang: dict = {}
 
@@ -145,22 +157,36 @@ def preprocess(members: dict[str, list[str]]) -> dict[str, tuple[list[str], list
     for lang in LANGS:
         train[lang] = tokenize(training_text(members[TRAIN_FILE.format(lang)]), lang)
     if len(train["de"]) != len(train["en"]):
-        raise UserError(f"{TRAIN_FILE.format('de')} has {len(train['de'])} text lines but "
-                        f"{TRAIN_FILE.format('en')} has {len(train['en'])}: not line-aligned")
-    cleaned = [(de.lower(), en.lower()) for de, en in
-               ((_collapse(d), _collapse(e)) for d, e in zip(train["de"], train["en"]))
-               if keep_pair(de, en)]
-    pairs = {"train": [p for i, p in enumerate(cleaned, 1) if i % VALID_EVERY],
-             "valid": [p for i, p in enumerate(cleaned, 1) if not i % VALID_EVERY]}
-    test = {lang: [line.lower() for name in TEST_SETS
-                   for line in tokenize(segments(members[TEST_FILE.format(name, lang)]), lang)]
-            for lang in LANGS}
+        raise UserError(
+            f"{TRAIN_FILE.format('de')} has {len(train['de'])} text lines but "
+            f"{TRAIN_FILE.format('en')} has {len(train['en'])}: not line-aligned"
+        )
+    cleaned = [
+        (de.lower(), en.lower())
+        for de, en in ((_collapse(d), _collapse(e)) for d, e in zip(train["de"], train["en"]))
+        if keep_pair(de, en)
+    ]
+    pairs = {
+        "train": [p for i, p in enumerate(cleaned, 1) if i % VALID_EVERY],
+        "valid": [p for i, p in enumerate(cleaned, 1) if not i % VALID_EVERY],
+    }
+    test = {
+        lang: [
+            line.lower()
+            for name in TEST_SETS
+            for line in tokenize(segments(members[TEST_FILE.format(name, lang)]), lang)
+        ]
+        for lang in LANGS
+    }
     if len(test["de"]) != len(test["en"]):
-        raise UserError(f"the test XML files hold {len(test['de'])} German but "
-                        f"{len(test['en'])} English segments")
+        raise UserError(
+            f"the test XML files hold {len(test['de'])} German but "
+            f"{len(test['en'])} English segments"
+        )
     pairs["test"] = list(zip(test["de"], test["en"]))
-    return {split: ([de for de, _ in rows], [en for _, en in rows])
-            for split, rows in pairs.items()}
+    return {
+        split: ([de for de, _ in rows], [en for _, en in rows]) for split, rows in pairs.items()
+    }
 
 
 def read_archive(archive: Path) -> dict[str, tuple[list[str], list[str]]]:
@@ -170,6 +196,5 @@ def read_archive(archive: Path) -> dict[str, tuple[list[str], list[str]]]:
     texts = preprocess(read_members(Path(archive)))
     sizes = {split: len(src) for split, (src, _) in texts.items()}
     if sizes != PUBLISHED_SIZES:
-        logger.warning("IWSLT14 split sizes %s differ from fairseq's %s", sizes,
-                       PUBLISHED_SIZES)
+        logger.warning("IWSLT14 split sizes %s differ from fairseq's %s", sizes, PUBLISHED_SIZES)
     return texts

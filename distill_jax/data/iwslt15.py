@@ -38,9 +38,19 @@ def files() -> dict[str, tuple[str, str]]:
 # &bar; &bra; &ket;), in one pass: "&amp;quot;" is the text "&quot;", as the script's
 # order (&amp; last) makes it. Any other "&...;" is left alone (html.unescape would also
 # turn bare "&copy" and the like into symbols).
-_MOSES_ENTITIES = {"&amp;": "&", "&#124;": "|", "&bar;": "|", "&lt;": "<", "&gt;": ">",
-                   "&apos;": "'", "&quot;": '"', "&#91;": "[", "&bra;": "[", "&#93;": "]",
-                   "&ket;": "]"}
+_MOSES_ENTITIES = {
+    "&amp;": "&",
+    "&#124;": "|",
+    "&bar;": "|",
+    "&lt;": "<",
+    "&gt;": ">",
+    "&apos;": "'",
+    "&quot;": '"',
+    "&#91;": "[",
+    "&bra;": "[",
+    "&#93;": "]",
+    "&ket;": "]",
+}
 _MOSES_ENTITY = re.compile("|".join(re.escape(e) for e in _MOSES_ENTITIES))
 
 

@@ -19,9 +19,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -32,6 +32,7 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 FILLER = "<fill_{}>"
 VOCAB_FORMAT = "distill-jax-vocab/1"
 
+
 class TeacherTokenizer:
     """The teacher's WordPiece tokenizer, splitting text into pieces without specials.
 
@@ -41,27 +42,32 @@ class TeacherTokenizer:
 
     def __init__(self, hf_tokenizer, name: str):
         from tokenizers import Tokenizer
+
         backend = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
         backend.no_padding()
         backend.no_truncation()
         self._backend = backend
-        self.name = name                                    # path or hub name it came from
+        self.name = name  # path or hub name it came from
         self.vocab: dict[str, int] = hf_tokenizer.get_vocab()  # teacher piece -> teacher id
-        self.special_ids = {                                # the teacher ids the data code uses
-            "cls": hf_tokenizer.cls_token_id, "sep": hf_tokenizer.sep_token_id,
-            "pad": hf_tokenizer.pad_token_id, "unk": hf_tokenizer.unk_token_id,
-            "mask": hf_tokenizer.mask_token_id}
+        self.special_ids = {  # the teacher ids the data code uses
+            "cls": hf_tokenizer.cls_token_id,
+            "sep": hf_tokenizer.sep_token_id,
+            "pad": hf_tokenizer.pad_token_id,
+            "unk": hf_tokenizer.unk_token_id,
+            "mask": hf_tokenizer.mask_token_id,
+        }
         missing = [k for k, v in self.special_ids.items() if v is None]
         if missing:
             raise UserError(f"teacher tokenizer {name!r} lacks the special tokens {missing}")
 
     @classmethod
-    def load(cls, path_or_name: str | os.PathLike) -> "TeacherTokenizer":
+    def load(cls, path_or_name: str | os.PathLike) -> TeacherTokenizer:
         """Loads ``AutoTokenizer.from_pretrained(path_or_name)``. A path that does not
         exist is reported as such (not as a bad Hugging Face Hub id)."""
         from transformers import AutoTokenizer
 
         from distill_jax.hf import CheckpointError, local_folder_or_hub_id, not_a_local_folder
+
         try:
             folder = local_folder_or_hub_id(path_or_name)
         except CheckpointError as err:
@@ -70,8 +76,9 @@ class TeacherTokenizer:
             hf = AutoTokenizer.from_pretrained(str(path_or_name))
         except (OSError, ValueError) as err:
             hub = "" if folder is not None else f" {not_a_local_folder(path_or_name)} it failed:"
-            raise UserError(f"cannot load the teacher tokenizer {str(path_or_name)!r}:{hub} "
-                            f"{err}") from err
+            raise UserError(
+                f"cannot load the teacher tokenizer {str(path_or_name)!r}:{hub} {err}"
+            ) from err
         return cls(hf, str(path_or_name))
 
     @property
@@ -120,6 +127,7 @@ def detokenize(pieces: Iterable[str]) -> str:
     ``metrics.detokenize_words`` (clitics, intra-word hyphens, punctuation, brackets and
     quotes attached: ``dog's``, ``red-painted``, ``sign: "tenho em mim"``)."""
     from distill_jax.metrics import detokenize_words
+
     return detokenize_words(join_pieces(pieces))
 
 
@@ -127,16 +135,16 @@ def detokenize(pieces: Iterable[str]) -> str:
 class Vocabulary:
     """Student vocabulary: ``pieces[i]`` is the string of id ``i``; see the module docstring."""
 
-    pieces: tuple[str, ...]            # every token string, indexed by student id
-    teacher_ids: np.ndarray            # [V] int32, student id -> teacher id
-    teacher: str                       # the teacher tokenizer's path or hub name
-    teacher_vocab_sha256: str          # hash of the teacher vocabulary the ids refer to
-    teacher_special_ids: dict          # teacher ids of cls, sep, pad, unk, mask
+    pieces: tuple[str, ...]  # every token string, indexed by student id
+    teacher_ids: np.ndarray  # [V] int32, student id -> teacher id
+    teacher: str  # the teacher tokenizer's path or hub name
+    teacher_vocab_sha256: str  # hash of the teacher vocabulary the ids refer to
+    teacher_special_ids: dict  # teacher ids of cls, sep, pad, unk, mask
     tokenizer: TeacherTokenizer | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        self.ids = {p: i for i, p in enumerate(self.pieces)}   # piece -> student id
-        self._wordpiece = None                                 # built by wordpiece_tokenizer
+        self.ids = {p: i for i, p in enumerate(self.pieces)}  # piece -> student id
+        self._wordpiece = None  # built by wordpiece_tokenizer
 
     def __len__(self) -> int:
         return len(self.pieces)
@@ -144,8 +152,10 @@ class Vocabulary:
     @property
     def sha256(self) -> str:
         """Content hash: pieces, teacher ids and the teacher vocabulary's hash."""
-        payload = json.dumps([list(self.pieces), self.teacher_ids.tolist(),
-                              self.teacher_vocab_sha256], ensure_ascii=False)
+        payload = json.dumps(
+            [list(self.pieces), self.teacher_ids.tolist(), self.teacher_vocab_sha256],
+            ensure_ascii=False,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()
 
     @property
@@ -156,31 +166,41 @@ class Vocabulary:
     # --- building -------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, tokenized_train: Iterable[Sequence[str]], tokenizer: TeacherTokenizer, *,
-              min_count: int = 1, size_multiple: int = 8) -> "Vocabulary":
+    def build(
+        cls,
+        tokenized_train: Iterable[Sequence[str]],
+        tokenizer: TeacherTokenizer,
+        *,
+        min_count: int = 1,
+        size_multiple: int = 8,
+    ) -> Vocabulary:
         """Vocabulary of the pieces in ``tokenized_train`` (source and target lines).
 
         Pieces seen fewer than ``min_count`` times are left out, except single characters
         (``x`` and ``##x``), which are kept so that rarer pieces can be spelled with them.
         """
         if min_count < 1 or size_multiple < 1:
-            raise UserError(f"min_count ({min_count}) and size_multiple ({size_multiple}) "
-                         f"must be >= 1")
+            raise UserError(
+                f"min_count ({min_count}) and size_multiple ({size_multiple}) must be >= 1"
+            )
         counts = collections.Counter(p for line in tokenized_train for p in line)
         for special in SPECIAL_TOKENS:
             counts.pop(special, None)
-        kept = sorted((p for p, c in counts.items()
-                       if c >= min_count or len(p.removeprefix("##")) == 1),
-                      key=lambda p: (-counts[p], p))
+        kept = sorted(
+            (p for p, c in counts.items() if c >= min_count or len(p.removeprefix("##")) == 1),
+            key=lambda p: (-counts[p], p),
+        )
         pieces = list(SPECIAL_TOKENS) + kept
         pieces += [FILLER.format(i) for i in range(-len(pieces) % size_multiple)]
         sp = tokenizer.special_ids
         special_teacher = {"<pad>": sp["pad"], "<s>": sp["cls"], "</s>": sp["sep"]}
         teacher_ids = np.array(
             [special_teacher.get(p, tokenizer.vocab.get(p, sp["unk"])) for p in pieces],
-            dtype=np.int32)
-        return cls(tuple(pieces), teacher_ids, tokenizer.name, tokenizer.vocab_sha256,
-                   dict(sp), tokenizer)
+            dtype=np.int32,
+        )
+        return cls(
+            tuple(pieces), teacher_ids, tokenizer.name, tokenizer.vocab_sha256, dict(sp), tokenizer
+        )
 
     # --- encoding / decoding ---------------------------------------------------------------
 
@@ -193,14 +213,19 @@ class Vocabulary:
         this same tokenizer, so the exported tokenizer's ids are ours by construction."""
         if self._wordpiece is None:
             from tokenizers import Tokenizer, models
+
             teacher = self._require_tokenizer().spec
             if teacher.get("model", {}).get("type") != "WordPiece":
-                raise UserError(f"teacher tokenizer {self.teacher!r} is not WordPiece "
-                                f"({teacher.get('model', {}).get('type')!r})")
+                raise UserError(
+                    f"teacher tokenizer {self.teacher!r} is not WordPiece "
+                    f"({teacher.get('model', {}).get('type')!r})"
+                )
             model = models.WordPiece(
-                dict(self.ids), unk_token=self.pieces[UNK],
+                dict(self.ids),
+                unk_token=self.pieces[UNK],
                 continuing_subword_prefix=teacher["model"].get("continuing_subword_prefix", "##"),
-                max_input_chars_per_word=teacher["model"].get("max_input_chars_per_word", 100))
+                max_input_chars_per_word=teacher["model"].get("max_input_chars_per_word", 100),
+            )
             spec = json.loads(Tokenizer(model).to_str())
             spec["normalizer"] = teacher.get("normalizer")
             spec["pre_tokenizer"] = teacher.get("pre_tokenizer")
@@ -226,7 +251,11 @@ class Vocabulary:
             i = int(i)
             if i == EOS:
                 break
-            if i in (PAD, BOS) or not 0 <= i < len(self.pieces) or self.pieces[i].startswith("<fill_"):
+            if (
+                i in (PAD, BOS)
+                or not 0 <= i < len(self.pieces)
+                or self.pieces[i].startswith("<fill_")
+            ):
                 continue
             pieces.append(self.pieces[i])
         return detokenize(pieces)
@@ -243,7 +272,8 @@ class Vocabulary:
             raise UserError(
                 f"tokenizer {tokenizer.name!r} (vocabulary sha256 {tokenizer.vocab_sha256[:16]}) "
                 f"is not the one this vocabulary was built with, {self.teacher!r} "
-                f"(vocabulary sha256 {self.teacher_vocab_sha256[:16]})")
+                f"(vocabulary sha256 {self.teacher_vocab_sha256[:16]})"
+            )
         self.tokenizer = tokenizer
         self._wordpiece = None
 
@@ -251,17 +281,23 @@ class Vocabulary:
 
     def to_json(self) -> dict:
         """A JSON-able dict with everything needed to rebuild the vocabulary."""
-        return {"format": VOCAB_FORMAT, "name": self.name, "sha256": self.sha256,
-                "teacher": self.teacher, "teacher_vocab_sha256": self.teacher_vocab_sha256,
-                "teacher_special_ids": self.teacher_special_ids,
-                "pieces": list(self.pieces), "teacher_ids": self.teacher_ids.tolist()}
+        return {
+            "format": VOCAB_FORMAT,
+            "name": self.name,
+            "sha256": self.sha256,
+            "teacher": self.teacher,
+            "teacher_vocab_sha256": self.teacher_vocab_sha256,
+            "teacher_special_ids": self.teacher_special_ids,
+            "pieces": list(self.pieces),
+            "teacher_ids": self.teacher_ids.tolist(),
+        }
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the vocabulary as JSON (atomically)."""
         _atomic_write_text(Path(path), json.dumps(self.to_json(), ensure_ascii=False, indent=0))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, tokenizer: TeacherTokenizer | None = None) -> "Vocabulary":
+    def load(cls, path: str | os.PathLike, tokenizer: TeacherTokenizer | None = None) -> Vocabulary:
         """Reads a vocabulary saved by ``save``; checks its format and hash."""
         path = Path(path)
         try:
@@ -269,14 +305,23 @@ class Vocabulary:
         except (OSError, ValueError) as err:
             raise UserError(f"cannot read the vocabulary {path}: {err}") from err
         if not isinstance(data, dict) or data.get("format") != VOCAB_FORMAT:
-            raise UserError(f"{path} is not a distill-jax vocabulary (format "
-                         f"{data.get('format') if isinstance(data, dict) else None!r}, "
-                         f"expected {VOCAB_FORMAT!r})")
-        vocab = cls(tuple(data["pieces"]), np.asarray(data["teacher_ids"], np.int32),
-                    data["teacher"], data["teacher_vocab_sha256"], data["teacher_special_ids"])
+            raise UserError(
+                f"{path} is not a distill-jax vocabulary (format "
+                f"{data.get('format') if isinstance(data, dict) else None!r}, "
+                f"expected {VOCAB_FORMAT!r})"
+            )
+        vocab = cls(
+            tuple(data["pieces"]),
+            np.asarray(data["teacher_ids"], np.int32),
+            data["teacher"],
+            data["teacher_vocab_sha256"],
+            data["teacher_special_ids"],
+        )
         if vocab.sha256 != data["sha256"]:
-            raise UserError(f"{path}: content hash {vocab.sha256} differs from the recorded "
-                         f"{data['sha256']} (the file was edited or is corrupt)")
+            raise UserError(
+                f"{path}: content hash {vocab.sha256} differs from the recorded "
+                f"{data['sha256']} (the file was edited or is corrupt)"
+            )
         if tokenizer is not None:
             vocab.attach_tokenizer(tokenizer)
         return vocab

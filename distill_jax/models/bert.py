@@ -20,7 +20,8 @@ Plain ``__call__`` creates only the encoder parameters; ``cmlm_logits`` also cre
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -61,7 +62,7 @@ class BertConfig:
     type_vocab_size: int = 2  # rows of the token-type (segment) embedding
     layer_norm_eps: float = 1e-12  # LayerNorm epsilon
     initializer_range: float = 0.02  # stddev of the normal initialiser of kernels/embeddings
-    cmlm_vocab_size: Optional[int] = None  # C-MLM output vocabulary (the student's); None: no head
+    cmlm_vocab_size: int | None = None  # C-MLM output vocabulary (the student's); None: no head
     dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
     attention_impl: str = "einsum"  # see layers.MultiHeadAttention.implementation
 
@@ -69,18 +70,23 @@ class BertConfig:
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"BertConfig.hidden_act={self.hidden_act!r} is not supported; "
-                f"supported: {sorted(ACTIVATIONS)}")
+                f"supported: {sorted(ACTIVATIONS)}"
+            )
         if self.attention_impl not in layers.ATTENTION_IMPLS:
-            raise ValueError(f"BertConfig.attention_impl={self.attention_impl!r} is not one of "
-                             f"{layers.ATTENTION_IMPLS}")
+            raise ValueError(
+                f"BertConfig.attention_impl={self.attention_impl!r} is not one of "
+                f"{layers.ATTENTION_IMPLS}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"BertConfig.hidden_size={self.hidden_size} is not a multiple of "
-                f"num_attention_heads={self.num_attention_heads}")
+                f"num_attention_heads={self.num_attention_heads}"
+            )
         if self.cmlm_vocab_size is not None and self.cmlm_vocab_size <= NUM_SPECIAL_STUDENT_IDS:
             raise ValueError(
                 f"BertConfig.cmlm_vocab_size={self.cmlm_vocab_size} must be larger than "
-                f"the {NUM_SPECIAL_STUDENT_IDS} special student ids")
+                f"the {NUM_SPECIAL_STUDENT_IDS} special student ids"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -88,7 +94,7 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_hf_dict(cls, d: dict, **overrides) -> "BertConfig":
+    def from_hf_dict(cls, d: dict, **overrides) -> BertConfig:
         """Builds a config from a Hugging Face BERT ``config.json`` dict.
 
         ``overrides`` replace fields (e.g. ``cmlm_vocab_size``, ``dtype``, dropout rates).
@@ -103,14 +109,21 @@ class BertConfig:
         if position_type != "absolute":
             raise ValueError(
                 f"config position_embedding_type={position_type!r} is not supported; "
-                "only 'absolute' position embeddings are implemented")
+                "only 'absolute' position embeddings are implemented"
+            )
         field_names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - field_names)
         if unknown:
             raise TypeError(
-                f"unknown BertConfig override(s) {unknown}; fields: {sorted(field_names)}")
-        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "intermediate_size")
+                f"unknown BertConfig override(s) {unknown}; fields: {sorted(field_names)}"
+            )
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        )
         missing = [k for k in required if k not in d and k not in overrides]
         if missing:
             raise ValueError(f"config is missing required BERT field(s) {missing}")
@@ -137,16 +150,24 @@ class BertEmbeddings(nn.Module):
 
         def embed(num: int, axes: tuple, name: str) -> nn.Embed:
             return nn.Embed(
-                num, cfg.hidden_size, dtype=cfg.dtype, param_dtype=jnp.float32,
-                embedding_init=nn.with_logical_partitioning(_normal(cfg), axes), name=name)
+                num,
+                cfg.hidden_size,
+                dtype=cfg.dtype,
+                param_dtype=jnp.float32,
+                embedding_init=nn.with_logical_partitioning(_normal(cfg), axes),
+                name=name,
+            )
 
         x = embed(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)
         x = x + embed(cfg.max_position_embeddings, (None, "embed"), "position_embeddings")(
-            position_ids)
+            position_ids
+        )
         x = x + embed(cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")(
-            token_type_ids)  # [batch, length, hidden]
+            token_type_ids
+        )  # [batch, length, hidden]
         x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm")(
-            x, deterministic=deterministic)
+            x, deterministic=deterministic
+        )
         x = nn.Dropout(rate=cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         return nn.with_logical_constraint(x, _HIDDEN)
 
@@ -157,14 +178,15 @@ class BertLayer(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x, mask, *, deterministic: bool, rows: Optional[jax.Array] = None):
+    def __call__(self, x, mask, *, deterministic: bool, rows: jax.Array | None = None):
         """``x`` ``[batch, length, hidden]`` -> the same shape; with ``rows`` (int
         ``[batch, M]`` positions), only those rows' outputs ``[batch, M, hidden]``: their
         queries attend over every key of ``x``, and the feed-forward block runs on them
         alone (what a last layer needs when only some positions are read)."""
         cfg = self.config
-        queries = x if rows is None else jnp.take_along_axis(
-            x, rows[:, :, None], axis=1)  # [batch, M, hidden]
+        queries = (
+            x if rows is None else jnp.take_along_axis(x, rows[:, :, None], axis=1)
+        )  # [batch, M, hidden]
         attn = layers.MultiHeadAttention(
             num_heads=cfg.num_attention_heads,
             head_dim=cfg.head_dim,
@@ -176,7 +198,8 @@ class BertLayer(nn.Module):
         )(queries, x, mask, deterministic=deterministic)  # [batch, length or M, hidden]
         attn = nn.Dropout(rate=cfg.hidden_dropout_prob)(attn, deterministic=deterministic)
         x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="attention_LayerNorm")(
-            queries + attn, deterministic=deterministic)
+            queries + attn, deterministic=deterministic
+        )
         h = layers.FeedForward(
             mlp_dim=cfg.intermediate_size,
             activation=ACTIVATIONS[cfg.hidden_act],
@@ -187,7 +210,8 @@ class BertLayer(nn.Module):
         )(x, deterministic=deterministic)  # [batch, length or M, hidden]
         h = nn.Dropout(rate=cfg.hidden_dropout_prob)(h, deterministic=deterministic)
         x = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="output_LayerNorm")(
-            x + h, deterministic=deterministic)
+            x + h, deterministic=deterministic
+        )
         return nn.with_logical_constraint(x, _HIDDEN)
 
 
@@ -197,12 +221,13 @@ class BertEncoder(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x, mask, *, deterministic: bool, rows: Optional[jax.Array] = None):
+    def __call__(self, x, mask, *, deterministic: bool, rows: jax.Array | None = None):
         """With ``rows`` (``[batch, M]`` positions) the last layer computes those rows only."""
         last = self.config.num_hidden_layers - 1
         for i in range(self.config.num_hidden_layers):
             x = BertLayer(self.config, name=f"layer_{i}")(
-                x, mask, deterministic=deterministic, rows=rows if i == last else None)
+                x, mask, deterministic=deterministic, rows=rows if i == last else None
+            )
         return x
 
 
@@ -216,7 +241,9 @@ class BertCmlmHead(nn.Module):
     def __call__(self, hidden: jax.Array) -> jax.Array:
         cfg = self.config
         h = nn.Dense(
-            cfg.hidden_size, dtype=cfg.dtype, param_dtype=jnp.float32,
+            cfg.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=jnp.float32,
             # A square hidden->hidden kernel: inputs along embed, outputs along mlp so
             # that the two axes go to different mesh axes.
             kernel_init=nn.with_logical_partitioning(_normal(cfg), ("embed", "mlp")),
@@ -228,13 +255,16 @@ class BertCmlmHead(nn.Module):
         h = layers.layer_norm(cfg.layer_norm_eps, cfg.dtype, name="LayerNorm")(h)
         h = nn.with_logical_constraint(h, _HIDDEN)
         logits = nn.Dense(
-            cfg.cmlm_vocab_size, dtype=cfg.dtype, param_dtype=jnp.float32,
+            cfg.cmlm_vocab_size,
+            dtype=cfg.dtype,
+            param_dtype=jnp.float32,
             kernel_init=nn.with_logical_partitioning(_normal(cfg), ("embed", "vocab")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
             name="output",
         )(h)  # [batch, length, cmlm_vocab]
         logits = nn.with_logical_constraint(
-            logits, ("activation_batch", "activation_length", "activation_vocab"))
+            logits, ("activation_batch", "activation_length", "activation_vocab")
+        )
         return logits.astype(jnp.float32)
 
 
@@ -256,9 +286,16 @@ class BertModel(nn.Module):
         if self.config.cmlm_vocab_size is not None:
             self.cmlm_head = BertCmlmHead(self.config)
 
-    def __call__(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None,
-                 *, deterministic: bool = True,
-                 output_positions: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids,
+        token_type_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        *,
+        deterministic: bool = True,
+        output_positions: jax.Array | None = None,
+    ) -> jax.Array:
         """Last hidden states ``[batch, length, hidden]``; with ``output_positions`` (int
         ``[batch, M]``), only those positions' ``[batch, M, hidden]``, equal to gathering
         them from the full output (the last layer then computes only those rows)."""
@@ -267,7 +304,8 @@ class BertModel(nn.Module):
             # jnp.take would fill the missing position rows with NaN.
             raise ValueError(
                 f"input length {length} is longer than BERT's max_position_embeddings "
-                f"{self.config.max_position_embeddings}")
+                f"{self.config.max_position_embeddings}"
+            )
         if token_type_ids is None:
             token_type_ids = jnp.zeros((batch, length), jnp.int32)
         if position_ids is None:
@@ -277,17 +315,26 @@ class BertModel(nn.Module):
             # Keys only, as BERT does: padded queries still attend to the real tokens.
             mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, length]
         x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic=deterministic)
-        return self.encoder(x, mask, deterministic=deterministic,
-                            rows=output_positions)  # [batch, length or M, hidden]
+        return self.encoder(
+            x, mask, deterministic=deterministic, rows=output_positions
+        )  # [batch, length or M, hidden]
 
-    def cmlm_logits(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None,
-                    *, deterministic: bool = True) -> jax.Array:
+    def cmlm_logits(
+        self,
+        input_ids,
+        token_type_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
         """C-MLM logits over the student's vocabulary, ``[batch, length, cmlm_vocab_size]``
         float32."""
         if self.config.cmlm_vocab_size is None:
             raise ValueError("BertModel.cmlm_logits needs BertConfig.cmlm_vocab_size to be set")
-        hidden = self(input_ids, token_type_ids, attention_mask, position_ids,
-                      deterministic=deterministic)
+        hidden = self(
+            input_ids, token_type_ids, attention_mask, position_ids, deterministic=deterministic
+        )
         return self.cmlm_head(hidden)
 
 
@@ -313,17 +360,20 @@ def init_cmlm_head(config: BertConfig, params: dict, teacher_ids, rng: jax.Array
     if teacher_ids.shape != (config.cmlm_vocab_size,):
         raise ValueError(
             f"teacher_ids has shape {teacher_ids.shape}, expected ({config.cmlm_vocab_size},) "
-            "(BertConfig.cmlm_vocab_size)")
+            "(BertConfig.cmlm_vocab_size)"
+        )
     if teacher_ids.min() < 0 or teacher_ids.max() >= config.vocab_size:
         raise ValueError(
             f"teacher_ids must lie in [0, {config.vocab_size}) (BertConfig.vocab_size), "
-            f"found [{teacher_ids.min()}, {teacher_ids.max()}]")
+            f"found [{teacher_ids.min()}, {teacher_ids.max()}]"
+        )
     hidden = jnp.zeros((1, 1, config.hidden_size), config.dtype)
     head = nn.meta.unbox(BertCmlmHead(config).init(rng, hidden)["params"])
     word_embeddings = params["embeddings"]["word_embeddings"]["embedding"]  # [bert_vocab, hidden]
     output = dict(head["output"])
-    output["kernel"] = jnp.take(word_embeddings, jnp.asarray(teacher_ids),
-                                axis=0).T  # [hidden, cmlm_vocab]
+    output["kernel"] = jnp.take(
+        word_embeddings, jnp.asarray(teacher_ids), axis=0
+    ).T  # [hidden, cmlm_vocab]
     head["output"] = output
     old_head = params.get("cmlm_head", {})
     for transform in ("dense", "LayerNorm"):

@@ -69,7 +69,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +83,10 @@ def default_enabled() -> bool:
     unset); the experiment config's ``runtime.fast_paths`` takes it as its default."""
     value = os.environ.get("DISTILL_JAX_FAST_PATHS", "1")
     if value not in ("0", "1"):
-        raise ValueError(f"DISTILL_JAX_FAST_PATHS={value!r}: expected 1 (fast paths on, the "
-                         "default) or 0 (every operation in its plain form)")
+        raise ValueError(
+            f"DISTILL_JAX_FAST_PATHS={value!r}: expected 1 (fast paths on, the "
+            "default) or 0 (every operation in its plain form)"
+        )
     return value == "1"
 
 
@@ -100,6 +102,7 @@ def configure(enabled: bool, mask_by_bias: bool = True) -> None:
     global ENABLED, MASK_BY_BIAS
     ENABLED, MASK_BY_BIAS = bool(enabled), bool(mask_by_bias)
 
+
 # Attention logits of masked positions in the select form. Large but finite, so that a
 # fully masked row (a padding query) gets a uniform distribution instead of NaNs.
 MASK_VALUE = -1e9
@@ -111,8 +114,10 @@ MASK_BIAS = -1e30
 
 # --- matmul: the dense layers' product --------------------------------------------------
 
-def matmul(x: jax.Array, kernel: jax.Array, in_dims: int,
-           out_dtype: Optional[Dtype] = None) -> jax.Array:
+
+def matmul(
+    x: jax.Array, kernel: jax.Array, in_dims: int, out_dtype: Dtype | None = None
+) -> jax.Array:
     """``x [..., *kernel.shape[:in_dims]]`` times ``kernel`` over those axes ->
     ``[..., *kernel.shape[in_dims:]]`` (``out_dtype``: the result's dtype, default the
     inputs' promoted dtype). Fast form: one 2-D matmul with ``_matmul_rows``'s backward."""
@@ -120,12 +125,14 @@ def matmul(x: jax.Array, kernel: jax.Array, in_dims: int,
     in_shape, out_shape = kernel.shape[:in_dims], kernel.shape[in_dims:]
     if not ENABLED:
         contracted = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims)))
-        return jax.lax.dot_general(x, kernel, (contracted, ((), ())),
-                                   preferred_element_type=out_dtype)
-    lead = x.shape[:x.ndim - in_dims]
+        return jax.lax.dot_general(
+            x, kernel, (contracted, ((), ())), preferred_element_type=out_dtype
+        )
+    lead = x.shape[: x.ndim - in_dims]
     rows = x.reshape((-1, math.prod(in_shape)))  # [rows, in]
-    out = _matmul_rows(rows, kernel.reshape((math.prod(in_shape), math.prod(out_shape))),
-                       out_dtype)  # [rows, out]
+    out = _matmul_rows(
+        rows, kernel.reshape((math.prod(in_shape), math.prod(out_shape))), out_dtype
+    )  # [rows, out]
     return out.reshape(lead + out_shape)
 
 
@@ -183,6 +190,7 @@ _matmul_rows.defvjp(_matmul_rows_fwd, _matmul_rows_bwd)
 
 # --- layer_norm_statistics ---------------------------------------------------------------
 
+
 def layer_norm_stats_by_dot(deterministic: bool) -> bool:
     """Whether LayerNorm takes its statistics by matrix-vector products: in inference calls
     (``deterministic``) compiled for CPU, with the switch on."""
@@ -223,7 +231,8 @@ def row_statistics_by_dot(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 # --- apply_mask --------------------------------------------------------------------------
 
-def apply_mask(logits: jax.Array, mask: Optional[jax.Array], deterministic: bool) -> jax.Array:
+
+def apply_mask(logits: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
     """Attention ``logits`` with the positions where ``mask`` (bool, broadcastable; True
     means "may attend") is False pushed to a large negative value; ``mask`` None: unchanged.
     Inference calls (``deterministic``) use the additive form ``mask_by_bias``, others the
@@ -258,6 +267,7 @@ mask_by_bias.defvjp(_mask_by_bias_fwd, _mask_by_bias_bwd)
 
 # --- softmax_weighted_sum ----------------------------------------------------------------
 
+
 def softmax_weighted_sum(logits: jax.Array, value: jax.Array) -> jax.Array:
     """``softmax(logits, axis=-1) @ value``: logits ``[..., q, kv_len]`` (masking already
     applied; the softmax in float32), value ``[..., kv_len, d]`` -> ``[..., q, d]`` in
@@ -285,8 +295,12 @@ def _exp_rows(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _weighted_sum(unnormalized, row_sums, value):
     """(unnormalized @ value) / row_sums -> ``[..., q, d]`` in value's dtype."""
-    context = jnp.einsum("...qk,...kd->...qd", unnormalized.astype(value.dtype), value,
-                         preferred_element_type=jnp.float32)  # [..., q, d] float32
+    context = jnp.einsum(
+        "...qk,...kd->...qd",
+        unnormalized.astype(value.dtype),
+        value,
+        preferred_element_type=jnp.float32,
+    )  # [..., q, d] float32
     return (context / row_sums).astype(value.dtype)
 
 
@@ -304,10 +318,12 @@ def _softmax_weighted_sum_fwd(logits, value):
 def _softmax_weighted_sum_bwd(residuals, g):
     unnormalized, row_sums, value, out = residuals
     weights = unnormalized / row_sums  # float32 [..., q, kv_len]
-    value_grad = jnp.einsum("...qk,...qd->...kd", weights.astype(value.dtype), g,
-                            preferred_element_type=jnp.float32).astype(value.dtype)
-    weights_grad = jnp.einsum("...qd,...kd->...qk", g, value,
-                              preferred_element_type=jnp.float32)  # [..., q, kv_len]
+    value_grad = jnp.einsum(
+        "...qk,...qd->...kd", weights.astype(value.dtype), g, preferred_element_type=jnp.float32
+    ).astype(value.dtype)
+    weights_grad = jnp.einsum(
+        "...qd,...kd->...qk", g, value, preferred_element_type=jnp.float32
+    )  # [..., q, kv_len]
     delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     return weights * (weights_grad - delta), value_grad  # float32 like the logits
 
@@ -316,6 +332,7 @@ _softmax_weighted_sum.defvjp(_softmax_weighted_sum_fwd, _softmax_weighted_sum_bw
 
 
 # --- gelu --------------------------------------------------------------------------------
+
 
 def gelu(x: jax.Array) -> jax.Array:
     """GELU in its exact form, ``x * (1 + erf(x / sqrt 2)) / 2`` (BERT's and transformers'
