@@ -25,24 +25,14 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from distill_jax import runlock, runner, runtime, storage
+from distill_jax import _API, runlock, runner, runtime, storage
 from distill_jax.errors import UserError
 from distill_jax.experiment import ExperimentConfig, with_overrides
 from distill_jax.extraction import SoftTargets
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "load_config",
-    "train_teacher",
-    "extract_soft_targets",
-    "train_student",
-    "score",
-    "Student",
-    "TeacherRun",
-    "StudentRun",
-    "SoftTargets",
-]
+__all__ = list(_API)  # the names distill_jax re-exports (listed once, in __init__.py)
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
