@@ -29,6 +29,8 @@ from distill_jax import storage
 from distill_jax.errors import UserError
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from report import seed_stem  # noqa: E402
+
 from provenance import cpu_model, git_commit  # noqa: E402
 
 RELEASE_SPLITS = ("test2017", "mscoco2017", "test2018")
@@ -42,10 +44,6 @@ def checkpoint_of(reported: str) -> str:
     if not match:
         raise UserError(f"results.json names an unknown checkpoint {reported!r}")
     return match.group(1)
-
-
-def stem_of(name: str) -> str:
-    return re.sub(r"-s\d+$", "", name)
 
 
 def main(argv=None) -> int:
@@ -96,8 +94,8 @@ def main(argv=None) -> int:
         print(f"release_eval.py: {err}", file=sys.stderr)
         return 2
     summary = {}
-    for stem in dict.fromkeys(stem_of(n) for n in records):
-        names = [n for n in records if stem_of(n) == stem]
+    for stem in dict.fromkeys(seed_stem(n) for n in records):
+        names = [n for n in records if seed_stem(n) == stem]
         summary[stem] = {"runs": names}
         for split in [*config.data.test_splits, *splits]:
             values = [records[n]["splits"][split]["bleu"] for n in names]

@@ -150,11 +150,16 @@ def results_table(
     return table + ("\n\n" + summary if summary else ""), records
 
 
+def seed_stem(name: str) -> str:
+    """The system a run belongs to: ``STEM`` for ``STEM`` and ``STEM-s<seed>``."""
+    return re.sub(r"-s\d+$", "", name)
+
+
 def seed_summary(records: list[dict], columns: list[tuple[str, str]]) -> str:
     """Mean +- sample std over the seeds of every ``STEM[-s<seed>]`` group with >= 2 runs."""
     groups: dict[str, dict[tuple[str, str], list[float]]] = {}
     for r in records:
-        stem = re.sub(r"-s\d+$", "", r["system"])
+        stem = seed_stem(r["system"])
         groups.setdefault(stem, {}).setdefault((r["split"], r["metric"]), []).append(r["value"])
     groups = {k: v for k, v in groups.items() if min(len(x) for x in v.values()) >= 2}
     if not groups:

@@ -23,9 +23,9 @@ def test_the_reported_checkpoint_is_the_one_loaded():
 
 
 def test_seeds_share_a_stem():
-    assert release_eval.stem_of("k1-s2") == "k1"
-    assert release_eval.stem_of("baseline") == "baseline"
-    assert release_eval.stem_of("a-s1x") == "a-s1x"
+    assert release_eval.seed_stem("k1-s2") == "k1"
+    assert release_eval.seed_stem("baseline") == "baseline"
+    assert release_eval.seed_stem("a-s1x") == "a-s1x"
 
 
 def test_an_unfinished_run_is_refused_and_no_record_is_written(tmp_path, capsys):
