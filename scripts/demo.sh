@@ -4,7 +4,7 @@
 #   -> baseline student and distilled student -> a table of validation / test2016 BLEU
 #   and PNG training curves in $WORKDIR (default runs/demo).
 # Uses ../shared/data/multi30k when it is there, otherwise downloads the corpus.
-#   scripts/demo.sh            the full demo (under 45 minutes on a 2-core CPU)
+#   scripts/demo.sh            the full demo (under an hour on a 2-core CPU)
 #   scripts/demo.sh --quick    a few steps of everything (a smoke test, used by CI)
 #   scripts/demo.sh --plan     print the work directory, config and settings, run nothing
 set -euo pipefail

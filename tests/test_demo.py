@@ -53,7 +53,7 @@ def test_quick_demo_runs_end_to_end(quick_demo):
     said = result.stdout + result.stderr  # status lines: printed or logged (stderr)
     assert (
         "| baseline | none |" in out
-        and "| distilled | offline, K 8, α 0.5, pretrained teacher |" in out
+        and "| distilled | offline, K 1, α 0.5, pretrained teacher |" in out
     )
     assert "val BLEU" in out and "test2016 BLEU" in out
     assert "teacher quality at step 4 on validation: stride top-1" in said  # soft-targets
@@ -82,4 +82,4 @@ def test_quick_demo_runs_end_to_end(quick_demo):
     assert "[baseline] already finished" in again_said
     assert "[distilled] already finished" in again_said
     assert (work / "students" / "baseline" / "results.json").stat().st_mtime_ns == mtime
-    assert "| distilled | offline, K 8, α 0.5, pretrained teacher |" in again.stdout
+    assert "| distilled | offline, K 1, α 0.5, pretrained teacher |" in again.stdout
