@@ -18,25 +18,17 @@ The recipe, with commands and the paper's numbers: docs/paper_recipe.md.
   distill-jax train-student --config configs/iwslt14_de_en.py --workdir WORKDIR
 """
 
-from distill_jax.experiment import (
-    DataConfig,
-    DecodeConfig,
-    DistillConfig,
-    ExperimentConfig,
-    TeacherConfig,
-    TrainConfig,
-    opennmt_student,
-)
+from distill_jax import experiment
 
 # The reference's baseline: noam factor 1, 4k warm-up, 50k steps.
 BASELINE_OVERRIDES = ("train.learning_rate=1.0", "train.warmup_steps=4000", "train.steps=50000")
 
 
-def get_config() -> ExperimentConfig:
-    return ExperimentConfig(
+def get_config() -> experiment.ExperimentConfig:
+    return experiment.ExperimentConfig(
         name="iwslt14_de_en",
         # The reference drops training pairs over 150 BERT pieces (151 with </s>).
-        data=DataConfig(
+        data=experiment.DataConfig(
             train_split="train",
             valid_split="valid",
             test_splits=("test",),
@@ -44,7 +36,7 @@ def get_config() -> ExperimentConfig:
             max_src_len=152,
             max_tgt_len=152,
         ),
-        teacher=TeacherConfig(
+        teacher=experiment.TeacherConfig(
             checkpoint="bert-base-multilingual-cased",
             steps=100000,
             learning_rate=5e-5,
@@ -54,9 +46,9 @@ def get_config() -> ExperimentConfig:
             save_every=5000,
             top_k=8,
         ),
-        student=opennmt_student(dropout=0.3),
-        distill=DistillConfig(kd="offline", alpha=0.5, temperature=10.0, top_k=8),
-        train=TrainConfig(
+        student=experiment.opennmt_student(dropout=0.3),
+        distill=experiment.DistillConfig(kd="offline", alpha=0.5, temperature=10.0, top_k=8),
+        train=experiment.TrainConfig(
             steps=100000,
             schedule="noam",
             learning_rate=2.0,
@@ -68,6 +60,6 @@ def get_config() -> ExperimentConfig:
             bleu_sentences=1000,
             final_checkpoint="last",
         ),
-        decode=DecodeConfig(beam_size=5, length_penalty=0.6),
+        decode=experiment.DecodeConfig(beam_size=5, length_penalty=0.6),
         baseline_overrides=BASELINE_OVERRIDES,
     )

@@ -9,24 +9,16 @@ all-MiniLM-L6-v2 BERT as the C-MLM teacher and the 6+6 layer, d 512 Transformer 
   distill-jax train-student --config configs/multi30k_de_en.py --workdir WORKDIR
 """
 
-from distill_jax.experiment import (
-    DataConfig,
-    DecodeConfig,
-    DistillConfig,
-    ExperimentConfig,
-    TeacherConfig,
-    TrainConfig,
-    default_student,
-)
+from distill_jax import experiment
 
 
-def get_config() -> ExperimentConfig:
-    return ExperimentConfig(
+def get_config() -> experiment.ExperimentConfig:
+    return experiment.ExperimentConfig(
         name="multi30k_de_en",
-        data=DataConfig(
+        data=experiment.DataConfig(
             train_split="train", valid_split="val", test_splits=("test2016",), tokens_per_batch=4096
         ),
-        teacher=TeacherConfig(
+        teacher=experiment.TeacherConfig(
             checkpoint="sentence-transformers/all-MiniLM-L6-v2",
             steps=3000,
             tokens_per_batch=4096,
@@ -34,9 +26,9 @@ def get_config() -> ExperimentConfig:
             save_every=500,
             top_k=8,
         ),
-        student=default_student(),
-        distill=DistillConfig(kd="offline", alpha=0.5, temperature=10.0, top_k=8),
-        train=TrainConfig(
+        student=experiment.default_student(),
+        distill=experiment.DistillConfig(kd="offline", alpha=0.5, temperature=10.0, top_k=8),
+        train=experiment.TrainConfig(
             steps=20000,
             learning_rate=5e-4,
             warmup_steps=4000,
@@ -44,5 +36,5 @@ def get_config() -> ExperimentConfig:
             save_every=1000,
             average_last=5,
         ),
-        decode=DecodeConfig(beam_size=5, length_penalty=0.6),
+        decode=experiment.DecodeConfig(beam_size=5, length_penalty=0.6),
     )

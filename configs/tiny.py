@@ -1,36 +1,16 @@
 """A tiny experiment for tests and smoke runs: a 2+2 layer, d 32 student and whatever
 small teacher checkpoint is passed with --set teacher.checkpoint=PATH."""
 
-import dataclasses
-
-from distill_jax.experiment import (
-    DataConfig,
-    DecodeConfig,
-    DistillConfig,
-    ExperimentConfig,
-    TeacherConfig,
-    TrainConfig,
-    default_student,
-)
+from distill_jax import experiment
 
 
-def get_config() -> ExperimentConfig:
-    student = dataclasses.replace(
-        default_student(),
-        d_model=32,
-        num_heads=4,
-        mlp_dim=64,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-        dropout_rate=0.1,
-        max_len=64,
-    )
-    return ExperimentConfig(
+def get_config() -> experiment.ExperimentConfig:
+    return experiment.ExperimentConfig(
         name="tiny",
         # bucket_step = the length limit: every training batch has one shape, so each program
         # compiles once in the end-to-end tests (the tiny student's train step takes 10-15 s
         # to compile on 8 CPU devices; padding costs nothing at this size).
-        data=DataConfig(
+        data=experiment.DataConfig(
             valid_split="val",
             test_splits=("test2016",),
             tokens_per_batch=512,
@@ -38,10 +18,12 @@ def get_config() -> ExperimentConfig:
             max_src_len=48,
             max_tgt_len=48,
         ),
-        teacher=TeacherConfig(steps=6, tokens_per_batch=512, eval_every=3, save_every=3, top_k=4),
-        student=student,
-        distill=DistillConfig(kd="offline", top_k=4),
-        train=TrainConfig(
+        teacher=experiment.TeacherConfig(
+            steps=6, tokens_per_batch=512, eval_every=3, save_every=3, top_k=4
+        ),
+        student=experiment.small_student(d_model=32, mlp_dim=64, layers=2, max_len=64),
+        distill=experiment.DistillConfig(kd="offline", top_k=4),
+        train=experiment.TrainConfig(
             steps=8,
             learning_rate=1e-3,
             warmup_steps=4,
@@ -50,7 +32,7 @@ def get_config() -> ExperimentConfig:
             keep_last=2,
             bleu_sentences=16,
         ),
-        decode=DecodeConfig(
+        decode=experiment.DecodeConfig(
             beam_size=2, max_len_a=1.0, max_len_b=4, tokens_per_batch=256, bucket_step=48
         ),
     )

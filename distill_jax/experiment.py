@@ -235,6 +235,26 @@ def opennmt_student(dropout: float = 0.3) -> TransformerConfig:
     )
 
 
+def small_student(
+    d_model: int = 256, mlp_dim: int = 1024, layers: int = 3, max_len: int = 128
+) -> TransformerConfig:
+    """A small student for CPU budgets: ``layers`` encoder and ``layers`` decoder layers of
+    width ``d_model``, 4 heads, feed-forward ``mlp_dim``, dropout 0.1 on residuals and a
+    position table of ``max_len``; the rest is :func:`default_student`'s. The defaults are
+    the 3+3-layer, d 256 student of configs/multi30k_cpu.py (and of the configs built on
+    it); configs/tiny.py asks for a 2+2-layer, d 32 one."""
+    return dataclasses.replace(
+        default_student(),
+        d_model=d_model,
+        num_heads=4,
+        mlp_dim=mlp_dim,
+        num_encoder_layers=layers,
+        num_decoder_layers=layers,
+        dropout_rate=0.1,
+        max_len=max_len,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: data, teacher, student, distillation, optimisation, decoding, mesh

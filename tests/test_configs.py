@@ -69,3 +69,27 @@ def test_decoding_phases_must_be_positive():
         common.load_experiment(
             argparse.Namespace(config="configs/tiny.py", overrides=["decode.cache_phases=0"])
         )
+
+
+def test_small_student_is_the_cpu_configs_student():
+    """experiment.small_student(): default_student() with the sizes given (4 heads, dropout
+    0.1); its defaults are the 3+3-layer, d 256 student of multi30k_cpu and the configs built
+    on it, and tiny's is the same recipe at 2+2 layers, d 32."""
+    import dataclasses
+
+    from distill_jax import experiment
+
+    configs = CONFIGS[0].parent
+    sizes = ("d_model", "num_heads", "mlp_dim", "num_encoder_layers", "num_decoder_layers")
+    changed = (*sizes, "dropout_rate", "max_len")
+    student, default = experiment.small_student(), experiment.default_student()
+    assert tuple(getattr(student, f) for f in changed) == (256, 4, 1024, 3, 3, 0.1, 128)
+    # every other field is default_student()'s
+    assert dataclasses.replace(student, **{f: getattr(default, f) for f in changed}) == default
+    for name in ("multi30k_cpu.py", "gigaword_cpu.py", "multi30k_full.py", "demo_multi30k.py"):
+        assert configlib.load_config_file(str(configs / name)).student == (
+            experiment.small_student()
+        ), name
+    tiny = configlib.load_config_file(str(configs / "tiny.py")).student
+    assert tiny == experiment.small_student(d_model=32, mlp_dim=64, layers=2, max_len=64)
+    assert (tiny.num_encoder_layers, tiny.num_decoder_layers, tiny.d_model) == (2, 2, 32)
