@@ -95,24 +95,20 @@ def _env(root: pathlib.Path) -> dict[str, str]:
 
 def cli(root, workdir, teacher, stage, crash_at=None) -> subprocess.CompletedProcess:
     command, extra, _ = STAGES[stage]
-    args = [
-        sys.executable,
-        "-m",
-        "distill_jax.cli",
-        command,
-        "--config",
-        CONFIG,
-        "--workdir",
-        str(workdir),
-        "--set",
-        f"teacher.checkpoint={teacher}",
-        "--no-progress",
-        *extra,
-    ]
     env = _env(root)
     if crash_at:
         env["DISTILL_JAX_CRASH_AT"] = crash_at
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    return tiny_experiment.run_cli(
+        workdir,
+        teacher,
+        command,
+        *extra,
+        config=CONFIG,
+        check=False,
+        cwd=REPO,
+        env=env,
+        timeout=1800,
+    )
 
 
 def _normalised(path: pathlib.Path) -> bytes:

@@ -9,6 +9,8 @@ import pytest
 from distill_jax import cli, configlib
 from distill_jax.experiment import RANGES, ExperimentConfig, check_ranges, numeric_fields
 
+import tiny_experiment
+
 CONFIG = "configs/tiny.py"
 
 
@@ -88,18 +90,8 @@ CLI_CASES = [
 @pytest.mark.parametrize("command,assignment,message", CLI_CASES, ids=[c[1] for c in CLI_CASES])
 def test_command_line_refuses_before_any_work(tmp_path, capsys, command, assignment, message):
     workdir = tmp_path / "work"
-    status = cli.main(
-        [
-            command,
-            "--config",
-            CONFIG,
-            "--workdir",
-            str(workdir),
-            "--set",
-            assignment,
-            "--no-progress",
-        ]
-    )
+    args = tiny_experiment.run_args(workdir, None, command, "--set", assignment, config=CONFIG)
+    status = cli.main(args)
     assert status == 2
     err = capsys.readouterr().err
     assert message in err, err

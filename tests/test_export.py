@@ -340,24 +340,7 @@ def test_overwrite_refuses_what_an_export_did_not_write(tmp_path, monkeypatch, c
 
 
 def _cli(workdir, teacher, command, *extra, check=True):
-    args = [
-        sys.executable,
-        "-m",
-        "distill_jax.cli",
-        command,
-        "--config",
-        CONFIG,
-        "--workdir",
-        str(workdir),
-        "--set",
-        f"teacher.checkpoint={teacher}",
-        "--no-progress",
-        *extra,
-    ]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=900)
-    if check and result.returncode:
-        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
+    return tiny_experiment.run_cli(workdir, teacher, command, *extra, config=CONFIG, check=check)
 
 
 # A student small and fast to train that memorises enough of 64 sentence pairs to give

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import gcs_emulator
+import tiny_experiment
 
 CONFIG = "configs/tiny.py"
 CHUNK_ROWS = "256"  # several cache chunks for the tiny train split (~3,600 rows)
@@ -30,27 +31,20 @@ def _env(emulator_env: dict, **extra) -> dict:
     return env
 
 
-def _run(command, workdir, *extra, env, teacher=None, data=None, check=True):
-    args = [
-        sys.executable,
-        "-m",
-        "distill_jax.cli",
-        command,
-        "--config",
-        CONFIG,
-        "--workdir",
-        str(workdir),
-        "--no-progress",
-        *extra,
-    ]
+def _args(command, workdir, *extra, teacher=None, data=None) -> list[str]:
+    """``COMMAND`` on ``workdir``; with ``teacher``, its 2-step teacher run; with ``data``,
+    that prepared dataset."""
+    settings = []
     if teacher is not None:
-        args += ["--set", f"teacher.checkpoint={teacher}", "--set", "teacher.steps=2"]
+        settings += ["--set", "teacher.steps=2"]
     if data is not None:
-        args += ["--set", f"data.prepared={data}"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
+        settings += ["--set", f"data.prepared={data}"]
+    return tiny_experiment.run_args(workdir, teacher, command, *settings, *extra, config=CONFIG)
+
+
+def _run(command, workdir, *extra, env, teacher=None, data=None, check=True):
+    args = _args(command, workdir, *extra, teacher=teacher, data=data)
+    return tiny_experiment.cli(*args, env=env, check=check)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -109,22 +103,8 @@ def test_missing_credentials_are_refused_by_name(tmp_path):
 def test_prepare_and_prepared_data_on_gcs_are_refused_with_the_remedy(gcs, tmp_path):
     env = _env(gcs.env)
     out = gcs.gs("prepared")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distill_jax.cli",
-            "prepare",
-            "--dataset",
-            "local",
-            "--teacher",
-            "unused",
-            "--out",
-            out,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
+    result = tiny_experiment.cli(
+        "prepare", "--dataset", "local", "--teacher", "unused", "--out", out, env=env, check=False
     )
     assert result.returncode == 2
     assert f"--out {out} is on Cloud Storage" in result.stderr
@@ -152,6 +132,14 @@ def _wait_then_kill(process, ready, what: str) -> None:
     assert process.returncode == -signal.SIGKILL
 
 
+def _start(command, workdir, *extra, env, teacher, data) -> subprocess.Popen:
+    """``_run``'s command started, its output discarded (to be killed)."""
+    args = _args(command, workdir, *extra, teacher=teacher, data=data)
+    return subprocess.Popen(
+        [*tiny_experiment.CLI, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
 def _pipeline(workdir, teacher, data, env, *, kill: bool, corpus) -> dict:
     """prepare (local) -> teacher -> soft targets -> baseline and distilled student ->
     generate -> evaluate on ``workdir``; with ``kill``, SIGKILL the soft-target extraction
@@ -163,28 +151,7 @@ def _pipeline(workdir, teacher, data, env, *, kill: bool, corpus) -> dict:
     _run("train-teacher", workdir, **common)
     cache = storage.path(workdir) / "soft_targets" / "train"
     if kill:
-        args = [
-            sys.executable,
-            "-m",
-            "distill_jax.cli",
-            "soft-targets",
-            "--config",
-            CONFIG,
-            "--workdir",
-            str(workdir),
-            "--no-progress",
-            "--chunk-rows",
-            CHUNK_ROWS,
-            "--set",
-            f"teacher.checkpoint={teacher}",
-            "--set",
-            "teacher.steps=2",
-            "--set",
-            f"data.prepared={data}",
-        ]
-        process = subprocess.Popen(
-            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        process = _start("soft-targets", workdir, "--chunk-rows", CHUNK_ROWS, **common)
         _wait_then_kill(
             process, lambda: bool(soft_target_cache._stored_chunks(cache, "logits")), "soft-targets"
         )
@@ -205,29 +172,7 @@ def _pipeline(workdir, teacher, data, env, *, kill: bool, corpus) -> dict:
         **common,
     )
     if kill:
-        args = [
-            sys.executable,
-            "-m",
-            "distill_jax.cli",
-            "train-student",
-            "--config",
-            CONFIG,
-            "--workdir",
-            str(workdir),
-            "--no-progress",
-            "--name",
-            "distilled",
-            "--set",
-            f"teacher.checkpoint={teacher}",
-            "--set",
-            "teacher.steps=2",
-            "--set",
-            f"data.prepared={data}",
-            *STUDENT,
-        ]
-        process = subprocess.Popen(
-            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        process = _start("train-student", workdir, "--name", "distilled", *STUDENT, **common)
         checkpoints = storage.path(workdir) / "students" / "distilled" / "checkpoints"
         _wait_then_kill(
             process,
@@ -248,22 +193,8 @@ def _pipeline(workdir, teacher, data, env, *, kill: bool, corpus) -> dict:
         str(hyp),
         **common,
     )
-    scored = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distill_jax.cli",
-            "evaluate",
-            "--hyp",
-            str(hyp),
-            "--ref",
-            str(corpus / "test2016.en"),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
+    scored = tiny_experiment.cli(
+        "evaluate", "--hyp", hyp, "--ref", corpus / "test2016.en", "--json", env=env
     )
     students = storage.path(workdir) / "students"
     return {
@@ -349,8 +280,6 @@ def test_two_processes_write_one_cache_and_checkpoint_on_gcs(experiment, gcs):
         "mesh.tensor=2",
     ]
     _run("train-teacher", workdir, *common, env=env)
-    command = [sys.executable, "-m", "distill_jax.cli"]
-    flags = ["--config", CONFIG, "--workdir", workdir, "--no-progress", *common]
     launch = [
         sys.executable,
         "-m",
@@ -378,7 +307,7 @@ def test_two_processes_write_one_cache_and_checkpoint_on_gcs(experiment, gcs):
         ),
     ):
         two = subprocess.run(
-            launch + command + [sub] + flags + extra,
+            launch + tiny_experiment.CLI + _args(sub, workdir, *common, *extra),
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -22,21 +22,7 @@ CONFIG = "configs/tiny.py"
 
 
 def _cli(workdir, teacher, command, *extra, check=True):
-    args = [
-        sys.executable,
-        "-m",
-        "distill_jax.cli",
-        command,
-        "--config",
-        CONFIG,
-        "--workdir",
-        str(workdir),
-        "--set",
-        f"teacher.checkpoint={teacher}",
-        "--no-progress",
-        *extra,
-    ]
-    return subprocess.run(args, check=check, capture_output=True, text=True, timeout=900)
+    return tiny_experiment.run_cli(workdir, teacher, command, *extra, config=CONFIG, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +64,10 @@ def test_sigkill_and_rerun_finishes_like_an_uninterrupted_run(experiment):
     # Kill at a random checkpoint (seeded: the test is deterministic).
     kill_after = random.Random(0).choice([2, 4, 6])
     args = [
-        sys.executable,
-        "-m",
-        "distill_jax.cli",
-        "train-student",
-        "--config",
-        CONFIG,
-        "--workdir",
-        str(workdir),
-        "--set",
-        f"teacher.checkpoint={teacher}",
-        "--no-progress",
-        "--name",
-        "killed",
-        *common,
+        *tiny_experiment.CLI,
+        *tiny_experiment.run_args(
+            workdir, teacher, "train-student", "--name", "killed", *common, config=CONFIG
+        ),
     ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = workdir / "students" / "killed" / "checkpoints"
@@ -145,18 +121,8 @@ def test_train_student_command_runs_as_two_processes(experiment):
         "mesh.tensor=2",
     ]
     command = [
-        sys.executable,
-        "-m",
-        "distill_jax.cli",
-        "train-student",
-        "--config",
-        CONFIG,
-        "--workdir",
-        str(workdir),
-        "--set",
-        f"teacher.checkpoint={teacher}",
-        "--no-progress",
-        *common,
+        *tiny_experiment.CLI,
+        *tiny_experiment.run_args(workdir, teacher, "train-student", *common, config=CONFIG),
     ]
     one = subprocess.run(
         command + ["--name", "one-process"],

@@ -140,18 +140,7 @@ def _cli(workdir, teacher, command, *extra, capsys=None):
     if capsys is not None:
         capsys.readouterr()
     status = cli.main(
-        [
-            command,
-            "--config",
-            CONFIG,
-            "--workdir",
-            str(workdir),
-            "--set",
-            f"teacher.checkpoint={teacher}",
-            "--no-progress",
-            *TEACHER,
-            *extra,
-        ]
+        tiny_experiment.run_args(workdir, teacher, command, *TEACHER, *extra, config=CONFIG)
     )
     out = capsys.readouterr() if capsys is not None else None
     return status, out.out if out else "", out.err if out else ""

@@ -4,10 +4,11 @@ followed by the corrected command (item 6)."""
 
 import json
 import subprocess
-import sys
 import time
 
 import pytest
+
+import tiny_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -22,26 +23,13 @@ def prepared(tiny_corpus):
 
 
 def _args(workdir, data, teacher, command, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "distill_jax.cli",
-        command,
-        "--config",
-        CONFIG,
-        "--workdir",
-        str(workdir),
-        "--set",
-        f"data.prepared={data}",
-        "--set",
-        f"teacher.checkpoint={teacher}",
-        "--no-progress",
-        *extra,
-    ]
+    return tiny_experiment.run_args(
+        workdir, teacher, command, "--set", f"data.prepared={data}", *extra
+    )
 
 
 def _cli(*args):
-    return subprocess.run(_args(*args), capture_output=True, text=True, timeout=900)
+    return tiny_experiment.cli(*_args(*args), check=False)
 
 
 def test_a_failed_start_does_not_poison_the_work_directory(prepared, tmp_path):
@@ -89,7 +77,7 @@ def test_a_second_run_on_the_same_run_directory_is_refused(prepared, tmp_path):
     workdir = tmp_path / "work"
     common = ["--set", "distill.kd=none", "--set", "train.steps=4", "--name", "same"]
     first = subprocess.Popen(
-        _args(workdir, root / "data", teacher, "train-student", *common),
+        [*tiny_experiment.CLI, *_args(workdir, root / "data", teacher, "train-student", *common)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -4,7 +4,11 @@
   vocabulary, saved in Hugging Face format with its tokenizer files, so that the real
   loading and tokenization code runs;
 * the first lines of Multi30k de-en (train / val / test2016) written as a local corpus and
-  prepared with ``distill-jax prepare``.
+  prepared with ``distill-jax prepare``;
+* the command lines the end-to-end tests run: ``cli`` (``python -m distill_jax.cli`` in a
+  fresh process), ``run_args`` / ``run_cli`` (a command on a work directory with a
+  teacher checkpoint), ``local_corpus_args`` (``prepare --dataset local``) and ``demo``
+  (``scripts/demo.sh``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import shutil
 import subprocess
 import sys
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "configs/tiny.py"
+CLI = [sys.executable, "-m", "distill_jax.cli"]  # `distill-jax` in a fresh process
 TOKENIZER_FILES = (
     "vocab.txt",
     "tokenizer.json",
@@ -62,23 +69,61 @@ def write_corpus(
     return specs
 
 
+def local_corpus_args(
+    data_dir: pathlib.Path, teacher, split_specs: list[str], *extra: str
+) -> list[str]:
+    """The arguments of ``prepare --dataset local`` (after the subcommand) for the text
+    files in ``data_dir``: one ``--split`` per spec (``NAME=SRC,TGT``), then ``extra``."""
+    args = ["--dataset", "local", "--data-dir", str(data_dir), "--teacher", str(teacher)]
+    for spec in split_specs:
+        args += ["--split", spec]
+    return [*args, *extra]
+
+
+def cli(*args, check: bool = True, timeout: float = 900, **run) -> subprocess.CompletedProcess:
+    """``python -m distill_jax.cli ARGS`` in a fresh process, its output captured
+    (``run``: more ``subprocess.run`` arguments: env, cwd). With ``check``, a non-zero
+    exit fails with the end of its standard error."""
+    result = subprocess.run(
+        [*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, **run
+    )
+    if check and result.returncode:
+        raise AssertionError(f"{args[0]} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def run_args(workdir, teacher, command: str, *extra: str, config: str = CONFIG) -> list[str]:
+    """``COMMAND --config CONFIG --workdir WORKDIR`` with ``teacher`` as the teacher
+    checkpoint (none: the config's), no progress bars, then ``extra``."""
+    args = [command, "--config", config, "--workdir", str(workdir)]
+    if teacher is not None:
+        args += ["--set", f"teacher.checkpoint={teacher}"]
+    return [*args, "--no-progress", *extra]
+
+
+def run_cli(
+    workdir, teacher, command: str, *extra: str, config: str = CONFIG, check: bool = True, **run
+) -> subprocess.CompletedProcess:
+    """``distill-jax COMMAND`` on ``workdir`` with ``teacher`` (``run_args``), through
+    ``cli``."""
+    return cli(*run_args(workdir, teacher, command, *extra, config=config), check=check, **run)
+
+
 def prepare(
     teacher: pathlib.Path, corpus: pathlib.Path, split_specs: list[str], out: pathlib.Path
 ) -> None:
-    args = [
-        sys.executable,
-        "-m",
-        "distill_jax.cli",
-        "prepare",
-        "--dataset",
-        "local",
-        "--data-dir",
-        str(corpus),
-        "--teacher",
-        str(teacher),
-        "--out",
-        str(out),
-    ]
-    for spec in split_specs:
-        args += ["--split", spec]
-    subprocess.run(args, check=True, capture_output=True, text=True)
+    cli(
+        "prepare", *local_corpus_args(corpus, teacher, split_specs, "--out", str(out)), timeout=None
+    )
+
+
+def demo(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``bash scripts/demo.sh ARGS`` from the repository root, its output captured."""
+    return subprocess.run(
+        ["bash", "scripts/demo.sh", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
