@@ -10,6 +10,8 @@ from distill_jax.cli import main
 from distill_jax.data.prepared import open_prepared
 from distill_jax.data.vocab import UNK, TeacherTokenizer, Vocabulary, detokenize
 
+from tiny_experiment import local_corpus_args
+
 TRAIN_SRC = ["ein hund läuft .", "", "zwei katzen schlafen", "ein " * 40, "der mann", "  "]
 TRAIN_TGT = ["a dog runs .", "an empty source", "two cats sleep", "a long one", "", "x"]
 
@@ -25,17 +27,7 @@ def _write(folder, name, lines=None, raw: bytes | None = None):
 
 
 def _local_args(data, minilm_dir, *extra):
-    return [
-        "--dataset",
-        "local",
-        "--data-dir",
-        str(data),
-        "--teacher",
-        str(minilm_dir),
-        "--split",
-        "train=train.src,train.tgt",
-        *extra,
-    ]
+    return local_corpus_args(data, minilm_dir, ["train=train.src,train.tgt"], *extra)
 
 
 def _fails(args, out, capsys, pattern):

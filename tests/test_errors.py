@@ -12,6 +12,10 @@ from distill_jax import checkpoint, hf
 from distill_jax.cli import main
 from distill_jax.errors import UserError
 
+from tiny_experiment import local_corpus_args
+
+SPLITS = ["train=train.de,train.en", "val=val.de,val.en"]  # (files in --data-dir)
+
 
 @pytest.mark.parametrize(
     "text,pattern",
@@ -53,26 +57,7 @@ def test_prepare_refuses_a_split_with_no_pairs(tmp_path, capsys, minilm_dir, lin
     for side in ("de", "en"):
         (data / f"val.{side}").write_text("".join(line + "\n" for line in lines))
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "prepare",
-                "--dataset",
-                "local",
-                "--data-dir",
-                str(data),
-                "--teacher",
-                str(minilm_dir),
-                "--split",
-                "train=train.de,train.en",
-                "--split",
-                "val=val.de,val.en",
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert main(["prepare", *local_corpus_args(data, minilm_dir, SPLITS, "--out", str(out))]) == 2
     err = capsys.readouterr().err
     assert f"split 'val' ({data / 'val.de'} and {data / 'val.en'}) has no sentence pair" in err
     assert "Traceback" not in err and not out.exists()
@@ -86,24 +71,8 @@ def test_prepare_names_a_missing_teacher_path(tmp_path, capsys, teacher, monkeyp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "train.de").write_text("ein hund .\n")
     (tmp_path / "train.en").write_text("a dog .\n")
-    assert (
-        main(
-            [
-                "prepare",
-                "--dataset",
-                "local",
-                "--data-dir",
-                str(tmp_path),
-                "--teacher",
-                teacher,
-                "--split",
-                "train=train.de,train.en",
-                "--out",
-                str(tmp_path / "out"),
-            ]
-        )
-        == 2
-    )
+    out = str(tmp_path / "out")
+    assert main(["prepare", *local_corpus_args(tmp_path, teacher, SPLITS[:1], "--out", out)]) == 2
     err = capsys.readouterr().err
     assert re.search(rf"{re.escape(teacher)}\W.*does not exist", err), err
     assert "Repo id must be" not in err

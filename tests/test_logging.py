@@ -8,6 +8,8 @@ import pytest
 from distill_jax import logs
 from distill_jax.cli import main
 
+from tiny_experiment import local_corpus_args
+
 INFO_LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO distill_jax\.commands\.prepare: read local "
     r"\(src-tgt\): train 3 pairs$",
@@ -20,23 +22,10 @@ def _prepare(tmp_path, minilm_dir, name, *verbosity_before, after=()):
     data.mkdir(exist_ok=True)
     (data / "train.src").write_text("ein hund läuft .\nzwei katzen\nder mann\n")
     (data / "train.tgt").write_text("a dog runs .\ntwo cats\nthe man\n")
-    return main(
-        [
-            *verbosity_before,
-            "prepare",
-            "--dataset",
-            "local",
-            "--data-dir",
-            str(data),
-            "--teacher",
-            str(minilm_dir),
-            "--split",
-            "train=train.src,train.tgt",
-            "--out",
-            str(tmp_path / name),
-            *after,
-        ]
+    args = local_corpus_args(
+        data, minilm_dir, ["train=train.src,train.tgt"], "--out", str(tmp_path / name), *after
     )
+    return main([*verbosity_before, "prepare", *args])
 
 
 def test_verbosity_selects_the_status_messages(tmp_path, minilm_dir, capsys):
