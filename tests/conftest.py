@@ -124,15 +124,9 @@ def quick_demo(tmp_path_factory, minilm_dir, shared_data) -> QuickDemo:
         DISTILL_JAX_CACHE=str(pathlib.Path(minilm_dir).parent),
     )
     env.pop("XLA_FLAGS", None)  # the demo runs as a user would: on the real devices
-    result = subprocess.run(
-        ["bash", "scripts/demo.sh", "--quick"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    return QuickDemo(workdir, env, result)
+    import tiny_experiment
+
+    return QuickDemo(workdir, env, tiny_experiment.demo("--quick", env=env, timeout=1800))
 
 
 # What the demo's `prepare` call must have recorded for its dataset to be the one

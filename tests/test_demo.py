@@ -4,9 +4,10 @@ soft targets, train a baseline and a distilled student, print the table and the 
 
 import os
 import pathlib
-import subprocess
 
 import pytest
+
+import tiny_experiment
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -15,14 +16,7 @@ def _plan(*args, workdir=None):
     env = {k: v for k, v in os.environ.items() if k != "WORKDIR"}
     if workdir:
         env["WORKDIR"] = workdir
-    return subprocess.run(
-        ["bash", "scripts/demo.sh", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return tiny_experiment.demo(*args, env=env, timeout=60)
 
 
 def test_demo_arguments_full_and_quick_paths():
@@ -68,14 +62,7 @@ def test_quick_demo_runs_end_to_end(quick_demo):
 
     # Rerunning the same command redoes nothing: every stage finds its work done.
     mtime = (work / "students" / "baseline" / "results.json").stat().st_mtime_ns
-    again = subprocess.run(
-        ["bash", "scripts/demo.sh", "--quick"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    again = tiny_experiment.demo("--quick", env=env, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"already prepared: {work / 'data'}" in again.stdout
     again_said = again.stdout + again.stderr

@@ -72,20 +72,26 @@ def launcher(num_processes: int, *command: str, grace: float = 2.0, devices: int
     ]
 
 
+def start_process(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """``argv`` started from the repository root in a session of its own (its process
+    group can be killed as a whole), standard output and error merged into one pipe."""
+    return subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 class Job:
     """A started command whose merged output is collected line by line in a thread."""
 
     def __init__(self, argv: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        self.proc = start_process(argv, env)
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._ended = False
@@ -282,16 +288,7 @@ def run_worker(out: Path, args: list[str], *, processes: int, devices: int) -> N
     else:
         env.update(LAUNCH_PYTHON=sys.executable, DEVICES_PER_PROCESS=str(devices))
         argv = [str(LAUNCH_SCRIPT), str(processes), *worker]
-    proc = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_process(argv, env)
     try:
         output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:

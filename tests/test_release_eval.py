@@ -13,6 +13,23 @@ import release_eval  # noqa: E402
 from distill_jax.errors import UserError
 
 
+def _release_eval(tmp_path, runs, out, *extra) -> int:
+    """release_eval.py on the RUNS of tmp_path/work (configs/tiny.py), its record to OUT."""
+    return release_eval.main(
+        [
+            "--config",
+            "configs/tiny.py",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--runs",
+            runs,
+            *extra,
+            "--json",
+            str(out),
+        ]
+    )
+
+
 def test_the_reported_checkpoint_is_the_one_loaded():
     assert release_eval.checkpoint_of("best validation BLEU, step 1200") == "1200"
     assert release_eval.checkpoint_of("last step 1500") == "1500"
@@ -32,18 +49,7 @@ def test_an_unfinished_run_is_refused_and_no_record_is_written(tmp_path, capsys)
     run = tmp_path / "work" / "students" / "baseline"
     run.mkdir(parents=True)
     out = tmp_path / "release.json"
-    status = release_eval.main(
-        [
-            "--config",
-            "configs/tiny.py",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--runs",
-            "baseline",
-            "--json",
-            str(out),
-        ]
-    )
+    status = _release_eval(tmp_path, "baseline", out)
     assert status == 2
     assert f"{run / 'results.json'}: no such file" in capsys.readouterr().err
     assert not out.exists()
@@ -71,18 +77,7 @@ def test_a_run_whose_reported_score_is_not_reproduced_is_refused(tmp_path, capsy
 
     monkeypatch.setattr(release_eval.dj, "Student", FakeStudent)
     out = tmp_path / "release.json"
-    status = release_eval.main(
-        [
-            "--config",
-            "configs/tiny.py",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--runs",
-            "baseline",
-            "--json",
-            str(out),
-        ]
-    )
+    status = _release_eval(tmp_path, "baseline", out)
     assert status == 2 and FakeStudent.loaded == [("baseline", "8")]
     assert (
         "test2016 BLEU 19.50 decoded again, but results.json reports 20.00"
@@ -123,21 +118,7 @@ def test_release_scores_per_run_and_per_system(tmp_path, monkeypatch):
     monkeypatch.setattr(release_eval.dj, "Student", FakeStudent)
     out = tmp_path / "release.json"
     assert (
-        release_eval.main(
-            [
-                "--config",
-                "configs/tiny.py",
-                "--workdir",
-                str(tmp_path / "work"),
-                "--runs",
-                "baseline,baseline-s1",
-                "--splits",
-                "test2017,mscoco2017",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
+        _release_eval(tmp_path, "baseline,baseline-s1", out, "--splits", "test2017,mscoco2017") == 0
     )
     record = json.loads(out.read_text())
     assert record["runs"]["baseline-s1"]["splits"]["mscoco2017"]["bleu"] == 17.0

@@ -120,20 +120,9 @@ def test_multi_process_run_locks_once_and_stops_together(tmp_path):
         runlock.release_all()
     """)
     run = tmp_path / "run"
-    job = subprocess.run(
-        launcher(2, sys.executable, "-c", script, str(run)),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=clean_env(),
-    )
-    assert job.returncode == 0, job.stdout + job.stderr
-    assert "[0] got lock" in job.stdout and "[1] got no lock (not process 0)" in job.stdout
 
-    holder = _hold(run)
-    try:
-        job = subprocess.run(
+    def two_processes() -> subprocess.CompletedProcess:
+        return subprocess.run(
             launcher(2, sys.executable, "-c", script, str(run)),
             cwd=REPO,
             capture_output=True,
@@ -141,6 +130,14 @@ def test_multi_process_run_locks_once_and_stops_together(tmp_path):
             timeout=300,
             env=clean_env(),
         )
+
+    job = two_processes()
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert "[0] got lock" in job.stdout and "[1] got no lock (not process 0)" in job.stdout
+
+    holder = _hold(run)
+    try:
+        job = two_processes()
     finally:
         _kill(holder)
     assert job.returncode == 2, job.stdout + job.stderr
