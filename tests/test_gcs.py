@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -280,16 +279,6 @@ def test_two_processes_write_one_cache_and_checkpoint_on_gcs(experiment, gcs):
         "mesh.tensor=2",
     ]
     _run("train-teacher", workdir, *common, env=env)
-    launch = [
-        sys.executable,
-        "-m",
-        "distill_jax.launch",
-        "--local-processes",
-        "2",
-        "--devices-per-process",
-        "4",
-        "--",
-    ]
     for sub, extra in (
         ("soft-targets", ["--chunk-rows", CHUNK_ROWS]),
         (
@@ -307,7 +296,9 @@ def test_two_processes_write_one_cache_and_checkpoint_on_gcs(experiment, gcs):
         ),
     ):
         two = subprocess.run(
-            launch + tiny_experiment.CLI + _args(sub, workdir, *common, *extra),
+            tiny_experiment.two_processes(
+                *tiny_experiment.CLI, *_args(sub, workdir, *common, *extra)
+            ),
             cwd=REPO,
             capture_output=True,
             text=True,

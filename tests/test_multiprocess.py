@@ -309,18 +309,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("multiprocess")
     timings = {}
     start = time.monotonic()
+    # one8 and two: meshes (2,2,2) then (8,1,1), saving at step 2
+    both_meshes = ["--train", "2,2,2", "--train", "8,1,1", "--save-at", "2"]
     run_worker(
         root / "one8",
-        [
-            "--train",
-            "2,2,2",
-            "--train",
-            "8,1,1",
-            "--save-at",
-            "2",
-            "--save-dir",
-            str(root / "ckpt_one8"),
-        ],
+        [*both_meshes, "--save-dir", str(root / "ckpt_one8")],
         processes=1,
         devices=8,
     )
@@ -329,12 +322,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     run_worker(
         root / "two",
         [
-            "--train",
-            "2,2,2",
-            "--train",
-            "8,1,1",
-            "--save-at",
-            "2",
+            *both_meshes,
             "--save-dir",
             str(root / "ckpt_two"),
             "--restore-from",

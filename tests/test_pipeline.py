@@ -134,19 +134,7 @@ def test_train_student_command_runs_as_two_processes(experiment):
     )
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distill_jax.launch",
-            "--local-processes",
-            "2",
-            "--devices-per-process",
-            "4",
-            "--",
-            *command,
-            "--name",
-            "two-processes",
-        ],
+        tiny_experiment.two_processes(*command, "--name", "two-processes"),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -193,50 +181,33 @@ def test_soft_targets_rerun_reuses_a_finished_cache(experiment):
 
 def test_foreign_cache_and_changed_config_are_refused(experiment):
     workdir, teacher = experiment
-    # Another teacher run (teacher.steps=3) than the one the cache was made with.
-    result = _cli(
-        workdir,
-        teacher,
-        "train-student",
-        "--name",
-        "refused",
-        "--set",
-        "teacher.steps=3",
-        check=False,
-    )
+
+    def refused(*extra):
+        """Another teacher run (teacher.steps=3) than the one the cache was made with."""
+        return _cli(
+            workdir,
+            teacher,
+            "train-student",
+            "--name",
+            "refused",
+            "--set",
+            "teacher.steps=3",
+            *extra,
+            check=False,
+        )
+
+    result = refused()
     assert result.returncode == 2
     assert "was made for teacher" in result.stderr and "soft-targets" in result.stderr
     # That failed start saved no step, so it does not bind the run to its config (#34
     # item 6): a corrected command is not refused for "changed fields".
-    result = _cli(
-        workdir,
-        teacher,
-        "train-student",
-        "--name",
-        "refused",
-        "--set",
-        "teacher.steps=3",
-        "--set",
-        "train.steps=9",
-        check=False,
-    )
+    result = refused("--set", "train.steps=9")
     assert result.returncode == 2
     assert "run with another config" not in result.stderr  # (a note says it started over)
     assert "was made for teacher" in result.stderr
     # Once a step is saved (here: a step folder), another config is refused, naming it.
     (workdir / "students" / "refused" / "checkpoints" / "2").mkdir(parents=True)
-    result = _cli(
-        workdir,
-        teacher,
-        "train-student",
-        "--name",
-        "refused",
-        "--set",
-        "teacher.steps=3",
-        "--set",
-        "train.steps=8",
-        check=False,
-    )
+    result = refused("--set", "train.steps=8")
     assert result.returncode == 2
     assert "changed fields: train.steps: 9 -> 8." in result.stderr
 

@@ -7,8 +7,8 @@
   prepared with ``distill-jax prepare``;
 * the command lines the end-to-end tests run: ``cli`` (``python -m distill_jax.cli`` in a
   fresh process), ``run_args`` / ``run_cli`` (a command on a work directory with a
-  teacher checkpoint), ``local_corpus_args`` (``prepare --dataset local``) and ``demo``
-  (``scripts/demo.sh``).
+  teacher checkpoint), ``two_processes`` (through the local launcher),
+  ``local_corpus_args`` (``prepare --dataset local``) and ``demo`` (``scripts/demo.sh``).
 """
 
 from __future__ import annotations
@@ -107,6 +107,21 @@ def run_cli(
     """``distill-jax COMMAND`` on ``workdir`` with ``teacher`` (``run_args``), through
     ``cli``."""
     return cli(*run_args(workdir, teacher, command, *extra, config=config), check=check, **run)
+
+
+def two_processes(*command: str) -> list[str]:
+    """``command`` (an argv) run by the local launcher as 2 processes of 4 CPU devices."""
+    return [
+        sys.executable,
+        "-m",
+        "distill_jax.launch",
+        "--local-processes",
+        "2",
+        "--devices-per-process",
+        "4",
+        "--",
+        *command,
+    ]
 
 
 def prepare(
