@@ -271,12 +271,7 @@ def test_two_processes_write_one_cache_and_checkpoint_on_gcs(experiment, gcs):
         "teacher.steps=2",
         "--set",
         f"data.prepared={data}",
-        "--set",
-        "mesh.data=2",
-        "--set",
-        "mesh.fsdp=2",
-        "--set",
-        "mesh.tensor=2",
+        *tiny_experiment.MESH_2X2X2,
     ]
     _run("train-teacher", workdir, *common, env=env)
     for sub, extra in (

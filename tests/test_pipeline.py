@@ -113,12 +113,7 @@ def test_train_student_command_runs_as_two_processes(experiment):
         "train.save_every=2",
         "--set",
         "train.eval_every=100",
-        "--set",
-        "mesh.data=2",
-        "--set",
-        "mesh.fsdp=2",
-        "--set",
-        "mesh.tensor=2",
+        *tiny_experiment.MESH_2X2X2,
     ]
     command = [
         *tiny_experiment.CLI,

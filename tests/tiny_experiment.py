@@ -109,6 +109,10 @@ def run_cli(
     return cli(*run_args(workdir, teacher, command, *extra, config=config), check=check, **run)
 
 
+# a (2,2,2) mesh of the 8 devices: what a run spread over ``two_processes`` uses
+MESH_2X2X2 = ["--set", "mesh.data=2", "--set", "mesh.fsdp=2", "--set", "mesh.tensor=2"]
+
+
 def two_processes(*command: str) -> list[str]:
     """``command`` (an argv) run by the local launcher as 2 processes of 4 CPU devices."""
     return [
