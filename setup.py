@@ -44,6 +44,7 @@ setup(
         # The gs:// tests run against a local emulator (tests/gcs_emulator.py); ruff lints.
         "test": [
             "pytest>=9.2.0",
+            "pytest-xdist>=3.8.0",
             "torch>=2.13.0",
             "matplotlib>=3.11.2",
             "gcsfs>=2026.10.1",
