@@ -42,6 +42,7 @@ apply the models' logical activation constraints, call inside ``jax.set_mesh(mes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -94,25 +95,21 @@ def length_limits(model: Transformer, src: jax.Array, max_len: MaxLen) -> tuple[
 
 
 def _run_phases(
-    model: Transformer,
-    params: Any,
-    encoded: jax.Array,
-    src: jax.Array,
-    beams: int,
     ends: list[int],
     cond: Callable,
     body: Callable,
     state: Any,
+    grow: Callable[[Any, int], Any],
 ) -> Any:
     """``lax.while_loop(cond, body, state)`` run as one loop per phase: the loop of the
-    phase ending at step ``end`` also stops there, then the cache (``state.cache``) grows
-    to the next phase's length. ``state`` has fields ``step`` and ``cache``."""
+    phase ending at step ``end`` also stops there, then ``grow(cache, end)`` (a
+    ``grow_decode_cache`` of the search's model, parameters, encoder output, source and
+    beams) makes the cache (``state.cache``) room for the next phase's length. ``state``
+    has fields ``step`` and ``cache``."""
     for phase, end in enumerate(ends):
         if phase:
             with jax.named_scope("grow_cache"):
-                state = state._replace(
-                    cache=grow_decode_cache(model, params, encoded, src, state.cache, end, beams)
-                )
+                state = state._replace(cache=grow(state.cache, end))
         state = jax.lax.while_loop(lambda s, end=end: cond(s) & (s.step < end), body, state)
     return state
 
@@ -363,7 +360,8 @@ def beam_search(
     )
     # The first step always runs: every sentence's bound is >= 1.
     first = advance(init, first=True)
-    final = _run_phases(model, params, encoded, src, beam_size, ends, cond, advance, first)
+    grow = functools.partial(grow_decode_cache, model, params, encoded, src, beams=beam_size)
+    final = _run_phases(ends, cond, advance, first, grow)
     sequences = jnp.where(
         final.finished_scores[:, :, None] > NEG_INF, final.finished_seqs, cfg.pad_id
     )  # [batch, beams, steps]
@@ -424,7 +422,8 @@ def _left_to_right(
         done=jnp.zeros((batch,), bool),
         cache=cache,
     )
-    final = _run_phases(model, params, encoded, src, 1, ends, cond, body, init)
+    grow = functools.partial(grow_decode_cache, model, params, encoded, src, beams=1)
+    final = _run_phases(ends, cond, body, init, grow)
     return final.seqs, final.log_probs
 
 
@@ -475,24 +474,31 @@ def _per_row_keys(rng: jax.Array) -> bool:
     return rng.ndim == (1 if typed else 2)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "max_len", "temperature", "top_k", "top_p", "cache_phases")
-)
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """What ``sample`` draws each token from: ``softmax(log_probs / temperature)``,
+    restricted to the ``top_k`` most probable tokens when ``top_k > 0``, then to the
+    nucleus of probability ``top_p`` (``nucleus_mask``) when ``top_p < 1``. Hashable: a
+    static argument of the jitted search."""
+
+    temperature: float = 1.0  # > 0
+    top_k: int = 0  # in [0, vocab_size]; 0 keeps every token
+    top_p: float = 1.0  # in (0, 1]; 1 keeps every token
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "max_len", "cache_phases"))
 def sample(
     model: Transformer,
     params: Any,
     src: jax.Array,  # [batch, src] int32
     rng: jax.Array,  # one key, or one per sentence ([batch] typed / [batch, 2] raw keys)
     *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    sampling: Sampling = Sampling(),
     max_len: MaxLen = None,
     cache_phases: int = DEFAULT_CACHE_PHASES,
 ) -> tuple[jax.Array, jax.Array]:
-    """Ancestral sampling from ``softmax(log_probs / temperature)``, restricted to the
-    ``top_k`` most probable tokens when ``top_k > 0``, then to the nucleus of probability
-    ``top_p`` (``nucleus_mask``) when ``top_p < 1``, in that order (as transformers does).
+    """Ancestral sampling, each token drawn as ``sampling`` says: the temperature, then the
+    ``top_k`` restriction, then the nucleus, in that order (as transformers does).
 
     With one key per sentence, a sentence's sample depends only on its key, its source and
     the batch shape, not on the other sentences (how ``translate`` makes streamed and batch
@@ -500,6 +506,7 @@ def sample(
 
     Returns (sequences [batch, steps], summed model log-probs [batch] at temperature 1).
     """
+    temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if top_k < 0 or top_k > model.config.vocab_size:

@@ -147,9 +147,7 @@ def search(
             params,
             src,
             rng,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=top_p,
+            sampling=decode.Sampling(config.temperature, config.top_k, top_p),
             max_len=max_len,
             cache_phases=phases,
         )

@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from distill_jax.decode import beam_search, greedy_search, sample
+from distill_jax.decode import Sampling, beam_search, greedy_search, sample
 from distill_jax.models.transformer import Transformer, TransformerConfig
 from distill_jax.sharding import LOGICAL_AXIS_RULES
 
@@ -268,12 +268,24 @@ def test_sampling_with_top_1_is_greedy(model_and_params):
     model, params = model_and_params
     greedy_seqs, greedy_lp = greedy_search(model, params, SOURCES, max_len=MAX_LEN + 2)
     seqs, lp = sample(
-        model, params, SOURCES, jax.random.key(7), top_k=1, temperature=0.7, max_len=MAX_LEN + 2
+        model,
+        params,
+        SOURCES,
+        jax.random.key(7),
+        sampling=Sampling(top_k=1, temperature=0.7),
+        max_len=MAX_LEN + 2,
     )
     np.testing.assert_array_equal(seqs, greedy_seqs)
     np.testing.assert_allclose(lp, greedy_lp, rtol=0, atol=1e-6)
     # Unrestricted sampling at a high temperature does leave the greedy path.
-    hot, _ = sample(model, params, SOURCES, jax.random.key(7), temperature=5.0, max_len=MAX_LEN + 2)
+    hot, _ = sample(
+        model,
+        params,
+        SOURCES,
+        jax.random.key(7),
+        sampling=Sampling(temperature=5.0),
+        max_len=MAX_LEN + 2,
+    )
     assert not np.array_equal(hot, greedy_seqs)
 
 
@@ -421,7 +433,13 @@ def test_growing_caches_decode_like_one_full_size_cache(
     for search in (
         lambda **kw: greedy_search(model, params, src, max_len=bound, **kw),
         lambda **kw: sample(
-            model, params, src, jax.random.key(1), temperature=1.5, max_len=bound, **kw
+            model,
+            params,
+            src,
+            jax.random.key(1),
+            sampling=Sampling(temperature=1.5),
+            max_len=bound,
+            **kw,
         ),
     ):
         one_seqs, one_lp = search(cache_phases=1)
@@ -621,15 +639,13 @@ def test_nucleus_sampling_with_a_tiny_p_is_greedy(model_and_params):
         params,
         SOURCES,
         jax.random.key(7),
-        temperature=3.0,
-        top_k=4,
-        top_p=1e-4,
+        sampling=Sampling(temperature=3.0, top_k=4, top_p=1e-4),
         max_len=MAX_LEN + 2,
     )
     np.testing.assert_array_equal(seqs, greedy_seqs)
     np.testing.assert_allclose(lp, greedy_lp, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="top_p"):
-        sample(model, params, SOURCES, jax.random.key(7), top_p=0.0)
+        sample(model, params, SOURCES, jax.random.key(7), sampling=Sampling(top_p=0.0))
 
 
 def test_per_sentence_keys_make_samples_independent_of_the_batch(model_and_params):
@@ -637,10 +653,11 @@ def test_per_sentence_keys_make_samples_independent_of_the_batch(model_and_param
     other rows (translate's streamed and batch outputs rely on it)."""
     model, params = model_and_params
     keys = jax.random.split(jax.random.key(11), 3)  # [3] typed keys
-    seqs, lp = sample(model, params, SOURCES, keys, temperature=2.0, max_len=MAX_LEN + 2)
+    hot = Sampling(temperature=2.0)
+    seqs, lp = sample(model, params, SOURCES, keys, sampling=hot, max_len=MAX_LEN + 2)
     order = np.array([2, 0, 1])
     again, again_lp = sample(
-        model, params, SOURCES[order], keys[order], temperature=2.0, max_len=MAX_LEN + 2
+        model, params, SOURCES[order], keys[order], sampling=hot, max_len=MAX_LEN + 2
     )
     np.testing.assert_array_equal(np.asarray(again), np.asarray(seqs)[order])
     np.testing.assert_allclose(again_lp, np.asarray(lp)[order], rtol=0, atol=1e-6)
