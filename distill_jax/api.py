@@ -321,6 +321,12 @@ class Student:
         )
         return cls(config, workdir, model, params, vocab, mesh)
 
+    def _trained(self):
+        """The model, parameters, vocabulary and mesh as ``translate.TrainedModel``."""
+        from distill_jax import translate
+
+        return translate.TrainedModel(self.model, self.params, self.vocab, self.mesh)
+
     def decode_config(self, method: str | None = None, **fields: Any):
         """``config.decode`` with ``method`` ("beam", "greedy", "sample") and any other
         ``DecodeConfig`` fields replaced (``beam_size``, ``length_penalty``,
@@ -360,12 +366,9 @@ class Student:
         except ValueError as err:
             raise UserError(str(err)) from None
         return translate.translate_texts(
-            self.model,
-            self.params,
-            self.vocab,
+            self._trained(),
             list(texts),
             decode,
-            self.mesh,
             seed=seed,
             nbest=nbest,
             top_p=top_p,
@@ -391,12 +394,9 @@ class Student:
         except ValueError as err:
             raise UserError(str(err)) from None
         return translate.translate_stream(
-            self.model,
-            self.params,
-            self.vocab,
+            self._trained(),
             lines,
             self.config.decode,
-            self.mesh,
             seed=seed,
             nbest=nbest,
             top_p=top_p,
@@ -416,13 +416,10 @@ class Student:
 
         dataset = open_prepared(runner.prepared_dir(self.config, self.workdir))
         scores, hypotheses = student.score_split(
-            self.model,
-            self.params,
-            self.vocab,
+            self._trained(),
             dataset,
             split,
             self.decode_config(**decode_fields),
-            self.mesh,
             limit=limit,
             progress=progress,
         )

@@ -19,9 +19,10 @@ from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
 from distill_jax.data.prepared import PreparedDataset, open_prepared
 from distill_jax.data.vocab import Vocabulary
 from distill_jax.errors import UserError
-from distill_jax.experiment import ExperimentConfig
+from distill_jax.experiment import DecodeConfig, ExperimentConfig
 from distill_jax.models.transformer import Transformer
 from distill_jax.trainer import CheckpointPolicy, abstract_init, checkpointer
+from distill_jax.translate import TrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -246,11 +247,18 @@ def reference_texts(dataset: PreparedDataset, split: str, limit: int = 0):
 
 
 def score_split(
-    model, params, vocab, dataset, split, decode_config, mesh, *, limit=0, progress=False
+    trained: TrainedModel,
+    dataset: PreparedDataset,
+    split: str,
+    decode_config: DecodeConfig,
+    *,
+    limit: int = 0,
+    progress: bool = False,
 ) -> tuple[dict, list[str]]:
     """Detokenized sacreBLEU (case-insensitive: the uncased teacher's pieces lowercase the
-    output) and ROUGE-1/2/L F-measures of the student's outputs for ``split`` (translation
-    reports BLEU, summarisation ROUGE; both are cheap); returns (scores, hypotheses).
+    output) and ROUGE-1/2/L F-measures of the outputs of the student ``trained`` for the
+    first ``limit`` pairs (0: all) of ``split`` (translation reports BLEU, summarisation
+    ROUGE; both are cheap); returns (scores, hypotheses).
 
     On a corpus stored Moses-tokenized (``dataset.json`` ``"text"``, e.g. iwslt14_de_en),
     ``bleu`` is sacreBLEU on Moses-detokenized hypotheses and references, and ``bleu_tok``
@@ -260,10 +268,8 @@ def score_split(
     from distill_jax import metrics, translate
 
     sources, references = reference_texts(dataset, split, limit)
-    outputs = translate.translate_ids(
-        model, params, sources, decode_config, mesh, progress=progress
-    )
-    hypotheses = [vocab.decode(ids.tolist()) for ids in outputs]
+    outputs = translate.translate_ids(trained, sources, decode_config, progress=progress)
+    hypotheses = [trained.vocab.decode(ids.tolist()) for ids in outputs]
     text = dataset.meta.get("text") or {}
     tokenized = text.get("tokenizer") == "moses"
     if tokenized:
@@ -393,13 +399,10 @@ def training_task(
 
     def summarize(total: dict, params: Any) -> dict[str, float]:
         scores, last["hypotheses"] = score_split(
-            model,
-            params,
-            vocab,
+            TrainedModel(model, params, vocab, mesh),
             dataset,
             config.data.valid_split,
             config.decode,
-            mesh,
             limit=config.train.bleu_sentences,
         )
         return {
@@ -505,13 +508,10 @@ def write_results(
     }
     for split in (config.data.valid_split, *config.data.test_splits):
         scores, hypotheses = score_split(
-            setup.model,
-            params,
-            setup.vocab,
+            TrainedModel(setup.model, params, setup.vocab, mesh),
             dataset,
             split,
             config.decode,
-            mesh,
             progress=not no_progress,
         )
         results["splits"][split] = scores

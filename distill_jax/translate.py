@@ -1,7 +1,8 @@
 """Translating with a student: sources grouped into length-bucketed batches, each decoded
 by one jitted beam search / greedy search / sampling over the mesh's data axis, from
 token ids or text, all at once (``translate_ids``, ``translate_texts``) or as lines arrive
-(``translate_stream``).
+(``translate_stream``). The student comes as a ``TrainedModel`` (model, parameters,
+vocabulary, mesh).
 
 Every sentence is decoded in a batch of the shape its length gives it
 (``batch_shape``: its source length rounded up to ``bucket_step``, and the rows that width
@@ -12,11 +13,12 @@ batches give the outputs of one batch run, and reuse its compiled shapes."""
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import numpy as np
@@ -25,8 +27,25 @@ from distill_jax import runner
 from distill_jax.errors import UserError
 from distill_jax.experiment import DecodeConfig
 
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from distill_jax.data.vocab import Vocabulary
+    from distill_jax.models.transformer import Transformer
+
 MAX_ROWS = 128  # sentences per decoding batch (before beams)
 STREAM_WAIT = 0.1  # seconds translate_stream waits for another line before decoding
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """A trained student as the functions here take it (``student.load_trained`` gives the
+    first three, ``api.Student`` holds all four)."""
+
+    model: Transformer
+    params: Any  # the model's "params" collection
+    vocab: Vocabulary | None  # text <-> ids; None where only ids are translated
+    mesh: Mesh  # its data axes split each decoding batch
 
 
 class Hypothesis(NamedTuple):
@@ -191,22 +210,27 @@ def _row_keys(seed: int, index: np.ndarray) -> np.ndarray:
 
 
 def _decode_batch(
-    model,
-    params,
+    trained: TrainedModel,
     index: np.ndarray,
     src: np.ndarray,
     config: DecodeConfig,
-    mesh,
     seed: int,
     nbest: int,
     top_p: float,
 ) -> list[list[Hypothesis]]:
     """The hypotheses (best first, at most ``nbest``) of the rows of one batch."""
+    mesh = trained.mesh
     keys = _global_from_full(_row_keys(seed, index), mesh) if config.method == "sample" else None
     ids, scores = search(
-        model, params, _global_from_full(src, mesh), config, keys, nbest=nbest, top_p=top_p
+        trained.model,
+        trained.params,
+        _global_from_full(src, mesh),
+        config,
+        keys,
+        nbest=nbest,
+        top_p=top_p,
     )
-    cfg = model.config
+    cfg = trained.model.config
     out = []
     for row in range(len(index)):
         hyps = []
@@ -220,11 +244,9 @@ def _decode_batch(
 
 
 def translate_ids(
-    model,
-    params,
+    trained: TrainedModel,
     sources: Sequence[np.ndarray],
     config: DecodeConfig,
-    mesh,
     *,
     seed: int = 0,
     progress: bool = False,
@@ -235,18 +257,19 @@ def translate_ids(
     ``nbest``, the list of the (up to) ``nbest`` best ``Hypothesis`` of every source
     instead, best first (``check_options`` says which settings take it). ``top_p`` < 1:
     nucleus sampling (``config.method`` 'sample'). ``seed``: sampling's seed (source i
-    samples from the key ``fold_in(PRNGKey(seed), i)``).
+    samples from the key ``fold_in(PRNGKey(seed), i)``). ``trained.vocab`` is not read.
 
     Sources longer than the model's ``max_len`` (its position table) are cut to their first
     ``max_len - 1`` ids and ``</s>``; a note on stderr says how many."""
     check_options(config, nbest, top_p)
-    shards = runner.data_shards(mesh)
+    shards = runner.data_shards(trained.mesh)
+    cfg = trained.model.config
     outputs: list = [None] * len(sources)
-    sources = truncate_sources(sources, model.config.max_len, model.config.eos_id)
-    batches = decode_batches(sources, config, shards, max_len=model.config.max_len)
+    sources = truncate_sources(sources, cfg.max_len, cfg.eos_id)
+    batches = decode_batches(sources, config, shards, max_len=cfg.max_len)
     bar = runner.progress(len(sources), 0, "generate", disable=not progress)
     for index, src in batches:
-        hyps = _decode_batch(model, params, index, src, config, mesh, seed, nbest or 1, top_p)
+        hyps = _decode_batch(trained, index, src, config, seed, nbest or 1, top_p)
         for row, i in enumerate(index):
             if i >= 0:
                 outputs[i] = hyps[row] if nbest else hyps[row][0].ids
@@ -290,30 +313,27 @@ def _texts(vocab, hyps: list[Hypothesis], nbest: int | None) -> str | list[Trans
 
 
 def translate_texts(
-    model,
-    params,
-    vocab,
+    trained: TrainedModel,
     texts: Sequence[str],
     config: DecodeConfig,
-    mesh,
     *,
     seed: int = 0,
     progress: bool = False,
     nbest: int | None = None,
     top_p: float = 1.0,
 ) -> list[str] | list[list[Translation]]:
-    """Detokenized outputs for raw source sentences (``Vocabulary.decode``); with ``nbest``,
-    the list of the (up to) ``nbest`` best ``Translation`` (text, score) of every sentence,
-    best first. ``seed``, ``nbest``, ``top_p``: see ``translate_ids``."""
+    """Detokenized outputs for raw source sentences (``trained.vocab``'s ``encode`` and
+    ``decode``); with ``nbest``, the list of the (up to) ``nbest`` best ``Translation``
+    (text, score) of every sentence, best first. ``seed``, ``nbest``, ``top_p``: see
+    ``translate_ids``."""
     from distill_jax.data.vocab import EOS
 
+    vocab = trained.vocab
     sources = [np.asarray(vocab.encode(text) + [EOS], np.int32) for text in texts]
     outputs = translate_ids(
-        model,
-        params,
+        trained,
         sources,
         config,
-        mesh,
         seed=seed,
         progress=progress,
         nbest=nbest or 1,
@@ -323,12 +343,9 @@ def translate_texts(
 
 
 def translate_stream(
-    model,
-    params,
-    vocab,
+    trained: TrainedModel,
     lines: Iterable[str],
     config: DecodeConfig,
-    mesh,
     *,
     seed: int = 0,
     nbest: int | None = None,
@@ -365,7 +382,7 @@ def translate_stream(
             arrived.put(("error", err))
 
     threading.Thread(target=read, name="translate_stream-reader", daemon=True).start()
-    shards, cfg = runner.data_shards(mesh), model.config
+    shards, cfg, vocab = runner.data_shards(trained.mesh), trained.model.config, trained.vocab
     pending: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
     done: dict[int, list[Hypothesis]] = {}
     count = written = 0
@@ -375,7 +392,7 @@ def translate_stream(
         members = pending.pop(shape)
         index, src = _batch(members, *shape)
         for row, hyps in enumerate(
-            _decode_batch(model, params, index, src, config, mesh, seed, nbest or 1, top_p)
+            _decode_batch(trained, index, src, config, seed, nbest or 1, top_p)
         ):
             if index[row] >= 0:
                 done[int(index[row])] = hyps

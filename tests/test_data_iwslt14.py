@@ -269,6 +269,7 @@ def test_score_split_adds_tokenized_bleu_on_the_iwslt14_corpus(tmp_path, minilm_
     from flax import linen as nn
 
     from distill_jax import configlib, sharding, student, trainer
+    from distill_jax.translate import TrainedModel
 
     data = tmp_path / "data"
     data.mkdir()
@@ -278,9 +279,8 @@ def test_score_split_adds_tokenized_bleu_on_the_iwslt14_corpus(tmp_path, minilm_
     config = configlib.load_config_file("configs/tiny.py")
     model = student.build_model(config, ds.vocab, jax.numpy.float32)
     params = nn.meta.unbox(trainer.abstract_init(model, jax.random.PRNGKey(0), 2)())
-    scores, hypotheses = student.score_split(
-        model, params, ds.vocab, ds, "test", config.decode, sharding.make_mesh(config.mesh), limit=4
-    )
+    trained = TrainedModel(model, params, ds.vocab, sharding.make_mesh(config.mesh))
+    scores, hypotheses = student.score_split(trained, ds, "test", config.decode, limit=4)
     assert len(hypotheses) == 4
     assert {"bleu", "bleu_signature", "bleu_tok", "bleu_tok_signature"} <= set(scores)
     assert "tok:13a" in scores["bleu_signature"]

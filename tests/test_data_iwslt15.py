@@ -339,15 +339,15 @@ def test_score_split_scores_the_cased_corpus_with_cased_tokenized_bleu(
     from flax import linen as nn
 
     from distill_jax import sharding, student, trainer
+    from distill_jax.translate import TrainedModel
 
     assert _prepare(_write_files(tmp_path / "data"), tmp_path / "out", minilm_dir) == 0
     ds = open_prepared(tmp_path / "out")
     config = configlib.load_config_file("configs/tiny.py")
     model = student.build_model(config, ds.vocab, jax.numpy.float32)
     params = nn.meta.unbox(trainer.abstract_init(model, jax.random.PRNGKey(0), 2)())
-    scores, hypotheses = student.score_split(
-        model, params, ds.vocab, ds, "test", config.decode, sharding.make_mesh(config.mesh)
-    )
+    trained = TrainedModel(model, params, ds.vocab, sharding.make_mesh(config.mesh))
+    scores, hypotheses = student.score_split(trained, ds, "test", config.decode)
     assert len(hypotheses) == 2
     assert scores["bleu_tok_signature"].startswith("moses-tok:vi|")
     assert "case:mixed" in scores["bleu_tok_signature"]

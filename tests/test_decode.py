@@ -347,8 +347,9 @@ def test_sources_longer_than_max_len_are_truncated_for_generation(model_and_para
     cut = np.append(long_source[:7], EOS).astype(np.int32)
     config = DecodeConfig(beam_size=2, max_len_a=0.0, max_len_b=4)
     mesh = make_mesh(MeshConfig())
-    got = translate.translate_ids(model, params, [long_source, SOURCES[1][:2]], config, mesh)
-    want = translate.translate_ids(model, params, [cut, SOURCES[1][:2]], config, mesh)
+    trained = translate.TrainedModel(model, params, None, mesh)
+    got = translate.translate_ids(trained, [long_source, SOURCES[1][:2]], config)
+    want = translate.translate_ids(trained, [cut, SOURCES[1][:2]], config)
     assert "1 of 2 sources are longer than the model's max_len 8" in capsys.readouterr().err
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)

@@ -563,7 +563,7 @@ def test_generate_matches_ours_token_for_token(exported, ours, sentences, method
     """transformers and CTranslate2 (float32) against the student's own search, 16
     sentences of 1 to 30-odd pieces, one at a time (each with its own length bound)."""
     ctranslate2 = pytest.importorskip("ctranslate2")
-    from distill_jax.translate import translate_ids
+    from distill_jax.translate import TrainedModel, translate_ids
 
     out = exported[3]
     model, params, vocab, decode, mesh = ours
@@ -571,7 +571,8 @@ def test_generate_matches_ours_token_for_token(exported, ours, sentences, method
     decode = dataclasses.replace(decode, method=method, beam_size=4, length_penalty=0.0)
     sources = [np.asarray(vocab.encode(s) + [2], np.int32) for s in sentences]
     assert len({len(s) for s in sources}) > 8  # mixed lengths
-    expected = [ids.tolist() for ids in translate_ids(model, params, sources, decode, mesh)]
+    trained = TrainedModel(model, params, vocab, mesh)
+    expected = [ids.tolist() for ids in translate_ids(trained, sources, decode)]
     assert len({tuple(e) for e in expected}) > 4, f"degenerate outputs: {expected}"
     hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(out).eval()
     kwargs = {"num_beams": beams, "length_penalty": 0.0, "do_sample": False}

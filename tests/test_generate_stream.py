@@ -42,7 +42,7 @@ DECODE = DecodeConfig(
 
 @pytest.fixture(scope="module")
 def student(shared_data, minilm_dir):
-    """(model, params, vocab, mesh, sentences): a random student whose outputs vary with
+    """(translate.TrainedModel, sentences): a random student whose outputs vary with
     the source (embeddings scaled up, EOS pulled towards a frequent piece, as in
     test_decode), the vocabulary of 200 Multi30k pairs and 19 val sentences of mixed
     length (repeats included)."""
@@ -72,14 +72,12 @@ def student(shared_data, minilm_dir):
     params["shared_embedding"]["embedding"] = 2.0 * table
     val = (shared_data / "multi30k" / "val.de").read_text(encoding="utf-8").splitlines()
     sentences = val[:8] + ["Ein Hund.", val[3]] + val[8:16] + ["Zwei Männer, die ein " * 4]
-    return model, params, vocab, make_mesh(MeshConfig()), sentences
+    return translate.TrainedModel(model, params, vocab, make_mesh(MeshConfig())), sentences
 
 
 def _stream(student, decode, **options):
-    model, params, vocab, mesh, sentences = student
-    chunks = list(
-        translate.translate_stream(model, params, vocab, iter(sentences), decode, mesh, **options)
-    )
+    trained, sentences = student
+    chunks = list(translate.translate_stream(trained, iter(sentences), decode, **options))
     return list(itertools.chain.from_iterable(chunks))
 
 
@@ -94,9 +92,9 @@ def _stream(student, decode, **options):
 def test_stream_gives_the_batch_outputs(student, method, options):
     """Lines arriving one by one, decoded in micro-batches of their own shapes, give what
     one batch run over all of them gives (n-best lists and samples included)."""
-    model, params, vocab, mesh, sentences = student
+    trained, sentences = student
     decode = dataclasses.replace(DECODE, method=method)
-    batch = translate.translate_texts(model, params, vocab, sentences, decode, mesh, **options)
+    batch = translate.translate_texts(trained, sentences, decode, **options)
     assert len(set(map(str, batch))) > 6, batch  # the outputs vary with the source
     assert _stream(student, decode, **options) == batch
     assert _stream(student, decode, wait=1e-4, **options) == batch  # smaller micro-batches
@@ -104,15 +102,13 @@ def test_stream_gives_the_batch_outputs(student, method, options):
 
 def test_a_line_is_translated_before_the_input_ends(student):
     """translate_stream yields a line's translation while the input is still open."""
-    model, params, vocab, mesh, sentences = student
+    trained, sentences = student
     lines: queue.Queue = queue.Queue()
     end = object()
     watchdog = threading.Timer(120, lines.put, (end,))  # never hang the test run
     watchdog.start()
-    outputs = translate.translate_stream(
-        model, params, vocab, iter(lines.get, end), DECODE, mesh, wait=0.05
-    )
-    expected = translate.translate_texts(model, params, vocab, sentences[:2], DECODE, mesh)
+    outputs = translate.translate_stream(trained, iter(lines.get, end), DECODE, wait=0.05)
+    expected = translate.translate_texts(trained, sentences[:2], DECODE)
     try:
         lines.put(sentences[0])
         assert next(outputs) == expected[:1]  # the input has not ended
@@ -127,20 +123,18 @@ def test_a_line_is_translated_before_the_input_ends(student):
 def test_nbest_lists(student):
     """n-best: up to N hypotheses per source, best first, scores as beam search's, the
     first the 1-best output; greedy gives one hypothesis with its summed log-prob."""
-    model, params, vocab, mesh, sentences = student
-    best = translate.translate_texts(model, params, vocab, sentences, DECODE, mesh)
-    lists = translate.translate_texts(model, params, vocab, sentences, DECODE, mesh, nbest=3)
+    trained, sentences = student
+    best = translate.translate_texts(trained, sentences, DECODE)
+    lists = translate.translate_texts(trained, sentences, DECODE, nbest=3)
     for text, hyps in zip(best, lists):
         assert len(hyps) == 3 and hyps[0].text == text
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
         assert all(h.score < 0 for h in hyps)
     assert sum(len({h.text for h in hyps}) > 1 for hyps in lists) > len(lists) // 2
     greedy = dataclasses.replace(DECODE, method="greedy")
-    one = translate.translate_texts(model, params, vocab, sentences[:3], greedy, mesh, nbest=1)
+    one = translate.translate_texts(trained, sentences[:3], greedy, nbest=1)
     assert [len(h) for h in one] == [1, 1, 1]
-    assert [h[0].text for h in one] == translate.translate_texts(
-        model, params, vocab, sentences[:3], greedy, mesh
-    )
+    assert [h[0].text for h in one] == translate.translate_texts(trained, sentences[:3], greedy)
 
 
 def test_options_outside_their_ranges_are_refused():

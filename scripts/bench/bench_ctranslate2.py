@@ -128,7 +128,7 @@ def main(argv=None) -> None:
     from distill_jax.commands.common import load_experiment
     from distill_jax.data.prepared import open_prepared
     from distill_jax.runner import prepared_dir
-    from distill_jax.translate import translate_ids, truncate_sources
+    from distill_jax.translate import TrainedModel, translate_ids, truncate_sources
 
     config = load_experiment(args)
     name = args.name or student.default_name(config)
@@ -170,7 +170,8 @@ def main(argv=None) -> None:
 
         def ours():
             outputs["ours"] = [
-                o.tolist() for o in translate_ids(model, params, arrays, decode, mesh)
+                o.tolist()
+                for o in translate_ids(TrainedModel(model, params, vocab, mesh), arrays, decode)
             ]
             return None
 
