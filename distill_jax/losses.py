@@ -30,6 +30,7 @@ A dense teacher is the special case K = vocab, idx = arange(vocab).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 from collections.abc import Mapping
@@ -320,17 +321,24 @@ def distillation_loss(
 # --------------------------------------------------------------------------- combined
 
 
+@dataclasses.dataclass(frozen=True)
+class StudentLossConfig:
+    """Settings of the student's combined loss (``combined_loss``)."""
+
+    alpha: float = 0.5  # weight of the distillation term (0 = plain cross-entropy), in [0, 1]
+    label_smoothing: float = 0.1  # eps of the cross-entropy term (``cross_entropy``)
+    kd_mode: str = "paper"  # one of KD_MODES (``distillation_loss``'s ``mode``)
+    temperature: float = 10.0  # T > 0 of the distillation term
+
+
 def combined_loss(
     student_logits,
     targets,
     weights,
+    settings=StudentLossConfig(),
     *,
-    alpha=0.5,
-    label_smoothing=0.1,
     teacher_logits=None,
     teacher_indices=None,
-    kd_mode="paper",
-    temperature=10.0,
 ):
     """The student's training loss (1 - alpha) * xe + alpha * kd, summed, with metrics.
 
@@ -341,10 +349,9 @@ def combined_loss(
       student_logits: [batch, length, vocab].
       targets: [batch, length] int labels (``tgt_out``).
       weights: [batch, length] float, 1.0 on real target tokens, 0.0 on padding.
-      alpha: weight of the distillation term, in [0, 1].
-      label_smoothing: eps of ``cross_entropy``.
+      settings: ``StudentLossConfig``: alpha, label smoothing, distillation mode and
+        temperature.
       teacher_logits, teacher_indices: as in ``distillation_loss``.
-      kd_mode, temperature: as ``mode`` and ``temperature`` in ``distillation_loss``.
 
     Returns:
       (total_sum, metrics): total_sum the scalar to differentiate (divide it by the
@@ -352,7 +359,9 @@ def combined_loss(
       (smoothed), "nll", "accuracy" (argmax == target) and, with a teacher, "kd"; every
       count is sum(weights).
     """
-    alpha = _check_number("alpha", alpha, 0.0, 1.0)
+    alpha = _check_number("alpha", settings.alpha, 0.0, 1.0)
+    label_smoothing, kd_mode = settings.label_smoothing, settings.kd_mode
+    temperature = settings.temperature
     if teacher_logits is None and teacher_indices is not None:
         raise ValueError("teacher_indices was given without teacher_logits")
     kd_sum = None

@@ -15,7 +15,6 @@ not depend on the mesh.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distill_jax import losses
 from distill_jax.data.cmlm import build_cmlm_inputs, masked_positions
+from distill_jax.losses import StudentLossConfig
 from distill_jax.sharding import BATCH_AXES, LOGICAL_AXIS_RULES, Rules, logical_context
 
 Batch = Mapping[str, jax.Array]
@@ -245,6 +245,10 @@ def _require(batch: Batch, keys: tuple[str, ...], what: str) -> None:
 
 # Where the C-MLM objective runs the teacher's output layer (see ``cmlm_loss_fn``).
 CMLM_HEAD_POSITIONS = ("masked", "all")
+# The C-MLM objective's ``combined_loss`` settings: cross-entropy without label smoothing
+# (no teacher, so alpha and the distillation settings are not used).
+NO_SMOOTHING = StudentLossConfig(label_smoothing=0.0)
+STUDENT_LOSS = StudentLossConfig()  # the student's default loss settings
 
 
 def cmlm_loss_fn(
@@ -314,7 +318,7 @@ def cmlm_loss_fn(
                 rngs=rngs,
             )  # [b, 1+S+T, student vocab]
             return losses.combined_loss(
-                logits[:, start:], inputs["labels"], inputs["label_weights"], label_smoothing=0.0
+                logits[:, start:], inputs["labels"], inputs["label_weights"], NO_SMOOTHING
             )
         positions = batch.get("mlm_positions")  # [b, M] target positions, -1 = none
         if positions is None:
@@ -334,24 +338,14 @@ def cmlm_loss_fn(
         weights = jnp.where(
             positions >= 0, jnp.take_along_axis(inputs["label_weights"], picked, axis=1), 0.0
         )  # [b, M]
-        return losses.combined_loss(logits, labels, weights, label_smoothing=0.0)
+        return losses.combined_loss(logits, labels, weights, NO_SMOOTHING)
 
     return loss_fn
 
 
-@dataclasses.dataclass(frozen=True)
-class StudentLossConfig:
-    """Settings of the student's combined loss (see ``losses.combined_loss``)."""
-
-    alpha: float = 0.5  # weight of the distillation term (0 = plain cross-entropy)
-    label_smoothing: float = 0.1  # label smoothing of the cross-entropy term
-    kd_mode: str = "paper"  # one of losses.KD_MODES
-    temperature: float = 10.0  # teacher temperature of the distillation term
-
-
 def student_loss_fn(
     student_model: nn.Module,
-    settings: StudentLossConfig = StudentLossConfig(),
+    settings: StudentLossConfig = STUDENT_LOSS,
     teacher: TeacherFn | None = None,
 ) -> LossFn:
     """The student's objective on a student batch (``src``, ``tgt_in``, ``tgt_out``).
@@ -382,12 +376,9 @@ def student_loss_fn(
             logits,
             batch["tgt_out"],
             weights,
-            alpha=settings.alpha,
-            label_smoothing=settings.label_smoothing,
+            settings,
             teacher_logits=teacher_logits,
             teacher_indices=teacher_indices,
-            kd_mode=settings.kd_mode,
-            temperature=settings.temperature,
         )
 
     return loss_fn

@@ -125,11 +125,13 @@ def test_padding_with_garbage_does_not_change_losses():
         np.asarray(jax.tree.leaves(dirty)), np.asarray(jax.tree.leaves(clean)), rtol=1e-6
     )
 
+    kl = losses.StudentLossConfig(kd_mode="kl")
+
     def grad(z, y, tl, ti):
         return np.asarray(
             jax.grad(
                 lambda z: losses.combined_loss(
-                    z, y, weights, teacher_logits=tl, teacher_indices=ti, kd_mode="kl"
+                    z, y, weights, kl, teacher_logits=tl, teacher_indices=ti
                 )[0]
             )(z)
         )
@@ -365,17 +367,11 @@ def test_combined_loss_gradient_matches_the_unfused_terms():
     logits, targets, weights, sparse, indices, _ = _inputs(seed=4)
     indices[0, 0, 0] = targets[0, 0]  # target among the K ids
     alpha, eps, temp = 0.4, 0.1, 10.0
+    settings = losses.StudentLossConfig(alpha=alpha, label_smoothing=eps, temperature=temp)
 
     def combined(z):
         return losses.combined_loss(
-            z,
-            targets,
-            weights,
-            alpha=alpha,
-            label_smoothing=eps,
-            teacher_logits=sparse,
-            teacher_indices=indices,
-            temperature=temp,
+            z, targets, weights, settings, teacher_logits=sparse, teacher_indices=indices
         )[0]
 
     def separate(z):
@@ -416,15 +412,9 @@ def test_combined_loss_matches_numpy_and_normalises_per_token():
     logits, targets, weights, sparse, indices, _ = _inputs()
     targets[:, ::2] = np.argmax(logits[:, ::2], axis=-1)  # some right, some wrong
     alpha, eps, temp = 0.3, 0.1, 10.0
+    settings = losses.StudentLossConfig(alpha=alpha, label_smoothing=eps, temperature=temp)
     total, m = losses.combined_loss(
-        logits,
-        targets,
-        weights,
-        alpha=alpha,
-        label_smoothing=eps,
-        teacher_logits=sparse,
-        teacher_indices=indices,
-        temperature=temp,
+        logits, targets, weights, settings, teacher_logits=sparse, teacher_indices=indices
     )
     per_token = [
         _ref_combined_per_token(logits, targets, sparse, indices, b, t, alpha, eps, temp)
@@ -450,7 +440,8 @@ def test_combined_loss_matches_numpy_and_normalises_per_token():
 
 def test_combined_loss_without_teacher_is_cross_entropy():
     logits, targets, weights, *_ = _inputs()
-    total, m = losses.combined_loss(logits, targets, weights, alpha=0.9, label_smoothing=0.1)
+    settings = losses.StudentLossConfig(alpha=0.9, label_smoothing=0.1)
+    total, m = losses.combined_loss(logits, targets, weights, settings)
     xe, nll = losses.cross_entropy(logits, targets, weights, 0.1)
     assert float(total) == pytest.approx(float(xe), rel=1e-6)
     assert "kd" not in m
@@ -461,7 +452,7 @@ def test_metrics_accumulate_over_split_batches():
     logits, targets, weights, sparse, indices, _ = _inputs()
     step = jax.jit(
         lambda z, y, w, tl, ti: losses.combined_loss(
-            z, y, w, alpha=0.5, label_smoothing=0.1, teacher_logits=tl, teacher_indices=ti
+            z, y, w, losses.StudentLossConfig(), teacher_logits=tl, teacher_indices=ti
         )
     )
     total, full = step(logits, targets, weights, sparse, indices)
@@ -499,7 +490,7 @@ def test_invalid_arguments_raise():
             losses.distillation_loss(logits, sparse, indices, weights, temperature=bad)
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="alpha"):
-            losses.combined_loss(logits, targets, weights, alpha=bad)
+            losses.combined_loss(logits, targets, weights, losses.StudentLossConfig(alpha=bad))
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="label_smoothing"):
             losses.cross_entropy(logits, targets, weights, label_smoothing=bad)
@@ -520,4 +511,6 @@ def test_invalid_arguments_raise():
     with pytest.raises(ValueError, match="teacher_indices"):
         losses.combined_loss(logits, targets, weights, teacher_indices=indices)
     with pytest.raises(ValueError, match="mode"):
-        losses.combined_loss(logits, targets, weights, teacher_logits=dense, kd_mode="KL")
+        losses.combined_loss(
+            logits, targets, weights, losses.StudentLossConfig(kd_mode="KL"), teacher_logits=dense
+        )
