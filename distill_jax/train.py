@@ -15,6 +15,7 @@ not depend on the mesh.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -131,6 +132,18 @@ def accumulate_gradients(
     return grads, metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How ``make_train_step`` computes an update (not what it optimises)."""
+
+    accum_steps: int = 1  # micro-batches per update (gradients summed over them)
+    compute_dtype: Any = jnp.float32  # activations' dtype (parameters stay float32)
+    rules: Rules = LOGICAL_AXIS_RULES  # logical -> mesh axes of the activation constraints
+    # XLA options of the step; None: the platform's choice,
+    # ``donated_state_compiler_options(mesh)`` (an experiment's ``runtime`` section sets it)
+    compiler_options: Mapping[str, Any] | None = None
+
+
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -138,26 +151,23 @@ def make_train_step(
     state_shardings: Any,
     batch_shardings: Any,
     *,
-    accum_steps: int = 1,
-    compute_dtype: Any = jnp.float32,
-    rules: Rules = LOGICAL_AXIS_RULES,
+    options: StepOptions = StepOptions(),
     frozen_shardings: Any = None,
-    compiler_options: Mapping[str, Any] | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """``train_step(state, batch, rng) -> (new_state, metrics)``, one jitted function.
 
     ``rng`` is the base dropout key (the same every step; the step number is folded in).
     ``state`` is donated. ``metrics`` are the summed ``(sum, count)`` pairs of the whole
     batch plus ``grad_norm`` (the global norm of the normalised gradient, count 1).
+    ``options``: micro-batches, compute dtype, axis rules and XLA options (``StepOptions``).
 
     With ``frozen_shardings`` (e.g. an online teacher's parameters), the step is
     ``train_step(state, batch, rng, frozen)``: ``frozen`` is a step input laid out as
     ``frozen_shardings``, passed to ``loss_fn(params, batch, rng, frozen)`` and never
     updated (nor baked into the compiled program as a constant).
-
-    ``compiler_options``: XLA options of the step (default: the platform's choice,
-    ``donated_state_compiler_options(mesh)``; an experiment's ``runtime`` section sets it).
     """
+    accum_steps, compute_dtype = options.accum_steps, options.compute_dtype
+    compiler_options = options.compiler_options
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -168,7 +178,7 @@ def make_train_step(
             if frozen_shardings is None
             else (lambda p, b, r: loss_fn(p, b, r, cast_floats(frozen, compute_dtype)))
         )
-        with logical_context(mesh, rules):
+        with logical_context(mesh, options.rules):
             step_rng = jax.random.fold_in(rng, state.step)
             grads, metrics = accumulate_gradients(
                 objective, state.params, batch, step_rng, accum_steps, compute_dtype, mesh

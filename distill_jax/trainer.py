@@ -156,12 +156,14 @@ class Trainer:
             mesh,
             self.shardings,
             self._batch_shardings(task.train_keys),
-            accum_steps=options.accum_steps,
-            compute_dtype=options.compute_dtype,
-            frozen_shardings=frozen_shardings,
-            compiler_options=train.donated_state_compiler_options(
-                mesh, options.cpu_copy_region_analysis
+            options=train.StepOptions(
+                accum_steps=options.accum_steps,
+                compute_dtype=options.compute_dtype,
+                compiler_options=train.donated_state_compiler_options(
+                    mesh, options.cpu_copy_region_analysis
+                ),
             ),
+            frozen_shardings=frozen_shardings,
         )
         self._eval_step = train.make_eval_step(
             task.eval_loss_fn,

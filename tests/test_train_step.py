@@ -112,8 +112,7 @@ def run_steps(setup, mesh, *, steps=2, accum_steps=1, compute_dtype=jnp.float32)
         mesh,
         state_shardings,
         sharding.batch_shardings(first, mesh),
-        accum_steps=accum_steps,
-        compute_dtype=compute_dtype,
+        options=train.StepOptions(accum_steps=accum_steps, compute_dtype=compute_dtype),
     )
     rng = jax.random.PRNGKey(42)
     losses, grad_norms = [], []

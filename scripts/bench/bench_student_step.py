@@ -209,7 +209,7 @@ def main(argv=None):
         mesh,
         state_shardings,
         sharding.batch_shardings(batch_np, mesh),
-        compute_dtype=compute_dtype,
+        options=train.StepOptions(compute_dtype=compute_dtype),
     )
     rng = jax.random.PRNGKey(1)
 

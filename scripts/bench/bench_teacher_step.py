@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             mesh,
             shardings,
             {k: sharding.batch_sharding(mesh) for k in batches[0][0]},
-            compute_dtype=dtype,
+            options=train.StepOptions(compute_dtype=dtype),
         )
         device_batches = [sharding.shard_batch(b, mesh) for b, _ in batches]
         states[head] = state

@@ -130,7 +130,7 @@ def main(argv=None):
         mesh,
         state_shardings,
         sharding.batch_shardings(batch_np, mesh),
-        compute_dtype=dtype,
+        options=train.StepOptions(compute_dtype=dtype),
     )
     rng = jax.random.PRNGKey(1)
     for _ in range(args.warmup):
