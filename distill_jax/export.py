@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import json
 import math
 import os
@@ -71,6 +72,28 @@ ARCHITECTURES = {
     "m2m100": "M2M100ForConditionalGeneration",
     "fsmt": "FSMTForConditionalGeneration",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedStudent:
+    """A trained student as an export writes it."""
+
+    params: Any  # its parameter tree (boxed or sharded arrays are fine)
+    config: TransformerConfig  # its architecture (``model.config``)
+    vocab: Vocabulary  # its pieces, for the tokenizer and CTranslate2's vocabulary
+    decode: DecodeConfig  # the run's decoding settings, for generation_config.json
+    langs: Sequence[str] = ("src", "tgt")  # source and target language (FSMT, model card)
+
+
+@dataclasses.dataclass(frozen=True)
+class CardInfo:
+    """What the model card says besides the student: the run's name, the checkpoint the
+    parameters came from, the dataset and the license."""
+
+    name: str  # the run's name (WORKDIR/students/NAME)
+    checkpoint: str  # ``--checkpoint``: best, latest, averaged or a step
+    dataset_meta: Mapping | None = None  # the prepared dataset's dataset.json
+    license: str = "unknown"  # the card metadata's license
 
 
 # ----------------------------------------------------------------------------- checks
@@ -611,21 +634,16 @@ _USAGE = {
 }
 
 
-def model_card(
-    run_dir: Path,
-    name: str,
-    config: TransformerConfig,
-    vocab: Vocabulary,
-    dataset_meta: Mapping | None,
-    checkpoint: str,
-    fmt: str = "marian",
-    langs: Sequence[str] = ("src", "tgt"),
-    license: str = "unknown",
-) -> str:
-    """README.md of the export, a ``huggingface_hub.ModelCard``: metadata (language,
-    datasets, license, BLEU per split in ``model-index``) from ``ModelCardData``, the text
-    from the run's ``config.json`` and ``results.json`` in ``run_dir``."""
+def model_card(run_dir: Path, student: ExportedStudent, info: CardInfo, fmt: str = "marian") -> str:
+    """README.md of the ``fmt`` export of ``student``, a ``huggingface_hub.ModelCard``:
+    metadata (language, datasets, license, BLEU per split in ``model-index``) from
+    ``ModelCardData``, the text from ``info`` and the run's ``config.json`` and
+    ``results.json`` in ``run_dir`` (the student's parameters and decoding settings are
+    not read)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    config, vocab, langs = student.config, student.vocab, student.langs
+    name, checkpoint = info.name, info.checkpoint
 
     experiment = _read_json(run_dir / "config.json") or {}
     results = _read_json(run_dir / "results.json") or {}
@@ -635,7 +653,7 @@ def model_card(
     train = experiment.get("train", {})
     decode = experiment.get("decode", {})
     kd = results.get("kd", distill.get("kd", "?"))
-    dataset = str((dataset_meta or {}).get("tfds_name", data.get("dataset", "unknown")))
+    dataset = str((info.dataset_meta or {}).get("tfds_name", data.get("dataset", "unknown")))
     splits = results.get("splits", {})
     library = "ctranslate2" if fmt == "ctranslate2" else "transformers"
     languages = [
@@ -660,7 +678,7 @@ def model_card(
     ]
     card_data = ModelCardData(
         language=languages or None,
-        license=license,
+        license=info.license,
         library_name=library,
         pipeline_tag="translation",
         datasets=[dataset],
@@ -769,19 +787,17 @@ def model_card(
 
 def write_export(
     folder: Path,
-    params: Any,
-    config: TransformerConfig,
-    vocab: Vocabulary,
-    decode: DecodeConfig,
+    student: ExportedStudent,
     card: str,
-    langs: Sequence[str] = ("src", "tgt"),
     fmt: str = "auto",
     ctranslate2: bool = False,
 ) -> None:
-    """Writes the export (format ``fmt``; with ``ctranslate2`` also a CTranslate2 model in
-    ``ctranslate2/``) into an existing empty ``folder``."""
+    """Writes the export of ``student`` (format ``fmt``; with ``ctranslate2`` also a
+    CTranslate2 model in ``ctranslate2/``), with ``card`` as its README.md, into an existing
+    empty ``folder``."""
     from safetensors.numpy import save_file
 
+    params, config, vocab, decode = student.params, student.config, student.vocab, student.decode
     fmt = check_exportable(config, fmt)
     _check_vocab(config, vocab)
     if fmt == "ctranslate2":
@@ -794,7 +810,7 @@ def write_export(
             metadata={"format": "pt"},
         )
         (folder / "config.json").write_text(
-            json.dumps(transformers_config(config, decode, fmt, langs), indent=2) + "\n",
+            json.dumps(transformers_config(config, decode, fmt, student.langs), indent=2) + "\n",
             encoding="utf-8",
         )
         (folder / "generation_config.json").write_text(
@@ -852,24 +868,20 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def export(
     out: os.PathLike,
-    params: Any,
-    config: TransformerConfig,
-    vocab: Vocabulary,
-    decode: DecodeConfig,
+    student: ExportedStudent,
     card: str,
-    langs: Sequence[str] = ("src", "tgt"),
     *,
     fmt: str = "auto",
     ctranslate2: bool = False,
     overwrite: bool = False,
     workdir: os.PathLike | str | None = None,
 ) -> Path:
-    """Writes the export to ``out`` atomically: into a temporary folder beside it, moved
-    to ``out`` once complete. An existing ``out`` is refused unless ``overwrite``, and then
-    replaced only if an earlier export wrote it (``check_target``), by swapping the new
-    folder in once it is complete."""
+    """Writes the export of ``student`` (``write_export``) to ``out`` atomically: into a
+    temporary folder beside it, moved to ``out`` once complete. An existing ``out`` is
+    refused unless ``overwrite``, and then replaced only if an earlier export wrote it
+    (``check_target``), by swapping the new folder in once it is complete."""
     out = Path(out)
-    fmt = check_exportable(config, fmt)
+    fmt = check_exportable(student.config, fmt)
     check_target(out, workdir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     # a plain mkdir (not tempfile's private 0700 folder): the export gets the permissions
@@ -877,7 +889,7 @@ def export(
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
-        write_export(tmp, params, config, vocab, decode, card, langs, fmt, ctranslate2)
+        write_export(tmp, student, card, fmt, ctranslate2)
         write_marker(tmp, fmt)
         _readable_files(tmp)
         if out.exists():

@@ -227,17 +227,9 @@ def test_model_card_metadata_from_the_run(tmp_path):
     )
     vocab = types.SimpleNamespace(pieces=PIECES, name="minilm-48-abc")
     config = TransformerConfig(vocab_size=48, pre_layer_norm=True)
-    text = export.model_card(
-        tmp_path,
-        "distilled",
-        config,
-        vocab,
-        {"tfds_name": "multi30k/de-en"},
-        "best",
-        "m2m100",
-        ("de", "en"),
-        "cc-by-4.0",
-    )
+    student = export.ExportedStudent(None, config, vocab, DecodeConfig(), ("de", "en"))
+    info = export.CardInfo("distilled", "best", {"tfds_name": "multi30k/de-en"}, "cc-by-4.0")
+    text = export.model_card(tmp_path, student, info, "m2m100")
     card = ModelCard(text)
     assert card.data.language == ["de", "en"] and card.data.license == "cc-by-4.0"
     assert card.data.datasets == ["multi30k/de-en"]
@@ -248,7 +240,12 @@ def test_model_card_metadata_from_the_run(tmp_path):
     }
     assert "pre-LN" in card.text and "alpha 0.5" in card.text
     card = ModelCard(
-        export.model_card(tmp_path, "x", config, vocab, None, "best", "ctranslate2", ("src", "tgt"))
+        export.model_card(
+            tmp_path,
+            dataclasses.replace(student, langs=("src", "tgt")),
+            export.CardInfo("x", "best"),
+            "ctranslate2",
+        )
     )
     assert card.data.language is None and card.data.library_name == "ctranslate2"
     assert "ctranslate2.Translator" in card.text
@@ -270,16 +267,8 @@ def _fake_write(content: str):
 
 def _export(out, workdir, overwrite=False):
     model, params = _random_student()
-    return export.export(
-        out,
-        params,
-        model.config,
-        None,
-        DecodeConfig(),
-        "card",
-        overwrite=overwrite,
-        workdir=workdir,
-    )
+    student = export.ExportedStudent(params, model.config, None, DecodeConfig())
+    return export.export(out, student, "card", overwrite=overwrite, workdir=workdir)
 
 
 def test_overwrite_replaces_an_earlier_export_only_when_complete(tmp_path, monkeypatch):

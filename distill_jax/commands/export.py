@@ -64,26 +64,18 @@ def run(args: argparse.Namespace) -> int:
     meta = open_prepared(runner.prepared_dir(config, workdir)).meta
     direction = str(meta.get("direction", "src-tgt")).split("-")
     langs = direction if len(direction) == 2 else ["src", "tgt"]
+    exported = export.ExportedStudent(params, model.config, vocab, config.decode, tuple(langs))
     card = export.model_card(
         workdir / "students" / name,
-        name,
-        model.config,
-        vocab,
-        meta,
-        args.checkpoint,
+        exported,
+        export.CardInfo(name, args.checkpoint, meta, args.license),
         fmt,
-        langs,
-        args.license,
     )
     logger.info("writing the %s export to %s", fmt, args.out)
     out = export.export(
         args.out,
-        params,
-        model.config,
-        vocab,
-        config.decode,
+        exported,
         card,
-        langs,
         fmt=fmt,
         ctranslate2=args.ctranslate2,
         overwrite=args.overwrite,
