@@ -14,7 +14,6 @@ import json
 import pathlib
 import shutil
 import subprocess
-import sys
 import tempfile
 
 # One persistent XLA compilation cache for the session, inherited by the `distill-jax`
@@ -109,6 +108,30 @@ def _demo_applies(shared_data: pathlib.Path) -> bool:
     return pathlib.Path(shared_data).resolve() == (REPO.parent / "shared" / "data").resolve()
 
 
+def _overlay_venv(path: pathlib.Path) -> pathlib.Path:
+    """A virtualenv for the demo's own `pip install -e .` that sees this session's packages
+    (a .pth file adds their site directory) but is not this session's: pip installs the
+    project into it and leaves the session's environment alone, which the tests running
+    at the same time in other workers import from. Creating it takes a second: no pip of
+    its own (the session's is found through the .pth file) and nothing to download."""
+    import sysconfig
+    import venv
+
+    venv.EnvBuilder(with_pip=False).create(path)
+    python = path / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    session_site = sysconfig.get_paths()["purelib"]
+    pathlib.Path(purelib, "distill-jax-test-session.pth").write_text(
+        f"import site; site.addsitedir({session_site!r})\n"
+    )
+    return path
+
+
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory, minilm_dir, shared_data) -> QuickDemo:
     """`scripts/demo.sh --quick` run once, as a user runs it (on the real devices: no
@@ -116,11 +139,12 @@ def quick_demo(tmp_path_factory, minilm_dir, shared_data) -> QuickDemo:
     why)."""
     if not _demo_applies(shared_data):
         pytest.skip("the demo reads ../shared/data beside the checkout")
-    workdir = tmp_path_factory.mktemp("quick-demo") / "demo"
+    root = tmp_path_factory.mktemp("quick-demo")
+    workdir = root / "demo"
     env = dict(
         os.environ,
         WORKDIR=str(workdir),
-        VENV=sys.prefix,
+        VENV=str(_overlay_venv(root / "venv")),
         DISTILL_JAX_CACHE=str(pathlib.Path(minilm_dir).parent),
     )
     env.pop("XLA_FLAGS", None)  # the demo runs as a user would: on the real devices
@@ -180,3 +204,20 @@ def multi30k_de_en(request, tmp_path_factory, shared_data, minilm_dir) -> pathli
         == 0
     )
     return out
+
+
+# ------------------------------------------------------------------------- parallel workers
+def pytest_collection_modifyitems(config, items):
+    """scripts/test.sh runs the suite on parallel workers (pytest-xdist, ``--dist
+    loadgroup``). Each test file is one group, so its module fixtures (a trained tiny
+    experiment, an exported model) are built once, on one worker; the tests that read the
+    quick demo's run (its own test and, through ``multi30k_de_en``, the Multi30k data
+    tests) are one group across files, so the demo runs once."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if {"quick_demo", "multi30k_de_en"} & set(item.fixturenames):
+            group = "quick-demo"
+        else:
+            group = item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
