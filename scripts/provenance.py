@@ -27,22 +27,19 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _git(root: str, *args: str) -> str:
+    """The stripped output of ``git -C root ARGS`` (raises OSError or CalledProcessError)."""
+    return subprocess.run(
+        ["git", "-C", root, *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def git_commit(root: str = REPO) -> str:
     """The checkout's commit (with ``+dirty`` when tracked files differ from it), so that a
     record names the code that produced it; ``unknown`` outside a git checkout."""
     try:
-        head = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        head = _git(root, "rev-parse", "--short=12", "HEAD")
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")

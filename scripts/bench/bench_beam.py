@@ -76,54 +76,26 @@ def make_sources(
     return src
 
 
-def beam_flops(
-    batch: int,
-    beams: int,
-    src_len: int,
-    steps: int,
-    d: int,
-    ff: int,
-    vocab: int,
-    enc_layers: int,
-    dec_layers: int,
-) -> int:
-    """The analytic FLOP count of the module docstring."""
-    dense, attention = benchlib.dense_flops, benchlib.attention_flops
+def beam_flops(batch: int, beams: int, src_len: int, steps: int, cfg) -> int:
+    """The analytic FLOP count of the module docstring for the student ``cfg`` (a
+    ``TransformerConfig``)."""
+    d, ff = cfg.d_model, cfg.mlp_dim
     n = batch * beams
-    total = enc_layers * (
-        4 * dense(batch * src_len, d, d)
-        + 2 * dense(batch * src_len, d, ff)
-        + attention(batch, src_len, src_len, d)
-    )
-    total += dec_layers * 2 * dense(n * src_len, d, d)
+    total = cfg.num_encoder_layers * benchlib.encoder_layer_flops(batch, src_len, d, ff)
+    total += cfg.num_decoder_layers * 2 * benchlib.dense_flops(n * src_len, d, d)
     for t in range(steps):
-        total += dec_layers * (
-            4 * dense(n, d, d)
-            + 2 * dense(n, d, d)
-            + 2 * dense(n, d, ff)
-            + attention(n, 1, t + 1, d)
-            + attention(n, 1, src_len, d)
-        )
-        total += dense(n, d, vocab)
+        total += cfg.num_decoder_layers * benchlib.decoder_layer_flops(n, 1, t + 1, src_len, d, ff)
+        total += benchlib.dense_flops(n, d, cfg.vocab_size)
     return total
 
 
 def make_model(args):
     """Our randomly initialised student of the benchmark's dimensions, with EOS = BOS (so
     that beam search never finishes a hypothesis early): (model, params)."""
-    import flax.linen as nn
-    import jax
     import jax.numpy as jnp
 
-    from distill_jax.models.transformer import Transformer, TransformerConfig
-
-    cfg = TransformerConfig(
-        vocab_size=args.vocab,
-        d_model=args.d_model,
-        num_heads=args.heads,
-        mlp_dim=args.mlp_dim,
-        num_encoder_layers=args.layers,
-        num_decoder_layers=args.layers,
+    cfg = benchlib.transformer_config(
+        args,
         dropout_rate=0.3,
         max_len=max(args.src_len, args.new_tokens),
         pad_id=PAD,
@@ -131,9 +103,29 @@ def make_model(args):
         eos_id=BOS,
         dtype=jnp.dtype(args.dtype),
     )
-    model = Transformer(cfg)
-    x = jnp.ones((1, 4), jnp.int32)
-    return model, nn.unbox(model.init(jax.random.PRNGKey(0), x, x)["params"])
+    return benchlib.init_transformer(cfg)
+
+
+def compile_search(model, params, src, args, options=None, **kwargs):
+    """Our beam search over ``src`` as the flags of ``add_shape_args`` set it (``--beams``,
+    ``--length-penalty``, N = ``--new-tokens`` steps; ``kwargs`` go to ``beam_search``),
+    compiled with the XLA ``options``: (compiled search, seconds to lower, seconds to
+    compile)."""
+    from distill_jax import decode
+
+    start = time.perf_counter()
+    lowered = decode.beam_search.lower(
+        model,
+        params,
+        src,
+        beam_size=args.beams,
+        length_penalty=args.length_penalty,
+        max_len=args.new_tokens,
+        **kwargs,
+    )
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile(compiler_options=options or None)
+    return compiled, lowered_at - start, time.perf_counter() - lowered_at
 
 
 def add_shape_args(parser) -> None:
@@ -144,10 +136,7 @@ def add_shape_args(parser) -> None:
     parser.add_argument("--beams", type=int, default=5)
     parser.add_argument("--vocab", type=int, default=10000)
     parser.add_argument("--padded-rows", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--mlp-dim", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=6, help="encoder and decoder layers each")
+    benchlib.add_student_args(parser)
     parser.add_argument("--length-penalty", type=float, default=0.6)
 
 
@@ -175,46 +164,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     steps = args.new_tokens
 
-    benchlib.configure_host(args)  # before JAX starts
-    threads = benchlib.set_torch_threads(args.torch_threads)
+    machine, threads, device = benchlib.start_comparison(args)
+    peak = machine["matmul_peak_gflops"]
     import jax
     import torch
     import transformers
 
-    from distill_jax import decode
-
-    machine = benchlib.machine_info(dtype=args.dtype)
-    device = benchlib.torch_device()
-    peak = machine["matmul_peak_gflops"]
-    print(f"machine: {benchlib.describe_machine(machine)}")
-    print(
-        f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()}); torch on "
-        f"{device}; compute dtype {args.dtype}"
-    )
-    benchlib.warn_if_loaded(machine)
     src_np = make_sources(args.batch, args.src_len, args.vocab, args.padded_rows)
 
     # ---- ours: EOS = BOS, which beam_search never generates -> always N tokens
     model, params = make_model(args)
     src = jax.device_put(src_np)
-
-    def compile_search(options=None, **kwargs):
-        """(compiled beam search, seconds to lower, seconds to compile)."""
-        start = time.perf_counter()
-        lowered = decode.beam_search.lower(
-            model,
-            params,
-            src,
-            beam_size=args.beams,
-            length_penalty=args.length_penalty,
-            max_len=steps,
-            **kwargs,
-        )
-        lowered_at = time.perf_counter()
-        compiled = lowered.compile(compiler_options=options or None)
-        return compiled, lowered_at - start, time.perf_counter() - lowered_at
-
-    ours_compiled, *ours_compile_s = compile_search()
+    ours_compiled, *ours_compile_s = compile_search(model, params, src, args)
     print(f"ours: lowered in {ours_compile_s[0]:.1f} s, compiled in {ours_compile_s[1]:.1f} s")
 
     def ours_search():
@@ -285,7 +246,7 @@ def main(argv=None):
         + ([f"cache_phases={args.cache_phases}"] if phases else [])
     )
     if variant_name:
-        variant, *variant_compile_s = compile_search(options, **phases)
+        variant, *variant_compile_s = compile_search(model, params, src, args, options, **phases)
         variant_seqs, _ = jax.device_get(variant(params, src))
         print(
             f"{variant_name}: lowered in {variant_compile_s[0]:.1f} s, compiled in "
@@ -296,17 +257,7 @@ def main(argv=None):
     timings = benchlib.time_interleaved(sides, warmup=args.warmup, runs=args.runs)
     ours, theirs = timings["ours"], timings["theirs"]
 
-    flops = beam_flops(
-        args.batch,
-        args.beams,
-        args.src_len,
-        steps,
-        args.d_model,
-        args.mlp_dim,
-        args.vocab,
-        args.layers,
-        args.layers,
-    )
+    flops = beam_flops(args.batch, args.beams, args.src_len, steps, model.config)
     print(f"analytic {flops / 1e9:.1f} GFLOP per call")
     shapes = {
         "batch": args.batch,
@@ -322,7 +273,6 @@ def main(argv=None):
         "length_penalty": args.length_penalty,
         "dtype": args.dtype,
     }
-    rows = []
     common = dict(
         benchmark="beam_search",
         config=shapes,
@@ -371,24 +321,9 @@ def main(argv=None):
         )
         variant_rec["ratio_ours_over_theirs"] = variant_rec["throughput"] / theirs_rec["throughput"]
         records.append(variant_rec)
-    peak = benchlib.remeasure_peak(records)
-    print(f"matmul peak (best before/after): {peak:.1f} GFLOP/s")
-    for r in records:
-        rows.append(
-            [
-                f"B{args.batch} k{args.beams} S{args.src_len} N{steps} V{args.vocab}",
-                r["system"],
-                r["median_s"] * 1e3,
-                r["sentences_per_s"],
-                r["throughput"],
-                r["gflop_per_s"],
-                f"{100 * r['utilisation']:.1f}%",
-                f"{r['ratio_ours_over_theirs']:.2f}x",
-            ]
-        )
-    print()
-    print(
-        benchlib.markdown_table(
+
+    def table():  # the default table with sentences/s beside tokens/s
+        return benchlib.markdown_table(
             (
                 "config",
                 "system",
@@ -399,10 +334,22 @@ def main(argv=None):
                 "util. of peak",
                 "ours/theirs",
             ),
-            rows,
+            [
+                [
+                    f"B{args.batch} k{args.beams} S{args.src_len} N{steps} V{args.vocab}",
+                    r["system"],
+                    r["median_s"] * 1e3,
+                    r["sentences_per_s"],
+                    r["throughput"],
+                    r["gflop_per_s"],
+                    f"{100 * r['utilisation']:.1f}%",
+                    f"{r['ratio_ours_over_theirs']:.2f}x",
+                ]
+                for r in records
+            ],
         )
-    )
-    benchlib.write_json(args.json, records)
+
+    benchlib.finish(records, args.json, table=table)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.join(REPO, "scripts", "bench"))
-from benchlib import cpu_model, git_commit  # noqa: E402
+from benchlib import cpu_model, git_commit, init_student, one_device_mesh  # noqa: E402
 
 
 def synthetic_lengths(n: int, seed: int = 0) -> np.ndarray:
@@ -198,10 +198,8 @@ def student_step_rate(config_path: str, vocab: int, k: int, runs: int) -> dict:
     import dataclasses
 
     import jax
-    import jax.numpy as jnp
 
-    from distill_jax import configlib, optim, sharding, train
-    from distill_jax.models.transformer import Transformer
+    from distill_jax import configlib, sharding, train
 
     config = configlib.load_config_file(config_path)
     length = config.data.bucket_step
@@ -225,18 +223,13 @@ def student_step_rate(config_path: str, vocab: int, k: int, runs: int) -> dict:
         "kd_indices": kd_indices,
     }
 
-    model = Transformer(dataclasses.replace(config.student, vocab_size=vocab))
     settings = train.StudentLossConfig(
         alpha=0.5, label_smoothing=0.1, kd_mode="paper", temperature=10.0
     )
-    optimizer = optim.make_optimizer(optim.OptimizerConfig.student())
-    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-
-    def init_state():
-        x = jnp.ones((1, 4), jnp.int32)
-        return train.TrainState.create(model.init(jax.random.PRNGKey(0), x, x)["params"], optimizer)
-
-    state, shardings = sharding.create_sharded_state(init_state, mesh)
+    mesh = one_device_mesh()
+    model, optimizer, state, shardings = init_student(
+        dataclasses.replace(config.student, vocab_size=vocab), mesh
+    )
     batch = sharding.shard_batch(batch_np, mesh)
     step = train.make_train_step(
         train.student_loss_fn(model, settings),

@@ -14,12 +14,17 @@ pipeline produces batches than the student consumes them.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
 
 from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
 from distill_jax.data.prepared import open_prepared
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
 
 
 def main() -> None:
@@ -84,20 +89,13 @@ def student_steps_per_second(dataset, pipeline, timed_steps: int = 5) -> float:
     import statistics
 
     import jax
-    import jax.numpy as jnp
 
-    from distill_jax import optim, sharding, train
-    from distill_jax.models.transformer import Transformer, TransformerConfig
+    from distill_jax import sharding, train
+    from distill_jax.models.transformer import TransformerConfig
 
-    model = Transformer(TransformerConfig(vocab_size=len(dataset.vocab)))
-    tx = optim.make_optimizer(optim.OptimizerConfig.student())
-    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    dummy = jnp.ones((1, 8), jnp.int32)
-    state, shardings = sharding.create_sharded_state(
-        lambda: train.TrainState.create(
-            model.init(jax.random.PRNGKey(0), dummy, dummy)["params"], tx
-        ),
-        mesh,
+    mesh = benchlib.one_device_mesh()
+    model, tx, state, shardings = benchlib.init_student(
+        TransformerConfig(vocab_size=len(dataset.vocab)), mesh
     )
     keys = ("src", "tgt_in", "tgt_out")
     batch = {k: pipeline.load_batch(0)[k] for k in keys}
@@ -106,14 +104,7 @@ def student_steps_per_second(dataset, pipeline, timed_steps: int = 5) -> float:
     )
     batch = sharding.shard_batch(batch, mesh)
     rng = jax.random.PRNGKey(0)
-    state, metrics = step(state, batch, rng)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(timed_steps):
-        start = time.perf_counter()
-        state, metrics = step(state, batch, rng)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+    times, _ = benchlib.time_train_steps(step, state, batch, rng, timed_steps)
     return 1.0 / statistics.median(times)
 
 

@@ -43,19 +43,13 @@ def main(argv=None) -> None:
     parser.add_argument("--src-len", type=int, default=24)
     parser.add_argument("--beams", type=int, default=5)
     parser.add_argument("--vocab", type=int, default=10000)
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--mlp-dim", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=6)
+    benchlib.add_student_args(parser)
     benchlib.add_common_args(parser, warmup=1)
     args = parser.parse_args(argv)
 
-    import flax.linen as nn
     import jax
-    import jax.numpy as jnp
 
     from distill_jax import decode
-    from distill_jax.models.transformer import Transformer, TransformerConfig
 
     machine = benchlib.machine_info(with_torch=False)
     print(f"machine: {benchlib.describe_machine(machine)}")
@@ -70,21 +64,10 @@ def main(argv=None) -> None:
     rows, records = [], []
     base = {}
     for n in lengths:
-        cfg = TransformerConfig(
-            vocab_size=args.vocab,
-            d_model=args.d_model,
-            num_heads=args.heads,
-            mlp_dim=args.mlp_dim,
-            num_encoder_layers=args.layers,
-            num_decoder_layers=args.layers,
-            max_len=max(n, args.src_len),
-            pad_id=PAD,
-            bos_id=BOS,
-            eos_id=BOS,
+        cfg = benchlib.transformer_config(
+            args, max_len=max(n, args.src_len), pad_id=PAD, bos_id=BOS, eos_id=BOS
         )
-        model = Transformer(cfg)
-        x = jnp.ones((1, 4), jnp.int32)
-        params = nn.unbox(model.init(jax.random.PRNGKey(0), x, x)["params"])
+        model, params = benchlib.init_transformer(cfg)
         for phases in phase_counts:
             if args.search == "beam":
                 run = functools.partial(

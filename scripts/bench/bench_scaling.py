@@ -248,28 +248,6 @@ def _per_device_bytes(tree: Any) -> int:
     return total
 
 
-def init_student(cfg, mesh):
-    """(model, optimizer, sharded TrainState, its shardings) of a student ``cfg``, Adam as
-    in training, initialised from PRNGKey(0)."""
-    import jax
-    import jax.numpy as jnp
-
-    from distill_jax import optim, sharding, train
-    from distill_jax.models.transformer import Transformer
-
-    model = Transformer(cfg)
-    tx = optim.make_optimizer(optim.OptimizerConfig.student())
-
-    def init():
-        params = model.init(
-            jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
-        )["params"]
-        return train.TrainState.create(params, tx)
-
-    state, state_shardings = sharding.create_sharded_state(init, mesh)
-    return model, tx, state, state_shardings
-
-
 def random_kd_batch(
     vocab: int, rows: int, src_len: int, tgt_len: int, top_k: int, seed: int = 0
 ) -> dict:
@@ -301,7 +279,7 @@ def measure(case: Case, model_name: str, runs: int, warmup: int) -> dict:
     mesh = sharding.make_mesh(
         sharding.MeshConfig(*case.mesh), devices=jax.devices()[: case.devices]
     )
-    model, tx, state, state_shardings = init_student(cfg, mesh)
+    model, tx, state, state_shardings = benchlib.init_student(cfg, mesh)
     rows = case.rows
     batch = random_kd_batch(cfg.vocab_size, rows, SRC_LEN, TGT_LEN, TOP_K)
     local = rows // jax.process_count()

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax import optim, sharding, train
-from distill_jax.models.transformer import Transformer, TransformerConfig
+from distill_jax import sharding, train
+from distill_jax.models.transformer import TransformerConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
 
 # name -> (config, batch rows, source length, target length)
 CONFIGS = {
@@ -80,16 +85,8 @@ def analytic_flops(cfg: TransformerConfig, batch: int, src: int, tgt: int) -> fl
 
 def bench(name: str, steps: int, peak: float) -> dict:
     cfg, rows, src_len, tgt_len = CONFIGS[name]
-    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    model = Transformer(cfg)
-    tx = optim.make_optimizer(optim.OptimizerConfig.student())
-    init = lambda: train.TrainState.create(  # noqa: E731
-        model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))[
-            "params"
-        ],
-        tx,
-    )
-    state, shardings = sharding.create_sharded_state(init, mesh)
+    mesh = benchlib.one_device_mesh()
+    model, tx, state, shardings = benchlib.init_student(cfg, mesh)
     rng = np.random.default_rng(0)
     batch = {
         "src": rng.integers(4, cfg.vocab_size, (rows, src_len)).astype(np.int32),
@@ -106,14 +103,7 @@ def bench(name: str, steps: int, peak: float) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    state, metrics = step(state, batch, key)  # warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = step(state, batch, key)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+    times, state = benchlib.time_train_steps(step, state, batch, key, steps)
     step_time = statistics.median(times)
     flops = analytic_flops(cfg, rows, src_len, tgt_len)
     tokens = rows * tgt_len

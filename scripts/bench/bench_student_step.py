@@ -85,33 +85,16 @@ def make_batch(
     }
 
 
-def step_flops(
-    batch: int,
-    src_len: int,
-    tgt_len: int,
-    d: int,
-    ff: int,
-    vocab: int,
-    enc_layers: int,
-    dec_layers: int,
-) -> int:
-    """The analytic FLOP count of one update (module docstring)."""
-    dense, attention = benchlib.dense_flops, benchlib.attention_flops
-    src_tokens, tgt_tokens = batch * src_len, batch * tgt_len
-    encoder = enc_layers * (
-        4 * dense(src_tokens, d, d)
-        + 2 * dense(src_tokens, d, ff)
-        + attention(batch, src_len, src_len, d)
+def step_flops(batch: int, src_len: int, tgt_len: int, cfg) -> int:
+    """The analytic FLOP count of one update (module docstring) of the student ``cfg`` (a
+    ``TransformerConfig``)."""
+    d, ff = cfg.d_model, cfg.mlp_dim
+    encoder = cfg.num_encoder_layers * benchlib.encoder_layer_flops(batch, src_len, d, ff)
+    decoder = cfg.num_decoder_layers * (
+        benchlib.decoder_layer_flops(batch, tgt_len, tgt_len, src_len, d, ff)
+        + 2 * benchlib.dense_flops(batch * src_len, d, d)  # cross-attention keys and values
     )
-    decoder = dec_layers * (
-        4 * dense(tgt_tokens, d, d)
-        + 2 * dense(tgt_tokens, d, d)
-        + 2 * dense(tgt_tokens, d, ff)
-        + 2 * dense(src_tokens, d, d)
-        + attention(batch, tgt_len, tgt_len, d)
-        + attention(batch, tgt_len, src_len, d)
-    )
-    output = dense(tgt_tokens, d, vocab)
+    output = benchlib.dense_flops(batch * tgt_len, d, cfg.vocab_size)
     return 3 * (encoder + decoder + output)
 
 
@@ -123,10 +106,7 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=10000)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--padded-rows", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--mlp-dim", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=6, help="encoder and decoder layers each")
+    benchlib.add_student_args(parser)
     parser.add_argument("--torch-adam", choices=("fused", "foreach", "for-loop"), default="fused")
     parser.add_argument("--dropout", type=float, default=0.3, help="both sides' dropout rate")
     parser.add_argument(
@@ -144,39 +124,24 @@ def main(argv=None):
     benchlib.add_common_args(parser)
     args = parser.parse_args(argv)
 
-    benchlib.configure_host(args)  # before JAX starts
-    threads = benchlib.set_torch_threads(args.torch_threads)
     import jax
 
-    if args.prng_impl:
+    if args.prng_impl:  # before the first random draw (the matmul peak's); starts no backend
         jax.config.update("jax_default_prng_impl", args.prng_impl)
+    machine, threads, device = benchlib.start_comparison(args)
     import jax.numpy as jnp
     import torch
 
     from distill_jax import optim, sharding, train
-    from distill_jax.models.transformer import Transformer, TransformerConfig
 
     import torch_student
 
-    machine = benchlib.machine_info(dtype=args.dtype)
-    device = benchlib.torch_device()
     compute_dtype = jnp.dtype(args.dtype)
     torch_dtype = getattr(torch, args.dtype)
     peak = machine["matmul_peak_gflops"]
-    print(f"machine: {benchlib.describe_machine(machine)}")
-    print(
-        f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()}); torch on "
-        f"{device}; compute dtype {args.dtype}"
-    )
-    benchlib.warn_if_loaded(machine)
 
-    cfg = TransformerConfig(
-        vocab_size=args.vocab,
-        d_model=args.d_model,
-        num_heads=args.heads,
-        mlp_dim=args.mlp_dim,
-        num_encoder_layers=args.layers,
-        num_decoder_layers=args.layers,
+    cfg = benchlib.transformer_config(
+        args,
         dropout_rate=args.dropout,
         max_len=max(args.src_len, args.tgt_len),
         dtype=compute_dtype,
@@ -191,17 +156,10 @@ def main(argv=None):
     )
 
     # ---- ours
-    model = Transformer(cfg)
+    mesh = benchlib.one_device_mesh()
+    # optimizer: opt_cfg's Adam (optim.OptimizerConfig.student())
+    model, optimizer, state, state_shardings = benchlib.init_student(cfg, mesh)
     loss_fn = train.student_loss_fn(model, loss_settings)
-    optimizer = optim.make_optimizer(opt_cfg)
-    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-
-    def init_state():
-        x = jnp.ones((1, 4), jnp.int32)
-        params = model.init(jax.random.PRNGKey(0), x, x)["params"]
-        return train.TrainState.create(params, optimizer)
-
-    state, state_shardings = sharding.create_sharded_state(init_state, mesh)
     batch = sharding.shard_batch(batch_np, mesh)
     step = train.make_train_step(
         loss_fn,
@@ -272,16 +230,7 @@ def main(argv=None):
         implementation=args.torch_adam,
     )
 
-    flops = step_flops(
-        args.batch,
-        args.src_len,
-        args.tgt_len,
-        args.d_model,
-        args.mlp_dim,
-        args.vocab,
-        args.layers,
-        args.layers,
-    )
+    flops = step_flops(args.batch, args.src_len, args.tgt_len, cfg)
     xla_flops = benchlib.jax_compiled_flops(step.lower(state, batch, rng).compile())
     non_embedding = torch_student.count_parameters(torch_model, exclude=torch_model.embedding)
     print(
@@ -361,18 +310,9 @@ def main(argv=None):
     )
     benchlib.add_ratio(ours_rec, theirs_rec)
     records = [ours_rec, theirs_rec]
-    peak = benchlib.remeasure_peak(records)
-    print(f"matmul peak (best before/after): {peak:.1f} GFLOP/s")
-    print()
-    print(
-        benchlib.markdown_table(
-            benchlib.TABLE_HEADER,
-            benchlib.record_rows(
-                records, lambda c: f"B{c['batch']} S{c['src_len']} T{c['tgt_len']} V{c['vocab']}"
-            ),
-        )
+    benchlib.finish(
+        records, args.json, lambda c: f"B{c['batch']} S{c['src_len']} T{c['tgt_len']} V{c['vocab']}"
     )
-    benchlib.write_json(args.json, records)
 
 
 if __name__ == "__main__":

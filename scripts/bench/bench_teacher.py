@@ -74,13 +74,7 @@ def make_batch(batch: int, length: int, vocab: int, padded_rows: int, seed: int 
 
 def forward_flops(batch: int, length: int, hidden: int, ff: int, layers: int) -> int:
     """The analytic FLOP count of the module docstring."""
-    tokens = batch * length
-    per_layer = (
-        4 * benchlib.dense_flops(tokens, hidden, hidden)
-        + 2 * benchlib.dense_flops(tokens, hidden, ff)
-        + benchlib.attention_flops(batch, length, length, hidden)
-    )
-    return layers * per_layer
+    return layers * benchlib.encoder_layer_flops(batch, length, hidden, ff)
 
 
 def main(argv=None):
@@ -116,23 +110,13 @@ def main(argv=None):
     benchlib.add_common_args(parser)
     args = parser.parse_args(argv)
 
-    benchlib.configure_host(args)  # before JAX starts
-    threads = benchlib.set_torch_threads(args.torch_threads)
+    machine, threads, device = benchlib.start_comparison(args)
+    peak = machine["matmul_peak_gflops"]
     import jax
     import torch
     import transformers
 
     from distill_jax.hf import load_bert
-
-    machine = benchlib.machine_info(dtype=args.dtype)
-    device = benchlib.torch_device()
-    peak = machine["matmul_peak_gflops"]
-    print(f"machine: {benchlib.describe_machine(machine)}")
-    print(
-        f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()}); torch on "
-        f"{device}; compute dtype {args.dtype}"
-    )
-    benchlib.warn_if_loaded(machine)
 
     model, params, config = load_bert(
         args.checkpoint, dtype=jax.numpy.dtype(args.dtype), attention_impl=args.attention
@@ -294,16 +278,7 @@ def main(argv=None):
             )
             records.append(variant_rec)
 
-    peak = benchlib.remeasure_peak(records)
-    print(f"matmul peak (best before/after): {peak:.1f} GFLOP/s")
-    print()
-    print(
-        benchlib.markdown_table(
-            benchlib.TABLE_HEADER,
-            benchlib.record_rows(records, lambda c: f"B{c['batch']} x L{c['length']}"),
-        )
-    )
-    benchlib.write_json(args.json, records)
+    benchlib.finish(records, args.json, lambda c: f"B{c['batch']} x L{c['length']}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ What every benchmark does with them:
   the real tokens): a dense layer on ``n`` rows is ``2 * n * d_in * d_out``; attention
   is ``4 * q_len * kv_len * width`` per sequence (``Q K^T`` and ``weights @ V``);
   element-wise work (LayerNorm, softmax, dropout, the optimizer) is not counted.
+  ``encoder_layer_flops`` and ``decoder_layer_flops`` sum them for one Transformer layer.
 * **Output**: a markdown table on stdout and, with ``--json PATH``, a JSON list of
   records, one per (configuration, system), each with the machine description.
 * **Threads**: torch runs with ``torch.set_num_threads(os.cpu_count())``; JAX's CPU
@@ -42,6 +43,7 @@ import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -378,6 +380,25 @@ def describe_machine(info: dict) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def start_comparison(args) -> tuple[dict, int, str]:
+    """How a comparison with torch starts (``add_common_args``' flags): applies
+    ``--host-memory`` before JAX starts and torch's thread count (``--torch-threads``),
+    describes the machine with its matmul peak in ``--dtype``, prints that description and
+    torch's threads and device, and warns when the machine is busy. Returns (the machine
+    description, torch's thread count, torch's device)."""
+    configure_host(args)  # before JAX starts
+    threads = set_torch_threads(args.torch_threads)
+    machine = machine_info(dtype=args.dtype)
+    device = torch_device()
+    print(f"machine: {describe_machine(machine)}")
+    print(
+        f"torch.set_num_threads({threads}) (os.cpu_count() = {os.cpu_count()}); torch on "
+        f"{device}; compute dtype {args.dtype}"
+    )
+    warn_if_loaded(machine)
+    return machine, threads, device
+
+
 # --------------------------------------------------------------------------- FLOPs
 
 
@@ -390,6 +411,37 @@ def attention_flops(sequences: int, q_len: int, kv_len: int, width: int) -> int:
     """Scores ``Q K^T`` and context ``weights @ V`` over all heads (``width = heads *
     head_dim``): ``2 * 2 * sequences * q_len * kv_len * width``."""
     return 4 * sequences * q_len * kv_len * width
+
+
+def encoder_layer_flops(sequences: int, length: int, d: int, ff: int) -> int:
+    """One encoder (or BERT) layer on ``sequences`` x ``length`` positions of width ``d``:
+    the q, k, v and output projections, self-attention and the feed-forward block
+    (``d -> ff -> d``)."""
+    tokens = sequences * length
+    return (
+        4 * dense_flops(tokens, d, d)
+        + 2 * dense_flops(tokens, d, ff)
+        + attention_flops(sequences, length, length, d)
+    )
+
+
+def decoder_layer_flops(
+    sequences: int, q_len: int, kv_len: int, src_len: int, d: int, ff: int
+) -> int:
+    """One decoder layer on ``sequences`` x ``q_len`` positions of width ``d``: the
+    self-attention's q, k, v and output projections, the cross-attention's q and output
+    projections, the feed-forward block (``d -> ff -> d``), self-attention over ``kv_len``
+    keys and cross-attention over ``src_len`` source positions. The cross-attention's keys
+    and values (``2 * dense_flops(sequences * src_len, d, d)``) are not included: they are
+    computed once per source, which a beam search does once, not at every step."""
+    tokens = sequences * q_len
+    return (
+        4 * dense_flops(tokens, d, d)
+        + 2 * dense_flops(tokens, d, d)
+        + 2 * dense_flops(tokens, d, ff)
+        + attention_flops(sequences, q_len, kv_len, d)
+        + attention_flops(sequences, q_len, src_len, d)
+    )
 
 
 def jax_compiled_flops(compiled: Any) -> float | None:
@@ -490,6 +542,105 @@ TABLE_HEADER = (
 )
 
 
+# --------------------------------------------------------------------------- students
+
+
+def add_student_args(parser) -> None:
+    """--d-model, --mlp-dim, --heads and --layers: the student's dimensions (default: the
+    reference student's), read by ``transformer_config`` with the benchmark's --vocab."""
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--mlp-dim", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=6, help="encoder and decoder layers each")
+
+
+def transformer_config(args, **fields: Any) -> Any:
+    """A student ``TransformerConfig`` of the dimensions the student benchmarks take
+    (``--vocab`` and ``add_student_args``' ``--d-model``, ``--heads``, ``--mlp-dim``, and
+    ``--layers`` encoder and decoder layers each), with ``fields`` (``max_len``, ``dtype``,
+    ...) set as well."""
+    from distill_jax.models.transformer import TransformerConfig
+
+    return TransformerConfig(
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        num_heads=args.heads,
+        mlp_dim=args.mlp_dim,
+        num_encoder_layers=args.layers,
+        num_decoder_layers=args.layers,
+        **fields,
+    )
+
+
+def init_transformer(cfg: Any) -> tuple[Any, Any]:
+    """``Transformer(cfg)`` and its parameters initialised from PRNGKey(0), unboxed (for
+    decoding): (model, params)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from distill_jax.models.transformer import Transformer
+
+    model = Transformer(cfg)
+    x = jnp.ones((1, 4), jnp.int32)
+    return model, nn.unbox(model.init(jax.random.PRNGKey(0), x, x)["params"])
+
+
+def one_device_mesh() -> Any:
+    """A (1, 1, 1) mesh on the first device: a train step without any sharding."""
+    import jax
+
+    from distill_jax import sharding
+
+    return sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+
+
+def init_student(cfg: Any, mesh: Any) -> tuple[Any, Any, Any, Any]:
+    """(model, optimizer, sharded TrainState, its shardings) of a student ``cfg`` on
+    ``mesh``: Adam as in training (``optim.OptimizerConfig.student()``), parameters
+    initialised from PRNGKey(0)."""
+    import jax
+    import jax.numpy as jnp
+
+    from distill_jax import optim, sharding, train
+    from distill_jax.models.transformer import Transformer
+
+    model = Transformer(cfg)
+    tx = optim.make_optimizer(optim.OptimizerConfig.student())
+
+    def init():
+        params = model.init(
+            jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
+        )["params"]
+        return train.TrainState.create(params, tx)
+
+    state, state_shardings = sharding.create_sharded_state(init, mesh)
+    return model, tx, state, state_shardings
+
+
+def time_train_steps(
+    step: Callable, state: Any, batch: Any, rng: Any, steps: int
+) -> tuple[list[float], Any]:
+    """Seconds of each of ``steps`` calls ``state, metrics = step(state, batch, rng)``, each
+    timed until its metrics are ready, after one untimed warm-up call: (the times, the
+    last state). Unlike ``time_runs``, any number of steps (a median of fewer than
+    ``MIN_RUNS`` is the caller's choice)."""
+    import jax
+
+    state, metrics = step(state, batch, rng)  # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch, rng)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return times, state
+
+
+# --------------------------------------------------------------------------- profiles
+
+
 def perfetto_events(trace_dir: str) -> list[dict]:
     """The events of the newest ``perfetto_trace.json.gz`` that ``jax.profiler.trace(...,
     create_perfetto_trace=True)`` wrote under ``trace_dir``."""
@@ -525,6 +676,49 @@ def thunk_table(trace_dir: str, names: dict[str, str], calls: int) -> list[tuple
             kind = re.sub(r"\.\d+$", "", event["name"])
             totals[(kind, names[event["name"]])] += event.get("dur", 0)
     return [(kind, op, us / calls / 1e3) for (kind, op), us in totals.most_common()]
+
+
+def traced_thunks(
+    compiled: Any, call: Callable[[], Any], calls: int, strip: str = ""
+) -> list[tuple[str, str, float]]:
+    """``thunk_table`` of ``calls`` calls of ``call()`` (which runs ``compiled``, a compiled
+    JAX function; each call is waited for), traced by ``jax.profiler`` into a temporary
+    folder; op names are ``hlo_op_names(compiled.as_text(), strip)``."""
+    import jax
+
+    names = hlo_op_names(compiled.as_text(), strip)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(call())
+        return thunk_table(trace_dir, names, calls)
+
+
+def thunk_markdown(
+    rows: Sequence[tuple[str, str, float]], op_text: Callable[[str], str] = str
+) -> str:
+    """A markdown table (ms, XLA op, op_name) of ``thunk_table`` rows; ``op_text`` shortens
+    the op names."""
+    return markdown_table(
+        ["ms", "XLA op", "op_name"], [[f"{ms:.1f}", kind, op_text(op)] for kind, op, ms in rows]
+    )
+
+
+def finish(
+    records: list[dict],
+    json_path: str | None,
+    config_text: Callable[[dict], str] | None = None,
+    table: Callable[[], str] | None = None,
+) -> None:
+    """The end of a comparison: measures the matmul peak again (``remeasure_peak``, which
+    updates every record's utilisation) and prints it, prints the records' markdown table
+    (``table()``, or by default ``TABLE_HEADER`` and ``record_rows`` with ``config_text``)
+    and writes the records to ``json_path`` (``--json``; none: no file)."""
+    peak = remeasure_peak(records)
+    print(f"matmul peak (best before/after): {peak:.1f} GFLOP/s")
+    print()
+    print(table() if table else markdown_table(TABLE_HEADER, record_rows(records, config_text)))
+    write_json(json_path, records)
 
 
 def write_json(path: str | None, records: Sequence[dict]) -> None:

@@ -38,12 +38,12 @@ def main(argv=None) -> int:
     from distill_jax.models.transformer import TransformerConfig
 
     import benchlib
-    from bench_scaling import init_student, random_kd_batch
+    from bench_scaling import random_kd_batch
 
     extra = benchlib.parse_compiler_options(args.options)
     cfg = TransformerConfig(vocab_size=10_000)
-    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    model, tx, state, state_shardings = init_student(cfg, mesh)
+    mesh = benchlib.one_device_mesh()
+    model, tx, state, state_shardings = benchlib.init_student(cfg, mesh)
     batch = random_kd_batch(cfg.vocab_size, rows=32, src_len=32, tgt_len=32, top_k=8)
     loss_fn = train.student_loss_fn(model, train.StudentLossConfig(alpha=0.5))
     step = train.make_train_step(

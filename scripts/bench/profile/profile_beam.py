@@ -29,7 +29,6 @@ import argparse
 import collections
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -102,26 +101,13 @@ def main(argv=None) -> int:
     )
     options = benchlib.parse_compiler_options(args.compiler_option)
     phases = {} if args.cache_phases is None else {"cache_phases": args.cache_phases}
-    compiled = decode.beam_search.lower(
-        model,
-        params,
-        src,
-        beam_size=args.beams,
-        length_penalty=args.length_penalty,
-        max_len=args.new_tokens,
-        **phases,
-    ).compile(compiler_options=options or None)
+    compiled, *_ = bench_beam.compile_search(model, params, src, args, options, **phases)
     for _ in range(args.warmup):
         jax.block_until_ready(compiled(params, src))
     start = time.perf_counter()
     jax.block_until_ready(compiled(params, src))
     wall_ms = (time.perf_counter() - start) * 1e3
-    names = benchlib.hlo_op_names(compiled.as_text())
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(args.calls):
-                jax.block_until_ready(compiled(params, src))
-        rows = benchlib.thunk_table(trace_dir, names, args.calls)
+    rows = benchlib.traced_thunks(compiled, lambda: compiled(params, src), args.calls)
 
     total = sum(ms for _, _, ms in rows)
     slots = args.new_tokens * args.beams
@@ -135,12 +121,8 @@ def main(argv=None) -> int:
         + (f"; {benchlib.describe_options(options)}" if options else "")
     )
     print(
-        benchlib.markdown_table(
-            ["ms", "XLA op", "op_name"],
-            [
-                [f"{ms:.1f}", kind, op.replace("while/body/Transformer.decode/", "step/")]
-                for kind, op, ms in rows[: args.top]
-            ],
+        benchlib.thunk_markdown(
+            rows[: args.top], lambda op: op.replace("while/body/Transformer.decode/", "step/")
         )
     )
     groups: collections.Counter = collections.Counter()

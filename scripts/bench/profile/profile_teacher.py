@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -64,24 +63,16 @@ def main(argv=None) -> int:
     compiled = jax.jit(apply).lower(params, *inputs).compile(compiler_options=options or None)
     for _ in range(args.warmup):
         jax.block_until_ready(compiled(params, *inputs))
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(args.steps):
-                jax.block_until_ready(compiled(params, *inputs))
-        names = benchlib.hlo_op_names(compiled.as_text(), strip="BertModel/")
-        rows = benchlib.thunk_table(trace_dir, names, args.steps)
+    rows = benchlib.traced_thunks(
+        compiled, lambda: compiled(params, *inputs), args.steps, strip="BertModel/"
+    )
     shape = f"{args.batch} x {args.length}"
     print(
         f"ours: jitted Flax BERT, {shape}, ms per forward pass (sum over layers), "
         f"{args.steps} traced passes"
         + (f", {benchlib.describe_options(options)}" if options else "")
     )
-    print(
-        benchlib.markdown_table(
-            ["ms", "XLA op", "op_name"],
-            [[f"{ms:.1f}", kind, op] for kind, op, ms in rows[: args.top]],
-        )
-    )
+    print(benchlib.thunk_markdown(rows[: args.top]))
     print(f"all listed thunks: {sum(ms for _, _, ms in rows):.0f} ms per pass")
 
     if args.torch:

@@ -92,8 +92,8 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from distill_jax import optim, sharding, train
-    from distill_jax.models.transformer import Transformer, TransformerConfig
+    from distill_jax import sharding, train
+    from distill_jax.models.transformer import TransformerConfig
 
     dtype = jnp.dtype(args.dtype)
     cfg = TransformerConfig(
@@ -107,19 +107,12 @@ def main(argv=None):
         max_len=max(args.src_len, args.tgt_len),
         dtype=dtype,
     )
-    model = Transformer(cfg)
+    mesh = benchlib.one_device_mesh()
+    model, optimizer, state, state_shardings = benchlib.init_student(cfg, mesh)
     loss_fn = train.student_loss_fn(
         model,
         train.StudentLossConfig(alpha=0.5, label_smoothing=0.1, kd_mode="paper", temperature=10.0),
     )
-    optimizer = optim.make_optimizer(optim.OptimizerConfig.student())
-    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-
-    def init_state():
-        x = jnp.ones((1, 4), jnp.int32)
-        return train.TrainState.create(model.init(jax.random.PRNGKey(0), x, x)["params"], optimizer)
-
-    state, state_shardings = sharding.create_sharded_state(init_state, mesh)
     batch_np = bench_student_step.make_batch(
         args.batch, args.src_len, args.tgt_len, args.vocab, args.top_k, args.batch // 8
     )
