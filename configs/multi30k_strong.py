@@ -8,7 +8,7 @@ multi30k_full budget) stop at 62.4%, below the student. Validation every 200 ste
 all 1,014 val pairs (teacher.quality_examples 0), so the curve is part of every run.
 
 The students are multi30k_full's (3+3 layers, d 256, 1,500 updates of 2,048 target tokens).
-scripts/strong_experiment.sh runs the whole experiment: the distillation weights are
+scripts/kd_experiment.sh runs the whole experiment: the distillation weights are
 chosen on val among a few candidates, then three seeds of the baseline and of the chosen
 student, then the release-only test sets once.
 """
