@@ -26,14 +26,13 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import tiny_models
 from jax.sharding import NamedSharding, PartitionSpec
 
-from distill_jax import checkpoint, optim, sharding, train
+from distill_jax import checkpoint, sharding, train
 from distill_jax.commands import common
 from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
-from distill_jax.models.transformer import Transformer, TransformerConfig
 
 VOCAB = 64
 NUM_RECORDS = 44  # 3 global batches of 16 rows per epoch, the last one with 4 empty rows
@@ -97,31 +96,6 @@ def with_soft_targets(batch: dict) -> dict:
     return {**batch, "kd_logits": logits, "kd_indices": indices}
 
 
-def student_setup():
-    """(loss_fn, init_fn, optimizer) of a 2+2-layer width-32 student with dropout."""
-    cfg = TransformerConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        num_heads=4,
-        mlp_dim=64,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        dropout_rate=0.1,
-        max_len=16,
-    )
-    model = Transformer(cfg)
-    loss_fn = train.student_loss_fn(model, train.StudentLossConfig(alpha=0.5))
-
-    def init_params():
-        x = jnp.ones((1, 4), jnp.int32)
-        return model.init(jax.random.PRNGKey(0), x, x)["params"]
-
-    optimizer = optim.make_optimizer(
-        optim.OptimizerConfig.student(learning_rate=1e-3, schedule="constant", grad_clip_norm=1.0)
-    )
-    return loss_fn, init_params, optimizer
-
-
 def mesh_name(shape) -> str:
     return "x".join(str(s) for s in shape)
 
@@ -158,7 +132,8 @@ class Trainer:
     def __init__(self, shape):
         self.shape = shape
         self.mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
-        loss_fn, init_params, optimizer = student_setup()
+        # a 1+1-layer width-32 student with dropout
+        loss_fn, init_params, optimizer = tiny_models.student_setup(VOCAB, (1, 1))
         self.state, self.shardings = sharding.create_sharded_state(
             lambda: train.TrainState.create(init_params(), optimizer), self.mesh
         )

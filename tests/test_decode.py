@@ -12,11 +12,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import tiny_models
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from distill_jax.decode import Sampling, beam_search, greedy_search, sample
-from distill_jax.models.transformer import Transformer, TransformerConfig
 from distill_jax.sharding import LOGICAL_AXIS_RULES
 
 PAD, BOS, EOS = 0, 1, 2
@@ -34,17 +34,7 @@ SOURCES = np.array(
 )  # [batch, src]
 
 
-MODEL = Transformer(
-    TransformerConfig(
-        vocab_size=VOCAB,
-        d_model=16,
-        num_heads=2,
-        mlp_dim=32,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        max_len=8,
-    )
-)
+MODEL = tiny_models.tiny_transformer(VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -264,28 +254,25 @@ def test_sharded_batch_gives_the_same_result(model_and_params):
     np.testing.assert_array_equal(greedy, single_greedy)
 
 
-def test_sampling_with_top_1_is_greedy(model_and_params):
-    model, params = model_and_params
+def sample_sources(model, params, sampling: Sampling):
+    """``sample`` of SOURCES with key 7 and ``sampling``, bounded at MAX_LEN + 2."""
+    return sample(model, params, SOURCES, jax.random.key(7), sampling=sampling, max_len=MAX_LEN + 2)
+
+
+def assert_samples_greedy(model, params, sampling: Sampling) -> np.ndarray:
+    """``sample_sources`` gives greedy search's outputs and log-probs; returns those outputs."""
     greedy_seqs, greedy_lp = greedy_search(model, params, SOURCES, max_len=MAX_LEN + 2)
-    seqs, lp = sample(
-        model,
-        params,
-        SOURCES,
-        jax.random.key(7),
-        sampling=Sampling(top_k=1, temperature=0.7),
-        max_len=MAX_LEN + 2,
-    )
+    seqs, lp = sample_sources(model, params, sampling)
     np.testing.assert_array_equal(seqs, greedy_seqs)
     np.testing.assert_allclose(lp, greedy_lp, rtol=0, atol=1e-6)
+    return np.asarray(greedy_seqs)
+
+
+def test_sampling_with_top_1_is_greedy(model_and_params):
+    model, params = model_and_params
+    greedy_seqs = assert_samples_greedy(model, params, Sampling(top_k=1, temperature=0.7))
     # Unrestricted sampling at a high temperature does leave the greedy path.
-    hot, _ = sample(
-        model,
-        params,
-        SOURCES,
-        jax.random.key(7),
-        sampling=Sampling(temperature=5.0),
-        max_len=MAX_LEN + 2,
-    )
+    hot, _ = sample_sources(model, params, Sampling(temperature=5.0))
     assert not np.array_equal(hot, greedy_seqs)
 
 
@@ -374,17 +361,7 @@ def test_phase_ends():
         phase_ends(32, 0)
 
 
-LONG_MODEL = Transformer(
-    TransformerConfig(
-        vocab_size=VOCAB,
-        d_model=16,
-        num_heads=2,
-        mlp_dim=32,
-        num_encoder_layers=1,
-        num_decoder_layers=2,
-        max_len=32,
-    )
-)
+LONG_MODEL = tiny_models.tiny_transformer(VOCAB, layers=(1, 2), max_len=32)
 
 
 @pytest.fixture(scope="module")
@@ -452,7 +429,7 @@ def test_growing_caches_decode_like_one_full_size_cache(
 def test_grow_decode_cache_pads_the_position_axis_only(long_model_and_params):
     import jax.numpy as jnp
 
-    from distill_jax.models.transformer import grow_decode_cache, init_decode_cache
+    from distill_jax.models.transformer import Transformer, grow_decode_cache, init_decode_cache
 
     model, params = long_model_and_params
     encoded = model.apply({"params": params}, SOURCES, method=Transformer.encode)
@@ -547,17 +524,7 @@ def test_beam_search_over_a_large_vocabulary_is_the_plain_one(monkeypatch):
     (2000 tokens: 16 blocks, 8 searched) gives what it gives with the plain per-row top_k."""
     import distill_jax.decode as decode_lib
 
-    model = Transformer(
-        TransformerConfig(
-            vocab_size=2000,
-            d_model=16,
-            num_heads=2,
-            mlp_dim=32,
-            num_encoder_layers=1,
-            num_decoder_layers=1,
-            max_len=8,
-        )
-    )
+    model = tiny_models.tiny_transformer(2000)
     src = SOURCES.copy()
     src[src > 2] += 1500
     params = nn.unbox(jax.jit(model.init)(jax.random.key(7), src, src[:, :4])["params"])
@@ -634,19 +601,9 @@ def test_nucleus_mask_keeps_the_fewest_tokens_reaching_p():
 
 def test_nucleus_sampling_with_a_tiny_p_is_greedy(model_and_params):
     model, params = model_and_params
-    greedy_seqs, greedy_lp = greedy_search(model, params, SOURCES, max_len=MAX_LEN + 2)
-    seqs, lp = sample(
-        model,
-        params,
-        SOURCES,
-        jax.random.key(7),
-        sampling=Sampling(temperature=3.0, top_k=4, top_p=1e-4),
-        max_len=MAX_LEN + 2,
-    )
-    np.testing.assert_array_equal(seqs, greedy_seqs)
-    np.testing.assert_allclose(lp, greedy_lp, rtol=0, atol=1e-6)
+    assert_samples_greedy(model, params, Sampling(temperature=3.0, top_k=4, top_p=1e-4))
     with pytest.raises(ValueError, match="top_p"):
-        sample(model, params, SOURCES, jax.random.key(7), sampling=Sampling(top_p=0.0))
+        sample_sources(model, params, Sampling(top_p=0.0))
 
 
 def test_per_sentence_keys_make_samples_independent_of_the_batch(model_and_params):

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_models
 
 from distill_jax import optim, sharding, train
 from distill_jax.models.bert import BertConfig, BertModel
-from distill_jax.models.transformer import Transformer, TransformerConfig
 
 VOCAB = 64
 BATCH, SRC, TGT, K = 8, 7, 6, 4
@@ -46,18 +46,26 @@ def student_batch(seed: int) -> dict:
     }
 
 
+def tiny_bert(**fields) -> BertModel:
+    """A 2-layer width-32 C-MLM BERT over VOCAB + 8 ids (its head over the VOCAB student
+    ids); ``fields`` set other ``BertConfig`` fields."""
+    return BertModel(
+        BertConfig(
+            vocab_size=VOCAB + 8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            cmlm_vocab_size=VOCAB,
+            **fields,
+        )
+    )
+
+
 def teacher_setup():
     """(model, loss_fn, params init, optimizer) of a tiny C-MLM BERT."""
-    cfg = BertConfig(
-        vocab_size=VOCAB + 8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        cmlm_vocab_size=VOCAB,
-    )
-    model = BertModel(cfg)
+    model = tiny_bert()
     teacher_ids = np.arange(VOCAB, dtype=np.int32) + 5  # ids 0..4 stay special in BERT
     loss_fn = train.cmlm_loss_fn(model, teacher_ids, cls_id=1, mask_id=2)
 
@@ -73,28 +81,8 @@ def teacher_setup():
 
 
 def student_setup():
-    """(loss_fn, params init, optimizer) of a tiny Transformer with offline top-K KD."""
-    cfg = TransformerConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        num_heads=4,
-        mlp_dim=64,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-        dropout_rate=0.1,
-        max_len=16,
-    )
-    model = Transformer(cfg)
-    loss_fn = train.student_loss_fn(model, train.StudentLossConfig(alpha=0.5))
-
-    def init_params():
-        x = jnp.ones((1, 4), jnp.int32)
-        return model.init(jax.random.PRNGKey(0), x, x)["params"]
-
-    optimizer = optim.make_optimizer(
-        optim.OptimizerConfig.student(learning_rate=1e-3, schedule="constant", grad_clip_norm=1.0)
-    )
-    return loss_fn, init_params, optimizer
+    """(loss_fn, params init, optimizer) of a 2+2-layer Transformer with offline top-K KD."""
+    return tiny_models.student_setup(VOCAB, (2, 2))
 
 
 def run_steps(setup, mesh, *, steps=2, accum_steps=1, compute_dtype=jnp.float32):
@@ -205,27 +193,7 @@ def test_student_reference_is_not_trivial(student_reference):
 
 def no_dropout_student_setup():
     """A student without dropout: micro-batch splitting then cannot change the masks."""
-    cfg = TransformerConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        num_heads=4,
-        mlp_dim=64,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        dropout_rate=0.0,
-        max_len=16,
-    )
-    model = Transformer(cfg)
-    loss_fn = train.student_loss_fn(model, train.StudentLossConfig(alpha=0.5))
-
-    def init_params():
-        x = jnp.ones((1, 4), jnp.int32)
-        return model.init(jax.random.PRNGKey(1), x, x)["params"]
-
-    optimizer = optim.make_optimizer(
-        optim.OptimizerConfig.student(learning_rate=1e-3, schedule="constant", grad_clip_norm=None)
-    )
-    return loss_fn, init_params, optimizer
+    return tiny_models.student_setup(VOCAB, (1, 1), dropout_rate=0.0, seed=1, grad_clip_norm=None)
 
 
 @pytest.mark.slow  # among the longest tests: kept out of the fast tier
@@ -284,16 +252,7 @@ def test_eval_step_matches_direct_loss():
 
 def test_online_teacher_equals_offline_targets():
     """A teacher callable returning the batch's kd arrays gives the offline loss."""
-    cfg = TransformerConfig(
-        vocab_size=VOCAB,
-        d_model=16,
-        num_heads=2,
-        mlp_dim=32,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        max_len=16,
-    )
-    model = Transformer(cfg)
+    model = tiny_models.tiny_transformer(VOCAB, max_len=16)
     x = jnp.ones((1, 4), jnp.int32)
     params = nn.unbox(model.init(jax.random.PRNGKey(0), x, x)["params"])
     batch = {k: jnp.asarray(v) for k, v in student_batch(1).items()}
@@ -416,18 +375,7 @@ def test_cmlm_masked_head_equals_all_positions(with_positions, training):
     reference form), in evaluation and in training mode (dropout rates 0: the two forms
     draw different dropout masks in the last layer), with the pipeline's
     ``mlm_positions`` and without them."""
-    cfg = BertConfig(
-        vocab_size=VOCAB + 8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        cmlm_vocab_size=VOCAB,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    model = BertModel(cfg)
+    model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     teacher_ids = np.arange(VOCAB, dtype=np.int32) + 5
     params = nn.unbox(
         model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), method="cmlm_logits")[
