@@ -27,12 +27,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import tiny_models
 from jax.sharding import NamedSharding, PartitionSpec
 
 from distill_jax import checkpoint, sharding, train
 from distill_jax.commands import common
 from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
+
+import tiny_models
 
 VOCAB = 64
 NUM_RECORDS = 44  # 3 global batches of 16 rows per epoch, the last one with 4 empty rows

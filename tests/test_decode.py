@@ -12,12 +12,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-import tiny_models
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from distill_jax.decode import Sampling, beam_search, greedy_search, sample
 from distill_jax.sharding import LOGICAL_AXIS_RULES
+
+import tiny_models
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 7

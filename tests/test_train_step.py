@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tiny_models
 
 from distill_jax import optim, sharding, train
 from distill_jax.models.bert import BertConfig, BertModel
+
+import tiny_models
 
 VOCAB = 64
 BATCH, SRC, TGT, K = 8, 7, 6, 4
