@@ -334,32 +334,21 @@ def _cli(workdir, teacher, command, *extra, check=True):
 
 # A student small and fast to train that memorises enough of 64 sentence pairs to give
 # varied outputs (the tiny config's defaults give one repeated token at this budget).
-TRAIN = [
-    "--set",
+TRAIN = tiny_experiment.sets(
     "distill.kd=none",
-    "--set",
     "train.steps=400",
-    "--set",
     "train.learning_rate=5e-3",
-    "--set",
     "train.warmup_steps=20",
-    "--set",
     "train.eval_every=100000",
-    "--set",
     "train.save_every=200",
-    "--set",
     "train.label_smoothing=0.0",
-    "--set",
     "student.dropout_rate=0.0",
-    "--set",
     "student.d_model=64",
-    "--set",
     "student.mlp_dim=128",
     # one decoding phase: fewer programs to compile (the same outputs, distill_jax.decode),
     # and `generate` below reuses the compiled beam search of the in-process comparison
-    "--set",
     "decode.cache_phases=1",
-]
+)
 # The two student layouts: post-LN (fairseq's; exported as Marian) and pre-LN with final
 # LayerNorms (OpenNMT's; exported as M2M100). Both also as CTranslate2 (--ctranslate2).
 LAYOUTS = {"post": (), "pre": ("--set", "student.pre_layer_norm=True")}

@@ -208,30 +208,19 @@ def test_generate_refuses_bad_options(tmp_path, capsys, flags, message):
 # ----------------------------------------------------------------------------- end to end
 
 
-TRAIN = [
-    "--set",
+TRAIN = tiny_experiment.sets(
     "distill.kd=none",
-    "--set",
     "train.steps=150",
-    "--set",
     "train.learning_rate=5e-3",
-    "--set",
     "train.warmup_steps=20",
-    "--set",
     "train.eval_every=100000",
-    "--set",
     "train.save_every=150",
-    "--set",
     "train.label_smoothing=0.0",
-    "--set",
     "student.dropout_rate=0.0",
-    "--set",
     "decode.cache_phases=1",
-    "--set",
     "decode.bucket_step=16",
-    "--set",
     "decode.beam_size=3",
-]
+)
 
 
 @pytest.fixture(scope="module")

@@ -146,3 +146,8 @@ def demo(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def sets(*assignments: str) -> list[str]:
+    """``--set A --set B ...``: config overrides as command-line arguments."""
+    return [arg for assignment in assignments for arg in ("--set", assignment)]

@@ -1,20 +1,9 @@
 """``distill-jax soft-targets``: run the fine-tuned teacher over a split with stride
 masking and write its top-K logits and ids into the soft-target cache
-(``WORKDIR/soft_targets/SPLIT``, local or ``gs://``, see ``soft_target_cache``;
-``api.extract_soft_targets``, ``distill_jax/extraction.py``).
-
-The cache is filled chunk by chunk. Every process takes part in every batch (each scores
-its own rows of the global batch); the rows of a chunk are gathered on every process and
-the chunk's owner (chunks are dealt round-robin over the processes) writes it, so each
-stored object has one writer. Each chunk's batches are planned from that chunk's examples
-alone, so a chunk's values do not depend on which chunks were computed before it: an
-interrupted extraction resumes with the chunks that are not stored yet and ends with the
-cache an uninterrupted one writes. ``header.json`` is written last, by process 0.
-
-The targets come from the best checkpoint of a *finished* teacher run (an unfinished one
-is refused), or from the checkpoint ``--teacher-step N`` names; its step and digest are
-part of the cache's identity, so a finished cache made from another checkpoint is remade,
-not reused (``teacher.select_finetuned``, docs/interfaces.md).
+(``WORKDIR/soft_targets/SPLIT``, local or ``gs://``): argument parsing around
+``api.extract_soft_targets``. How the cache is filled, resumed and tied to the teacher's
+checkpoint (``--teacher-step N`` picks one; the default is the best of a finished run):
+``distill_jax/extraction.py``.
 """
 
 from __future__ import annotations
