@@ -50,3 +50,24 @@ def test_layers_are_recognised():
     } <= modules
     assert _imported_modules(PACKAGE / "commands" / "train_student.py") & {"distill_jax.api"}
     assert _imported_modules(PACKAGE / "api.py") & {"distill_jax.runner"}
+
+
+MAX_PARAMETERS = 8  # beyond this an object says it better (a config, options or model bundle)
+
+
+def test_no_function_takes_more_than_eight_parameters():
+    """Every function and method of the library (``self`` / ``cls`` not counted, ``*args``
+    and ``**kwargs`` counted once each) takes at most MAX_PARAMETERS parameters."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            args = node.args
+            names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+            if names and names[0] in ("self", "cls"):
+                names = names[1:]
+            count = len(names) + (args.vararg is not None) + (args.kwarg is not None)
+            if count > MAX_PARAMETERS:
+                long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} {count}")
+    assert not long, long
