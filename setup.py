@@ -45,6 +45,7 @@ setup(
         "test": [
             "pytest>=9.2.0",
             "pytest-xdist>=3.8.0",
+            "filelock>=4.3.2",
             "torch>=2.13.0",
             "matplotlib>=3.11.2",
             "gcsfs>=2026.10.1",

@@ -4,8 +4,9 @@
 # from PyPI, and runs the test suite on 8 simulated CPU devices.
 # Extra arguments go to pytest, e.g. `scripts/test.sh -k losses -x`. The tests run in parallel
 # worker processes (pytest-xdist: one a CPU core, at most 4), each test file on one worker so
-# that its fixtures are built once (tests/conftest.py groups them); `-n 0` runs them in this
-# process instead (e.g. for --pdb).
+# that its module fixtures are built once (what several files share, the quick demo, is run
+# once under a file lock: tests/conftest.py); `-n 0` runs them in this process instead
+# (e.g. for --pdb).
 # Versions: exactly those of constraints.txt (what CI installs). `scripts/test.sh --newest ...`
 # (or DISTILL_JAX_NEWEST=1) instead upgrades everything to the newest releases, in a
 # separate virtualenv (.cache/venv-newest, unless $VENV is set), leaving .venv as it is.
@@ -43,4 +44,4 @@ export DISTILL_JAX_NEWEST="$newest"  # tests/test_tooling.py: the installed vers
 export DISTILL_JAX_MINILM="${DISTILL_JAX_MINILM:-$(PYTHON="$py" scripts/fetch_minilm.sh)}"
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
 export DISTILL_JAX_SHARED_DATA="${DISTILL_JAX_SHARED_DATA:-$root/../shared/data}"
-exec "$py" -m pytest -q -n auto --maxprocesses 4 --dist loadgroup "$@"
+exec "$py" -m pytest -q -n auto --maxprocesses 4 --dist loadfile "$@"

@@ -93,9 +93,6 @@ def tiny_corpus(tmp_path_factory, minilm_dir, shared_data) -> TinyCorpus:
     return TinyCorpus(teacher, root / "corpus", root / "data")
 
 
-DEMO_TEST = "tests/test_demo.py::test_quick_demo_runs_end_to_end"
-
-
 @dataclasses.dataclass(frozen=True)
 class QuickDemo:
     workdir: pathlib.Path  # WORKDIR of the run
@@ -132,25 +129,47 @@ def _overlay_venv(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def _session_dir(tmp_path_factory, name: str) -> pathlib.Path:
+    """A folder of this test session that every pytest-xdist worker sees (each worker's
+    own temporary folder is one level below the session's)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    return base / name
+
+
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory, minilm_dir, shared_data) -> QuickDemo:
     """`scripts/demo.sh --quick` run once, as a user runs it (on the real devices: no
     simulated ones), into a fresh WORKDIR; a failed run is returned too (its test says
-    why)."""
+    why). Once per session, also with parallel workers: the first worker that needs it
+    runs it under a file lock and records the result, the others wait and read it."""
+    import filelock
+
     if not _demo_applies(shared_data):
         pytest.skip("the demo reads ../shared/data beside the checkout")
-    root = tmp_path_factory.mktemp("quick-demo")
-    workdir = root / "demo"
-    env = dict(
-        os.environ,
-        WORKDIR=str(workdir),
-        VENV=str(_overlay_venv(root / "venv")),
-        DISTILL_JAX_CACHE=str(pathlib.Path(minilm_dir).parent),
-    )
-    env.pop("XLA_FLAGS", None)  # the demo runs as a user would: on the real devices
-    import tiny_experiment
+    root = _session_dir(tmp_path_factory, "quick-demo")
+    record = root / "run.json"
+    with filelock.FileLock(f"{root}.lock"):
+        if not record.is_file():
+            root.mkdir()
+            env = dict(
+                os.environ,
+                WORKDIR=str(root / "demo"),
+                VENV=str(_overlay_venv(root / "venv")),
+                DISTILL_JAX_CACHE=str(pathlib.Path(minilm_dir).parent),
+            )
+            env.pop("XLA_FLAGS", None)  # the demo runs as a user would: on the real devices
+            import tiny_experiment
 
-    return QuickDemo(workdir, env, tiny_experiment.demo("--quick", env=env, timeout=1800))
+            run = tiny_experiment.demo("--quick", env=env, timeout=1800)
+            saved = {"env": env, "args": run.args, "returncode": run.returncode}
+            record.write_text(json.dumps({**saved, "stdout": run.stdout, "stderr": run.stderr}))
+        saved = json.loads(record.read_text())
+    result = subprocess.CompletedProcess(
+        saved["args"], saved["returncode"], saved["stdout"], saved["stderr"]
+    )
+    return QuickDemo(root / "demo", saved["env"], result)
 
 
 # What the demo's `prepare` call must have recorded for its dataset to be the one
@@ -172,7 +191,7 @@ def multi30k_de_en(request, tmp_path_factory, shared_data, minilm_dir) -> pathli
     corpus, direction, limits and tokenizer), so that the full corpus is prepared once;
     otherwise (e.g. the fast tier) it is prepared here."""
     if _demo_applies(shared_data) and any(
-        item.nodeid.endswith(DEMO_TEST.split("/", 1)[1]) for item in request.session.items
+        "quick_demo" in item.fixturenames for item in request.session.items
     ):
         data = request.getfixturevalue("quick_demo").workdir / "data"
         meta_path = data / "dataset.json"
@@ -204,20 +223,3 @@ def multi30k_de_en(request, tmp_path_factory, shared_data, minilm_dir) -> pathli
         == 0
     )
     return out
-
-
-# ------------------------------------------------------------------------- parallel workers
-def pytest_collection_modifyitems(config, items):
-    """scripts/test.sh runs the suite on parallel workers (pytest-xdist, ``--dist
-    loadgroup``). Each test file is one group, so its module fixtures (a trained tiny
-    experiment, an exported model) are built once, on one worker; the tests that read the
-    quick demo's run (its own test and, through ``multi30k_de_en``, the Multi30k data
-    tests) are one group across files, so the demo runs once."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        if {"quick_demo", "multi30k_de_en"} & set(item.fixturenames):
-            group = "quick-demo"
-        else:
-            group = item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
