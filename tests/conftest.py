@@ -223,32 +223,3 @@ def multi30k_de_en(request, tmp_path_factory, shared_data, minilm_dir) -> pathli
         == 0
     )
     return out
-
-
-# ------------------------------------------------------------------------- parallel workers
-# scripts/test.sh hands whole test files to its workers in collection order. The longest
-# files go first so that the short ones fill the gaps at the end instead of one worker
-# finishing a long file alone; the quick demo's file is first and the Multi30k data tests,
-# which read the demo's prepared corpus, last, so that they do not wait for it.
-FIRST = (
-    "test_demo.py",
-    "test_gcs.py",
-    "test_crash_matrix.py",
-    "test_pipeline.py",
-    "test_export.py",
-    "test_train_step.py",
-    "test_multiprocess.py",
-    "test_api.py",
-    "test_generate_stream.py",
-)
-LAST = ("test_data_multi30k.py",)
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item) -> int:
-        name = item.path.name
-        if name in FIRST:
-            return FIRST.index(name)
-        return len(FIRST) + 1 if name in LAST else len(FIRST)
-
-    items.sort(key=rank)  # stable: the order within a file and among the rest is kept
