@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -111,19 +112,30 @@ def test_multi_process_run_locks_once_and_stops_together(tmp_path):
         args.process_id = int(os.environ["DISTILL_JAX_PROCESS_ID"])
         common.initialize_processes(args)
         from distill_jax.errors import UserError
+        # Each process reports through its own file: the CPU collectives' threads print to
+        # the same stdout while this runs, and their words can land inside a printed line.
+        outcome = open(f"{sys.argv[2]}-{args.process_id}", "w")
         try:
             lock = runlock.acquire(sys.argv[1], "job")
         except UserError as err:
-            print("refused:", err, flush=True)
+            outcome.write(f"refused: {err}")
+            outcome.close()
             sys.exit(2)
-        print("got", "lock" if lock is not None else "no lock (not process 0)", flush=True)
+        outcome.write("got " + ("lock" if lock is not None else "no lock (not process 0)"))
+        outcome.close()
         runlock.release_all()
     """)
     run = tmp_path / "run"
+    report = tmp_path / "outcome"
+
+    def outcomes() -> list[str]:
+        return [Path(f"{report}-{i}").read_text() for i in range(2)]
 
     def two_processes() -> subprocess.CompletedProcess:
+        for i in range(2):
+            Path(f"{report}-{i}").unlink(missing_ok=True)
         return subprocess.run(
-            launcher(2, sys.executable, "-c", script, str(run)),
+            launcher(2, sys.executable, "-c", script, str(run), str(report)),
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -133,7 +145,7 @@ def test_multi_process_run_locks_once_and_stops_together(tmp_path):
 
     job = two_processes()
     assert job.returncode == 0, job.stdout + job.stderr
-    assert "[0] got lock" in job.stdout and "[1] got no lock (not process 0)" in job.stdout
+    assert outcomes() == ["got lock", "got no lock (not process 0)"]
 
     holder = _hold(run)
     try:
@@ -141,8 +153,11 @@ def test_multi_process_run_locks_once_and_stops_together(tmp_path):
     finally:
         _kill(holder)
     assert job.returncode == 2, job.stdout + job.stderr
-    assert f"[0] refused: {run} is in use by `holder-command` (pid {holder.pid}" in job.stdout
-    assert f"[1] refused: process 0 could not lock the run directory {run}" in job.stdout
+    chief, other = outcomes()
+    assert chief.startswith(f"refused: {run} is in use by `holder-command` (pid {holder.pid}"), (
+        chief
+    )
+    assert other.startswith(f"refused: process 0 could not lock the run directory {run}"), other
 
 
 # ----------------------------------------------------------------------------- gs://
