@@ -16,6 +16,8 @@ from distill_jax.cli import main
 from distill_jax.data import iwslt14
 from distill_jax.data.prepared import open_prepared
 
+import tiny_experiment
+
 pytest.importorskip("sacremoses")
 
 # 50 aligned talk lines: pair i is "Satz Nummer i hier." / "Sentence number i here."; a few
@@ -82,19 +84,7 @@ def _archive(path, *, drop=None):
 
 
 def _prepare(data, out, minilm_dir):
-    return main(
-        [
-            "prepare",
-            "--dataset",
-            "iwslt14_de_en",
-            "--data-dir",
-            str(data),
-            "--teacher",
-            str(minilm_dir),
-            "--out",
-            str(out),
-        ]
-    )
+    return tiny_experiment.prepare_in_process("iwslt14_de_en", data, out, minilm_dir)
 
 
 def test_prepare_iwslt14_from_archive(tmp_path, minilm_dir, capsys):

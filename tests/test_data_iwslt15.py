@@ -15,6 +15,8 @@ from distill_jax.cli import main
 from distill_jax.data import builders, iwslt15
 from distill_jax.data.prepared import open_prepared
 
+import tiny_experiment
+
 pytest.importorskip("sacremoses")
 
 # As the Stanford files are: Moses-tokenized, cased, Moses' XML escapes, one sentence a line.
@@ -64,20 +66,7 @@ def _write_files(data: Path, files=FILES) -> Path:
 
 
 def _prepare(data, out, minilm_dir, *extra):
-    return main(
-        [
-            "prepare",
-            "--dataset",
-            "iwslt15_en_vi",
-            "--data-dir",
-            str(data),
-            "--teacher",
-            str(minilm_dir),
-            "--out",
-            str(out),
-            *extra,
-        ]
-    )
+    return tiny_experiment.prepare_in_process("iwslt15_en_vi", data, out, minilm_dir, *extra)
 
 
 def test_published_line_counts():

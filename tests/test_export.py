@@ -332,6 +332,13 @@ def _cli(workdir, teacher, command, *extra, check=True):
     return tiny_experiment.run_cli(workdir, teacher, command, *extra, config=CONFIG, check=check)
 
 
+def _export(exported, out, *extra, name=None, check=True):
+    """`export` of the fixture's student (or of run ``name``) to ``out``, with its flags."""
+    _, workdir, teacher, _, flags, layout = exported
+    args = ["--name", name or layout, "--out", str(out), *flags, *extra]
+    return _cli(workdir, teacher, "export", *args, check=check)
+
+
 # A student small and fast to train that memorises enough of 64 sentence pairs to give
 # varied outputs (the tiny config's defaults give one repeated token at this budget).
 TRAIN = tiny_experiment.sets(
@@ -380,20 +387,9 @@ def exported(request, corpus):
     os.symlink(root / "data", workdir / "data")
     _cli(workdir, teacher, "train-student", "--name", layout, *flags)
     out = root / f"hf-{layout}"
-    result = _cli(
-        workdir,
-        teacher,
-        "export",
-        "--name",
-        layout,
-        "--checkpoint",
-        "latest",
-        "--out",
-        str(out),
-        "--ctranslate2",
-        "--license",
-        "cc-by-4.0",
-        *flags,
+    fixture = (root, workdir, teacher, None, flags, layout)
+    result = _export(
+        fixture, out, "--checkpoint", "latest", "--ctranslate2", "--license", "cc-by-4.0"
     )
     assert f"exported to {out} ({FORMATS[layout]}, with ctranslate2/)" in result.stdout
     return root, workdir, teacher, out, flags, layout
@@ -620,83 +616,22 @@ def test_bad_input_is_refused_and_writes_nothing(exported):
     if layout != "post":
         pytest.skip("the refusals do not depend on the layout")
     refused = root / "refused"
-    wrong = _cli(
-        workdir,
-        teacher,
-        "export",
-        "--name",
-        layout,
-        "--out",
-        str(refused),
-        *flags,
-        "--format",
-        "m2m100",
-        check=False,
-    )
+    wrong = _export(exported, refused, "--format", "m2m100", check=False)
     assert wrong.returncode == 2 and "pre_layer_norm=False" in wrong.stderr, wrong.stderr
-    eps = _cli(
-        workdir,
-        teacher,
-        "export",
-        "--name",
-        layout,
-        "--out",
-        str(refused),
-        *flags,
-        "--set",
-        "student.layer_norm_eps=1e-6",
-        check=False,
-    )
+    eps = _export(exported, refused, "--set", "student.layer_norm_eps=1e-6", check=False)
     assert eps.returncode == 2 and "layer_norm_eps=1e-06" in eps.stderr, eps.stderr
-    missing = _cli(
-        workdir,
-        teacher,
-        "export",
-        "--name",
-        "no-such-run",
-        "--out",
-        str(refused),
-        *flags,
-        check=False,
-    )
+    missing = _export(exported, refused, name="no-such-run", check=False)
     assert missing.returncode == 2 and "no-such-run" in missing.stderr, missing.stderr
-    taken = _cli(
-        workdir, teacher, "export", "--name", layout, "--out", str(out), *flags, check=False
-    )
+    taken = _export(exported, out, check=False)
     assert taken.returncode == 2 and "--overwrite" in taken.stderr, taken.stderr
     before = sorted(str(p) for p in workdir.rglob("*"))
-    wipe = _cli(
-        workdir,
-        teacher,
-        "export",
-        "--name",
-        layout,
-        "--out",
-        str(workdir),
-        "--overwrite",
-        *flags,
-        check=False,
-    )
+    wipe = _export(exported, workdir, "--overwrite", check=False)
     assert wipe.returncode == 2 and "is the work directory" in wipe.stderr, wipe.stderr
     assert sorted(str(p) for p in workdir.rglob("*")) == before
     assert not [p for p in root.iterdir() if p.name.startswith((".refused", "refused"))]
     earlier = root / "earlier"  # a copy: the other tests keep reading `out`
     shutil.copytree(out, earlier)
-    again = _cli(
-        workdir,
-        teacher,
-        "export",
-        "--name",
-        layout,
-        "--checkpoint",
-        "latest",
-        "--out",
-        str(earlier),
-        "--overwrite",
-        "--format",
-        "fsmt",
-        *flags,
-    )
+    again = _export(exported, earlier, "--checkpoint", "latest", "--overwrite", "--format", "fsmt")
     assert f"exported to {earlier} (fsmt)" in again.stdout
     assert json.loads((earlier / "config.json").read_text())["model_type"] == "fsmt"
     assert not (earlier / "ctranslate2").exists()  # the earlier export was replaced whole
@@ -760,20 +695,7 @@ def test_ctranslate2_format_alone(exported, ours, sentences):
     if layout != "post":
         pytest.skip("the writer is the one the generate tests check for both layouts")
     folder = root / "ct2-only"
-    _cli(
-        workdir,
-        teacher,
-        "export",
-        "--name",
-        layout,
-        "--checkpoint",
-        "latest",
-        "--out",
-        str(folder),
-        "--format",
-        "ctranslate2",
-        *flags,
-    )
+    _export(exported, folder, "--checkpoint", "latest", "--format", "ctranslate2")
     names = {p.name for p in folder.iterdir()}
     assert {"model.bin", "config.json", "tokenizer.json", "README.md", export.MARKER} <= names
     assert json.loads((folder / "config.json").read_text())["layer_norm_epsilon"] == 1e-5

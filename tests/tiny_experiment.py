@@ -136,6 +136,15 @@ def prepare(
     )
 
 
+def prepare_in_process(dataset: str, data_dir, teacher, out, *extra: str) -> int:
+    """``prepare --dataset DATASET`` of the files in ``data_dir`` into ``out``, in this
+    process (``cli.main``: its output goes to the test's capsys); its exit status."""
+    from distill_jax.cli import main
+
+    args = ["--dataset", dataset, "--data-dir", str(data_dir), "--teacher", str(teacher)]
+    return main(["prepare", *args, "--out", str(out), *extra])
+
+
 def demo(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
     """``bash scripts/demo.sh ARGS`` from the repository root, its output captured."""
     return subprocess.run(
