@@ -59,16 +59,7 @@ start=$SECONDS
 stage() { echo; echo "== $1 ($(( (SECONDS - start) / 60 )) min elapsed)"; }
 
 stage "prepare Multi30k de-en"
-if [[ ! -f "$workdir/data/dataset.json" ]]; then
-  data_args=()
-  if [[ -f "$root/../shared/data/multi30k/train.de" ]]; then
-    data_args=(--data-dir "$root/../shared/data/multi30k")
-  fi
-  "${cli[@]}" prepare --dataset multi30k --direction de-en "${data_args[@]}" \
-      --teacher "$teacher" --out "$workdir/data"
-else
-  echo "already prepared: $workdir/data"
-fi
+PYTHON="$py" scripts/prepare_multi30k.sh "$workdir" "$teacher"
 
 stage "C-MLM teacher fine-tuning"
 "${cli[@]}" train-teacher --config "$config" --workdir "$workdir" "${sets[@]}"

@@ -44,14 +44,7 @@ student() {  # NAME SEED [FIELD=VALUE ...]
 }
 
 stage "prepare multi30k"
-if [[ ! -f "$workdir/data/dataset.json" ]]; then
-  data_args=()
-  [[ -f "$root/../shared/data/multi30k/train.de" ]] && data_args=(--data-dir "$root/../shared/data/multi30k")
-  "${cli[@]}" prepare --dataset multi30k --direction de-en "${data_args[@]}" \
-    --teacher "$teacher" --out "$workdir/data"
-else
-  echo "already prepared: $workdir/data"
-fi
+PYTHON="$py" "$root/scripts/prepare_multi30k.sh" "$workdir" "$teacher"
 stage "C-MLM teacher fine-tuning"
 "${cli[@]}" train-teacher --config "$config" --workdir "$workdir" "${sets[@]}"
 for split in train val; do

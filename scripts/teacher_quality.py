@@ -93,14 +93,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="the overrides the teacher was made with",
-    )
+    common.add_overrides_argument(parser, help="the overrides the teacher was made with")
     parser.add_argument("--split", default=None, help="cached split (default: data.valid_split)")
     parser.add_argument("--students", default="", help="comma-separated student run names")
     parser.add_argument(

@@ -18,14 +18,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="directory of the experiment: a local path or gs://BUCKET/PATH",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a config field, e.g. train.steps=100",
-    )
+    add_overrides_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     group = parser.add_argument_group("multi-process (TPU pods, GPU clusters)")
     group.add_argument(
@@ -49,6 +42,15 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--distributed-auto",
         action="store_true",
         help="let jax.distributed.initialize() detect the cluster (TPU pods, SLURM)",
+    )
+
+
+def add_overrides_argument(
+    parser: argparse.ArgumentParser, help: str = "override a config field, e.g. train.steps=100"
+) -> None:
+    """--set FIELD=VALUE, repeatable, into ``args.overrides``."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE", help=help
     )
 
 

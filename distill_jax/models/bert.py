@@ -319,22 +319,12 @@ class BertModel(nn.Module):
             x, mask, deterministic=deterministic, rows=output_positions
         )  # [batch, length or M, hidden]
 
-    def cmlm_logits(
-        self,
-        input_ids,
-        token_type_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        *,
-        deterministic: bool = True,
-    ) -> jax.Array:
-        """C-MLM logits over the student's vocabulary, ``[batch, length, cmlm_vocab_size]``
-        float32."""
+    def cmlm_logits(self, *inputs, **options) -> jax.Array:
+        """C-MLM logits over the student's vocabulary, float32: ``__call__``'s arguments,
+        ``[batch, length, cmlm_vocab_size]`` (``[batch, M, ...]`` with ``output_positions``)."""
         if self.config.cmlm_vocab_size is None:
             raise ValueError("BertModel.cmlm_logits needs BertConfig.cmlm_vocab_size to be set")
-        hidden = self(
-            input_ids, token_type_ids, attention_mask, position_ids, deterministic=deterministic
-        )
+        hidden = self(*inputs, **options)
         return self.cmlm_head(hidden)
 
 

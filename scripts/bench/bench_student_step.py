@@ -85,6 +85,29 @@ def make_batch(
     }
 
 
+# The student loss both sides compute (``train.StudentLossConfig``'s fields).
+LOSS = dict(alpha=0.5, label_smoothing=0.1, kd_mode="paper", temperature=10.0)
+
+
+def our_step(cfg, batch_np: dict, compute_dtype):
+    """Our side on a 1-device mesh: (initial state, loss function, sharded batch, jitted
+    step) for the student ``cfg`` with ``benchlib.init_student``'s optimizer and ``LOSS``."""
+    from distill_jax import sharding, train
+
+    mesh = benchlib.one_device_mesh()
+    model, optimizer, state, state_shardings = benchlib.init_student(cfg, mesh)
+    loss_fn = train.student_loss_fn(model, train.StudentLossConfig(**LOSS))
+    step = train.make_train_step(
+        loss_fn,
+        optimizer,
+        mesh,
+        state_shardings,
+        sharding.batch_shardings(batch_np, mesh),
+        options=train.StepOptions(compute_dtype=compute_dtype),
+    )
+    return state, loss_fn, sharding.shard_batch(batch_np, mesh), step
+
+
 def step_flops(batch: int, src_len: int, tgt_len: int, cfg) -> int:
     """The analytic FLOP count of one update (module docstring) of the student ``cfg`` (a
     ``TransformerConfig``)."""
@@ -132,7 +155,7 @@ def main(argv=None):
     import jax.numpy as jnp
     import torch
 
-    from distill_jax import optim, sharding, train
+    from distill_jax import optim, train
 
     import torch_student
 
@@ -147,28 +170,14 @@ def main(argv=None):
         dtype=compute_dtype,
         attention_impl=args.attention,
     )
-    loss_settings = train.StudentLossConfig(
-        alpha=0.5, label_smoothing=0.1, kd_mode="paper", temperature=10.0
-    )
     opt_cfg = optim.OptimizerConfig.student()  # Adam (0.9, 0.98), inverse-sqrt, warm-up 4000
     batch_np = make_batch(
         args.batch, args.src_len, args.tgt_len, args.vocab, args.top_k, args.padded_rows
     )
 
     # ---- ours
-    mesh = benchlib.one_device_mesh()
     # optimizer: opt_cfg's Adam (optim.OptimizerConfig.student())
-    model, optimizer, state, state_shardings = benchlib.init_student(cfg, mesh)
-    loss_fn = train.student_loss_fn(model, loss_settings)
-    batch = sharding.shard_batch(batch_np, mesh)
-    step = train.make_train_step(
-        loss_fn,
-        optimizer,
-        mesh,
-        state_shardings,
-        sharding.batch_shardings(batch_np, mesh),
-        options=train.StepOptions(compute_dtype=compute_dtype),
-    )
+    state, loss_fn, batch, step = our_step(cfg, batch_np, compute_dtype)
     rng = jax.random.PRNGKey(1)
 
     # ---- theirs, with our initial parameters
@@ -188,11 +197,7 @@ def main(argv=None):
         k: torch.from_numpy(v.astype(np.int64) if v.dtype == np.int32 else v).to(device)
         for k, v in batch_np.items()
     }
-    loss_kwargs = dict(
-        alpha=loss_settings.alpha,
-        label_smoothing=loss_settings.label_smoothing,
-        temperature=loss_settings.temperature,
-    )
+    loss_kwargs = {k: v for k, v in LOSS.items() if k != "kd_mode"}
 
     # ---- same computation: loss and gradient norm without dropout
     def ours_eval(params):

@@ -92,7 +92,6 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from distill_jax import sharding, train
     from distill_jax.models.transformer import TransformerConfig
 
     dtype = jnp.dtype(args.dtype)
@@ -107,24 +106,10 @@ def main(argv=None):
         max_len=max(args.src_len, args.tgt_len),
         dtype=dtype,
     )
-    mesh = benchlib.one_device_mesh()
-    model, optimizer, state, state_shardings = benchlib.init_student(cfg, mesh)
-    loss_fn = train.student_loss_fn(
-        model,
-        train.StudentLossConfig(alpha=0.5, label_smoothing=0.1, kd_mode="paper", temperature=10.0),
-    )
     batch_np = bench_student_step.make_batch(
         args.batch, args.src_len, args.tgt_len, args.vocab, args.top_k, args.batch // 8
     )
-    batch = sharding.shard_batch(batch_np, mesh)
-    step = train.make_train_step(
-        loss_fn,
-        optimizer,
-        mesh,
-        state_shardings,
-        sharding.batch_shardings(batch_np, mesh),
-        options=train.StepOptions(compute_dtype=dtype),
-    )
+    state, _, batch, step = bench_student_step.our_step(cfg, batch_np, dtype)
     rng = jax.random.PRNGKey(1)
     for _ in range(args.warmup):
         state, metrics = step(state, batch, rng)
