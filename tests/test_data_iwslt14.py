@@ -84,7 +84,7 @@ def _archive(path, *, drop=None):
 
 
 def _prepare(data, out, minilm_dir):
-    return tiny_experiment.prepare_in_process("iwslt14_de_en", data, out, minilm_dir)
+    return tiny_experiment.prepare_in_process("iwslt14_de_en", data, minilm_dir, out)
 
 
 def test_prepare_iwslt14_from_archive(tmp_path, minilm_dir, capsys):

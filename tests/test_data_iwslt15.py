@@ -66,7 +66,7 @@ def _write_files(data: Path, files=FILES) -> Path:
 
 
 def _prepare(data, out, minilm_dir, *extra):
-    return tiny_experiment.prepare_in_process("iwslt15_en_vi", data, out, minilm_dir, *extra)
+    return tiny_experiment.prepare_in_process("iwslt15_en_vi", data, minilm_dir, out, *extra)
 
 
 def test_published_line_counts():

@@ -332,7 +332,7 @@ def _cli(workdir, teacher, command, *extra, check=True):
     return tiny_experiment.run_cli(workdir, teacher, command, *extra, config=CONFIG, check=check)
 
 
-def _export(exported, out, *extra, name=None, check=True):
+def _export_cli(exported, out, *extra, name=None, check=True):
     """`export` of the fixture's student (or of run ``name``) to ``out``, with its flags."""
     _, workdir, teacher, _, flags, layout = exported
     args = ["--name", name or layout, "--out", str(out), *flags, *extra]
@@ -388,7 +388,7 @@ def exported(request, corpus):
     _cli(workdir, teacher, "train-student", "--name", layout, *flags)
     out = root / f"hf-{layout}"
     fixture = (root, workdir, teacher, None, flags, layout)
-    result = _export(
+    result = _export_cli(
         fixture, out, "--checkpoint", "latest", "--ctranslate2", "--license", "cc-by-4.0"
     )
     assert f"exported to {out} ({FORMATS[layout]}, with ctranslate2/)" in result.stdout
@@ -616,22 +616,24 @@ def test_bad_input_is_refused_and_writes_nothing(exported):
     if layout != "post":
         pytest.skip("the refusals do not depend on the layout")
     refused = root / "refused"
-    wrong = _export(exported, refused, "--format", "m2m100", check=False)
+    wrong = _export_cli(exported, refused, "--format", "m2m100", check=False)
     assert wrong.returncode == 2 and "pre_layer_norm=False" in wrong.stderr, wrong.stderr
-    eps = _export(exported, refused, "--set", "student.layer_norm_eps=1e-6", check=False)
+    eps = _export_cli(exported, refused, "--set", "student.layer_norm_eps=1e-6", check=False)
     assert eps.returncode == 2 and "layer_norm_eps=1e-06" in eps.stderr, eps.stderr
-    missing = _export(exported, refused, name="no-such-run", check=False)
+    missing = _export_cli(exported, refused, name="no-such-run", check=False)
     assert missing.returncode == 2 and "no-such-run" in missing.stderr, missing.stderr
-    taken = _export(exported, out, check=False)
+    taken = _export_cli(exported, out, check=False)
     assert taken.returncode == 2 and "--overwrite" in taken.stderr, taken.stderr
     before = sorted(str(p) for p in workdir.rglob("*"))
-    wipe = _export(exported, workdir, "--overwrite", check=False)
+    wipe = _export_cli(exported, workdir, "--overwrite", check=False)
     assert wipe.returncode == 2 and "is the work directory" in wipe.stderr, wipe.stderr
     assert sorted(str(p) for p in workdir.rglob("*")) == before
     assert not [p for p in root.iterdir() if p.name.startswith((".refused", "refused"))]
     earlier = root / "earlier"  # a copy: the other tests keep reading `out`
     shutil.copytree(out, earlier)
-    again = _export(exported, earlier, "--checkpoint", "latest", "--overwrite", "--format", "fsmt")
+    again = _export_cli(
+        exported, earlier, "--checkpoint", "latest", "--overwrite", "--format", "fsmt"
+    )
     assert f"exported to {earlier} (fsmt)" in again.stdout
     assert json.loads((earlier / "config.json").read_text())["model_type"] == "fsmt"
     assert not (earlier / "ctranslate2").exists()  # the earlier export was replaced whole
@@ -695,7 +697,7 @@ def test_ctranslate2_format_alone(exported, ours, sentences):
     if layout != "post":
         pytest.skip("the writer is the one the generate tests check for both layouts")
     folder = root / "ct2-only"
-    _export(exported, folder, "--checkpoint", "latest", "--format", "ctranslate2")
+    _export_cli(exported, folder, "--checkpoint", "latest", "--format", "ctranslate2")
     names = {p.name for p in folder.iterdir()}
     assert {"model.bin", "config.json", "tokenizer.json", "README.md", export.MARKER} <= names
     assert json.loads((folder / "config.json").read_text())["layer_norm_epsilon"] == 1e-5
