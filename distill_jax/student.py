@@ -502,6 +502,7 @@ def write_results(
             "steps": config.teacher.steps,
             "top_k": config.distill.top_k,
             "alpha": config.distill.alpha,
+            "temperature": config.distill.temperature,
             **setup.provenance,
         },
         "splits": {},

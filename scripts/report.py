@@ -42,8 +42,21 @@ def distillation(r: dict) -> str:
         parts.append(f"K {t['top_k']}")
     if "alpha" in t:
         parts.append(f"α {t['alpha']}")
+    if t.get("temperature") is not None and t.get("top_k", 2) > 1:  # at K 1 T changes nothing
+        parts.append(f"T {t['temperature']:g}")
     parts.append(f"{t.get('init', 'pretrained')} teacher")
     return ", ".join(parts)
+
+
+def _with_temperature(result: dict, path: pathlib.Path) -> dict:
+    """``result`` (a results.json) with its teacher's ``temperature`` taken from the run's
+    config.json beside it when the results predate recording it."""
+    teacher = result.get("teacher")
+    config = path.with_name("config.json")
+    if teacher and "temperature" not in teacher and config.exists():
+        temperature = json.loads(config.read_text()).get("distill", {}).get("temperature")
+        result = {**result, "teacher": {**teacher, "temperature": temperature}}
+    return result
 
 
 def results_table(
@@ -80,7 +93,7 @@ def results_table(
                 f"no finished run called {', '.join(missing)} in {', '.join(map(str, workdirs))}"
             )
         runs = [by_name[n] for n in names]
-    results = [json.loads(p.read_text()) for p in runs]
+    results = [_with_temperature(json.loads(p.read_text()), p) for p in runs]
     splits = list(results[0]["splits"])
     if metrics is None:
         metrics = [

@@ -187,3 +187,24 @@ def test_online_cost_script_names_what_it_needs_first(tmp_path):
     assert f"{tmp_path}/soft_targets/train is missing" in result.stderr
     assert "scripts/experiment.sh" in result.stderr
     assert not (tmp_path / "students").exists()
+
+
+def test_distillation_names_the_temperature_where_it_matters(tmp_path):
+    """K > 1: the label names T, from results.json or (older runs) the run's config.json;
+    K 1: T changes nothing, so the label leaves it out."""
+    for name, teacher, config_t in (
+        ("t1", {"top_k": 8, "alpha": 0.5, "temperature": 1.0}, None),
+        ("paper", {"top_k": 8, "alpha": 0.5}, 10.0),
+        ("k1", {"top_k": 1, "alpha": 0.5, "temperature": 10.0}, None),
+    ):
+        _write(tmp_path, name, "offline", 0, 20.0, 21.0)
+        run = tmp_path / "students" / name
+        result = json.loads((run / "results.json").read_text())
+        result["teacher"].update(teacher)
+        (run / "results.json").write_text(json.dumps(result))
+        if config_t is not None:
+            (run / "config.json").write_text(json.dumps({"distill": {"temperature": config_t}}))
+    table, _ = report.results_table(tmp_path)
+    assert "| t1 | offline, K 8, α 0.5, T 1, pretrained teacher |" in table
+    assert "| paper | offline, K 8, α 0.5, T 10, pretrained teacher |" in table
+    assert "| k1 | offline, K 1, α 0.5, pretrained teacher |" in table
