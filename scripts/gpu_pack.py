@@ -48,6 +48,9 @@ import tempfile
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from provenance import git_commit, sha256_file  # noqa: E402
+
 TRAVEL_LIMIT = 64 << 20  # what may travel to the device machine: working tree + carried paths
 TEACHER_DIR = "teacher-fp16"
 COMPRESSED = "model.safetensors.xz"
@@ -91,33 +94,6 @@ PLATFORMS = (
 
 class PackError(Exception):
     """Bad input: reported with exit status 2."""
-
-
-def sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def tree_bytes(path: pathlib.Path) -> int:

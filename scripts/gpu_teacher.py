@@ -45,6 +45,9 @@ import threading
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from provenance import add_set_argument, sha256_file  # noqa: E402
+
 FILE_LIMIT = 16 << 20  # a file that comes back from OUT
 TOTAL_LIMIT = 64 << 20  # all of them together
 MAX_FILES = 8
@@ -87,13 +90,8 @@ def parse_args(argv):
     )
     parser.add_argument("--student-min-s", type=float, default=120.0)
     parser.add_argument("--part-mib", type=float, default=15.0, help="archive part size")
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="an override for every command (and for the CPU students: student_sets)",
+    add_set_argument(
+        parser, help="an override for every command (and for the CPU students: student_sets)"
     )
     args = parser.parse_args(argv)
     for name in ("steps", "tokens", "every"):
@@ -197,14 +195,6 @@ class Run:
         self.record["wall_s"][name] = seconds
         self.say(f"{name}: exit {process.returncode} after {seconds} s")
         return process.returncode, stopped
-
-
-def sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- set-up

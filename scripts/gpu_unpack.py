@@ -46,20 +46,15 @@ import sys
 import tarfile
 import tempfile
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from provenance import add_set_argument  # noqa: E402
+
 RECORD = "record.json"
 FORMAT = "distill-jax-gpu-record/1"
 
 
 class Refused(Exception):
     """Bad input: reported with exit status 2."""
-
-
-def sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_record(files: pathlib.Path) -> dict:
@@ -148,13 +143,8 @@ def main(argv=None) -> int:
     parser.add_argument("files", help="the folder of the returned files (record.json, parts)")
     parser.add_argument("workdir", help="the CPU work directory")
     parser.add_argument("--config", help="the experiment config (default: the record's)")
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="overrides after the record's student_sets (those of the CPU students)",
+    add_set_argument(
+        parser, help="overrides after the record's student_sets (those of the CPU students)"
     )
     parser.add_argument(
         "--data", help="the prepared dataset to copy when WORKDIR has none (default PACK/data)"

@@ -8,6 +8,7 @@ that produced it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -43,3 +44,20 @@ def git_commit(root: str = REPO) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
+
+
+def sha256_file(path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def add_set_argument(parser, help: str) -> None:
+    """--set FIELD=VALUE, repeatable, into ``args.sets`` (scripts that must not import
+    distill_jax; the commands use ``distill_jax.commands.common.add_overrides_argument``)."""
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE", help=help
+    )
