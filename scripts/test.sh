@@ -44,4 +44,4 @@ export DISTILL_JAX_NEWEST="$newest"  # tests/test_tooling.py: the installed vers
 export DISTILL_JAX_MINILM="${DISTILL_JAX_MINILM:-$(PYTHON="$py" scripts/fetch_minilm.sh)}"
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
 export DISTILL_JAX_SHARED_DATA="${DISTILL_JAX_SHARED_DATA:-$root/../shared/data}"
-exec "$py" -m pytest -q -n auto --maxprocesses 4 --dist loadfile "$@"
+exec "$py" -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder "$@"

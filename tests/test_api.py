@@ -6,6 +6,7 @@ name, translate (beam, greedy, sampling, n-best) and score a split."""
 import dataclasses
 import json
 import os
+import shutil
 import struct
 
 import jax
@@ -16,8 +17,6 @@ from distill_jax import experiment, runner, runtime, train
 from distill_jax import student as student_lib
 from distill_jax.errors import UserError
 from distill_jax.models import fast_paths
-
-import tiny_experiment
 
 CONFIG = "configs/tiny.py"
 
@@ -193,11 +192,10 @@ def _check_observers(run_dir, config, recorder):
 
 
 @pytest.mark.slow
-def test_the_method_end_to_end_through_the_api(tmp_path, minilm_dir, shared_data):
-    teacher_dir = tiny_experiment.save_tiny_teacher(tmp_path / "teacher", minilm_dir)
-    specs = tiny_experiment.write_corpus(shared_data, tmp_path / "corpus")
+def test_the_method_end_to_end_through_the_api(tmp_path, tiny_corpus):
+    teacher_dir = tiny_corpus.teacher
     workdir = tmp_path / "work"
-    tiny_experiment.prepare(teacher_dir, tmp_path / "corpus", specs, workdir / "data")
+    shutil.copytree(tiny_corpus.data, workdir / "data")
     config = dj.load_config(
         CONFIG,
         [
@@ -252,7 +250,7 @@ def test_the_method_end_to_end_through_the_api(tmp_path, minilm_dir, shared_data
     assert scores["bleu"] == run.results["splits"]["test2016"]["bleu"]
     hypotheses = (workdir / "students" / "distilled" / "test2016.hyp.txt").read_text()
     assert "".join(h + "\n" for h in scores["hypotheses"]) == hypotheses
-    references = (tmp_path / "corpus" / "test2016.en").read_text().splitlines()
+    references = (tiny_corpus.corpus / "test2016.en").read_text().splitlines()
     assert dj.score(scores["hypotheses"], references, lowercase=True)["bleu"] == pytest.approx(
         scores["bleu"]
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -15,12 +16,15 @@ import time
 import numpy as np
 import pytest
 
+import crash_matrix
 import gcs_emulator
 import tiny_experiment
 
 CONFIG = "configs/tiny.py"
-CHUNK_ROWS = "256"  # several cache chunks for the tiny train split (~3,600 rows)
-STUDENT = ["--set", "train.steps=6", "--set", "train.save_every=2", "--set", "train.eval_every=100"]
+# The commands of the session's uninterrupted tiny run (conftest.tiny_run, the crash
+# matrix's reference), which is the local run the gs:// one must equal: configs/tiny.py's
+# teacher and student, soft targets in several chunks of the tiny train split.
+CHUNK_ROWS = crash_matrix.CHUNK_ROWS
 
 
 def _env(emulator_env: dict, **extra) -> dict:
@@ -31,11 +35,9 @@ def _env(emulator_env: dict, **extra) -> dict:
 
 
 def _args(command, workdir, *extra, teacher=None, data=None) -> list[str]:
-    """``COMMAND`` on ``workdir``; with ``teacher``, its 2-step teacher run; with ``data``,
+    """``COMMAND`` on ``workdir``; with ``teacher``, that teacher checkpoint; with ``data``,
     that prepared dataset."""
     settings = []
-    if teacher is not None:
-        settings += ["--set", "teacher.steps=2"]
     if data is not None:
         settings += ["--set", f"data.prepared={data}"]
     return tiny_experiment.run_args(workdir, teacher, command, *settings, *extra, config=CONFIG)
@@ -141,7 +143,8 @@ def _start(command, workdir, *extra, env, teacher, data) -> subprocess.Popen:
 
 def _pipeline(workdir, teacher, data, env, *, kill: bool, corpus) -> dict:
     """prepare (local) -> teacher -> soft targets -> baseline and distilled student ->
-    generate -> evaluate on ``workdir``; with ``kill``, SIGKILL the soft-target extraction
+    generate -> evaluate on ``workdir`` (a stage already finished there is left as it is);
+    with ``kill``, SIGKILL the soft-target extraction
     after its first stored chunk and the distilled student after its first checkpoint, and
     rerun each. Returns what the runs scored."""
     from distill_jax import soft_target_cache, storage
@@ -167,11 +170,10 @@ def _pipeline(workdir, teacher, data, env, *, kill: bool, corpus) -> dict:
         "baseline",
         "--set",
         "distill.kd=none",
-        *STUDENT,
         **common,
     )
     if kill:
-        process = _start("train-student", workdir, "--name", "distilled", *STUDENT, **common)
+        process = _start("train-student", workdir, "--name", "distilled", **common)
         checkpoints = storage.path(workdir) / "students" / "distilled" / "checkpoints"
         _wait_then_kill(
             process,
@@ -179,7 +181,7 @@ def _pipeline(workdir, teacher, data, env, *, kill: bool, corpus) -> dict:
             "train-student",
         )  # killed after its first complete checkpoint
         assert not (checkpoints.parent / "results.json").exists()
-    _run("train-student", workdir, "--name", "distilled", *STUDENT, **common)
+    _run("train-student", workdir, "--name", "distilled", **common)
     hyp = storage.path(workdir) / "test2016.gen.txt"
     _run(
         "generate",
@@ -215,10 +217,12 @@ def _cache_arrays(path):
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory, tiny_corpus, gcs):
-    """(this module's folder, the session's tiny teacher, its prepared data, its corpus
-    text): the prepared dataset stays local (read through grain)."""
+def experiment(tmp_path_factory, tiny_corpus, tiny_run, gcs):
+    """(this module's folder, whose ``work`` is a copy of the session's uninterrupted tiny
+    run; the tiny teacher; its prepared data; its corpus text): the prepared dataset stays
+    local (read through grain)."""
     root = tmp_path_factory.mktemp("gcs-pipeline")
+    shutil.copytree(tiny_run.workdir, root / "work")
     return root, tiny_corpus.teacher, tiny_corpus.data, tiny_corpus.corpus
 
 
@@ -226,7 +230,9 @@ def experiment(tmp_path_factory, tiny_corpus, gcs):
 def test_pipeline_on_gcs_killed_and_rerun_scores_like_local(experiment, gcs):
     root, teacher, data, corpus = experiment
     env = _env(gcs.env)
-    local = _pipeline(root / "work", teacher, data, env, kill=False, corpus=corpus)
+    # The local run: the session's tiny run (teacher, soft targets, distilled student:
+    # nothing left to do for those commands) and its baseline, generate and evaluate.
+    local = _pipeline(root / "work", teacher, None, env, kill=False, corpus=corpus)
     remote = _pipeline(gcs.gs("e2e", "work"), teacher, data, env, kill=True, corpus=corpus)
     for remote_array, local_array in zip(remote.pop("cache"), local.pop("cache")):
         np.testing.assert_array_equal(remote_array, local_array)  # the same soft targets
@@ -267,8 +273,6 @@ def test_two_processes_write_one_cache_and_checkpoint_on_gcs(experiment, gcs):
     common = [
         "--set",
         f"teacher.checkpoint={teacher}",
-        "--set",
-        "teacher.steps=2",
         "--set",
         f"data.prepared={data}",
         *tiny_experiment.MESH_2X2X2,

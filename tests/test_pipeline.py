@@ -3,6 +3,7 @@ train-teacher -> soft-targets -> train-student, exact resume after SIGKILL, and 
 vs offline distillation."""
 
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import crash_matrix
 import tiny_experiment
 
 pytestmark = pytest.mark.slow
@@ -26,15 +28,12 @@ def _cli(workdir, teacher, command, *extra, check=True):
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory, minilm_dir, shared_data):
-    root = tmp_path_factory.mktemp("pipeline")
-    teacher = tiny_experiment.save_tiny_teacher(root / "teacher", minilm_dir)
-    specs = tiny_experiment.write_corpus(shared_data, root / "corpus")
-    workdir = root / "work"
-    tiny_experiment.prepare(teacher, root / "corpus", specs, workdir / "data")
-    _cli(workdir, teacher, "train-teacher", "--set", "teacher.steps=2")
-    _cli(workdir, teacher, "soft-targets", "--set", "teacher.steps=2")
-    return workdir, teacher
+def experiment(tmp_path_factory, tiny_run):
+    """(a copy of the session's finished tiny run: teacher, soft targets of the train
+    split, the offline-distilled student ``distilled``; its teacher checkpoint)."""
+    workdir = tmp_path_factory.mktemp("pipeline") / "work"
+    shutil.copytree(tiny_run.workdir, workdir)
+    return workdir, tiny_run.teacher
 
 
 def _final_params(workdir, name):
@@ -48,26 +47,15 @@ def _final_params(workdir, name):
 
 
 def test_sigkill_and_rerun_finishes_like_an_uninterrupted_run(experiment):
+    """The uninterrupted run is the tiny run's ``distilled`` (configs/tiny.py's student:
+    8 steps, checkpoints every 2); the same command, killed from outside once a random
+    checkpoint folder appears, then rerun, ends with the same parameters."""
     workdir, teacher = experiment
-    common = [
-        "--set",
-        "teacher.steps=2",
-        "--set",
-        "train.steps=8",
-        "--set",
-        "train.save_every=2",
-        "--set",
-        "train.eval_every=100",
-    ]
-    _cli(workdir, teacher, "train-student", "--name", "straight", *common)
-
     # Kill at a random checkpoint (seeded: the test is deterministic).
     kill_after = random.Random(0).choice([2, 4, 6])
     args = [
         *tiny_experiment.CLI,
-        *tiny_experiment.run_args(
-            workdir, teacher, "train-student", "--name", "killed", *common, config=CONFIG
-        ),
+        *tiny_experiment.run_args(workdir, teacher, "train-student", "--name", "killed"),
     ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = workdir / "students" / "killed" / "checkpoints"
@@ -82,9 +70,9 @@ def test_sigkill_and_rerun_finishes_like_an_uninterrupted_run(experiment):
     steps_before = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
     assert max(steps_before) < 8, "the run finished before the kill; nothing was resumed"
 
-    rerun = _cli(workdir, teacher, "train-student", "--name", "killed", *common)
+    rerun = _cli(workdir, teacher, "train-student", "--name", "killed")
     assert "test2016: BLEU" in rerun.stdout
-    straight, resumed = _final_params(workdir, "straight"), _final_params(workdir, "killed")
+    straight, resumed = _final_params(workdir, "distilled"), _final_params(workdir, "killed")
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(a, b)
     # The resumed run's training log reads as one run: each step logged once.
@@ -105,8 +93,6 @@ def test_train_student_command_runs_as_two_processes(experiment):
 
     workdir, teacher = experiment
     common = [
-        "--set",
-        "teacher.steps=2",
         "--set",
         "train.steps=4",
         "--set",
@@ -165,10 +151,11 @@ def test_soft_targets_rerun_reuses_a_finished_cache(experiment):
         return {str(p.relative_to(cache)): p for p in cache.rglob("*") if p.is_file()}
 
     before = {name: (p.stat().st_mtime_ns, p.read_bytes()) for name, p in files().items()}
-    again = _cli(workdir, teacher, "soft-targets", "--set", "teacher.steps=2")
+    chunks = ["--chunk-rows", crash_matrix.CHUNK_ROWS]  # how the tiny run's cache was made
+    again = _cli(workdir, teacher, "soft-targets", *chunks)
     assert "already in" in again.stdout and "nothing to do" in again.stdout
     assert {name: (p.stat().st_mtime_ns, p.read_bytes()) for name, p in files().items()} == before
-    forced = _cli(workdir, teacher, "soft-targets", "--set", "teacher.steps=2", "--force")
+    forced = _cli(workdir, teacher, "soft-targets", *chunks, "--force")
     assert "already in" not in forced.stdout and "soft targets of" in forced.stdout
     after = {name: p.read_bytes() for name, p in files().items()}
     assert after == {name: data for name, (_, data) in before.items()}
@@ -178,7 +165,7 @@ def test_foreign_cache_and_changed_config_are_refused(experiment):
     workdir, teacher = experiment
 
     def refused(*extra):
-        """Another teacher run (teacher.steps=3) than the one the cache was made with."""
+        """Another teacher run (teacher.steps=3) than the one the cache was made with (6)."""
         return _cli(
             workdir,
             teacher,
@@ -215,7 +202,7 @@ def test_online_and_offline_distillation_give_the_same_loss(experiment):
 
     workdir, teacher_dir = experiment
     config = configlib.override(
-        configlib.load_config_file(CONFIG), [f"teacher.checkpoint={teacher_dir}", "teacher.steps=2"]
+        configlib.load_config_file(CONFIG), [f"teacher.checkpoint={teacher_dir}"]
     )
     dataset = open_prepared(workdir / "data")
     mesh = sharding.make_mesh(config.mesh)
@@ -279,8 +266,6 @@ def test_student_selects_its_checkpoint_by_the_configured_metric(experiment):
         "train-student",
         "--name",
         "by-rouge",
-        "--set",
-        "teacher.steps=2",
         "--set",
         "train.steps=6",
         "--set",
@@ -350,7 +335,7 @@ def test_teacher_quality_is_measured_in_training_and_shown_by_soft_targets(exper
         json.loads(line)
         for line in (workdir / "teacher" / "metrics.jsonl").read_text().splitlines()
     ]
-    valid = [r for r in records if r["split"] == "valid" and r["step"] == 2]
+    valid = [r for r in records if r["split"] == "valid" and r["step"] == 6]
     assert len(valid) == 1
     logged = valid[0]
     for key in ("stride_top1", "stride_topk", "stride_p_ref"):
@@ -359,8 +344,8 @@ def test_teacher_quality_is_measured_in_training_and_shown_by_soft_targets(exper
 
     config = configlib.load_config_file(CONFIG)
     split = config.data.valid_split
-    result = _cli(workdir, teacher, "soft-targets", "--set", "teacher.steps=2", "--split", split)
-    assert "teacher quality at step 2 on validation: stride top-1" in result.stdout
+    result = _cli(workdir, teacher, "soft-targets", "--split", split)
+    assert "teacher quality at step 6 on validation: stride top-1" in result.stdout
 
     dataset = open_prepared(workdir / "data")
     examples, lengths = dataset.records(split)
@@ -369,7 +354,7 @@ def test_teacher_quality_is_measured_in_training_and_shown_by_soft_targets(exper
     )  # the whole split was measured
     header = json.loads((workdir / "soft_targets" / split / "header.json").read_text())
     identity = CacheIdentity(**{f.name: header[f.name] for f in dataclasses.fields(CacheIdentity)})
-    assert identity.teacher_step == 2
+    assert identity.teacher_step == 6
     cache = open_cache(
         storage.path(workdir) / "soft_targets" / split, identity, num_examples=len(lengths)
     )

@@ -124,13 +124,12 @@ TEACHER = [
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory, minilm_dir, shared_data):
-    """The tiny experiment with a finished 4-step teacher run (checkpoints 2 and 4)."""
-    root = tmp_path_factory.mktemp("provenance")
-    teacher = tiny_experiment.save_tiny_teacher(root / "teacher", minilm_dir)
-    specs = tiny_experiment.write_corpus(shared_data, root / "corpus")
-    workdir = root / "work"
-    tiny_experiment.prepare(teacher, root / "corpus", specs, workdir / "data")
+def experiment(tmp_path_factory, tiny_corpus):
+    """The tiny experiment (the session's tiny corpus and teacher) with a finished 4-step
+    teacher run (checkpoints 2 and 4)."""
+    workdir = tmp_path_factory.mktemp("provenance") / "work"
+    shutil.copytree(tiny_corpus.data, workdir / "data")
+    teacher = tiny_corpus.teacher
     assert _cli(workdir, teacher, "train-teacher")[0] == 0
     return workdir, teacher
 
