@@ -141,16 +141,18 @@ def _start(command, workdir, *extra, env, teacher, data) -> subprocess.Popen:
     )
 
 
-def _pipeline(workdir, teacher, data, env, *, kill: bool, corpus) -> dict:
+def _pipeline(workdir, teacher, data, env, *, kill: bool, corpus, made: bool = False) -> dict:
     """prepare (local) -> teacher -> soft targets -> baseline and distilled student ->
-    generate -> evaluate on ``workdir`` (a stage already finished there is left as it is);
-    with ``kill``, SIGKILL the soft-target extraction
+    generate -> evaluate on ``workdir``; with ``kill``, SIGKILL the soft-target extraction
     after its first stored chunk and the distilled student after its first checkpoint, and
-    rerun each. Returns what the runs scored."""
+    rerun each; with ``made``, the teacher, the soft targets and the distilled student are
+    there already (the session's tiny run), and only the rest runs. Returns what the runs
+    scored."""
     from distill_jax import soft_target_cache, storage
 
     common = dict(env=env, teacher=teacher, data=data)
-    _run("train-teacher", workdir, **common)
+    if not made:
+        _run("train-teacher", workdir, **common)
     cache = storage.path(workdir) / "soft_targets" / "train"
     if kill:
         process = _start("soft-targets", workdir, "--chunk-rows", CHUNK_ROWS, **common)
@@ -162,7 +164,8 @@ def _pipeline(workdir, teacher, data, env, *, kill: bool, corpus) -> dict:
             soft_target_cache.open_cache(cache)
         refused = _run("train-student", workdir, "--name", "too-early", **common, check=False)
         assert refused.returncode == 2 and "not a finished soft-target cache" in refused.stderr
-    _run("soft-targets", workdir, "--chunk-rows", CHUNK_ROWS, **common)
+    if not made:
+        _run("soft-targets", workdir, "--chunk-rows", CHUNK_ROWS, **common)
     _run(
         "train-student",
         workdir,
@@ -181,7 +184,8 @@ def _pipeline(workdir, teacher, data, env, *, kill: bool, corpus) -> dict:
             "train-student",
         )  # killed after its first complete checkpoint
         assert not (checkpoints.parent / "results.json").exists()
-    _run("train-student", workdir, "--name", "distilled", **common)
+    if not made:
+        _run("train-student", workdir, "--name", "distilled", **common)
     hyp = storage.path(workdir) / "test2016.gen.txt"
     _run(
         "generate",
@@ -230,9 +234,9 @@ def experiment(tmp_path_factory, tiny_corpus, tiny_run, gcs):
 def test_pipeline_on_gcs_killed_and_rerun_scores_like_local(experiment, gcs):
     root, teacher, data, corpus = experiment
     env = _env(gcs.env)
-    # The local run: the session's tiny run (teacher, soft targets, distilled student:
-    # nothing left to do for those commands) and its baseline, generate and evaluate.
-    local = _pipeline(root / "work", teacher, None, env, kill=False, corpus=corpus)
+    # The local run: the session's tiny run (teacher, soft targets, distilled student),
+    # then its baseline, generate and evaluate.
+    local = _pipeline(root / "work", teacher, None, env, kill=False, corpus=corpus, made=True)
     remote = _pipeline(gcs.gs("e2e", "work"), teacher, data, env, kill=True, corpus=corpus)
     for remote_array, local_array in zip(remote.pop("cache"), local.pop("cache")):
         np.testing.assert_array_equal(remote_array, local_array)  # the same soft targets

@@ -1,13 +1,12 @@
-"""The distillation pipeline end to end on a tiny teacher and a slice of Multi30k:
-train-teacher -> soft-targets -> train-student, exact resume after SIGKILL, and online
-vs offline distillation."""
+"""The distillation pipeline end to end on a tiny teacher and a slice of Multi30k, on a
+copy of the session's tiny run (train-teacher -> soft-targets -> train-student): reruns,
+refusals, two processes, checkpoint selection, teacher quality, and online vs offline
+distillation. Exact resume after SIGKILL is tests/crash_matrix.py's (every stage, killed
+during and between writes) and test_gcs.py's (killed from outside, on gs://)."""
 
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -44,43 +43,6 @@ def _final_params(workdir, name):
     config = configlib.load_config_file(CONFIG)
     _, params, _ = load_trained(config, workdir, name, "latest", make_mesh(MeshConfig()))
     return jax.tree.map(np.asarray, params)
-
-
-def test_sigkill_and_rerun_finishes_like_an_uninterrupted_run(experiment):
-    """The uninterrupted run is the tiny run's ``distilled`` (configs/tiny.py's student:
-    8 steps, checkpoints every 2); the same command, killed from outside once a random
-    checkpoint folder appears, then rerun, ends with the same parameters."""
-    workdir, teacher = experiment
-    # Kill at a random checkpoint (seeded: the test is deterministic).
-    kill_after = random.Random(0).choice([2, 4, 6])
-    args = [
-        *tiny_experiment.CLI,
-        *tiny_experiment.run_args(workdir, teacher, "train-student", "--name", "killed"),
-    ]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = workdir / "students" / "killed" / "checkpoints"
-    deadline = time.time() + 600
-    while not (checkpoints / str(kill_after)).is_dir():
-        assert process.poll() is None, "train-student ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint appeared in time"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    steps_before = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    assert max(steps_before) < 8, "the run finished before the kill; nothing was resumed"
-
-    rerun = _cli(workdir, teacher, "train-student", "--name", "killed")
-    assert "test2016: BLEU" in rerun.stdout
-    straight, resumed = _final_params(workdir, "distilled"), _final_params(workdir, "killed")
-    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
-        np.testing.assert_array_equal(a, b)
-    # The resumed run's training log reads as one run: each step logged once.
-    import json
-
-    lines = (workdir / "students" / "killed" / "metrics.jsonl").read_text().splitlines()
-    train_steps = [json.loads(x)["step"] for x in lines if json.loads(x)["split"] == "train"]
-    assert train_steps == sorted(set(train_steps))
 
 
 def test_train_student_command_runs_as_two_processes(experiment):

@@ -165,7 +165,10 @@ def test_test_sh_installs_with_the_pins_unless_newest(tmp_path, newest):
     installs = [c for c in calls if c.startswith("-m pip install") and "pip" != c.split()[-1]]
     assert len(installs) == 2, calls
     # --newest is test.sh's, not pytest's; the user's arguments come last, so `-n 0` wins
-    assert calls[-1] == "-m pytest -q -n auto --maxprocesses 4 --dist loadfile -k x"
+    assert (
+        calls[-1]
+        == "-m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder -k x"
+    )
     if newest:
         assert all(
             "--upgrade --upgrade-strategy eager" in c and " -c " not in c for c in installs
