@@ -46,7 +46,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from provenance import add_set_argument, sha256_file  # noqa: E402
+from provenance import add_set_argument, git_commit, sha256_file  # noqa: E402
 
 FILE_LIMIT = 16 << 20  # a file that comes back from OUT
 TOTAL_LIMIT = 64 << 20  # all of them together
@@ -284,19 +284,12 @@ def describe_device(run: Run, env: dict) -> dict:
 
 
 def commit(pack: pathlib.Path) -> dict:
-    found = {}
+    """The commit the pack was made at (its manifest) and the checkout's here
+    (``provenance.git_commit``: ``unknown`` where the tree came without git)."""
+    found = {"checkout": git_commit(str(REPO))}
     try:
         found["pack"] = json.loads((pack / "manifest.json").read_text()).get("commit")
     except (OSError, ValueError):
-        pass
-    try:
-        found["checkout"] = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
         pass
     return found
 
