@@ -229,30 +229,29 @@ def _session_dir(tmp_path_factory, name: str) -> pathlib.Path:
 def quick_demo(tmp_path_factory, minilm_dir, shared_data) -> QuickDemo:
     """`scripts/demo.sh --quick` run once, as a user runs it (on the real devices: no
     simulated ones), into a fresh WORKDIR; a failed run is returned too (its test says
-    why). Once per session, also with parallel workers: the first worker that needs it
-    runs it under a file lock and records the result, the others wait and read it."""
-    import filelock
-
+    why). Once per session, also with parallel workers (``_once``): the first worker that
+    needs it runs it and records the result, the others wait and read it."""
     if not _demo_applies(shared_data):
         pytest.skip("the demo reads ../shared/data beside the checkout")
-    root = _session_dir(tmp_path_factory, "quick-demo")
-    record = root / "run.json"
-    with filelock.FileLock(f"{root}.lock"):
-        if not record.is_file():
-            root.mkdir()
-            env = dict(
-                os.environ,
-                WORKDIR=str(root / "demo"),
-                VENV=str(_overlay_venv(root / "venv")),
-                DISTILL_JAX_CACHE=str(pathlib.Path(minilm_dir).parent),
-            )
-            env.pop("XLA_FLAGS", None)  # the demo runs as a user would: on the real devices
-            import tiny_experiment
 
-            run = tiny_experiment.demo("--quick", env=env, timeout=1800)
-            saved = {"env": env, "args": run.args, "returncode": run.returncode}
-            record.write_text(json.dumps({**saved, "stdout": run.stdout, "stderr": run.stderr}))
-        saved = json.loads(record.read_text())
+    def make(root):
+        env = dict(
+            os.environ,
+            WORKDIR=str(root / "demo"),
+            VENV=str(_overlay_venv(root / "venv")),
+            DISTILL_JAX_CACHE=str(pathlib.Path(minilm_dir).parent),
+        )
+        env.pop("XLA_FLAGS", None)  # the demo runs as a user would: on the real devices
+        import tiny_experiment
+
+        run = tiny_experiment.demo("--quick", env=env, timeout=1800)
+        saved = {"env": env, "args": run.args, "returncode": run.returncode}
+        (root / "run.json").write_text(
+            json.dumps({**saved, "stdout": run.stdout, "stderr": run.stderr})
+        )
+
+    root = _once(tmp_path_factory, "quick-demo", make)
+    saved = json.loads((root / "run.json").read_text())
     result = subprocess.CompletedProcess(
         saved["args"], saved["returncode"], saved["stdout"], saved["stderr"]
     )
