@@ -411,3 +411,78 @@ def test_cmlm_masked_head_equals_all_positions(with_positions, training):
 def test_cmlm_head_positions_is_checked():
     with pytest.raises(ValueError, match="head_positions"):
         train.cmlm_loss_fn(None, np.arange(4), cls_id=1, mask_id=2, head_positions="target")
+
+
+def packed_from(batch: dict) -> dict:
+    """The pairs and masks of a ``cmlm_batch`` as packed rows (source, then target, then
+    padding), built directly from the padded arrays, with ``mlm_positions`` at capacity
+    ``L``."""
+    from distill_jax.data.cmlm import masked_positions
+
+    src, tgt, mask = (np.asarray(batch[k]) for k in ("src", "tgt_out", "mlm_mask"))
+    width = src.shape[1] + tgt.shape[1] + 2  # wider than needed: trailing padding too
+    pair = np.zeros((len(src), width), np.int32)
+    packed_mask = np.zeros((len(src), width), bool)
+    src_len = (src != 0).sum(axis=1).astype(np.int32)
+    for row, (s, t, m, n) in enumerate(zip(src, tgt, mask, src_len)):
+        t_len = int((t != 0).sum())
+        pair[row, :n] = s[:n]
+        pair[row, n : n + t_len] = t[:t_len]
+        packed_mask[row, n : n + t_len] = m[:t_len].astype(bool)
+    return {
+        "pair": pair,
+        "src_len": src_len,
+        "mlm_mask": packed_mask,
+        "mlm_positions": masked_positions(packed_mask, width),
+    }
+
+
+@pytest.mark.parametrize("head", train.CMLM_HEAD_POSITIONS)
+def test_cmlm_packed_rows_equal_paired(head):
+    """The packed layout (teacher.layout "packed": no padding between source and target)
+    gives the same loss, metrics and gradients as the paired student batch of the same
+    pairs and masks, with the output layer on the masked positions and on all of them."""
+    model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    teacher_ids = np.arange(VOCAB, dtype=np.int32) + 5
+    params = nn.unbox(
+        model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), method="cmlm_logits")[
+            "params"
+        ]
+    )
+    paired = cmlm_batch(5, with_positions=True)
+    packed = packed_from(paired)
+    # the packing moved padding: rows shorter than both buckets had some in the middle
+    assert (np.asarray(paired["src"]) == 0).any()
+    loss_fn = train.cmlm_loss_fn(model, teacher_ids, cls_id=1, mask_id=2, head_positions=head)
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    (loss, metrics), grads = grad_fn(params, jax.tree.map(jnp.asarray, packed), None)
+    (ref_loss, ref_metrics), ref_grads = grad_fn(params, jax.tree.map(jnp.asarray, paired), None)
+    assert float(ref_loss) > 0
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    for name in ref_metrics:
+        np.testing.assert_allclose(
+            np.asarray(metrics[name]), np.asarray(ref_metrics[name]), rtol=1e-6, err_msg=name
+        )
+    assert float(metrics["loss"][1]) == packed["mlm_mask"].sum() > 0
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(
+            np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+        )
+
+
+@pytest.fixture(scope="module")
+def packed_reference():
+    loss_fn, init_params, optimizer, batch_of = teacher_setup()
+    setup = (loss_fn, init_params, optimizer, lambda seed: packed_from(batch_of(seed)))
+    return setup, run_steps(setup, one_device_mesh())
+
+
+@pytest.mark.slow  # among the longest tests: kept out of the fast tier
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)])
+def test_packed_teacher_step_matches_one_device(shape, packed_reference):
+    """The packed C-MLM train step (dropout on) on sharded meshes equals one device."""
+    setup, (ref_losses, ref_norms, ref_params) = packed_reference
+    losses, norms, params = run_steps(setup, sharding.make_mesh(sharding.MeshConfig(*shape)))
+    np.testing.assert_allclose(losses, ref_losses, rtol=RTOL)
+    np.testing.assert_allclose(norms, ref_norms, rtol=1e-4)
+    assert_trees_close(params, ref_params)
