@@ -1,5 +1,6 @@
 """C-MLM teacher fine-tuning throughput: the output layer on masked positions only against
-the all-positions form it replaced, in one process, alternating runs.
+the all-positions form it replaced, and packed rows against paired ones, in one process,
+alternating runs.
 
 Both sides are the real jitted train step (``train.make_train_step``: forward, backward,
 AdamW with clipping, donated state) of a MiniLM-sized BERT (6 layers, hidden 384, 12 heads,
@@ -12,14 +13,23 @@ vocabulary of ``--vocab`` pieces, on the same batches:
   all     ``head_positions="all"``: the head on every position of
           ``[CLS] src [SEP] tgt [SEP]``, then the target sliced (the form before)
 
-Batches: one per ``--shapes`` entry ``ROWSxSxT`` (padded shapes of the pipeline's
-token-budget buckets; the defaults are two of ``configs/multi30k_full.py``'s 2,048-token
-buckets), real lengths drawn uniformly from the bucket's range, C-MLM masks as the pipeline
-draws them at ``--mask-rate`` (the full config's 0.3). A run is one step on each batch;
-throughput counts real (source + target) tokens per second. Dropout is on, as in
-fine-tuning.
+  packed  ``head_positions="masked"`` on packed rows (``teacher.layout="packed"``: source
+          then target, padding only at the end, bucketed by the summed length); only
+          with ``--lengths``
 
-Run: ``python scripts/bench/bench_teacher_step.py [--runs 7] [--json results/bench_teacher_step.json]``.
+Batches, without ``--lengths``: one per ``--shapes`` entry ``ROWSxSxT`` (padded shapes of
+the pipeline's token-budget buckets; the defaults are two of ``configs/multi30k_full.py``'s
+2,048-token buckets), real lengths drawn uniformly from the bucket's range. With
+``--lengths LENGTHS.npy`` (a prepared dataset's ``lengths/train.npy``): one epoch's batch
+plan of each layout is made from those real lengths as the teacher's pipeline makes it
+(``--tokens`` budget, ``--bucket-step``), and its most frequent shapes, covering at least
+``--coverage`` of the epoch's batches, are timed, one batch each (random ids of the real
+lengths); each shape's time counts as often as the epoch has batches of it. C-MLM masks
+as the pipeline draws them at ``--mask-rate`` (the full config's 0.3). Throughput counts
+real (source + target) tokens per second. Dropout is on, as in fine-tuning.
+
+Run: ``python scripts/bench/bench_teacher_step.py [--lengths DATA/lengths/train.npy]
+[--runs 7] [--json results/bench_teacher_step.json]``.
 """
 
 from __future__ import annotations
@@ -77,6 +87,73 @@ def make_batch(rows: int, src_len: int, tgt_len: int, vocab: int, rate: float, s
     return {"src": src, "tgt_out": tgt, "mlm_mask": mask, "mlm_positions": positions}, real
 
 
+def epoch_batches(lengths_path: str, args) -> tuple[dict, dict]:
+    """``{layout: [(batch, real tokens, batches of that shape in the epoch), ...]}`` for the
+    paired and packed layouts, and a description of what the shapes cover."""
+    from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
+
+    lengths = np.load(lengths_path).reshape(-1, 2)
+    rng = np.random.default_rng(0)
+    # records with random ids of the real lengths (src with its </s>; tgt without it)
+    records = [
+        {
+            "src": np.append(rng.integers(4, args.vocab, s - 1), 2).astype(np.int32),
+            "tgt": rng.integers(4, args.vocab, t - 1).astype(np.int32),
+        }
+        for s, t in lengths
+    ]
+
+    class Source(list):
+        def __getitems__(self, indices):
+            return [self[i] for i in indices]
+
+    out, covered = {}, {}
+    for layout in ("paired", "packed"):
+        config = PipelineConfig(
+            seed=0,
+            tokens_per_batch=args.tokens,
+            batch_multiple=1,
+            bucket_step=args.bucket_step,
+            mlm_mask_rate=args.mask_rate,
+            pack=layout == "packed",
+        )
+        pipeline = BatchPipeline(Source(records), lengths, config, process_index=0, process_count=1)
+        plan = pipeline.plan(0)
+        first, counts = {}, {}
+        for position, bucket in enumerate(plan.buckets):
+            first.setdefault(bucket, position)
+            counts[bucket] = counts.get(bucket, 0) + 1
+        chosen, total = [], 0
+        for bucket in sorted(counts, key=lambda b: -counts[b]):
+            if total >= args.coverage * len(plan.buckets):
+                break
+            chosen.append(bucket)
+            total += counts[bucket]
+        entries = []
+        for bucket in chosen:
+            batch = pipeline.load_batch(first[bucket])
+            keys = ("pair", "src_len") if layout == "packed" else ("src", "tgt_out")
+            real = int((batch[keys[0]] != 0).sum()) + (
+                0 if layout == "packed" else int((batch["tgt_out"] != 0).sum())
+            )
+            batch = {k: batch[k] for k in (*keys, "mlm_mask", "mlm_positions")}
+            entries.append((batch, real, counts[bucket]))
+        out[layout] = entries
+        covered[layout] = {
+            "shapes": [list(next(iter(b.values())).shape) for b, _, _ in entries],
+            "batches_covered": total,
+            "batches_per_epoch": len(plan.buckets),
+            "padding_fraction": pipeline.statistics()["padding_fraction"],
+        }
+        print(
+            f"{layout}: {len(chosen)} of {len(counts)} shapes, {total} of "
+            f"{len(plan.buckets)} batches of the epoch; padding "
+            f"{covered[layout]['padding_fraction']:.1%}",
+            flush=True,
+        )
+    return out, covered
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -87,8 +164,22 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=8000, help="student vocabulary size")
     parser.add_argument("--shapes", default="64x16x16,42x24x24", help="ROWSxSRCxTGT,...")
     parser.add_argument("--mask-rate", type=float, default=0.3)
+    parser.add_argument(
+        "--lengths",
+        default=None,
+        metavar="NPY",
+        help="[N, 2] source / target lengths (a prepared dataset's lengths/train.npy): time "
+        "an epoch's shapes of the paired and packed layouts instead of --shapes",
+    )
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens_per_batch (--lengths)")
+    parser.add_argument("--bucket-step", type=int, default=8, help="bucket_step (--lengths)")
+    parser.add_argument(
+        "--coverage", type=float, default=0.9, help="share of the epoch's batches timed"
+    )
     benchlib.add_common_args(parser)
     args = parser.parse_args(argv)
+    if args.lengths is not None and not os.path.isfile(args.lengths):
+        raise SystemExit(f"--lengths: {args.lengths} does not exist")
 
     benchlib.configure_host(args)  # before JAX starts
     import jax
@@ -128,18 +219,29 @@ def main(argv=None) -> int:
             jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), method="cmlm_logits"
         )["params"]
 
-    batches = [
-        make_batch(*shape, args.vocab, args.mask_rate, seed=i)
-        for i, shape in enumerate(parse_shapes(args.shapes))
-    ]
-    tokens = sum(real for _, real in batches)
-    sides, states, flops = {}, {}, {}
-    for head in ("masked", "all"):
+    # system -> (output-layer form, [(batch, real tokens, weight), ...])
+    if args.lengths is None:
+        synthetic = [
+            (*make_batch(*shape, args.vocab, args.mask_rate, seed=i), 1)
+            for i, shape in enumerate(parse_shapes(args.shapes))
+        ]
+        systems = {"masked": ("masked", synthetic), "all": ("all", synthetic)}
+        covered = None
+    else:
+        layouts, covered = epoch_batches(args.lengths, args)
+        systems = {
+            "packed": ("masked", layouts["packed"]),
+            "masked": ("masked", layouts["paired"]),
+            "all": ("all", layouts["paired"]),
+        }
+    sides, states, flops, first = {}, {}, {}, {}
+    for name, (head, entries) in systems.items():
         state, shardings = sharding.create_sharded_state(
             lambda: train.TrainState.create(init_params(), optimizer), mesh
         )
         if weights is not None:
             state = state.replace(params=sharding.place_tree(weights, shardings.params))
+        states[name] = state
         loss_fn = train.cmlm_loss_fn(
             model, teacher_ids, cls_id=101, mask_id=103, head_positions=head
         )
@@ -148,64 +250,66 @@ def main(argv=None) -> int:
             optimizer,
             mesh,
             shardings,
-            {k: sharding.batch_sharding(mesh) for k in batches[0][0]},
+            {k: sharding.batch_sharding(mesh) for k in entries[0][0]},
             options=train.StepOptions(compute_dtype=dtype),
         )
-        device_batches = [sharding.shard_batch(b, mesh) for b, _ in batches]
-        states[head] = state
-        flops[head] = sum(
-            benchlib.jax_compiled_flops(step.lower(state, b, jax.random.PRNGKey(1)).compile())
-            or 0.0
-            for b in device_batches
-        )
+        flops[name] = 0.0
+        for index, (batch, _, weight) in enumerate(entries):
+            device_batch = sharding.shard_batch(batch, mesh)
+            compiled = step.lower(state, device_batch, jax.random.PRNGKey(1)).compile()
+            flops[name] += weight * (benchlib.jax_compiled_flops(compiled) or 0.0)
 
-        def run(head=head, step=step, device_batches=device_batches):
-            losses = []
-            for batch in device_batches:
-                states[head], metrics = step(states[head], batch, jax.random.PRNGKey(1))
-                losses.append(metrics["loss"])
-            return losses
+            def run(name=name, step=step, device_batch=device_batch):
+                states[name], metrics = step(states[name], device_batch, jax.random.PRNGKey(1))
+                return metrics["loss"]
 
-        sides[head] = (run, benchlib.block)
-    # The two sides compute the same loss on the same first step (fresh states).
-    first = {head: [float(s) / float(c) for s, c in fn()] for head, (fn, _) in sides.items()}
-    print(
-        "first-step losses (masked / all): "
-        + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(first["masked"], first["all"]))
-    )
+            sides[f"{name}/{index}"] = (run, benchlib.block)
+            if index == 0:  # the first step from the same fresh weights, for the log
+                loss_sum, count = run()
+                first[name] = float(loss_sum) / float(count)
+    print("first-step losses: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
     timings = benchlib.time_interleaved(sides, warmup=args.warmup, runs=args.runs)
     records = []
-    for head, timing in timings.items():
+    for name, (_, entries) in systems.items():
+        parts = [timings[f"{name}/{i}"] for i in range(len(entries))]
+        epoch_s = sum(w * t.median_s for (_, _, w), t in zip(entries, parts))
+        tokens = sum(w * real for _, real, w in entries)
         records.append(
             {
                 "benchmark": "teacher_step",
-                "system": head,
+                "system": name,
                 "config": {
-                    "shapes": args.shapes,
+                    "shapes": args.shapes if args.lengths is None else covered,
+                    "lengths": args.lengths,
+                    "tokens_per_batch": args.tokens if args.lengths else None,
                     "vocab": args.vocab,
                     "mask_rate": args.mask_rate,
                     "dtype": args.dtype,
                     "teacher": source,
                 },
-                "median_s": timing.median_s,
-                "min_s": timing.min_s,
-                "runs_s": timing.runs_s,
-                "throughput": tokens / timing.median_s,
+                "median_s": epoch_s,
+                "runs_s": [
+                    sum(w * t.runs_s[r] for (_, _, w), t in zip(entries, parts))
+                    for r in range(args.runs)
+                ],
+                "tokens": tokens,
+                "throughput": tokens / epoch_s,
                 "throughput_unit": "tokens/s",
-                "xla_gflop": flops[head] / 1e9,
+                "xla_gflop": flops[name] / 1e9,
                 "machine": machine,
             }
         )
-    ratio = records[0]["throughput"] / records[1]["throughput"]
+    reference = next(r for r in records if r["system"] == "all")
     for record in records:
-        record["ratio_masked_over_all"] = ratio
-    for record in records:
+        record["ratio_over_all"] = record["throughput"] / reference["throughput"]
         print(
             f"{record['system']:>6}: {record['throughput']:.0f} tokens/s "
-            f"(median {1e3 * record['median_s']:.0f} ms for {tokens} tokens; XLA counts "
-            f"{record['xla_gflop']:.1f} GFLOP)"
+            f"({record['median_s']:.2f} s for {record['tokens']} tokens; XLA counts "
+            f"{record['xla_gflop']:.1f} GFLOP); {record['ratio_over_all']:.3f}x all"
         )
-    print(f"masked / all: {ratio:.3f}x")
+    if args.lengths is not None:
+        packed, masked = records[0]["throughput"], records[1]["throughput"]
+        print(f"packed / masked (paired): {packed / masked:.3f}x")
     benchlib.write_json(args.json, records)
     return 0
 
