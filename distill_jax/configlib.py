@@ -201,8 +201,6 @@ def diff(saved: dict, current: dict, prefix: str = "", defaults: dict | None = N
             )
         elif key not in saved and key in defaults and defaults[key] == b:
             continue
-        elif key not in saved and key in defaults:  # what that older run had in effect
-            out.append(f"{name}: {defaults[key]!r} (saved before the field existed) -> {b!r}")
         elif a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out

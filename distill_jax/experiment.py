@@ -33,7 +33,6 @@ from distill_jax.sharding import MeshConfig
 
 KD_KINDS = ("none", "offline", "online")
 TEACHER_INITS = ("pretrained", "random")
-TEACHER_LAYOUTS = ("paired", "packed")
 SELECT_METRICS = ("bleu", "rouge1", "rouge2", "rougeL")
 STUDENT_SCHEDULES = ("inverse_sqrt", "noam", "constant")  # optim.SCHEDULES a student can use
 FINAL_CHECKPOINTS = ("best", "last")
@@ -72,15 +71,8 @@ class TeacherConfig:
     weight_decay: float = 0.01  # AdamW decay (not on biases / LayerNorm)
     grad_clip_norm: float = 1.0  # global gradient-norm clip
     dropout: float = 0.1  # hidden and attention dropout
-    # global token budget of a batch: rows * the longer padded side ("paired"), rows * half
-    # the padded source + target length ("packed"): the same rows for equally long sides
-    tokens_per_batch: int = 4096
+    tokens_per_batch: int = 4096  # global token budget of a batch (source + target)
     mask_rate: float = 0.15  # probability of masking each target position
-    # fine-tuning batches: "paired" uses the student's source / target buckets; "packed"
-    # rows hold the source then the target with all padding at the end, bucketed by their
-    # summed length: no compute on the padding between the two sides (BENCHMARKS.md), and
-    # more pairs per batch than "paired" when one side is longer (tokens_per_batch)
-    layout: str = "paired"
     eval_every: int = 500  # validate (masked-token loss / accuracy) every N steps
     save_every: int = 500  # checkpoint every N steps
     top_k: int = 8  # soft targets kept per position (K)
@@ -100,10 +92,6 @@ class TeacherConfig:
             raise ValueError(
                 f"teacher.inference_attention must be one of {ATTENTION_IMPLS}, "
                 f"got {self.inference_attention!r}"
-            )
-        if self.layout not in TEACHER_LAYOUTS:
-            raise ValueError(
-                f"teacher.layout must be one of {TEACHER_LAYOUTS}, got {self.layout!r}"
             )
         if not 0 < self.mask_rate < 1:
             raise ValueError(f"teacher.mask_rate must be in (0, 1), got {self.mask_rate}")

@@ -148,9 +148,7 @@ def stride_topk(
 def teacher_pipeline(
     config: ExperimentConfig, dataset: PreparedDataset, split: str, shards: int, *, training: bool
 ) -> BatchPipeline:
-    """Batches with C-MLM masks (random, rate ``teacher.mask_rate``): packed rows for
-    training with ``teacher.layout="packed"``, student batches otherwise (validation always,
-    so its metrics do not depend on the layout)."""
+    """Student batches with C-MLM masks (random, rate ``teacher.mask_rate``)."""
     pipeline_config = PipelineConfig(
         seed=config.data.seed,
         shuffle=training,
@@ -161,7 +159,6 @@ def teacher_pipeline(
         max_src_len=config.data.max_src_len if training else None,
         max_tgt_len=config.data.max_tgt_len if training else None,
         mlm_mask_rate=config.teacher.mask_rate,
-        pack=training and config.teacher.layout == "packed",
     )
     return BatchPipeline(*dataset.records(split, config.data.example_limit(split)), pipeline_config)
 
@@ -199,9 +196,7 @@ def checkpoint_policy(config: ExperimentConfig) -> CheckpointPolicy:
     )
 
 
-# what the C-MLM step reads: student batches (validation, layout "paired") and packed ones
-TRAIN_KEYS = ("src", "tgt_out", "mlm_mask", "mlm_positions")
-PACKED_KEYS = ("pair", "src_len", "mlm_mask", "mlm_positions")
+TRAIN_KEYS = ("src", "tgt_out", "mlm_mask", "mlm_positions")  # what the C-MLM step reads
 
 
 def training_task(config: ExperimentConfig, dataset: PreparedDataset, mesh, dtype: Any):
@@ -250,7 +245,7 @@ def training_task(config: ExperimentConfig, dataset: PreparedDataset, mesh, dtyp
         optimizer=teacher_optimizer(config),
         loss_fn=loss_fn,
         eval_loss_fn=loss_fn,
-        train_keys=PACKED_KEYS if config.teacher.layout == "packed" else TRAIN_KEYS,
+        train_keys=TRAIN_KEYS,
         eval_keys=TRAIN_KEYS,
         batches=iter(pipeline),
         valid=valid,

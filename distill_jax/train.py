@@ -28,7 +28,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distill_jax import losses
-from distill_jax.data.cmlm import build_cmlm_inputs, build_packed_inputs, masked_positions
+from distill_jax.data.cmlm import build_cmlm_inputs, masked_positions
 from distill_jax.losses import StudentLossConfig
 from distill_jax.sharding import BATCH_AXES, LOGICAL_AXIS_RULES, Rules, logical_context
 
@@ -270,15 +270,11 @@ def cmlm_loss_fn(
     head_positions: str = "masked",
 ) -> LossFn:
     """The teacher's C-MLM objective on a student batch (``src``, ``tgt_out``, ``mlm_mask``,
-    optionally ``mlm_positions``) or a packed one (``pair``, ``src_len``, ``mlm_mask``,
-    optionally ``mlm_positions``; ``data.pipeline.pad_packed``).
+    optionally ``mlm_positions``).
 
     Builds ``[CLS] src [SEP] tgt [SEP]`` teacher inputs with the masked target positions
-    replaced by ``[MASK]`` (``data.cmlm.build_cmlm_inputs``, or ``build_packed_inputs``
-    with no padding between the two sides) and sums the cross-entropy of the C-MLM head
-    (over the student vocabulary) on masked, non-pad target positions. The two layouts
-    give the same loss and gradients for the same pairs and masks; the packed one spends
-    no compute on the padding between source and target.
+    replaced by ``[MASK]`` (``data.cmlm.build_cmlm_inputs``) and sums the cross-entropy
+    of the C-MLM head (over the student vocabulary) on masked, non-pad target positions.
     Metrics: ``loss``, ``xe``, ``nll``, ``accuracy`` (counts = masked tokens).
 
     ``head_positions`` says where the output layer (hidden -> student vocabulary, the
@@ -306,16 +302,14 @@ def cmlm_loss_fn(
     head = lambda module, hidden: module.cmlm_head(hidden)  # noqa: E731
 
     def loss_fn(params, batch, rng):
-        if "pair" in batch:
-            _require(batch, ("pair", "src_len", "mlm_mask"), "the packed C-MLM teacher loss")
-            build, sides = build_packed_inputs, (batch["pair"], batch["src_len"])
-            start = 1  # the input position of pair[:, 0]
-        else:
-            _require(batch, ("src", "tgt_out", "mlm_mask"), "the C-MLM teacher loss")
-            build, sides = build_cmlm_inputs, (batch["src"], batch["tgt_out"])
-            start = 1 + batch["src"].shape[1]  # the first target position of the input
-        inputs = build(
-            *sides, jnp.asarray(teacher_ids), batch["mlm_mask"], cls_id=cls_id, mask_id=mask_id
+        _require(batch, ("src", "tgt_out", "mlm_mask"), "the C-MLM teacher loss")
+        inputs = build_cmlm_inputs(
+            batch["src"],
+            batch["tgt_out"],
+            jnp.asarray(teacher_ids),
+            batch["mlm_mask"],
+            cls_id=cls_id,
+            mask_id=mask_id,
         )
         deterministic, rngs = _dropout(rng)
         args = (
@@ -324,6 +318,7 @@ def cmlm_loss_fn(
             inputs["attention_mask"],
             inputs["position_ids"],
         )
+        start = 1 + batch["src"].shape[1]  # the first target position of the input
         if head_positions == "all":
             logits = teacher_model.apply(
                 {"params": params},

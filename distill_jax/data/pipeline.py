@@ -3,9 +3,7 @@
 An epoch's batches are planned from the record lengths alone (``plan_epoch``): the records are
 shuffled with ``(seed, epoch)``, put into buckets of padded shape (multiples of
 ``bucket_step``), cut into batches whose size fits a token budget and is a multiple of
-``batch_multiple``, and the batch order is shuffled. With ``pack`` (the C-MLM teacher's
-layout) a bucket is the padded length of source and target together, and each row holds
-the source followed by the target with all padding at the end (``pad_packed``). Every host computes the same plan and
+``batch_multiple``, and the batch order is shuffled. Every host computes the same plan and
 reads its own slice of the rows of every global batch. grain reads and pads the batches in
 background threads. The iterator's state is ``{"epoch", "position"}``: a restored iterator
 produces exactly the batches the saved one would have.
@@ -29,9 +27,7 @@ class PipelineConfig:
     seed: int = 0  # shuffling (and C-MLM mask) seed
     shuffle: bool = True  # shuffle records and batch order every epoch
     num_epochs: int | None = None  # None: repeat forever
-    # global budget: rows * max(padded src, padded tgt length); packed: rows * half the
-    # padded pair length (the same rows when both sides are equally long)
-    tokens_per_batch: int = 4096
+    tokens_per_batch: int = 4096  # global budget: rows * max(padded src, padded tgt length)
     batch_multiple: int = 8  # global rows are a multiple of this (data-parallel shards)
     bucket_step: int = 8  # padded lengths are multiples of this
     max_src_len: int | None = None  # longer sources (</s> included) dropped or truncated
@@ -39,9 +35,6 @@ class PipelineConfig:
     truncate: bool = False  # truncate over-long pairs instead of dropping them
     max_padded_len: int | None = None  # padded lengths never exceed this (a position table)
     mlm_mask_rate: float | None = None  # add "mlm_mask" (C-MLM) drawn with this rate; None: no
-    # one row per pair, source then target, padded only at the end, bucketed by their
-    # summed length (``pad_packed``; the C-MLM teacher's training batches)
-    pack: bool = False
     num_threads: int = 2  # grain reader threads
     prefetch: int = 8  # batches read ahead
 
@@ -50,15 +43,9 @@ class PipelineConfig:
 class Bucket:
     """One padded batch shape."""
 
-    src_len: int  # padded source length (0 when packed)
-    tgt_len: int  # padded target length (0 when packed)
+    src_len: int  # padded source length
+    tgt_len: int  # padded target length
     rows: int  # global batch rows
-    pair_len: int = 0  # packed: padded length of source + target (0 when not packed)
-
-    @property
-    def width(self) -> int:
-        """Token slots of a row (source and target)."""
-        return self.pair_len or self.src_len + self.tgt_len
 
 
 @dataclass(frozen=True)
@@ -110,26 +97,11 @@ def select_records(
     return keep, effective, counts
 
 
-def _bucket_keys(lengths: np.ndarray, config: PipelineConfig) -> np.ndarray:
-    """``[n, 2]`` bucket keys: the padded lengths, or, packed, ``(padded sum, 0)``."""
-    if not config.pack:
-        return _padded(lengths, config)
-    pair = _round_up(lengths.sum(axis=1), config.bucket_step)  # [n]
-    if config.max_padded_len is not None:
-        pair = np.minimum(pair, 2 * config.max_padded_len)
-    return np.stack([pair, np.zeros_like(pair)], axis=1)
-
-
 def bucket_for(src_len: int, tgt_len: int, config: PipelineConfig) -> Bucket:
     """The padded shape of a pair of lengths and its token-budget batch size."""
-    multiple = config.batch_multiple
-    if config.pack:
-        ((pair, _),) = _bucket_keys(np.array([[src_len, tgt_len]], np.int64), config)
-        rows = 2 * config.tokens_per_batch // int(pair) // multiple * multiple
-        return Bucket(0, 0, max(rows, multiple), pair_len=int(pair))
     s, t = int(_padded(int(src_len), config)), int(_padded(int(tgt_len), config))
-    rows = config.tokens_per_batch // max(s, t) // multiple * multiple
-    return Bucket(s, t, max(rows, multiple))
+    rows = config.tokens_per_batch // max(s, t) // config.batch_multiple * config.batch_multiple
+    return Bucket(s, t, max(rows, config.batch_multiple))
 
 
 def _carry_target(key: tuple[int, int], keys: list[tuple[int, int]]) -> tuple[int, int] | None:
@@ -154,16 +126,12 @@ def plan_epoch(
     """
     rng = np.random.default_rng([config.seed, epoch])
     order = rng.permutation(len(records)) if config.shuffle else np.arange(len(records))
-    padded = _bucket_keys(lengths[order], config)  # [n, 2]
+    padded = _padded(lengths[order], config)  # [n, 2]
     keys = [tuple(int(x) for x in k) for k in np.unique(padded, axis=0)]  # sorted
     members = {k: list(records[order[(padded == k).all(axis=1)]]) for k in keys}
     batches, buckets = [], []
     for key in sorted(keys, key=lambda k: (k[0] + k[1], k)):
-        bucket = (
-            bucket_for(key[0], 0, config)  # key[0] is already the padded sum
-            if config.pack
-            else bucket_for(key[0], key[1], config)
-        )
+        bucket = bucket_for(key[0], key[1], config)
         pending = members.pop(key)
         full = len(pending) // bucket.rows * bucket.rows
         for start in range(0, full, bucket.rows):
@@ -193,17 +161,9 @@ def plan_statistics(plan: EpochPlan, lengths_of: dict[int, tuple[int, int]] | np
     real = padded = 0
     for rows, bucket in zip(plan.batches, plan.buckets):
         used = rows[rows >= 0]
-        if bucket.pair_len:
-            real += int(np.minimum(lengths_of[used].sum(axis=1), bucket.pair_len).sum())
-        else:
-            real += int(np.minimum(lengths_of[used], [bucket.src_len, bucket.tgt_len]).sum())
-        padded += len(rows) * bucket.width
-    shapes = sorted(
-        {
-            (b.rows, b.pair_len) if b.pair_len else (b.rows, b.src_len, b.tgt_len)
-            for b in plan.buckets
-        }
-    )
+        real += int(np.minimum(lengths_of[used], [bucket.src_len, bucket.tgt_len]).sum())
+        padded += len(rows) * (bucket.src_len + bucket.tgt_len)
+    shapes = sorted({(b.rows, b.src_len, b.tgt_len) for b in plan.buckets})
     return {
         "batches": len(plan.batches),
         "padding_fraction": 1 - real / max(padded, 1),
@@ -236,45 +196,6 @@ def pad_batch(examples: list[dict | None], bucket: Bucket, rows: int) -> dict[st
         tgt_out[row, : len(t)] = t
         tgt_out[row, len(t)] = EOS
     return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
-
-
-def pad_packed(
-    examples: list[dict | None], bucket: Bucket, rows: int, limits: tuple[int | None, int | None]
-) -> dict[str, np.ndarray]:
-    """Packed C-MLM rows from stored examples (``None`` = empty filler row).
-
-    Each row is the source (``</s>`` included) followed by the target and its ``</s>``,
-    0-padded at the end to ``bucket.pair_len``: the tokens of ``[CLS] src [SEP] tgt [SEP]``
-    after ``[CLS]`` with no padding between the two sides (``data.cmlm.build_packed_inputs``).
-    Sides longer than ``limits`` (max source, max target length) are truncated as
-    ``pad_batch`` truncates them (keeping the final ``</s>``).
-
-    Returns:
-      ``pair [rows, pair_len]`` int32 and ``src_len [rows]`` int32 (source tokens of the
-      row, 0 for filler rows).
-    """
-    pair = np.zeros((rows, bucket.pair_len), np.int32)
-    src_len = np.zeros((rows,), np.int32)
-    max_src, max_tgt = limits
-    for row, ex in enumerate(examples):
-        if ex is None:
-            continue
-        s = np.asarray(ex["src"])
-        if max_src is not None and len(s) > max_src:
-            s = np.append(s[: max_src - 1], EOS)
-        t = np.asarray(ex["tgt"])
-        if max_tgt is not None:
-            t = t[: max_tgt - 1]
-        t = np.append(t, EOS)
-        if len(s) + len(t) > bucket.pair_len:
-            raise ValueError(
-                f"pad_packed: a pair of {len(s)} + {len(t)} tokens does not fit "
-                f"{bucket.pair_len} slots"
-            )
-        pair[row, : len(s)] = s
-        pair[row, len(s) : len(s) + len(t)] = t
-        src_len[row] = len(s)
-    return {"pair": pair, "src_len": src_len}
 
 
 class BatchPipeline:
@@ -347,8 +268,6 @@ class BatchPipeline:
         valid = [int(i) for i in mine if i >= 0]
         read = iter(self.source.__getitems__(valid)) if valid else iter(())
         examples = [None if i < 0 else next(read) for i in mine]  # one bulk read
-        if self.config.pack:
-            return self._packed_batch(examples, mine, bucket, per_host, epoch)
         batch = pad_batch(examples, bucket, per_host)
         batch["index"] = mine.astype(np.int32)
         if self.config.mlm_mask_rate is not None:
@@ -363,27 +282,6 @@ class BatchPipeline:
             batch["mlm_mask"] = mask
             batch["mlm_positions"] = masked_positions(
                 mask, masked_capacity(bucket.tgt_len, self.config.mlm_mask_rate)
-            )
-        return batch
-
-    def _packed_batch(self, examples, mine, bucket: Bucket, rows: int, epoch: int) -> dict:
-        """A packed batch (``pad_packed``) with its C-MLM masks over the target part of
-        each row: the same mask per example and epoch as the paired layout draws."""
-        limits = (self.config.max_src_len, self.config.max_tgt_len)
-        batch = pad_packed(examples, bucket, rows, limits)
-        batch["index"] = mine.astype(np.int32)
-        if self.config.mlm_mask_rate is not None:
-            seed = self._mask_seed(epoch)
-            tgt_lens = (batch["pair"] != 0).sum(axis=1) - batch["src_len"]
-            mask = np.zeros_like(batch["pair"], dtype=bool)
-            for row, (i, start, n) in enumerate(zip(mine, batch["src_len"], tgt_lens)):
-                if i >= 0:
-                    mask[row, start : start + n] = random_target_mask(
-                        int(n), seed, int(i), self.config.mlm_mask_rate
-                    )
-            batch["mlm_mask"] = mask
-            batch["mlm_positions"] = masked_positions(
-                mask, masked_capacity(bucket.pair_len, self.config.mlm_mask_rate)
             )
         return batch
 
