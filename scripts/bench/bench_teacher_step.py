@@ -1,6 +1,5 @@
 """C-MLM teacher fine-tuning throughput: the output layer on masked positions only against
-the all-positions form it replaced, and packed rows against paired ones, in one process,
-alternating runs.
+the all-positions form it replaced, in one process, alternating runs.
 
 Both sides are the real jitted train step (``train.make_train_step``: forward, backward,
 AdamW with clipping, donated state) of a MiniLM-sized BERT (6 layers, hidden 384, 12 heads,
@@ -13,18 +12,15 @@ vocabulary of ``--vocab`` pieces, on the same batches:
   all     ``head_positions="all"``: the head on every position of
           ``[CLS] src [SEP] tgt [SEP]``, then the target sliced (the form before)
 
-  packed  ``head_positions="masked"`` on packed rows (``teacher.layout="packed"``: source
-          then target, padding only at the end, bucketed by the summed length); only
-          with ``--lengths``
 
 Batches, without ``--lengths``: one per ``--shapes`` entry ``ROWSxSxT`` (padded shapes of
 the pipeline's token-budget buckets; the defaults are two of ``configs/multi30k_full.py``'s
 2,048-token buckets), real lengths drawn uniformly from the bucket's range. With
 ``--lengths LENGTHS.npy`` (a prepared dataset's ``lengths/train.npy``): one epoch's batch
-plan of each layout is made from those real lengths as the teacher's pipeline makes it
-(``--tokens`` budget, ``--bucket-step``), and its most frequent shapes, covering at least
-``--coverage`` of the epoch's batches, are timed, one batch each (random ids of the real
-lengths); each shape's time counts as often as the epoch has batches of it. C-MLM masks
+plan is made from those real lengths as the teacher's pipeline makes it (``--tokens``
+budget, ``--bucket-step``), and its most frequent shapes, covering at least ``--coverage``
+of the epoch's batches, are timed, one batch each (random ids of the real lengths); each
+shape's time counts as often as the epoch has batches of it. C-MLM masks
 as the pipeline draws them at ``--mask-rate`` (the full config's 0.3). Throughput counts
 real (source + target) tokens per second. Dropout is on, as in fine-tuning.
 
@@ -87,9 +83,10 @@ def make_batch(rows: int, src_len: int, tgt_len: int, vocab: int, rate: float, s
     return {"src": src, "tgt_out": tgt, "mlm_mask": mask, "mlm_positions": positions}, real
 
 
-def epoch_batches(lengths_path: str, args) -> tuple[dict, dict]:
-    """``{layout: [(batch, real tokens, batches of that shape in the epoch), ...]}`` for the
-    paired and packed layouts, and a description of what the shapes cover."""
+def epoch_batches(lengths_path: str, args) -> tuple[list, dict]:
+    """``[(batch, real tokens, batches of that shape in the epoch), ...]`` for the most
+    frequent shapes of one epoch of the teacher's pipeline on real lengths, and a
+    description of what they cover."""
     from distill_jax.data.pipeline import BatchPipeline, PipelineConfig
 
     lengths = np.load(lengths_path).reshape(-1, 2)
@@ -107,51 +104,43 @@ def epoch_batches(lengths_path: str, args) -> tuple[dict, dict]:
         def __getitems__(self, indices):
             return [self[i] for i in indices]
 
-    out, covered = {}, {}
-    for layout in ("paired", "packed"):
-        config = PipelineConfig(
-            seed=0,
-            tokens_per_batch=args.tokens,
-            batch_multiple=1,
-            bucket_step=args.bucket_step,
-            mlm_mask_rate=args.mask_rate,
-            pack=layout == "packed",
-        )
-        pipeline = BatchPipeline(Source(records), lengths, config, process_index=0, process_count=1)
-        plan = pipeline.plan(0)
-        first, counts = {}, {}
-        for position, bucket in enumerate(plan.buckets):
-            first.setdefault(bucket, position)
-            counts[bucket] = counts.get(bucket, 0) + 1
-        chosen, total = [], 0
-        for bucket in sorted(counts, key=lambda b: -counts[b]):
-            if total >= args.coverage * len(plan.buckets):
-                break
-            chosen.append(bucket)
-            total += counts[bucket]
-        entries = []
-        for bucket in chosen:
-            batch = pipeline.load_batch(first[bucket])
-            keys = ("pair", "src_len") if layout == "packed" else ("src", "tgt_out")
-            real = int((batch[keys[0]] != 0).sum()) + (
-                0 if layout == "packed" else int((batch["tgt_out"] != 0).sum())
-            )
-            batch = {k: batch[k] for k in (*keys, "mlm_mask", "mlm_positions")}
-            entries.append((batch, real, counts[bucket]))
-        out[layout] = entries
-        covered[layout] = {
-            "shapes": [list(next(iter(b.values())).shape) for b, _, _ in entries],
-            "batches_covered": total,
-            "batches_per_epoch": len(plan.buckets),
-            "padding_fraction": pipeline.statistics()["padding_fraction"],
-        }
-        print(
-            f"{layout}: {len(chosen)} of {len(counts)} shapes, {total} of "
-            f"{len(plan.buckets)} batches of the epoch; padding "
-            f"{covered[layout]['padding_fraction']:.1%}",
-            flush=True,
-        )
-    return out, covered
+    config = PipelineConfig(
+        seed=0,
+        tokens_per_batch=args.tokens,
+        batch_multiple=1,
+        bucket_step=args.bucket_step,
+        mlm_mask_rate=args.mask_rate,
+    )
+    pipeline = BatchPipeline(Source(records), lengths, config, process_index=0, process_count=1)
+    plan = pipeline.plan(0)
+    first, counts = {}, {}
+    for position, bucket in enumerate(plan.buckets):
+        first.setdefault(bucket, position)
+        counts[bucket] = counts.get(bucket, 0) + 1
+    chosen, total = [], 0
+    for bucket in sorted(counts, key=lambda b: -counts[b]):
+        if total >= args.coverage * len(plan.buckets):
+            break
+        chosen.append(bucket)
+        total += counts[bucket]
+    entries = []
+    for bucket in chosen:
+        batch = pipeline.load_batch(first[bucket])
+        real = int((batch["src"] != 0).sum() + (batch["tgt_out"] != 0).sum())
+        batch = {k: batch[k] for k in ("src", "tgt_out", "mlm_mask", "mlm_positions")}
+        entries.append((batch, real, counts[bucket]))
+    covered = {
+        "shapes": [[b.rows, b.src_len, b.tgt_len] for b in chosen],
+        "batches_covered": total,
+        "batches_per_epoch": len(plan.buckets),
+        "padding_fraction": pipeline.statistics()["padding_fraction"],
+    }
+    print(
+        f"{len(chosen)} of {len(counts)} shapes, {total} of {len(plan.buckets)} batches of "
+        f"the epoch; padding {covered['padding_fraction']:.1%}",
+        flush=True,
+    )
+    return entries, covered
 
 
 def main(argv=None) -> int:
@@ -169,7 +158,7 @@ def main(argv=None) -> int:
         default=None,
         metavar="NPY",
         help="[N, 2] source / target lengths (a prepared dataset's lengths/train.npy): time "
-        "an epoch's shapes of the paired and packed layouts instead of --shapes",
+        "an epoch's shapes instead of --shapes",
     )
     parser.add_argument("--tokens", type=int, default=2048, help="tokens_per_batch (--lengths)")
     parser.add_argument("--bucket-step", type=int, default=8, help="bucket_step (--lengths)")
@@ -228,12 +217,8 @@ def main(argv=None) -> int:
         systems = {"masked": ("masked", synthetic), "all": ("all", synthetic)}
         covered = None
     else:
-        layouts, covered = epoch_batches(args.lengths, args)
-        systems = {
-            "packed": ("masked", layouts["packed"]),
-            "masked": ("masked", layouts["paired"]),
-            "all": ("all", layouts["paired"]),
-        }
+        entries, covered = epoch_batches(args.lengths, args)
+        systems = {"masked": ("masked", entries), "all": ("all", entries)}
     sides, states, flops, first = {}, {}, {}, {}
     for name, (head, entries) in systems.items():
         state, shardings = sharding.create_sharded_state(
@@ -307,9 +292,6 @@ def main(argv=None) -> int:
             f"({record['median_s']:.2f} s for {record['tokens']} tokens; XLA counts "
             f"{record['xla_gflop']:.1f} GFLOP); {record['ratio_over_all']:.3f}x all"
         )
-    if args.lengths is not None:
-        packed, masked = records[0]["throughput"], records[1]["throughput"]
-        print(f"packed / masked (paired): {packed / masked:.3f}x")
     benchlib.write_json(args.json, records)
     return 0
 
