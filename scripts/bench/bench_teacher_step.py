@@ -12,7 +12,6 @@ vocabulary of ``--vocab`` pieces, on the same batches:
   all     ``head_positions="all"``: the head on every position of
           ``[CLS] src [SEP] tgt [SEP]``, then the target sliced (the form before)
 
-
 Batches, without ``--lengths``: one per ``--shapes`` entry ``ROWSxSxT`` (padded shapes of
 the pipeline's token-budget buckets; the defaults are two of ``configs/multi30k_full.py``'s
 2,048-token buckets), real lengths drawn uniformly from the bucket's range. With
@@ -20,8 +19,8 @@ the pipeline's token-budget buckets; the defaults are two of ``configs/multi30k_
 plan is made from those real lengths as the teacher's pipeline makes it (``--tokens``
 budget, ``--bucket-step``), and its most frequent shapes, covering at least ``--coverage``
 of the epoch's batches, are timed, one batch each (random ids of the real lengths); each
-shape's time counts as often as the epoch has batches of it. C-MLM masks
-as the pipeline draws them at ``--mask-rate`` (the full config's 0.3). Throughput counts
+shape's time counts as often as the epoch has batches of it. C-MLM masks as the pipeline
+draws them at ``--mask-rate`` (the full config's 0.3). Throughput counts
 real (source + target) tokens per second. Dropout is on, as in fine-tuning.
 
 Run: ``python scripts/bench/bench_teacher_step.py [--lengths DATA/lengths/train.npy]
