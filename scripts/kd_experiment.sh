@@ -14,7 +14,11 @@
 # RESULTS_STEM_seeds.json (3 seeds of baseline and chosen; mean +- std per system) and
 # RESULTS_STEM_release.json (the release-only sets). CANDIDATES (environment) replaces the
 # candidate list: "name:FIELD=VALUE,FIELD=VALUE name2:..." (all students share the config's
-# budget: train.steps updates, checkpoint chosen on val).
+# budget: train.steps updates, checkpoint chosen on val). TEACHER_STAGES=skip trains no
+# teacher and extracts nothing: the students use the soft-target caches already in
+# WORKDIR/soft_targets (train and val), e.g. a GPU teacher's put there by
+# scripts/gpu_unpack.py; pass the --set lines its record names (docs/gpu.md) so that the
+# students' cache identity is that teacher's.
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
   echo "usage: $0 CONFIG WORKDIR RESULTS_STEM [--set FIELD=VALUE ...]" >&2
@@ -25,6 +29,19 @@ shift 3
 root="$(cd "$(dirname "$0")/.." && pwd)"
 py="${PYTHON:-$root/.venv/bin/python}"
 [[ -f "$config" ]] || { echo "$0: no config file '$config'" >&2; exit 2; }
+teacher_stages="${TEACHER_STAGES:-run}"
+case "$teacher_stages" in
+  run) ;;
+  skip)
+    for split in train val; do
+      [[ -d "$workdir/soft_targets/$split" ]] || {
+        echo "$0: TEACHER_STAGES=skip needs the soft targets of $split in" \
+          "$workdir/soft_targets/$split (scripts/gpu_unpack.py puts a GPU run's there)" >&2
+        exit 2
+      }
+    done ;;
+  *) echo "$0: TEACHER_STAGES must be run or skip, not '$teacher_stages'" >&2; exit 2 ;;
+esac
 # K 1 (the best of the 4,000-pair ablations), T 1 (the teacher's own sharpness, p(ref) 0.65
 # at T 1) and the paper's weights (T 10 makes the 8 kept pieces nearly flat).
 candidates="${CANDIDATES:-k1:distill.alpha=0.5,distill.top_k=1 t1:distill.alpha=0.5,distill.temperature=1,distill.top_k=8 paper:distill.alpha=0.5,distill.temperature=10,distill.top_k=8}"
@@ -45,12 +62,16 @@ student() {  # NAME SEED [FIELD=VALUE ...]
 
 stage "prepare multi30k"
 PYTHON="$py" "$root/scripts/prepare_multi30k.sh" "$workdir" "$teacher"
-stage "C-MLM teacher fine-tuning"
-"${cli[@]}" train-teacher --config "$config" --workdir "$workdir" "${sets[@]}"
-for split in train val; do
-  stage "soft targets ($split)"
-  "${cli[@]}" soft-targets --config "$config" --workdir "$workdir" "${sets[@]}" --split "$split"
-done
+if [[ "$teacher_stages" == run ]]; then
+  stage "C-MLM teacher fine-tuning"
+  "${cli[@]}" train-teacher --config "$config" --workdir "$workdir" "${sets[@]}"
+  for split in train val; do
+    stage "soft targets ($split)"
+    "${cli[@]}" soft-targets --config "$config" --workdir "$workdir" "${sets[@]}" --split "$split"
+  done
+else
+  stage "teacher stages skipped: the students use $workdir/soft_targets (TEACHER_STAGES=skip)"
+fi
 
 names=(baseline)
 student baseline 0 distill.kd=none

@@ -169,3 +169,27 @@ def test_unpack_never_overwrites_an_existing_cache(gpu_run, tmp_path):
     assert again.returncode == 2
     assert str(workdir / "soft_targets" / "train") in again.stderr
     assert _tree(workdir) == before
+
+
+@pytest.mark.parametrize(
+    "stages,message",
+    [
+        ("skip", "TEACHER_STAGES=skip needs the soft targets of train"),
+        ("maybe", "TEACHER_STAGES must be run or skip"),
+    ],
+)
+def test_kd_experiment_without_teacher_stages_needs_the_caches(tmp_path, stages, message):
+    """scripts/kd_experiment.sh with TEACHER_STAGES=skip (students on caches already in the
+    work directory, e.g. unpacked from a GPU run) refuses, before it writes anything, a
+    work directory without them, and any other value."""
+    workdir = tmp_path / "work"
+    env = {**os.environ, "TEACHER_STAGES": stages}
+    done = _run(
+        ["bash", REPO / "scripts" / "kd_experiment.sh", CONFIG, workdir, tmp_path / "res"],
+        REPO,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert not workdir.exists() and not list(tmp_path.glob("res*"))
