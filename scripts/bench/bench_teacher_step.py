@@ -243,8 +243,9 @@ def main(argv=None) -> int:
             compiled = step.lower(state, device_batch, jax.random.PRNGKey(1)).compile()
             flops[name] += weight * (benchlib.jax_compiled_flops(compiled) or 0.0)
 
-            def run(name=name, step=step, device_batch=device_batch):
-                states[name], metrics = step(states[name], device_batch, jax.random.PRNGKey(1))
+            # the executable just compiled (calling ``step`` would compile the shape again)
+            def run(name=name, compiled=compiled, device_batch=device_batch):
+                states[name], metrics = compiled(states[name], device_batch, jax.random.PRNGKey(1))
                 return metrics["loss"]
 
             sides[f"{name}/{index}"] = (run, benchlib.block)
