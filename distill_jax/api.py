@@ -206,7 +206,21 @@ def train_student(
     name = name or student.default_name(config)
     out = _begin(config, workdir) / "students" / name
     with _locked(out, f"train-student --name {name}"):  # one writer per run directory
-        runner.check_or_save_config(config, out / "config.json", what="train-student")
+        saved = [int(n) for n in runner.saved_steps(out / "checkpoints") if n.isdigit()]
+        if saved and max(saved) > config.train.steps:
+            raise UserError(
+                f"{out} has trained {max(saved)} steps, more than train.steps "
+                f"{config.train.steps}: a run is continued, never cut back (ask for at least "
+                f"{max(saved)} steps, or use another --name)"
+            )
+        # train.steps and train.patience may grow on resume: the student's schedules do not
+        # depend on them, so the continued run is the one asked for that long from the start
+        runner.check_or_save_config(
+            config,
+            out / "config.json",
+            what="train-student",
+            may_change=("train.steps", "train.patience"),
+        )
         dataset, dtype, mesh = _start(config, workdir)
         setup = student.training_task(config, workdir, dataset, mesh, dtype, name, teacher_step)
         run = trainer.Trainer(
@@ -218,24 +232,58 @@ def train_student(
             ),
         )
         results_path = out / "results.json"
-        if run.resume() >= config.train.steps and results_path.exists():
-            if (
-                runner.is_chief()
-            ):  # a finished run: nothing to redo (delete results.json to rescore)
-                logger.info("[%s] already finished: %s", name, results_path)
-            run.close()
-            return _student_run(name, out, run.step)
+        run.resume()
+        if run.step >= config.train.steps or run.stopped_early:
+            if results_path.exists():
+                if runner.is_chief():  # finished: nothing to redo (delete results.json to rescore)
+                    logger.info("[%s] already finished: %s", name, results_path)
+                run.close()
+                return _student_run(name, out, run.step)
+        elif results_path.exists():  # finished with fewer steps or less patience: goes on
+            _set_aside_results(out, run.step)
         state = run.fit()
-        if run.step < config.train.steps:  # preempted; a rerun resumes
+        if run.step < config.train.steps and not run.stopped_early:  # preempted: rerun resumes
             run.close()
             return _student_run(name, out, run.step)
+        stopped = run.early_stopping.reason() if run.stopped_early else None
         final_params, which = student.final_parameters(
             config, run.checkpoints, state, run.shardings
         )
         student.write_results(
-            config, dataset, setup, mesh, final_params, which, out, no_progress=no_progress
+            config,
+            dataset,
+            setup,
+            mesh,
+            final_params,
+            which,
+            out,
+            no_progress=no_progress,
+            trained_steps=run.step,
+            stopped_early=stopped,
         )
     return _student_run(name, out, run.step)
+
+
+def _set_aside_results(out: Any, step: int) -> None:
+    """Moves a finished student's results.json and hypotheses into ``OUT/at_step_STEP/``
+    before the run trains on (more steps or more patience were asked for): they stay what
+    they were, and the run no longer reads as finished. Copies first, then removes, so an
+    interruption loses nothing."""
+    if not runner.is_chief():
+        return
+    aside = out / f"at_step_{step}"
+    files = [out / "results.json", *sorted(out.glob("*.hyp.txt"))]
+    storage.makedirs(aside)
+    for f in files:
+        storage.write_text_atomic(aside / f.name, f.read_text())
+    for f in files:  # results.json first: from here on the run is not finished
+        f.unlink()
+    logger.info(
+        "[%s] trains on from step %d; its results at that step are kept in %s",
+        out.name,
+        step,
+        aside,
+    )
 
 
 def _student_run(name: str, out: Any, step: int) -> StudentRun:

@@ -118,7 +118,11 @@ class DistillConfig:
 class TrainConfig:
     """Student optimisation, validation and checkpointing."""
 
-    steps: int = 20000  # updates
+    steps: int = 20000  # updates (with patience: at most)
+    # stop once this many validations in a row have not improved the validation
+    # select_metric ("trained until val stops improving"); 0 = train all steps. A run may
+    # be resumed with more steps or patience: the student's schedules do not depend on them
+    patience: int = 0
     # learning-rate schedule (optim): "inverse_sqrt" (fairseq), "noam" (OpenNMT-py, the
     # paper's reference) or "constant"
     schedule: str = "inverse_sqrt"
@@ -397,6 +401,7 @@ RANGES: dict[str, Range] = {
     "distill.top_k": AT_LEAST_1,
     # train
     "train.steps": AT_LEAST_1,
+    "train.patience": AT_LEAST_0,
     "train.learning_rate": POSITIVE,
     "train.warmup_steps": AT_LEAST_0,
     "train.grad_clip_norm": Range(0, low_open=True, optional=True),

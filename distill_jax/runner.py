@@ -42,6 +42,7 @@ def check_or_save_config(
     what: str,
     checkpoints: storage.PathLike | None = None,
     runtime: Any = None,
+    may_change: Sequence[str] = (),
 ) -> None:
     """Saves ``config`` at ``path`` (local or ``gs://``) on the first run; refuses to resume
     ``what`` with a different config (the differing fields are named). ``runtime`` (an
@@ -53,7 +54,12 @@ def check_or_save_config(
     A run that never saved a step (no step folder in ``checkpoints``, by default the
     ``checkpoints`` folder beside ``path``: it failed or was stopped before its first
     checkpoint) has nothing to resume, so its config is replaced by the new one: a failed
-    start does not bind the work directory to the config it failed with."""
+    start does not bind the work directory to the config it failed with.
+
+    ``may_change`` names dotted fields that a resumed run may change (e.g. the student's
+    ``train.steps``: its schedules do not depend on it, so a run continued to more steps is
+    the run asked for that many from the start); the saved config then takes their new
+    values and the change is logged."""
     path = storage.path(path)
     current = configlib.to_dict(config)
     defaults = configlib.declared_defaults(config)
@@ -63,9 +69,14 @@ def check_or_save_config(
     if path.exists():
         saved = json.loads(path.read_text())
         changed = configlib.diff(saved, current, defaults=defaults)
+        allowed = [c for c in changed if c.split(":", 1)[0] in may_change]
+        changed = [c for c in changed if c not in allowed]
         if not changed:
+            if allowed and is_chief():
+                logger.info("%s: resuming %s with %s", path.parent, what, "; ".join(allowed))
             if saved != current and is_chief():
-                # saved before fields (or the runtime section) existed: record their values
+                # saved before fields (or the runtime section) existed, or a field that may
+                # change did: record the values this run goes on with
                 storage.write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True))
             return
         if saved_steps(checkpoints if checkpoints is not None else path.parent / "checkpoints"):
@@ -152,6 +163,13 @@ class MetricsLog:
         }
         self._lines.append(json.dumps(record))
 
+    def records(self, split: str) -> list[dict]:
+        """The records of ``split`` in the log, in order ([] when it cannot be read here)."""
+        if not self.path.exists():
+            return []
+        records = (json.loads(line) for line in self._lines.lines())
+        return [r for r in records if r["split"] == split]
+
     def truncate_after(self, step: int) -> None:
         """Drops records past ``step`` (left by a run killed after its last checkpoint), so a
         resumed run's log reads as one run."""
@@ -187,9 +205,18 @@ def progress(total: int, initial: int, desc: str, disable: bool):
 # ----------------------------------------------------------------------------- the loop
 
 
-def resume(checkpoints: Any, state: Any, shardings: Any, batches: Any, log: MetricsLog) -> Any:
+def resume(
+    checkpoints: Any,
+    state: Any,
+    shardings: Any,
+    batches: Any,
+    log: MetricsLog,
+    early_stopping: EarlyStopping | None = None,
+) -> Any:
     """Restores the latest checkpoint, if any, onto ``shardings`` (any mesh): the state,
-    the data iterator's position and a metrics log without the steps after it."""
+    the data iterator's position, a metrics log without the steps after it and the
+    ``early_stopping`` count (rebuilt from the log's validations for a checkpoint saved
+    without one)."""
     from distill_jax import sharding
 
     latest = checkpoints.latest_step()
@@ -199,6 +226,11 @@ def resume(checkpoints: Any, state: Any, shardings: Any, batches: Any, log: Metr
     state, extra = checkpoints.restore(latest, sharding.abstract_with_shardings(state, shardings))
     batches.set_state(extra["data"])
     log.truncate_after(latest)
+    if early_stopping is not None:
+        if extra.get("early_stop") is not None:
+            early_stopping.load(extra["early_stop"])
+        else:  # saved without early stopping: count its validations from the log
+            early_stopping.replay(log.records("valid"))
     # The training-log window open at the checkpoint (sums of the steps since the last
     # record): the first record after the resume then averages the same steps as an
     # uninterrupted run's. (Checkpoints written before it was saved start a new window.)
@@ -232,6 +264,64 @@ class Schedule:
     eval_every: int  # validate every N steps (and at the end)
     save_every: int  # checkpoint every N steps (and at the end, and on preemption)
     log_every: int = 10  # one training-log record per N steps
+    # stop before total_steps once this many validations in a row have not improved the
+    # checkpoints' keep-best metric (EarlyStopping); 0 = always train to total_steps
+    patience: int = 0
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stops a loop once ``patience`` validations in a row have not improved ``metric``
+    ("max": higher is better; a tie is no improvement). Its state travels in every
+    checkpoint, so a resumed run counts what the uninterrupted one would, and a run that
+    stopped stays stopped until it is given more patience."""
+
+    metric: str
+    patience: int
+    mode: str = "max"
+    best: float | None = None  # the best value so far ...
+    best_step: int | None = None  # ... and the step that reached it
+    stale: int = 0  # validations since the best one
+
+    def update(self, step: int, values: Mapping[str, float]) -> bool:
+        """Counts the validation of ``step``; returns whether the run should stop."""
+        value = float(values[self.metric])
+        better = self.best is None or (
+            value > self.best if self.mode == "max" else value < self.best
+        )
+        if better:
+            self.best, self.best_step, self.stale = value, int(step), 0
+        else:
+            self.stale += 1
+        return self.exhausted
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether ``patience`` validations in a row have not improved the best."""
+        return self.patience > 0 and self.stale >= self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "stale": self.stale}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.best = None if state["best"] is None else float(state["best"])
+        self.best_step = None if state["best_step"] is None else int(state["best_step"])
+        self.stale = int(state["stale"])
+
+    def replay(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Rebuilds the state from the validation records of a run whose checkpoints
+        predate early stopping (``metrics.jsonl``'s "valid" records, in step order)."""
+        self.best, self.best_step, self.stale = None, None, 0
+        for record in records:
+            if self.metric in record:
+                self.update(int(record["step"]), record)
+
+    def reason(self) -> str:
+        """Why the run stopped, in words."""
+        return (
+            f"no better validation {self.metric} in {self.stale} validations after step "
+            f"{self.best_step} ({self.best:.4g}; patience {self.patience})"
+        )
 
 
 class Callback:
@@ -279,6 +369,9 @@ class TrainLoop:
     desc: str = "train"  # progress bar and message label
     no_progress: bool = False
     callbacks: Sequence[Callback] = ()
+    # stops the loop before schedule.total_steps (its state is checkpointed with the run's)
+    early_stopping: EarlyStopping | None = None
+    stopped_early: bool = False  # set by run(): early_stopping ended it
 
     def run(self, state: Any) -> Any:
         """Runs the loop; returns the last state.
@@ -289,6 +382,10 @@ class TrainLoop:
         the best checkpoint by its configured metric. Training metrics are logged every
         ``log_every`` steps; the open log window is checkpointed too, so that a resumed run
         logs what an uninterrupted one does.
+
+        With ``early_stopping`` the loop ends at the validation that exhausts its patience
+        (checkpointing that step, so a rerun finds it stopped), and at once when it was
+        resumed already stopped; ``stopped_early`` then says so.
 
         A step whose loss or gradient norm is not finite stops the run with a
         ``UserError`` naming the step (checked every step: its metrics come to the host
@@ -308,7 +405,9 @@ class TrainLoop:
         elif start % log_every:
             partial = True  # resumed from a checkpoint that does not hold its log window
         step = start
-        while step < total_steps:
+        early = self.early_stopping
+        self.stopped_early = early is not None and early.exhausted
+        while step < total_steps and not self.stopped_early:
             batch = next(self.batches)
             for callback in self.callbacks:
                 callback.on_step_begin(step)
@@ -344,6 +443,8 @@ class TrainLoop:
             ):
                 eval_values = self.evaluate(state, step)
                 log.write(step, "valid", eval_values)
+                if early is not None:
+                    self.stopped_early = early.update(step, eval_values)
                 for callback in self.callbacks:
                     callback.on_eval(step, eval_values, state)
                 if is_chief():
@@ -354,7 +455,12 @@ class TrainLoop:
             preempted = jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(
                 step
             )
-            if step % schedule.save_every == 0 or step == total_steps or preempted:
+            if (
+                step % schedule.save_every == 0
+                or step == total_steps
+                or preempted
+                or self.stopped_early
+            ):
                 if not _state_is_finite(state):
                     _stop(
                         f"step {step}: the parameters or optimizer state hold values that "
@@ -375,11 +481,18 @@ class TrainLoop:
                 checkpoints.save(
                     step,
                     state,
-                    extra={"data": self.data_state(), "log_window": log_window},
+                    extra={
+                        "data": self.data_state(),
+                        "log_window": log_window,
+                        "early_stop": None if early is None else early.state(),
+                    },
                     metrics=eval_values,
                     force=True,
                 )
                 crash_point(f"save:{step}")
+            if self.stopped_early:
+                logger.info("[%s] stopping at step %d: %s", desc, step, early.reason())
+                break
             if preempted:
                 # SIGTERM (TPU maintenance, scancel) reached every process at this step: the
                 # checkpoint above lets the rerun resume exactly here.

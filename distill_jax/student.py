@@ -434,6 +434,7 @@ def training_task(
             config.train.steps,
             eval_every=config.train.eval_every,
             save_every=config.train.save_every,
+            patience=config.train.patience,
         ),
         checkpoints=checkpoint_policy(config),
         rng=jax.random.fold_in(rng, 2),
@@ -480,10 +481,14 @@ def write_results(
     out: storage.PathLike,
     *,
     no_progress: bool = False,
+    trained_steps: int | None = None,
+    stopped_early: str | None = None,
 ) -> dict:
     """Scores ``params`` (described by ``which``) on the validation and test splits: each
     split's hypotheses into ``OUT/SPLIT.hyp.txt``, a line per split on stdout, and last
-    ``OUT/results.json`` (a run with it is finished). Returns the results."""
+    ``OUT/results.json`` (a run with it is finished). ``trained_steps`` (default
+    ``train.steps``) is how far the run trained and ``stopped_early`` why it stopped
+    before ``train.steps`` (``train.patience``). Returns the results."""
     out = storage.path(out)
     name = out.name
     kd = config.distill.kd
@@ -492,6 +497,9 @@ def write_results(
         "experiment": config.name,
         "kd": kd,
         "steps": config.train.steps,
+        "trained_steps": config.train.steps if trained_steps is None else int(trained_steps),
+        "patience": config.train.patience,
+        "stopped_early": stopped_early,
         "seed": config.train.seed,
         "checkpoint": which,
         "teacher": None

@@ -174,6 +174,14 @@ class Trainer:
         )
         self.checkpoints = checkpointer(self.directory / "checkpoints", task.checkpoints)
         self.log = runner.MetricsLog(self.directory)
+        # schedule.patience > 0: stop once the keep-best metric has stopped improving
+        self.early_stopping = (
+            runner.EarlyStopping(
+                task.checkpoints.best_metric, task.schedule.patience, task.checkpoints.best_mode
+            )
+            if task.schedule.patience > 0
+            else None
+        )
 
     def _batch_shardings(self, keys: Sequence[str]) -> dict:
         return {k: sharding.batch_sharding(self.mesh) for k in keys}
@@ -190,9 +198,20 @@ class Trainer:
         """Restores the latest checkpoint (state, data position, metrics log); returns the
         step the run continues from (0 when there is none)."""
         self.state = runner.resume(
-            self.checkpoints, self.state, self.shardings, self.task.batches, self.log
+            self.checkpoints,
+            self.state,
+            self.shardings,
+            self.task.batches,
+            self.log,
+            self.early_stopping,
         )
         return self.step
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether validation has stopped improving for ``schedule.patience`` validations
+        (the run ends before ``schedule.total_steps``)."""
+        return self.early_stopping is not None and self.early_stopping.exhausted
 
     def evaluate(self, state: Any, step: int) -> dict[str, float]:
         """The task's validation values for ``state`` (step ``step``)."""
@@ -206,7 +225,7 @@ class Trainer:
 
     def fit(self) -> Any:
         """Trains from the current state up to ``task.schedule.total_steps`` (fewer when
-        preempted); returns the state."""
+        preempted or stopped early); returns the state."""
         from distill_jax import observe
 
         task = self.task
@@ -242,6 +261,7 @@ class Trainer:
             desc=task.name,
             no_progress=self.options.no_progress,
             callbacks=callbacks,
+            early_stopping=self.early_stopping,
         )
         self.state = loop.run(self.state)
         return self.state

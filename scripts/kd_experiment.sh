@@ -14,7 +14,10 @@
 # RESULTS_STEM_seeds.json (3 seeds of baseline and chosen; mean +- std per system) and
 # RESULTS_STEM_release.json (the release-only sets). CANDIDATES (environment) replaces the
 # candidate list: "name:FIELD=VALUE,FIELD=VALUE name2:..." (all students share the config's
-# budget: train.steps updates, checkpoint chosen on val). TEACHER_STAGES=skip trains no
+# budget: train.steps updates, checkpoint chosen on val; with --set train.patience=P each
+# trains until val stops improving instead, train.steps being the most it may take, and a
+# rerun with more steps or patience continues the finished students in place, their
+# earlier results kept in RUN_DIR/at_step_N/). TEACHER_STAGES=skip trains no
 # teacher and extracts nothing: the students use the soft-target caches already in
 # WORKDIR/soft_targets (train and val), e.g. a GPU teacher's put there by
 # scripts/gpu_unpack.py; pass the --set lines its record names (docs/gpu.md) so that the

@@ -133,7 +133,7 @@ def results_table(
     hardware, commit = f"{cpu_model()} ({platform.machine()}), CPU", git_commit()
     for r in results:
         lines.append(
-            f"| {r['name']} | {distillation(r)} | {r['steps']} | {r['checkpoint']} | "
+            f"| {r['name']} | {distillation(r)} | {steps_cell(r)} | {r['checkpoint']} | "
             + " | ".join(cell(r, s, m) for s, m in columns)
             + " |"
         )
@@ -150,6 +150,8 @@ def results_table(
                     **({"signature": r["splits"][s]["bleu_signature"]} if m == "bleu" else {}),
                     "checkpoint": r["checkpoint"],
                     "steps": r["steps"],
+                    "trained_steps": r.get("trained_steps", r["steps"]),
+                    "stopped_early": r.get("stopped_early"),
                     "hardware": hardware,
                     "commit": commit,
                 }
@@ -161,6 +163,15 @@ def results_table(
         table += f"\n\nsacreBLEU signature: {results[0]['splits'][splits[0]]['bleu_signature']}"
     summary = seed_summary(records, columns)
     return table + ("\n\n" + summary if summary else ""), records
+
+
+def steps_cell(r: dict) -> str:
+    """How long a run trained: ``train.steps``, or the step where val stopped improving
+    (``train.patience``) and the budget it stopped short of."""
+    trained = r.get("trained_steps", r["steps"])
+    if r.get("stopped_early"):
+        return f"{trained} of {r['steps']} (val stopped improving, patience {r['patience']})"
+    return str(trained)
 
 
 def seed_stem(name: str) -> str:

@@ -257,3 +257,52 @@ def test_the_method_end_to_end_through_the_api(tmp_path, tiny_corpus):
     with pytest.raises(UserError, match="no split 'nope'"):
         student.score("nope")
     assert jax.process_count() == 1
+
+
+@pytest.mark.slow
+def test_a_finished_student_trains_on_with_more_steps_or_until_val_stops_improving(
+    tmp_path, tiny_corpus
+):
+    """#35: train.steps (and train.patience) may grow on resume, since the student's
+    schedules do not depend on them; the earlier results are set aside, never deleted; a
+    run is never cut back; patience stops the run once val BLEU stops improving."""
+    workdir = tmp_path / "work"
+    shutil.copytree(tiny_corpus.data, workdir / "data")
+    sets = [
+        f"teacher.checkpoint={tiny_corpus.teacher}",
+        "distill.kd=none",
+        "train.eval_every=2",
+        "train.save_every=2",
+    ]
+    short = dj.load_config(CONFIG, [*sets, "train.steps=4"])
+    first = dj.train_student(short, workdir, no_progress=True)
+    out = workdir / "students" / "baseline"
+    assert first.finished and first.results["trained_steps"] == 4
+    assert first.results["stopped_early"] is None and first.results["patience"] == 0
+    before = {p.name: p.read_text() for p in [out / "results.json", *out.glob("*.hyp.txt")]}
+
+    longer = dj.load_config(CONFIG, [*sets, "train.steps=8"])
+    run = dj.train_student(longer, workdir, no_progress=True)
+    assert run.finished and run.final_step == run.results["trained_steps"] == 8
+    assert {p.name: p.read_text() for p in (out / "at_step_4").iterdir()} == before
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 8
+    with pytest.raises(UserError, match="never cut back"):
+        dj.train_student(short, workdir, no_progress=True)
+    assert json.loads((out / "results.json").read_text()) == run.results
+
+    patient = dj.load_config(CONFIG, [*sets, "train.steps=8", "train.patience=1"])
+    run = dj.train_student(patient, workdir, name="patient", no_progress=True)
+    # The stop, worked out from the logged validations: the first BLEU that is no better
+    # than every earlier one ends the run (patience 1), else it trains all 8 steps.
+    log = (workdir / "students" / "patient" / "metrics.jsonl").read_text().splitlines()
+    valid = [json.loads(line) for line in log if json.loads(line)["split"] == "valid"]
+    assert [r["step"] for r in valid] == list(range(2, run.final_step + 1, 2))
+    bleus = [r["bleu"] for r in valid]
+    stale = [i for i in range(1, len(bleus)) if bleus[i] <= max(bleus[:i])]
+    expected = 2 * (stale[0] + 1) if stale else 8
+    assert run.finished and run.final_step == run.results["trained_steps"] == expected
+    assert (run.results["stopped_early"] is not None) == (expected < 8)
+    if expected < 8:
+        assert "patience 1" in run.results["stopped_early"]
+    again = dj.train_student(patient, workdir, name="patient", no_progress=True)
+    assert again.results == run.results and again.final_step == run.final_step

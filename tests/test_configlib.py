@@ -126,3 +126,23 @@ def test_resuming_a_run_saved_before_a_field_was_added(tmp_path):
     (path.parent / "checkpoints" / "1").mkdir(parents=True)  # a step was saved
     with pytest.raises(UserError, match=r"changed fields: flag: False -> True\."):
         runner.check_or_save_config(Outer(flag=True), path, what="test")
+
+
+def test_fields_that_may_change_on_resume_are_recorded_and_the_others_still_refused(tmp_path):
+    """``may_change`` (the student's train.steps and train.patience, #35): a resumed run
+    takes their new values into config.json; any other change is refused as before."""
+    import json
+
+    path = tmp_path / "run" / "config.json"
+    runner.check_or_save_config(Outer(), path, what="test")
+    (path.parent / "checkpoints" / "4").mkdir(parents=True)  # a step was saved
+    longer = configlib.override(Outer(), ["inner.steps=30"])
+    with pytest.raises(UserError, match="inner.steps: 10 -> 30"):
+        runner.check_or_save_config(longer, path, what="test")
+    runner.check_or_save_config(longer, path, what="test", may_change=("inner.steps",))
+    assert json.loads(path.read_text())["inner"]["steps"] == 30
+    both = configlib.override(Outer(), ["inner.steps=40", "flag=true"])
+    with pytest.raises(UserError, match=r"changed fields: flag: False -> True\.") as err:
+        runner.check_or_save_config(both, path, what="test", may_change=("inner.steps",))
+    assert "inner.steps" not in str(err.value)
+    assert json.loads(path.read_text())["inner"]["steps"] == 30  # nothing saved by a refusal

@@ -208,3 +208,22 @@ def test_distillation_names_the_temperature_where_it_matters(tmp_path):
     assert "| t1 | offline, K 8, α 0.5, T 1, pretrained teacher |" in table
     assert "| paper | offline, K 8, α 0.5, T 10, pretrained teacher |" in table
     assert "| k1 | offline, K 1, α 0.5, pretrained teacher |" in table
+
+
+def test_a_run_stopped_by_patience_says_how_far_it_trained(tmp_path):
+    _write(tmp_path, "baseline", "none", 0, 10.0, 11.0)
+    _write(tmp_path, "patient", "none", 0, 12.0, 12.5)
+    path = tmp_path / "students" / "patient" / "results.json"
+    results = json.loads(path.read_text())
+    reason = "no better validation bleu in 2 validations after step 300 (12; patience 2)"
+    results.update(steps=2000, trained_steps=400, patience=2, stopped_early=reason)
+    path.write_text(json.dumps(results))
+    table, records = report.results_table(tmp_path)
+    assert "| baseline | none | 500 | step 500 |" in table  # (results.json before #35)
+    assert "| 400 of 2000 (val stopped improving, patience 2) |" in table
+    record = next(r for r in records if r["system"] == "patient")
+    assert (record["steps"], record["trained_steps"], record["stopped_early"]) == (
+        2000,
+        400,
+        reason,
+    )

@@ -82,14 +82,21 @@ def run(
     callbacks=(),
     evaluate=None,
     eval_every=10**6,
+    early_stopping=None,
+    loops=None,
 ):
     """TrainLoop from the latest checkpoint; ``stop_after`` kills it (an exception)
-    once that many batches were drawn."""
+    once that many batches were drawn. ``loops`` (a list) receives the loop."""
     log = runner.MetricsLog(directory)
     batches = batches or Batches()
     state = fresh_state()
     state = runner.resume(
-        checkpoints, state, jax.tree.map(lambda x: x.sharding, state), batches, log
+        checkpoints,
+        state,
+        jax.tree.map(lambda x: x.sharding, state),
+        batches,
+        log,
+        early_stopping,
     )
 
     class Killed(Exception):
@@ -102,7 +109,7 @@ def run(
             yield next(batches)
 
     try:
-        return runner.TrainLoop(
+        loop = runner.TrainLoop(
             train_step=step,
             batches=draw(),
             to_device=lambda b: b,
@@ -115,7 +122,11 @@ def run(
             desc="test",
             no_progress=True,
             callbacks=callbacks,
-        ).run(state)
+            early_stopping=early_stopping,
+        )
+        if loops is not None:
+            loops.append(loop)
+        return loop.run(state)
     except Killed:
         return None
 
@@ -262,3 +273,112 @@ def test_validations_reach_the_log_the_callbacks_and_the_keep_best_policy(tmp_pa
     assert [(r["step"], r["score"]) for r in valid] == [(4, 2.0), (8, 4.0), (10, 5.0)]
     # (saves every 4 steps and at the end: each with that step's validation values)
     assert saved_metrics == {4: {"score": 2.0}, 8: {"score": 4.0}, 10: {"score": 5.0}}
+
+
+# ------------------------------------------------------------- early stopping (#35)
+
+SCORES = {4: 1.0, 8: 3.0, 12: 2.0, 16: 3.0, 20: 4.0, 24: 2.0, 28: 1.0, 32: 1.0, 36: 0.5, 40: 0.5}
+
+
+def scored(state, step):
+    return {"score": SCORES[step]}
+
+
+def test_early_stopping_counts_validations_without_a_strict_gain():
+    early = runner.EarlyStopping("score", patience=2)
+    assert not early.update(4, {"score": 1.0})
+    assert not early.update(8, {"score": 3.0})
+    assert not early.update(12, {"score": 2.0})  # 1 stale
+    assert early.update(16, {"score": 3.0})  # a tie is no gain: 2 stale, stop
+    assert (early.best, early.best_step, early.stale) == (3.0, 8, 2)
+    assert "after step 8" in early.reason() and "patience 2" in early.reason()
+    low = runner.EarlyStopping("loss", patience=1, mode="min")
+    assert not low.update(1, {"loss": 2.0}) and not low.update(2, {"loss": 1.5})
+    assert low.update(3, {"loss": 1.7})
+    assert not runner.EarlyStopping("score", patience=0).update(1, {"score": 0.0})
+
+
+def test_the_loop_stops_when_validation_stops_improving_and_checkpoints_that_step(tmp_path):
+    checkpoints, loops = Checkpoints(), []
+    early = runner.EarlyStopping("score", patience=2)
+    state = run(
+        tmp_path,
+        checkpoints,
+        total=40,
+        eval_every=4,
+        evaluate=scored,
+        early_stopping=early,
+        loops=loops,
+    )
+    assert loops[0].stopped_early and int(state.step) == 16
+    assert checkpoints.latest_step() == 16  # the stop is saved (save_every 4)
+    assert checkpoints.saved[16][1]["early_stop"] == {"best": 3.0, "best_step": 8, "stale": 2}
+    valid = [r["step"] for r in records(tmp_path) if r["split"] == "valid"]
+    assert valid == [4, 8, 12, 16]
+    # A rerun with the same patience finds it stopped and trains nothing ...
+    again, loops = runner.EarlyStopping("score", patience=2), []
+    state = run(
+        tmp_path,
+        checkpoints,
+        total=40,
+        eval_every=4,
+        evaluate=scored,
+        early_stopping=again,
+        loops=loops,
+    )
+    assert loops[0].stopped_early and int(state.step) == 16
+    # ... one with more patience goes on from there, as if it had had it from the start
+    more, loops = runner.EarlyStopping("score", patience=3), []
+    state = run(
+        tmp_path,
+        checkpoints,
+        total=40,
+        eval_every=4,
+        evaluate=scored,
+        early_stopping=more,
+        loops=loops,
+    )
+    straight = tmp_path / "straight"
+    once = runner.EarlyStopping("score", patience=3)
+    reference = run(
+        straight, Checkpoints(), total=40, eval_every=4, evaluate=scored, early_stopping=once
+    )
+    assert int(state.step) == int(reference.step) == 32  # 20 improved; 24, 28, 32 did not
+    assert more.state() == once.state() == {"best": 4.0, "best_step": 20, "stale": 3}
+    assert records(tmp_path) == records(straight)
+
+
+@pytest.mark.parametrize("killed_after", [6, 13, 18])
+def test_a_resumed_run_stops_where_an_uninterrupted_one_does(tmp_path, killed_after):
+    straight = tmp_path / "straight"
+    once = runner.EarlyStopping("score", patience=2)
+    reference = run(
+        straight, Checkpoints(), total=40, eval_every=4, evaluate=scored, early_stopping=once
+    )
+    resumed, checkpoints = tmp_path / "resumed", Checkpoints()
+    run(
+        resumed,
+        checkpoints,
+        total=40,
+        eval_every=4,
+        evaluate=scored,
+        early_stopping=runner.EarlyStopping("score", patience=2),
+        stop_after=killed_after,
+    )
+    again = runner.EarlyStopping("score", patience=2)
+    state = run(resumed, checkpoints, total=40, eval_every=4, evaluate=scored, early_stopping=again)
+    assert int(state.step) == int(reference.step) == 16
+    assert again.state() == once.state()
+    assert records(resumed) == records(straight)
+
+
+def test_checkpoints_saved_without_early_stopping_replay_the_logged_validations(tmp_path):
+    checkpoints = Checkpoints()
+    run(tmp_path, checkpoints, total=12, eval_every=4, evaluate=scored)  # no early stopping
+    for _state, extra in checkpoints.saved.values():  # as written before train.patience
+        extra.pop("early_stop", None)
+    early = runner.EarlyStopping("score", patience=2)
+    state = run(
+        tmp_path, checkpoints, total=40, eval_every=4, evaluate=scored, early_stopping=early
+    )
+    assert int(state.step) == 16 and (early.best_step, early.stale) == (8, 2)
