@@ -245,21 +245,10 @@ def train_student(
         if run.step < config.train.steps and not run.stopped_early:  # preempted: rerun resumes
             run.close()
             return _student_run(name, out, run.step)
-        stopped = run.early_stopping.reason() if run.stopped_early else None
-        final_params, which = student.final_parameters(
-            config, run.checkpoints, state, run.shardings
-        )
+        stopped = (run.step, run.early_stopping.reason()) if run.stopped_early else None
+        final = student.final_parameters(config, run.checkpoints, state, run.shardings)
         student.write_results(
-            config,
-            dataset,
-            setup,
-            mesh,
-            final_params,
-            which,
-            out,
-            no_progress=no_progress,
-            trained_steps=run.step,
-            stopped_early=stopped,
+            config, dataset, setup, mesh, final, out, no_progress=no_progress, stopped=stopped
         )
     return _student_run(name, out, run.step)
 

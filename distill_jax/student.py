@@ -476,19 +476,18 @@ def write_results(
     dataset: PreparedDataset,
     setup: StudentTask,
     mesh,
-    params: Any,
-    which: str,
+    final: tuple[Any, str],
     out: storage.PathLike,
     *,
     no_progress: bool = False,
-    trained_steps: int | None = None,
-    stopped_early: str | None = None,
+    stopped: tuple[int, str] | None = None,
 ) -> dict:
-    """Scores ``params`` (described by ``which``) on the validation and test splits: each
-    split's hypotheses into ``OUT/SPLIT.hyp.txt``, a line per split on stdout, and last
-    ``OUT/results.json`` (a run with it is finished). ``trained_steps`` (default
-    ``train.steps``) is how far the run trained and ``stopped_early`` why it stopped
-    before ``train.steps`` (``train.patience``). Returns the results."""
+    """Scores ``final``, ``(params, which)`` as :func:`final_parameters` gives them, on the
+    validation and test splits: each split's hypotheses into ``OUT/SPLIT.hyp.txt``, a line
+    per split on stdout, and last ``OUT/results.json`` (a run with it is finished).
+    ``stopped`` is ``(step, why)`` when ``train.patience`` ended the run before
+    ``train.steps``. Returns the results."""
+    params, which = final
     out = storage.path(out)
     name = out.name
     kd = config.distill.kd
@@ -497,9 +496,9 @@ def write_results(
         "experiment": config.name,
         "kd": kd,
         "steps": config.train.steps,
-        "trained_steps": config.train.steps if trained_steps is None else int(trained_steps),
+        "trained_steps": config.train.steps if stopped is None else int(stopped[0]),
         "patience": config.train.patience,
-        "stopped_early": stopped_early,
+        "stopped_early": None if stopped is None else stopped[1],
         "seed": config.train.seed,
         "checkpoint": which,
         "teacher": None
