@@ -151,9 +151,14 @@ def test_foreign_cache_and_changed_config_are_refused(experiment):
     assert "was made for teacher" in result.stderr
     # Once a step is saved (here: a step folder), another config is refused, naming it.
     (workdir / "students" / "refused" / "checkpoints" / "2").mkdir(parents=True)
-    result = refused("--set", "train.steps=8")
+    result = refused("--set", "train.steps=9", "--set", "train.seed=1")
     assert result.returncode == 2
-    assert "changed fields: train.steps: 9 -> 8." in result.stderr
+    assert "changed fields: train.seed: 0 -> 1." in result.stderr
+    # train.steps is the field that may change, growing only (#35): a run is never cut back.
+    result = refused("--set", "train.steps=1")
+    assert result.returncode == 2
+    assert "has trained 2 steps, more than train.steps 1" in result.stderr
+    assert "never cut back" in result.stderr
 
 
 def test_online_and_offline_distillation_give_the_same_loss(experiment):
