@@ -298,78 +298,51 @@ def test_early_stopping_counts_validations_without_a_strict_gain():
     assert not runner.EarlyStopping("score", patience=0).update(1, {"score": 0.0})
 
 
-def test_the_loop_stops_when_validation_stops_improving_and_checkpoints_that_step(tmp_path):
-    checkpoints, loops = Checkpoints(), []
-    early = runner.EarlyStopping("score", patience=2)
+def patient(directory, checkpoints, patience, **kw):
+    """``run`` to 40 steps with validations every 4 (SCORES) and early stopping of
+    ``patience``; returns (final state or None when killed, the EarlyStopping, the loop)."""
+    early, loops = runner.EarlyStopping("score", patience=patience), []
     state = run(
-        tmp_path,
+        directory,
         checkpoints,
         total=40,
         eval_every=4,
         evaluate=scored,
         early_stopping=early,
         loops=loops,
+        **kw,
     )
-    assert loops[0].stopped_early and int(state.step) == 16
+    return state, early, loops[0]
+
+
+def test_the_loop_stops_when_validation_stops_improving_and_checkpoints_that_step(tmp_path):
+    checkpoints = Checkpoints()
+    state, _, loop = patient(tmp_path, checkpoints, 2)
+    assert loop.stopped_early and int(state.step) == 16
     assert checkpoints.latest_step() == 16  # the stop is saved (save_every 4)
     assert checkpoints.saved[16][1]["early_stop"] == {"best": 3.0, "best_step": 8, "stale": 2}
     valid = [r["step"] for r in records(tmp_path) if r["split"] == "valid"]
     assert valid == [4, 8, 12, 16]
     # A rerun with the same patience finds it stopped and trains nothing ...
-    again, loops = runner.EarlyStopping("score", patience=2), []
-    state = run(
-        tmp_path,
-        checkpoints,
-        total=40,
-        eval_every=4,
-        evaluate=scored,
-        early_stopping=again,
-        loops=loops,
-    )
-    assert loops[0].stopped_early and int(state.step) == 16
+    state, _, loop = patient(tmp_path, checkpoints, 2)
+    assert loop.stopped_early and int(state.step) == 16
     # ... one with more patience goes on from there, as if it had had it from the start
-    more, loops = runner.EarlyStopping("score", patience=3), []
-    state = run(
-        tmp_path,
-        checkpoints,
-        total=40,
-        eval_every=4,
-        evaluate=scored,
-        early_stopping=more,
-        loops=loops,
-    )
-    straight = tmp_path / "straight"
-    once = runner.EarlyStopping("score", patience=3)
-    reference = run(
-        straight, Checkpoints(), total=40, eval_every=4, evaluate=scored, early_stopping=once
-    )
+    state, more, _ = patient(tmp_path, checkpoints, 3)
+    reference, once, _ = patient(tmp_path / "straight", Checkpoints(), 3)
     assert int(state.step) == int(reference.step) == 32  # 20 improved; 24, 28, 32 did not
     assert more.state() == once.state() == {"best": 4.0, "best_step": 20, "stale": 3}
-    assert records(tmp_path) == records(straight)
+    assert records(tmp_path) == records(tmp_path / "straight")
 
 
-@pytest.mark.parametrize("killed_after", [6, 13, 18])
+@pytest.mark.parametrize("killed_after", [6, 13, 15])
 def test_a_resumed_run_stops_where_an_uninterrupted_one_does(tmp_path, killed_after):
-    straight = tmp_path / "straight"
-    once = runner.EarlyStopping("score", patience=2)
-    reference = run(
-        straight, Checkpoints(), total=40, eval_every=4, evaluate=scored, early_stopping=once
-    )
-    resumed, checkpoints = tmp_path / "resumed", Checkpoints()
-    run(
-        resumed,
-        checkpoints,
-        total=40,
-        eval_every=4,
-        evaluate=scored,
-        early_stopping=runner.EarlyStopping("score", patience=2),
-        stop_after=killed_after,
-    )
-    again = runner.EarlyStopping("score", patience=2)
-    state = run(resumed, checkpoints, total=40, eval_every=4, evaluate=scored, early_stopping=again)
+    reference, once, _ = patient(tmp_path / "straight", Checkpoints(), 2)
+    checkpoints = Checkpoints()
+    assert patient(tmp_path / "resumed", checkpoints, 2, stop_after=killed_after)[0] is None
+    state, again, _ = patient(tmp_path / "resumed", checkpoints, 2)
     assert int(state.step) == int(reference.step) == 16
     assert again.state() == once.state()
-    assert records(resumed) == records(straight)
+    assert records(tmp_path / "resumed") == records(tmp_path / "straight")
 
 
 def test_checkpoints_saved_without_early_stopping_replay_the_logged_validations(tmp_path):
@@ -377,8 +350,5 @@ def test_checkpoints_saved_without_early_stopping_replay_the_logged_validations(
     run(tmp_path, checkpoints, total=12, eval_every=4, evaluate=scored)  # no early stopping
     for _state, extra in checkpoints.saved.values():  # as written before train.patience
         extra.pop("early_stop", None)
-    early = runner.EarlyStopping("score", patience=2)
-    state = run(
-        tmp_path, checkpoints, total=40, eval_every=4, evaluate=scored, early_stopping=early
-    )
+    state, early, _ = patient(tmp_path, checkpoints, 2)
     assert int(state.step) == 16 and (early.best_step, early.stale) == (8, 2)
