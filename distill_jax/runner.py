@@ -371,7 +371,11 @@ class TrainLoop:
     callbacks: Sequence[Callback] = ()
     # stops the loop before schedule.total_steps (its state is checkpointed with the run's)
     early_stopping: EarlyStopping | None = None
-    stopped_early: bool = False  # set by run(): early_stopping ended it
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether ``early_stopping``'s patience is spent (the loop ends, or ended, there)."""
+        return self.early_stopping is not None and self.early_stopping.exhausted
 
     def run(self, state: Any) -> Any:
         """Runs the loop; returns the last state.
@@ -406,7 +410,6 @@ class TrainLoop:
             partial = True  # resumed from a checkpoint that does not hold its log window
         step = start
         early = self.early_stopping
-        self.stopped_early = early is not None and early.exhausted
         while step < total_steps and not self.stopped_early:
             batch = next(self.batches)
             for callback in self.callbacks:
@@ -444,7 +447,7 @@ class TrainLoop:
                 eval_values = self.evaluate(state, step)
                 log.write(step, "valid", eval_values)
                 if early is not None:
-                    self.stopped_early = early.update(step, eval_values)
+                    early.update(step, eval_values)
                 for callback in self.callbacks:
                     callback.on_eval(step, eval_values, state)
                 if is_chief():
