@@ -61,7 +61,7 @@ class TeacherRun:
 
     directory: str  # WORKDIR/teacher: checkpoints/, metrics.jsonl, config.json
     final_step: int  # the last step trained (teacher.steps unless preempted)
-    best_step: int | None  # the checkpoint with the lowest validation loss
+    best_step: int | None  # the checkpoint with the highest validation stride top-1
     validation: dict  # the last validation record's values (loss, masked_accuracy, ...)
 
 

@@ -190,9 +190,15 @@ def teacher_schedule(config: ExperimentConfig):
 
 
 def checkpoint_policy(config: ExperimentConfig) -> CheckpointPolicy:
-    """The teacher's checkpoints: the last two plus the best by validation loss."""
+    """The teacher's checkpoints: the last two plus the best by validation stride top-1,
+    the accuracy of what the soft targets will hold (``teacher_quality``; every teacher
+    validation measures it). The masked-token loss can rise from overfitting while the
+    stride top-1 still improves, so the loss would keep, and pick, the wrong checkpoint."""
     return CheckpointPolicy(
-        save_every=config.teacher.save_every, keep_last=2, best_metric="loss", best_mode="min"
+        save_every=config.teacher.save_every,
+        keep_last=2,
+        best_metric="stride_top1",
+        best_mode="max",
     )
 
 
@@ -324,8 +330,8 @@ def select_finetuned(
     config: ExperimentConfig, workdir: Path, step: int | None = None
 ) -> TeacherCheckpoint:
     """The teacher checkpoint to take soft targets from: ``step`` when given (it must be
-    saved), else the best by validation loss of a *finished* run (one that saved step
-    ``teacher.steps``). An unfinished run (killed, preempted, still training) is refused:
+    saved), else the best by validation stride top-1 of a *finished* run (one that saved
+    step ``teacher.steps``; the last step when no checkpoint recorded a stride top-1). An unfinished run (killed, preempted, still training) is refused:
     its soft targets would silently differ from the finished teacher's."""
     import json
 

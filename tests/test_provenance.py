@@ -24,16 +24,18 @@ def _config(steps=4):
     )
 
 
-def _teacher_run(workdir, config, losses):
-    """A teacher checkpoint folder as train-teacher leaves it: a step per loss."""
+def _teacher_run(workdir, config, top1, losses=None):
+    """A teacher checkpoint folder as train-teacher leaves it: a step per validation stride
+    top-1 in ``top1`` (the masked-token loss of each step from ``losses``, or 1 - top-1)."""
     directory = workdir / "teacher" / "checkpoints"
     with trainer.checkpointer(directory, teacher_lib.checkpoint_policy(config)) as manager:
-        for step, loss in losses.items():
+        for step, value in top1.items():
+            loss = (losses or {}).get(step, 1.0 - value)
             manager.save(
                 step,
                 {"w": jnp.full((3,), float(step))},
                 extra={"data": {"position": step}},
-                metrics={"loss": loss},
+                metrics={"loss": loss, "stride_top1": value},
                 force=True,
             )
     return directory
@@ -41,7 +43,7 @@ def _teacher_run(workdir, config, losses):
 
 def test_a_finished_run_gives_its_best_checkpoint(tmp_path):
     config = _config()
-    _teacher_run(tmp_path, config, {2: 1.0, 4: 2.0})
+    _teacher_run(tmp_path, config, {2: 0.7, 4: 0.6})
     chosen = teacher_lib.select_finetuned(config, tmp_path)
     assert (chosen.step, chosen.saved_steps, chosen.explicit) == (2, (2, 4), False)
     assert re.fullmatch(r"[0-9a-f]{64}", chosen.digest)
@@ -50,10 +52,28 @@ def test_a_finished_run_gives_its_best_checkpoint(tmp_path):
     assert teacher_lib.select_finetuned(config, tmp_path, 4).digest != chosen.digest
 
 
+def test_the_best_checkpoint_is_the_best_stride_top1_not_the_lowest_loss(tmp_path):
+    """Late in a long fine-tuning the masked-token loss can rise (overfitting) while the
+    stride top-1, the accuracy of what the soft targets hold, still improves, or the other
+    way round: the teacher's checkpoint is chosen, and kept, by the stride top-1."""
+    config = _config(steps=8)
+    directory = _teacher_run(
+        tmp_path,
+        config,
+        {2: 0.60, 4: 0.75, 6: 0.70, 8: 0.72},
+        losses={2: 2.0, 4: 1.5, 6: 1.2, 8: 1.1},
+    )
+    chosen = teacher_lib.select_finetuned(config, tmp_path)
+    assert chosen.step == 4  # the lowest loss is step 8's
+    # Kept: the last two (6, 8) and the best by stride top-1 (4); 2 is deleted.
+    assert chosen.saved_steps == (4, 6, 8)
+    assert sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) == [4, 6, 8]
+
+
 def test_the_digest_tells_apart_two_runs_at_the_same_step(tmp_path):
     config = _config()
-    _teacher_run(tmp_path / "a", config, {2: 1.0, 4: 0.5})
-    _teacher_run(tmp_path / "b", config, {2: 1.0, 4: 0.6})
+    _teacher_run(tmp_path / "a", config, {2: 0.5, 4: 0.7})
+    _teacher_run(tmp_path / "b", config, {2: 0.5, 4: 0.65})
     a = teacher_lib.select_finetuned(config, tmp_path / "a")
     b = teacher_lib.select_finetuned(config, tmp_path / "b")
     assert a.step == b.step == 4 and a.digest != b.digest
@@ -61,7 +81,7 @@ def test_the_digest_tells_apart_two_runs_at_the_same_step(tmp_path):
 
 def test_an_unfinished_run_is_refused_unless_a_step_is_asked_for(tmp_path):
     config = _config(steps=6)
-    _teacher_run(tmp_path, config, {2: 1.0, 4: 0.5})  # killed before step 6
+    _teacher_run(tmp_path, config, {2: 0.5, 4: 0.7})  # killed before step 6
     with pytest.raises(
         UserError,
         match=r"teacher run in .* has not finished: its last "
@@ -80,7 +100,7 @@ def test_an_unfinished_run_is_refused_unless_a_step_is_asked_for(tmp_path):
 
 def test_a_teacher_run_made_with_other_steps_is_refused(tmp_path):
     config = _config(steps=4)
-    _teacher_run(tmp_path, config, {2: 1.0, 4: 0.5})
+    _teacher_run(tmp_path, config, {2: 0.5, 4: 0.7})
     (tmp_path / "teacher" / "config.json").write_text(json.dumps({"steps": 8}))
     with pytest.raises(
         UserError,
@@ -98,7 +118,7 @@ def test_no_teacher_run(tmp_path):
 
 def test_an_emptied_metadata_file_is_named(tmp_path):
     config = _config()
-    directory = _teacher_run(tmp_path, config, {2: 1.0, 4: 0.5})
+    directory = _teacher_run(tmp_path, config, {2: 0.5, 4: 0.7})
     (directory / "4" / "extra" / "metadata").write_text("")
     with pytest.raises(
         UserError,
