@@ -193,7 +193,8 @@ def checkpoint_policy(config: ExperimentConfig) -> CheckpointPolicy:
     """The teacher's checkpoints: the last two plus the best by validation stride top-1,
     the accuracy of what the soft targets will hold (``teacher_quality``; every teacher
     validation measures it). The masked-token loss can rise from overfitting while the
-    stride top-1 still improves, so the loss would keep, and pick, the wrong checkpoint."""
+    stride top-1 still improves, so the loss would keep, and pick, the wrong checkpoint.
+    A tie goes to the later step (``Checkpointer.best_step``)."""
     return CheckpointPolicy(
         save_every=config.teacher.save_every,
         keep_last=2,

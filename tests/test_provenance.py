@@ -70,6 +70,15 @@ def test_the_best_checkpoint_is_the_best_stride_top1_not_the_lowest_loss(tmp_pat
     assert sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) == [4, 6, 8]
 
 
+def test_a_stride_top1_tie_goes_to_the_later_checkpoint(tmp_path):
+    """Equal stride top-1 (the same count of right positions) at two steps: the later one,
+    which trained longer, is kept and chosen."""
+    config = _config(steps=8)
+    _teacher_run(tmp_path, config, {2: 0.60, 4: 0.75, 6: 0.75, 8: 0.72})
+    chosen = teacher_lib.select_finetuned(config, tmp_path)
+    assert (chosen.step, chosen.saved_steps) == (6, (6, 8))
+
+
 def test_the_digest_tells_apart_two_runs_at_the_same_step(tmp_path):
     config = _config()
     _teacher_run(tmp_path / "a", config, {2: 0.5, 4: 0.7})
