@@ -192,8 +192,9 @@ def teacher_schedule(config: ExperimentConfig):
 def checkpoint_policy(config: ExperimentConfig) -> CheckpointPolicy:
     """The teacher's checkpoints: the last two plus the best by validation stride top-1,
     the accuracy of what the soft targets will hold (``teacher_quality``; every teacher
-    validation measures it). The masked-token loss can rise from overfitting while the
-    stride top-1 still improves, so the loss would keep, and pick, the wrong checkpoint.
+    validation measures it). The masked-token loss can disagree with it late in a long run
+    (the lowest loss is not the best stride top-1), and would then keep and pick another
+    checkpoint than the one whose soft targets are most accurate.
     A tie goes to the later step (``Checkpointer.best_step``)."""
     return CheckpointPolicy(
         save_every=config.teacher.save_every,
@@ -332,8 +333,9 @@ def select_finetuned(
 ) -> TeacherCheckpoint:
     """The teacher checkpoint to take soft targets from: ``step`` when given (it must be
     saved), else the best by validation stride top-1 of a *finished* run (one that saved
-    step ``teacher.steps``; the last step when no checkpoint recorded a stride top-1). An unfinished run (killed, preempted, still training) is refused:
-    its soft targets would silently differ from the finished teacher's."""
+    step ``teacher.steps``; the last step when no checkpoint recorded a stride top-1). An
+    unfinished run (killed, preempted, still training) is refused: its soft targets would
+    silently differ from the finished teacher's."""
     import json
 
     from distill_jax import storage
