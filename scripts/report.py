@@ -1,7 +1,8 @@
 """Prints the results table of an experiment work directory and draws its training curves.
 
   python scripts/report.py WORKDIR [WORKDIR ...] [--runs NAME,...] [--json results/NAME.json]
-                          [--metrics bleu,rougeL]
+                          [--metrics bleu,rougeL] [--baseline NAME]
+                          [--records FILE.json ... [--records-runs NAME,...]]
 
 Reads WORKDIR/students/*/results.json (BLEU, and ROUGE-1/2/L when the runs recorded it) of
 every WORKDIR (e.g. a second work directory with another teacher; run names must not
@@ -9,6 +10,10 @@ repeat across them), optionally only the runs named by --runs, and the metrics.j
 writes WORKDIR/curves.png (teacher and student losses, validation BLEU) for the first
 WORKDIR when matplotlib is installed. Runs named ``STEM`` and ``STEM-s<seed>`` (scripts/seeds.sh) are also summarised
 per stem as mean +- sample standard deviation over their seeds.
+
+--records FILE.json adds runs recorded earlier by --json (e.g. baselines whose work
+directory is gone; --records-runs NAME,... takes only those) to the table, each keeping
+the hardware and commit it was recorded with; a work directory is then optional.
 """
 
 import argparse
@@ -18,6 +23,7 @@ import platform
 import re
 import statistics
 import sys
+from typing import NoReturn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from provenance import cpu_model, git_commit  # noqa: E402
@@ -59,47 +65,117 @@ def _with_temperature(result: dict, path: pathlib.Path) -> dict:
     return result
 
 
+RECORD_FIELDS = ("system", "kd", "split", "metric", "value", "checkpoint", "steps")
+
+
+def load_records(path: pathlib.Path, only: list[str] | None = None) -> list[dict]:
+    """The runs in ``path`` (records written by ``--json``; only those called ``only`` when
+    given) in the shape of a results.json, plus the ``hardware`` and ``commit`` they were
+    recorded with."""
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        fail(f"--records {path}: cannot read it as JSON ({e})")
+    if not isinstance(records, list) or not records:
+        fail(f"--records {path}: expected a non-empty list of records (report.py --json)")
+    runs: dict[str, dict] = {}
+    for i, r in enumerate(records):
+        missing = [f for f in RECORD_FIELDS if not isinstance(r, dict) or f not in r]
+        if missing:
+            fail(f"--records {path}: record {i} has no {', '.join(missing)}")
+        run = runs.setdefault(
+            r["system"],
+            {
+                "name": r["system"],
+                "kd": r["kd"],
+                "teacher": r.get("teacher"),
+                "seed": r.get("seed"),
+                "checkpoint": r["checkpoint"],
+                "steps": r["steps"],
+                "trained_steps": r.get("trained_steps", r["steps"]),
+                "stopped_early": r.get("stopped_early"),
+                "hardware": r.get("hardware", "unknown"),
+                "commit": r.get("commit", "unknown"),
+                "recorded_in": str(path),
+                "splits": {},
+            },
+        )
+        if run["stopped_early"]:
+            found = re.search(r"patience (\d+)\)", run["stopped_early"])
+            run["patience"] = int(found.group(1)) if found else "?"
+        split = run["splits"].setdefault(r["split"], {})
+        if r["metric"] in split:
+            fail(f"--records {path}: {r['system']} {r['split']} {r['metric']} is recorded twice")
+        split[r["metric"]] = r["value"]
+        if "signature" in r:
+            split["bleu_signature"] = r["signature"]
+    if only is None:
+        return list(runs.values())
+    missing = [n for n in only if n not in runs]
+    if missing:
+        fail(f"--records {path}: no run called {', '.join(missing)} (it has {', '.join(runs)})")
+    return [runs[n] for n in only]
+
+
+def fail(message: str) -> NoReturn:
+    """Stops on bad input: the message on stderr, exit status 2."""
+    print(f"report.py: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def results_table(
     workdir: pathlib.Path | list[pathlib.Path],
     metrics: list[str] | None = None,
     names: list[str] | None = None,
     baseline: str | None = None,
+    recorded: list[dict] | None = None,
 ) -> tuple[str, list[dict]]:
     """The per-run table (and per-seed summary) of ``metrics`` on every scored split of the
     runs in ``workdir`` (one or several; only those called ``names``, in that order, when
     given); by default BLEU, plus ROUGE-1/2/L when every run recorded them. With
-    ``baseline`` (a run name), every score also shows its difference from that run's.
-    Returns (text, records)."""
+    ``baseline`` (a run name), every score also shows its difference from that run's, and
+    every seed group its mean's difference from the baseline's group. ``recorded``: runs
+    from :func:`load_records`, tabled beside the work directories' (with their own
+    hardware and commit). Returns (text, records)."""
     workdirs = [workdir] if isinstance(workdir, pathlib.Path) else list(workdir)
-    runs = []
+    recorded = list(recorded or [])
+    runs: list[tuple[str, str, pathlib.Path | dict]] = []  # (name, where, results.json | run)
     for w in workdirs:
         found = sorted((w / "students").glob("*/results.json"))
         if not found:
             sys.exit(f"no students/*/results.json in {w}: run train-student first")
-        runs += found
-    by_name: dict[str, pathlib.Path] = {}
-    for path in runs:
-        name = path.parent.name
-        if name in by_name:
+        runs += [(p.parent.name, str(w), p) for p in found]
+    runs += [(r["name"], "the --records", r) for r in recorded]
+    if not runs:
+        fail("nothing to table: give a work directory or --records")
+    by_name: dict[str, tuple[str, str, pathlib.Path | dict]] = {}
+    for run in runs:
+        name = run[0]
+        if name in by_name and (names is None or name in names):
             sys.exit(
-                f"run name {name!r} is in both {by_name[name].parent.parent.parent} and "
-                f"{path.parent.parent.parent}: rename one (train-student --name)"
+                f"run name {name!r} is in both {by_name[name][1]} and {run[1]}: "
+                "rename one (train-student --name) or choose with --runs"
             )
-        by_name[name] = path
+        by_name.setdefault(name, run)
     if names is not None:
         missing = [n for n in names if n not in by_name]
         if missing:
-            sys.exit(
-                f"no finished run called {', '.join(missing)} in {', '.join(map(str, workdirs))}"
-            )
+            where = [*map(str, workdirs), *(["the --records"] if recorded else [])]
+            sys.exit(f"no finished run called {', '.join(missing)} in {', '.join(where)}")
         runs = [by_name[n] for n in names]
-    results = [_with_temperature(json.loads(p.read_text()), p) for p in runs]
+    results = [
+        src if isinstance(src, dict) else _with_temperature(json.loads(src.read_text()), src)
+        for _, _, src in runs
+    ]
+    paths = [src for _, _, src in runs]
     splits = list(results[0]["splits"])
     if metrics is None:
         metrics = [
             m for m in METRICS if all(m in r["splits"][s] for r in results for s in r["splits"])
         ]
-    for path, r in zip(runs, results):
+    for path, r in zip(paths, results):
+        if isinstance(path, dict):
+            path = f"{r['name']} (--records)"
         for s in splits:
             missing = [m for m in metrics if m not in r["splits"].get(s, {})]
             if missing:
@@ -147,21 +223,36 @@ def results_table(
                     "split": s,
                     "metric": m,
                     "value": r["splits"][s][m],
-                    **({"signature": r["splits"][s]["bleu_signature"]} if m == "bleu" else {}),
+                    **(
+                        {"signature": r["splits"][s].get("bleu_signature", "unknown")}
+                        if m == "bleu"
+                        else {}
+                    ),
                     "checkpoint": r["checkpoint"],
                     "steps": r["steps"],
                     "trained_steps": r.get("trained_steps", r["steps"]),
                     "stopped_early": r.get("stopped_early"),
-                    "hardware": hardware,
-                    "commit": commit,
+                    "hardware": r["hardware"] if "recorded_in" in r else hardware,
+                    "commit": r["commit"] if "recorded_in" in r else commit,
                 }
             )
     table = "\n".join(lines)
     if reference is not None:
         table += f"\n\n(in brackets: the difference from {baseline})"
     if "bleu" in metrics:
-        table += f"\n\nsacreBLEU signature: {results[0]['splits'][splits[0]]['bleu_signature']}"
-    summary = seed_summary(records, columns)
+        signature = results[0]["splits"][splits[0]].get("bleu_signature", "unknown")
+        table += f"\n\nsacreBLEU signature: {signature}"
+    sources: dict[tuple[str, str, str], list[str]] = {}
+    for r in results:
+        if "recorded_in" in r:
+            key = (r["recorded_in"], r["commit"], r["hardware"])
+            sources.setdefault(key, []).append(r["name"])
+    for (path, run_commit, run_hardware), run_names in sources.items():
+        table += (
+            f"\n\nrecorded earlier (--records {path}, commit {run_commit}, {run_hardware}): "
+            + ", ".join(run_names)
+        )
+    summary = seed_summary(records, columns, seed_stem(baseline) if reference else None)
     return table + ("\n\n" + summary if summary else ""), records
 
 
@@ -179,8 +270,11 @@ def seed_stem(name: str) -> str:
     return re.sub(r"-s\d+$", "", name)
 
 
-def seed_summary(records: list[dict], columns: list[tuple[str, str]]) -> str:
-    """Mean +- sample std over the seeds of every ``STEM[-s<seed>]`` group with >= 2 runs."""
+def seed_summary(
+    records: list[dict], columns: list[tuple[str, str]], reference: str | None = None
+) -> str:
+    """Mean +- sample std over the seeds of every ``STEM[-s<seed>]`` group with >= 2 runs;
+    with ``reference`` (a stem), every other group's mean also shows its difference."""
     groups: dict[str, dict[tuple[str, str], list[float]]] = {}
     for r in records:
         stem = seed_stem(r["system"])
@@ -195,10 +289,13 @@ def seed_summary(records: list[dict], columns: list[tuple[str, str]]) -> str:
         "|---|---|" + "---|" * len(columns),
     ]
     for stem, by_column in groups.items():
-        cells = [
-            f"{statistics.mean(by_column[c]):.2f} ± {statistics.stdev(by_column[c]):.2f}"
-            for c in columns
-        ]
+        cells = []
+        for c in columns:
+            mean = statistics.mean(by_column[c])
+            cell = f"{mean:.2f} ± {statistics.stdev(by_column[c]):.2f}"
+            if reference in groups and stem != reference:
+                cell += f" ({mean - statistics.mean(groups[reference][c]):+.2f})"
+            cells.append(cell)
         lines.append(f"| {stem} | {len(by_column[columns[0]])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -271,7 +368,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("workdir", type=pathlib.Path, nargs="+")
+    parser.add_argument("workdir", type=pathlib.Path, nargs="*")
+    parser.add_argument(
+        "--records",
+        type=pathlib.Path,
+        action="append",
+        default=[],
+        help="a JSON file of records (--json) whose runs join the table; repeatable",
+    )
+    parser.add_argument(
+        "--records-runs",
+        default=None,
+        help="comma-separated: take only these runs from every --records file",
+    )
     parser.add_argument(
         "--runs",
         default=None,
@@ -299,15 +408,21 @@ def main() -> None:
                 f"--metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}"
             )
     names = [n.strip() for n in args.runs.split(",") if n.strip()] if args.runs else None
-    table, records = results_table(args.workdir, metrics, names, args.baseline)
+    if not args.workdir and not args.records:
+        parser.error("give a work directory or --records")
+    only = None
+    if args.records_runs:
+        only = [n.strip() for n in args.records_runs.split(",") if n.strip()]
+    recorded = [run for path in args.records for run in load_records(path, only)]
+    table, records = results_table(args.workdir, metrics, names, args.baseline, recorded)
     print(table)
-    teacher = teacher_line(args.workdir[0])
+    teacher = teacher_line(args.workdir[0]) if args.workdir else None
     if teacher:
         print(teacher)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=2))
-    out = plot(args.workdir[0])
+    out = plot(args.workdir[0]) if args.workdir else None
     if out:
         print(f"training curves: {out}")
 

@@ -227,3 +227,68 @@ def test_a_run_stopped_by_patience_says_how_far_it_trained(tmp_path):
         400,
         reason,
     )
+
+
+def test_recorded_runs_join_the_table_with_their_own_provenance(tmp_path):
+    """Baselines whose work directory is gone, from an earlier --json, beside new runs."""
+    old = tmp_path / "old"
+    for i, (val, test) in enumerate(((10.0, 11.0), (12.0, 13.0), (14.0, 12.0))):
+        _write(old, "baseline" + (f"-s{i}" if i else ""), "none", i, val, test)
+    _write(old, "t1", "offline", 0, 99.0, 99.0)  # an older t1: must not be confused
+    _, old_records = report.results_table(old)
+    for r in old_records:
+        r.update(commit="0ld", hardware="old CPU")
+    saved = tmp_path / "old.json"
+    saved.write_text(json.dumps(old_records))
+    new = tmp_path / "new"
+    for i, (val, test) in enumerate(((11.0, 12.5), (13.0, 14.0), (15.0, 12.5))):
+        _write(new, "t1" + (f"-s{i}" if i else ""), "offline", i, val, test)
+    recorded = report.load_records(saved)
+    assert {r["name"] for r in recorded} == {"baseline", "baseline-s1", "baseline-s2", "t1"}
+    try:  # two runs called t1: the report must not pick one silently
+        report.results_table([new], recorded=recorded)
+    except SystemExit as exit_:
+        assert "'t1'" in str(exit_) and "--records" in str(exit_)
+    else:
+        raise AssertionError("two runs called t1 must stop the report")
+    names = ["baseline", "baseline-s1", "baseline-s2", "t1", "t1-s1", "t1-s2"]
+    try:  # naming t1 does not say which
+        report.results_table([new], names=names, recorded=recorded)
+    except SystemExit as exit_:
+        assert "'t1'" in str(exit_)
+    else:
+        raise AssertionError("two runs called t1 must stop the report")
+    recorded = report.load_records(saved, only=names[:3])
+    table, records = report.results_table(
+        [new], names=names, baseline="baseline", recorded=recorded
+    )
+    assert "| t1 | 3 | 13.00 ± 2.00 (+1.00) | 13.00 ± 0.87 (+1.00) |" in table
+    assert "| baseline | 3 | 12.00 ± 2.00 | 12.00 ± 1.00 |" in table
+    assert "99.00" not in table  # the old t1 was not chosen
+    by_system = {r["system"]: r for r in records if r["split"] == "val"}
+    assert by_system["baseline-s1"]["commit"] == "0ld"
+    assert by_system["baseline-s1"]["hardware"] == "old CPU"
+    assert by_system["t1-s1"]["commit"] != "0ld"  # a new run: this checkout's provenance
+    assert by_system["baseline-s1"]["value"] == 12.0
+    assert f"recorded earlier (--records {saved}, commit 0ld, old CPU): baseline, " in table
+
+
+def test_bad_records_are_named_and_exit_2(tmp_path, capsys):
+    _write(tmp_path, "b", "none", 0, 1.0, 2.0)
+    _, records = report.results_table(tmp_path)
+    for content, words in (
+        ("not json", ["cannot read it as JSON"]),
+        ("[]", ["non-empty list"]),
+        ('[{"system": "b", "kd": "none"}]', ["record 0 has no", "split", "value"]),
+        (json.dumps(records), ["no run called nope", "(it has b)"]),
+    ):
+        path = tmp_path / "bad.json"
+        path.write_text(content)
+        try:
+            report.load_records(path, only=["nope"] if "nope" in words[0] else None)
+        except SystemExit as exit_:
+            assert exit_.code == 2
+            err = capsys.readouterr().err
+            assert str(path) in err and all(w in err for w in words), err
+        else:
+            raise AssertionError(f"{content!r} must stop the report")
