@@ -102,11 +102,13 @@ def extract(
     # The teacher checkpoint the targets come from (an unfinished run is refused unless
     # --teacher-step names one); its step and digest are part of the cache's identity.
     selected = teacher_lib.select_finetuned(config, workdir, teacher_step)
-    if selected.explicit and selected.step < config.teacher.steps and runner.is_chief():
+    last_saved = selected.saved_steps[-1]
+    if selected.explicit and last_saved < config.teacher.steps and runner.is_chief():
         logger.warning(
-            "soft targets from the teacher checkpoint of step %d (--teacher-step), "
-            "not from a finished run of teacher.steps=%d",
+            "soft targets from the teacher checkpoint of step %d (--teacher-step) of an "
+            "unfinished run: its last checkpoint is step %d of teacher.steps=%d",
             selected.step,
+            last_saved,
             config.teacher.steps,
         )
     identity = dataclasses.replace(

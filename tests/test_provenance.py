@@ -213,7 +213,7 @@ def test_soft_targets_follow_the_teacher_checkpoint(experiment, capsys):
     assert status == 2 and "has not finished" in err
     assert not (workdir / "students" / "online" / "checkpoints").exists()
 
-    status, out, _ = _cli(
+    status, out, err = _cli(
         workdir,
         teacher,
         "soft-targets",
@@ -224,6 +224,7 @@ def test_soft_targets_follow_the_teacher_checkpoint(experiment, capsys):
         capsys=capsys,
     )
     assert status == 0 and "from the teacher checkpoint step 2" in out
+    assert "of an unfinished run: its last checkpoint is step 2 of teacher.steps=4" in err
     early = teacher_lib.select_finetuned(config, workdir, 2)
     assert (_header(workdir)["teacher_step"], _header(workdir)["teacher_digest"]) == (
         2,
@@ -251,6 +252,12 @@ def test_soft_targets_follow_the_teacher_checkpoint(experiment, capsys):
     # Asking for the early checkpoint now refuses the cache made from the final one.
     status, _, err = _cli(workdir, teacher, "train-student", "--teacher-step", "2", capsys=capsys)
     assert status == 2 and "soft-targets --force --teacher-step 2" in err
+    # An early checkpoint of a finished run, named on purpose: no warning of an unfinished run.
+    status, out, err = _cli(
+        workdir, teacher, "soft-targets", "--force", "--teacher-step", "2", capsys=capsys
+    )
+    assert status == 0 and "from the teacher checkpoint step 2" in out
+    assert "unfinished" not in err and _header(workdir)["teacher_step"] == 2
 
 
 @pytest.mark.slow
