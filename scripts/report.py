@@ -100,9 +100,10 @@ def load_records(path: pathlib.Path, only: list[str] | None = None) -> list[dict
                 "splits": {},
             },
         )
-        if run["stopped_early"]:
+        if run["stopped_early"] and "patience" not in run:
+            # Records before the "patience" field: the stop message names it.
             found = re.search(r"patience (\d+)\)", run["stopped_early"])
-            run["patience"] = int(found.group(1)) if found else "?"
+            run["patience"] = r.get("patience") or (int(found.group(1)) if found else "?")
         split = run["splits"].setdefault(r["split"], {})
         if r["metric"] in split:
             fail(f"--records {path}: {r['system']} {r['split']} {r['metric']} is recorded twice")
@@ -167,15 +168,13 @@ def results_table(
         src if isinstance(src, dict) else _with_temperature(json.loads(src.read_text()), src)
         for _, _, src in runs
     ]
-    paths = [src for _, _, src in runs]
     splits = list(results[0]["splits"])
     if metrics is None:
         metrics = [
             m for m in METRICS if all(m in r["splits"][s] for r in results for s in r["splits"])
         ]
-    for path, r in zip(paths, results):
-        if isinstance(path, dict):
-            path = f"{r['name']} (--records)"
+    for (_, _, src), r in zip(runs, results):
+        path = src if isinstance(src, pathlib.Path) else f"{r['name']} (--records)"
         for s in splits:
             missing = [m for m in metrics if m not in r["splits"].get(s, {})]
             if missing:
@@ -232,6 +231,7 @@ def results_table(
                     "steps": r["steps"],
                     "trained_steps": r.get("trained_steps", r["steps"]),
                     "stopped_early": r.get("stopped_early"),
+                    "patience": r.get("patience"),
                     "hardware": r["hardware"] if "recorded_in" in r else hardware,
                     "commit": r["commit"] if "recorded_in" in r else commit,
                 }

@@ -227,6 +227,11 @@ def test_a_run_stopped_by_patience_says_how_far_it_trained(tmp_path):
         400,
         reason,
     )
+    saved = tmp_path / "records.json"  # read back by --records: the same steps cell
+    saved.write_text(json.dumps(records))
+    recorded = report.load_records(saved, only=["patient"])
+    assert recorded[0]["patience"] == 2
+    assert report.steps_cell(recorded[0]) == "400 of 2000 (val stopped improving, patience 2)"
 
 
 def test_recorded_runs_join_the_table_with_their_own_provenance(tmp_path):
