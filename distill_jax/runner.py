@@ -8,10 +8,13 @@ jitted steps and in Orbax's (collective) checkpoint saves and restores.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
+import pathlib
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,6 +36,36 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def is_chief() -> bool:
     return jax.process_index() == 0
+
+
+@functools.cache
+def code_version() -> dict:
+    """The code a run is made with, for its results: the package version and, when the
+    package is imported from a git checkout (an editable install), its commit, with
+    ``+dirty`` when tracked files differ from it (None elsewhere, or without git)."""
+    from distill_jax import __version__
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    commit = None
+    if (root / ".git").exists():
+        try:
+            git = ["git", "-C", str(root)]
+            head = subprocess.run(
+                [*git, "rev-parse", "--short=12", "HEAD"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            dirty = subprocess.run(
+                [*git, "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            commit = head + ("+dirty" if dirty else "")
+        except (OSError, subprocess.CalledProcessError):
+            commit = None
+    return {"version": __version__, "commit": commit}
 
 
 def check_or_save_config(

@@ -501,6 +501,7 @@ def write_results(
         "stopped_early": None if stopped is None else stopped[1],
         "seed": config.train.seed,
         "checkpoint": which,
+        "code": runner.code_version(),
         "teacher": None
         if kd == "none"
         else {

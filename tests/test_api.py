@@ -279,6 +279,7 @@ def test_a_finished_student_trains_on_with_more_steps_or_until_val_stops_improvi
     out = workdir / "students" / "baseline"
     assert first.finished and first.results["trained_steps"] == 4
     assert first.results["stopped_early"] is None and first.results["patience"] == 0
+    assert first.results["code"] == runner.code_version()  # the code that trained it
     before = {p.name: p.read_text() for p in [out / "results.json", *out.glob("*.hyp.txt")]}
 
     longer = dj.load_config(CONFIG, [*sets, "train.steps=8"])

@@ -30,3 +30,15 @@ def test_git_commit_outside_a_checkout_is_unknown(tmp_path):
 def test_cpu_model_is_a_name():
     model = provenance.cpu_model()
     assert isinstance(model, str) and model.strip() == model and model
+
+
+def test_runs_record_the_code_they_were_made_with():
+    """results.json's ``code`` (distill_jax.runner.code_version): the package version and the
+    commit of the checkout the package is imported from, as scripts/provenance.py names it."""
+    import distill_jax
+    from distill_jax import runner
+
+    code = runner.code_version()
+    assert code["version"] == distill_jax.__version__
+    expected = provenance.git_commit()
+    assert code["commit"] == (None if expected == "unknown" else expected)
