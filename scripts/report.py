@@ -233,7 +233,7 @@ def results_table(
                     "stopped_early": r.get("stopped_early"),
                     "patience": r.get("patience"),
                     "hardware": r["hardware"] if "recorded_in" in r else hardware,
-                    "commit": r["commit"] if "recorded_in" in r else commit,
+                    "commit": r["commit"] if "recorded_in" in r else trained_commit(r, commit),
                 }
             )
     table = "\n".join(lines)
@@ -336,19 +336,40 @@ def plot(workdir: pathlib.Path) -> pathlib.Path | None:
     return out
 
 
+def distilled_steps(workdir: pathlib.Path) -> set[int]:
+    """The teacher checkpoints the distilled students of ``workdir`` read (results.json's
+    ``teacher.checkpoint_step``)."""
+    steps = set()
+    for path in (workdir / "students").glob("*/results.json"):
+        teacher = json.loads(path.read_text()).get("teacher") or {}
+        if teacher.get("checkpoint_step") is not None:
+            steps.add(int(teacher["checkpoint_step"]))
+    return steps
+
+
+def trained_commit(result: dict, fallback: str) -> str:
+    """The commit a run was trained with (results.json's ``code.commit``); ``fallback``
+    (this checkout's) for runs that predate it or were not made from a git checkout."""
+    return (result.get("code") or {}).get("commit") or fallback
+
+
 def teacher_line(workdir: pathlib.Path) -> str | None:
-    """The teacher's last validation (masked accuracy, stride-masked soft-target quality)
-    beside the students' last validation accuracy: a teacher helps only when its stride
-    top-1 is clearly above the baseline's accuracy. None without a teacher run."""
+    """The teacher's validation (masked accuracy, stride-masked soft-target quality) at the
+    checkpoint the distilled students read (the last validation when they name none or
+    several), beside the students' last validation accuracy: a teacher helps only when its
+    stride top-1 is clearly above the baseline's accuracy. None without a teacher run."""
     valid = [
         r for r in read_jsonl(workdir / "teacher" / "metrics.jsonl") if r.get("split") == "valid"
     ]
     if not valid:
         return None
-    last = valid[-1]
+    used = distilled_steps(workdir)
+    at = [r for r in valid if len(used) == 1 and r["step"] in used]
+    last = at[-1] if at else valid[-1]
     parts = [
-        f"teacher at step {last['step']}: masked accuracy "
-        f"{100 * last.get('masked_accuracy', float('nan')):.1f}%"
+        f"teacher at step {last['step']}"
+        + (" (the distilled students' soft targets)" if at else "")
+        + f": masked accuracy {100 * last.get('masked_accuracy', float('nan')):.1f}%"
     ]
     if "stride_top1" in last:
         parts.append(

@@ -297,3 +297,58 @@ def test_bad_records_are_named_and_exit_2(tmp_path, capsys):
             assert str(path) in err and all(w in err for w in words), err
         else:
             raise AssertionError(f"{content!r} must stop the report")
+
+
+def test_teacher_line_shows_the_checkpoint_the_students_distilled_from(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    rows = [
+        {
+            "step": 200,
+            "split": "valid",
+            "masked_accuracy": 0.5,
+            "stride_top1": 0.70,
+            "stride_topk": 0.9,
+        },
+        {
+            "step": 400,
+            "split": "valid",
+            "masked_accuracy": 0.6,
+            "stride_top1": 0.82,
+            "stride_topk": 0.93,
+        },
+        {
+            "step": 600,
+            "split": "valid",
+            "masked_accuracy": 0.7,
+            "stride_top1": 0.81,
+            "stride_topk": 0.94,
+        },
+    ]
+    (teacher / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write(tmp_path, "baseline", "none", 0, 10.0, 11.0)
+    # no distilled run names a checkpoint: the teacher's last validation
+    assert report.teacher_line(tmp_path).startswith("teacher at step 600: masked accuracy 70.0%")
+    _write(tmp_path, "distilled", "offline", 0, 9.0, 9.5)
+    path = tmp_path / "students" / "distilled" / "results.json"
+    result = json.loads(path.read_text())
+    result["teacher"]["checkpoint_step"] = 400
+    path.write_text(json.dumps(result))
+    line = report.teacher_line(tmp_path)
+    assert line.startswith(
+        "teacher at step 400 (the distilled students' soft targets): masked accuracy 60.0%; "
+        "val stride top-1 82.0%, top-K 93.0%"
+    )
+
+
+def test_records_name_the_commit_each_run_was_trained_with(tmp_path):
+    _write(tmp_path, "baseline", "none", 0, 10.0, 11.0)
+    _write(tmp_path, "old", "none", 1, 10.0, 11.0)  # a run from before results.json had "code"
+    path = tmp_path / "students" / "baseline" / "results.json"
+    result = json.loads(path.read_text())
+    result["code"] = {"version": "0.1.0", "commit": "0123456789ab"}
+    path.write_text(json.dumps(result))
+    _, records = report.results_table(tmp_path)
+    commits = {r["system"]: r["commit"] for r in records}
+    assert commits["baseline"] == "0123456789ab"
+    assert commits["old"] == report.git_commit()  # the report's own checkout
