@@ -46,23 +46,17 @@ def code_version() -> dict:
     from distill_jax import __version__
 
     root = pathlib.Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     commit = None
     if (root / ".git").exists():
         try:
-            git = ["git", "-C", str(root)]
-            head = subprocess.run(
-                [*git, "rev-parse", "--short=12", "HEAD"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
-            dirty = subprocess.run(
-                [*git, "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
-            commit = head + ("+dirty" if dirty else "")
+            dirty = git("status", "--porcelain", "--untracked-files=no")
+            commit = git("rev-parse", "--short=12", "HEAD") + ("+dirty" if dirty else "")
         except (OSError, subprocess.CalledProcessError):
             commit = None
     return {"version": __version__, "commit": commit}
