@@ -51,7 +51,9 @@ def test_quick_demo_runs_end_to_end(quick_demo):
     )
     assert "val BLEU" in out and "test2016 BLEU" in out
     assert "teacher quality at step 4 on validation: stride top-1" in said  # soft-targets
-    assert "teacher at step 4: masked accuracy" in out and "val stride top-1" in out
+    # report.py: the teacher's validation at the checkpoint the distilled student read
+    assert "teacher at step 4 (the distilled students' soft targets): masked accuracy" in out
+    assert "val stride top-1" in out
     assert "baseline val accuracy" in out  # report.py, beside the teacher's figures
     assert "already prepared" not in said  # the first run prepared the corpus itself
     assert (work / "curves.png").stat().st_size > 10_000
