@@ -138,14 +138,21 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"teacher_quality: {err}", file=sys.stderr)
         return 2
+    step = cache.header.get("teacher_step")  # the checkpoint the soft targets come from
     figures.update(
         split=split,
         top_k=cache.top_k,
         temperature=config.distill.temperature,
         teacher_steps=config.teacher.steps,
+        teacher_step=step,
+    )
+    made_by = (
+        f"step {step} of a {config.teacher.steps}-step run"
+        if step is not None
+        else f"{config.teacher.steps} steps"
     )
     print(
-        f"teacher ({config.teacher.steps} steps) on {split}, {figures['positions']} target "
+        f"teacher ({made_by}) on {split}, {figures['positions']} target "
         f"positions, stride-{config.teacher.stride} masking: top-1 {100 * figures['top1']:.1f}%, "
         f"top-{cache.top_k} {100 * figures['topk']:.1f}%, mean soft-target probability of the "
         f"reference (T {config.distill.temperature:g}) {figures['p_ref']:.3f}"

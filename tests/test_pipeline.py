@@ -280,7 +280,7 @@ def test_an_unknown_selection_metric_is_refused(experiment):
     assert not (workdir / "students" / "bad-metric").exists()
 
 
-def test_teacher_quality_is_measured_in_training_and_shown_by_soft_targets(experiment):
+def test_teacher_quality_is_measured_in_training_and_shown_by_soft_targets(experiment, capsys):
     """train-teacher's validation records the stride-masked quality of its soft targets,
     equal to what the cached soft targets of the validation split give
     (scripts/teacher_quality.py's arithmetic), and soft-targets prints it for the
@@ -332,3 +332,10 @@ def test_teacher_quality_is_measured_in_training_and_shown_by_soft_targets(exper
     assert cached["top1"] == pytest.approx(logged["stride_top1"], abs=1e-6)
     assert cached["topk"] == pytest.approx(logged["stride_topk"], abs=1e-6)
     assert cached["p_ref"] == pytest.approx(logged["stride_p_ref"], abs=2e-3)  # float16 cache
+
+    # the script names the checkpoint the cache was made from and prints the same top-1
+    args = ["--config", CONFIG, "--workdir", str(workdir), "--split", split]
+    assert script.main([*args, "--set", f"teacher.checkpoint={teacher}"]) == 0
+    shown = capsys.readouterr().out
+    assert f"teacher (step 6 of a {config.teacher.steps}-step run) on {split}" in shown
+    assert f"top-1 {100 * cached['top1']:.1f}%" in shown
