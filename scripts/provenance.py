@@ -17,15 +17,44 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_model() -> str:
-    """The CPU's ``model name`` from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    """The CPU's ``model name`` from /proc/cpuinfo, with its family, model and widest vector
+    extension, e.g. ``AMD EPYC (family 25 model 1, AVX2)``: virtual machines often report
+    only the vendor's product line, and two CPUs of one line can differ in speed and in
+    floating-point results (XLA compiles for the host's vector width).
+    ``platform.processor()`` where there is no /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            return describe_cpu(f.read())
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
+
+
+def describe_cpu(cpuinfo: str) -> str:
+    """``cpu_model()``'s text from the contents of /proc/cpuinfo (its first processor)."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or "unknown"
+    flags = set(fields.get("flags", "").split())
+    vector = next(
+        (
+            label
+            for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))
+            if flag in flags
+        ),
+        None,
+    )
+    detail = []
+    if "cpu family" in fields and "model" in fields:
+        detail.append(f"family {fields['cpu family']} model {fields['model']}")
+    if vector:
+        detail.append(vector)
+    return f"{name} ({', '.join(detail)})" if detail else name
 
 
 def _git(root: str, *args: str) -> str:

@@ -32,6 +32,24 @@ def test_cpu_model_is_a_name():
     assert isinstance(model, str) and model.strip() == model and model
 
 
+def test_cpu_description_tells_apart_two_cpus_of_one_product_line():
+    """Virtual machines report "AMD EPYC" for CPUs that differ in vector width (and so in
+    XLA's results and speed); the record names family, model and the widest extension."""
+    zen3 = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+        "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+        "processor\t: 1\ncpu family\t: 99\nmodel\t\t: 9\nmodel name\t: other\n"
+        "flags\t\t: avx512f\n"
+    )
+    zen4 = zen3.replace("model\t\t: 1\n", "model\t\t: 17\n", 1).replace(
+        "avx2 fma", "avx2 fma avx512f", 1
+    )
+    assert provenance.describe_cpu(zen3) == "AMD EPYC (family 25 model 1, AVX2)"
+    assert provenance.describe_cpu(zen4) == "AMD EPYC (family 25 model 17, AVX-512)"
+    bare = "model name\t: Some CPU\n"
+    assert provenance.describe_cpu(bare) == "Some CPU"
+
+
 def test_runs_record_the_code_they_were_made_with():
     """results.json's ``code`` (distill_jax.runner.code_version): the package version and the
     commit of the checkout the package is imported from, as scripts/provenance.py names it."""
