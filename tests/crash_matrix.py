@@ -89,6 +89,7 @@ def _env(root: pathlib.Path) -> dict[str, str]:
     env.setdefault("JAX_PLATFORMS", "cpu")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "xla-cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # as tests/conftest.py
     env.pop("DISTILL_JAX_CRASH_AT", None)
     return env
 
