@@ -193,3 +193,26 @@ def test_kd_experiment_without_teacher_stages_needs_the_caches(tmp_path, stages,
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert not workdir.exists() and not list(tmp_path.glob("res*"))
+
+
+def test_the_default_students_are_valid_settings_of_the_default_config():
+    """A GPU run trains its default students only after the teacher and the soft targets, so
+    a misspelt field there would cost the lease: each default student's settings apply
+    to the default config, and the distilled one reads the cache it writes (offline, with
+    the K the teacher keeps)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gpu_teacher
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    from distill_jax import configlib
+
+    args = gpu_teacher.parse_args(["--out", "unused"])
+    config = configlib.load_config_file(str(REPO / args.config))
+    kinds = {}
+    for name, fields in args.student_list:
+        student = configlib.override(config, fields)
+        kinds[name] = student.distill.kd
+        if student.distill.kd == "offline":
+            assert student.distill.top_k <= config.teacher.top_k, name
+    assert sorted(kinds.values()) == ["none", "offline"]
