@@ -180,3 +180,45 @@ def test_existing_output_is_not_overwritten(tmp_path, minilm_dir, capsys):
     assert main(["prepare", *_local_args(data, minilm_dir), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_saved_vocabulary_encodes_without_the_teacher(tmp_path, tokenizer, monkeypatch):
+    """The teacher's text pipeline is saved with the vocabulary, so a saved vocabulary
+    encodes (and exports) text as at prepare time with no teacher folder to read; a file
+    saved before it was kept loads the teacher's tokenizer, as then; an edited pipeline is
+    refused."""
+    import json
+
+    from distill_jax.data import vocab as vocab_module
+
+    text = ["Zwei Männer, die ein rotes Auto waschen.", "ein hund läuft über die wiese ."]
+    built = Vocabulary.build(tokenizer.tokenize_batch(text), tokenizer)
+    expected = built.encode_batch(text + ["UNGESEHENE Wörter: zzz"])
+    built.save(tmp_path / "v.json")
+    saved = json.loads((tmp_path / "v.json").read_text())
+    assert saved["text_pipeline"]["normalizer"]["type"] == "BertNormalizer"
+
+    def no_teacher(path):
+        raise AssertionError(f"the teacher's tokenizer was loaded ({path})")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(vocab_module.TeacherTokenizer, "load", no_teacher)
+        again = Vocabulary.load(tmp_path / "v.json")
+        assert again.encode_batch(text + ["UNGESEHENE Wörter: zzz"]) == expected
+        assert again.sha256 == built.sha256  # the identity datasets record is unchanged
+
+    # A vocabulary saved before the pipeline was kept: the teacher's tokenizer is read.
+    legacy = {k: v for k, v in saved.items() if not k.startswith("text_pipeline")}
+    (tmp_path / "old.json").write_text(json.dumps(legacy))
+    loaded = []
+    monkeypatch.setattr(
+        vocab_module.TeacherTokenizer, "load", lambda path: loaded.append(path) or tokenizer
+    )
+    old = Vocabulary.load(tmp_path / "old.json")
+    assert old.encode_batch(text + ["UNGESEHENE Wörter: zzz"]) == expected
+    assert loaded == [built.teacher]
+
+    edited = dict(saved, text_pipeline=dict(saved["text_pipeline"], normalizer=None))
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    with pytest.raises(Exception, match="text pipeline's hash"):
+        Vocabulary.load(tmp_path / "edited.json")

@@ -7,6 +7,7 @@ pipe."""
 import dataclasses
 import itertools
 import os
+import pathlib
 import queue
 import select
 import subprocess
@@ -341,3 +342,33 @@ def test_generate_streams_through_a_pipe(trained, tmp_path):
         print(f"two interactive lines in {time.monotonic() - started:.1f} s")
     finally:
         process.kill()
+
+
+@pytest.mark.slow
+def test_generate_needs_neither_the_teacher_folder_nor_transformers(trained, tmp_path):
+    """A trained student's work directory translates on its own: the prepared data keeps
+    the teacher's text pipeline, so `generate` reads no teacher folder and does not import
+    `transformers` (nor, through it, PyTorch), and translates as it did with the teacher."""
+    command, sentences = trained
+    source = tmp_path / "in.txt"
+    source.write_text("".join(s + "\n" for s in sentences[:6]), encoding="utf-8")
+    teacher = pathlib.Path(
+        next(a for a in command if a.startswith("teacher.checkpoint=")).split("=", 1)[1]
+    )
+    run = [*command[:1], "-X", "importtime", *command[1:], "--input", str(source)]
+    with_teacher = subprocess.run(run, check=True, capture_output=True, text=True, timeout=600)
+    hidden = teacher.with_name(teacher.name + ".hidden")
+    teacher.rename(hidden)
+    try:
+        alone = subprocess.run(run, capture_output=True, text=True, timeout=600)
+    finally:
+        hidden.rename(teacher)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert alone.stdout == with_teacher.stdout and len(alone.stdout.splitlines()) == 6
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in alone.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "distill_jax.translate" in imported  # the import log is there
+    assert "transformers" not in imported and "torch" not in imported

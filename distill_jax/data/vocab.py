@@ -6,7 +6,10 @@ the size is a multiple of 8 (or of a given multiple). ``teacher_ids`` maps every
 the teacher (BERT) id of the same string.
 
 Text is encoded by the teacher's normalizer and pre-tokenizer, then WordPiece over the
-student pieces (``Vocabulary.wordpiece_tokenizer``). The vocabulary is built from the
+student pieces (``Vocabulary.wordpiece_tokenizer``). That text pipeline is saved with the
+vocabulary, so a prepared dataset encodes and exports text without the teacher's folder
+(and without importing ``transformers``); a vocabulary saved before it was kept loads the
+teacher's tokenizer for it, as then. The vocabulary is built from the
 teacher's pieces of the training split, so (with ``min_count`` 1) a training sentence gets
 exactly its teacher pieces; text with pieces the student lacks is spelled with the longest
 student pieces.
@@ -97,6 +100,28 @@ class TeacherTokenizer:
         return [e.tokens for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
 
 
+def text_pipeline(tokenizer: TeacherTokenizer) -> dict:
+    """What of the teacher's tokenizer the student's encodes text with: its normalizer and
+    pre-tokenizer (as ``tokenizer.json`` writes them) and its WordPiece continuation prefix
+    and word-length bound."""
+    spec = tokenizer.spec
+    model = spec.get("model") or {}
+    if model.get("type") != "WordPiece":
+        raise UserError(
+            f"teacher tokenizer {tokenizer.name!r} is not WordPiece ({model.get('type')!r})"
+        )
+    return {
+        "normalizer": spec.get("normalizer"),
+        "pre_tokenizer": spec.get("pre_tokenizer"),
+        "continuing_subword_prefix": model.get("continuing_subword_prefix", "##"),
+        "max_input_chars_per_word": model.get("max_input_chars_per_word", 100),
+    }
+
+
+def _pipeline_sha256(pipeline) -> str:
+    return hashlib.sha256(json.dumps(pipeline, sort_keys=True).encode()).hexdigest()
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file renamed into place."""
     path = Path(path)
@@ -141,6 +166,9 @@ class Vocabulary:
     teacher_vocab_sha256: str  # hash of the teacher vocabulary the ids refer to
     teacher_special_ids: dict  # teacher ids of cls, sep, pad, unk, mask
     tokenizer: TeacherTokenizer | None = field(default=None, repr=False, compare=False)
+    # the teacher's text pipeline the ids were made with (``text_pipeline``); None: unknown
+    # yet (a vocabulary saved before it was kept), taken from the teacher's tokenizer
+    pipeline: dict | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.ids = {p: i for i, p in enumerate(self.pieces)}  # piece -> student id
@@ -199,7 +227,13 @@ class Vocabulary:
             dtype=np.int32,
         )
         return cls(
-            tuple(pieces), teacher_ids, tokenizer.name, tokenizer.vocab_sha256, dict(sp), tokenizer
+            tuple(pieces),
+            teacher_ids,
+            tokenizer.name,
+            tokenizer.vocab_sha256,
+            dict(sp),
+            tokenizer,
+            text_pipeline(tokenizer),
         )
 
     # --- encoding / decoding ---------------------------------------------------------------
@@ -214,21 +248,18 @@ class Vocabulary:
         if self._wordpiece is None:
             from tokenizers import Tokenizer, models
 
-            teacher = self._require_tokenizer().spec
-            if teacher.get("model", {}).get("type") != "WordPiece":
-                raise UserError(
-                    f"teacher tokenizer {self.teacher!r} is not WordPiece "
-                    f"({teacher.get('model', {}).get('type')!r})"
-                )
+            if self.pipeline is None:  # saved without it: the teacher's tokenizer says
+                self.pipeline = text_pipeline(self._require_tokenizer())
+            pipeline = self.pipeline
             model = models.WordPiece(
                 dict(self.ids),
                 unk_token=self.pieces[UNK],
-                continuing_subword_prefix=teacher["model"].get("continuing_subword_prefix", "##"),
-                max_input_chars_per_word=teacher["model"].get("max_input_chars_per_word", 100),
+                continuing_subword_prefix=pipeline["continuing_subword_prefix"],
+                max_input_chars_per_word=pipeline["max_input_chars_per_word"],
             )
             spec = json.loads(Tokenizer(model).to_str())
-            spec["normalizer"] = teacher.get("normalizer")
-            spec["pre_tokenizer"] = teacher.get("pre_tokenizer")
+            spec["normalizer"] = pipeline["normalizer"]
+            spec["pre_tokenizer"] = pipeline["pre_tokenizer"]
             self._wordpiece = Tokenizer.from_str(json.dumps(spec))
         return self._wordpiece
 
@@ -267,7 +298,9 @@ class Vocabulary:
         return self.tokenizer
 
     def attach_tokenizer(self, tokenizer: TeacherTokenizer) -> None:
-        """Uses ``tokenizer`` for encoding after checking it is the teacher's."""
+        """Attaches the teacher's ``tokenizer`` after checking its vocabulary. A vocabulary
+        that has its text pipeline keeps encoding with it (the one its ids were made with);
+        one saved without takes the tokenizer's."""
         if tokenizer.vocab_sha256 != self.teacher_vocab_sha256:
             raise UserError(
                 f"tokenizer {tokenizer.name!r} (vocabulary sha256 {tokenizer.vocab_sha256[:16]}) "
@@ -280,8 +313,12 @@ class Vocabulary:
     # --- persistence -----------------------------------------------------------------------
 
     def to_json(self) -> dict:
-        """A JSON-able dict with everything needed to rebuild the vocabulary."""
-        return {
+        """A JSON-able dict with everything needed to rebuild the vocabulary and encode text
+        with it (the text pipeline, with its own hash: the vocabulary's ``sha256``, which
+        datasets and caches record, is what it was before the pipeline was kept)."""
+        if self.pipeline is None and self.tokenizer is not None:
+            self.pipeline = text_pipeline(self.tokenizer)
+        data = {
             "format": VOCAB_FORMAT,
             "name": self.name,
             "sha256": self.sha256,
@@ -291,6 +328,10 @@ class Vocabulary:
             "pieces": list(self.pieces),
             "teacher_ids": self.teacher_ids.tolist(),
         }
+        if self.pipeline is not None:
+            data["text_pipeline"] = self.pipeline
+            data["text_pipeline_sha256"] = _pipeline_sha256(self.pipeline)
+        return data
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the vocabulary as JSON (atomically)."""
@@ -310,12 +351,20 @@ class Vocabulary:
                 f"{data.get('format') if isinstance(data, dict) else None!r}, "
                 f"expected {VOCAB_FORMAT!r})"
             )
+        pipeline = data.get("text_pipeline")
+        if pipeline is not None and _pipeline_sha256(pipeline) != data.get("text_pipeline_sha256"):
+            raise UserError(
+                f"{path}: the text pipeline's hash {_pipeline_sha256(pipeline)} differs from "
+                f"the recorded {data.get('text_pipeline_sha256')} (the file was edited or is "
+                f"corrupt)"
+            )
         vocab = cls(
             tuple(data["pieces"]),
             np.asarray(data["teacher_ids"], np.int32),
             data["teacher"],
             data["teacher_vocab_sha256"],
             data["teacher_special_ids"],
+            pipeline=pipeline,
         )
         if vocab.sha256 != data["sha256"]:
             raise UserError(
