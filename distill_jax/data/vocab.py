@@ -248,8 +248,8 @@ class Vocabulary:
         if self._wordpiece is None:
             from tokenizers import Tokenizer, models
 
-            if self.pipeline is None:  # saved without it: the teacher's tokenizer says
-                self.pipeline = text_pipeline(self._require_tokenizer())
+            if self.pipeline is None:  # saved without it: attaching the teacher's sets it
+                self._require_tokenizer()
             pipeline = self.pipeline
             model = models.WordPiece(
                 dict(self.ids),
@@ -308,6 +308,8 @@ class Vocabulary:
                 f"(vocabulary sha256 {self.teacher_vocab_sha256[:16]})"
             )
         self.tokenizer = tokenizer
+        if self.pipeline is None:
+            self.pipeline = text_pipeline(tokenizer)
         self._wordpiece = None
 
     # --- persistence -----------------------------------------------------------------------
@@ -316,8 +318,6 @@ class Vocabulary:
         """A JSON-able dict with everything needed to rebuild the vocabulary and encode text
         with it (the text pipeline, with its own hash: the vocabulary's ``sha256``, which
         datasets and caches record, is what it was before the pipeline was kept)."""
-        if self.pipeline is None and self.tokenizer is not None:
-            self.pipeline = text_pipeline(self.tokenizer)
         data = {
             "format": VOCAB_FORMAT,
             "name": self.name,
